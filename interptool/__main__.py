@@ -1,0 +1,5 @@
+import sys
+
+from interptool.cli import main
+
+sys.exit(main())
