@@ -1,0 +1,287 @@
+"""Input preprocessing of a loaded model: where the numbers come from and the transforms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from interptool.errors import CheckpointError
+
+# ImageNet statistics: the fallback when an architecture carries no preprocessing metadata.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be turned into the tensors a model expects.
+
+    Attributes:
+        input_size: ``(C, H, W)`` of the network input; ``C == 1`` means grayscale.
+        mean, std: per-channel normalisation (length ``C``), applied after scaling to [0, 1].
+        interpolation: resize filter, ``"bilinear"`` or ``"bicubic"`` (others accepted).
+        crop_pct: evaluation crop fraction: the shorter side is resized to ``H / crop_pct``
+            before a centre crop of ``(H, W)``.
+        crop_mode: ``"center"`` (``"squash"`` resizes both sides to ``H / crop_pct`` first).
+        source: where the values came from (``"timm"``, ``"torchvision"``, ``"zoo"``,
+            ``"flags"``, ``"default"``, possibly ``"timm+flags"``).
+    """
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    source: str = "default"
+
+    def __post_init__(self) -> None:
+        # Normalise lists (e.g. from JSON) to tuples so the frozen object hashes and compares.
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        c = self.input_size[0] if len(self.input_size) == 3 else -1
+        if len(self.input_size) != 3 or min(self.input_size) < 1:
+            raise CheckpointError(
+                f"preprocessing input_size must be (C, H, W) with positive values, got "
+                f"{self.input_size}"
+            )
+        if len(self.mean) != c or len(self.std) != c:
+            raise CheckpointError(
+                f"preprocessing mean {self.mean} and std {self.std} must each have {c} value(s), "
+                f"one per input channel of input_size {self.input_size}; pass --mean/--std "
+                f"with {c} value(s)"
+            )
+        if any(s <= 0 for s in self.std):
+            raise CheckpointError(f"preprocessing std must be positive, got {self.std}")
+        if not 0 < self.crop_pct <= 1.0 + 1e-9 and self.crop_mode == "center":
+            raise CheckpointError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise CheckpointError(
+                f"preprocessing interpolation {self.interpolation!r} is unknown; expected one "
+                f"of {', '.join(_INTERPOLATIONS)}"
+            )
+
+    @property
+    def channels(self) -> int:
+        return self.input_size[0]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.input_size[1], self.input_size[2]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists)."""
+        d = asdict(self)
+        for k in ("input_size", "mean", "std"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (forward compatibility)."""
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        missing = {"input_size", "mean", "std"} - set(known)
+        if missing:
+            raise CheckpointError(
+                f"preprocessing record lacks {', '.join(sorted(missing))}: got keys {sorted(d)}"
+            )
+        return cls(**known)
+
+    def _resize_size(self) -> int | tuple[int, int]:
+        h, w = self.image_size
+        if self.crop_mode == "center" and h == w:
+            # int: torchvision resizes the *shorter* side, keeping the aspect ratio.
+            return int(math.floor(h / self.crop_pct))
+        return int(math.floor(h / self.crop_pct)), int(math.floor(w / self.crop_pct))
+
+    def eval_transform(self) -> Callable:
+        """PIL image -> normalised float tensor ``(C, H, W)``: resize to ``H / crop_pct``
+        (shorter side), centre crop ``(H, W)``, to tensor, normalise. Grayscale when C == 1."""
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                _ConvertMode("L" if self.channels == 1 else "RGB"),
+                T.Resize(self._resize_size(), interpolation=_interp(self.interpolation)),
+                T.CenterCrop(self.image_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def probe_transform(self) -> Callable:
+        """Like :meth:`eval_transform` but resize the whole image to ``(H, W)`` with no crop,
+        so that segmentation masks stay aligned with pixels (network dissection)."""
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                _ConvertMode("L" if self.channels == 1 else "RGB"),
+                T.Resize(self.image_size, interpolation=_interp(self.interpolation)),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+
+class _ConvertMode:
+    """Picklable ``img.convert(mode)`` (DataLoader workers pickle the transform)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img):
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode!r})"
+
+
+def _interp(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
+
+
+def _interp_name(mode: Any) -> str:
+    """torchvision InterpolationMode / timm string -> our lower-case name."""
+    name = getattr(mode, "value", mode)
+    name = str(name).lower()
+    return name if name in _INTERPOLATIONS else "bilinear"
+
+
+# ----------------------------------------------------------------------------- resolvers
+
+
+def timm_preprocessing(model) -> dict[str, Any]:
+    """Preprocessing fields from timm's pretrained config (metadata only, no download)."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return dict(
+        input_size=tuple(cfg["input_size"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=_interp_name(cfg.get("interpolation", "bilinear")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+        crop_mode=str(cfg.get("crop_mode", "center")),
+        source="timm",
+    )
+
+
+def torchvision_preprocessing(name: str) -> dict[str, Any]:
+    """Preprocessing fields from the metadata of torchvision's default (or first) weights.
+
+    ``weights.transforms()`` only builds a transform object from stored numbers; it downloads
+    nothing. Architectures without registered weights fall back to ImageNet defaults.
+    """
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(name)
+        entries = list(enum)
+    except Exception:  # noqa: BLE001 - no weights registered for this builder
+        entries = []
+    if not entries:
+        return dict(
+            input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            interpolation="bilinear", crop_pct=0.875, crop_mode="center", source="default",
+        )
+    weights = getattr(enum, "DEFAULT", entries[0])
+    t = weights.transforms()
+    crop = _first(getattr(t, "crop_size", 224))
+    resize = _first(getattr(t, "resize_size", None) or crop)
+    return dict(
+        input_size=(3, crop, crop),
+        mean=tuple(getattr(t, "mean", IMAGENET_MEAN)),
+        std=tuple(getattr(t, "std", IMAGENET_STD)),
+        interpolation=_interp_name(getattr(t, "interpolation", "bilinear")),
+        crop_pct=min(1.0, crop / resize),
+        crop_mode="center",
+        source=f"torchvision:{weights}",
+    )
+
+
+def _first(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def finalize_preprocessing(
+    base: dict[str, Any] | None,
+    in_chans: int | None,
+    image_size: Sequence[int] | int | None,
+    mean: Sequence[float] | float | None,
+    std: Sequence[float] | float | None,
+    where: str,
+) -> Preprocessing:
+    """Merge the architecture's defaults with user overrides and the model's channel count.
+
+    ``where`` names the model in error messages. A single mean/std value means one channel.
+    """
+    if base is None and (image_size is None or mean is None or std is None):
+        need = [f for f, v in (("--image-size", image_size), ("--mean", mean), ("--std", std))
+                if v is None]
+        raise CheckpointError(
+            f"{where} carries no preprocessing metadata: give the input size and normalisation "
+            f"with --image-size --mean --std (missing: {' '.join(need)}; Python: "
+            f"image_size=(H, W), mean=(...), std=(...)); e.g. --image-size 224 "
+            f"--mean 0.485 0.456 0.406 --std 0.229 0.224 0.225"
+        )
+    fields = dict(base or {})
+    sources = [fields.pop("source", "default")] if base else []
+    flagged = False
+    if image_size is not None:
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        image_size = tuple(int(v) for v in image_size)
+        if len(image_size) == 1:
+            image_size = (image_size[0], image_size[0])
+        if len(image_size) != 2:
+            raise CheckpointError(f"image_size must be H or (H, W), got {image_size}")
+        c = fields.get("input_size", (3,))[0]
+        fields["input_size"] = (c, *image_size)
+        flagged = True
+    for name, val in (("mean", mean), ("std", std)):
+        if val is not None:
+            fields[name] = (float(val),) if isinstance(val, (int, float)) else tuple(val)
+            flagged = True
+    # channels: the model decides when known, else the length of a user-given mean/std.
+    c_user = len(fields["mean"]) if mean is not None else (len(fields["std"]) if std is not None
+                                                              else None)
+    c = in_chans if in_chans is not None else (c_user or fields["input_size"][0])
+    if c_user is not None and c_user != c:
+        raise CheckpointError(
+            f"{where} takes {c} input channel(s) but {c_user} mean/std value(s) were given; "
+            f"give {c} value(s) to --mean and --std (one value means a grayscale model)"
+        )
+    for name in ("mean", "std"):
+        vals = fields[name]
+        if len(vals) != c:
+            if len(vals) == 3 and c == 1:
+                # a 3-channel default (e.g. ImageNet) for a 1-channel model: use the average.
+                fields[name] = (sum(vals) / 3.0,)
+                sources.append("averaged to 1 channel")
+            elif len(vals) == 1:
+                fields[name] = vals * c
+            else:
+                raise CheckpointError(
+                    f"{where}: {name} {vals} does not fit {c} input channel(s); pass --{name} "
+                    f"with {c} value(s)"
+                )
+    fields["input_size"] = (c, *tuple(fields["input_size"])[1:])
+    fields.setdefault("interpolation", "bilinear")
+    fields.setdefault("crop_pct", 0.875 if base else 1.0)
+    fields.setdefault("crop_mode", "center")
+    if flagged:
+        sources.append("flags")
+    fields["source"] = "+".join(dict.fromkeys(sources)) or "flags"
+    return Preprocessing(**fields)
+
+
+def with_channels(p: Preprocessing, c: int) -> Preprocessing:  # pragma: no cover - helper
+    return replace(p, input_size=(c, *p.image_size))
