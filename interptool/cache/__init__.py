@@ -1,13 +1,23 @@
-"""Activation cache: logits, labels and named-layer features of a model over a data set, in HDF5."""
+"""Activation cache: logits, labels and named-layer features of a model over a data set, in HDF5.
+
+* :func:`cache_activations` runs a model over a data set and writes a resumable cache;
+* :class:`ActivationCache` reads one (lazily, in blocks);
+* :func:`capture_layers` is the hook context manager behind it, usable on its own;
+* :func:`write_cache` writes a cache from arrays you already have.
+
+The file layout is described in docs/cache-format.md.
+"""
 
 from interptool.cache._format import write_cache
+from interptool.cache._hooks import capture_layers
 from interptool.cache._reader import ActivationCache
+from interptool.cache._writer import CacheRun, cache_activations, run_cache
 
-__all__ = ["ActivationCache", "write_cache"]
-
-try:  # the model-driven writer (hooks, resumable batches)
-    from interptool.cache._writer import cache_activations, capture_layers  # noqa: F401
-
-    __all__ += ["cache_activations", "capture_layers"]
-except ImportError:  # pragma: no cover - during development only
-    pass
+__all__ = [
+    "ActivationCache",
+    "CacheRun",
+    "cache_activations",
+    "capture_layers",
+    "run_cache",
+    "write_cache",
+]

@@ -23,9 +23,14 @@ JSON_ATTRS = ("model", "preprocessing", "layers", "layer_shapes", "versions", "s
 
 
 def chunk_rows(row_shape: Sequence[int], itemsize: int, target: int = 512 * 1024) -> int:
-    """Rows per chunk so a chunk is in the 64 KiB..1 MiB range (one image if a row is larger)."""
+    """Rows per chunk so a chunk is about ``target`` bytes, in the 64 KiB..1 MiB range.
+
+    A row larger than 1 MiB gets a chunk of its own (one image). Callers cap the result at
+    the dataset length. Chunks of at most 1 MiB fit HDF5's default chunk cache, so writing a
+    batch that ends inside a chunk does not re-read it from disk.
+    """
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * itemsize
-    return max(1, min(1024, target // max(row_bytes, 1)))
+    return max(1, target // max(row_bytes, 1))
 
 
 def encode_attr(key: str, value: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from interptool.errors import CheckpointError
@@ -203,7 +203,7 @@ def torchvision_preprocessing(name: str) -> dict[str, Any]:
         interpolation=_interp_name(getattr(t, "interpolation", "bilinear")),
         crop_pct=min(1.0, crop / resize),
         crop_mode="center",
-        source=f"torchvision:{weights}",
+        source="torchvision",
     )
 
 
@@ -265,7 +265,7 @@ def finalize_preprocessing(
             if len(vals) == 3 and c == 1:
                 # a 3-channel default (e.g. ImageNet) for a 1-channel model: use the average.
                 fields[name] = (sum(vals) / 3.0,)
-                sources.append("averaged to 1 channel")
+                sources.append("gray")
             elif len(vals) == 1:
                 fields[name] = vals * c
             else:
@@ -282,6 +282,3 @@ def finalize_preprocessing(
     fields["source"] = "+".join(dict.fromkeys(sources)) or "flags"
     return Preprocessing(**fields)
 
-
-def with_channels(p: Preprocessing, c: int) -> Preprocessing:  # pragma: no cover - helper
-    return replace(p, input_size=(c, *p.image_size))

@@ -1,0 +1,207 @@
+"""Benchmark: activation caching vs. a bare forward pass, and peak memory vs. data-set size.
+
+Times ``cache_activations`` (timm resnet18, random init, layer3 + layer4 in float16) against a
+bare ``model(x)`` loop over the same batches of the same synthetic images, in one process,
+alternating the two so that machine noise hits both alike. Then runs the cache writer in
+fresh subprocesses at two data-set sizes and prints their peak RSS: it must not grow with N.
+
+Synthetic images are generated per item from a seeded generator (no image files, no decode),
+so the numbers isolate model + hooks + HDF5 writing, and nothing is held for the whole set.
+
+    python benchmarks/bench_cache.py                      # the recorded configuration
+    python benchmarks/bench_cache.py --n 64 --size 96 --mem-sizes 64,256 --mem-px 64   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from interptool.cache import run_cache  # noqa: E402
+
+
+class _Items(torch.utils.data.Dataset):
+    """Item i: a seeded random normalised image, generated on demand."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(3, self.size, self.size, generator=g), i % 1000, i
+
+
+class SyntheticDataset:
+    """Has the attributes ``cache_activations`` reads from an ImageDataset."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+        self.spec = f"synthetic:n={n}&size={size}"
+        self.ids = [f"synthetic/{i:06d}" for i in range(n)]
+        self.labels = torch.arange(n).remainder(1000).numpy()
+        self.fingerprint = f"synthetic-{n}-{size}"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def torch_dataset(self, transform, skip_bad: bool = False) -> _Items:
+        return _Items(self.n, self.size)  # already tensors: the transform is not needed
+
+
+def _loaded(arch: str, size: int):
+    from interptool.loading import load_model
+
+    return load_model(arch, image_size=(size, size))
+
+
+def _bare(model, loader, device) -> tuple[float, float]:
+    """(wall s, process CPU s) of a bare forward over every batch."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for x, _, _ in loader:
+            model(x.to(device, non_blocking=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _cache(loaded, ds, layers, out: Path, batch_size: int, dtype: str, device):
+    """(wall s, process CPU s) of a full cache run into a fresh file."""
+    if out.exists():
+        out.unlink()
+    t0, c0 = time.perf_counter(), time.process_time()
+    run_cache(loaded, ds, layers, out, batch_size=batch_size, dtype=dtype, device=device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _RssSampler(threading.Thread):
+    """Highest current RSS seen while running (ru_maxrss alone also counts import peaks)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = _rss_mib()
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.wait(0.005):
+            self.peak = max(self.peak, _rss_mib())
+
+    def stop(self) -> float:
+        self._stop_evt.set()
+        self.join()
+        return max(self.peak, _rss_mib())
+
+
+def child_memory(args: argparse.Namespace) -> None:
+    """One cache run in this fresh process; print RSS figures and file size as JSON."""
+    loaded = _loaded(args.arch, args.mem_px)
+    ds = SyntheticDataset(args.child_n, args.mem_px)
+    with torch.inference_mode():  # warm-up so allocator/kernel caches are in the baseline
+        loaded.model(torch.zeros(args.batch_size, 3, args.mem_px, args.mem_px))
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "mem.h5"
+        before = _rss_mib()
+        sampler = _RssSampler()
+        sampler.start()
+        secs, _ = _cache(loaded, ds, args.layers.split(","), out, args.batch_size, args.dtype,
+                         torch.device(args.device))
+        peak = sampler.stop()
+        size = out.stat().st_size
+    print(json.dumps({"n": args.child_n, "rss_before_mib": before, "rss_peak_mib": peak,
+                      "ru_maxrss_mib": _peak_rss_mib(), "file_mib": size / 2**20,
+                      "seconds": secs}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="timm:resnet18")
+    ap.add_argument("--layers", default="layer3,layer4")
+    ap.add_argument("--n", type=int, default=512, help="images in the timing run")
+    ap.add_argument("--size", type=int, default=224, help="input size (px) in the timing run")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating bare/cache rounds")
+    ap.add_argument("--mem-sizes", default="256,1024", help="two N for the memory check")
+    ap.add_argument("--mem-px", type=int, default=112, help="input size in the memory check")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_n:
+        child_memory(args)
+        return
+
+    device = torch.device(args.device)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), device {device}")
+    loaded = _loaded(args.arch, args.size)
+    loaded.model.to(device)
+    ds = SyntheticDataset(args.n, args.size)
+    layers = args.layers.split(",")
+    loader = torch.utils.data.DataLoader(ds.torch_dataset(None), batch_size=args.batch_size,
+                                         pin_memory=device.type == "cuda")
+    with torch.inference_mode():  # warm-up (allocator, oneDNN kernels)
+        loaded.model(next(iter(loader))[0][:8].to(device))
+    bare, cached = [], []
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "bench.h5"
+        for _ in range(args.repeats):
+            bare.append(_bare(loaded.model, loader, device))
+            cached.append(_cache(loaded, ds, layers, out, args.batch_size, args.dtype, device))
+        file_mib = out.stat().st_size / 2**20
+    # min over rounds: the least disturbed run of each (2 shared cores are noisy); CPU time
+    # of this process is less sensitive to other processes than wall time.
+    bw, bc = min(t for t, _ in bare), min(c for _, c in bare)
+    cw, cc = min(t for t, _ in cached), min(c for _, c in cached)
+    print(f"timing: {args.arch} {args.size}px, N={args.n}, batch {args.batch_size}, "
+          f"layers {args.layers} {args.dtype}, {args.repeats} rounds (best of each)")
+    print(f"  bare forward : {bw:7.2f} s wall ({args.n / bw:6.1f} img/s), {bc:7.2f} s CPU; "
+          f"wall runs {[round(t, 2) for t, _ in bare]}")
+    print(f"  cache to HDF5: {cw:7.2f} s wall ({args.n / cw:6.1f} img/s), {cc:7.2f} s CPU; "
+          f"wall runs {[round(t, 2) for t, _ in cached]}")
+    print(f"  ratio cache/bare: wall {cw / bw:.3f}, CPU {cc / bc:.3f}  (target <= 1.15); "
+          f"file {file_mib:.1f} MiB")
+
+    if args.skip_memory:
+        return
+    print(f"memory: peak RSS of a fresh process caching N images at {args.mem_px}px")
+    for n in [int(v) for v in args.mem_sizes.split(",")]:
+        cmd = [sys.executable, __file__, "--child-n", str(n), "--arch", args.arch,
+               "--layers", args.layers, "--mem-px", str(args.mem_px), "--batch-size",
+               str(args.batch_size), "--dtype", args.dtype, "--device", args.device]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"  N={n:6d}: RSS before {r['rss_before_mib']:7.1f} MiB, peak during caching "
+              f"{r['rss_peak_mib']:7.1f} MiB (+{r['rss_peak_mib'] - r['rss_before_mib']:.1f}), "
+              f"ru_maxrss {r['ru_maxrss_mib']:.1f} MiB, file {r['file_mib']:.1f} MiB, "
+              f"{r['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

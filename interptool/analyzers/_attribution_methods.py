@@ -1,0 +1,383 @@
+"""Attribution methods: one small class per method, each a thin adapter over a captum call.
+
+Nothing here re-implements an attribution algorithm. Each adapter only (1) validates its
+parameters, (2) builds the captum object on a *prepared copy* of the model, (3) makes the
+call with the parameters the user gave, and (4) brings the output to input resolution
+(``grad_cam``). Channel reduction to a 2-D map is done by :func:`reduce_channels`.
+
+Why a prepared copy: in-place activations (``nn.ReLU(inplace=True)`` and friends) break
+gradient hooks and input gradients in several captum versions (captum issue 156; and in every
+version when the first op of the model is in-place on the input leaf). We never touch the
+user's model: :func:`prepare_model` deep-copies it and turns ``inplace`` off everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from interptool.errors import AnalysisError
+
+# How a (N, C, H, W) attribution becomes a (N, H, W) map.
+REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "abs_sum": lambda a: a.abs().sum(dim=1),
+    "sum": lambda a: a.sum(dim=1),
+    "l2": lambda a: a.pow(2).sum(dim=1).sqrt(),
+    "max_abs": lambda a: a.abs().amax(dim=1),
+}
+
+
+def reduce_channels(raw: torch.Tensor, how: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H, W). One-channel inputs are squeezed without any reduction."""
+    if raw.shape[1] == 1:
+        return raw[:, 0]
+    return REDUCTIONS[how](raw)
+
+
+def prepare_model(model: nn.Module, device: str | torch.device,
+                  share_weights: bool = True) -> nn.Module:
+    """A copy of ``model`` in eval mode on ``device`` with every ``inplace`` flag off.
+
+    The user's module is left exactly as it was (flags, hooks, device, train/eval mode).
+    With ``share_weights`` (and the weights already on ``device``) only the module objects
+    are copied and the parameter/buffer tensors are shared: fast, and no second copy of a
+    large model in memory. Pass ``share_weights=False`` to get independent weights (needed
+    before re-initialising layers, as the randomisation check does).
+    """
+    dev = torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    on_device = all(_same_device(t.device, dev) for t in tensors)
+    memo: dict[int, Any] = {}
+    if share_weights and on_device:
+        memo = {id(t): t for t in tensors}
+    try:
+        copied = copy.deepcopy(model, memo)
+    except Exception as exc:  # e.g. modules holding non-copyable handles
+        raise AnalysisError(
+            f"could not copy the model ({type(model).__name__}: {exc}); attribution works "
+            "on a copy so that in-place activations can be switched off safely. Make the "
+            "model copyable (copy.deepcopy) or pass a plain nn.Module."
+        ) from exc
+    for module in copied.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False
+        # hooks the user registered stay on the user's model only
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks"):
+            hooks = getattr(module, attr, None)
+            if hooks:
+                hooks.clear()
+    if not (share_weights and on_device):
+        copied = copied.to(dev)
+    return copied.eval()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        want = b.index if b.index is not None else torch.cuda.current_device()
+        return (a.index if a.index is not None else torch.cuda.current_device()) == want
+    return True
+
+
+def hook_count(model: nn.Module) -> int:
+    """Number of forward, forward-pre and backward hooks registered on any module of ``model``."""
+    total = 0
+    for module in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks"):
+            total += len(getattr(module, attr, {}) or {})
+    return total
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The sub-module called ``name`` (dotted path); AnalysisError listing close names if absent."""
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    top = ", ".join(n for n in names if "." not in n)
+    raise AnalysisError(
+        f"layer {name!r} not found in {type(model).__name__}.{hint} Top-level modules: {top}. "
+        "Pass a dotted module name as printed by `interptool layers`."
+    )
+
+
+def _pair(v: Any, what: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise AnalysisError(f"{what} must be an int or a pair of ints, got {v!r}")
+
+
+def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Reference input: ``zeros`` (the normalised mean colour), per-image channel ``mean``, or
+    a Gaussian ``blur`` of the image (sigma = max(H, W) / 16, kernel 4 sigma + 1, odd)."""
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
+    if kind == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        sigma = max(x.shape[-2:]) / 16.0
+        k = int(4 * sigma) | 1  # odd
+        k = min(k, (min(x.shape[-2:]) - 1) | 1) if min(x.shape[-2:]) > 2 else 1
+        return gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+    raise AnalysisError(f"baseline must be one of zeros, mean, blur; got {kind!r}")
+
+
+class AttributionMethod:
+    """Base adapter. Subclasses set ``name``, ``defaults`` and implement :meth:`attribute`."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    # methods whose output is already one channel (no channel reduction)
+    single_channel: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise AnalysisError(
+                f"unknown parameter(s) {', '.join(unknown)} for method {self.name!r}; "
+                f"valid: {', '.join(sorted(self.defaults)) or '(none)'}"
+            )
+        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden where needed
+        pass
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise AnalysisError when the model cannot serve this method (e.g. missing layer)."""
+
+    def attribute(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, seed: int = 0
+    ) -> torch.Tensor:
+        """Attribution of ``target`` (N,) for inputs ``x`` (N, C, H, W) -> (N, C', H, W)."""
+        raise NotImplementedError
+
+
+class SaliencyMethod(AttributionMethod):
+    """captum ``Saliency`` (absolute input gradient, captum's default ``abs=True``)."""
+
+    name = "saliency"
+    defaults = {"abs": True}
+
+    def attribute(self, model, x, target, *, seed=0):
+        from captum.attr import Saliency
+
+        return Saliency(model).attribute(x, target=target, abs=bool(self.params["abs"]))
+
+
+class InputXGradientMethod(AttributionMethod):
+    """captum ``InputXGradient``."""
+
+    name = "input_x_gradient"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def attribute(self, model, x, target, *, seed=0):
+        from captum.attr import InputXGradient
+
+        return InputXGradient(model).attribute(x, target=target)
+
+
+class IntegratedGradientsMethod(AttributionMethod):
+    """captum ``IntegratedGradients`` with ``steps`` (n_steps), ``baseline`` (zeros|mean|blur),
+    ``internal_batch_size`` (memory bound: inputs per forward pass) and ``ig_method``."""
+
+    name = "integrated_gradients"
+    defaults = {"steps": 32, "baseline": "zeros", "internal_batch_size": None,
+                "ig_method": "gausslegendre"}
+
+    def validate(self) -> None:
+        if not isinstance(self.params["steps"], int) or self.params["steps"] < 1:
+            raise AnalysisError(f"steps must be a positive int, got {self.params['steps']!r}")
+        if self.params["baseline"] not in ("zeros", "mean", "blur"):
+            raise AnalysisError(
+                f"baseline must be zeros, mean or blur; got {self.params['baseline']!r}"
+            )
+        ibs = self.params["internal_batch_size"]
+        if ibs is not None and (not isinstance(ibs, int) or ibs < 1):
+            raise AnalysisError(f"internal_batch_size must be a positive int, got {ibs!r}")
+
+    def attribute(self, model, x, target, *, seed=0):
+        from captum.attr import IntegratedGradients
+
+        return IntegratedGradients(model).attribute(
+            x,
+            baselines=make_baseline(x, self.params["baseline"]),
+            target=target,
+            n_steps=self.params["steps"],
+            method=self.params["ig_method"],
+            internal_batch_size=self.params["internal_batch_size"],
+        )
+
+
+class SmoothGradMethod(AttributionMethod):
+    """captum ``NoiseTunnel`` over ``Saliency`` (``base="saliency"``) or
+    ``IntegratedGradients`` (``base="integrated_gradients"``; uses ``steps``/``baseline``).
+
+    ``stdevs`` is captum's absolute noise standard deviation in (normalised) input units.
+    The noise is seeded per batch from ``(seed, batch start)`` so that resumed runs and
+    re-runs are identical.
+    """
+
+    name = "smoothgrad"
+    defaults = {"nt_samples": 10, "stdevs": 0.15, "nt_type": "smoothgrad", "base": "saliency",
+                "nt_samples_batch_size": None, "seed": 0, "steps": 16, "baseline": "zeros",
+                "internal_batch_size": None}
+    stochastic = True
+
+    def validate(self) -> None:
+        if self.params["base"] not in ("saliency", "integrated_gradients"):
+            raise AnalysisError(
+                f"smoothgrad base must be saliency or integrated_gradients, "
+                f"got {self.params['base']!r}"
+            )
+        if not isinstance(self.params["nt_samples"], int) or self.params["nt_samples"] < 1:
+            raise AnalysisError(f"nt_samples must be a positive int, got "
+                                f"{self.params['nt_samples']!r}")
+        self.params["stdevs"] = float(self.params["stdevs"])
+
+    def attribute(self, model, x, target, *, seed=0):
+        from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+        p = self.params
+        kwargs: dict[str, Any] = {}
+        if p["base"] == "saliency":
+            inner = Saliency(model)
+        else:
+            inner = IntegratedGradients(model)
+            kwargs = dict(baselines=make_baseline(x, p["baseline"]), n_steps=p["steps"],
+                          internal_batch_size=p["internal_batch_size"])
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return NoiseTunnel(inner).attribute(
+                x, nt_type=p["nt_type"], nt_samples=p["nt_samples"],
+                nt_samples_batch_size=p["nt_samples_batch_size"], stdevs=p["stdevs"],
+                target=target, **kwargs,
+            )
+
+
+class GuidedBackpropMethod(AttributionMethod):
+    """captum ``GuidedBackprop`` (needs ReLUs as ``nn.ReLU`` modules, as captum documents)."""
+
+    name = "guided_backprop"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def attribute(self, model, x, target, *, seed=0):
+        import warnings
+
+        from captum.attr import GuidedBackprop
+
+        with warnings.catch_warnings():
+            # captum warns on every call that it sets (and removes) ReLU hooks.
+            warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+            return GuidedBackprop(model).attribute(x, target=target)
+
+
+class GradCamMethod(AttributionMethod):
+    """captum ``LayerGradCam`` on ``layer`` with ``relu_attributions=True``, upsampled to the
+    input size with ``LayerAttribution.interpolate`` (``interpolate_mode``, default bilinear)."""
+
+    name = "grad_cam"
+    defaults = {"layer": None, "interpolate_mode": "bilinear"}
+    single_channel = True
+
+    def validate(self) -> None:
+        if not self.params["layer"]:
+            raise AnalysisError(
+                "grad_cam needs a layer: Attribution('grad_cam', layer='layer4') or "
+                "--layer layer4 (see `interptool layers` for the names)"
+            )
+
+    def check_model(self, model: nn.Module) -> None:
+        find_layer(model, self.params["layer"])
+
+    def attribute(self, model, x, target, *, seed=0):
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        layer = find_layer(model, self.params["layer"])
+        cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+        if cam.dim() != 4:
+            raise AnalysisError(
+                f"grad_cam layer {self.params['layer']!r} gives {tuple(cam.shape)} maps; it "
+                "needs a convolutional (N, C, H, W) output. Pick a conv stage such as layer4."
+            )
+        return LayerAttribution.interpolate(
+            cam, tuple(x.shape[-2:]), interpolate_mode=self.params["interpolate_mode"]
+        )
+
+
+class OcclusionMethod(AttributionMethod):
+    """captum ``Occlusion`` with a square ``window`` and ``stride`` (pixels, all channels
+    occluded together), occluding with ``baseline`` (zeros|mean|blur);
+    ``perturbations_per_eval`` bounds memory."""
+
+    name = "occlusion"
+    defaults = {"window": 8, "stride": 4, "baseline": "zeros", "perturbations_per_eval": 16}
+
+    def validate(self) -> None:
+        _pair(self.params["window"], "window")
+        _pair(self.params["stride"], "stride")
+        if self.params["baseline"] not in ("zeros", "mean", "blur"):
+            raise AnalysisError(
+                f"baseline must be zeros, mean or blur; got {self.params['baseline']!r}"
+            )
+
+    def attribute(self, model, x, target, *, seed=0):
+        from captum.attr import Occlusion
+
+        c = x.shape[1]
+        wh, ww = _pair(self.params["window"], "window")
+        sh, sw = _pair(self.params["stride"], "stride")
+        if wh > x.shape[2] or ww > x.shape[3]:
+            raise AnalysisError(
+                f"occlusion window {(wh, ww)} is larger than the input {tuple(x.shape[2:])}; "
+                "use a smaller --window"
+            )
+        return Occlusion(model).attribute(
+            x,
+            sliding_window_shapes=(c, wh, ww),
+            strides=(c, sh, sw),
+            baselines=make_baseline(x, self.params["baseline"]),
+            target=target,
+            perturbations_per_eval=int(self.params["perturbations_per_eval"]),
+        )
+
+
+METHODS: dict[str, type[AttributionMethod]] = {
+    cls.name: cls
+    for cls in (SaliencyMethod, InputXGradientMethod, IntegratedGradientsMethod,
+                SmoothGradMethod, GuidedBackpropMethod, GradCamMethod, OcclusionMethod)
+}
+
+
+def get_method(name: str, params: dict[str, Any]) -> AttributionMethod:
+    """Instantiate the adapter for ``name``; AnalysisError listing the valid names."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise AnalysisError(
+            f"unknown attribution method {name!r}.{hint} Valid methods: "
+            f"{', '.join(METHODS)}"
+        )
+    return METHODS[name](**params)
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """Seed for the batch starting at row ``start`` (independent of how the run was split)."""
+    return int(np.random.SeedSequence([int(seed), int(start)]).generate_state(1)[0])

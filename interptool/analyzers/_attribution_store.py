@@ -1,0 +1,268 @@
+"""HDF5 storage of attribution maps (``attributions.h5``), appended per batch and resumable.
+
+Layout (format ``interptool-attributions/1``)::
+
+    /index        (N,) utf-8     data set ids, in run order
+    /labels       (N,) int64     class labels (-1 unlabelled)
+    /targets      (N,) int64     class whose score was attributed
+    /predictions  (N,) int64     arg-max of the model's logits
+    /attributions/<method>       (N, H, W) float32 reduced maps
+    /attributions/<method>_raw   (N, C, H, W) float32, only with keep_raw
+
+root attributes: ``format``, ``model`` (JSON model info), ``data_spec``,
+``data_fingerprint``, ``target_mode`` (JSON), ``input_shape`` (JSON [C, H, W]),
+``versions`` (JSON), ``created``, ``complete`` (every method complete).
+``/attributions/<method>`` attributes: ``params`` (JSON), ``reduce``, ``batch_size``,
+``n_done`` (rows written), ``complete`` (set only when the run finished).
+
+A run appends rows batch by batch and raises ``n_done`` after each flush; an interrupted run
+is resumed from ``n_done`` (rows past it are discarded), which yields the same content as an
+uninterrupted run (stochastic methods seed each batch from ``(seed, batch start)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from interptool._provenance import now_iso, versions
+from interptool.errors import AnalysisError, CacheError
+
+FORMAT = "interptool-attributions/1"
+_ROW_SETS = ("index", "labels", "targets", "predictions")
+
+
+def _json(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+class AttributionStore:
+    """Open (create or resume) ``attributions.h5`` for one method run.
+
+    Parameters mirror what must match for a resume: model info, data identity, target mode,
+    input shape and the method's params. A mismatch raises AnalysisError with the fix.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        method: str,
+        params: dict[str, Any],
+        reduce: str,
+        batch_size: int,
+        model_info: dict[str, Any],
+        data_spec: str,
+        data_fingerprint: str,
+        target_mode: Any,
+        input_shape: tuple[int, int, int],
+        keep_raw: bool,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.method = method
+        self.keep_raw = keep_raw
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5py.File(self.path, "a")
+        try:
+            self._setup(params, reduce, batch_size, model_info, data_spec, data_fingerprint,
+                        target_mode, input_shape, overwrite)
+        except Exception:
+            self.f.close()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, params, reduce, batch_size, model_info, data_spec, data_fingerprint,
+               target_mode, input_shape, overwrite) -> None:
+        f = self.f
+        root = {
+            "model": _json(model_info),
+            "data_spec": str(data_spec),
+            "data_fingerprint": str(data_fingerprint),
+            "target_mode": _json(target_mode),
+            "input_shape": _json(list(input_shape)),
+        }
+        if "format" in f.attrs:
+            if f.attrs["format"] != FORMAT:
+                raise CacheError(f"{self.path} is not an attribution file (format "
+                                 f"{f.attrs['format']!r}); choose another --out")
+            for key in ("model", "data_fingerprint", "target_mode", "input_shape"):
+                if f.attrs.get(key) != root[key]:
+                    if overwrite:
+                        self._wipe()
+                        break
+                    raise AnalysisError(
+                        f"{self.path} holds attributions for a different {key.replace('_', ' ')} "
+                        f"({f.attrs.get(key)} vs {root[key]}); use another output folder or "
+                        "overwrite=True / --overwrite"
+                    )
+        if "format" not in f.attrs:
+            f.attrs["format"] = FORMAT
+            f.attrs["created"] = now_iso()
+            f.attrs["versions"] = _json(versions())
+            for k, v in root.items():
+                f.attrs[k] = v
+        f.attrs["complete"] = False
+        group = f.require_group("attributions")
+        c, h, w = input_shape
+        meta = {"params": _json(params), "reduce": reduce, "batch_size": int(batch_size)}
+        if self.method in group:
+            ds = group[self.method]
+            same = all(ds.attrs.get(k) == v for k, v in meta.items())
+            if not same or overwrite:
+                if not overwrite:
+                    raise AnalysisError(
+                        f"{self.path} already holds {self.method!r} maps made with other "
+                        f"settings ({ds.attrs.get('params')}, reduce={ds.attrs.get('reduce')}, "
+                        f"batch_size={ds.attrs.get('batch_size')}); use another output folder "
+                        "or overwrite=True / --overwrite"
+                    )
+                del group[self.method]
+                if f"{self.method}_raw" in group:
+                    del group[f"{self.method}_raw"]
+        if self.method not in group:
+            ds = group.create_dataset(self.method, shape=(0, h, w), maxshape=(None, h, w),
+                                      dtype="float32", chunks=(1, h, w))
+            for k, v in meta.items():
+                ds.attrs[k] = v
+            ds.attrs["n_done"] = 0
+            ds.attrs["complete"] = False
+        if self.keep_raw and f"{self.method}_raw" not in group:
+            if int(group[self.method].attrs["n_done"]) > 0:
+                # raw rows cannot be recovered for finished batches: start this method over
+                group[self.method].resize(0, axis=0)
+                group[self.method].attrs["n_done"] = 0
+            group.create_dataset(f"{self.method}_raw", shape=(0, c, h, w),
+                                 maxshape=(None, c, h, w), dtype="float32",
+                                 chunks=(1, c, h, w))
+        for name, dtype in (("index", h5py.string_dtype("utf-8")), ("labels", "int64"),
+                            ("targets", "int64"), ("predictions", "int64")):
+            if name not in f:
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype)
+        self.ds = group[self.method]
+        self.raw = group.get(f"{self.method}_raw") if self.keep_raw else None
+        # rows past n_done belong to a batch that was interrupted mid-write: drop them
+        n_done = self.n_done
+        self.ds.resize(n_done, axis=0)
+        if self.raw is not None:
+            if self.raw.shape[0] < n_done:  # raw file shorter: recompute from there
+                n_done = self.raw.shape[0]
+                self.ds.resize(n_done, axis=0)
+                self.ds.attrs["n_done"] = n_done
+            self.raw.resize(n_done, axis=0)
+        self.ds.attrs["complete"] = False
+        f.flush()
+
+    def _wipe(self) -> None:
+        for key in list(self.f.keys()):
+            del self.f[key]
+        for key in list(self.f.attrs.keys()):
+            del self.f.attrs[key]
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def n_done(self) -> int:
+        return int(self.ds.attrs["n_done"])
+
+    def stored_ids(self, start: int, stop: int) -> list[str]:
+        n = self.f["index"].shape[0]
+        stop = min(stop, n)
+        if start >= stop:
+            return []
+        return [s.decode() if isinstance(s, bytes) else str(s)
+                for s in self.f["index"][start:stop]]
+
+    def append(self, start: int, maps: np.ndarray, raw: np.ndarray | None, ids: list[str],
+               labels: np.ndarray, targets: np.ndarray, predictions: np.ndarray) -> None:
+        """Write rows ``start:start+len(maps)`` then raise ``n_done`` (after the data)."""
+        stop = start + len(maps)
+        if start != self.n_done:
+            raise AnalysisError(f"internal: append at {start} but n_done is {self.n_done}")
+        old = self.stored_ids(start, stop)
+        if old and old != list(ids[: len(old)]):
+            raise AnalysisError(
+                f"{self.path}: image ids from row {start} differ from the stored ones "
+                f"({old[0]!r} vs {ids[0]!r}); the data set changed. Use another output folder."
+            )
+        for name, values in (("index", np.asarray(ids, dtype=object)), ("labels", labels),
+                             ("targets", targets), ("predictions", predictions)):
+            d = self.f[name]
+            if d.shape[0] < stop:
+                d.resize(stop, axis=0)
+            d[start:stop] = values
+        self.ds.resize(stop, axis=0)
+        self.ds[start:stop] = maps
+        if self.raw is not None and raw is not None:
+            self.raw.resize(stop, axis=0)
+            self.raw[start:stop] = raw
+        self.f.flush()
+        self.ds.attrs["n_done"] = stop
+        self.f.flush()
+
+    def read_rows(self, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``0:stop`` already on disk (for a resumed or complete run)."""
+        out = {
+            "maps": self.ds[:stop],
+            "raw": self.raw[:stop] if self.raw is not None else None,
+            "ids": self.stored_ids(0, stop),
+            "labels": self.f["labels"][:stop],
+            "targets": self.f["targets"][:stop],
+            "predictions": self.f["predictions"][:stop],
+        }
+        return out
+
+    def finish(self) -> None:
+        self.ds.attrs["complete"] = True
+        group = self.f["attributions"]
+        self.f.attrs["complete"] = all(
+            bool(group[k].attrs.get("complete", False)) for k in group
+            if not k.endswith("_raw")
+        )
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+
+def read_attributions(path: str | Path, method: str | None = None) -> dict[str, Any]:
+    """Read one method's maps and metadata from ``attributions.h5`` (CacheError when absent)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "attributions.h5"
+    if not path.exists():
+        raise CacheError(f"attribution file {path} does not exist; run `interptool attribute`")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise CacheError(f"{path} is not an interptool attribution file")
+        group = f["attributions"]
+        methods = [k for k in group if not k.endswith("_raw")]
+        if method is None:
+            if len(methods) != 1:
+                raise AnalysisError(f"{path} holds several methods ({', '.join(methods)}); "
+                                    "name one")
+            method = methods[0]
+        if method not in group:
+            raise CacheError(f"{path} has no {method!r} maps; it holds: {', '.join(methods)}")
+        ds = group[method]
+        if not ds.attrs.get("complete", False):
+            raise CacheError(f"{path}: {method!r} maps are incomplete "
+                             f"({ds.attrs.get('n_done')} rows); re-run to resume")
+        n = int(ds.attrs["n_done"])
+        return {
+            "method": method,
+            "maps": ds[:n],
+            "raw": group[f"{method}_raw"][:n] if f"{method}_raw" in group else None,
+            "ids": [s.decode() if isinstance(s, bytes) else str(s) for s in f["index"][:n]],
+            "labels": f["labels"][:n],
+            "targets": f["targets"][:n],
+            "predictions": f["predictions"][:n],
+            "params": json.loads(ds.attrs["params"]),
+            "reduce": str(ds.attrs["reduce"]),
+            "model_info": json.loads(f.attrs["model"]),
+            "data_spec": str(f.attrs["data_spec"]),
+        }

@@ -1,0 +1,528 @@
+"""Attribution maps (saliency, integrated gradients, Grad-CAM, ...) and their scores.
+
+Public face::
+
+    res = Attribution("integrated_gradients", steps=32, baseline="blur").run(
+        loaded, dataset, n=64, batch_size=16, target="label", device="cpu",
+        out="runs/attr")                       # -> AttributionResult (+ runs/attr/attributions.h5)
+    agreement(res_teacher, res_student)         # rank correlation / top-k IoU / cosine
+    localisation(res, masks)                    # energy pointing game + pointing game
+    faithfulness(model, images, res.maps, res.targets, mode="deletion")
+    randomisation_check(model, "saliency", images, targets)
+
+Every method is a thin adapter over captum (see ``_attribution_methods.py``); maps keep the
+input resolution and are reduced over channels with ``reduce`` (default ``abs_sum``: sum of
+absolute values over channels; ``grad_cam`` is one channel already and is only squeezed).
+The model is never modified: methods run on a deep copy with in-place activations off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from interptool._progress import progress
+from interptool.analyzers._attribution_methods import (
+    METHODS,
+    REDUCTIONS,
+    batch_seed,
+    get_method,
+    hook_count,
+    prepare_model,
+)
+from interptool.analyzers._attribution_scores import (
+    AgreementResult,
+    FaithfulnessResult,
+    LocalisationResult,
+    RandomisationResult,
+    agreement,
+    class_object_masks,
+    faithfulness,
+    localisation,
+    randomisation_check,
+    resize_masks,
+)
+from interptool.analyzers._attribution_store import AttributionStore, read_attributions
+from interptool.errors import AnalysisError
+
+__all__ = [
+    "Attribution",
+    "AttributionResult",
+    "METHODS",
+    "agreement",
+    "AgreementResult",
+    "localisation",
+    "LocalisationResult",
+    "class_object_masks",
+    "resize_masks",
+    "faithfulness",
+    "FaithfulnessResult",
+    "randomisation_check",
+    "RandomisationResult",
+    "hook_count",
+]
+
+
+# --------------------------------------------------------------------------- inputs
+def _is_loaded(obj: Any) -> bool:
+    """Duck-typed LoadedModel (avoids importing interptool.loading, built in parallel)."""
+    return not isinstance(obj, nn.Module) and hasattr(obj, "model") and hasattr(
+        obj, "preprocessing")
+
+
+def _is_broden(ds: Any) -> bool:
+    return hasattr(ds, "load_segmentation")
+
+
+def _model_info(model_or_loaded: Any, model: nn.Module, weights_hash: bool) -> dict[str, Any]:
+    if _is_loaded(model_or_loaded):
+        info = model_or_loaded.to_dict()
+        return json.loads(json.dumps(info, default=str))
+    n_params = sum(int(t.numel()) for t in model.state_dict().values())
+    if not weights_hash:
+        return {"class": type(model).__name__, "num_params": n_params}
+    # Bare module written to a file: identify it by class and a hash of its weights, so that
+    # a resume never mixes maps of two different models.
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        arr = t.detach().cpu().contiguous()
+        h.update(arr.numpy().tobytes() if arr.dtype != torch.bfloat16 else
+                 arr.float().numpy().tobytes())
+    return {"class": type(model).__name__, "num_params": int(n_params),
+            "weights_sha256": h.hexdigest()}
+
+
+class _TensorSource:
+    """Uniform row access over a tensor batch or an ImageDataset + transform."""
+
+    def __init__(self, data: Any, *, labels: Any, ids: Sequence[str] | None, transform: Any,
+                 n: int | None) -> None:
+        self.dataset = None
+        if isinstance(data, torch.Tensor):
+            if data.dim() != 4:
+                raise AnalysisError(
+                    f"input tensor must be (N, C, H, W), got shape {tuple(data.shape)}")
+            self.tensor = data
+            total = data.shape[0]
+            lab = (np.full(total, -1, np.int64) if labels is None
+                   else np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1))
+            if lab.shape[0] != total:
+                raise AnalysisError(f"labels has {lab.shape[0]} entries for {total} images")
+            self.labels = lab
+            self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in
+                                                                     range(total)]
+            if len(self.ids) != total:
+                raise AnalysisError(f"ids has {len(self.ids)} entries for {total} images")
+            self.spec = "tensor"
+            self.fingerprint = hashlib.sha256(
+                data.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()
+        elif hasattr(data, "torch_dataset") and hasattr(data, "labels"):
+            if transform is None:
+                raise AnalysisError(
+                    "a bare nn.Module with an ImageDataset needs transform=...; pass a "
+                    "LoadedModel (its eval/probe transform is used) or a transform callable")
+            self.dataset = data
+            self.tds = data.torch_dataset(transform)
+            self.labels = np.asarray(data.labels, dtype=np.int64)
+            self.ids = [str(i) for i in data.ids]
+            self.spec = str(getattr(data, "spec", type(data).__name__))
+            self.fingerprint = str(getattr(data, "fingerprint", ""))
+            total = len(data)
+        else:
+            raise AnalysisError(
+                f"data must be an ImageDataset (interptool.data.open_dataset) or an "
+                f"(N, C, H, W) tensor, got {type(data).__name__}")
+        if n is not None:
+            if n < 1:
+                raise AnalysisError(f"n must be >= 1, got {n}")
+            total = min(total, int(n))
+        self.n = total
+        self.labels = self.labels[:total]
+        self.ids = self.ids[:total]
+        self._first: torch.Tensor | None = None
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        if self.dataset is None:
+            return self.tensor[start:stop]
+        return torch.stack([torch.as_tensor(self.tds[i][0]) for i in range(start, stop)])
+
+    def input_shape(self) -> tuple[int, int, int]:
+        x = self.batch(0, 1)
+        return tuple(int(s) for s in x.shape[1:])  # type: ignore[return-value]
+
+
+def _display(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) normalised tensor -> (N, H, W, C) float in [0, 1] for plotting
+    (per-image min-max: the normalisation constants are not needed)."""
+    x = x.detach().float().cpu()
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class AttributionResult:
+    """Attribution maps of one method for N images.
+
+    ``maps`` (N, H, W) float32 at input resolution; ``raw`` (N, C, H, W) or None;
+    ``targets``/``predictions``/``labels`` (N,) int64; ``ids`` data set ids;
+    ``images`` (k, H, W, C) display copies of the first k inputs (for ``plot``) or None.
+    """
+
+    maps: np.ndarray
+    raw: np.ndarray | None
+    targets: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    method: str
+    params: dict[str, Any]
+    model_info: dict[str, Any]
+    reduce: str = "abs_sum"
+    path: Path | None = None
+    images: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.maps.shape[0])
+
+    @classmethod
+    def load(cls, path: str | Path, method: str | None = None) -> AttributionResult:
+        """Read a complete ``attributions.h5`` (file or its folder) back into a result."""
+        d = read_attributions(path, method)
+        p = Path(path)
+        return cls(maps=d["maps"], raw=d["raw"], targets=d["targets"],
+                   predictions=d["predictions"], labels=d["labels"], ids=d["ids"],
+                   method=d["method"], params=d["params"], model_info=d["model_info"],
+                   reduce=d["reduce"], path=p / "attributions.h5" if p.is_dir() else p)
+
+    def to_frame(self):
+        """One row per image: id, label, target, predicted, correct and map statistics
+        (min, max, mean, std, fraction of positive mass in the top 10% of pixels)."""
+        import pandas as pd
+
+        flat = self.maps.reshape(self.n, -1).astype(np.float64)
+        pos = np.clip(flat, 0, None)
+        k = max(1, int(np.ceil(0.1 * flat.shape[1])))
+        top = -np.sort(-pos, axis=1)[:, :k].sum(axis=1)
+        total = pos.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            conc = np.where(total > 0, top / total, np.nan)
+        return pd.DataFrame({
+            "id": self.ids, "label": self.labels, "target": self.targets,
+            "predicted": self.predictions, "correct": self.labels == self.predictions,
+            "map_min": flat.min(axis=1), "map_max": flat.max(axis=1),
+            "map_mean": flat.mean(axis=1), "map_std": flat.std(axis=1),
+            "top10_mass": conc,
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (no arrays): method, params, model, shapes, accuracy, map stats."""
+        frame = self.to_frame()
+        labelled = self.labels >= 0
+        return {
+            "method": self.method,
+            "params": self.params,
+            "reduce": self.reduce,
+            "model": self.model_info,
+            "n": self.n,
+            "map_shape": list(self.maps.shape[1:]),
+            "accuracy": (float((self.labels == self.predictions)[labelled].mean())
+                         if labelled.any() else None),
+            "mean_top10_mass": float(np.nanmean(frame["top10_mass"])) if self.n else None,
+            "path": str(self.path) if self.path else None,
+        }
+
+    def plot(self, n: int = 8, images: np.ndarray | None = None, cmap: str = "jet",
+             alpha: float = 0.5):
+        """Grid: one column per image, rows = image, map overlay (map alone without images)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        imgs = images if images is not None else self.images
+        k = min(n, self.n) if imgs is None else min(n, self.n, len(imgs))
+        rows = 1 if imgs is None else 2
+        fig, axes = plt.subplots(rows, max(k, 1), figsize=(1.8 * max(k, 1), 1.9 * rows),
+                                 squeeze=False)
+        for j in range(k):
+            m = self.maps[j]
+            if imgs is not None:
+                axes[0, j].imshow(np.squeeze(imgs[j]), cmap="gray" if imgs[j].shape[-1] == 1
+                                  else None)
+                axes[0, j].set_title(f"{self.ids[j][-14:]}\nt={self.targets[j]}",
+                                     fontsize=7)
+                axes[1, j].imshow(np.squeeze(imgs[j]), cmap="gray" if imgs[j].shape[-1] == 1
+                                  else None)
+                axes[1, j].imshow(m, cmap=cmap, alpha=alpha)
+            else:
+                axes[0, j].imshow(m, cmap=cmap)
+                axes[0, j].set_title(f"{self.ids[j][-14:]}", fontsize=7)
+        for ax in axes.ravel():
+            ax.axis("off")
+        fig.suptitle(f"{self.method}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def save(self, dir: str | Path) -> list[Path]:
+        """Write ``attribution_<method>.csv``, ``.json`` and ``.png``; returns the paths."""
+        from interptool._provenance import atomic_write_text
+
+        d = Path(dir)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = [d / f"attribution_{self.method}.csv", d / f"attribution_{self.method}.json",
+                 d / f"attribution_{self.method}.png"]
+        self.to_frame().to_csv(paths[0], index=False)
+        atomic_write_text(paths[1], json.dumps(self.to_dict(), indent=2, default=str))
+        fig = self.plot()
+        fig.savefig(paths[2], dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return paths
+
+
+# --------------------------------------------------------------------------- analyzer
+class Attribution:
+    """An attribution method by name with its parameters (scikit-learn style).
+
+    Methods: ``saliency``, ``input_x_gradient``, ``integrated_gradients`` (``steps``,
+    ``baseline`` zeros|mean|blur, ``internal_batch_size``), ``smoothgrad`` (``nt_samples``,
+    ``stdevs``, ``base`` saliency|integrated_gradients, ``seed``), ``guided_backprop``,
+    ``grad_cam`` (``layer``), ``occlusion`` (``window``, ``stride``, ``baseline``).
+    ``reduce`` (abs_sum|sum|l2|max_abs) turns (N, C, H, W) into (N, H, W).
+
+    After :meth:`run`, ``model_`` is the prepared copy that was used (hooks all removed).
+    """
+
+    def __init__(self, method: str = "integrated_gradients", *, reduce: str = "abs_sum",
+                 keep_raw: bool = False, **params: Any) -> None:
+        if reduce not in REDUCTIONS:
+            raise AnalysisError(f"reduce must be one of {', '.join(REDUCTIONS)}; got {reduce!r}")
+        self.method = method
+        self.reduce = reduce
+        self.keep_raw = bool(keep_raw)
+        self.adapter = get_method(method, params)
+        self.params = dict(self.adapter.params)
+        self.model_: nn.Module | None = None
+
+    def __repr__(self) -> str:
+        ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"Attribution({self.method!r}{', ' + ps if ps else ''})"
+
+    # -- one batch; used by run() and by randomisation_check / benchmarks
+    def attribute_batch(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
+                        start: int = 0) -> torch.Tensor:
+        """Raw attribution (N, C', H, W) of a prepared model for one batch (detached)."""
+        seed = batch_seed(self.params.get("seed", 0), start)
+        # a fresh leaf that requires grad (captum would otherwise warn and set it itself)
+        x = x.detach().requires_grad_(True)
+        out = self.adapter.attribute(model, x, target, seed=seed)
+        return out.detach()
+
+    def run(
+        self,
+        model_or_loaded: Any,
+        data: Any,
+        *,
+        n: int | None = None,
+        batch_size: int = 16,
+        target: str | int = "label",
+        device: str = "cpu",
+        out: str | Path | None = None,
+        labels: Any = None,
+        ids: Sequence[str] | None = None,
+        transform: Any = None,
+        overwrite: bool = False,
+        keep_images: int = 16,
+    ) -> AttributionResult:
+        """Attribute ``n`` images (first n of the data set, or all) in batches.
+
+        Args:
+            model_or_loaded: ``LoadedModel`` (its eval transform is used, or its probe
+                transform for a BrodenDataset so that masks stay aligned) or an ``nn.Module``.
+            data: ``ImageDataset`` or an (N, C, H, W) tensor of model-ready inputs
+                (with ``labels`` (N,) and ``ids`` optional).
+            target: ``"label"`` (class label; error on unlabelled images), ``"predicted"``
+                (arg-max of the logits) or a class index.
+            out: folder (or ``.h5`` file) for ``attributions.h5``; a re-run resumes there.
+            keep_images: how many display copies of the inputs the result keeps for plots.
+        """
+        if _is_loaded(model_or_loaded):
+            model = model_or_loaded.model
+            if transform is None and not isinstance(data, torch.Tensor):
+                pre = model_or_loaded.preprocessing
+                transform = pre.probe_transform() if _is_broden(data) else pre.eval_transform()
+        elif isinstance(model_or_loaded, nn.Module):
+            model = model_or_loaded
+        else:
+            raise AnalysisError(
+                f"model must be a LoadedModel or an nn.Module, got {type(model_or_loaded).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise AnalysisError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not (target in ("label", "predicted") or (isinstance(target, (int, np.integer))
+                                                     and not isinstance(target, bool))):
+            raise AnalysisError(f"target must be 'label', 'predicted' or a class index, "
+                                f"got {target!r}")
+        src = _TensorSource(data, labels=labels, ids=ids, transform=transform, n=n)
+        if target == "label" and (src.labels < 0).any():
+            bad = int(np.flatnonzero(src.labels < 0)[0])
+            raise AnalysisError(
+                f"target='label' but image {src.ids[bad]!r} (and maybe others) has no label; "
+                "use target='predicted' (--target predicted) or a class index")
+
+        prepared = prepare_model(model, device)
+        self.adapter.check_model(prepared)
+        self.model_ = prepared
+        shape = src.input_shape()
+        info = _model_info(model_or_loaded, model, weights_hash=out is not None)
+
+        store = None
+        if out is not None:
+            path = Path(out)
+            if path.suffix not in (".h5", ".hdf5"):
+                path = path / "attributions.h5"
+            store = AttributionStore(
+                path, method=self.method, params=self.params, reduce=self.reduce,
+                batch_size=batch_size, model_info=info, data_spec=src.spec,
+                data_fingerprint=src.fingerprint,
+                target_mode=target if isinstance(target, str) else int(target),
+                input_shape=shape, keep_raw=self.keep_raw, overwrite=overwrite)
+        try:
+            return self._run(prepared, src, store, batch_size, target, device, info,
+                             keep_images)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _run(self, model, src, store, batch_size, target, device, info, keep_images):
+        n = src.n
+        start0 = min(store.n_done, n) if store is not None else 0
+        parts: dict[str, list] = {k: [] for k in ("maps", "raw", "targets", "predictions")}
+        if start0 > 0:
+            done = store.read_rows(start0)
+            for k in parts:
+                if done[k] is not None:
+                    parts[k].append(done[k])
+        images = None
+        if keep_images:
+            images = _display(src.batch(0, min(keep_images, n)))
+        num_classes = self._num_classes(model, src, device)
+        with progress(total=n, desc=f"attribution {self.method}", unit="img") as bar:
+            bar.update(start0)
+            start = start0
+            while start < n:
+                # batches stay aligned to multiples of batch_size (seeds depend on starts)
+                stop = min(n, (start // batch_size + 1) * batch_size)
+                x = src.batch(start, stop).to(device=device, dtype=torch.float32)
+                preds = None
+                if target == "predicted":
+                    with torch.no_grad():
+                        preds = model(x).argmax(dim=1)
+                tgt = self._targets(target, src.labels[start:stop], preds, num_classes,
+                                    src.ids[start:stop])
+                raw, logits = self._attribute_capturing(model, x, tgt.to(device), start)
+                if preds is None:
+                    if logits is None:  # the method never ran the model on x itself
+                        with torch.no_grad():
+                            logits = model(x)
+                    preds = logits.argmax(dim=1)
+                if tuple(raw.shape[-2:]) != tuple(x.shape[-2:]):
+                    raise AnalysisError(f"{self.method} produced maps of size "
+                                        f"{tuple(raw.shape[-2:])} for inputs {tuple(x.shape[-2:])}")
+                maps = _reduce(raw, self.reduce).float().cpu().numpy()
+                raw_np = raw.float().cpu().numpy() if self.keep_raw else None
+                tg = tgt.cpu().numpy().astype(np.int64)
+                pr = preds.cpu().numpy().astype(np.int64)
+                if store is not None:
+                    store.append(start, maps, raw_np, src.ids[start:stop],
+                                 src.labels[start:stop], tg, pr)
+                parts["maps"].append(maps)
+                parts["targets"].append(tg)
+                parts["predictions"].append(pr)
+                if raw_np is not None:
+                    parts["raw"].append(raw_np)
+                bar.update(stop - start)
+                start = stop
+        if store is not None:
+            store.finish()
+        h, w = src.input_shape()[1:]
+        cat = (lambda k, shape, dt: np.concatenate(parts[k]) if parts[k]  # noqa: E731
+               else np.zeros(shape, dt))
+        return AttributionResult(
+            maps=cat("maps", (0, h, w), np.float32).astype(np.float32),
+            raw=np.concatenate(parts["raw"]) if self.keep_raw and parts["raw"] else None,
+            targets=cat("targets", (0,), np.int64),
+            predictions=cat("predictions", (0,), np.int64),
+            labels=src.labels.copy(), ids=list(src.ids), method=self.method,
+            params=dict(self.params), model_info=info, reduce=self.reduce,
+            path=store.path if store is not None else None, images=images)
+
+    @staticmethod
+    def _num_classes(model: nn.Module, src: _TensorSource, device: str) -> int:
+        """Output size from one image (validates targets before any attribution call)."""
+        with torch.no_grad():
+            logits = model(src.batch(0, 1).to(device=device, dtype=torch.float32))
+        if logits.dim() != 2:
+            raise AnalysisError(f"model output must be (N, classes) logits, got "
+                                f"{tuple(logits.shape)}; attribution needs a classifier")
+        return int(logits.shape[1])
+
+    def _attribute_capturing(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                             start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attribute, and keep the logits of captum's own forward pass on ``x`` when it makes
+        one (saliency, grad_cam, occlusion, ...): saves a separate prediction pass. The hook
+        sits on our private copy and is removed before returning."""
+        seed = batch_seed(self.params.get("seed", 0), start)
+        # a fresh leaf that requires grad (captum would otherwise warn and set it itself)
+        xg = x.detach().requires_grad_(True)
+        seen: list[torch.Tensor] = []
+
+        def grab(_module, inputs, output):
+            if not seen and inputs and inputs[0] is xg and isinstance(output, torch.Tensor):
+                seen.append(output.detach())
+
+        handle = model.register_forward_hook(grab)
+        try:
+            raw = self.adapter.attribute(model, xg, target, seed=seed).detach()
+        finally:
+            handle.remove()
+        logits = seen[0] if seen and seen[0].dim() == 2 else None
+        return raw, logits
+
+    @staticmethod
+    def _targets(target, labels, preds, num_classes, ids) -> torch.Tensor:
+        if target == "predicted":
+            return preds.detach().cpu().long()
+        if target == "label":
+            t = torch.as_tensor(labels, dtype=torch.long)
+            what = "label"
+        else:
+            t = torch.full((len(labels),), int(target), dtype=torch.long)
+            what = "target"
+        bad = (t < 0) | (t >= num_classes)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise AnalysisError(
+                f"{what} {int(t[i])} of image {ids[i]!r} is out of range: the model has "
+                f"{num_classes} outputs (valid 0..{num_classes - 1}); check --num-classes "
+                "or the target")
+        return t
+
+
+def _reduce(raw: torch.Tensor, how: str) -> torch.Tensor:
+    from interptool.analyzers._attribution_methods import reduce_channels
+
+    return reduce_channels(raw, how)

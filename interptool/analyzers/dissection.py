@@ -1,0 +1,555 @@
+"""Network dissection (Bau et al. 2017) with NetDissect-Lite's semantics, streamed and batched.
+
+``Dissection(...).run(cache, layer, probe)`` reads one layer's activations from an activation
+cache made on a Broden-format probe set (``broden:PATH`` or ``builtin:concept-world``) and
+scores every unit against every concept label:
+
+1. threshold ``T_k``: the ``1 - quantile`` quantile of unit ``k``'s activations over all
+   images x positions, exact (``numpy.quantile(..., method="linear")``) by default;
+2. per image, each unit map whose maximum exceeds ``T_k`` is upsampled to the segmentation
+   size exactly as NetDissect-Lite's ``imresize(map, (sh, sw), mode='F')`` (Pillow bilinear on
+   float32) and thresholded ``> T_k``;
+3. over the set: intersections per (unit, label), label areas (image-level labels count
+   ``sh * sw`` per image), and per (unit, category) the unit's mask area over the images where
+   the category is present; ``IoU = I / (A_unit,cat + A_label - I + 1e-10)``;
+4. per unit, the best label of each category (by primary category), then the best category.
+
+NetDissect-Lite reuses a stale per-category accumulator for images carrying only
+image-level labels; here it is computed afresh for every image. See docs/dissection.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interptool._progress import progress
+from interptool._provenance import atomic_write_text, provenance, sha256_file
+from interptool.analyzers._dissection_quantile import ExactQuantile, HistogramQuantile
+from interptool.analyzers._dissection_resize import is_square
+from interptool.analyzers._dissection_tally import (
+    SegmentationSet,
+    TallyAccumulator,
+    collate_list,
+)
+from interptool.errors import AnalysisError, CacheError, ConfigError
+
+__all__ = ["Dissection", "DissectionResult"]
+
+#: IoU thresholds of the detector-count curve (0.01 .. 0.20).
+CURVE_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(1, 21))
+
+
+def _open_probe(probe: Any) -> Any:
+    if isinstance(probe, (str, os.PathLike)):
+        from interptool.data import open_dataset
+
+        probe = open_dataset(str(probe))
+    missing = [a for a in ("load_segmentation", "categories", "label_category", "num_labels")
+               if not hasattr(probe, a)]
+    if missing:
+        raise AnalysisError(
+            f"probe {getattr(probe, 'spec', probe)!r} has no segmentation masks (missing "
+            f"{', '.join(missing)}): dissection needs a Broden-format probe set; pass "
+            "--probe broden:PATH or builtin:concept-world?n=..&size=.."
+        )
+    return probe
+
+
+def _label_names(probe: Any) -> list[str]:
+    names = [str(n) for n in np.asarray(probe.label_names).tolist()]
+    names += [""] * (int(probe.num_labels) - len(names))
+    if not names[0]:
+        names[0] = "-"  # NetDissect-Lite's name for label 0 (reported when no IoU is > 0)
+    return names
+
+
+class _LayerView:
+    """Reads one cached layer as (B, U, H, W) float32 blocks; tokens become a square grid."""
+
+    def __init__(self, cache: Any, layer: str) -> None:
+        self.cache, self.layer = cache, layer
+        shape = tuple(cache.features(layer).shape)
+        self.token_start = 0
+        if len(shape) == 4:
+            _, self.units, self.h, self.w = shape
+            self.kind = "spatial"
+        elif len(shape) == 3:
+            _, t, d = shape
+            if is_square(t):
+                self.token_start = 0
+            elif t > 1 and is_square(t - 1):
+                self.token_start = 1  # a leading class token has no position: dropped
+            else:
+                raise AnalysisError(
+                    f"{cache.path}: layer {layer!r} holds tokens (N, T={t}, D={d}); dissection "
+                    "needs a spatial map and T (or T-1 with a class token) is not a square "
+                    "number. Cache a convolutional layer, or a transformer block whose patch "
+                    "tokens form a square grid"
+                )
+            side = math.isqrt(t - self.token_start)
+            self.units, self.h, self.w = d, side, side
+            self.kind = "tokens"
+        else:
+            raise AnalysisError(
+                f"{cache.path}: layer {layer!r} has shape {shape}; dissection needs a spatial "
+                "feature map (N, C, H, W) (or square-grid tokens (N, T, D)); pooled or logit "
+                "layers carry no position to compare with masks"
+            )
+
+    def blocks(self, batch_size: int):
+        for start, arr in self.cache.iter_features(self.layer, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            if self.kind == "tokens":
+                x = x[:, self.token_start :, :].transpose(1, 2)
+                x = x.reshape(x.shape[0], self.units, self.h, self.w)
+            yield start, x
+
+
+@dataclass
+class DissectionResult:
+    """Per-unit concept scores of one layer (NetDissect-Lite tally) and the raw counts.
+
+    Attributes:
+        layer: layer name. units: number of units.
+        categories: probe categories, in ``category.csv`` order.
+        label_names: name per label number (index = label number; 0 is "-").
+        label_category: primary category index per label number (-1: unused number).
+        thresholds: (U,) float64 activation thresholds ``T_k``.
+        iou: (U, L) float64 IoU of every unit with every label.
+        intersect: (U, L) int64 intersections. label_area: (L,) int64.
+        unit_area: (U,) int64 total mask area. unit_cat_area: (U, C) int64 mask area per
+            category (the IoU denominator's unit term).
+        cat_label: (U, C) best label number per category. cat_iou: (U, C) its IoU.
+        best_category: (U,) index of the best category. best_label: (U,) label number.
+        best_iou: (U,) IoU of the best label (NetDissect-Lite's ``score``).
+        top_images: (U, k) probe indices with the largest unit maxima (descending).
+        top_values: (U, k) those maxima. top_maps: (U, k, H, W) their feature maps.
+        iou_threshold, quantile: the settings used. config, provenance: JSON-safe dicts.
+    """
+
+    layer: str
+    units: int
+    categories: list[str]
+    label_names: list[str]
+    label_category: np.ndarray
+    thresholds: np.ndarray
+    iou: np.ndarray
+    intersect: np.ndarray
+    label_area: np.ndarray
+    unit_area: np.ndarray
+    unit_cat_area: np.ndarray
+    cat_label: np.ndarray
+    cat_iou: np.ndarray
+    best_category: np.ndarray
+    best_label: np.ndarray
+    best_iou: np.ndarray
+    top_images: np.ndarray
+    top_values: np.ndarray
+    top_maps: np.ndarray
+    iou_threshold: float
+    quantile: float
+    config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    probe: Any = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ queries
+    def detectors(self, iou_threshold: float | None = None) -> np.ndarray:
+        """0-based indices of units whose best IoU is ``>= iou_threshold`` (default: the run's)."""
+        t = self.iou_threshold if iou_threshold is None else float(iou_threshold)
+        return np.flatnonzero(self.best_iou >= t)
+
+    def unique_concepts(self, iou_threshold: float | None = None) -> int:
+        """Number of distinct labels among the detectors."""
+        return int(len(np.unique(self.best_label[self.detectors(iou_threshold)])))
+
+    def thresholds_curve(self) -> list[dict[str, float]]:
+        """Detectors and unique concepts at IoU thresholds 0.01 .. 0.20."""
+        return [{"iou_threshold": t, "detectors": int(len(self.detectors(t))),
+                 "unique_concepts": self.unique_concepts(t)} for t in CURVE_THRESHOLDS]
+
+    def by_category(self, iou_threshold: float | None = None) -> dict[str, int]:
+        """Detector count per best category (every category listed, zeros included)."""
+        det = self.detectors(iou_threshold)
+        counts = np.bincount(self.best_category[det], minlength=len(self.categories))
+        return {c: int(counts[i]) for i, c in enumerate(self.categories)}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe headline numbers."""
+        return {
+            "layer": self.layer,
+            "units": int(self.units),
+            "detectors": int(len(self.detectors())),
+            "unique_concepts": self.unique_concepts(),
+            "by_category": self.by_category(),
+            "iou_threshold": float(self.iou_threshold),
+            "quantile": float(self.quantile),
+            "thresholds_curve": self.thresholds_curve(),
+        }
+
+    # ------------------------------------------------------------------ tables
+    def to_frame(self) -> pd.DataFrame:
+        """One row per unit (unit order), NetDissect-Lite ``tally.csv`` columns.
+
+        ``unit`` is 1-based; ``score`` and ``iou`` are the best IoU; per category ``c``:
+        ``c-label`` (best label), ``c-truth`` (its area), ``c-activation`` (the unit's area in
+        the label's category), ``c-intersect`` and ``c-iou``.
+        """
+        U = self.units
+        rows: dict[str, Any] = {
+            "unit": np.arange(1, U + 1),
+            "category": [self.categories[c] for c in self.best_category],
+            "label": [self.label_names[j] for j in self.best_label],
+            "score": self.best_iou,
+            "iou": self.best_iou,
+        }
+        # NetDissect-Lite reads c-activation through the label's primary category; label 0
+        # (reported when nothing in c scores above 0) has the last category there.
+        prim = self.label_category.copy()
+        prim[prim < 0] = len(self.categories) - 1
+        prim[0] = len(self.categories) - 1
+        ar = np.arange(U)
+        for ci, cat in enumerate(self.categories):
+            lab = self.cat_label[:, ci]
+            rows[f"{cat}-label"] = [self.label_names[j] for j in lab]
+            rows[f"{cat}-truth"] = self.label_area[lab]
+            rows[f"{cat}-activation"] = self.unit_cat_area[ar, prim[lab]]
+            rows[f"{cat}-intersect"] = self.intersect[ar, lab]
+            rows[f"{cat}-iou"] = self.cat_iou[:, ci]
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: summary, settings, provenance and the per-unit table (no full matrix)."""
+        return {
+            "summary": self.summary(),
+            "config": self.config,
+            "provenance": self.provenance,
+            "thresholds": [float(t) for t in self.thresholds],
+            "units": json.loads(self.to_frame().to_json(orient="records")),
+        }
+
+    # ------------------------------------------------------------------ output
+    def plot(self, ax: Any = None) -> Any:
+        """Bar chart of detectors per category; returns the matplotlib Figure."""
+        from interptool.analyzers._dissection_plots import plot_by_category
+
+        return plot_by_category(self, ax=ax)
+
+    def plot_thresholds_curve(self, ax: Any = None) -> Any:
+        """Detectors and unique concepts against the IoU threshold; returns the Figure."""
+        from interptool.analyzers._dissection_plots import plot_curve
+
+        return plot_curve(self, ax=ax)
+
+    def montage(self, unit: int) -> Any:
+        """PIL image: the unit's top probe images with its thresholded mask outlined."""
+        from interptool.analyzers._dissection_plots import unit_montage
+
+        return unit_montage(self, unit)
+
+    def save(self, out_dir: str | os.PathLike, *, montages: str | int = "detectors",
+             max_montages: int = 64) -> list[Path]:
+        """Write ``tally.csv``, ``summary.json``, ``iou.npz``, the two plots and montages.
+
+        ``tally.csv`` rows are ordered by score, highest first, as NetDissect-Lite writes them.
+        ``montages``: ``"detectors"`` (default: detector units, best first, at most
+        ``max_montages``), ``"all"`` (every unit, at most ``max_montages``), an int (the top
+        that many units by IoU) or ``"none"``. Montages need the probe's images.
+        """
+        import matplotlib.pyplot as plt
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        frame = self.to_frame()
+        order = np.lexsort((frame["unit"].to_numpy(), -self.best_iou))
+        p = out / "tally.csv"
+        atomic_write_text(p, frame.iloc[order].to_csv(index=False))
+        paths.append(p)
+        p = out / "summary.json"
+        doc = {**self.summary(), "config": self.config, "provenance": self.provenance,
+               "thresholds": [float(t) for t in self.thresholds]}
+        atomic_write_text(p, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+        paths.append(p)
+        p = out / "iou.npz"
+        np.savez_compressed(p, iou=self.iou, intersect=self.intersect,
+                            label_area=self.label_area, unit_area=self.unit_area,
+                            unit_cat_area=self.unit_cat_area, thresholds=self.thresholds,
+                            label_names=np.array(self.label_names),
+                            categories=np.array(self.categories))
+        paths.append(p)
+        for name, fig in (("detectors_by_category.png", self.plot()),
+                          ("thresholds_curve.png", self.plot_thresholds_curve())):
+            fig.savefig(out / name, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            paths.append(out / name)
+        for unit in self._montage_units(montages, max_montages):
+            (out / "units").mkdir(exist_ok=True)
+            p = out / "units" / f"unit_{unit + 1:04d}.png"
+            self.montage(unit).save(p)
+            paths.append(p)
+        return paths
+
+    def _montage_units(self, montages: str | int, max_montages: int) -> list[int]:
+        if self.probe is None or not hasattr(self.probe, "load_image") or montages == "none":
+            return []
+        ranked = np.lexsort((np.arange(self.units), -self.best_iou))
+        if montages == "detectors":
+            ranked = ranked[self.best_iou[ranked] >= self.iou_threshold]
+        elif isinstance(montages, int):
+            max_montages = min(max_montages, montages)
+        elif montages != "all":
+            raise ConfigError(f"montages={montages!r}; expected 'detectors', 'all', 'none' or "
+                              "a number of units")
+        return [int(u) for u in ranked[:max_montages]]
+
+
+class Dissection:
+    """Network dissection of one layer against a Broden-format probe (NetDissect-Lite rules).
+
+    Args:
+        quantile: top fraction of activations above the threshold (0.005: the 99.5th
+            percentile, as in the paper).
+        iou_threshold: a unit is a detector when its best IoU is ``>=`` this (NetDissect-Lite
+            0.04; the KD-interpretability paper's code uses 0.05).
+        batch_size: images per streamed block (memory does not grow with the set size).
+        device: torch device for the quantile merge, upsampling and counting.
+        workers: DataLoader workers decoding segmentation masks.
+        top_images: probe images kept per unit for the montages.
+        quantile_method: ``"exact"`` (numpy-identical; memory ``units x quantile x N x H x W``
+            values) or ``"sketch"`` (``sketch_bins`` bins per unit, two passes, within one
+            bin width of the exact value).
+        category_area: ``"overlap"`` (NetDissect-Lite's code, default): a unit's mask in an
+            image counts toward category c's denominator when it touches a pixel labelled
+            with a c label, or the image has an image-level c label; ``"image"``: whenever
+            the image carries any c label.
+    """
+
+    def __init__(
+        self,
+        quantile: float = 0.005,
+        iou_threshold: float = 0.04,
+        batch_size: int = 64,
+        device: str = "cpu",
+        workers: int = 0,
+        top_images: int = 8,
+        *,
+        quantile_method: str = "exact",
+        category_area: str = "overlap",
+        sketch_bins: int = 8192,
+        checksum: bool = True,
+    ) -> None:
+        if not 0.0 < quantile < 1.0:
+            raise ConfigError(f"quantile={quantile}: expected a fraction in (0, 1), e.g. 0.005")
+        if not 0.0 <= iou_threshold <= 1.0:
+            raise ConfigError(f"iou_threshold={iou_threshold}: expected a value in [0, 1]")
+        if batch_size < 1 or workers < 0 or top_images < 0:
+            raise ConfigError("batch_size must be >= 1, workers >= 0 and top_images >= 0 "
+                              f"(got {batch_size}, {workers}, {top_images})")
+        if quantile_method not in ("exact", "sketch"):
+            raise ConfigError(f"quantile_method={quantile_method!r}; expected 'exact' or "
+                              "'sketch'")
+        if category_area not in ("overlap", "image"):
+            raise ConfigError(f"category_area={category_area!r}; expected 'overlap' "
+                              "(NetDissect-Lite) or 'image'")
+        self.quantile = float(quantile)
+        self.iou_threshold = float(iou_threshold)
+        self.batch_size = int(batch_size)
+        self.device = str(device)
+        self.workers = int(workers)
+        self.top_images = int(top_images)
+        self.quantile_method = quantile_method
+        self.category_area = category_area
+        self.sketch_bins = int(sketch_bins)
+        self.checksum = bool(checksum)
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "quantile", "iou_threshold", "batch_size", "device", "workers", "top_images",
+            "quantile_method", "category_area", "sketch_bins")}
+
+    # ------------------------------------------------------------------ run
+    def run(self, cache: Any, layer: str, probe: Any = None) -> DissectionResult:
+        """Dissect ``layer`` of ``cache`` (path or ActivationCache) against ``probe``.
+
+        ``probe``: a spec string or a BrodenDataset; default: the cache's ``data_spec``.
+        """
+        from interptool.cache import ActivationCache
+
+        own = not isinstance(cache, ActivationCache)
+        if own:
+            cache = ActivationCache(cache)
+        try:
+            if probe is None:
+                if not cache.data_spec:
+                    raise AnalysisError(f"{cache.path}: the cache records no data spec; pass "
+                                        "the probe set explicitly (--probe broden:PATH)")
+                probe = cache.data_spec
+            probe = _open_probe(probe)
+            self._check_alignment(cache, probe)
+            return self._run(cache, layer, probe)
+        finally:
+            if own:
+                cache.close()
+
+    def _check_alignment(self, cache: Any, probe: Any) -> None:
+        fp = cache.data_fingerprint
+        spec = getattr(probe, "spec", "probe")
+        if fp and fp != probe.fingerprint:
+            raise CacheError(
+                f"{cache.path}: cache was made on a different data set (data_fingerprint "
+                f"{fp[:12]}.. != {spec} fingerprint {probe.fingerprint[:12]}..); re-create the "
+                f"cache on the probe set: interptool cache ... --data {spec}"
+            )
+        if cache.n != len(probe) or list(cache.ids) != list(probe.ids):
+            first = next((i for i, (a, b) in enumerate(zip(cache.ids, probe.ids)) if a != b),
+                         min(cache.n, len(probe)))
+            raise CacheError(
+                f"{cache.path}: cache rows do not match the probe images ({cache.n} cached vs "
+                f"{len(probe)} in {spec}; first difference at row {first}). Images skipped "
+                "while caching or another probe set break the alignment; re-create the cache "
+                f"with --data {spec} and without --skip-bad"
+            )
+
+    def _run(self, cache: Any, layer: str, probe: Any) -> DissectionResult:
+        device = torch.device(self.device)
+        view = _LayerView(cache, layer)
+        U, H, W, N = view.units, view.h, view.w, cache.n
+        if N == 0:
+            raise AnalysisError(f"{cache.path}: the cache holds no images")
+        p = 1.0 - self.quantile
+        n_values = N * H * W
+
+        # ---- pass 1: thresholds, finiteness, per-unit top images
+        if self.quantile_method == "exact":
+            quant: Any = ExactQuantile(U, n_values, p, device)
+        else:
+            quant = HistogramQuantile(U, n_values, p, self.sketch_bins, device)
+        k_top = min(self.top_images, N)
+        top_v = torch.empty((U, 0), dtype=torch.float32, device=device)
+        top_i = torch.empty((U, 0), dtype=torch.int64, device=device)
+        bar = progress(total=N * (3 if self.quantile_method == "sketch" else 2),
+                       desc=f"dissect {layer}", unit="img")
+        with bar:
+            for start, x in view.blocks(self.batch_size):
+                x = x.to(device)
+                self._check_finite(x, cache, layer, start)
+                vals = x.permute(1, 0, 2, 3).reshape(U, -1)
+                if self.quantile_method == "exact":
+                    quant.add(vals)
+                else:
+                    quant.observe_range(vals)
+                if k_top:
+                    peak = x.flatten(2).amax(dim=2).T  # (U, B)
+                    idx = torch.arange(start, start + x.shape[0], device=device).expand(U, -1)
+                    cv, ci = torch.cat([top_v, peak], 1), torch.cat([top_i, idx], 1)
+                    # stable sort keeps the earlier image first among equal maxima
+                    order = torch.sort(cv, dim=1, descending=True, stable=True).indices[:, :k_top]
+                    top_v, top_i = cv.gather(1, order), ci.gather(1, order)
+                bar.update(x.shape[0])
+            if self.quantile_method == "sketch":
+                for _, x in view.blocks(self.batch_size):
+                    quant.add(x.to(device).permute(1, 0, 2, 3).reshape(U, -1))
+                    bar.update(x.shape[0])
+            thresholds = quant.result()
+
+            # ---- pass 2: tally
+            categories = list(probe.categories)
+            tally = TallyAccumulator(thresholds, np.asarray(probe.label_category),
+                                     len(categories), device, self.category_area)
+            top_np = top_i.cpu().numpy()
+            top_maps = np.zeros((U, k_top, H, W), dtype=np.float32)
+            for (start, x), items in zip(view.blocks(self.batch_size), self._segmentations(
+                    probe, categories)):
+                if len(items) != x.shape[0] or items[0].index != start:
+                    raise AnalysisError("internal: feature and segmentation batches misaligned")
+                tally.add(x.to(device), items)
+                sel = (top_np >= start) & (top_np < start + x.shape[0])
+                uu, jj = np.nonzero(sel)
+                if len(uu):
+                    top_maps[uu, jj] = x[top_np[uu, jj] - start, uu].numpy()
+                bar.update(x.shape[0])
+
+        counts = tally.counts()
+        scores = _score(counts, np.asarray(probe.label_category), len(categories))
+        config = {**self.get_params(), "layer": layer, "layer_kind": view.kind,
+                  "map_size": [H, W], "dropped_class_token": bool(view.token_start)}
+        prov = provenance(
+            cache=str(cache.path),
+            cache_sha256=sha256_file(cache.path) if self.checksum else None,
+            data_fingerprint=cache.data_fingerprint,
+            probe_spec=getattr(probe, "spec", None),
+            probe_fingerprint=getattr(probe, "fingerprint", None),
+            model=cache.model_info,
+            n_images=N,
+        )
+        return DissectionResult(
+            layer=layer, units=U, categories=categories, label_names=_label_names(probe),
+            label_category=np.asarray(probe.label_category, dtype=np.int64),
+            thresholds=np.asarray(thresholds, dtype=np.float64),
+            **counts, **scores,
+            top_images=top_np, top_values=top_v.cpu().numpy(), top_maps=top_maps,
+            iou_threshold=self.iou_threshold, quantile=self.quantile,
+            config=config, provenance=prov, probe=probe,
+        )
+
+    @staticmethod
+    def _check_finite(x: torch.Tensor, cache: Any, layer: str, start: int) -> None:
+        if bool(torch.isfinite(x).all()):
+            return
+        bad = ~torch.isfinite(x).flatten(2).all(dim=2)  # (B, U)
+        b, u = (int(v) for v in torch.nonzero(bad)[0])
+        raise AnalysisError(
+            f"{cache.path}: layer {layer!r} has NaN/Inf activations (first: image {start + b} "
+            f"{cache.ids[start + b]!r}, unit {u} (0-based)). Check the model weights, or "
+            "re-create the cache with --dtype float32 if float16 overflowed"
+        )
+
+    def _segmentations(self, probe: Any, categories: list[str]):
+        ds = SegmentationSet(probe, categories)
+        if self.workers == 0:
+            for s in range(0, len(ds), self.batch_size):
+                yield [ds[i] for i in range(s, min(s + self.batch_size, len(ds)))]
+            return
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
+                                             num_workers=self.workers, collate_fn=collate_list)
+        yield from loader
+
+
+def _score(counts: dict[str, np.ndarray], label_category: np.ndarray,
+           n_cat: int) -> dict[str, np.ndarray]:
+    """IoU matrix and best labels/categories from the counts (NetDissect-Lite's rules)."""
+    inter = counts["intersect"].astype(np.float64)
+    cat = np.asarray(label_category, dtype=np.int64).copy()
+    cat[0] = -1
+    unit_cat = counts["unit_cat_area"].astype(np.float64)
+    denom_unit = np.where(cat[None, :] >= 0, unit_cat[:, np.clip(cat, 0, None)], 0.0)
+    iou = inter / (denom_unit + counts["label_area"][None, :].astype(np.float64) - inter + 1e-10)
+    iou[:, cat < 0] = 0.0
+    U = iou.shape[0]
+    cat_label = np.zeros((U, n_cat), dtype=np.int64)
+    cat_iou = np.zeros((U, n_cat), dtype=np.float64)
+    for c in range(n_cat):
+        masked = np.where(cat[None, :] == c, iou, 0.0)
+        cat_label[:, c] = masked.argmax(axis=1)  # first maximum; label 0 when all are 0
+        cat_iou[:, c] = masked[np.arange(U), cat_label[:, c]]
+    # best category: the maximum; among equal scores the later category, as NetDissect-Lite's
+    # reversed argsort gives
+    best_cat = n_cat - 1 - np.argmax(cat_iou[:, ::-1], axis=1)
+    ar = np.arange(U)
+    return {
+        "iou": iou,
+        "cat_label": cat_label,
+        "cat_iou": cat_iou,
+        "best_category": best_cat,
+        "best_label": cat_label[ar, best_cat],
+        "best_iou": cat_iou[ar, best_cat],
+    }

@@ -1,0 +1,117 @@
+"""``interptool similarity TEACHER.h5 STUDENT.h5 [MORE.h5 ...] --out DIR``: class-similarity
+transfer from a teacher to its students (with bootstrap CIs) and layer-wise CKA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from interptool.cli._common import add_common_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "similarity",
+        help="class similarity from logits: teacher vs students, with bootstrap CIs; CKA",
+        description="Compare the class-similarity structure in the logits of a teacher and one "
+        "or more students cached on the same images (see docs/similarity.md). Writes "
+        "similarity.json (every scalar with its CI, provenance), transfer.csv, per-model "
+        "matrices, nearest_classes.csv and figures to --out.",
+    )
+    p.add_argument("teacher", metavar="TEACHER.h5", help="activation cache of the teacher")
+    p.add_argument("students", metavar="STUDENT.h5", nargs="+",
+                   help="activation caches of the students (same images, same classes)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], metavar="T",
+                   help="softmax temperature(s) (default: 1)")
+    p.add_argument("--k", type=int, default=5, help="nearest classes compared per class (default 5)")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples of the images; 0 skips CIs (default 1000)")
+    p.add_argument("--ci", type=float, default=0.95, help="CI level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap / minibatch seed (default 0)")
+    p.add_argument("--matrix", choices=["softmax", "dark_knowledge"], default="softmax",
+                   help="which class-similarity matrix the agreement metrics compare")
+    p.add_argument("--hierarchy", metavar="FILE",
+                   help="class hierarchy (JSON or CSV/TSV: class -> ancestor chain) for a "
+                   "semantic-similarity check")
+    p.add_argument("--cka-layers", default="auto", metavar="L1,L2|auto|none",
+                   help="layers for CKA teacher vs each student: comma-separated names cached "
+                   "in every file; 'auto' (default): the layers cached in all files; 'none': skip")
+    p.add_argument("--cka-pooling", choices=["mean", "flatten"], default="mean")
+    p.add_argument("--cka-minibatch", type=int, default=None, metavar="M",
+                   help="unbiased minibatch CKA with M images per batch (default: exact)")
+    p.add_argument("--hash-caches", action="store_true",
+                   help="record the sha256 of each cache file in similarity.json (reads them)")
+    add_common_args(p)
+    p.set_defaults(func=run)
+
+
+def _cka_layers(spec: str, caches: list) -> list[str]:
+    from interptool.errors import ConfigError
+
+    spec = (spec or "").strip()
+    if spec.lower() == "none" or not spec:
+        return []
+    if spec.lower() == "auto":
+        common = [layer for layer in caches[0].layers if all(layer in c.layers for c in caches[1:])]
+        return common
+    layers = [x.strip() for x in spec.split(",") if x.strip()]
+    for c in caches:
+        missing = [x for x in layers if x not in c.layers]
+        if missing:
+            raise ConfigError(
+                f"--cka-layers: {', '.join(missing)} not cached in {c.path} (cached: "
+                f"{', '.join(c.layers) or 'none'}); re-cache with --layers or pass --cka-layers none"
+            )
+    return layers
+
+
+def run(args: argparse.Namespace) -> int:
+    from interptool._provenance import atomic_write_text, sha256_file
+    from interptool.analyzers.cka import cka
+    from interptool.analyzers.similarity import compare_similarity
+    from interptool.cache import ActivationCache
+
+    out = Path(args.out)
+    paths = [args.teacher, *args.students]
+    caches = []
+    try:
+        for p in paths:
+            caches.append(ActivationCache(p))
+        result = compare_similarity(
+            caches[0], *caches[1:], temperature=args.temperature, k=args.k,
+            n_boot=args.n_boot, seed=args.seed, hierarchy=args.hierarchy, matrix=args.matrix,
+            ci=args.ci, device=args.device,
+        )
+        written = result.save(out)
+        layers = _cka_layers(args.cka_layers, caches)
+        cka_out = []
+        for c, name in zip(caches[1:], result.students):
+            if not layers:
+                break
+            res = cka(caches[0], c, layers, layers, pooling=args.cka_pooling,
+                      minibatch=args.cka_minibatch, seed=args.seed, device=args.device)
+            res.name_a, res.name_b = result.teacher, name
+            written += res.save(out)
+            cka_out.append(res.to_dict())
+    finally:
+        for c in caches:
+            c.close()
+    # enrich similarity.json with CKA and (optionally) file checksums
+    summary = json.loads((out / "similarity.json").read_text())
+    summary["cka"] = cka_out
+    if args.hash_caches:
+        for entry, p in zip(summary["inputs"], paths):
+            entry["sha256"] = sha256_file(p)
+    atomic_write_text(out / "similarity.json", json.dumps(summary, indent=1))
+    if not args.quiet:
+        est = result.to_frame()
+        show = est[est["metric"].isin(["spearman", "kl", "topk_overlap", "top1_agreement",
+                                       "accuracy"])]
+        for _, r in show.iterrows():
+            t = "" if r["temperature"] != r["temperature"] else f" T={r['temperature']:g}"
+            print(f"{r['model']:>24s} {r['metric']:<15s}{t:<7s} {r['value']:.4f} "
+                  f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]")
+        print(f"wrote {len(written)} files to {out}")
+    return 0

@@ -1,0 +1,492 @@
+"""Broden-format segmentation data sets (``broden:PATH``), read as NetDissect-Lite reads them.
+
+Layout (see docs/data.md)::
+
+    ROOT/index.csv      image,split,ih,iw,sh,sw,<cat1>,<cat2>,...
+    ROOT/category.csv   name,first,last,count,frequency
+    ROOT/label.csv      number,name,category,frequency,coverage,syns
+    ROOT/c_<cat>.csv    code,number,name,frequency,coverage        (optional, validated)
+    ROOT/images/...     images and mask PNGs (label = R + 256 * G, 0 = unlabelled)
+    ROOT/labels.csv     image,label   + ROOT/classes.txt            (optional class labels)
+
+A category cell holds ``;``-separated items: mask file names (relative to ``images/``) or
+decimal label numbers that apply to the whole image (e.g. scene). As in NetDissect-Lite a
+cell whose items are all numbers is image-level; numbers mixed with files in one cell
+become constant planes of the pixel array.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interptool.data._base import ImageDataset
+from interptool.errors import DataError
+
+INDEX_META = ("image", "split", "ih", "iw", "sh", "sw")
+_CAT_FIELD = re.compile(r"^([^()]+)\((\d+)\)$")
+_DIGITS = re.compile(r"^\d+$")
+
+
+@dataclass
+class Segmentation:
+    """Ground truth of one image at segmentation size.
+
+    Attributes:
+        size: ``(sh, sw)``.
+        pixel: category -> int64 array ``(m, sh, sw)`` of label numbers (0 = none), one plane
+            per mask file (``m`` may be 0).
+        image: category -> int64 array of label numbers that apply to the whole image.
+    """
+
+    size: tuple[int, int]
+    pixel: dict[str, np.ndarray] = field(default_factory=dict)
+    image: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def labels_present(self) -> np.ndarray:
+        """Sorted unique non-zero label numbers found in any category."""
+        parts = [np.unique(a) for a in self.pixel.values() if a.size]
+        parts += [np.asarray(a, dtype=np.int64) for a in self.image.values()]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        u = np.unique(np.concatenate(parts))
+        return u[u > 0]
+
+
+def decode_mask(rgb: np.ndarray) -> np.ndarray:
+    """Label numbers of a mask image array: ``R + 256 * G`` computed in int64."""
+    if rgb.ndim == 2:
+        return rgb.astype(np.int64)
+    return rgb[..., 0].astype(np.int64) + 256 * rgb[..., 1].astype(np.int64)
+
+
+def encode_mask(labels: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`decode_mask`: uint8 RGB array with R = n % 256, G = n // 256, B = 0."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 65535:
+        raise ValueError("mask label numbers must lie in 0..65535")
+    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    out[..., 0] = labels % 256
+    out[..., 1] = labels // 256
+    return out
+
+
+def read_mask_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask PNG as int64 label numbers (``DataError`` naming the file on failure)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGB", "RGBA"):
+                arr = np.asarray(im)
+            elif im.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
+                arr = np.asarray(im)  # single channel: the value is the label number
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"mask file {path} does not exist") from None
+    except OSError as exc:
+        raise DataError(f"mask file {path} cannot be decoded: {exc}") from None
+    return decode_mask(arr)
+
+
+def write_mask_png(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write label numbers (2-D int array) as a Broden mask PNG."""
+    from PIL import Image
+
+    Image.fromarray(encode_mask(labels), mode="RGB").save(path, format="PNG")
+
+
+def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a CSV; DataError naming the file when missing or malformed."""
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {fix}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"{path} is empty; expected a header line {','.join(required)}")
+    header = [h.strip() for h in rows[0]]
+    absent = [c for c in required if c not in header]
+    if absent:
+        raise DataError(
+            f"{path}: header {','.join(header)} lacks column(s) {', '.join(absent)}; "
+            f"expected {','.join(required)}"
+        )
+    body = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) < len(header):
+            # a trailing comma-free short row still breaks the column mapping
+            raise DataError(
+                f"{path}, line {line}: {len(row)} fields, expected {len(header)} "
+                f"({','.join(header)})"
+            )
+        body.append((line, row))
+    return header, body  # type: ignore[return-value]
+
+
+def _int_cell(path: Path, line: int, column: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {line}, column '{column}': {value!r} is not an integer"
+        ) from None
+
+
+def _float_cell(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")
+
+
+class BrodenDataset(ImageDataset):
+    """A Broden-format data set (``broden:PATH``); also what ``builtin:concept-world`` returns.
+
+    Args:
+        root: folder holding ``index.csv`` and ``images/``.
+        spec: spec string to record (default ``broden:ROOT``).
+        split: keep only rows of ``index.csv`` whose ``split`` equals this (default: all).
+        primary_category: ``"count"`` (default): a label's primary category is the one with
+            the largest image count in ``label.csv``'s category field (ties: first listed);
+            ``"coverage"``: NetDissect-Lite's rule, the largest coverage in ``c_<cat>.csv``
+            (ties: later category), which needs every ``c_<cat>.csv``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        spec: str | None = None,
+        *,
+        split: str | None = None,
+        primary_category: str = "count",
+    ) -> None:
+        root = Path(root).expanduser()
+        spec = spec or f"broden:{root}"
+        if not root.is_dir():
+            raise DataError(f"{spec}: folder {root} does not exist; give the Broden root that "
+                            "holds index.csv, label.csv, category.csv and images/")
+        if primary_category not in ("count", "coverage"):
+            raise DataError(f"primary_category={primary_category!r}; expected 'count' or "
+                            "'coverage'")
+        self.root = root
+        self._read_categories(root)
+        self._read_label_table(root)
+        self._read_category_maps(root)
+        self._set_primary(primary_category, root)
+        ids = self._read_index(root, split)
+        labels, class_names = self._read_class_labels(root, ids)
+        super().__init__(spec, root / "images", ids, labels, class_names)
+
+    # ------------------------------------------------------------ metadata
+    def _read_categories(self, root: Path) -> None:
+        path = root / "category.csv"
+        header, rows = _read_csv(path, ("name",), "a Broden folder lists its categories in "
+                                 "category.csv (name,first,last,count,frequency)")
+        iname = header.index("name")
+        cats: list[str] = []
+        for line, row in rows:
+            name = row[iname].strip()
+            if not name:
+                raise DataError(f"{path}, line {line}, column 'name': empty category name")
+            if name in cats:
+                raise DataError(f"{path}, line {line}: category {name!r} listed twice")
+            cats.append(name)
+        if not cats:
+            raise DataError(f"{path}: no categories listed")
+        self.categories: list[str] = cats
+
+    def _read_label_table(self, root: Path) -> None:
+        import pandas as pd
+
+        path = root / "label.csv"
+        header, rows = _read_csv(path, ("number", "name", "category"),
+                                 "it lists label numbers (number,name,category,frequency,"
+                                 "coverage,syns)")
+        col = {h: k for k, h in enumerate(header)}
+        numbers, names, catcounts, freq, cov = [], [], [], [], []
+        seen: dict[int, int] = {}
+        for line, row in rows:
+            num = _int_cell(path, line, "number", row[col["number"]].strip())
+            if num < 0:
+                raise DataError(f"{path}, line {line}, column 'number': negative label {num}")
+            if num == 0:
+                continue  # 0 is "unlabelled" by definition; some copies list it as '-'
+            if num in seen:
+                raise DataError(f"{path}, line {line}: label number {num} already defined on "
+                                f"line {seen[num]}")
+            seen[num] = line
+            counts: list[tuple[str, int]] = []
+            text = row[col["category"]].strip()
+            for part in [p for p in text.split(";") if p.strip()]:
+                m = _CAT_FIELD.match(part.strip())
+                if not m:
+                    raise DataError(
+                        f"{path}, line {line}, column 'category': {part!r} is not of the form "
+                        "name(count), e.g. object(123);part(4)"
+                    )
+                cat = m.group(1)
+                if cat not in self.categories:
+                    raise DataError(
+                        f"{path}, line {line}, column 'category': category {cat!r} is not in "
+                        f"category.csv ({', '.join(self.categories)})"
+                    )
+                counts.append((cat, int(m.group(2))))
+            if not counts:
+                raise DataError(f"{path}, line {line}, column 'category': label {num} has no "
+                                "category; expected e.g. object(123)")
+            numbers.append(num)
+            names.append(row[col["name"]].strip())
+            catcounts.append(counts)
+            freq.append(_int_cell(path, line, "frequency", row[col["frequency"]].strip())
+                        if "frequency" in col and row[col["frequency"]].strip() else 0)
+            cov.append(_float_cell(row[col["coverage"]]) if "coverage" in col else float("nan"))
+        if not numbers:
+            raise DataError(f"{path}: no labels listed")
+        self.num_labels = max(numbers) + 1
+        self.label_names = np.full(self.num_labels, "", dtype=object)
+        for n, name in zip(numbers, names):
+            self.label_names[n] = name
+        self._label_counts = dict(zip(numbers, catcounts))
+        self._label_rows = (numbers, names, freq, cov)
+        self._pd = pd
+
+    def _read_category_maps(self, root: Path) -> None:
+        """Read and validate ``c_<cat>.csv`` where present: code -> number, coverage."""
+        self.category_codes: dict[str, dict[int, int]] = {}
+        self._coverage: dict[str, dict[int, float]] = {}
+        for cat in self.categories:
+            path = root / f"c_{cat}.csv"
+            if not path.is_file():
+                continue
+            header, rows = _read_csv(path, ("code", "number", "name"), "")
+            col = {h: k for k, h in enumerate(header)}
+            codes: dict[int, int] = {}
+            cov: dict[int, float] = {}
+            for line, row in rows:
+                code = _int_cell(path, line, "code", row[col["code"]].strip())
+                num = _int_cell(path, line, "number", row[col["number"]].strip())
+                if code == 0 and num == 0:
+                    continue
+                if num <= 0 or num >= self.num_labels or not self.label_names[num]:
+                    raise DataError(
+                        f"{path}, line {line}, column 'number': label {num} is not defined in "
+                        "label.csv; regenerate the c_*.csv files or fix label.csv"
+                    )
+                name = row[col["name"]].strip()
+                if name and name != self.label_names[num]:
+                    raise DataError(
+                        f"{path}, line {line}, column 'name': {name!r} but label.csv calls "
+                        f"label {num} {self.label_names[num]!r}"
+                    )
+                if code in codes:
+                    raise DataError(f"{path}, line {line}: code {code} used twice")
+                codes[code] = num
+                cov[num] = _float_cell(row[col["coverage"]]) if "coverage" in col else 0.0
+            self.category_codes[cat] = codes
+            self._coverage[cat] = cov
+
+    def _set_primary(self, rule: str, root: Path) -> None:
+        numbers, names, freq, cov = self._label_rows
+        primary: dict[int, str] = {}
+        if rule == "coverage":
+            absent = [c for c in self.categories if c not in self._coverage]
+            if absent:
+                raise DataError(
+                    f"{root}: primary_category='coverage' needs c_<cat>.csv for every category; "
+                    f"missing c_{absent[0]}.csv"
+                )
+            for n in numbers:
+                # NetDissect-Lite: max over (coverage, category index); 0 where not coded.
+                best = max((self._coverage[c].get(n, 0.0), k)
+                           for k, c in enumerate(self.categories))
+                primary[n] = self.categories[best[1]]
+        else:
+            for n in numbers:
+                counts = self._label_counts[n]
+                top = max(c for _, c in counts)
+                primary[n] = next(cat for cat, c in counts if c == top)
+        self.label_category = np.full(self.num_labels, -1, dtype=np.int64)
+        for n in numbers:
+            self.label_category[n] = self.categories.index(primary[n])
+        self.label_table = self._pd.DataFrame(
+            {
+                "number": np.array(numbers, dtype=np.int64),
+                "name": names,
+                "category": [primary[n] for n in numbers],
+                "frequency": np.array(freq, dtype=np.int64),
+                "coverage": np.array(cov, dtype=np.float64),
+            }
+        ).sort_values("number", ignore_index=True)
+
+    # --------------------------------------------------------------- index
+    def _read_index(self, root: Path, split: str | None) -> list[str]:
+        path = root / "index.csv"
+        header, rows = _read_csv(path, INDEX_META,
+                                 "a Broden folder lists its images in index.csv")
+        if tuple(header[:6]) != INDEX_META:
+            raise DataError(f"{path}: header starts {','.join(header[:6])}; expected "
+                            f"{','.join(INDEX_META)} then one column per category")
+        cats = [h for h in header[6:] if h]
+        for c in cats:
+            if c not in self.categories:
+                raise DataError(f"{path}: column {c!r} is not a category listed in "
+                                f"category.csv ({', '.join(self.categories)})")
+        self._index_categories = cats
+        ids: list[str] = []
+        self._split: list[str] = []
+        self._sizes: list[tuple[int, int, int, int]] = []
+        self._cells: list[dict[str, tuple]] = []
+        pixel_cats: set[str] = set()
+        image_cats: set[str] = set()
+        for line, row in rows:
+            if split is not None and row[1].strip() != split:
+                continue
+            image = row[0].strip()
+            if not image:
+                raise DataError(f"{path}, line {line}, column 'image': empty image name")
+            sizes = tuple(_int_cell(path, line, h, row[k].strip()) for k, h in
+                          enumerate(INDEX_META[2:], start=2))
+            if min(sizes) <= 0:
+                raise DataError(f"{path}, line {line}: sizes ih,iw,sh,sw = {sizes} must be "
+                                "positive")
+            cells: dict[str, tuple] = {}
+            for k, cat in enumerate(cats, start=6):
+                text = row[k].strip() if k < len(row) else ""
+                items = [s.strip() for s in text.split(";") if s.strip()]
+                if not items:
+                    continue
+                parsed: list[Any] = []
+                for it in items:
+                    if _DIGITS.match(it):
+                        num = int(it)
+                        if num >= self.num_labels or (num > 0 and not self.label_names[num]):
+                            raise DataError(
+                                f"{path}, line {line}, column '{cat}': label number {num} is "
+                                "not defined in label.csv"
+                            )
+                        parsed.append(num)
+                    else:
+                        parsed.append(it)
+                if all(isinstance(p, int) for p in parsed):
+                    image_cats.add(cat)
+                else:
+                    pixel_cats.add(cat)
+                cells[cat] = (line, tuple(parsed))
+            ids.append(image)
+            self._split.append(row[1].strip())
+            self._sizes.append(sizes)  # type: ignore[arg-type]
+            self._cells.append(cells)
+        if not ids:
+            where = f" with split {split!r}" if split is not None else ""
+            raise DataError(f"{path}: no images{where}")
+        self.pixel_categories = [c for c in self.categories if c in pixel_cats]
+        self.image_categories = [c for c in self.categories if c in image_cats]
+        return ids
+
+    def _read_class_labels(self, root: Path, ids: list[str]) -> tuple[np.ndarray, list[str] | None]:
+        path = root / "labels.csv"
+        labels = np.full(len(ids), -1, dtype=np.int64)
+        class_names = None
+        ctxt = root / "classes.txt"
+        if ctxt.is_file():
+            class_names = [ln.strip() for ln in ctxt.read_text().splitlines() if ln.strip()]
+        if not path.is_file():
+            return labels, class_names
+        header, rows = _read_csv(path, ("image", "label"), "")
+        ii, il = header.index("image"), header.index("label")
+        pos = {name: k for k, name in enumerate(ids)}
+        for line, row in rows:
+            k = pos.get(row[ii].strip())
+            if k is None:
+                continue  # rows of another split
+            lab = _int_cell(path, line, "label", row[il].strip())
+            if class_names is not None and not -1 <= lab < len(class_names):
+                raise DataError(f"{path}, line {line}, column 'label': {lab} is outside "
+                                f"0..{len(class_names) - 1} (classes.txt)")
+            labels[k] = lab
+        return labels, class_names
+
+    # ---------------------------------------------------------------- access
+    def split_of(self, i: int) -> str:
+        """The ``split`` column of image ``i``."""
+        return self._split[i]
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(ih, iw)`` of image ``i`` from ``index.csv``."""
+        return self._sizes[i][0], self._sizes[i][1]
+
+    def seg_size(self, i: int) -> tuple[int, int]:
+        """``(sh, sw)``: the segmentation size of image ``i`` from ``index.csv``."""
+        return self._sizes[i][2], self._sizes[i][3]
+
+    def mask_files(self, i: int) -> dict[str, list[Path]]:
+        """Mask files of image ``i`` per category (absolute paths)."""
+        out: dict[str, list[Path]] = {}
+        for cat, (_, items) in self._cells[i].items():
+            files = [self.root / "images" / it for it in items if isinstance(it, str)]
+            if files:
+                out[cat] = files
+        return out
+
+    def load_segmentation(self, i: int) -> Segmentation:
+        """Decode the masks and image-level labels of image ``i`` (PIL + numpy, no pixel loop)."""
+        sh, sw = self.seg_size(i)
+        seg = Segmentation(size=(sh, sw))
+        for cat in self.pixel_categories:
+            seg.pixel[cat] = np.zeros((0, sh, sw), dtype=np.int64)
+        for cat in self.image_categories:
+            seg.image[cat] = np.zeros(0, dtype=np.int64)
+        for cat, (line, items) in self._cells[i].items():
+            if all(isinstance(it, int) for it in items):
+                seg.image[cat] = np.array(items, dtype=np.int64)
+                continue
+            planes = np.empty((len(items), sh, sw), dtype=np.int64)
+            for k, it in enumerate(items):
+                if isinstance(it, int):
+                    planes[k] = it  # a number among files: constant plane (NetDissect-Lite)
+                    continue
+                path = self.root / "images" / it
+                if not path.is_file():
+                    raise DataError(
+                        f"mask file {path} (index.csv line {line}, column '{cat}') does not "
+                        "exist; restore it or remove it from index.csv"
+                    )
+                arr = read_mask_png(path)
+                if arr.shape != (sh, sw):
+                    raise DataError(
+                        f"mask file {path} (index.csv line {line}, column '{cat}') is "
+                        f"{arr.shape[0]}x{arr.shape[1]} but sh,sw = {sh},{sw}"
+                    )
+                planes[k] = arr
+            seg.pixel[cat] = planes
+        return seg
+
+    def category_index(self, name: str) -> int:
+        """Index of a category in :attr:`categories` (DataError listing them if unknown)."""
+        try:
+            return self.categories.index(name)
+        except ValueError:
+            raise DataError(f"unknown category {name!r}; this data set has "
+                            f"{', '.join(self.categories)}") from None
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out.update(
+            root=str(self.root),
+            categories=self.categories,
+            pixel_categories=self.pixel_categories,
+            image_categories=self.image_categories,
+            num_labels=self.num_labels,
+            labels_per_category={c: int((self.label_category == k).sum())
+                                 for k, c in enumerate(self.categories)},
+        )
+        return out

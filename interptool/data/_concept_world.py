@@ -1,0 +1,548 @@
+"""``builtin:concept-world``: a procedurally drawn image set with Broden-format annotation.
+
+Every image shows one main shape (its class) on a scene background, with up to two small
+distractor shapes in front of or behind it. Colours, shapes, object parts and textures are
+annotated per pixel, the scene per image, all derived from the very boolean maps used to
+paint the pixels, so the masks agree with the drawing by construction. See docs/data.md.
+
+Determinism: image ``i`` of split ``s`` is drawn from ``numpy.random.default_rng([seed,
+SPLIT_CODE[s], i])`` only, so the same parameters give byte-identical files, a smaller ``n``
+gives a prefix of a larger one, and the splits never share an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interptool.errors import DataError
+
+GENERATOR_VERSION = 1
+
+# The 10 classes (main shape), listed by similarity group: round, polygons, pointed.
+CLASSES = ["circle", "ellipse", "ring", "hexagon", "square", "rectangle", "diamond",
+           "triangle", "star", "cross"]
+# Groups of visually similar classes (the "dark knowledge" a teacher's logits can carry).
+SIMILAR_GROUPS = [["circle", "ellipse", "ring", "hexagon"], ["square", "rectangle", "diamond"],
+                  ["triangle", "star", "cross"]]
+
+# The 11 colour names of Broden's colour category, with the RGB used to paint them.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "black": (30, 30, 30), "blue": (40, 70, 215), "brown": (125, 75, 30), "gray": (128, 128, 128),
+    "green": (35, 165, 50), "orange": (245, 140, 20), "pink": (245, 145, 195),
+    "purple": (130, 45, 175), "red": (205, 30, 30), "white": (240, 240, 240),
+    "yellow": (240, 220, 40),
+}
+SCENES = ["sky", "grass", "water", "wall", "sand"]
+# The colour label given to background pixels of each scene.
+SCENE_COLOR = {"sky": "blue", "grass": "green", "water": "blue", "wall": "gray", "sand": "brown"}
+TEXTURES = ["plain", "stripes", "dots", "checker"]
+# part mask file 1 (exclusive): rim (outline, drawn darker/lighter), else arm/hub for star and
+# cross, else body.  part mask file 2: top-half / bottom-half (image-up, about the centre).
+PARTS = ["rim", "body", "arm", "hub", "top-half", "bottom-half"]
+CATEGORIES = ["color", "object", "part", "texture", "scene"]
+SPLITS = {"train": 1, "eval": 2, "probe": 3}
+SPLIT_CODE = SPLITS
+
+# Mixing weights toward the contrast colour (black for light colours, white for dark ones):
+# pattern pixels of a texture and rim pixels. Pixel = (1 - t) * base + t * contrast.
+PATTERN_MIX = 0.4
+RIM_MIX = 0.65
+NOISE_STD = 6.0
+# Class <-> scene / colour correlation (partial, so neither is a shortcut).
+P_PREFERRED_SCENE = 0.4
+P_PREFERRED_COLOR = 0.3
+PREFERRED_SCENE = {c: SCENES[k % len(SCENES)] for k, c in enumerate(CLASSES)}
+PREFERRED_COLOR = {c: ["red", "orange", "yellow", "purple", "pink", "white", "black", "red",
+                       "yellow", "white"][k] for k, c in enumerate(CLASSES)}
+
+
+def _label_numbers() -> tuple[list[tuple[int, str, str]], dict[tuple[str, str], int]]:
+    """Fixed label numbering: (number, name, category) in category order, starting at 1."""
+    rows: list[tuple[int, str, str]] = []
+    lookup: dict[tuple[str, str], int] = {}
+    names = {"color": list(COLORS), "object": CLASSES, "part": PARTS, "texture": TEXTURES,
+             "scene": SCENES}
+    num = 1
+    for cat in CATEGORIES:
+        for name in names[cat]:
+            rows.append((num, name, cat))
+            lookup[(cat, name)] = num
+            num += 1
+    return rows, lookup
+
+
+LABELS, LABEL_NUMBER = _label_numbers()
+DEFAULTS = {"n": 1000, "size": 64, "seed": 0, "split": "probe"}
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass
+class Shape:
+    """One drawn object (all lengths in pixels of the full-size image)."""
+
+    kind: str
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    aspect: float
+    color: str
+    texture: str
+    outlined: bool
+
+
+def _box(u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
+    qx, qy = np.abs(u) - a, np.abs(v) - b
+    outside = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0))
+    return outside + np.minimum(np.maximum(qx, qy), 0)
+
+
+def _polygon(u: np.ndarray, v: np.ndarray, k: int, circumradius: float) -> np.ndarray:
+    r = np.hypot(u, v)
+    sector = 2 * math.pi / k
+    phi = np.mod(np.arctan2(v, u) + sector / 2, sector) - sector / 2
+    return r * np.cos(phi) - circumradius * math.cos(math.pi / k)
+
+
+def _star(u: np.ndarray, v: np.ndarray, outer: float, inner: float) -> np.ndarray:
+    """Signed distance to the edge of a 5-point star (exact inside, folded by symmetry)."""
+    sector = 2 * math.pi / 5
+    r = np.hypot(u, v)
+    phi = np.mod(np.arctan2(v, u), sector)
+    phi = np.minimum(phi, sector - phi)
+    ox, oy = outer, 0.0
+    ix, iy = inner * math.cos(sector / 2), inner * math.sin(sector / 2)
+    dx, dy = ix - ox, iy - oy
+    norm = math.hypot(dx, dy)
+    px, py = r * np.cos(phi), r * np.sin(phi)
+    s = (dx * (py - oy) - dy * (px - ox)) / norm  # > 0 on the centre's side of the edge
+    return -s
+
+
+def shape_field(shape: Shape, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distance (negative inside) and sub-part map (0 body, 1 arm, 2 hub) of a shape."""
+    c, s = math.cos(shape.angle), math.sin(shape.angle)
+    dx, dy = x - shape.cx, y - shape.cy
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    R, asp = shape.radius, shape.aspect
+    sub = np.zeros(x.shape, dtype=np.int8)
+    k = shape.kind
+    if k == "circle":
+        d = np.hypot(u, v) - R
+    elif k == "ellipse":
+        a, b = R * math.sqrt(asp), R / math.sqrt(asp)
+        d = (np.hypot(u / a, v / b) - 1) * b
+    elif k == "ring":
+        t = 0.4 * R
+        d = np.abs(np.hypot(u, v) - (R - t / 2)) - t / 2
+    elif k == "hexagon":
+        d = _polygon(u, v, 6, R)
+    elif k == "square":
+        d = _box(u, v, 0.82 * R, 0.82 * R)
+    elif k == "rectangle":
+        h = 0.82 * R
+        d = _box(u, v, h * math.sqrt(asp), h / math.sqrt(asp))
+    elif k == "diamond":
+        a, b = 1.05 * R * math.sqrt(asp), 1.05 * R / math.sqrt(asp)
+        d = (np.abs(u) / a + np.abs(v) / b - 1) / math.sqrt(1 / a**2 + 1 / b**2)
+    elif k == "triangle":
+        d = _polygon(u, v, 3, 1.15 * R)
+    elif k == "star":
+        outer, inner = 1.15 * R, 0.5 * R
+        d = _star(u, v, outer, inner)
+        sub = np.where(np.hypot(u, v) < 0.85 * inner, 2, 1).astype(np.int8)
+    elif k == "cross":
+        arm, half = 1.0 * R, 0.32 * R
+        d = np.minimum(_box(u, v, arm, half), _box(u, v, half, arm))
+        sub = np.where((np.abs(u) < half) & (np.abs(v) < half), 2, 1).astype(np.int8)
+    else:  # pragma: no cover - kinds come from CLASSES
+        raise ValueError(k)
+    return d, sub
+
+
+def texture_pattern(shape: Shape, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Boolean map of a shape's texture 'ink' (in the shape's own rotated frame)."""
+    if shape.texture == "plain":
+        return np.zeros(x.shape, dtype=bool)
+    c, s = math.cos(shape.angle), math.sin(shape.angle)
+    dx, dy = x - shape.cx, y - shape.cy
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    p = max(3.0, 0.45 * shape.radius)
+    if shape.texture == "stripes":
+        return np.floor(u / p).astype(np.int64) % 2 == 0
+    if shape.texture == "checker":
+        return (np.floor(u / p).astype(np.int64) + np.floor(v / p).astype(np.int64)) % 2 == 0
+    # dots: distance to the nearest grid point
+    fu, fv = u / p - np.round(u / p), v / p - np.round(v / p)
+    return np.hypot(fu, fv) < 0.3
+
+
+def contrast_rgb(color: str) -> np.ndarray:
+    r, g, b = COLORS[color]
+    lum = 0.299 * r + 0.587 * g + 0.114 * b
+    return np.array((0.0, 0.0, 0.0) if lum > 100 else (255.0, 255.0, 255.0))
+
+
+def shade(color: str, mix: float) -> np.ndarray:
+    """RGB of ``color`` mixed toward its contrast colour by ``mix`` (0 = the pure colour)."""
+    base = np.array(COLORS[color], dtype=np.float64)
+    return (1 - mix) * base + mix * contrast_rgb(color)
+
+
+# ------------------------------------------------------------------------- backgrounds
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Values in [-1, 1] interpolated bilinearly from a (cells+1)^2 random grid."""
+    grid = rng.uniform(-1, 1, size=(cells + 1, cells + 1))
+    t = (np.arange(size) + 0.5) * cells / size
+    i0 = np.minimum(np.floor(t).astype(int), cells - 1)
+    f = t - i0
+    rows = grid[i0] * (1 - f)[:, None] + grid[i0 + 1] * f[:, None]
+    return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+
+
+def _background(scene: str, rng: np.random.Generator, size: int,
+                x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    t = y / size
+    if scene == "sky":
+        top, bottom = np.array((150, 190, 245.0)), np.array((60, 110, 215.0))
+        img = (1 - t)[..., None] * top + t[..., None] * bottom
+        cloud = np.clip(_smooth_noise(rng, size, 3), 0, None)[..., None]
+        img = img + 60 * cloud * np.array((1.0, 0.8, 0.3))
+    elif scene == "grass":
+        base = np.array((55, 135, 45.0))
+        blades = np.sin(x * 1.7 + 3 * _smooth_noise(rng, size, 6))[..., None]
+        img = base + 18 * blades * np.array((0.3, 1.0, 0.3))
+        img = img + rng.normal(0, 10, size=(size, size, 1)) * np.array((0.5, 1.0, 0.5))
+    elif scene == "water":
+        base = np.array((35, 85, 160.0))
+        period = size / rng.uniform(4, 7)
+        phase = rng.uniform(0, 2 * math.pi)
+        wave = np.sin(2 * math.pi * (y / period + 0.25 * np.sin(2 * math.pi * x / (1.7 * period)))
+                      + phase)
+        img = base + 28 * wave[..., None] * np.array((0.5, 0.7, 1.0))
+    elif scene == "wall":
+        base = np.array((165, 158, 150.0))
+        bh = max(4, size // 8)
+        bw = 2 * bh
+        row = np.floor(y / bh).astype(int)
+        offset = (row % 2) * (bw // 2)
+        mortar = (np.mod(y, bh) < 1.0) | (np.mod(x + offset, bw) < 1.0)
+        img = np.broadcast_to(base, (size, size, 3)).copy()
+        img[mortar] = (200, 195, 188)
+        img = img + 8 * _smooth_noise(rng, size, 4)[..., None]
+    elif scene == "sand":
+        base = np.array((190, 150, 95.0))
+        img = base + 18 * _smooth_noise(rng, size, 3)[..., None]
+        img = img + rng.normal(0, 9, size=(size, size, 1))
+    else:  # pragma: no cover
+        raise ValueError(scene)
+    return img
+
+
+# ------------------------------------------------------------------------------ scene
+def _pick_color(rng: np.random.Generator, avoid: str, preferred: str | None) -> str:
+    names = list(COLORS)
+    if preferred is not None and preferred != avoid and rng.random() < P_PREFERRED_COLOR:
+        return preferred
+    while True:
+        c = names[int(rng.integers(len(names)))]
+        if c != avoid:  # an object painted in the background's colour could be invisible
+            return c
+
+
+def _random_shape(rng: np.random.Generator, kind: str, radius: float, cx: float, cy: float,
+                  color: str) -> Shape:
+    return Shape(
+        kind=kind, cx=cx, cy=cy, radius=radius,
+        angle=float(rng.uniform(0, 2 * math.pi)),
+        aspect=float(rng.uniform(1.5, 1.95)),
+        color=color,
+        texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
+        outlined=bool(rng.random() < 0.5),
+    )
+
+
+def sample_scene(index: int, size: int, seed: int, split: str) -> dict[str, Any]:
+    """Random choices of image ``index``: class, scene, shapes in drawing order."""
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    label = int(rng.integers(len(CLASSES)))
+    cls = CLASSES[label]
+    if rng.random() < P_PREFERRED_SCENE:
+        scene = PREFERRED_SCENE[cls]
+    else:
+        scene = SCENES[int(rng.integers(len(SCENES)))]
+    bg_color = SCENE_COLOR[scene]
+    radius = size * float(rng.uniform(0.19, 0.3))
+    margin = 0.85 * radius
+    cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
+    main = _random_shape(rng, cls, radius, cx, cy, _pick_color(rng, bg_color, PREFERRED_COLOR[cls]))
+    behind, front = [], []
+    for _ in range(int(rng.choice(3, p=[0.35, 0.4, 0.25]))):
+        kind = CLASSES[int(rng.integers(len(CLASSES)))]
+        r = size * float(rng.uniform(0.07, 0.12))
+        dx, dy = (float(rng.uniform(r * 0.5, size - r * 0.5)) for _ in range(2))
+        d = _random_shape(rng, kind, r, dx, dy, _pick_color(rng, bg_color, None))
+        (front if rng.random() < 0.5 else behind).append(d)
+    return {"rng": rng, "label": label, "scene": scene, "shapes": behind + [main] + front,
+            "main": len(behind)}
+
+
+def render(index: int, size: int = 64, seed: int = 0, split: str = "probe") -> dict[str, Any]:
+    """Draw image ``index``: returns the clean and noisy images and full-size label maps.
+
+    Keys: ``image`` (uint8 HxWx3, what is saved), ``clean`` (float, before noise), ``label``,
+    ``scene``, ``shapes`` (list of :class:`Shape`, drawing order), ``main`` (its position),
+    ``maps``: dict of int64 HxW label-number maps ``color``, ``object``, ``part_1``,
+    ``part_2``, ``texture``, plus ``owner`` (index of the shape owning a pixel, -1 background),
+    ``pattern`` and ``rim`` (bool) describing how each object pixel was painted.
+    """
+    info = sample_scene(index, size, seed, split)
+    rng: np.random.Generator = info["rng"]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
+    img = _background(info["scene"], rng, size, xx, yy)
+    L = LABEL_NUMBER
+    maps = {
+        "color": np.full((size, size), L[("color", SCENE_COLOR[info["scene"]])], dtype=np.int64),
+        "object": np.zeros((size, size), dtype=np.int64),
+        "part_1": np.zeros((size, size), dtype=np.int64),
+        "part_2": np.zeros((size, size), dtype=np.int64),
+        "texture": np.zeros((size, size), dtype=np.int64),
+        "owner": np.full((size, size), -1, dtype=np.int64),
+        "pattern": np.zeros((size, size), dtype=bool),
+        "rim": np.zeros((size, size), dtype=bool),
+    }
+    part_lut = np.array([L[("part", "body")], L[("part", "arm")], L[("part", "hub")]])
+    for k, sh in enumerate(info["shapes"]):
+        # Work on the shape's bounding box only: distractors are small, so this is most of
+        # the speed. The extent bounds every shape kind (largest: diamond at aspect 2).
+        ext = 1.55 * sh.radius + 2
+        y0, y1 = max(0, int(sh.cy - ext)), min(size, int(math.ceil(sh.cy + ext)))
+        x0, x1 = max(0, int(sh.cx - ext)), min(size, int(math.ceil(sh.cx + ext)))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        box = (slice(y0, y1), slice(x0, x1))
+        bx, by = xx[box], yy[box]
+        d, sub = shape_field(sh, bx, by)
+        inside = d < 0
+        if not inside.any():
+            continue
+        width = max(1.0, 0.16 * sh.radius)
+        rim = inside & (d > -width) if sh.outlined else np.zeros_like(inside)
+        pattern = inside & texture_pattern(sh, bx, by) & ~rim
+        colour = np.where(pattern[..., None], shade(sh.color, PATTERN_MIX), shade(sh.color, 0.0))
+        colour = np.where(rim[..., None], shade(sh.color, RIM_MIX), colour)
+        img[box] = np.where(inside[..., None], colour, img[box])
+        part1 = np.where(rim, L[("part", "rim")], part_lut[sub])
+        part2 = np.where(by < sh.cy, L[("part", "top-half")], L[("part", "bottom-half")])
+        for key, value in (("color", L[("color", sh.color)]), ("object", L[("object", sh.kind)]),
+                           ("part_1", part1), ("part_2", part2),
+                           ("texture", L[("texture", sh.texture)]), ("owner", k),
+                           ("pattern", pattern), ("rim", rim)):
+            view = maps[key][box]
+            view[inside] = value[inside] if isinstance(value, np.ndarray) else value
+    clean = img
+    noisy = clean + rng.normal(0, NOISE_STD, size=clean.shape)
+    image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    return {"image": image, "clean": clean, "label": info["label"], "scene": info["scene"],
+            "shapes": info["shapes"], "main": info["main"], "maps": maps}
+
+
+def seg_indices(size: int, seg: int) -> np.ndarray:
+    """Full-size pixel sampled for each segmentation cell (PIL 'nearest' convention)."""
+    return np.minimum(np.floor((np.arange(seg) + 0.5) * size / seg).astype(int), size - 1)
+
+
+# ----------------------------------------------------------------------------- writing
+MASK_COLUMNS = {"color": ["color"], "object": ["object"], "part": ["part_1", "part_2"],
+                "texture": ["texture"]}
+
+
+def params_hash(n: int, size: int, seed: int, split: str) -> str:
+    blob = json.dumps({"generator": GENERATOR_VERSION, "n": n, "size": size, "seed": seed,
+                       "split": split}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_root() -> Path:
+    """Where generated sets are cached: ``$INTERPTOOL_DATA`` or ``~/.cache/interptool``."""
+    base = os.environ.get("INTERPTOOL_DATA")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "interptool"
+
+
+def validate_params(n: Any, size: Any, seed: Any, split: Any) -> tuple[int, int, int, str]:
+    def as_int(name: str, value: Any, lo: int, hi: int) -> int:
+        try:
+            iv = int(value)
+            if iv != float(value):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise DataError(f"concept-world: {name}={value!r} is not an integer") from None
+        if not lo <= iv <= hi:
+            raise DataError(f"concept-world: {name}={iv} is outside {lo}..{hi}")
+        return iv
+
+    n = as_int("n", n, 1, 10_000_000)
+    size = as_int("size", size, 16, 1024)
+    seed = as_int("seed", seed, 0, 2**63 - 1)
+    if split not in SPLITS:
+        raise DataError(f"concept-world: split={split!r}; expected one of "
+                        f"{', '.join(SPLITS)}")
+    return n, size, seed, str(split)
+
+
+def _meta(n: int, size: int, seed: int, split: str) -> dict[str, Any]:
+    return {
+        "format": "interptool-concept-world", "generator": GENERATOR_VERSION,
+        "params": {"n": n, "size": size, "seed": seed, "split": split},
+        "seg_size": size // 2, "classes": CLASSES, "similar_groups": SIMILAR_GROUPS,
+        "categories": CATEGORIES, "complete": True,
+    }
+
+
+def _is_complete(root: Path, n: int, size: int, seed: int, split: str) -> bool:
+    meta = root / "concept_world.json"
+    if not meta.is_file():
+        return False
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("complete") is True and data.get("generator") == GENERATOR_VERSION and \
+        data.get("params") == {"n": n, "size": size, "seed": seed, "split": split}
+
+
+def _write_set(out: Path, n: int, size: int, seed: int, split: str) -> None:
+    from PIL import Image
+
+    from interptool._progress import progress
+    from interptool.data._broden import encode_mask
+
+    seg = size // 2
+    idx = seg_indices(size, seg)
+    sub = f"concept-world/{split}"
+    (out / "images" / sub).mkdir(parents=True)
+    n_labels = len(LABELS) + 1
+    # per (label, category) image counts and coverage (in whole images), as Broden counts them
+    freq = {c: np.zeros(n_labels, dtype=np.int64) for c in CATEGORIES}
+    cover = {c: np.zeros(n_labels, dtype=np.float64) for c in CATEGORIES}
+    index_rows, label_rows = [], []
+    for i in progress(range(n), total=n, desc=f"concept-world {split}", unit="img"):
+        r = render(i, size, seed, split)
+        stem = f"{sub}/{i:05d}"
+        Image.fromarray(r["image"], mode="RGB").save(out / "images" / f"{stem}.png",
+                                                     format="PNG", compress_level=1)
+        cells = {}
+        for cat, keys in MASK_COLUMNS.items():
+            files = []
+            for key in keys:
+                small = r["maps"][key][np.ix_(idx, idx)]
+                suffix = key if cat != "part" else f"part_{key[-1]}"
+                name = f"{stem}_{suffix}.png"
+                Image.fromarray(encode_mask(small), mode="RGB").save(out / "images" / name,
+                                                                     format="PNG", compress_level=1)
+                files.append(name)
+                counts = np.bincount(small.ravel(), minlength=n_labels)
+                present = np.nonzero(counts[1:])[0] + 1
+                freq[cat][present] += 1
+                cover[cat][present] += counts[present] / small.size
+            cells[cat] = ";".join(files)
+        scene_num = LABEL_NUMBER[("scene", r["scene"])]
+        freq["scene"][scene_num] += 1
+        cover["scene"][scene_num] += 1.0
+        cells["scene"] = str(scene_num)
+        index_rows.append([f"{stem}.png", split, size, size, seg, seg] +
+                          [cells[c] for c in CATEGORIES])
+        label_rows.append([f"{stem}.png", r["label"]])
+    _write_csv(out / "index.csv", ["image", "split", "ih", "iw", "sh", "sw", *CATEGORIES],
+               index_rows)
+    _write_csv(out / "labels.csv", ["image", "label"], label_rows)
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    label_csv, cat_csv = [], []
+    for num, name, cat in LABELS:
+        label_csv.append([num, name, f"{cat}({freq[cat][num]})", freq[cat][num],
+                          f"{cover[cat][num]:f}", ""])
+    for cat in CATEGORIES:
+        nums = [num for num, _, c in LABELS if c == cat]
+        cat_csv.append([cat, min(nums), max(nums), len(nums), int(freq[cat][nums].sum())])
+        # dense codes in label-number order (stable across splits and sizes)
+        rows = [[code, num, LABELS[num - 1][1], freq[cat][num], f"{cover[cat][num]:f}"]
+                for code, num in enumerate(nums, start=1)]
+        _write_csv(out / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"],
+                   rows)
+    _write_csv(out / "label.csv", ["number", "name", "category", "frequency", "coverage",
+                                   "syns"], label_csv)
+    _write_csv(out / "category.csv", ["name", "first", "last", "count", "frequency"], cat_csv)
+    # written last: its presence with complete=true marks a whole set
+    (out / "concept_world.json").write_text(json.dumps(_meta(n, size, seed, split), indent=1))
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def make_concept_world(
+    root: str | os.PathLike | None = None,
+    n: int = 1000,
+    size: int = 64,
+    seed: int = 0,
+    split: str = "probe",
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Generate (or reuse) a concept-world set in Broden format and return its folder.
+
+    Args:
+        root: output folder; default ``$INTERPTOOL_DATA/concept-world/<param-hash>`` (or
+            ``~/.cache/interptool/...``). An existing complete set with the same parameters
+            is reused; any other non-empty folder is an error unless ``overwrite``.
+        n: number of images. size: image side in pixels (segmentation side is ``size // 2``).
+        seed: base seed. split: ``train``, ``eval`` or ``probe`` (disjoint derived seeds).
+
+    The set is written to a temporary sibling folder and renamed into place, so an
+    interrupted or concurrent run never leaves a half-written set that looks whole.
+    """
+    n, size, seed, split = validate_params(n, size, seed, split)
+    if root is None:
+        root = default_root() / "concept-world" / params_hash(n, size, seed, split)
+    root = Path(root).expanduser()
+    if _is_complete(root, n, size, seed, split) and not overwrite:
+        return root
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise DataError(
+            f"{root} exists and is not a concept-world set with n={n}, size={size}, "
+            f"seed={seed}, split={split}; choose another folder or pass --overwrite"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_set(tmp, n, size, seed, split)
+        if root.exists():
+            if overwrite or not any(root.iterdir()):
+                old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(root, old)
+                shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            # another process finished the same set first: keep theirs when it is complete
+            if not _is_complete(root, n, size, seed, split):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

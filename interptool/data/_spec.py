@@ -1,0 +1,100 @@
+"""Parse data-set spec strings and open the matching :class:`ImageDataset`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from interptool.data._base import ImageDataset
+from interptool.errors import DataError
+
+SPEC_HELP = (
+    "imagefolder:PATH (one sub-folder per class), csv:FILE (columns path,label), "
+    "broden:PATH[?split=NAME] (Broden folder with index.csv), or "
+    "builtin:concept-world?n=1000&size=64&seed=0&split=probe"
+)
+BUILTINS = ("concept-world",)
+
+
+def _query(spec: str, text: str, allowed: dict[str, str]) -> dict[str, str]:
+    """``k=v&k=v`` -> dict; DataError for malformed pairs, unknown or repeated keys."""
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise DataError(f"data spec {spec!r}: cannot parse the query {text!r}; write "
+                        "key=value pairs joined by '&'") from None
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        if k not in allowed:
+            raise DataError(
+                f"data spec {spec!r}: unknown parameter {k!r}; allowed: "
+                + ", ".join(f"{a} ({h})" for a, h in allowed.items())
+            )
+        if k in out:
+            raise DataError(f"data spec {spec!r}: parameter {k!r} given twice")
+        out[k] = v
+    return out
+
+
+def open_dataset(spec: str) -> ImageDataset:
+    """Open a data set from its spec string.
+
+    * ``imagefolder:PATH``: class sub-folders (class names sorted), images inside.
+    * ``csv:FILE``: columns ``path,label``; relative paths resolve against the CSV's folder;
+      labels are integers or class names (optional).
+    * ``broden:PATH``: a Broden-format folder (``index.csv``, ``label.csv``, ``category.csv``,
+      ``images/``); optional ``?split=train`` keeps one split of ``index.csv``.
+    * ``builtin:concept-world?n=1000&size=64&seed=0&split=probe``: the generated concept set
+      (written once to ``$INTERPTOOL_DATA`` or ``~/.cache/interptool``), opened as Broden.
+
+    A bare path is accepted too: a folder with ``index.csv`` opens as Broden, any other folder
+    as an image folder, a ``.csv`` file as a CSV list.
+    """
+    from interptool.data._broden import BrodenDataset
+    from interptool.data._folder import CsvDataset, ImageFolderDataset
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty data spec; expected {SPEC_HELP}")
+    spec = spec.strip()
+    kind, sep, rest = spec.partition(":")
+    if not sep or len(kind) == 1:  # no prefix (or a Windows drive letter): infer from the path
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if (path / "index.csv").is_file():
+                return BrodenDataset(path, spec=spec)
+            return ImageFolderDataset(path, spec=spec)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            return CsvDataset(path, spec=spec)
+        raise DataError(f"data spec {spec!r}: no such folder or CSV file; expected {SPEC_HELP}")
+    kind = kind.lower()
+    if kind == "imagefolder":
+        return ImageFolderDataset(_path(spec, rest), spec=spec)
+    if kind == "csv":
+        return CsvDataset(_path(spec, rest), spec=spec)
+    if kind == "broden":
+        path, _, q = rest.partition("?")
+        params = _query(spec, q, {"split": "keep one index.csv split",
+                                  "primary": "count or coverage"}) if q else {}
+        return BrodenDataset(_path(spec, path), spec=spec, split=params.get("split"),
+                             primary_category=params.get("primary", "count"))
+    if kind == "builtin":
+        name, _, q = rest.partition("?")
+        if name != "concept-world":
+            raise DataError(f"data spec {spec!r}: unknown built-in set {name!r}; available: "
+                            f"{', '.join(BUILTINS)}")
+        from interptool.data._concept_world import DEFAULTS, make_concept_world
+
+        params = _query(spec, q, {"n": "number of images", "size": "image side in px",
+                                  "seed": "base seed", "split": "train, eval or probe"}) \
+            if q else {}
+        merged = {**DEFAULTS, **params}
+        root = make_concept_world(None, merged["n"], merged["size"], merged["seed"],
+                                  merged["split"])
+        return BrodenDataset(root, spec=spec)
+    raise DataError(f"data spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
+
+
+def _path(spec: str, text: str) -> Path:
+    if not text.strip():
+        raise DataError(f"data spec {spec!r}: the path is empty; expected {SPEC_HELP}")
+    return Path(text.strip()).expanduser()

@@ -1,0 +1,585 @@
+"""The ``interptool compare`` configuration: TOML schema, validation and the ``--init`` template.
+
+Every field is checked before any work starts, so a typo in the last line of a config never
+costs an hour of caching. Errors are :class:`~interptool.errors.ConfigError` whose message
+starts with ``<file>: <dotted.field>:`` and says what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from interptool.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+ANALYSES = ("dissection", "similarity", "attribution")
+ATTRIBUTION_METHODS = (
+    "grad_cam",
+    "integrated_gradients",
+    "saliency",
+    "input_x_gradient",
+    "gradient_shap",
+    "occlusion",
+)
+# Data-set spec schemes whose remainder is a path (relative paths resolve against the config).
+_PATH_SCHEMES = ("imagefolder", "broden", "csv")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# --------------------------------------------------------------------------------------------
+# dataclasses
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Data-set specs (see :func:`interptool.data.open_dataset`) with paths made absolute."""
+
+    eval: str | None = None
+    probe: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """One model: the keyword arguments of :func:`interptool.loading.load_model` plus layers."""
+
+    name: str
+    arch: str
+    checkpoint: str | None = None
+    layers: list[str] = field(default_factory=list)
+    role: str = "student"
+    num_classes: int | None = None
+    key_map: str | dict | None = None
+    trust_pickle: bool = False
+    image_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def load_kwargs(self, device: str = "cpu") -> dict[str, Any]:
+        """Keyword arguments for ``load_model(self.arch, **kwargs)``."""
+        return dict(
+            checkpoint=self.checkpoint,
+            num_classes=self.num_classes,
+            key_map=self.key_map,
+            trust_pickle=self.trust_pickle,
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            device=device,
+        )
+
+
+@dataclass
+class DissectionConfig:
+    quantile: float = 0.005
+    iou_threshold: float = 0.04
+    # detector counts are also reported at these thresholds (the curve in the report)
+    iou_thresholds: list[float] = field(
+        default_factory=lambda: [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2]
+    )
+    layers: list[str] | None = None  # default: every layer of each model
+    top_units: int = 4  # units shown with image montages per model and layer
+    batch_size: int = 64
+
+
+@dataclass
+class SimilarityConfig:
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    n_boot: int = 1000
+    cka: bool = True
+
+
+@dataclass
+class AttributionConfig:
+    methods: list[str] = field(default_factory=lambda: ["grad_cam", "integrated_gradients"])
+    n_images: int = 32
+    layer: str | None = None  # Grad-CAM layer; default: each model's last listed layer
+    n_steps: int = 32  # integrated-gradients steps
+    faithfulness: bool = True
+
+
+@dataclass
+class AnalysisConfig:
+    dissection: DissectionConfig | None = field(default_factory=DissectionConfig)
+    similarity: SimilarityConfig | None = field(default_factory=SimilarityConfig)
+    attribution: AttributionConfig | None = field(default_factory=AttributionConfig)
+
+    def enabled(self) -> list[str]:
+        return [name for name in ANALYSES if getattr(self, name) is not None]
+
+
+@dataclass
+class RunConfig:
+    device: str = "cpu"
+    batch_size: int = 64
+    seed: int = 0
+    workers: int = 0
+
+
+@dataclass
+class CompareConfig:
+    """A validated ``interptool compare`` configuration.
+
+    ``models`` keeps the file's order; :attr:`teacher` is the model with ``role = "teacher"``
+    or, when none has one, the first model.
+    """
+
+    data: DataConfig
+    models: dict[str, ModelConfig]
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = "<dict>"  # the file it came from, for messages and the report
+
+    @property
+    def teacher(self) -> ModelConfig:
+        for m in self.models.values():
+            if m.role == "teacher":
+                return m
+        return next(iter(self.models.values()))
+
+    @property
+    def students(self) -> list[ModelConfig]:
+        t = self.teacher.name
+        return [m for m in self.models.values() if m.name != t]
+
+    def only(self, analyses: list[str]) -> CompareConfig:
+        """A copy with every analysis not in ``analyses`` switched off."""
+        for a in analyses:
+            if a not in ANALYSES:
+                raise ConfigError(
+                    f"--only: unknown analysis {a!r}{_suggest(a, ANALYSES)}; "
+                    f"choose from {', '.join(ANALYSES)}"
+                )
+        analysis = AnalysisConfig(
+            **{a: (getattr(self.analysis, a) if a in analyses else None) for a in ANALYSES}
+        )
+        return CompareConfig(self.data, self.models, analysis, self.run, self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (paths as strings) for summary.json and the report appendix."""
+        d = asdict(self)
+        d["models"] = {k: v for k, v in d["models"].items()}
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Ctx:
+    """Formats errors as ``<file>: <field>: <message>`` and resolves relative paths."""
+
+    def __init__(self, source: str, base: Path) -> None:
+        self.source = source
+        self.base = base
+
+    def error(self, fld: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {fld}: {msg}")
+
+    def check_keys(self, table: Mapping, fld: str, allowed) -> None:
+        for key in table:
+            if key not in allowed:
+                where = f"{fld}.{key}" if fld else key
+                raise self.error(
+                    where,
+                    f"unknown key{_suggest(key, allowed)}; allowed here: {', '.join(allowed)}",
+                )
+
+    def table(self, value: Any, fld: str) -> dict:
+        if not isinstance(value, Mapping):
+            raise self.error(fld, f"expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
+
+    def path(self, value: str, fld: str, *, must_exist: bool = True, kind: str = "file") -> str:
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = self.base / p
+        p = p.resolve()
+        if must_exist and not p.exists():
+            raise self.error(
+                fld, f"{kind} not found: {p} (paths are relative to the config's folder)"
+            )
+        return str(p)
+
+
+def _typed(ctx: _Ctx, value: Any, fld: str, types: tuple[type, ...], what: str) -> Any:
+    # bool is an int subclass in Python; a number field must not accept `true`.
+    if isinstance(value, bool) and bool not in types:
+        raise ctx.error(fld, f"expected {what}, got {value!r}")
+    if not isinstance(value, types):
+        raise ctx.error(fld, f"expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _str(ctx, v, fld):
+    return _typed(ctx, v, fld, (str,), "a string")
+
+
+def _bool(ctx, v, fld):
+    return _typed(ctx, v, fld, (bool,), "true or false")
+
+
+def _int(ctx, v, fld, lo: int | None = None):
+    v = _typed(ctx, v, fld, (int,), "an integer")
+    if lo is not None and v < lo:
+        raise ctx.error(fld, f"expected an integer >= {lo}, got {v}")
+    return v
+
+
+def _float(ctx, v, fld, lo: float | None = None, hi: float | None = None, open_lo=False):
+    v = float(_typed(ctx, v, fld, (int, float), "a number"))
+    if lo is not None and (v < lo or (open_lo and v == lo)):
+        raise ctx.error(fld, f"expected a number {'>' if open_lo else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ctx.error(fld, f"expected a number <= {hi}, got {v}")
+    return v
+
+
+def _list(ctx, v, fld, item, *, min_len: int = 1):
+    if not isinstance(v, list):
+        raise ctx.error(fld, f"expected a list, got {type(v).__name__} {v!r}")
+    if len(v) < min_len:
+        raise ctx.error(fld, f"expected at least {min_len} item(s), got an empty list")
+    return [item(ctx, x, f"{fld}[{i}]") for i, x in enumerate(v)]
+
+
+def _data_spec(ctx: _Ctx, value: Any, fld: str) -> str:
+    spec = _str(ctx, value, fld)
+    scheme, sep, rest = spec.partition(":")
+    if not sep:
+        raise ctx.error(
+            fld,
+            f"expected a data-set spec such as 'imagefolder:PATH', 'broden:PATH', 'csv:FILE' or "
+            f"'builtin:concept-world?...', got {spec!r}",
+        )
+    if scheme in _PATH_SCHEMES:
+        kind = "file" if scheme == "csv" else "folder"
+        return f"{scheme}:{ctx.path(rest, fld, kind=kind)}"
+    if scheme == "builtin":
+        return spec
+    raise ctx.error(
+        fld,
+        f"unknown data-set scheme {scheme!r}{_suggest(scheme, (*_PATH_SCHEMES, 'builtin'))}; "
+        f"use one of {', '.join((*_PATH_SCHEMES, 'builtin'))}",
+    )
+
+
+def _arch(ctx: _Ctx, value: Any, fld: str) -> str:
+    arch = _str(ctx, value, fld)
+    scheme, sep, rest = arch.partition(":")
+    if sep and scheme in ("timm", "torchvision", "interptool"):
+        if not rest:
+            raise ctx.error(fld, f"missing model name after {scheme!r}:, e.g. '{scheme}:resnet18'")
+        return arch
+    if Path(arch).suffix in (".pt", ".pth", ".ts", ".torchscript"):
+        return ctx.path(arch, fld)
+    raise ctx.error(
+        fld,
+        f"expected 'timm:NAME', 'torchvision:NAME', 'interptool:NAME' or the path of a "
+        f"TorchScript file (.pt/.pth/.ts), got {arch!r}",
+    )
+
+
+_MODEL_KEYS = (
+    "arch",
+    "checkpoint",
+    "layers",
+    "role",
+    "num_classes",
+    "key_map",
+    "trust_pickle",
+    "image_size",
+    "mean",
+    "std",
+)
+
+
+def _model(ctx: _Ctx, name: str, table: Any) -> ModelConfig:
+    fld = f"models.{name}"
+    table = ctx.table(table, fld)
+    if not _NAME_RE.match(name):
+        raise ctx.error(
+            fld, "model names are used as file names: use letters, digits, '_', '-' or '.'"
+        )
+    ctx.check_keys(table, fld, _MODEL_KEYS)
+    if "arch" not in table:
+        raise ctx.error(f"{fld}.arch", "missing; e.g. arch = \"timm:resnet18\"")
+    m = ModelConfig(name=name, arch=_arch(ctx, table["arch"], f"{fld}.arch"))
+    if "checkpoint" in table:
+        m.checkpoint = ctx.path(_str(ctx, table["checkpoint"], f"{fld}.checkpoint"),
+                                f"{fld}.checkpoint")
+    if "layers" not in table:
+        raise ctx.error(
+            f"{fld}.layers",
+            "missing; list the layers to analyse, e.g. layers = [\"layer3\", \"layer4\"] "
+            "(`interptool layers --arch ...` lists them)",
+        )
+    m.layers = _list(ctx, table["layers"], f"{fld}.layers", _str)
+    if len(set(m.layers)) != len(m.layers):
+        raise ctx.error(f"{fld}.layers", f"duplicate layer names in {m.layers}")
+    if "role" in table:
+        role = _str(ctx, table["role"], f"{fld}.role")
+        if role not in ("teacher", "student"):
+            raise ctx.error(f"{fld}.role", f"expected 'teacher' or 'student', got {role!r}")
+        m.role = role
+    if "num_classes" in table:
+        m.num_classes = _int(ctx, table["num_classes"], f"{fld}.num_classes", lo=1)
+    if "key_map" in table:
+        km = table["key_map"]
+        if isinstance(km, Mapping):
+            m.key_map = {str(k): _str(ctx, v, f"{fld}.key_map.{k}") for k, v in km.items()}
+        else:
+            km = _str(ctx, km, f"{fld}.key_map")
+            m.key_map = km if km == "positional" else ctx.path(km, f"{fld}.key_map")
+    if "trust_pickle" in table:
+        m.trust_pickle = _bool(ctx, table["trust_pickle"], f"{fld}.trust_pickle")
+    if "image_size" in table:
+        v = table["image_size"]
+        if isinstance(v, list):
+            size = _list(ctx, v, f"{fld}.image_size", lambda c, x, f: _int(c, x, f, lo=1))
+            if len(size) != 2:
+                raise ctx.error(f"{fld}.image_size", f"expected one integer or [H, W], got {v}")
+            m.image_size = (size[0], size[1])
+        else:
+            s = _int(ctx, v, f"{fld}.image_size", lo=1)
+            m.image_size = (s, s)
+    for key in ("mean", "std"):
+        if key in table:
+            vals = _list(ctx, table[key], f"{fld}.{key}", lambda c, x, f: _float(c, x, f))
+            if len(vals) not in (1, 3):
+                raise ctx.error(f"{fld}.{key}", f"expected 1 or 3 numbers, got {len(vals)}")
+            if key == "std" and any(v <= 0 for v in vals):
+                raise ctx.error(f"{fld}.std", f"every value must be > 0, got {vals}")
+            setattr(m, key, tuple(vals))
+    return m
+
+
+def _analysis(ctx: _Ctx, table: Any) -> AnalysisConfig:
+    table = ctx.table(table, "analysis")
+    ctx.check_keys(table, "analysis", ANALYSES)
+    out = AnalysisConfig()
+    for name in ANALYSES:
+        if name not in table:
+            continue
+        v = table[name]
+        if v is False:  # `dissection = false` switches an analysis off
+            setattr(out, name, None)
+            continue
+        if v is True:
+            continue
+        sub = ctx.table(v, f"analysis.{name}")
+        fld = f"analysis.{name}"
+        enabled = sub.pop("enabled", True)
+        _bool(ctx, enabled, f"{fld}.enabled")
+        if name == "dissection":
+            d = DissectionConfig()
+            ctx.check_keys(sub, fld, ("enabled", *vars(d)))
+            if "quantile" in sub:
+                d.quantile = _float(ctx, sub["quantile"], f"{fld}.quantile", 0.0, 0.5, open_lo=True)
+            if "iou_threshold" in sub:
+                d.iou_threshold = _float(ctx, sub["iou_threshold"], f"{fld}.iou_threshold", 0, 1)
+            if "iou_thresholds" in sub:
+                d.iou_thresholds = _list(
+                    ctx, sub["iou_thresholds"], f"{fld}.iou_thresholds",
+                    lambda c, x, f: _float(c, x, f, 0, 1),
+                )
+            if "layers" in sub:
+                d.layers = _list(ctx, sub["layers"], f"{fld}.layers", _str)
+            if "top_units" in sub:
+                d.top_units = _int(ctx, sub["top_units"], f"{fld}.top_units", lo=0)
+            if "batch_size" in sub:
+                d.batch_size = _int(ctx, sub["batch_size"], f"{fld}.batch_size", lo=1)
+            setattr(out, name, d if enabled else None)
+        elif name == "similarity":
+            s = SimilarityConfig()
+            ctx.check_keys(sub, fld, ("enabled", *vars(s)))
+            if "temperatures" in sub:
+                s.temperatures = _list(
+                    ctx, sub["temperatures"], f"{fld}.temperatures",
+                    lambda c, x, f: _float(c, x, f, 0.0, open_lo=True),
+                )
+            if "n_boot" in sub:
+                s.n_boot = _int(ctx, sub["n_boot"], f"{fld}.n_boot", lo=0)
+            if "cka" in sub:
+                s.cka = _bool(ctx, sub["cka"], f"{fld}.cka")
+            setattr(out, name, s if enabled else None)
+        else:
+            a = AttributionConfig()
+            ctx.check_keys(sub, fld, ("enabled", *vars(a)))
+            if "methods" in sub:
+                methods = _list(ctx, sub["methods"], f"{fld}.methods", _str)
+                for i, meth in enumerate(methods):
+                    if meth not in ATTRIBUTION_METHODS:
+                        raise ctx.error(
+                            f"{fld}.methods[{i}]",
+                            f"unknown method {meth!r}{_suggest(meth, ATTRIBUTION_METHODS)}; "
+                            f"choose from {', '.join(ATTRIBUTION_METHODS)}",
+                        )
+                a.methods = methods
+            if "n_images" in sub:
+                a.n_images = _int(ctx, sub["n_images"], f"{fld}.n_images", lo=1)
+            if "layer" in sub:
+                a.layer = _str(ctx, sub["layer"], f"{fld}.layer")
+            if "n_steps" in sub:
+                a.n_steps = _int(ctx, sub["n_steps"], f"{fld}.n_steps", lo=1)
+            if "faithfulness" in sub:
+                a.faithfulness = _bool(ctx, sub["faithfulness"], f"{fld}.faithfulness")
+            setattr(out, name, a if enabled else None)
+    return out
+
+
+def _run(ctx: _Ctx, table: Any) -> RunConfig:
+    table = ctx.table(table, "run")
+    r = RunConfig()
+    ctx.check_keys(table, "run", tuple(vars(r)))
+    if "device" in table:
+        dev = _str(ctx, table["device"], "run.device")
+        if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", dev):
+            raise ctx.error("run.device", f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
+        r.device = dev
+    if "batch_size" in table:
+        r.batch_size = _int(ctx, table["batch_size"], "run.batch_size", lo=1)
+    if "seed" in table:
+        r.seed = _int(ctx, table["seed"], "run.seed", lo=0)
+    if "workers" in table:
+        r.workers = _int(ctx, table["workers"], "run.workers", lo=0)
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------
+def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>",
+                 base_dir: str | Path | None = None) -> CompareConfig:
+    """Validate an already-parsed TOML mapping; relative paths resolve against ``base_dir``."""
+    ctx = _Ctx(source, Path(base_dir or ".").resolve())
+    ctx.check_keys(raw, "", ("data", "models", "analysis", "run"))
+    if "models" not in raw:
+        raise ctx.error("models", "missing; add at least one [models.NAME] table")
+    models_t = ctx.table(raw["models"], "models")
+    if not models_t:
+        raise ctx.error("models", "no models; add at least one [models.NAME] table")
+    models = {name: _model(ctx, name, t) for name, t in models_t.items()}
+    teachers = [m.name for m in models.values() if m.role == "teacher"]
+    if len(teachers) > 1:
+        raise ctx.error(
+            "models",
+            f"{len(teachers)} models have role = \"teacher\" ({', '.join(teachers)}); "
+            "exactly one may (without any, the first model is the teacher)",
+        )
+    data_t = ctx.table(raw.get("data", {}), "data")
+    ctx.check_keys(data_t, "data", ("eval", "probe"))
+    data = DataConfig(
+        eval=_data_spec(ctx, data_t["eval"], "data.eval") if "eval" in data_t else None,
+        probe=_data_spec(ctx, data_t["probe"], "data.probe") if "probe" in data_t else None,
+    )
+    analysis = _analysis(ctx, raw.get("analysis", {}))
+    run = _run(ctx, raw.get("run", {}))
+    # Each analysis needs its data set; say so now rather than after caching.
+    if analysis.dissection is not None and data.probe is None:
+        raise ctx.error(
+            "data.probe",
+            "missing; dissection needs concept-annotated images (e.g. probe = "
+            "\"broden:/data/broden1_224\"), or set analysis.dissection = false",
+        )
+    for name in ("similarity", "attribution"):
+        if getattr(analysis, name) is not None and data.eval is None:
+            raise ctx.error(
+                "data.eval",
+                f"missing; {name} needs labelled images (e.g. eval = "
+                f"\"imagefolder:/data/val\"), or set analysis.{name} = false",
+            )
+    if analysis.dissection is not None and analysis.dissection.layers:
+        for lay in analysis.dissection.layers:
+            for m in models.values():
+                if lay not in m.layers:
+                    raise ctx.error(
+                        "analysis.dissection.layers",
+                        f"layer {lay!r} is not in models.{m.name}.layers {m.layers}; "
+                        "dissected layers must be listed for every model",
+                    )
+    return CompareConfig(data=data, models=models, analysis=analysis, run=run, source=source)
+
+
+def load_config(path: str | Path) -> CompareConfig:
+    """Read and validate a compare config (TOML). Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: config file not found; create a template with "
+            f"`interptool compare --init {path}`"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path.name}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name}: not a UTF-8 text file") from None
+    return parse_config(raw, source=path.name, base_dir=path.resolve().parent)
+
+
+TEMPLATE = '''\
+# interptool compare configuration. Validate and run with:
+#   interptool compare THIS_FILE --out results/
+# Relative paths are relative to the folder of this file.
+
+[data]
+# Labelled images: accuracy, class similarity (logits), CKA and attribution.
+# Specs: "imagefolder:PATH" (class sub-folders), "csv:FILE" (image,label columns),
+#        "builtin:concept-world?n=500&size=64&seed=0&split=eval" (generated, no download).
+eval = "builtin:concept-world?n=200&size=64&seed=0&split=eval"
+# Concept-annotated images in Broden format for network dissection
+# (e.g. "broden:/data/broden1_224").
+probe = "builtin:concept-world?n=200&size=64&seed=0&split=probe"
+
+# One table per model. The model with role = "teacher" (or else the first) is the reference.
+[models.teacher]
+arch = "interptool:cw-teacher"   # timm:NAME, torchvision:NAME, interptool:NAME or a TorchScript file
+# checkpoint = "ckpt/teacher.pth" # .pth/.pt/.bin/.safetensors; omit for random weights
+layers = ["layer3", "layer4"]    # `interptool layers --arch ...` lists the names
+role = "teacher"
+# num_classes = 10               # default: inferred from the checkpoint
+# key_map = "positional"         # or a TOML file of regex -> replacement rules for foreign names
+# trust_pickle = false           # true runs code inside the checkpoint: only for files you trust
+# image_size = 64                # or [H, W]; default from the architecture
+# mean = [0.5, 0.5, 0.5]
+# std = [0.25, 0.25, 0.25]
+
+[models.student]
+arch = "interptool:cw-student"
+layers = ["layer3", "layer4"]
+
+[analysis]
+# Switch an analysis off with e.g. `attribution = false`.
+dissection = { quantile = 0.005, iou_threshold = 0.04 }
+similarity = { temperatures = [1, 4], n_boot = 1000 }
+attribution = { methods = ["grad_cam", "integrated_gradients"], n_images = 16 }
+
+[run]
+device = "cpu"      # cpu, cuda, cuda:1
+batch_size = 64
+seed = 0
+workers = 0
+'''
+
+
+def write_template(path: str | Path) -> Path:
+    """Write the commented config template (refuses to overwrite an existing file)."""
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"{path}: already exists; choose another name or delete it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(TEMPLATE)
+    return path

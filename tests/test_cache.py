@@ -1,0 +1,513 @@
+"""Activation-cache writer, hooks, reader and `interptool cache` CLI.
+
+Known answers come from running the same model directly with hooks written here (not the
+package's), on the same batches, so equality is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from interptool.cache import ActivationCache, cache_activations, capture_layers, run_cache
+from interptool.cache._format import chunk_rows
+from interptool.errors import CacheError, DataError
+from interptool.loading._zoo import ZOO
+
+# -- stand-ins with the attributes of LoadedModel / ImageDataset (docs/architecture.md) ------
+
+
+class FakePre:
+    """Preprocessing stand-in: 32 px, eval = resize+centre crop, probe = resize only."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.input_size = (3, size, size)
+        self.mean = (0.5, 0.5, 0.5)
+        self.std = (0.25, 0.25, 0.25)
+
+    def eval_transform(self):
+        s = self.input_size[1]
+        return T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def probe_transform(self):
+        s = self.input_size[1]
+        return T.Compose([T.Resize((s, s)), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def to_dict(self):
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class FakeLoaded:
+    model: nn.Module
+    arch: str = "interptool:cw-student"
+    checkpoint_sha256: str | None = None
+    device: str = "cpu"
+    preprocessing: FakePre = field(default_factory=FakePre)
+    name: str = "cw-student"
+
+    def to_dict(self):
+        return {"arch": self.arch, "name": self.name, "checkpoint_sha256": self.checkpoint_sha256}
+
+
+def make_student(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ZOO["cw-student"](num_classes=10).eval()
+    # Non-trivial BatchNorm statistics so that pre-ReLU outputs have both signs.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+class _TorchDS(torch.utils.data.Dataset):
+    def __init__(self, ds: FakeDataset, transform, skip_bad: bool) -> None:
+        self.ds, self.transform, self.skip_bad = ds, transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        self.ds.on_item(i)
+        try:
+            img = self.ds.load_image(i)
+        except DataError:
+            if self.skip_bad:
+                return None
+            raise
+        return self.transform(img), int(self.ds.labels[i]), i
+
+
+class FakeDataset:
+    """Deterministic random RGB images (sizes vary so the crop matters); some may be 'bad'."""
+
+    def __init__(self, n: int = 20, seed: int = 0, bad=(), kill_at: int | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        self.spec = f"fake:n={n}&seed={seed}"
+        self.ids = [f"cls{i % 3}/img_{i:03d}.png" for i in range(n)]
+        self.labels = (np.arange(n) * 7 % 10).astype(np.int64)
+        self._imgs = [
+            rng.integers(0, 256, (36 + i % 5, 40, 3), dtype=np.uint8) for i in range(n)
+        ]
+        self.bad = set(bad)
+        self.kill_at = kill_at
+        h = hashlib.sha256()
+        for i, lab, im in zip(self.ids, self.labels, self._imgs):
+            h.update(f"{i}:{lab}:{im.shape}".encode())
+        self.fingerprint = h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def on_item(self, i: int) -> None:
+        """Test hooks for the resume tests: die at item ``kill_at``; report progress."""
+        if self.kill_at is not None and i == self.kill_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        marker = os.environ.get("INTERPTOOL_TEST_MARKER")
+        if marker:
+            Path(marker).write_text(str(i))
+            time.sleep(float(os.environ.get("INTERPTOOL_TEST_DELAY", "0")))
+
+    def load_image(self, i: int) -> Image.Image:
+        if i in self.bad:
+            raise DataError(f"{self.ids[i]}: cannot decode image (truncated file); fix or remove it")
+        return Image.fromarray(self._imgs[i])
+
+    def torch_dataset(self, transform, skip_bad: bool = False):
+        return _TorchDS(self, transform, skip_bad)
+
+
+def direct_outputs(model, ds, layers, batch_size, transform=None, keep=None):
+    """Logits and layer outputs computed here with our own hooks, batch by batch."""
+    transform = transform or FakePre().eval_transform()
+    modules = dict(model.named_modules())
+    store: dict[str, list] = {k: [] for k in layers}
+    handles = [
+        modules[k].register_forward_hook(lambda m, i, o, k=k: store[k].append(o.detach().clone()))
+        for k in layers
+    ]
+    idx = [i for i in range(len(ds)) if keep is None or i in keep]
+    logits = []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(idx), batch_size):
+                x = torch.stack([transform(ds.load_image(i)) for i in idx[s : s + batch_size]])
+                logits.append(model(x))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(logits).numpy(), {k: torch.cat(v).numpy() for k, v in store.items()}
+
+
+# -- features, logits, labels ------------------------------------------------------------------
+
+
+def test_features_logits_labels_equal_direct_forward(tmp_path):
+    model = make_student()
+    ds = FakeDataset(20)
+    # layer1.0.bn1 is followed by an in-place ReLU: the cached copy must keep its negatives.
+    layers = ["layer3", "layer1.0.bn1", "layer4"]
+    path = run_cache(FakeLoaded(model), ds, layers, tmp_path / "a.h5", batch_size=8,
+                     dtype="float32").path
+    logits, feats = direct_outputs(model, ds, layers, 8)
+    with ActivationCache(path) as c:
+        assert c.n == 20 and c.layers == layers
+        np.testing.assert_array_equal(c.logits, logits)
+        np.testing.assert_array_equal(c.labels, ds.labels)
+        assert c.ids == ds.ids
+        for k in layers:
+            got = c.features(k)[:]
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, feats[k])
+            np.testing.assert_array_equal(c.feature_max(k), feats[k].max(axis=(2, 3)))
+        assert (c.features("layer1.0.bn1")[:] < 0).any()
+        blocks = list(c.iter_features("layer4", batch_size=7))
+        assert [s for s, _ in blocks] == [0, 7, 14]
+        np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), feats["layer4"])
+        a = c.attrs
+        for key in ("format", "complete", "n_done", "model", "arch", "checkpoint_sha256",
+                    "preprocessing", "data_spec", "data_fingerprint", "layers", "layer_shapes",
+                    "versions", "seed", "created", "skipped"):
+            assert key in a, key
+        assert a["complete"] is True or a["complete"] == 1
+        assert a["data_fingerprint"] == ds.fingerprint and a["data_spec"] == ds.spec
+        assert a["layer_shapes"] == {k: list(feats[k].shape[1:]) for k in layers}
+        assert a["preprocessing"] == FakePre().to_dict()
+        assert a["skipped"] == [] and a["seed"] == 0 and a["transform"] == "eval"
+        assert a["versions"]["torch"] == torch.__version__.split("+")[0] or a["versions"]["torch"]
+        assert a["model"]["name"] == "cw-student"
+
+
+def test_inplace_op_after_hooked_module_does_not_change_capture():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = conv(x)
+        with capture_layers(model, ["0"]) as acts:
+            model(x)
+    assert (want < 0).any()
+    torch.testing.assert_close(acts["0"], want, rtol=0, atol=0)
+
+
+def test_float16_vs_float32(tmp_path):
+    model = make_student()
+    ds = FakeDataset(12)
+    loaded = FakeLoaded(model)
+    p16 = cache_activations(loaded, ds, ["layer3"], tmp_path / "h.h5", batch_size=6)
+    p32 = cache_activations(loaded, ds, ["layer3"], tmp_path / "f.h5", batch_size=6,
+                            dtype="float32")
+    _, feats = direct_outputs(model, ds, ["layer3"], 6)
+    with ActivationCache(p16) as a, ActivationCache(p32) as b:
+        f16, f32 = a.features("layer3")[:], b.features("layer3")[:]
+        assert f16.dtype == np.float16 and f32.dtype == np.float32
+        np.testing.assert_array_equal(f16, feats["layer3"].astype(np.float16))
+        np.testing.assert_array_equal(f32, feats["layer3"])
+        # maxima are float32 and equal to the maxima of the stored (rounded) values
+        assert a.feature_max("layer3").dtype == np.float32
+        np.testing.assert_array_equal(a.feature_max("layer3"),
+                                      f16.max(axis=(2, 3)).astype(np.float32))
+        np.testing.assert_array_equal(a.logits, b.logits)  # logits always float32
+        assert a.attrs["dtype"] == "float16" and b.attrs["dtype"] == "float32"
+
+
+def test_chunks_along_n_and_compression(tmp_path):
+    for row, item in [((512, 7, 7), 2), ((64, 56, 56), 2), ((10,), 4), ((2048, 14, 14), 4)]:
+        rows = chunk_rows(row, item)
+        nbytes = rows * int(np.prod(row)) * item
+        assert rows == 1 or 64 * 1024 <= nbytes <= 1024 * 1024, (row, rows, nbytes)
+    model = make_student()
+    ds = FakeDataset(10)
+    path = cache_activations(FakeLoaded(model), ds, ["layer2"], tmp_path / "z.h5",
+                             batch_size=4, compression="gzip", dtype="float32")
+    _, feats = direct_outputs(model, ds, ["layer2"], 4)
+    with h5py.File(path) as f:
+        d = f["features/layer2"]
+        assert d.compression == "gzip" and d.chunks[1:] == d.shape[1:]
+    with ActivationCache(path) as c:
+        np.testing.assert_array_equal(c.features("layer2")[:], feats["layer2"])
+    with pytest.raises(Exception, match="compression"):
+        cache_activations(FakeLoaded(model), ds, [], tmp_path / "q.h5", compression="zip")
+
+
+def test_logits_only_and_probe_transform(tmp_path):
+    model = make_student()
+    ds = FakeDataset(9)
+    ds.load_segmentation = lambda i: None  # Broden-like: the probe transform is chosen
+    path = cache_activations(FakeLoaded(model), ds, None, tmp_path / "l.h5", batch_size=4)
+    logits, _ = direct_outputs(model, ds, [], 4, transform=FakePre().probe_transform())
+    with ActivationCache(path) as c:
+        assert c.layers == [] and c.attrs["transform"] == "probe"
+        np.testing.assert_array_equal(c.logits, logits)
+        with pytest.raises(CacheError, match="layer4"):
+            c.features("layer4")
+
+
+def test_token_layers_of_a_vit(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                            img_size=32, patch_size=8, depth=2).eval()
+    ds = FakeDataset(6)
+    path = cache_activations(FakeLoaded(vit, arch="timm:vit_tiny"), ds, ["blocks.1"],
+                             tmp_path / "v.h5", batch_size=4, dtype="float32")
+    logits, feats = direct_outputs(vit, ds, ["blocks.1"], 4)
+    with ActivationCache(path) as c:
+        got = c.features("blocks.1")[:]
+        assert got.shape == (6, 17, 192)  # 16 patches + class token, width 192
+        np.testing.assert_array_equal(got, feats["blocks.1"])
+        np.testing.assert_array_equal(c.feature_max("blocks.1"), feats["blocks.1"].max(axis=1))
+        np.testing.assert_allclose(c.logits, logits, rtol=1e-6, atol=1e-6)
+
+
+# -- hooks ---------------------------------------------------------------------------------
+
+
+def _n_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_hooks_removed_after_success_and_exception(tmp_path):
+    model = make_student()
+    with capture_layers(model, ["layer2.0.conv1", "layer4"]) as acts:
+        assert _n_hooks(model) == 2
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32))
+    assert set(acts) == {"layer2.0.conv1", "layer4"} and _n_hooks(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_layers(model, ["layer3"]):
+            raise RuntimeError("boom")
+    assert _n_hooks(model) == 0
+    # and through the writer, when the data fails mid-run
+    with pytest.raises(DataError):
+        cache_activations(FakeLoaded(model), FakeDataset(10, bad={6}), ["layer3"],
+                          tmp_path / "x.h5", batch_size=4)
+    assert _n_hooks(model) == 0
+
+
+def test_unknown_layer_lists_close_names(tmp_path):
+    model = make_student()
+    with pytest.raises(CacheError, match=r"'layr4'.*layer4"):
+        with capture_layers(model, ["layr4"]):
+            pass
+    with pytest.raises(CacheError, match="layer3.0.conv"):
+        cache_activations(FakeLoaded(model), FakeDataset(4), ["layer3.0.conv3"], tmp_path / "u.h5")
+    assert not (tmp_path / "u.h5").exists()  # nothing written for a bad request
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_gives_logits_only(tmp_path):
+    model = make_student()
+    traced = torch.jit.trace(model, torch.zeros(1, 3, 32, 32))
+    ds = FakeDataset(5)
+    with pytest.raises(CacheError, match="TorchScript"):
+        cache_activations(FakeLoaded(traced), ds, ["layer4"], tmp_path / "t.h5")
+    path = cache_activations(FakeLoaded(traced), ds, None, tmp_path / "t.h5", batch_size=5)
+    logits, _ = direct_outputs(model, ds, [], 5)
+    with ActivationCache(path) as c:
+        np.testing.assert_allclose(c.logits, logits, rtol=1e-5, atol=1e-5)
+
+
+# -- reuse, mismatch, incomplete, bad images ------------------------------------------------
+
+
+def test_cache_hit_is_a_no_op_and_mismatch_errors(tmp_path):
+    model = make_student()
+    ds = FakeDataset(8)
+    loaded = FakeLoaded(model)
+    path = tmp_path / "c.h5"
+    first = run_cache(loaded, ds, ["layer3", "layer4"], path, batch_size=4)
+    assert first.status == "created"
+    before = os.stat(path).st_mtime_ns
+    again = run_cache(loaded, ds, ["layer4", "layer3"], path, batch_size=4)
+    assert again.status == "hit" and "cache hit" in again.summary()
+    sub = run_cache(loaded, ds, ["layer4"], path)  # a subset of the cached layers also hits
+    assert sub.status == "hit"
+    assert os.stat(path).st_mtime_ns == before
+    with pytest.raises(CacheError, match=r"layers.*overwrite"):
+        run_cache(loaded, ds, ["layer2"], path)
+    with pytest.raises(CacheError, match="dtype"):
+        run_cache(loaded, ds, ["layer4"], path, dtype="float32")
+    with pytest.raises(CacheError, match="data_fingerprint differs"):
+        run_cache(loaded, FakeDataset(9), ["layer4"], path)
+    with pytest.raises(CacheError, match="weights_sha256 differs"):
+        run_cache(FakeLoaded(make_student(seed=5)), ds, ["layer4"], path)
+    redo = run_cache(loaded, ds, ["layer2"], path, overwrite=True)
+    assert redo.status == "created"
+    with ActivationCache(path) as c:
+        assert c.layers == ["layer2"]
+
+
+def test_foreign_file_is_not_clobbered(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("my notes")
+    with pytest.raises(CacheError, match="overwrite"):
+        cache_activations(FakeLoaded(make_student()), FakeDataset(4), None, path)
+    assert path.read_text() == "my notes"
+
+
+def test_interrupted_run_is_refused_then_resumed(tmp_path):
+    model = make_student()
+    layers = ["layer4"]
+    path = tmp_path / "r.h5"
+    with pytest.raises(DataError, match=r"cls1/img_013\.png"):
+        run_cache(FakeLoaded(model), FakeDataset(20, bad={13}), layers, path, batch_size=4)
+    with pytest.raises(CacheError, match=r"incomplete cache \(12 images.*[Rr]e-run"):
+        ActivationCache(path)
+    # the image is fixed (same ids, labels, sizes: same fingerprint) and the run resumes
+    run = run_cache(FakeLoaded(model), FakeDataset(20), layers, path, batch_size=4)
+    assert run.status == "resumed" and run.images_computed == 8
+    one = cache_activations(FakeLoaded(model), FakeDataset(20), layers, tmp_path / "o.h5",
+                            batch_size=4)
+    assert_same_content(path, one)
+
+
+def test_skip_bad_lists_files_and_shrinks(tmp_path):
+    model = make_student()
+    bad = {2, 8, 9, 10, 11, 17}  # 8..11 is one whole batch
+    ds = FakeDataset(18, bad=bad)
+    run = run_cache(FakeLoaded(model), ds, ["layer3"], tmp_path / "s.h5", batch_size=4,
+                    skip_bad=True, workers=2)
+    keep = [i for i in range(18) if i not in bad]
+    assert run.n_done == len(keep) and "6 bad image(s) skipped" in run.summary()
+    with ActivationCache(run.path) as c:
+        assert c.n == len(keep) and c.features("layer3").shape[0] == len(keep)
+        assert c.attrs["skipped"] == [ds.ids[i] for i in sorted(bad)]
+        assert c.ids == [ds.ids[i] for i in keep]
+        np.testing.assert_array_equal(c.labels, ds.labels[keep])
+        # rows come from batches with holes, so compare image by image
+        _, feats = direct_outputs(model, ds, ["layer3"], 1, keep=set(keep))
+        np.testing.assert_allclose(c.features("layer3")[:], feats["layer3"].astype(np.float16),
+                                   rtol=2e-3, atol=2e-3)
+    # a complete cache with skipped files is not silently reused by a strict run
+    with pytest.raises(CacheError, match="skip-bad"):
+        run_cache(FakeLoaded(model), ds, ["layer3"], run.path, batch_size=4)
+
+
+def test_bad_image_in_worker_names_the_file(tmp_path):
+    with pytest.raises(DataError) as info:
+        cache_activations(FakeLoaded(make_student()), FakeDataset(8, bad={5}), None,
+                          tmp_path / "w.h5", batch_size=4, workers=1)
+    msg = str(info.value)
+    assert "cls2/img_005.png" in msg and "Traceback" not in msg
+
+
+# -- helpers shared with test_cache_resume.py ---------------------------------------------
+
+VOLATILE_ATTRS = {"created", "versions"}
+
+
+def assert_same_content(a: str | Path, b: str | Path) -> None:
+    """Every dataset and every deterministic attribute of two cache files are identical."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names_a, names_b = [], []
+        fa.visit(names_a.append)
+        fb.visit(names_b.append)
+        assert sorted(names_a) == sorted(names_b)
+        for name in names_a:
+            if isinstance(fa[name], h5py.Dataset):
+                assert fa[name].shape == fb[name].shape and fa[name].dtype == fb[name].dtype
+                np.testing.assert_array_equal(fa[name][()], fb[name][()], err_msg=name)
+        keys = set(fa.attrs) | set(fb.attrs)
+        for k in sorted(keys - VOLATILE_ATTRS):
+            va, vb = fa.attrs.get(k), fb.attrs.get(k)
+            assert json.dumps(str(va)) == json.dumps(str(vb)), k
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_bad_layer_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
+    import interptool.cli as cli
+    from interptool.cli import _cache
+
+    monkeypatch.setattr(cli, "_COMMANDS", ["cache"])
+    monkeypatch.setattr(_cache, "_load_model", lambda args: FakeLoaded(make_student()))
+    monkeypatch.setattr(_cache, "_open_dataset", lambda spec: FakeDataset(6))
+    out = tmp_path / "cli.h5"
+    rc = cli.main(["cache", "--arch", "interptool:cw-student", "--data", "fake:",
+                   "--layers", "layer3,layr4", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "interptool cache: error:" in err and "layr4" in err and "layer4" in err
+    assert "Traceback" not in err and not out.exists()
+    rc = cli.main(["cache", "--arch", "interptool:cw-student", "--data", "fake:",
+                   "--layers", "layer3, layer4", "--out", str(out), "--quiet",
+                   "--dtype", "float32", "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and str(out) in printed and "cached 6 images (layer3, layer4)" in printed
+    rc = cli.main(["cache", "--arch", "interptool:cw-student", "--data", "fake:",
+                   "--layers", "layer3,layer4", "--out", str(out), "--quiet", "--dtype", "float32"])
+    assert rc == 0 and "cache hit" in capsys.readouterr().out
+
+
+def _real_parts_available() -> bool:
+    try:
+        from interptool.data import open_dataset  # noqa: F401
+        from interptool.loading import load_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _real_parts_available(), reason="loading/data not built yet")
+def test_real_model_and_concept_world(tmp_path):
+    from interptool.data import open_dataset
+    from interptool.loading import load_model
+
+    loaded = load_model("interptool:cw-student")
+    ds = open_dataset("builtin:concept-world?n=40&size=64")
+    path = run_cache(loaded, ds, ["layer3", "layer4"], tmp_path / "cw.h5", batch_size=16,
+                     dtype="float32").path
+    # concept-world is Broden-style: the probe (no crop) transform is the default
+    tf = loaded.preprocessing.probe_transform()
+    modules = dict(loaded.model.named_modules())
+    got: list = []
+    h = modules["layer4"].register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            x = torch.stack([tf(ds.load_image(i)) for i in range(16)])
+            logits = loaded.model(x)
+    finally:
+        h.remove()
+    with ActivationCache(path) as c:
+        assert c.n == len(ds) and c.ids == list(ds.ids)
+        np.testing.assert_array_equal(c.labels, ds.labels)
+        np.testing.assert_array_equal(c.features("layer4")[:16], got[0].numpy())
+        np.testing.assert_array_equal(c.logits[:16], logits.numpy())
+        assert c.attrs["data_fingerprint"] == ds.fingerprint
+        assert c.attrs["model"] == json.loads(json.dumps(loaded.to_dict(), default=str))
+    proc = subprocess.run(
+        [sys.executable, "-m", "interptool", "cache", "--arch", "interptool:cw-student",
+         "--data", "builtin:concept-world?n=40&size=64", "--layers", "layer4",
+         "--out", str(tmp_path / "cli.h5"), "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "cli.h5") in proc.stdout and "40 images" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "interptool", "cache", "--arch", "interptool:cw-student",
+         "--data", "builtin:concept-world?n=40&size=64", "--layers", "layer9",
+         "--out", str(tmp_path / "bad.h5"), "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "layer9" in bad.stderr

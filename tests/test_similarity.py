@@ -1,0 +1,374 @@
+"""Class similarity from logits and teacher-student transfer: known answers computed here,
+independently of the implementation (explicit loops, hand-written softmax)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from interptool.analyzers._similarity_core import pair_metrics
+from interptool.analyzers._similarity_hierarchy import read_hierarchy, semantic_similarity
+from interptool.analyzers._similarity_plots import block_average, cluster_order
+from interptool.analyzers.similarity import ClassSimilarity, compare_similarity
+from interptool.cache import write_cache
+from interptool.errors import AnalysisError
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def softmax_row(z):
+    e = [math.exp(v) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def entropy_row(p):
+    return -sum(v * math.log(v) for v in p if v > 0)
+
+
+def mem(logits, labels, name="m", fp="fp", ids=None):
+    """An in-memory stand-in for an ActivationCache (compare_similarity reads attributes)."""
+    n = len(labels)
+    return SimpleNamespace(
+        logits=np.asarray(logits, np.float32), labels=np.asarray(labels, np.int64),
+        ids=list(ids) if ids is not None else [f"img{i}" for i in range(n)],
+        data_fingerprint=fp, name=name, path=f"{name}.h5", attrs={}, model_info=None,
+    )
+
+
+def structured(n, k, seed, noise=1.0, structure_seed=None, perm=None):
+    """Logits with a class-similarity structure (a random K x K 'confusion' pattern)."""
+    rng = np.random.default_rng(seed)
+    srng = np.random.default_rng(seed if structure_seed is None else structure_seed)
+    base = srng.normal(size=(k, k)) * 2.0
+    if perm is not None:
+        base = base[np.ix_(perm, perm)]
+    labels = np.arange(n) % k
+    z = base[labels] + noise * rng.normal(size=(n, k))
+    z[np.arange(n), labels] += 4.0
+    return z, labels
+
+
+# three classes: 0 and 1 confused with each other, 2 isolated
+Z3 = np.array([
+    [3.0, 2.5, -1.0],   # class 0
+    [2.0, 2.2, -2.0],   # class 0 (predicted 1: wrong)
+    [2.4, 3.0, -1.5],   # class 1
+    [1.0, 2.0, -0.5],   # class 1
+    [-1.0, -0.5, 4.0],  # class 2
+    [-2.0, -1.0, 3.0],  # class 2
+])
+Y3 = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_known_answer_matrices_and_entropies(tmp_path):
+    path = write_cache(tmp_path / "m.h5", logits=Z3, labels=Y3,
+                       attrs={"extra": {"class_names": ["cat", "dog", "car"]}})
+    res = ClassSimilarity(temperature=[1.0, 2.0]).run(path)
+    assert res.class_names == ["cat", "dog", "car"]
+    for T in (1.0, 2.0):
+        S = np.zeros((3, 3))
+        Sdk = np.zeros((3, 3))
+        H = np.zeros(3)
+        Hq = np.zeros(3)
+        for z, y in zip(Z3.tolist(), Y3.tolist()):
+            p = softmax_row([v / T for v in z])
+            q = [0.0 if j == y else p[j] / (1 - p[y]) for j in range(3)]
+            S[y] += np.array(p) / 2
+            Sdk[y] += np.array(q) / 2
+            H[y] += entropy_row(p) / 2
+            Hq[y] += entropy_row(q) / 2
+        np.testing.assert_allclose(res.matrices[T], S, atol=1e-6)
+        np.testing.assert_allclose(res.dark_knowledge[T], Sdk, atol=1e-6)
+        np.testing.assert_allclose(res.entropy[T], H, atol=1e-6)
+        np.testing.assert_allclose(res.nontarget_entropy[T], Hq, atol=1e-6)
+        assert res.entropy_overall[T] == pytest.approx(H.mean(), abs=1e-6)
+        frame = res.to_frame()
+        np.testing.assert_allclose(frame[f"entropy_norm_T{T:g}"], H / math.log(3), atol=1e-6)
+        np.testing.assert_allclose(frame[f"nontarget_entropy_norm_T{T:g}"], Hq / math.log(2),
+                                   atol=1e-6)
+    S1 = res.matrices[1.0]
+    assert S1[0, 1] > 5 * S1[0, 2] and S1[1, 0] > 5 * S1[1, 2]  # 0 <-> 1 confused
+    assert S1[2, 2] > 0.9  # 2 isolated
+    np.testing.assert_allclose(S1.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.diag(res.dark_knowledge[1.0]), 0.0)
+    # higher temperature -> flatter distributions -> larger entropy
+    assert (res.entropy[2.0] > res.entropy[1.0]).all()
+    # cosine of class-mean logits
+    means = np.stack([Z3[Y3 == c].mean(0) for c in range(3)])
+    cos = means @ means.T / np.outer(np.linalg.norm(means, axis=1), np.linalg.norm(means, axis=1))
+    np.testing.assert_allclose(res.cosine, cos, atol=1e-6)
+    assert res.accuracy == pytest.approx(5 / 6)
+    np.testing.assert_allclose(res.class_accuracy, [0.5, 1.0, 1.0])
+    assert res.empty_classes == []
+
+
+def test_empty_class_reported_not_dropped(tmp_path):
+    z = np.concatenate([Z3, np.zeros((6, 1))], axis=1)  # K = 4, class 3 has no images
+    res = ClassSimilarity().run(mem(z, Y3))
+    assert res.empty_classes == [3]
+    assert np.isnan(res.matrices[1.0][3]).all() and np.isnan(res.entropy[1.0][3])
+    assert np.isfinite(res.matrices[1.0][:3]).all()
+    frame = res.to_frame()
+    assert len(frame) == 4 and frame.loc[3, "n"] == 0
+    assert math.isfinite(res.entropy_overall[1.0])
+    d = res.to_dict()
+    json.dumps(d, allow_nan=False)  # strict JSON: NaN became null
+    assert d["empty_classes"] == [3] and d["matrices"]["1"][3] == [None] * 4
+    assert {p.name for p in res.save(tmp_path)} >= {"m_classes.csv", "m_T1_softmax.csv",
+                                                    "m_T1_heatmap.png", "m_similarity.json"}
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(AnalysisError, match="positive"):
+        ClassSimilarity(temperature=0).run(mem(Z3, Y3))
+    with pytest.raises(AnalysisError, match="labels go up to 5"):
+        ClassSimilarity().run(mem(Z3, [0, 1, 2, 5, 0, 1]))
+    with pytest.raises(AnalysisError, match="no labelled images"):
+        ClassSimilarity().run(mem(Z3, [-1] * 6))
+    bad = Z3.copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(AnalysisError, match="NaN"):
+        ClassSimilarity().run(mem(bad, Y3))
+
+
+# ------------------------------------------------------------------------------------------
+# agreement metrics: hand computations
+# ------------------------------------------------------------------------------------------
+def test_pair_metrics_known_values():
+    St = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.05, 0.15, 0.8]])
+    Ss = np.array([[0.5, 0.1, 0.4], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8]])
+    m = pair_metrics(St[None], Ss[None], np.ones((1, 3), bool), k=1)
+    kl = np.mean([sum(p * math.log(p / q) for p, q in zip(a, b)) for a, b in zip(St, Ss)])
+    assert m["kl"][0] == pytest.approx(kl, rel=1e-12)
+
+    def js(a, b):
+        mm = [(x + y) / 2 for x, y in zip(a, b)]
+        d = 0.5 * sum(x * math.log2(x / z) for x, z in zip(a, mm)) + 0.5 * sum(
+            y * math.log2(y / z) for y, z in zip(b, mm))
+        return math.sqrt(d)
+
+    assert m["js_distance"][0] == pytest.approx(np.mean([js(a, b) for a, b in zip(St, Ss)]))
+    off = ~np.eye(3, dtype=bool)
+    assert m["pearson"][0] == pytest.approx(np.corrcoef(St[off], Ss[off])[0, 1])
+    from scipy.stats import spearmanr
+
+    assert m["spearman"][0] == pytest.approx(spearmanr(St[off], Ss[off]).statistic)
+    # nearest other class: teacher (1, 0, 1); student (2, 0, 0) -> overlap (0, 1, 0)
+    assert m["topk_overlap"][0] == pytest.approx(1 / 3)
+    same = pair_metrics(St[None], St[None], np.ones((1, 3), bool), k=2)
+    assert same["kl"][0] == 0.0 and same["js_distance"][0] == 0.0
+    assert same["topk_overlap"][0] == 1.0 and same["pearson"][0] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# teacher vs students
+# ------------------------------------------------------------------------------------------
+def test_identical_student_scores_perfectly():
+    z, y = structured(600, 12, seed=1)
+    res = compare_similarity(mem(z, y, "teacher"), mem(z, y, "copy"), k=3, n_boot=50,
+                             temperature=[1, 4])
+    for T in (1.0, 4.0):
+        for metric, want in (("pearson", 1.0), ("spearman", 1.0), ("kl", 0.0),
+                             ("js_distance", 0.0), ("topk_overlap", 1.0)):
+            row = res.value("copy", metric, T)
+            assert row["value"] == pytest.approx(want, abs=1e-9), metric
+            assert row["ci_low"] == pytest.approx(want, abs=1e-9)
+            assert row["ci_high"] == pytest.approx(want, abs=1e-9)
+    assert res.value("copy", "top1_agreement")["value"] == 1.0
+    assert res.value("copy", "accuracy")["value"] == res.value("teacher", "accuracy")["value"]
+
+
+def test_permuted_student_scores_low():
+    k = 20
+    z, y = structured(2000, k, seed=2)
+    perm = np.random.default_rng(5).permutation(k)
+    zp, _ = structured(2000, k, seed=3, structure_seed=2, perm=perm)
+    zc, _ = structured(2000, k, seed=3, structure_seed=2)  # same structure, new noise
+    res = compare_similarity(mem(z, y, "t"), mem(zp, y, "perm"), mem(zc, y, "close"),
+                             k=3, n_boot=0)
+    assert res.value("close", "spearman")["value"] > 0.9
+    assert res.value("close", "topk_overlap")["value"] > 0.8
+    assert abs(res.value("perm", "spearman")["value"]) < 0.3
+    assert res.value("perm", "topk_overlap")["value"] < 0.35
+    assert res.value("perm", "kl")["value"] > 5 * res.value("close", "kl")["value"]
+
+
+def test_bootstrap_matches_explicit_resample():
+    """A bootstrap replicate (weights) equals the statistic recomputed on the resampled set."""
+    z, y = structured(300, 6, seed=4)
+    zs, _ = structured(300, 6, seed=7, structure_seed=4, noise=2.0)
+    res = compare_similarity(mem(z, y, "t"), mem(zs, y, "s"), k=2, n_boot=3, seed=11,
+                             temperature=2.0)
+    rng = np.random.default_rng(11)
+    for r in range(3):
+        idx = rng.integers(0, 300, size=300)
+        direct = compare_similarity(mem(z[idx], y[idx], "t"), mem(zs[idx], y[idx], "s"),
+                                    k=2, n_boot=0, temperature=2.0)
+        for metric in ("pearson", "spearman", "kl", "js_distance", "topk_overlap", "entropy"):
+            assert res.bootstrap[f"s|2|{metric}"][r] == pytest.approx(
+                direct.value("s", metric)["value"], rel=1e-9, abs=1e-12), metric
+        assert res.bootstrap["s||top1_agreement"][r] == pytest.approx(
+            direct.value("s", "top1_agreement")["value"])
+
+
+def test_ci_width_shrinks_with_n():
+    widths = []
+    for n in (300, 4800):
+        z, y = structured(n, 8, seed=8)
+        zs, _ = structured(n, 8, seed=9, structure_seed=8, noise=2.0)
+        row = compare_similarity(mem(z, y, "t"), mem(zs, y, "s"), k=2, n_boot=200,
+                                 seed=0).value("s", "kl")
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+        widths.append(row["ci_high"] - row["ci_low"])
+    assert widths[1] < 0.5 * widths[0]  # ~ 1/sqrt(16) = 0.25 expected
+
+
+def test_student_difference_ci_excludes_zero_when_one_is_closer():
+    k = 10
+    z, y = structured(1500, k, seed=12)
+    kd = z + 0.5 * np.random.default_rng(13).normal(size=z.shape)
+    scratch, _ = structured(1500, k, seed=14, structure_seed=99)
+    res = compare_similarity(mem(z, y, "teacher"), mem(kd, y, "kd"), mem(scratch, y, "scratch"),
+                             k=3, n_boot=200, seed=1)
+    diff = res.value("kd - scratch", "spearman")
+    assert diff["role"] == "difference"
+    assert diff["ci_low"] > 0
+    assert res.value("kd - scratch", "kl")["ci_high"] < 0
+    # paired: the difference replicates are replicate-wise differences
+    np.testing.assert_allclose(res.bootstrap["kd - scratch|1|spearman"],
+                               res.bootstrap["kd|1|spearman"] - res.bootstrap["scratch|1|spearman"])
+    frame = res.to_frame()
+    assert set(frame.columns) >= {"model", "metric", "temperature", "value", "ci_low", "ci_high"}
+    assert set(frame["role"]) == {"teacher", "student", "difference"}
+
+
+def test_mismatched_inputs_raise_naming_both_files():
+    z, y = structured(60, 4, seed=0)
+    t = mem(z, y, "teacher")
+    with pytest.raises(AnalysisError, match=r"teacher\.h5.*other\.h5|other\.h5.*teacher\.h5"):
+        compare_similarity(t, mem(z, y, "other", fp="different"), n_boot=0)
+    with pytest.raises(AnalysisError, match="image order differs"):
+        compare_similarity(t, mem(z, y, "other", ids=[f"img{i}" for i in range(59, -1, -1)]),
+                           n_boot=0)
+    with pytest.raises(AnalysisError, match="label spaces differ.*K = 4.*K = 5"):
+        compare_similarity(t, mem(np.c_[z, z[:, :1]], y, "other"), n_boot=0)
+    with pytest.raises(AnalysisError, match="has 50 images but the teacher cache teacher.h5 has 60"):
+        compare_similarity(t, mem(z[:50], y[:50], "other"), n_boot=0)
+    with pytest.raises(AnalysisError, match="between 1 and K - 1 = 3"):
+        compare_similarity(t, mem(z, y, "s"), k=4, n_boot=0)
+
+
+# ------------------------------------------------------------------------------------------
+# class hierarchy
+# ------------------------------------------------------------------------------------------
+def test_hierarchy_semantic_similarity_and_spearman(tmp_path):
+    names = ["cat", "dog", "car", "bus"]
+    (tmp_path / "h.json").write_text(json.dumps({
+        "cat": ["entity", "animal", "mammal"], "dog": "entity/animal/mammal/dog",
+        "car": ["entity", "vehicle"], "bus": ["entity", "vehicle", "bus"]}))
+    (tmp_path / "h.csv").write_text(
+        "class,path\ncat,entity/animal/mammal\ndog,entity/animal/mammal\n"
+        "car,entity/vehicle\nbus,entity/vehicle\n")
+    sem = semantic_similarity(read_hierarchy(tmp_path / "h.json"), names)
+    np.testing.assert_allclose(sem, semantic_similarity(read_hierarchy(tmp_path / "h.csv"), names))
+    # depths: cat, dog 4; car, bus 3. LCA(cat, dog) = mammal (3); LCA(cat, car) = entity (1)
+    assert sem[0, 1] == pytest.approx(2 * 3 / 8)
+    assert sem[0, 2] == pytest.approx(2 * 1 / 7)
+    assert sem[2, 3] == pytest.approx(2 * 2 / 6)
+    np.testing.assert_allclose(np.diag(sem), 1.0)
+    # a model confusing cat<->dog and car<->bus agrees with the hierarchy
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 4
+    base = np.array([[0, 2, -2, -2], [2, 0, -2, -2], [-2, -2, 0, 1.5], [-2, -2, 1.5, 0.0]])
+    z = base[y] + 0.3 * rng.normal(size=(400, 4))
+    z[np.arange(400), y] += 3
+    t = mem(z, y, "t")
+    t.attrs = {"class_names": names}
+    s = mem(z[:, [0, 2, 1, 3]], y, "s")
+    res = compare_similarity(t, s, k=1, n_boot=20, hierarchy=tmp_path / "h.json")
+    assert res.value("t", "hierarchy_spearman")["value"] > 0.8
+    assert res.value("s", "hierarchy_spearman")["value"] < res.value("t", "hierarchy_spearman")["value"]
+    (tmp_path / "bad.json").write_text(json.dumps({"cat": ["entity"]}))
+    with pytest.raises(AnalysisError, match="3 of 4 classes have no entry"):
+        compare_similarity(t, s, n_boot=0, k=1, hierarchy=tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------------------------------
+# scale
+# ------------------------------------------------------------------------------------------
+def test_thousand_classes_fast_and_readable(tmp_path):
+    rng = np.random.default_rng(0)
+    n, k = 5000, 1000
+    y = np.arange(n) % k
+    z = rng.normal(size=(n, k)).astype(np.float32)
+    z[np.arange(n), y] += 5
+    t0 = time.perf_counter()
+    res = ClassSimilarity().run(mem(z, y))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 20  # ~1 s on an idle core; generous for a shared machine
+    np.testing.assert_allclose(res.matrices[1.0].sum(1), 1.0, atol=1e-9)
+    order = cluster_order(res.matrices[1.0])
+    assert sorted(order.tolist()) == list(range(k))
+    blocks, bs = block_average(res.matrices[1.0], order)
+    assert blocks.shape == (100, 100) and bs == 10
+    i = order[:10]
+    assert blocks[0, 0] == pytest.approx(res.matrices[1.0][np.ix_(i, i)].mean())
+    fig = res.plot()
+    assert fig.axes[0].images[0].get_array().shape == (100, 100)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli_main(monkeypatch):
+    """interptool.cli.main restricted to this sub-command (others are built in parallel)."""
+    import interptool.cli as cli
+
+    monkeypatch.setattr(cli, "_COMMANDS", ["similarity"])
+    return cli.main
+
+
+def test_cli_writes_outputs_and_rejects_mismatch(tmp_path, cli_main, capsys):
+    z, y = structured(240, 6, seed=3)
+    kd = z + 0.3 * np.random.default_rng(1).normal(size=z.shape)
+    sc, _ = structured(240, 6, seed=5, structure_seed=50)
+    feats = np.random.default_rng(2).normal(size=(240, 4, 2, 2)).astype(np.float32)
+    attrs = {"data_fingerprint": "abc", "model": {"name": "resnet34"}}
+    t = write_cache(tmp_path / "t.h5", logits=z, labels=y, features={"layer4": feats}, attrs=attrs)
+    s1 = write_cache(tmp_path / "kd.h5", logits=kd, labels=y, features={"layer4": feats * 2},
+                     attrs={**attrs, "model": {"name": "kd"}})
+    s2 = write_cache(tmp_path / "sc.h5", logits=sc, labels=y, features={"layer4": -feats},
+                     attrs={**attrs, "model": {"name": "scratch"}})
+    out = tmp_path / "out"
+    rc = cli_main(["similarity", str(t), str(s1), str(s2), "--out", str(out), "--temperature",
+                   "1", "4", "--k", "2", "--n-boot", "30", "--quiet", "--hash-caches"])
+    assert rc == 0
+    summary = json.loads((out / "similarity.json").read_text())
+    assert summary["teacher"] == "resnet34" and summary["students"] == ["kd", "scratch"]
+    assert summary["inputs"][0]["data_fingerprint"] == "abc" and len(summary["inputs"][0]["sha256"]) == 64
+    assert summary["settings"]["seed"] == 0 and "versions" in summary["provenance"]
+    rows = {(r["model"], r["metric"], r["temperature"]): r for r in summary["estimates"]}
+    assert rows[("kd", "spearman", 4.0)]["ci_low"] is not None
+    assert ("kd - scratch", "kl", 1.0) in rows
+    assert summary["cka"][0]["cka"][0][0] == pytest.approx(1.0, abs=1e-10)  # scaled copy
+    for name in ("nearest_classes.csv", "transfer.csv", "heatmaps_T1.png", "scatter_T4.png",
+                 "matrices/kd_T4_softmax.csv", "cka_resnet34_vs_kd.png"):
+        assert (out / name).is_file(), name
+    nearest = (out / "nearest_classes.csv").read_text().splitlines()
+    assert len(nearest) == 7 and "kd (T=1)" in nearest[0]
+
+    bad = write_cache(tmp_path / "bad.h5", logits=z, labels=y,
+                      attrs={"data_fingerprint": "zzz"})
+    capsys.readouterr()
+    rc = cli_main(["similarity", str(t), str(bad), "--out", str(tmp_path / "o2"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "error:" in err and "bad.h5" in err and "Traceback" not in err
