@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--mem-px", type=int, default=112, help="input size in the memory check")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_n:
@@ -158,6 +159,13 @@ def main() -> None:
         return
 
     device = torch.device(args.device)
+    if not args.skip_timing:
+        _timing(args, device)
+    if not args.skip_memory:
+        _memory(args)
+
+
+def _timing(args: argparse.Namespace, device: torch.device) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {device}")
     loaded = _loaded(args.arch, args.size)
@@ -188,8 +196,8 @@ def main() -> None:
     print(f"  ratio cache/bare: wall {cw / bw:.3f}, CPU {cc / bc:.3f}  (target <= 1.15); "
           f"file {file_mib:.1f} MiB")
 
-    if args.skip_memory:
-        return
+
+def _memory(args: argparse.Namespace) -> None:
     print(f"memory: peak RSS of a fresh process caching N images at {args.mem_px}px")
     for n in [int(v) for v in args.mem_sizes.split(",")]:
         cmd = [sys.executable, __file__, "--child-n", str(n), "--arch", args.arch,

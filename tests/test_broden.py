@@ -98,6 +98,11 @@ def test_round_trip_exact_arrays(broden):
     assert np.array_equal(s2.pixel["texture"][0], TEX) and s2.image["scene"].size == 0
     assert np.asarray(ds.load_image(1)).shape == (8, 12, 3)
     assert ds.labels.tolist() == [-1, -1, -1] and ds.class_names is None
+    # picklable, so DataLoader workers started with 'spawn' can receive it
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds.torch_dataset()))
+    assert np.array_equal(clone.dataset.load_segmentation(0).pixel["part"], s.pixel["part"])
 
 
 def test_label_table_and_primary_category(broden):

@@ -94,3 +94,153 @@ def test_missing_figure_is_a_clear_error(tmp_path):
     summary["figures"]["dissection_bars"]["path"] = "dissection/gone.png"
     with pytest.raises(InterptoolError, match="gone.png: cannot be read"):
         render_html(summary, tmp_path / "report.html")
+
+
+# --------------------------------------------------------------------------------------------
+# run_compare on two tiny random-weight models (n=40 images at 32 px)
+# --------------------------------------------------------------------------------------------
+SMALL = """
+[data]
+eval = "builtin:concept-world?n=40&size=32&seed=3&split=eval"
+probe = "builtin:concept-world?n=40&size=32&seed=3&split=probe"
+[models.big]
+arch = "interptool:cw-student"
+layers = ["layer3", "layer4"]
+image_size = 32
+role = "teacher"
+[models.small]
+arch = "interptool:cw-student"
+layers = ["layer3", "layer4"]
+image_size = 32
+[analysis]
+dissection = { top_units = 2 }
+similarity = { temperatures = [1, 4], n_boot = 100 }
+attribution = { methods = ["grad_cam"], n_images = 4 }
+[run]
+batch_size = 20
+seed = 5
+"""
+
+_RUN: dict = {}
+
+
+def small_compare(tmp_dir):
+    """Run compare once per process: first interrupted in the similarity stage, then resumed.
+
+    Returns (out_dir, record) where record holds what the interrupted run left behind.
+    """
+    if "out" in _RUN:
+        return _RUN["out"], _RUN["record"]
+    from interptool.analyzers import similarity as sim_mod
+    from interptool.report import load_config, run_compare
+
+    (tmp_dir / "c.toml").write_text(SMALL)
+    cfg = load_config(tmp_dir / "c.toml")
+    out = tmp_dir / "out"
+    real = sim_mod.compare_similarity
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash after the cache and dissection stages")
+
+    sim_mod.compare_similarity = boom
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_compare(cfg, out)
+    finally:
+        sim_mod.compare_similarity = real
+    caches = sorted((out / "cache").glob("*.h5"))
+    record = {
+        "caches": {p.name: p.stat().st_mtime_ns for p in caches},
+        "markers": sorted(p.name for p in (out / ".stages").glob("*.json")),
+        "report_after_crash": (out / "report.html").exists(),
+    }
+    # The resumed run must not redo dissection: make any call to it fail.
+    from interptool.analyzers import dissection as dis_mod
+
+    real_run = dis_mod.Dissection.run
+
+    def no_dissection(*a, **k):
+        raise AssertionError("dissection recomputed although its stage was done")
+
+    dis_mod.Dissection.run = no_dissection
+    try:
+        run_compare(cfg, out, config_text=SMALL)
+    finally:
+        dis_mod.Dissection.run = real_run
+    _RUN["out"], _RUN["record"] = out, record
+    _RUN["cfg"] = cfg
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    return small_compare(tmp_path_factory.mktemp("compare"))
+
+
+def test_interrupted_run_resumes_without_recomputing(compared):
+    out, record = compared
+    assert not record["report_after_crash"]
+    assert sorted(record["caches"]) == ["big_eval.h5", "big_probe.h5", "small_eval.h5",
+                                        "small_probe.h5"]
+    assert {f"dissection-{m}-{lay}.json" for m in ("big", "small")
+            for lay in ("layer3", "layer4")} <= set(record["markers"])
+    assert "similarity.json" not in record["markers"]
+    # caches untouched by the resumed run (same files, same modification times)
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.h5")}
+    assert now == record["caches"]
+    assert (out / "report.html").exists() and (out / "summary.json").exists()
+    for rel in ("dissection/big/layer4/tally.csv", "similarity/transfer.csv",
+                "attribution/grad_cam/big/attributions.h5", "similarity/cka.png"):
+        assert (out / rel).exists(), rel
+
+
+def test_summary_numbers_equal_direct_analyzer_results(compared):
+    import json
+
+    from interptool.analyzers.cka import cka
+    from interptool.analyzers.dissection import Dissection
+    from interptool.analyzers.similarity import compare_similarity
+    from interptool.cache import ActivationCache
+    from interptool.data import open_dataset
+
+    out, _ = compared
+    s = json.loads((out / "summary.json").read_text())
+    probe = open_dataset("builtin:concept-world?n=40&size=32&seed=3&split=probe")
+    # dissection: counts per layer and category, and the IoU-threshold curve
+    with ActivationCache(out / "cache" / "small_probe.h5") as c:
+        res = Dissection(quantile=0.005, iou_threshold=0.04).run(c, "layer4", probe)
+    part = s["dissection"]["per_model"]["small"]["layer4"]
+    assert part["detectors"] == len(res.detectors())
+    assert part["unique_concepts"] == res.unique_concepts()
+    for cat, n in res.by_category().items():
+        assert part["by_category"][cat]["detectors"] == n
+    thr = s["dissection"]["settings"]["iou_thresholds"]
+    assert part["curve"] == [len(res.detectors(t)) for t in thr]
+    # accuracy: recomputed from the cached logits by hand
+    with ActivationCache(out / "cache" / "small_eval.h5") as c:
+        acc = float((c.logits.argmax(1) == c.labels).mean())
+        big = ActivationCache(out / "cache" / "big_eval.h5")
+        direct = compare_similarity(big, c, temperature=[1, 4], n_boot=100, seed=5, k=5)
+        ck = cka(big, c, ["layer3", "layer4"], ["layer3", "layer4"])
+        big.close()
+    models = {m["name"]: m for m in s["models"]}
+    assert models["small"]["accuracy"] == pytest.approx(acc)
+    # similarity: the transfer estimate and its CI
+    est = direct.to_frame()
+    row = est[(est["metric"] == "spearman") & (est["temperature"] == 4.0)
+              & (est["role"] == "student")].iloc[0]
+    got = [r for r in s["similarity"]["estimates"] if r["metric"] == "spearman"
+           and r["temperature"] == 4.0 and r["role"] == "student"][0]
+    assert got["value"] == pytest.approx(row["value"])
+    assert got["ci_low"] == pytest.approx(row["ci_low"])
+    # CKA matrix
+    np.testing.assert_allclose(np.asarray(s["similarity"]["cka"]["matrix"]),
+                               ck.matrix.to_numpy(), rtol=1e-6)
+    # every figure named in the summary exists and the findings rank by value
+    for f in s["figures"].values():
+        assert (out / f["path"]).exists()
+    acc_row = next(f for f in s["findings"] if f["measure"] == "accuracy (eval)")
+    vals = acc_row["values"]
+    assert acc_row["higher"] in (max(vals, key=vals.get), "tie")
+    html = (out / "report.html").read_text()
+    assert f"{100 * acc:.1f}%" in html

@@ -67,6 +67,24 @@ def test_refuses_to_overwrite_a_different_or_partial_folder(tmp_path):
     assert len(BrodenDataset(root)) == 3
 
 
+def _make_small(root: str) -> str:
+    return str(make_concept_world(root, n=10, size=32, seed=8))
+
+
+def test_concurrent_generation_ends_with_one_complete_set(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    target = str(tmp_path / "shared")
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(_make_small, [target, target]))
+    assert results == [target, target]
+    assert len(BrodenDataset(target)) == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # no temporary folder left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        make_concept_world(tmp_path / "file", n=2, size=32)
+
+
 def test_bad_parameters():
     for kwargs, msg in [({"n": 0}, "n=0"), ({"size": 8}, "size=8"), ({"split": "test"},
                         "split"), ({"n": "ten"}, "not an integer")]:

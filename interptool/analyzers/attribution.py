@@ -170,6 +170,14 @@ def _display(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+class _TargetOutOfRange(Exception):
+    """Internal: captum failed selecting a target the model does not have."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.width = width
+
+
 # --------------------------------------------------------------------------- result
 @dataclass
 class AttributionResult:
@@ -383,6 +391,8 @@ class Attribution:
                 f"target='label' but image {src.ids[bad]!r} (and maybe others) has no label; "
                 "use target='predicted' (--target predicted) or a class index")
 
+        self._known_classes = (int(model_or_loaded.num_classes) if _is_loaded(model_or_loaded)
+                               and getattr(model_or_loaded, "num_classes", None) else None)
         prepared = prepare_model(model, device)
         self.adapter.check_model(prepared)
         self.model_ = prepared
@@ -419,7 +429,8 @@ class Attribution:
         images = None
         if keep_images:
             images = _display(src.batch(0, min(keep_images, n)))
-        num_classes = self._num_classes(model, src, device)
+        # known up front for a LoadedModel; otherwise read off the first forward pass
+        num_classes = self._known_classes
         with progress(total=n, desc=f"attribution {self.method}", unit="img") as bar:
             bar.update(start0)
             start = start0
@@ -433,7 +444,17 @@ class Attribution:
                         preds = model(x).argmax(dim=1)
                 tgt = self._targets(target, src.labels[start:stop], preds, num_classes,
                                     src.ids[start:stop])
-                raw, logits = self._attribute_capturing(model, x, tgt.to(device), start)
+                try:
+                    raw, logits, width = self._attribute_capturing(model, x, tgt, device, start,
+                                                                   src.ids[start:stop])
+                except _TargetOutOfRange as exc:  # raises the AnalysisError naming the image
+                    self._targets(target, src.labels[start:stop], preds, exc.width,
+                                  src.ids[start:stop])
+                    raise
+                if num_classes is None:
+                    num_classes = width
+                    self._targets(target, src.labels[start:stop], preds, num_classes,
+                                  src.ids[start:stop])
                 if preds is None:
                     if logits is None:  # the method never ran the model on x itself
                         with torch.no_grad():
@@ -470,37 +491,43 @@ class Attribution:
             params=dict(self.params), model_info=info, reduce=self.reduce,
             path=store.path if store is not None else None, images=images)
 
-    @staticmethod
-    def _num_classes(model: nn.Module, src: _TensorSource, device: str) -> int:
-        """Output size from one image (validates targets before any attribution call)."""
-        with torch.no_grad():
-            logits = model(src.batch(0, 1).to(device=device, dtype=torch.float32))
-        if logits.dim() != 2:
-            raise AnalysisError(f"model output must be (N, classes) logits, got "
-                                f"{tuple(logits.shape)}; attribution needs a classifier")
-        return int(logits.shape[1])
-
     def _attribute_capturing(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                             start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attribute, and keep the logits of captum's own forward pass on ``x`` when it makes
-        one (saliency, grad_cam, occlusion, ...): saves a separate prediction pass. The hook
-        sits on our private copy and is removed before returning."""
+                             device: str, start: int, ids: Sequence[str],
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """Attribute; also return the logits of captum's own forward pass on ``x`` when it
+        makes one (saliency, grad_cam, occlusion, ...), which saves a prediction pass, and the
+        model's output width (to check targets without an extra forward pass). The hook sits
+        on our private copy and is removed before returning."""
         seed = batch_seed(self.params.get("seed", 0), start)
         # a fresh leaf that requires grad (captum would otherwise warn and set it itself)
         xg = x.detach().requires_grad_(True)
         seen: list[torch.Tensor] = []
+        width: list[int] = []
 
         def grab(_module, inputs, output):
-            if not seen and inputs and inputs[0] is xg and isinstance(output, torch.Tensor):
+            if not isinstance(output, torch.Tensor):
+                return
+            if not width:
+                if output.dim() != 2:
+                    raise AnalysisError(
+                        f"model output must be (N, classes) logits, got {tuple(output.shape)}; "
+                        "attribution needs a classifier")
+                width.append(int(output.shape[1]))
+            if not seen and inputs and inputs[0] is xg:
                 seen.append(output.detach())
 
         handle = model.register_forward_hook(grab)
         try:
-            raw = self.adapter.attribute(model, xg, target, seed=seed).detach()
+            raw = self.adapter.attribute(model, xg, target.to(device), seed=seed).detach()
+        except (IndexError, RuntimeError) as exc:
+            # captum fails on an out-of-range target while selecting it: say why
+            if width and bool((target >= width[0]).any()):
+                raise _TargetOutOfRange(width[0]) from exc
+            raise
         finally:
             handle.remove()
-        logits = seen[0] if seen and seen[0].dim() == 2 else None
-        return raw, logits
+        logits = seen[0] if seen else None
+        return raw, logits, (width[0] if width else None)
 
     @staticmethod
     def _targets(target, labels, preds, num_classes, ids) -> torch.Tensor:
@@ -512,7 +539,7 @@ class Attribution:
         else:
             t = torch.full((len(labels),), int(target), dtype=torch.long)
             what = "target"
-        bad = (t < 0) | (t >= num_classes)
+        bad = (t < 0) | (t >= num_classes) if num_classes is not None else t < 0
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             raise AnalysisError(

@@ -225,7 +225,7 @@ def _full_features(ca, cb, la, lb, pooling, batch_size, dev) -> np.ndarray:
         f = n_seen * nb / tot
         deltas = [None if means[e] is None else bm[e] - means[e] for e in range(len(entries))]
 
-        def merged(acc, e1, e2, c1=xc, d=deltas):
+        def merged(acc, e1, e2, c1=xc, d=deltas, f=f):
             cur = c1[e1].T @ c1[e2]
             if acc is None:
                 return cur

@@ -35,6 +35,7 @@ from interptool.analyzers._similarity_core import (
     normalise_rows,
     pair_metrics,
     semantic_spearman,
+    softmax_stats,
     topk_neighbours,
     weighted_class_sums,
     weighted_counts,
@@ -396,7 +397,9 @@ class ClassSimilarity:
     Parameters
     ----------
     temperature: one temperature or a list of them (all positive).
-    device: torch device for the accumulation matmuls.
+    device: accepted for a uniform analyzer API; this single O(N K) pass runs in NumPy on
+        the CPU (seconds for 50,000 x 1,000). The device matters in :func:`compare_similarity`,
+        whose bootstrap matmuls run on it.
     """
 
     def __init__(self, temperature: float | Sequence[float] = 1.0, *, device: str = "cpu") -> None:
@@ -414,17 +417,24 @@ class ClassSimilarity:
 def _similarity_of(d: _Logits, temps: list[float], k: int, device: str) -> SimilarityResult:
     sl = SortedLabels.build(d.labels, k)
     counts = sl.counts.astype(np.float64)
-    ones = np.ones((1, d.labels.shape[0]))
     matrices, dks, ent, ent_all, nte, nte_all = {}, {}, {}, {}, {}, {}
     valid = counts > 0
     for t in temps:
-        sums, hs, hqs = weighted_class_sums(ones, PerSample(d.logits, sl, t, "softmax"), device)
-        dsums, _, _ = weighted_class_sums(ones, PerSample(d.logits, sl, t, "dark_knowledge"), device)
-        matrices[t] = normalise_rows(sums[0], counts)
-        dks[t] = normalise_rows(dsums[0], counts)
+        # one class at a time (bounded memory); float64 sums; empty classes stay NaN
+        sums = np.full((k, k), np.nan)
+        dsums = np.full((k, k), np.nan)
+        hs = np.full(k, np.nan)
+        hqs = np.full(k, np.nan)
+        for i in np.flatnonzero(valid):
+            z = d.logits[sl.order[sl.starts[i]:sl.stops[i]]].astype(np.float64) / t
+            p, h = softmax_stats(z)
+            q, hq = softmax_stats(z, np.full(z.shape[0], i))
+            sums[i], dsums[i], hs[i], hqs[i] = p.sum(0), q.sum(0), h.sum(), hq.sum()
         with np.errstate(invalid="ignore", divide="ignore"):
-            ent[t] = np.where(valid, hs[0] / counts, np.nan)
-            nte[t] = np.where(valid, hqs[0] / counts, np.nan)
+            matrices[t] = sums / counts[:, None]
+            dks[t] = dsums / counts[:, None]
+            ent[t] = hs / counts
+            nte[t] = hqs / counts
         ent_all[t] = float(np.nanmean(ent[t]))
         nte_all[t] = float(np.nanmean(nte[t]))
     # cosine of class-mean logits: class sums of raw logits via the same sorted segments

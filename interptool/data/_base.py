@@ -85,7 +85,8 @@ class ImageDataset:
                 f"image {path} (item {i} of {self.spec}) does not exist; "
                 "restore the file or remove it from the data set"
             ) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+                Image.DecompressionBombError) as exc:
             raise DataError(
                 f"image {path} (item {i} of {self.spec}) cannot be decoded: {exc}; "
                 "replace the file or pass skip_bad=True (--skip-bad) to leave it out"

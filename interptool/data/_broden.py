@@ -205,8 +205,6 @@ class BrodenDataset(ImageDataset):
         self.categories: list[str] = cats
 
     def _read_label_table(self, root: Path) -> None:
-        import pandas as pd
-
         path = root / "label.csv"
         header, rows = _read_csv(path, ("number", "name", "category"),
                                  "it lists label numbers (number,name,category,frequency,"
@@ -257,7 +255,6 @@ class BrodenDataset(ImageDataset):
             self.label_names[n] = name
         self._label_counts = dict(zip(numbers, catcounts))
         self._label_rows = (numbers, names, freq, cov)
-        self._pd = pd
 
     def _read_category_maps(self, root: Path) -> None:
         """Read and validate ``c_<cat>.csv`` where present: code -> number, coverage."""
@@ -317,7 +314,9 @@ class BrodenDataset(ImageDataset):
         self.label_category = np.full(self.num_labels, -1, dtype=np.int64)
         for n in numbers:
             self.label_category[n] = self.categories.index(primary[n])
-        self.label_table = self._pd.DataFrame(
+        import pandas as pd
+
+        self.label_table = pd.DataFrame(
             {
                 "number": np.array(numbers, dtype=np.int64),
                 "name": names,

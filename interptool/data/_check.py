@@ -218,10 +218,9 @@ def _check_broden(root: Path, manifest: dict[str, Any], rep: CheckReport) -> Non
             if not p.is_file():
                 n_missing += 1
                 if len(missing) < _MAX_LISTED:
-                    missing.append(f"{p.relative_to(images).as_posix()} ({what} of index.csv "
-                                   f"row {i + 2})")
-    for m in missing:
-        rep.problems.append(f"images/{m}: missing")
+                    missing.append(f"images/{p.relative_to(images).as_posix()}: missing "
+                                   f"({what} of index.csv line {i + 2})")
+    rep.problems.extend(missing)
     if n_missing > len(missing):
         rep.problems.append(f"... and {n_missing - len(missing)} more missing files under images/")
     if not n_missing:

@@ -522,11 +522,24 @@ def make_concept_world(
     root = Path(root).expanduser()
     if _is_complete(root, n, size, seed, split) and not overwrite:
         return root
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file; give a folder for the concept-world set")
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise DataError(
             f"{root} exists and is not a concept-world set with n={n}, size={size}, "
             f"seed={seed}, split={split}; choose another folder or pass --overwrite"
         )
+    try:
+        _generate(root, n, size, seed, split, overwrite)
+    except OSError as exc:
+        raise DataError(
+            f"cannot write concept-world to {root}: {exc}; choose a writable folder (--out) "
+            "or set $INTERPTOOL_DATA to one"
+        ) from None
+    return root
+
+
+def _generate(root: Path, n: int, size: int, seed: int, split: str, overwrite: bool) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -545,4 +558,3 @@ def make_concept_world(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return root

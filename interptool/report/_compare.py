@@ -141,6 +141,21 @@ class _NamedCache:
         return getattr(self._cache, item)
 
 
+def _cache(loaded: Any, dataset: Any, layers: list[str], path: Path, **kw: Any) -> Path:
+    """``cache_activations`` that reuses a matching cache (complete: no-op; incomplete:
+    resumed) and rebuilds one made with other settings: files under DIR/cache are ours."""
+    from interptool.cache import cache_activations
+    from interptool.errors import CacheError
+
+    try:
+        return Path(cache_activations(loaded, dataset, layers, path, **kw))
+    except CacheError as exc:
+        if not path.exists():
+            raise
+        _log(f"{path.name}: {exc}; rebuilding it")
+        return Path(cache_activations(loaded, dataset, layers, path, overwrite=True, **kw))
+
+
 def _cache_identity(path: Path) -> dict[str, Any]:
     from interptool.cache import ActivationCache
 
@@ -208,8 +223,6 @@ class _Run:
 
     # -- stage 2: caches ------------------------------------------------------------------------
     def cache(self) -> None:
-        from interptool.cache import cache_activations
-
         r = self.cfg.run
         sim = self.cfg.analysis.similarity
         for name, m in self.cfg.models.items():
@@ -218,16 +231,15 @@ class _Run:
                 layers = m.layers if (sim is not None and sim.cka) else []
                 path = self.out / "cache" / f"{name}_eval.h5"
                 _log(f"cache {name} on eval data ({len(self.eval_ds)} images)")
-                self.eval_cache[name] = Path(cache_activations(
+                self.eval_cache[name] = _cache(
                     lm, self.eval_ds, layers, path, batch_size=r.batch_size, workers=r.workers,
-                    overwrite=True, probe=False, seed=r.seed, device=self.device))
+                    probe=False, seed=r.seed, device=self.device)
             if self.probe_ds is not None:
                 path = self.out / "cache" / f"{name}_probe.h5"
                 _log(f"cache {name} on probe data ({len(self.probe_ds)} images)")
-                self.probe_cache[name] = Path(cache_activations(
+                self.probe_cache[name] = _cache(
                     lm, self.probe_ds, self._dissect_layers(m), path, batch_size=r.batch_size,
-                    workers=r.workers, overwrite=True, probe=True, seed=r.seed,
-                    device=self.device))
+                    workers=r.workers, probe=True, seed=r.seed, device=self.device)
 
     def _dissect_layers(self, m) -> list[str]:
         d = self.cfg.analysis.dissection
@@ -790,6 +802,8 @@ def _finding(measure: str, values: dict[str, Any], diff=None, note: str = "") ->
                            "comparison": f"{order[0]} vs {order[1]}" if len(order) > 1 else ""}
     if len(order) > 1:
         row["difference"] = values[order[0]] - values[order[1]]
+        if row["difference"] == 0:
+            row["higher"] = "tie"
         if diff is not None:
             d, lo, hi = diff(order[0], order[1])
             if lo is not None and math.isfinite(lo) and math.isfinite(hi):

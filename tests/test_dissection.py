@@ -1,0 +1,383 @@
+"""Network dissection: known answers computed by hand, a NetDissect-Lite-style reference loop,
+invariances, error paths and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from interptool.analyzers.dissection import Dissection, DissectionResult
+from interptool.cache import ActivationCache, write_cache
+from interptool.cli import main
+from interptool.data import Segmentation
+from interptool.errors import AnalysisError, CacheError, ConfigError
+
+# ----------------------------------------------------------------------------- toy probe
+# categories object (pixel) and scene (image-level); labels 1 a, 2 b (object), 3 sky, 4 sea
+CATS = ["object", "scene"]
+NAMES = ["-", "a", "b", "sky", "sea"]
+LABCAT = np.array([-1, 0, 0, 1, 1])
+P = 16  # 4x4 segmentation
+
+
+def _toy_segs() -> list[tuple[np.ndarray | None, list[int]]]:
+    """(object plane 4x4 or None, scene labels) for six images."""
+    segs = []
+    segs.append((None, []))  # 0: nothing labelled
+    m = np.zeros((4, 4), np.int64)
+    m[:2, :2] = 1
+    m[3, :] = 2
+    segs.append((m, [3]))  # 1: a top-left 2x2, b bottom row, sky
+    m = np.zeros((4, 4), np.int64)
+    m[:, 0] = 1
+    segs.append((m, []))  # 2: a left column
+    segs.append((None, [4]))  # 3: only an image-level label (stale-accumulator case)
+    segs.append((np.full((4, 4), 2, np.int64), [3]))  # 4: b everywhere, sky
+    segs.append((np.zeros((4, 4), np.int64), []))  # 5: an empty object plane
+    return segs
+
+
+class ToyProbe:
+    """Duck-typed stand-in for BrodenDataset (same attributes the analyzer uses)."""
+
+    def __init__(self, segs, order=None):
+        self._segs = segs if order is None else [segs[i] for i in order]
+        names = [f"img{i}.png" for i in range(len(segs))]
+        self.ids = names if order is None else [names[i] for i in order]
+        self.spec = "toy:probe"
+        self.fingerprint = "toy-" + "-".join(self.ids)
+        self.categories = CATS
+        self.label_names = np.array(NAMES)
+        self.label_category = LABCAT
+        self.num_labels = len(NAMES)
+
+    def __len__(self):
+        return len(self._segs)
+
+    def seg_size(self, i):
+        return (4, 4)
+
+    def load_segmentation(self, i):
+        plane, scene = self._segs[i]
+        pix = np.zeros((0, 4, 4), np.int64) if plane is None else plane[None]
+        return Segmentation(size=(4, 4), pixel={"object": pix},
+                            image={"scene": np.array(scene, np.int64)})
+
+    def load_image(self, i):
+        return Image.new("RGB", (4, 4), (10 * i, 100, 200))
+
+
+def _cache(tmp_path: Path, feats: np.ndarray, probe, name="c.h5", **attrs) -> Path:
+    base = {"data_fingerprint": probe.fingerprint, "data_spec": probe.spec}
+    base.update(attrs)
+    return write_cache(tmp_path / name, logits=np.zeros((len(feats), 2)), ids=probe.ids,
+                       features={"l4": feats}, attrs=base)
+
+
+def _mask_unit(masks: list[np.ndarray | None]) -> np.ndarray:
+    """One unit per image: 2 on the given 4x4 boolean masks, small distinct values elsewhere."""
+    out = np.zeros((len(masks), 1, 4, 4), np.float32)
+    for i, m in enumerate(masks):
+        out[i, 0] = 0.01 * (np.arange(16).reshape(4, 4) % 7) / 7
+        if m is not None:
+            out[i, 0][m] = 2.0
+    return out
+
+
+def _run(tmp_path, feats, probe=None, q=None, **kw) -> DissectionResult:
+    probe = probe or ToyProbe(_toy_segs())
+    path = _cache(tmp_path, feats, probe)
+    if q is None:  # the quantile that puts the threshold just under the 2.0 values
+        q = float((feats >= 2.0).sum() / feats.size)
+    return Dissection(quantile=q, checksum=False, **kw).run(path, "l4", probe)
+
+
+# ------------------------------------------------------------------ known answers by hand
+def test_activation_equal_to_concept_mask_has_iou_one(tmp_path):
+    segs = _toy_segs()
+    masks = [None if s[0] is None else s[0] == 1 for s in segs]
+    r = _run(tmp_path, _mask_unit(masks))
+    assert 0.01 < r.thresholds[0] < 2.0
+    assert r.intersect[0, 1] == 8 and r.label_area[1] == 8
+    assert r.best_iou[0] == pytest.approx(1.0) and NAMES[r.best_label[0]] == "a"
+    assert CATS[r.best_category[0]] == "object"
+    row = r.to_frame().iloc[0]
+    assert row["unit"] == 1 and row["label"] == "a" and row["object-iou"] == pytest.approx(1.0)
+    assert row["object-truth"] == 8 and row["object-intersect"] == 8
+    assert row["object-activation"] == 8
+
+
+def test_unit_firing_everywhere_gives_area_fractions(tmp_path):
+    # 2.0 everywhere except image 0 (1.0): T = 1.0 and the unit fires on all of images 1-5
+    feats = np.full((6, 1, 4, 4), 2.0, np.float32)
+    feats[0] = 1.0
+    r = _run(tmp_path, feats, q=0.9)
+    assert r.thresholds[0] == 1.0
+    assert r.unit_area[0] == 5 * P
+    # label areas: a 4+4, b 4+16, sky 2 images, sea 1 image (image-level: sh*sw each)
+    np.testing.assert_array_equal(r.label_area, [0, 8, 20, 32, 16])
+    # the unit's area per category: object on images 1,2,4; scene on images 1,3,4
+    np.testing.assert_array_equal(r.unit_cat_area[0], [48, 48])
+    expect = {1: 8 / 48, 2: 20 / 48, 3: 32 / 48, 4: 16 / 48}
+    for lab, v in expect.items():
+        assert r.iou[0, lab] == pytest.approx(v, abs=1e-9)  # +1e-10 in the denominator
+    assert NAMES[r.best_label[0]] == "sky" and CATS[r.best_category[0]] == "scene"
+    assert r.cat_label[0, 0] == 2 and r.cat_iou[0, 0] == pytest.approx(20 / 48)
+
+
+def test_category_restricted_unit_area(tmp_path):
+    # the unit fires on the right column of images 1 and 2; it touches an object label only
+    # in image 1 (pixel (3,3) is b), so NetDissect-Lite counts only image 1's area for object
+    right = np.zeros((4, 4), bool)
+    right[:, 3] = True
+    feats = _mask_unit([None, right, right, None, None, None])
+    r = _run(tmp_path, feats)
+    assert r.intersect[0, 2] == 1 and r.intersect[0, 3] == 4
+    np.testing.assert_array_equal(r.unit_cat_area[0], [4, 4])
+    assert r.iou[0, 2] == pytest.approx(1 / (4 + 20 - 1))
+    assert r.iou[0, 3] == pytest.approx(4 / (4 + 32 - 4))
+    # "image": every image carrying an object label counts (images 1 and 2)
+    r2 = _run(tmp_path, feats, category_area="image")
+    np.testing.assert_array_equal(r2.unit_cat_area[0], [8, 4])
+    assert r2.iou[0, 2] == pytest.approx(1 / (8 + 20 - 1))
+
+
+def test_image_level_label_and_stale_accumulator(tmp_path):
+    # fires on image 2's left column (label a) and all of image 3 (scene "sea" only)
+    left = np.zeros((4, 4), bool)
+    left[:, 0] = True
+    feats = _mask_unit([None, None, left, np.ones((4, 4), bool), None, None])
+    r = _run(tmp_path, feats)
+    np.testing.assert_array_equal(r.unit_cat_area[0], [4, 16])
+    assert r.iou[0, 4] == pytest.approx(1.0)  # sea: 16 / (16 + 16 - 16)
+    assert r.iou[0, 1] == pytest.approx(4 / (4 + 8 - 4))  # a: 0.5
+    # NetDissect-Lite's stale accumulator would add image 3's 16 px to object: a = 1/6
+    ref_fresh = _reference(feats, ToyProbe(_toy_segs()), r.thresholds, stale=False)
+    ref_stale = _reference(feats, ToyProbe(_toy_segs()), r.thresholds, stale=True)
+    assert ref_fresh["iou"][0, 1] == pytest.approx(0.5)
+    assert ref_stale["iou"][0, 1] == pytest.approx(4 / (20 + 8 - 4))
+    np.testing.assert_allclose(r.iou, ref_fresh["iou"], rtol=0, atol=0)
+
+
+def test_upsampled_mask_from_small_map(tmp_path):
+    # a 2x2 map with 1 at top-left: Pillow-bilinear 4x4 profile [1,.75,.25,0]; T between .5625
+    # and .75 keeps (0,0),(0,1),(1,0): object label a exactly there in a custom probe
+    m = np.zeros((4, 4), np.int64)
+    m[0, 0] = m[0, 1] = m[1, 0] = 1
+    segs = [(m, []), (np.zeros((4, 4), np.int64), [])]
+    probe = ToyProbe(segs)
+    feats = np.zeros((2, 1, 2, 2), np.float32)
+    feats[0, 0, 0, 0] = 1.0
+    feats[1, 0] = 0.6  # image 1: flat 0.6 -> upsampled flat 0.6, below T
+    # 8 values: sorted [0,0,0,.6,.6,.6,.6,1]; q=0.1 -> p=.9, h=6.3 -> T=.6+.3*(1-.6)=.72
+    r = _run(tmp_path, feats, probe=probe, q=0.1)
+    assert r.thresholds[0] == pytest.approx(0.72, rel=1e-6)
+    assert r.unit_area[0] == 3 and r.intersect[0, 1] == 3 and r.best_iou[0] == pytest.approx(1)
+
+
+# ------------------------------------------------- reference loop (NetDissect-Lite style)
+def _reference(feats, probe, thresholds, stale=False):
+    """Per image, per unit, float64 numpy + Pillow imresize, as feature_operation.tally_job."""
+    n, units = feats.shape[:2]
+    L, C = probe.num_labels, len(probe.categories)
+    labelcat = np.zeros((L, C))
+    for lab in range(1, L):
+        if probe.label_category[lab] >= 0:
+            labelcat[lab, probe.label_category[lab]] = 1
+    both = np.zeros((units, L))
+    labels = np.zeros(L)
+    ucat = np.zeros((units, C))
+    tally_cat = np.zeros(C)
+    for i in range(n):
+        seg = probe.load_segmentation(i)
+        sh, sw = seg.size
+        scalars = [int(s) for c in probe.categories for s in seg.image.get(c, [])]
+        planes = [p for c in probe.categories for p in seg.pixel.get(c, np.zeros((0, sh, sw)))]
+        pixels = np.stack(planes) if planes else None
+        for s in scalars:
+            labels[s] += sh * sw
+        if pixels is not None:
+            t = np.bincount(pixels.ravel(), minlength=L)
+            t[0] = 0
+            labels += t
+        for u in range(units):
+            fm = feats[i, u].astype(np.float64)
+            if fm.max() <= thresholds[u]:
+                continue
+            mask = np.asarray(Image.fromarray(fm.astype(np.float32), mode="F").resize(
+                (sw, sh), Image.BILINEAR))
+            idx = np.argwhere(mask > thresholds[u])
+            if not stale:
+                tally_cat = np.zeros(C)
+            if pixels is not None:
+                bt = np.bincount(pixels[:, idx[:, 0], idx[:, 1]].ravel(), minlength=L)
+                bt[0] = 0
+                tally_cat = bt @ labelcat
+                both[u] += bt
+            for s in scalars:
+                tally_cat = tally_cat + labelcat[s]
+                both[u, s] += len(idx)
+            ucat[u] += len(idx) * (tally_cat > 0)
+    ucat_l = ucat @ labelcat.T
+    iou = both / (ucat_l + labels[None] - both + 1e-10)
+    iou[:, probe.label_category < 0] = 0
+    iou[:, 0] = 0
+    return {"iou": iou, "both": both, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def world():
+    from interptool.data import open_dataset
+
+    return open_dataset("builtin:concept-world?n=48&size=32")
+
+
+def _world_feats(n, units=6, hw=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.maximum(rng.standard_normal((n, units, hw, hw)), 0).astype(np.float32)
+
+
+def test_matches_reference_loop_on_concept_world(tmp_path, world):
+    feats = _world_feats(len(world))
+    path = _cache(tmp_path, feats, world)
+    r = Dissection(quantile=0.02, batch_size=5, checksum=False).run(path, "l4", world)
+    ref = _reference(feats, world, r.thresholds)
+    np.testing.assert_array_equal(r.intersect, ref["both"].astype(np.int64))
+    np.testing.assert_array_equal(r.label_area, ref["labels"].astype(np.int64))
+    np.testing.assert_array_equal(r.iou, ref["iou"])
+    flat = feats.transpose(1, 0, 2, 3).reshape(feats.shape[1], -1).astype(np.float64)
+    np.testing.assert_array_equal(r.thresholds, np.quantile(flat, 0.98, axis=1))
+
+
+def test_invariant_to_batch_size_and_order(tmp_path):
+    segs = _toy_segs()
+    rng = np.random.default_rng(1)
+    feats = rng.gamma(1.0, size=(6, 5, 2, 2)).astype(np.float32)
+    base = _run(tmp_path, feats, q=0.1, batch_size=64)
+    for bs in (1, 4):
+        other = _run(tmp_path, feats, q=0.1, batch_size=bs)
+        np.testing.assert_array_equal(other.iou, base.iou)
+    order = [3, 5, 0, 2, 4, 1]
+    perm = _run(tmp_path, feats[order], probe=ToyProbe(segs, order), q=0.1, batch_size=4)
+    np.testing.assert_array_equal(perm.iou, base.iou)
+    np.testing.assert_array_equal(perm.thresholds, base.thresholds)
+
+
+def test_thresholds_curve_monotone_and_summary(tmp_path, world):
+    feats = _world_feats(len(world), units=12, seed=2)
+    r = Dissection(quantile=0.02, checksum=False).run(_cache(tmp_path, feats, world), "l4", world)
+    curve = r.thresholds_curve()
+    assert [c["iou_threshold"] for c in curve] == [round(0.01 * i, 2) for i in range(1, 21)]
+    det = [c["detectors"] for c in curve]
+    assert all(a >= b for a, b in zip(det, det[1:]))
+    s = r.summary()
+    assert set(s) >= {"layer", "units", "detectors", "unique_concepts", "by_category",
+                      "iou_threshold", "quantile", "thresholds_curve"}
+    assert s["detectors"] == int((r.best_iou >= 0.04).sum())
+    assert sum(s["by_category"].values()) == s["detectors"]
+    json.dumps(r.to_dict())
+
+
+def test_tokens_with_class_token_match_spatial(tmp_path):
+    segs = _toy_segs()
+    probe = ToyProbe(segs)
+    rng = np.random.default_rng(4)
+    spatial = rng.gamma(1.0, size=(6, 3, 2, 2)).astype(np.float32)
+    tokens = np.concatenate([np.full((6, 1, 3), 99, np.float32),
+                             spatial.reshape(6, 3, 4).transpose(0, 2, 1)], axis=1)
+    a = _run(tmp_path, spatial, q=0.2)
+    path = _cache(tmp_path, tokens, probe, name="tok.h5")
+    b = Dissection(quantile=0.2, checksum=False).run(path, "l4", probe)
+    np.testing.assert_array_equal(a.iou, b.iou)
+    assert b.config["dropped_class_token"]
+
+
+# ------------------------------------------------------------------------------ errors
+def test_fingerprint_mismatch(tmp_path):
+    probe = ToyProbe(_toy_segs())
+    path = _cache(tmp_path, _mask_unit([None] * 6), probe, data_fingerprint="other")
+    with pytest.raises(CacheError, match="different data set"):
+        Dissection(checksum=False).run(path, "l4", probe)
+
+
+def test_ids_mismatch(tmp_path):
+    probe = ToyProbe(_toy_segs())
+    path = _cache(tmp_path, _mask_unit([None] * 6), probe, data_fingerprint="")
+    with pytest.raises(CacheError, match="first difference at row 0"):
+        Dissection(checksum=False).run(path, "l4", ToyProbe(_toy_segs(), [1, 0, 2, 3, 4, 5]))
+
+
+def test_missing_layer(tmp_path):
+    probe = ToyProbe(_toy_segs())
+    path = _cache(tmp_path, _mask_unit([None] * 6), probe)
+    with pytest.raises(CacheError, match="layer 'layer3' is not in this cache"):
+        Dissection(checksum=False).run(path, "layer3", probe)
+
+
+def test_nan_names_layer_and_unit(tmp_path):
+    feats = _mask_unit([None] * 6).repeat(3, axis=1)
+    feats[4, 2, 1, 1] = np.nan
+    with pytest.raises(AnalysisError, match=r"layer 'l4' has NaN/Inf .*image 4 .*unit 2"):
+        _run(tmp_path, feats, q=0.1)
+
+
+def test_probe_without_masks_and_bad_layers(tmp_path):
+    class NoMasks:
+        spec = "imagefolder:x"
+
+    with pytest.raises(AnalysisError, match="no segmentation masks"):
+        Dissection(checksum=False).run(_cache(tmp_path, _mask_unit([None] * 6),
+                                              ToyProbe(_toy_segs())), "l4", NoMasks())
+    probe = ToyProbe(_toy_segs())
+    path = _cache(tmp_path, np.zeros((6, 7, 3), np.float32), probe, name="t.h5")
+    with pytest.raises(AnalysisError, match="not a square"):
+        Dissection(checksum=False).run(path, "l4", probe)
+    with pytest.raises(ConfigError):
+        Dissection(quantile=0.0)
+
+
+# ------------------------------------------------------------------------ outputs, CLI
+def test_save_writes_tally_and_montages(tmp_path):
+    segs = _toy_segs()
+    feats = _mask_unit([None if s[0] is None else s[0] == 1 for s in segs])
+    feats = np.concatenate([feats, np.flip(feats, 0)], axis=1)
+    r = _run(tmp_path, feats, top_images=3)
+    paths = r.save(tmp_path / "out")
+    names = {p.name for p in paths}
+    assert {"tally.csv", "summary.json", "detectors_by_category.png",
+            "thresholds_curve.png", "unit_0001.png"} <= names
+    tally = pd.read_csv(tmp_path / "out" / "tally.csv")
+    cols = ["unit", "category", "label", "score", "iou"]
+    for c in CATS:
+        cols += [f"{c}-label", f"{c}-truth", f"{c}-activation", f"{c}-intersect", f"{c}-iou"]
+    assert list(tally.columns) == cols
+    assert sorted(tally["unit"]) == [1, 2]
+    assert list(tally["score"]) == sorted(tally["score"], reverse=True)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["provenance"]["data_fingerprint"] == ToyProbe(segs).fingerprint
+    assert r.top_images.shape == (2, 3)
+    with Image.open(tmp_path / "out" / "units" / "unit_0001.png") as im:
+        assert im.size[0] >= 3 * 112
+
+
+def test_cli_dissect(tmp_path, world, capsys):
+    feats = _world_feats(len(world), units=4, seed=5)
+    path = _cache(tmp_path, feats, world)
+    out = tmp_path / "d"
+    rc = main(["dissect", str(path), "--layer", "l4", "--out", str(out), "--quiet",
+               "--quantile", "0.02", "--montages", "2"])
+    assert rc == 0
+    for f in ("tally.csv", "summary.json", "detectors_by_category.png", "thresholds_curve.png"):
+        assert (out / "l4" / f).is_file()
+    assert len(list((out / "l4" / "units").glob("unit_*.png"))) == 2
+    with ActivationCache(path) as c:
+        assert c.data_spec == world.spec
+    rc = main(["dissect", str(path), "--layer", "nope", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "interptool dissect: error:" in err and "Traceback" not in err
+    assert "'nope'" in err
