@@ -8,6 +8,7 @@ equal (allclose); the best-of-``--repeat`` wall times and the overhead ratio are
 
     .venv/bin/python benchmarks/bench_attribution.py [--size 112] [--n 8] [--steps 16]
         [--repeat 5] [--threads 2] [--device cpu]
+        [--only integrated_gradients|grad_cam]
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", choices=["integrated_gradients", "grad_cam"],
+                    help="time one method only")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
     torch.set_num_threads(args.threads)
@@ -95,6 +98,8 @@ def main() -> int:
     worst = 0.0
     for name, ref_fn, our_fn in (("integrated_gradients", captum_ig, ours_ig),
                                  ("grad_cam", captum_cam, ours_cam)):
+        if args.only and name != args.only:
+            continue
         our_fn(), ref_fn()  # warm-up
         t_ref, ref, t_our, our = _best_interleaved(ref_fn, our_fn, args.repeat)
         np.testing.assert_allclose(our, ref, rtol=1e-5, atol=1e-6)

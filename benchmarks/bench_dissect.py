@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = open_dataset(f"builtin:concept-world?n={args.n}&size={args.size}")
     layers = [s for s in args.layers.split(",") if s]
     cache_path = work / f"resnet18_n{args.n}_s{args.size}.h5"
+    cache_path.unlink(missing_ok=True)  # time real forward passes, not a cache hit
     t0 = time.perf_counter()
     torch.manual_seed(0)
     loaded = load_model("torchvision:resnet18", num_classes=10, image_size=(args.size, args.size),

@@ -470,7 +470,7 @@ def _real_parts_available() -> bool:
 
 
 @pytest.mark.skipif(not _real_parts_available(), reason="loading/data not built yet")
-def test_real_model_and_concept_world(tmp_path):
+def test_real_model_and_concept_world(tmp_path, capsys):
     from interptool.data import open_dataset
     from interptool.loading import load_model
 
@@ -504,10 +504,53 @@ def test_real_model_and_concept_world(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert str(tmp_path / "cli.h5") in proc.stdout and "40 images" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "interptool", "cache", "--arch", "interptool:cw-student",
-         "--data", "builtin:concept-world?n=40&size=64", "--layers", "layer9",
-         "--out", str(tmp_path / "bad.h5"), "--quiet"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "layer9" in bad.stderr
+    from interptool.cli import main
+
+    rc = main(["cache", "--arch", "interptool:cw-student", "--data",
+               "builtin:concept-world?n=40&size=64", "--layers", "layer9",
+               "--out", str(tmp_path / "bad.h5"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "'layer9'" in err and "layer4" in err
+
+
+@pytest.mark.skipif(not _real_parts_available(), reason="loading/data not built yet")
+def test_real_imagefolder_with_a_corrupt_file(tmp_path):
+    from interptool.data import open_dataset
+    from interptool.loading import load_model
+
+    rng = np.random.default_rng(0)
+    for c in "ab":
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            arr = rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "2.png").write_bytes(b"not a png")
+    ds = open_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    loaded = load_model("interptool:cw-student")
+    with pytest.raises(DataError, match=r"b/2\.png"):
+        cache_activations(loaded, ds, ["layer4"], tmp_path / "strict.h5", batch_size=3)
+    run = run_cache(loaded, ds, ["layer4"], tmp_path / "skip.h5", batch_size=3, skip_bad=True,
+                    dtype="float32")
+    keep = [i for i, name in enumerate(ds.ids) if name != "b/2.png"]
+    tf = loaded.preprocessing.eval_transform()  # not Broden: the eval (crop) transform
+    with torch.no_grad():
+        want = loaded.model(torch.stack([tf(ds.load_image(i)) for i in keep]))
+    with ActivationCache(run.path) as c:
+        assert c.attrs["skipped"] == ["b/2.png"] and c.attrs["transform"] == "eval"
+        assert c.ids == [ds.ids[i] for i in keep]
+        np.testing.assert_array_equal(c.labels, ds.labels[keep])
+        np.testing.assert_allclose(c.logits, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_write_cache_from_arrays_round_trip(tmp_path):
+    from interptool.cache import write_cache
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(5, 4, 3, 3)).astype(np.float32)
+    path = write_cache(tmp_path / "w.h5", logits=rng.normal(size=(5, 2)), labels=[0, 1, 0, 1, 1],
+                       ids=list("abcde"), features={"conv": feats}, dtype="float16")
+    with ActivationCache(path) as c:
+        assert c.ids == list("abcde") and c.layers == ["conv"]
+        stored = c.features("conv")[:]
+        np.testing.assert_array_equal(stored, feats.astype(np.float16))
+        np.testing.assert_array_equal(c.feature_max("conv"), stored.max(axis=(2, 3)))

@@ -77,3 +77,20 @@ def test_resize_bit_identical_to_pillow(shape):
     ref = np.stack([np.asarray(Image.fromarray(m, mode="F").resize((sw, sh), Image.BILINEAR))
                     for m in x])
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 112, 112), (2, 2, 32, 32), (7, 9, 30, 50),
+                                   (13, 11, 5, 29)])
+def test_fast_threshold_equals_exact(shape):
+    from interptool.analyzers._dissection_resize import threshold_maps
+
+    h, w, sh, sw = shape
+    rng = np.random.default_rng(sh)
+    x = torch.from_numpy(np.maximum(rng.standard_normal((40, h, w)), 0).astype(np.float32))
+    exact = resize_maps(x, (sh, sw)).reshape(40, -1)
+    # thresholds on the exact values themselves (worst case: ties at T) and at random levels
+    t = torch.cat([exact[:20].double().quantile(0.9, dim=1),
+                   exact[20:, 7].double()]).to(torch.float64)
+    t[5] = float(exact[5, 3])
+    got = threshold_maps(x, (sh, sw), t)
+    assert torch.equal(got, exact.double() > t[:, None])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from interptool.analyzers._dissection_resize import resize_maps
+from interptool.analyzers._dissection_resize import threshold_maps
 from interptool.errors import DataError
 
 # Elements of (pairs x pixels x planes) worked on at once; bounds peak memory per chunk.
@@ -143,17 +143,18 @@ class TallyAccumulator:
         g_idx, u_idx = torch.nonzero(peak > self.T[None, :], as_tuple=True)
         if g_idx.numel() == 0:
             return
+        pix_rows = pix.permute(0, 2, 1).reshape(G * P, -1)  # row = (image, pixel): its planes
         step = max(1, _CHUNK_ELEMENTS // (P * max(D, 1)))
         for s in range(0, g_idx.numel(), step):
             gi, ui = g_idx[s : s + step], u_idx[s : s + step]
             k = gi.numel()
-            up = resize_maps(feats[gi, ui], (sh, sw))  # (k, sh, sw) float32, as Pillow
-            mask = up.reshape(k, P).double() > self.T[ui][:, None]
+            # (k, P): the Pillow-bilinear upsampled maps thresholded, bit-exact
+            mask = threshold_maps(feats[gi, ui], (sh, sw), self.T[ui])
             area = mask.sum(dim=1)  # int64
             self.unit_area.index_add_(0, ui, area)
 
             kk, pp = torch.nonzero(mask, as_tuple=True)
-            labels = pix[gi[kk], :, pp]  # (nnz, D) label numbers under the mask
+            labels = pix_rows.index_select(0, gi[kk] * P + pp)  # (nnz, D) labels under the mask
             keys = ui[kk][:, None] * L + labels
             self.intersect += torch.bincount(keys.reshape(-1), minlength=U * L)
             # image-level labels: the whole mask intersects them

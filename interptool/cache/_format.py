@@ -94,9 +94,11 @@ def write_cache(
             if arr.shape[0] != n:
                 raise ValueError(f"features[{layer!r}] has {arr.shape[0]} rows, expected {n}")
             shapes[layer] = list(arr.shape[1:])
+            # maxima of the stored (dtype-rounded) values, as cache_activations writes them
+            arr = arr.astype(dtype, copy=False)
             grp.create_dataset(
                 layer,
-                data=arr.astype(dtype),
+                data=arr,
                 chunks=(
                     min(n, chunk_rows(arr.shape[1:], np.dtype(dtype).itemsize)),
                     *arr.shape[1:],

@@ -112,7 +112,7 @@ class CheckReport:
             lines.append(f"{len(self.problems)} problem(s): {self.path} does not match manifest "
                          f"{self.name}")
             if self.manifest.get("url"):
-                lines.append(f"  the set can be obtained from {self.manifest['url']}")
+                lines.append(f"  where to get it: {self.manifest['url']}")
         return "\n".join(lines)
 
 

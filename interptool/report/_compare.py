@@ -522,7 +522,7 @@ class _Run:
                     results[name] = Attribution(method, **params).run(
                         self.loaded[name], self.eval_ds, n=n, batch_size=min(16, n),
                         device=self.device, out=self.out / "attribution" / method / name,
-                        keep_images=min(n, 8))
+                        keep_images=min(n, 8), overwrite=True)
                 return self._score_attribution(method, results, n)
 
             part, reused = self.stages.run(f"attribution-{method}", inputs, work)

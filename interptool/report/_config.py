@@ -28,7 +28,8 @@ ATTRIBUTION_METHODS = (
     "integrated_gradients",
     "saliency",
     "input_x_gradient",
-    "gradient_shap",
+    "smoothgrad",
+    "guided_backprop",
     "occlusion",
 )
 # Data-set spec schemes whose remainder is a path (relative paths resolve against the config).

@@ -1,0 +1,100 @@
+"""The built-in demo: shipped weights, their manifest, the default config and a tiny run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from interptool.report._demo import WEIGHTS_DIR, demo_config, demo_config_text, demo_manifest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+HAVE_WEIGHTS = (WEIGHTS_DIR / "manifest.json").is_file()
+needs_weights = pytest.mark.skipif(
+    not HAVE_WEIGHTS, reason="demo weights not built: python examples/concept_world_kd/train.py")
+
+
+@needs_weights
+def test_manifest_documents_recipe_and_checksums():
+    from interptool._provenance import sha256_file
+
+    m = demo_manifest()
+    r = m["recipe"]
+    assert (r["kd_alpha"], r["kd_temperature"], r["label_smoothing_epsilon"]) == (0.5, 4.0, 0.1)
+    assert set(m["models"]) == {"teacher", "scratch", "ls", "kd"}
+    total = 0
+    for name, entry in m["models"].items():
+        path = WEIGHTS_DIR / entry["file"]
+        assert sha256_file(path) == entry["sha256"], name
+        total += path.stat().st_size
+    assert total < 10 * 2**20  # "a few MB"
+    assert m["models"]["teacher"]["arch"] == "interptool:cw-teacher"
+    assert {m["models"][s]["arch"] for s in ("scratch", "ls", "kd")} == {"interptool:cw-student"}
+
+
+@needs_weights
+def test_shipped_weights_reproduce_manifest_accuracy():
+    """Known answer: the eval accuracy recorded at training time, recomputed from the files."""
+    import torch
+
+    from interptool.data import open_dataset
+    from interptool.loading import load_model
+
+    m = demo_manifest()
+    ds = open_dataset(m["data"]["eval_spec"])
+    for name in ("teacher", "kd"):
+        lm = load_model(m["models"][name]["arch"], WEIGHTS_DIR / f"{name}.safetensors")
+        tf = lm.preprocessing.eval_transform()
+        correct = 0
+        with torch.no_grad():
+            for s in range(0, len(ds), 100):
+                x = torch.stack([tf(ds.load_image(i)) for i in range(s, min(s + 100, len(ds)))])
+                correct += int((lm.model(x).argmax(1).numpy() == ds.labels[s:s + len(x)]).sum())
+        acc = correct / len(ds)
+        # one image of slack: float rounding may flip a near-tie between library versions
+        assert abs(acc - m["models"][name]["eval_accuracy"]) <= 1.0 / len(ds) + 1e-9, name
+
+
+@needs_weights
+def test_demo_config_and_its_toml_agree():
+    from interptool.report import parse_config
+
+    cfg = demo_config(n=40)
+    assert cfg.teacher.name == "teacher"
+    assert [s.name for s in cfg.students] == ["scratch", "ls", "kd"]
+    assert "n=40" in cfg.data.eval and cfg.data.eval.endswith("split=eval")
+    text = demo_config_text(cfg)
+    again = parse_config(tomllib.loads(text), source="demo.toml", base_dir=WEIGHTS_DIR)
+    assert again.models == cfg.models
+    assert again.data == cfg.data
+    assert again.analysis.attribution == cfg.analysis.attribution
+
+
+@needs_weights
+@pytest.mark.slow
+def test_cli_demo_tiny(tmp_path, capsys):
+    from interptool.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "20", "--quiet"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == str(out / "report.html")
+    s = json.loads((out / "summary.json").read_text())
+    assert [m["name"] for m in s["models"]] == ["teacher", "scratch", "ls", "kd"]
+    man = demo_manifest()
+    for m in s["models"]:
+        assert m["checkpoint_sha256"] == man["models"][m["name"]]["sha256"]
+    assert np.isfinite([m["accuracy"] for m in s["models"]]).all()
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    from interptool.errors import InterptoolError
+
+    with pytest.raises(InterptoolError, match="demo weights are missing.*train.py"):
+        demo_config(weights_dir=tmp_path)
