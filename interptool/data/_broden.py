@@ -155,10 +155,11 @@ class BrodenDataset(ImageDataset):
         root: folder holding ``index.csv`` and ``images/``.
         spec: spec string to record (default ``broden:ROOT``).
         split: keep only rows of ``index.csv`` whose ``split`` equals this (default: all).
-        primary_category: ``"count"`` (default): a label's primary category is the one with
-            the largest image count in ``label.csv``'s category field (ties: first listed);
-            ``"coverage"``: NetDissect-Lite's rule, the largest coverage in ``c_<cat>.csv``
-            (ties: later category), which needs every ``c_<cat>.csv``.
+        primary_category: ``"auto"`` (default): NetDissect-Lite's rule when every
+            ``c_<cat>.csv`` is present, else ``"count"``. ``"coverage"``: NetDissect-Lite's
+            rule, the largest coverage in ``c_<cat>.csv`` (ties: later category), which needs
+            every ``c_<cat>.csv``. ``"count"``: the category with the largest image count in
+            ``label.csv``'s category field (ties: first listed).
     """
 
     def __init__(
@@ -167,16 +168,16 @@ class BrodenDataset(ImageDataset):
         spec: str | None = None,
         *,
         split: str | None = None,
-        primary_category: str = "count",
+        primary_category: str = "auto",
     ) -> None:
         root = Path(root).expanduser()
         spec = spec or f"broden:{root}"
         if not root.is_dir():
             raise DataError(f"{spec}: folder {root} does not exist; give the Broden root that "
                             "holds index.csv, label.csv, category.csv and images/")
-        if primary_category not in ("count", "coverage"):
-            raise DataError(f"primary_category={primary_category!r}; expected 'count' or "
-                            "'coverage'")
+        if primary_category not in ("auto", "count", "coverage"):
+            raise DataError(f"primary_category={primary_category!r}; expected 'auto', 'count' "
+                            "or 'coverage'")
         self.root = root
         self._read_categories(root)
         self._read_label_table(root)
@@ -294,6 +295,11 @@ class BrodenDataset(ImageDataset):
     def _set_primary(self, rule: str, root: Path) -> None:
         numbers, names, freq, cov = self._label_rows
         primary: dict[int, str] = {}
+        if rule == "auto":
+            # The reference (NetDissect-Lite) decides by coverage; fall back to label.csv's
+            # counts only for folders that lack the per-category files.
+            rule = "coverage" if all(c in self._coverage for c in self.categories) else "count"
+        self.primary_rule = rule
         if rule == "coverage":
             absent = [c for c in self.categories if c not in self._coverage]
             if absent:

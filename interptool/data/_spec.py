@@ -74,9 +74,9 @@ def open_dataset(spec: str) -> ImageDataset:
     if kind == "broden":
         path, _, q = rest.partition("?")
         params = _query(spec, q, {"split": "keep one index.csv split",
-                                  "primary": "count or coverage"}) if q else {}
+                                  "primary": "auto, count or coverage"}) if q else {}
         return BrodenDataset(_path(spec, path), spec=spec, split=params.get("split"),
-                             primary_category=params.get("primary", "count"))
+                             primary_category=params.get("primary", "auto"))
     if kind == "builtin":
         name, _, q = rest.partition("?")
         if name != "concept-world":
