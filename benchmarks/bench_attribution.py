@@ -6,7 +6,7 @@ in-place off, a no-grad forward for predictions, channel reduction, numpy conver
 ``IntegratedGradients`` / ``LayerGradCam`` called on the model by hand. Outputs are asserted
 equal (allclose); the best-of-``--repeat`` wall times and the overhead ratio are printed.
 
-    .venv/bin/python benchmarks/bench_attribution.py [--size 112] [--n 8] [--steps 16]
+    .venv/bin/python benchmarks/bench_attribution.py [--size 112] [--n 16] [--steps 8]
         [--repeat 5] [--threads 2] [--device cpu]
         [--only integrated_gradients|grad_cam]
 """
@@ -45,8 +45,8 @@ def _best_interleaved(ref_fn, our_fn, repeat: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--internal-batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)

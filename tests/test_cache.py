@@ -554,3 +554,17 @@ def test_write_cache_from_arrays_round_trip(tmp_path):
         stored = c.features("conv")[:]
         np.testing.assert_array_equal(stored, feats.astype(np.float16))
         np.testing.assert_array_equal(c.feature_max("conv"), stored.max(axis=(2, 3)))
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    from interptool.errors import ConfigError
+
+    loaded, ds = FakeLoaded(make_student()), FakeDataset(4)
+    with pytest.raises(ConfigError, match="bfloat16.*float16, float32"):
+        cache_activations(loaded, ds, None, tmp_path / "d.h5", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="batch_size"):
+        cache_activations(loaded, ds, None, tmp_path / "d.h5", batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda'.*--device cpu"):
+            cache_activations(loaded, ds, None, tmp_path / "d.h5", device="cuda")
+    assert not (tmp_path / "d.h5").exists()

@@ -115,7 +115,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "interptool" / "weights"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="1 epoch, 300 images (smoke test)")
+    ap.add_argument("--epochs-teacher", type=int, help=f"default {RECIPE['epochs_teacher']}")
+    ap.add_argument("--epochs-student", type=int, help=f"default {RECIPE['epochs_student']}")
+    ap.add_argument("--n-train", type=int, help=f"default {DATA['n_train']}")
     args = ap.parse_args()
+    # overrides are written into the manifest's recipe, so the files stay self-describing
+    for key, val in (("epochs_teacher", args.epochs_teacher),
+                     ("epochs_student", args.epochs_student)):
+        if val is not None:
+            RECIPE[key] = val
+    if args.n_train is not None:
+        DATA["n_train"] = args.n_train
     if args.quick:
         RECIPE.update(epochs_teacher=1, epochs_student=1)
         DATA.update(n_train=300, n_eval=100)

@@ -148,7 +148,7 @@ class _TensorSource:
         self.n = total
         self.labels = self.labels[:total]
         self.ids = self.ids[:total]
-        self._first: torch.Tensor | None = None
+        self._shape: tuple[int, ...] | None = None
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         if self.dataset is None:
@@ -156,8 +156,9 @@ class _TensorSource:
         return torch.stack([torch.as_tensor(self.tds[i][0]) for i in range(start, stop)])
 
     def input_shape(self) -> tuple[int, int, int]:
-        x = self.batch(0, 1)
-        return tuple(int(s) for s in x.shape[1:])  # type: ignore[return-value]
+        if self._shape is None:
+            self._shape = tuple(int(s) for s in self.batch(0, 1).shape[1:])
+        return self._shape  # type: ignore[return-value]
 
 
 def _display(x: torch.Tensor) -> np.ndarray:

@@ -207,7 +207,15 @@ def _mismatches(want: dict[str, Any], have: dict[str, Any], subset_layers: bool)
                 continue
         elif _jsonish(key, a) == _jsonish(key, b):
             continue
-        if key in ("preprocessing", "weights_sha256", "checkpoint_sha256", "data_fingerprint"):
+        if key == "weights_sha256":
+            hint = (
+                " (a model built without a checkpoint gets new random weights each run)"
+                if not want.get("checkpoint_sha256")
+                else ""
+            )
+            out.append(f"weights_sha256 differs: the model's weights are not those that made "
+                       f"the file{hint}")
+        elif key in ("preprocessing", "checkpoint_sha256", "data_fingerprint"):
             out.append(f"{key} differs")
         else:
             out.append(f"{key}: file has {b!r}, asked for {a!r}")
