@@ -25,7 +25,7 @@ from torchvision import transforms as T
 
 from interptool.cache import ActivationCache, cache_activations, capture_layers, run_cache
 from interptool.cache._format import chunk_rows
-from interptool.errors import CacheError, DataError
+from interptool.errors import CacheError, ConfigError, DataError
 from interptool.loading._zoo import ZOO
 
 # -- stand-ins with the attributes of LoadedModel / ImageDataset (docs/architecture.md) ------
@@ -191,7 +191,9 @@ def test_features_logits_labels_equal_direct_forward(tmp_path):
         assert a["layer_shapes"] == {k: list(feats[k].shape[1:]) for k in layers}
         assert a["preprocessing"] == FakePre().to_dict()
         assert a["skipped"] == [] and a["seed"] == 0 and a["transform"] == "eval"
-        assert a["versions"]["torch"] == torch.__version__.split("+")[0] or a["versions"]["torch"]
+        assert a["versions"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+        assert a["versions"]["h5py"] == h5py.__version__ and a["versions"]["interptool"]
+        assert a["skip_bad"] is False and a["n_total"] == 20 and a["next_item"] == 20
         assert a["model"]["name"] == "cw-student"
 
 
@@ -244,7 +246,7 @@ def test_chunks_along_n_and_compression(tmp_path):
         assert d.compression == "gzip" and d.chunks[1:] == d.shape[1:]
     with ActivationCache(path) as c:
         np.testing.assert_array_equal(c.features("layer2")[:], feats["layer2"])
-    with pytest.raises(Exception, match="compression"):
+    with pytest.raises(ConfigError, match="compression 'zip' is not supported"):
         cache_activations(FakeLoaded(model), ds, [], tmp_path / "q.h5", compression="zip")
 
 
@@ -360,9 +362,70 @@ def test_cache_hit_is_a_no_op_and_mismatch_errors(tmp_path):
 def test_foreign_file_is_not_clobbered(tmp_path):
     path = tmp_path / "notes.h5"
     path.write_text("my notes")
-    with pytest.raises(CacheError, match="overwrite"):
+    with pytest.raises(CacheError, match=r"notes\.h5: exists and is not an HDF5 file.*another "
+                                         r"--out \(--overwrite would delete this file\)"):
         cache_activations(FakeLoaded(make_student()), FakeDataset(4), None, path)
     assert path.read_text() == "my notes"
+    # an HDF5 file of someone else's: named as such, also kept
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(CacheError, match="not an interptool activation cache"):
+        cache_activations(FakeLoaded(make_student()), FakeDataset(4), None, other)
+    with h5py.File(other, "r") as f:
+        assert f["x"][:].tolist() == [0, 1, 2]
+
+
+def test_mismatch_messages_name_the_differences(tmp_path):
+    loaded, ds = FakeLoaded(make_student()), FakeDataset(4)
+    path = cache_activations(loaded, ds, None, tmp_path / "m.h5", batch_size=4)
+    bigger = FakeLoaded(make_student(), preprocessing=FakePre(40))
+    with pytest.raises(CacheError, match=r"preprocessing differs \(input_size: file has "
+                                         r"\[3, 32, 32\], asked for \[3, 40, 40\]\)"):
+        run_cache(bigger, ds, None, path)
+    with_ckpt = FakeLoaded(make_student(), checkpoint_sha256="ab" * 32)
+    with pytest.raises(CacheError, match=r"checkpoint_sha256 differs \(file: no checkpoint, "
+                                         r"now: abababababab\.\.\.\)"):
+        run_cache(with_ckpt, ds, None, path)
+
+
+class _WantsSize(nn.Module):
+    """Accepts only 16 px inputs, like a ViT built for one image size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        assert x.shape[-1] == 16, f"Input width ({x.shape[-1]}) doesn't match model (16)."
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_forward_failure_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch, capsys):
+    loaded = FakeLoaded(_WantsSize().eval(), arch="custom:net", name="net")
+    path = tmp_path / "f.h5"
+    with pytest.raises(CacheError, match=r"model net failed on a batch of shape "
+                                         r"\(4, 3, 32, 32\) \(AssertionError: Input width "
+                                         r"\(32\).*check --image-size"):
+        run_cache(loaded, FakeDataset(6), ["conv"], path, batch_size=4)
+    assert not path.exists()  # nothing to resume: the corrected command starts afresh
+    ok = FakeLoaded(_WantsSize().eval(), arch="custom:net", name="net",
+                    preprocessing=FakePre(16))
+    run = run_cache(ok, FakeDataset(6), ["conv"], path, batch_size=4)
+    assert run.status == "created" and run.n_done == 6
+    # through the CLI: exit code 2, one line, no traceback
+    import interptool.cli as cli
+    from interptool.cli import _cache
+
+    monkeypatch.setattr(cli, "_COMMANDS", ["cache"])
+    monkeypatch.setattr(_cache, "_load_model", lambda args: loaded)
+    monkeypatch.setattr(_cache, "_open_dataset", lambda spec: FakeDataset(6))
+    rc = cli.main(["cache", "--arch", "custom:net", "--data", "fake:", "--out",
+                   str(tmp_path / "cli.h5"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("interptool cache: error: model net failed on a batch")
 
 
 def test_interrupted_run_is_refused_then_resumed(tmp_path):
@@ -392,6 +455,7 @@ def test_skip_bad_lists_files_and_shrinks(tmp_path):
     with ActivationCache(run.path) as c:
         assert c.n == len(keep) and c.features("layer3").shape[0] == len(keep)
         assert c.attrs["skipped"] == [ds.ids[i] for i in sorted(bad)]
+        assert c.attrs["skip_bad"] is True
         assert c.ids == [ds.ids[i] for i in keep]
         np.testing.assert_array_equal(c.labels, ds.labels[keep])
         # rows come from batches with holes, so compare image by image

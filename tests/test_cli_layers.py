@@ -38,7 +38,10 @@ def test_table(capsys, student_ckpt):
     rc, out, err = run(capsys, "--arch", "interptool:cw-student", "--checkpoint",
                        str(student_ckpt), "--depth", "1", "-q")
     assert rc == 0, err
-    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines()[2:]}
+    lines = out.splitlines()
+    assert lines[1] == "# load: weights from key 'model'; num_classes 6 read from fc.weight"
+    assert lines[2].split() == ["name", "type", "output", "shape"]
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in lines[3:]}
     assert rows["layer4"] == ["Sequential", "(128, 8, 8)"]
     assert rows["fc"] == ["Linear", "(6,)"]
     assert rows["stem"] == ["Sequential", "(16, 32, 32)"]
@@ -107,4 +110,32 @@ def test_torchscript_flags(capsys, tmp_path):
     rc, out, err = run(capsys, "--arch", str(path), "--image-size", "32", "--mean", "0.5",
                        "0.5", "0.5", "--std", "0.25", "0.25", "0.25")
     assert rc == 0, err
-    assert "(output)" in out and "(3,)" in out and "layer4" in out and "?" in out
+    rows = {ln.split()[0]: ln.split()[-1] for ln in out.splitlines() if not ln.startswith("#")}
+    assert rows["(output)"] == "(3,)" and rows["layer4"] == "?" and rows["stem"] == "?"
+    assert out.splitlines()[-1].startswith("# ?: TorchScript sub-modules cannot be hooked")
+
+
+def test_key_map_renames_are_reported(capsys, tmp_path):
+    sd = ZOO["cw-student"](num_classes=4).state_dict()
+    path = tmp_path / "foreign.pth"
+    torch.save({f"body.{k}": v for k, v in sd.items()}, path)
+    rules = tmp_path / "map.toml"
+    rules.write_text('[[rules]]\npattern = "^body[.]"\nreplacement = ""\n')
+    rc, out, err = run(capsys, "--arch", "interptool:cw-student", "--checkpoint", str(path),
+                       "--key-map", str(rules), "--depth", "1")
+    assert rc == 0, err
+    first = next(iter(sd))
+    assert (f"# load: key map renamed {len(sd)} key(s): body.{first} -> {first}, ") in out
+    rc, out, err = run(capsys, "--arch", "interptool:cw-student", "--checkpoint", str(path),
+                       "--key-map", str(rules), "--json")
+    renamed = json.loads(out)["model"]["load_report"]["renamed"]
+    assert renamed == [[f"body.{k}", k] for k in sd]
+
+
+def test_forward_failure_is_a_clean_error(capsys):
+    # a ViT accepts only its native input size: --image-size 32 fails in the forward pass
+    rc, _, err = run(capsys, "--arch", "timm:vit_tiny_patch16_224", "--image-size", "32")
+    _assert_clean_error(rc, err, "zero input of shape (1, 3, 32, 32)", "--image-size",
+                        "doesn't match model (224)")
+    rc, _, err = run(capsys, "--arch", "interptool:cw-student", "--image-size", "0")
+    _assert_clean_error(rc, err, "--image-size", "positive")

@@ -234,3 +234,22 @@ def test_builtin_spec_uses_the_cache(monkeypatch, tmp_path):
         open_dataset("builtin:concept-world?n=6&colour=1")
     with pytest.raises(DataError, match="split"):
         open_dataset("builtin:concept-world?split=test")
+
+
+def test_generator_version_1_is_frozen():
+    """The shipped demo weights were trained on GENERATOR_VERSION 1 (train split, 64 px, seed
+    0): any change to the drawing must bump the version. Reference values recorded from
+    version 1; pixel counts and sums get a small tolerance for last-bit differences of
+    floating-point math between machines (a real change moves them far more)."""
+    assert cw.GENERATOR_VERSION == 1
+    golden = [  # index: (label, scene, object pixels, sum of uint8 image values)
+        (5, "sand", 832, 1987122),
+        (6, "grass", 495, 1156709),
+        (5, "sky", 1037, 2228503),
+        (1, "sand", 698, 1659225),
+    ]
+    for i, (label, scene, area, total) in enumerate(golden):
+        r = cw.render(i, 64, 0, "train")
+        assert (r["label"], r["scene"]) == (label, scene), i
+        assert abs(int((r["maps"]["object"] > 0).sum()) - area) <= 3, i
+        assert abs(int(r["image"].astype(np.int64).sum()) - total) <= 2e-4 * total, i

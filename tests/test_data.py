@@ -176,6 +176,8 @@ def test_manifests_are_complete_and_honest():
         assert m["name"] == name and raw["format"] in ("broden", "imagefolder", "cifar-python")
         for key in ("url", "license", "title"):
             assert m.get(key), (name, key)
+        for key in [k for k in raw if k.endswith("md5")]:  # archive checksums (informational)
+            assert len(raw[key]) == 32 and int(raw[key], 16) >= 0, (name, key)
         for f in raw.get("file", []):
             if "sha256" in f:
                 assert len(f["sha256"]) == 64 and int(f["sha256"], 16) >= 0
@@ -251,6 +253,11 @@ def test_check_checksums(tmp_path):
     rep = check_dataset(str(good), tmp_path)
     assert rep.ok, rep.problems
     assert "cifar-10-batches-py/: 7 files matching *" in rep.checked
+    # a wrong count is a problem and is not also listed as checked
+    good.write_text(good.read_text().replace("count = 7", "count = 8"))
+    rep = check_dataset(str(good), tmp_path)
+    assert rep.problems == ["cifar-10-batches-py/: 7 files matching *, expected 8"]
+    assert not any("matching" in c for c in rep.checked)
 
 
 def test_cli_make_and_info(tmp_path, capsys):

@@ -303,8 +303,18 @@ def test_wrong_architecture(tmp_path, src):
         load_model("timm:resnet14t", path)
     msg = str(err.value)
     assert str(path) in msg and "timm:resnet14t" in msg and "wrong architecture" in msg
-    assert "missing  layer" in msg or "unexpected" in msg
-    assert "model expects" in msg
+    # resnet14t uses bottleneck blocks: conv1 of each block is 1x1 there, 3x3 in resnet10t;
+    # wrong shapes are listed first, then the keys only the model has (conv3, bn3)
+    want = timm.create_model("resnet14t", num_classes=5).state_dict()
+    have = src.state_dict()
+    bad = [k for k in have if k in want and want[k].shape != have[k].shape]
+    missing = [k for k in want if k not in have and not k.endswith("num_batches_tracked")]
+    assert f"0 unexpected and {len(bad)} wrongly shaped" in msg
+    assert f"{len(missing)} missing" in msg
+    assert ("  shape  layer1.0.conv1.weight: model expects (64, 64, 1, 1), checkpoint has "
+            "(64, 64, 3, 3)") in msg
+    # at most 10 offending keys are listed, wrong shapes first (there are 20 here)
+    assert len(bad) == 20 and msg.count("\n  shape  ") == 10 and "\n  missing  " not in msg
 
 
 def test_wrong_num_classes(tmp_path, src):
@@ -520,9 +530,19 @@ def test_list_layers_resnet18(tv18):
 
 
 def test_list_layers_removes_hooks_on_error(tv18):
-    with pytest.raises(RuntimeError):
-        list_layers(tv18, example_size=(2, 32, 32))  # wrong channel count
+    # a wrong channel count is the user's input, not a bug: a CheckpointError naming the shape
+    with pytest.raises(CheckpointError, match=r"zero input of shape \(1, 2, 32, 32\).*"
+                                              r"--image-size.*--mean/--std"):
+        list_layers(tv18, example_size=(2, 32, 32))
     assert all(not m._forward_hooks for m in tv18.model.modules())
+    assert not tv18.model.training
+
+
+def test_bad_image_size_is_a_clear_error():
+    with pytest.raises(CheckpointError, match=r"--image-size.*positive.*\(0, 0\)"):
+        load_model(ARCH, image_size=0)
+    with pytest.raises(CheckpointError, match=r"std must be positive \(--std\)"):
+        load_model(ARCH, mean=(0.5,) * 3, std=(0.2, 0.0, 0.2))
 
 
 def test_to_dict(tmp_path, src):
@@ -536,6 +556,24 @@ def test_to_dict(tmp_path, src):
     assert d["load_report"]["source_keys"] == "state_dict"
     assert loaded.name == "w" and not loaded.model.training
     assert load_model(ARCH).to_dict()["checkpoint"] is None
+
+
+def test_no_checkpoint_init_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model(ARCH)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    torch.manual_seed(999)
+    b = load_model(ARCH)
+    # same weights whatever the global seed was: the init is drawn from seed 0
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = timm.create_model("resnet10t", pretrained=False)
+    assert torch.equal(a.model.state_dict()["fc.weight"], ref.state_dict()["fc.weight"])
+    assert "random initialisation with seed 0" in a.load_report.notes[0]
 
 
 def test_device_errors():

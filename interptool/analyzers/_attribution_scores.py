@@ -25,16 +25,30 @@ from interptool.errors import AnalysisError
 # ----------------------------------------------------------------------------- helpers
 
 
-def _maps_of(x: Any, what: str = "maps") -> np.ndarray:
-    """(N, H, W) float64 array from an AttributionResult, ndarray or tensor."""
+def _map_source(x: Any, what: str = "maps") -> Any:
+    """The (N, H, W) array-like behind an AttributionResult / H5Maps / ndarray / tensor,
+    without reading lazy maps into memory."""
     if hasattr(x, "maps") and hasattr(x, "ids"):
         x = x.maps
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 3:
-        raise AnalysisError(f"{what} must be (N, H, W), got shape {arr.shape}")
-    return arr
+    if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
+        x = np.asarray(x)
+    if len(x.shape) != 3:
+        raise AnalysisError(f"{what} must be (N, H, W), got shape {tuple(x.shape)}")
+    return x
+
+
+def iter_blocks(x: Any, size: int = 256, what: str = "maps"):
+    """Yield ``(start, block)`` float64 blocks of at most ``size`` maps, in order; lazy maps
+    (:class:`H5Maps`) are read block by block, so memory is bounded by ``size`` maps."""
+    src = _map_source(x, what)
+    if hasattr(src, "blocks"):
+        for start, block in src.blocks(size):
+            yield start, np.asarray(block, dtype=np.float64)
+        return
+    for start in range(0, src.shape[0], size):
+        yield start, np.asarray(src[start:start + size], dtype=np.float64)
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -196,15 +210,16 @@ def _name_of(res: Any, default: str) -> str:
 
 
 def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: int = 1000,
-              seed: int = 0) -> AgreementResult:
+              seed: int = 0, block: int = 256) -> AgreementResult:
     """Agreement of two sets of maps of the same images (e.g. teacher vs student).
 
     Per image: Spearman rank correlation of the pixel values, IoU of the top-k% pixels for
     each k in ``ks`` (ties broken by pixel order, so a map agrees with itself exactly) and
     cosine similarity. Means come with percentile bootstrap CIs resampling images.
     Both results must list the same ids in the same order (AnalysisError otherwise).
+    Maps are read ``block`` images at a time (bounded memory for file-backed results).
     """
-    a, b = _maps_of(res_a, "res_a"), _maps_of(res_b, "res_b")
+    a, b = _map_source(res_a, "res_a"), _map_source(res_b, "res_b")
     ids_a = list(getattr(res_a, "ids", range(a.shape[0])))
     ids_b = list(getattr(res_b, "ids", range(b.shape[0])))
     if [str(i) for i in ids_a] != [str(i) for i in ids_b]:
@@ -214,32 +229,40 @@ def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: i
             f"agreement needs the same images in the same order: {len(ids_a)} vs "
             f"{len(ids_b)} ids, first difference at position {diff}. Run both models on the "
             "same data set with the same n.")
-    if a.shape != b.shape:
-        raise AnalysisError(f"map shapes differ: {a.shape} vs {b.shape}; attribute both "
-                            "models at the same input size")
-    n = a.shape[0]
-    fa, fb = a.reshape(n, -1), b.reshape(n, -1)
-    spear = rowwise_spearman(fa, fb)
-    na, nb = np.linalg.norm(fa, axis=1), np.linalg.norm(fb, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((na > 0) & (nb > 0), (fa * fb).sum(axis=1) / (na * nb), np.nan)
-    cos = np.clip(cos, -1.0, 1.0)
-    # stable order of descending value: the pixel ranks used for every k
-    order_a = np.argsort(-fa, axis=1, kind="stable")
-    order_b = np.argsort(-fb, axis=1, kind="stable")
-    p = fa.shape[1]
-    ious: dict[int, np.ndarray] = {}
-    rows = np.arange(n)[:, None]
+    if tuple(a.shape) != tuple(b.shape):
+        raise AnalysisError(f"map shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}; "
+                            "attribute both models at the same input size")
     for k in ks:
         if not 0 < k <= 100:
             raise AnalysisError(f"top-k percentages must be in (0, 100], got {k}")
-        kp = max(1, int(math.ceil(k / 100.0 * p)))
-        ma = np.zeros((n, p), bool)
-        mb = np.zeros((n, p), bool)
-        ma[rows, order_a[:, :kp]] = True
-        mb[rows, order_b[:, :kp]] = True
-        inter = (ma & mb).sum(axis=1)
-        ious[int(k)] = inter / (2 * kp - inter)
+    parts: dict[str, list[np.ndarray]] = {"spearman": [], "cosine": []}
+    parts.update({f"iou{k}": [] for k in ks})
+    # blocks of images: lazy (file-backed) maps are never all in memory
+    for (_, ba), (_, bb) in zip(iter_blocks(a, block), iter_blocks(b, block)):
+        n = ba.shape[0]
+        fa, fb = ba.reshape(n, -1), bb.reshape(n, -1)
+        parts["spearman"].append(rowwise_spearman(fa, fb))
+        na, nb = np.linalg.norm(fa, axis=1), np.linalg.norm(fb, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.where((na > 0) & (nb > 0), (fa * fb).sum(axis=1) /
+                           np.where((na > 0) & (nb > 0), na * nb, 1), np.nan)
+        parts["cosine"].append(np.clip(cos, -1.0, 1.0))
+        # stable order of descending value: the pixel ranks used for every k
+        order_a = np.argsort(-fa, axis=1, kind="stable")
+        order_b = np.argsort(-fb, axis=1, kind="stable")
+        p = fa.shape[1]
+        rows = np.arange(n)[:, None]
+        for k in ks:
+            kp = max(1, int(math.ceil(k / 100.0 * p)))
+            ma = np.zeros((n, p), bool)
+            mb = np.zeros((n, p), bool)
+            ma[rows, order_a[:, :kp]] = True
+            mb[rows, order_b[:, :kp]] = True
+            inter = (ma & mb).sum(axis=1)
+            parts[f"iou{k}"].append(inter / (2 * kp - inter))
+    cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
+    spear, cos = cat["spearman"], cat["cosine"]
+    ious = {int(k): cat[f"iou{k}"] for k in ks}
     summary = {"spearman": _summary(spear, n_boot, seed), "cosine": _summary(cos, n_boot, seed)}
     for k, v in ious.items():
         summary[f"top{k}_iou"] = _summary(v, n_boot, seed)
@@ -291,50 +314,77 @@ class LocalisationResult(_ScoreResult):
         return _hist_figure({"energy in mask": self.energy, "mask area": self.area},
                             "localisation")
 
+    @classmethod
+    def concat(cls, parts: Sequence[LocalisationResult], n_boot: int = 1000,
+               seed: int = 0) -> LocalisationResult:
+        """One result from results of consecutive chunks of images, with the bootstrap
+        summary recomputed over all images."""
+        if not parts:
+            raise AnalysisError("concat needs at least one LocalisationResult")
+        energy = np.concatenate([q.energy for q in parts])
+        hit = np.concatenate([q.hit for q in parts])
+        area = np.concatenate([q.area for q in parts])
+        empty = np.isnan(hit)
+        summary = {"energy": _summary(energy, n_boot, seed), "hit": _summary(hit, n_boot, seed),
+                   "mask_area": _summary(np.where(empty, np.nan, area), n_boot, seed)}
+        return cls(ids=[i for q in parts for i in q.ids], energy=energy, hit=hit, area=area,
+                   summary=summary, tolerance=parts[0].tolerance)
+
 
 def localisation(res: Any, masks: Any, *, tolerance: int = 0, n_boot: int = 1000,
-                 seed: int = 0) -> LocalisationResult:
+                 seed: int = 0, block_size: int = 256) -> LocalisationResult:
     """Localisation of maps against ground-truth masks (N, H, W) bool of the map size.
 
     Energy pointing game (Wang et al. 2020, Score-CAM): sum of positive attribution inside the
     mask over total positive attribution (NaN when the map has no positive mass or the mask is
     empty). Pointing game (Zhang et al. 2016): hit when the arg-max pixel lies in the mask
     dilated by ``tolerance`` pixels. Use :func:`resize_masks` to bring masks to the map size.
+    Maps (and masks, which may be any sliceable array-like) are read ``block_size`` images at
+    a time.
     """
-    maps = _maps_of(res)
-    m = np.asarray(masks)
-    if m.ndim != 3:
-        raise AnalysisError(f"masks must be (N, H, W) booleans, got shape {m.shape}")
+    maps = _map_source(res)
+    m = masks if hasattr(masks, "shape") and hasattr(masks, "__getitem__") else np.asarray(
+        masks)
+    if len(m.shape) != 3:
+        raise AnalysisError(f"masks must be (N, H, W) booleans, got shape {tuple(m.shape)}")
     if m.shape[0] != maps.shape[0]:
         raise AnalysisError(f"{m.shape[0]} masks for {maps.shape[0]} maps; give one mask per "
                             "image, in the result's order")
-    if m.shape[1:] != maps.shape[1:]:
+    if tuple(m.shape[1:]) != tuple(maps.shape[1:]):
         raise AnalysisError(
-            f"mask size {m.shape[1:]} differs from the map size {maps.shape[1:]}; resize the "
-            f"masks first: resize_masks(masks, {tuple(maps.shape[1:])}) (nearest neighbour)")
-    m = m.astype(bool)
-    n = maps.shape[0]
-    flat = maps.reshape(n, -1)
-    mf = m.reshape(n, -1)
-    pos = np.clip(flat, 0, None)
-    total = pos.sum(axis=1)
-    inside = (pos * mf).sum(axis=1)
-    empty = ~mf.any(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        energy = np.where((total > 0) & ~empty, inside / np.where(total > 0, total, 1), np.nan)
-    if tolerance > 0:
-        t = int(tolerance)
-        dil = F.max_pool2d(torch.from_numpy(m).float()[:, None], 2 * t + 1, stride=1,
-                           padding=t)[:, 0].numpy() > 0.5
-    else:
-        dil = m
-    arg = flat.argmax(axis=1)
-    hit = dil.reshape(n, -1)[np.arange(n), arg].astype(np.float64)
-    hit[empty] = np.nan
-    area = mf.mean(axis=1)
+            f"mask size {tuple(m.shape[1:])} differs from the map size "
+            f"{tuple(maps.shape[1:])}; resize the masks first: "
+            f"resize_masks(masks, {tuple(maps.shape[1:])}) (nearest neighbour)")
+    parts: dict[str, list[np.ndarray]] = {"energy": [], "hit": [], "area": [], "empty": []}
+    for start, block in iter_blocks(maps, block_size):
+        n = block.shape[0]
+        mb = np.asarray(m[start:start + n]).astype(bool)
+        flat = block.reshape(n, -1)
+        mf = mb.reshape(n, -1)
+        pos = np.clip(flat, 0, None)
+        total = pos.sum(axis=1)
+        inside = (pos * mf).sum(axis=1)
+        empty = ~mf.any(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            energy = np.where((total > 0) & ~empty, inside / np.where(total > 0, total, 1),
+                              np.nan)
+        if tolerance > 0:
+            t = int(tolerance)
+            dil = F.max_pool2d(torch.from_numpy(mb).float()[:, None], 2 * t + 1, stride=1,
+                               padding=t)[:, 0].numpy() > 0.5
+        else:
+            dil = mb
+        arg = flat.argmax(axis=1)
+        hit = dil.reshape(n, -1)[np.arange(n), arg].astype(np.float64)
+        hit[empty] = np.nan
+        for k, v in (("energy", energy), ("hit", hit), ("area", mf.mean(axis=1)),
+                     ("empty", empty)):
+            parts[k].append(v)
+    cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
+    energy, hit, area, empty = cat["energy"], cat["hit"], cat["area"], cat["empty"].astype(bool)
     summary = {"energy": _summary(energy, n_boot, seed), "hit": _summary(hit, n_boot, seed),
                "mask_area": _summary(np.where(empty, np.nan, area), n_boot, seed)}
-    ids = [str(i) for i in getattr(res, "ids", range(n))]
+    ids = [str(i) for i in getattr(res, "ids", range(maps.shape[0]))]
     return LocalisationResult(ids=ids, energy=energy, hit=hit, area=area, summary=summary,
                               tolerance=int(tolerance))
 
@@ -383,6 +433,54 @@ def class_object_masks(dataset: Any, indices: Sequence[int] | None = None,
         (0, *target), bool)
 
 
+def folder_masks(folder: str | Path, dataset: Any, indices: Sequence[int] | None = None,
+                 size: tuple[int, int] | None = None) -> np.ndarray:
+    """(N, H, W) bool object masks read from a folder given by the user.
+
+    The mask of image ``ids[i]`` (its path relative to the data set root, e.g.
+    ``cat/001.jpg``) is ``folder/cat/001.png`` (or the same file name with its own
+    extension): a grayscale or RGB image whose non-zero pixels are the object. A mask must
+    have the size of its image (AnalysisError naming both files otherwise: masks are aligned
+    with the original pixels); it is then resized (nearest) to ``size`` like the probe
+    transform resizes the image (whole image, no crop).
+    """
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise AnalysisError(f"mask folder {root} does not exist or is not a folder; pass "
+                            "--masks DIR holding one PNG per image (same relative path)")
+    idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    out = []
+    for i in idx:
+        rel = Path(str(dataset.ids[i]))
+        candidates = [root / rel.with_suffix(".png"), root / rel]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise AnalysisError(f"no mask for image {str(rel)!r}: expected "
+                                f"{candidates[0]} (non-zero pixels = object)")
+        try:
+            with Image.open(path) as im:
+                mask = np.asarray(im.convert("L")) > 0
+        except Exception as exc:  # noqa: BLE001 - any decode failure: name the file
+            raise AnalysisError(f"mask {path} could not be read as an image: {exc}") from exc
+        img_path = dataset.image_path(i) if hasattr(dataset, "image_path") else None
+        if img_path is not None:
+            with Image.open(img_path) as im:
+                iw, ih = im.size
+            if mask.shape != (ih, iw):
+                raise AnalysisError(
+                    f"mask {path} is {mask.shape[1]}x{mask.shape[0]} px but image {img_path} "
+                    f"is {iw}x{ih} px; masks must have their image's size (resize the mask "
+                    "files, nearest neighbour)")
+        out.append(mask if size is None else resize_masks(mask[None], size)[0])
+    if not out:
+        return np.zeros((0, *(size or (0, 0))), bool)
+    if len({o.shape for o in out}) != 1:
+        raise AnalysisError("masks have different sizes; pass size=(H, W)")
+    return np.stack(out)
+
+
 # ----------------------------------------------------------------------------- faithfulness
 
 
@@ -411,6 +509,25 @@ class FaithfulnessResult(_ScoreResult):
                           "fractions": self.fractions,
                           "mean_curve": self.curves.mean(axis=0) if len(self.ids) else [],
                           **self.summary})
+
+    @classmethod
+    def concat(cls, parts: Sequence[FaithfulnessResult], n_boot: int = 1000,
+               seed: int = 0) -> FaithfulnessResult:
+        """One result from results of consecutive chunks of images (same mode and params),
+        with the bootstrap summary recomputed over all images."""
+        if not parts:
+            raise AnalysisError("concat needs at least one FaithfulnessResult")
+        first = parts[0]
+        for q in parts[1:]:
+            if q.mode != first.mode or q.params != first.params:
+                raise AnalysisError("cannot concat faithfulness results with different "
+                                    f"settings: {first.mode} {first.params} vs "
+                                    f"{q.mode} {q.params}")
+        auc = np.concatenate([q.auc for q in parts])
+        return cls(ids=[i for q in parts for i in q.ids], mode=first.mode,
+                   fractions=first.fractions, curves=np.concatenate([q.curves for q in parts]),
+                   auc=auc, summary={"auc": _summary(auc, n_boot, seed)},
+                   params=dict(first.params))
 
     def plot(self):
         import matplotlib.pyplot as plt
@@ -466,11 +583,11 @@ def faithfulness(
         raise AnalysisError(f"baseline must be blur, mean or zeros; got {baseline!r}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise AnalysisError("images must be an (N, C, H, W) tensor of model-ready inputs")
-    m = _maps_of(maps)
+    m = _map_source(maps)
     n, _, h, w = images.shape
-    if m.shape != (n, h, w):
-        raise AnalysisError(f"maps {m.shape} do not match images {tuple(images.shape)}: need "
-                            f"({n}, {h}, {w})")
+    if tuple(m.shape) != (n, h, w):
+        raise AnalysisError(f"maps {tuple(m.shape)} do not match images "
+                            f"{tuple(images.shape)}: need ({n}, {h}, {w})")
     tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
     if tgt.numel() != n:
         raise AnalysisError(f"{tgt.numel()} targets for {n} images")
@@ -479,10 +596,15 @@ def faithfulness(
     gh, gw = math.ceil(h / patch), math.ceil(w / patch)
     p = gh * gw
     steps = p if steps is None else int(min(max(1, steps), p))
-    # patch scores: sum of the map over each patch (zero padding at the borders)
-    mp = torch.from_numpy(m).float()[:, None]
-    mp = F.pad(mp, (0, gw * patch - w, 0, gh * patch - h))
-    scores = F.avg_pool2d(mp, patch, stride=patch)[:, 0].reshape(n, p) * (patch * patch)
+    # patch scores: sum of the map over each patch (zero padding at the borders); read in
+    # blocks so that file-backed maps are never all in memory (the table is only (N, P))
+    score_parts = []
+    for _, block in iter_blocks(m):
+        mp = F.pad(torch.from_numpy(block).float()[:, None], (0, gw * patch - w,
+                                                               0, gh * patch - h))
+        score_parts.append(F.avg_pool2d(mp, patch, stride=patch)[:, 0].reshape(-1, p)
+                           * (patch * patch))
+    scores = torch.cat(score_parts) if score_parts else torch.zeros(0, p)
     if order == "attribution":
         perm = torch.argsort(-scores, dim=1, stable=True)
     else:

@@ -203,11 +203,12 @@ class AttributionStore:
         self.ds.attrs["n_done"] = stop
         self.f.flush()
 
-    def read_rows(self, stop: int) -> dict[str, np.ndarray]:
-        """Rows ``0:stop`` already on disk (for a resumed or complete run)."""
+    def read_rows(self, stop: int, maps: bool = True) -> dict[str, Any]:
+        """Rows ``0:stop`` already on disk (for a resumed or complete run); ``maps=False``
+        leaves the (large) maps on disk (``maps``/``raw`` are then None)."""
         out = {
-            "maps": self.ds[:stop],
-            "raw": self.raw[:stop] if self.raw is not None else None,
+            "maps": self.ds[:stop] if maps else None,
+            "raw": self.raw[:stop] if self.raw is not None and maps else None,
             "ids": self.stored_ids(0, stop),
             "labels": self.f["labels"][:stop],
             "targets": self.f["targets"][:stop],
@@ -229,8 +230,12 @@ class AttributionStore:
             self.f.close()
 
 
-def read_attributions(path: str | Path, method: str | None = None) -> dict[str, Any]:
-    """Read one method's maps and metadata from ``attributions.h5`` (CacheError when absent)."""
+def read_attributions(path: str | Path, method: str | None = None, *,
+                      lazy: bool = False) -> dict[str, Any]:
+    """Read one method's maps and metadata from ``attributions.h5`` (CacheError when absent).
+
+    ``lazy``: ``maps`` / ``raw`` are :class:`H5Maps` read on access instead of arrays.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "attributions.h5"
@@ -253,10 +258,17 @@ def read_attributions(path: str | Path, method: str | None = None) -> dict[str, 
             raise CacheError(f"{path}: {method!r} maps are incomplete "
                              f"({ds.attrs.get('n_done')} rows); re-run to resume")
         n = int(ds.attrs["n_done"])
+        has_raw = f"{method}_raw" in group
+        if lazy:
+            maps: Any = H5Maps(path, f"attributions/{method}", n)
+            raw: Any = H5Maps(path, f"attributions/{method}_raw", n) if has_raw else None
+        else:
+            maps = ds[:n]
+            raw = group[f"{method}_raw"][:n] if has_raw else None
         return {
             "method": method,
-            "maps": ds[:n],
-            "raw": group[f"{method}_raw"][:n] if f"{method}_raw" in group else None,
+            "maps": maps,
+            "raw": raw,
             "ids": [s.decode() if isinstance(s, bytes) else str(s) for s in f["index"][:n]],
             "labels": f["labels"][:n],
             "targets": f["targets"][:n],
@@ -266,3 +278,74 @@ def read_attributions(path: str | Path, method: str | None = None) -> dict[str, 
             "model_info": json.loads(f.attrs["model"]),
             "data_spec": str(f.attrs["data_spec"]),
         }
+
+
+class H5Maps:
+    """Read-only, lazily read rows of one dataset of ``attributions.h5`` (array-like).
+
+    What an :class:`AttributionResult` holds when its maps were written to a file, so that a
+    run over many images never keeps all maps in memory. Supports ``shape``, ``dtype``,
+    ``ndim``, ``len()``, indexing/slicing (each access opens the file, reads those rows and
+    closes it again: no handle is kept open, so the file can be resumed or copied), ``blocks``
+    and ``np.asarray`` (reads everything: only for small N).
+    """
+
+    def __init__(self, path: str | Path, name: str, n: int) -> None:
+        self.path = Path(path)
+        self.name = name
+        with h5py.File(self.path, "r") as f:
+            ds = f[name]
+            if ds.shape[0] < n:
+                raise CacheError(f"{self.path}:{name} holds {ds.shape[0]} rows, expected {n}")
+            self.shape = (int(n), *(int(s) for s in ds.shape[1:]))
+            self.dtype = ds.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"H5Maps({str(self.path)!r}, {self.name!r}, shape={self.shape})"
+
+    def _rows(self, key: Any) -> Any:
+        # clip slices / check indices against n (the file may hold more rows than this run)
+        n = self.shape[0]
+        if isinstance(key, slice):
+            return slice(*key.indices(n))
+        if isinstance(key, (int, np.integer)):
+            k = int(key) + (n if key < 0 else 0)
+            if not 0 <= k < n:
+                raise IndexError(f"row {key} out of range for {n} maps")
+            return k
+        return key
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            key = (self._rows(key[0]), *key[1:])
+        else:
+            key = self._rows(key)
+        first = key[0] if isinstance(key, tuple) else key
+        if not isinstance(first, (slice, int)):  # fancy row index: h5py wants it sorted
+            idx = np.asarray(first)
+            if idx.dtype == bool:
+                idx = np.flatnonzero(idx)
+            rest = key[1:] if isinstance(key, tuple) else ()
+            with h5py.File(self.path, "r") as f:
+                uniq, inv = np.unique(idx % self.shape[0], return_inverse=True)
+                return f[self.name][uniq.tolist()][(inv, *rest)]
+        with h5py.File(self.path, "r") as f:
+            return f[self.name][key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[:]
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def blocks(self, size: int = 256):
+        """Yield ``(start, rows)`` blocks of at most ``size`` rows, in order."""
+        with h5py.File(self.path, "r") as f:
+            ds = f[self.name]
+            for s in range(0, self.shape[0], size):
+                yield s, ds[s:min(self.shape[0], s + size)]

@@ -1,9 +1,11 @@
 """Vectorised NetDissect-Lite tally: intersections, label areas and per-category unit areas.
 
-For one batch of images and every (image, unit) pair whose map exceeds the unit's threshold
-somewhere, the maps are upsampled together (``resize_maps``), thresholded, and every masked
-pixel's labels (all mask planes) are counted at once with ``bincount`` on ``unit * L + label``.
-Counts are int64, exact, and independent of batch size and image order.
+For one batch of images, the (image, unit) pairs whose map exceeds the unit's threshold
+somewhere go through :func:`iter_masked_pixels`, which upsamples (Pillow-bilinear, bit-exact)
+only the tiles of each map that can exceed the threshold and yields the masked pixels in
+bounded chunks. Every masked pixel's labels (all mask planes, stored pixel-major so one row
+gather reads them) are counted at once with ``bincount`` on ``unit * L + label``. Counts are
+int64, exact, and independent of batch size and image order.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from interptool.analyzers._dissection_resize import threshold_maps
+from interptool.analyzers._dissection_resize import _take, iter_masked_pixels
 from interptool.errors import DataError
 
-# Elements of (pairs x pixels x planes) worked on at once; bounds peak memory per chunk.
-_CHUNK_ELEMENTS = 1 << 23
+# Upsampled pixels evaluated per chunk (float64 work arrays of 2 MiB); bounds peak memory
+# whatever the number of images or units, and keeps the work in cache.
+_CHUNK_PIXELS = 1 << 18
 
 
 @dataclass
@@ -27,8 +30,32 @@ class SegItem:
 
     index: int
     size: tuple[int, int]
-    pixel: np.ndarray  # (D, sh*sw) int64 label numbers, all pixel categories stacked
+    pixel: np.ndarray  # (sh*sw, D) int32 label numbers, pixel-major: row = one pixel's planes
     scalars: np.ndarray  # (S,) int64 image-level label numbers (duplicates kept)
+    label_counts: np.ndarray  # (max label + 1,) int64 pixels per label over all planes
+    lo: int  # smallest label number (pixel planes and image-level)
+    hi: int  # largest label number
+
+
+def seg_item(index: int, seg: Any, categories: list[str]) -> SegItem:
+    """Flatten one decoded segmentation (``probe.load_segmentation``) into a :class:`SegItem`."""
+    sh, sw = (int(v) for v in seg.size)
+    planes = [np.asarray(a).reshape(-1, sh * sw)
+              for a in (seg.pixel.get(c) for c in categories) if a is not None and a.size]
+    scal = [np.asarray(a, dtype=np.int64).reshape(-1)
+            for a in (seg.image.get(c) for c in categories) if a is not None]
+    pixel = np.empty((sh * sw, sum(len(a) for a in planes)), dtype=np.int32)
+    d = 0
+    for a in planes:  # transposed copy straight into the pixel-major layout
+        pixel[:, d : d + len(a)] = a.T
+        d += len(a)
+    scalars = np.concatenate(scal) if scal else np.zeros(0, np.int64)
+    lo = min(int(pixel.min(initial=0)), int(scalars.min(initial=0)))
+    # one pass gives the label areas and the largest label (bincount rejects negatives)
+    counts = np.bincount(pixel.reshape(-1)) if lo >= 0 else np.zeros(1, np.int64)
+    hi = max(len(counts) - 1, int(scalars.max(initial=0)), int(pixel.max(initial=0)) if lo < 0
+             else 0)
+    return SegItem(int(index), (sh, sw), pixel, scalars, counts.astype(np.int64), lo, hi)
 
 
 class SegmentationSet(torch.utils.data.Dataset):
@@ -42,15 +69,7 @@ class SegmentationSet(torch.utils.data.Dataset):
         return len(self.probe)
 
     def __getitem__(self, i: int) -> SegItem:
-        seg = self.probe.load_segmentation(i)
-        sh, sw = (int(v) for v in seg.size)
-        planes = [np.asarray(a, dtype=np.int64).reshape(-1, sh * sw)
-                  for a in (seg.pixel.get(c) for c in self.categories) if a is not None and a.size]
-        scal = [np.asarray(a, dtype=np.int64).reshape(-1)
-                for a in (seg.image.get(c) for c in self.categories) if a is not None]
-        pixel = np.concatenate(planes) if planes else np.zeros((0, sh * sw), np.int64)
-        scalars = np.concatenate(scal) if scal else np.zeros(0, np.int64)
-        return SegItem(int(i), (sh, sw), pixel, scalars)
+        return seg_item(i, self.probe.load_segmentation(i), self.categories)
 
 
 def collate_list(batch: list[SegItem]) -> list[SegItem]:
@@ -90,12 +109,11 @@ class TallyAccumulator:
 
     def _check_labels(self, items: list[SegItem]) -> None:
         for it in items:
-            hi = max(int(it.pixel.max(initial=0)), int(it.scalars.max(initial=0)))
-            lo = min(int(it.pixel.min(initial=0)), int(it.scalars.min(initial=0)))
-            if hi >= self.L or lo < 0:
+            if it.hi >= self.L or it.lo < 0:
                 raise DataError(
-                    f"probe image {it.index}: label number {hi if hi >= self.L else lo} is "
-                    f"outside label.csv's range 0..{self.L - 1}; fix the mask or add the label"
+                    f"probe image {it.index}: label number {it.hi if it.hi >= self.L else it.lo}"
+                    f" is outside label.csv's range 0..{self.L - 1}; fix the mask or add the "
+                    "label"
                 )
 
     def add(self, feats: torch.Tensor, items: list[SegItem]) -> None:
@@ -105,71 +123,86 @@ class TallyAccumulator:
         for b, it in enumerate(items):
             by_size.setdefault(it.size, []).append(b)
         for size, rows in by_size.items():
-            self._add_group(feats[rows], [items[b] for b in rows], size)
+            group = feats if len(rows) == len(items) else feats[rows]
+            self._add_group(group, [items[b] for b in rows], size)
 
     def _add_group(self, feats: torch.Tensor, items: list[SegItem], size: tuple[int, int]) -> None:
-        dev, U, L, C = self.device, self.U, self.L, self.C
+        dev, L, C = self.device, self.L, self.C
         sh, sw = size
         P = sh * sw
         G = len(items)
-        D = max(it.pixel.shape[0] for it in items)
-        S = max(len(it.scalars) for it in items)
-        pix = torch.zeros((G, max(D, 1), P), dtype=torch.int64)
-        scal = torch.zeros((G, max(S, 1)), dtype=torch.int64)
-        for g, it in enumerate(items):
-            if it.pixel.shape[0]:
-                pix[g, : it.pixel.shape[0]] = torch.from_numpy(it.pixel)
-            if len(it.scalars):
-                scal[g, : len(it.scalars)] = torch.from_numpy(it.scalars)
-        pix, scal = pix.to(dev), scal.to(dev)
 
         # label areas: every labelled pixel of every plane; image-level labels cover sh*sw
-        self.label_area += torch.bincount(pix.reshape(-1), minlength=L)[:L] * (
-            torch.arange(L, device=dev) > 0)
-        self.label_area += torch.bincount(scal.reshape(-1), minlength=L)[:L] * P * (
-            torch.arange(L, device=dev) > 0)
+        area = np.zeros(L, dtype=np.int64)
+        for it in items:
+            area[: len(it.label_counts)] += it.label_counts
+            np.add.at(area, it.scalars, P)
+        area[0] = 0
+        self.label_area += torch.from_numpy(area).to(dev)
 
-        # categories an image carries through image-level labels (and, for "image", any label)
-        scal_cat = torch.zeros((G, C + 1), dtype=torch.bool, device=dev)
-        scal_cat.scatter_(1, self.cat[scal], True)
-        img_cat = scal_cat.clone()
-        if self.mode == "image":
-            img_cat.scatter_(1, self.cat[pix.reshape(G, -1)], True)
-        scal_cat, img_cat = scal_cat[:, :C], img_cat[:, :C]
+        S = max(len(it.scalars) for it in items)
+        scal = torch.zeros((G, max(S, 1)), dtype=torch.int64)
+        for g, it in enumerate(items):
+            if len(it.scalars):
+                scal[g, : len(it.scalars)] = torch.from_numpy(it.scalars)
+        scal = scal.to(dev)
 
         # (image, unit) pairs whose map exceeds the threshold somewhere; others give empty
         # masks (bilinear upsampling never exceeds the map's maximum), so skipping is exact
-        peak = feats.flatten(2).amax(dim=2).double()
+        peak = feats.flatten(2).amax(dim=2)
         g_idx, u_idx = torch.nonzero(peak > self.T[None, :], as_tuple=True)
-        if g_idx.numel() == 0:
+        k = g_idx.numel()
+        if k == 0:
             return
-        pix_rows = pix.permute(0, 2, 1).reshape(G * P, -1)  # row = (image, pixel): its planes
-        step = max(1, _CHUNK_ELEMENTS // (P * max(D, 1)))
-        for s in range(0, g_idx.numel(), step):
-            gi, ui = g_idx[s : s + step], u_idx[s : s + step]
-            k = gi.numel()
-            # (k, P): the Pillow-bilinear upsampled maps thresholded, bit-exact
-            mask = threshold_maps(feats[gi, ui], (sh, sw), self.T[ui])
-            area = mask.sum(dim=1)  # int64
-            self.unit_area.index_add_(0, ui, area)
+        maps = _take(feats.reshape(G * self.U, *feats.shape[2:]), g_idx * self.U + u_idx)
 
-            kk, pp = torch.nonzero(mask, as_tuple=True)
-            labels = pix_rows.index_select(0, gi[kk] * P + pp)  # (nnz, D) labels under the mask
-            keys = ui[kk][:, None] * L + labels
-            self.intersect += torch.bincount(keys.reshape(-1), minlength=U * L)
-            # image-level labels: the whole mask intersects them
-            skeys = (ui[:, None] * L + scal[gi]).reshape(-1)
-            sw_ = area[:, None].expand(-1, scal.shape[1]).reshape(-1)
-            self.intersect.index_add_(0, skeys, sw_)
+        # labels pixel-major (G*P, D): a masked pixel's planes are one row
+        D = max(it.pixel.shape[1] for it in items)
+        if all(it.pixel.shape[1] == D for it in items):
+            pix = torch.from_numpy(np.concatenate([it.pixel for it in items]))
+        else:
+            pix = torch.zeros((G * P, D), dtype=torch.int32)
+            for g, it in enumerate(items):
+                pix[g * P : (g + 1) * P, : it.pixel.shape[1]] = torch.from_numpy(it.pixel)
+        pix = pix.to(dev, torch.int64)
 
+        # categories an image carries through image-level labels (and, for "image", any label)
+        scal_cat = torch.zeros((G, C + 1), dtype=torch.bool, device=dev)
+        scal_cat.scatter_(1, _take(self.cat, scal), True)
+        img_cat = scal_cat.clone()
+        if self.mode == "image" and D:
+            img_cat.scatter_(1, _take(self.cat, pix.reshape(G, -1).long()), True)
+        scal_cat, img_cat = scal_cat[:, :C], img_cat[:, :C]
+
+        pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
+        touched = torch.zeros(k * (C + 1), dtype=torch.int64, device=dev)
+        row_base = g_idx * P
+        key_base = u_idx * L
+        for pp, px in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS):
+            if pp.numel() == 0:
+                continue
+            pair_area += torch.bincount(pp, minlength=k)
+            if D == 0:
+                continue
+            # (n, D) labels under the mask (int64: cheaper arithmetic than mixed int32/int64)
+            labels = _take(pix, _take(row_base, pp) + px)
+            self.intersect += torch.bincount(
+                (_take(key_base, pp)[:, None] + labels).reshape(-1), minlength=self.U * L)
             if self.mode == "overlap":
-                ckeys = kk[:, None] * (C + 1) + self.cat[labels]
-                touched = torch.bincount(ckeys.reshape(-1), minlength=k * (C + 1))
-                present = touched.reshape(k, C + 1)[:, :C] > 0
-                present |= scal_cat[gi]
-            else:
-                present = img_cat[gi]
-            self.unit_cat_area.index_add_(0, ui, area[:, None] * present)
+                touched += torch.bincount(
+                    (pp[:, None] * (C + 1) + _take(self.cat, labels)).reshape(-1),
+                    minlength=k * (C + 1))
+        self.unit_area.index_add_(0, u_idx, pair_area)
+        # image-level labels: the whole mask intersects them
+        skeys = (key_base[:, None] + _take(scal, g_idx)).reshape(-1)
+        self.intersect.index_add_(0, skeys, pair_area[:, None].expand(-1, scal.shape[1])
+                                  .reshape(-1))
+        if self.mode == "overlap":
+            present = touched.reshape(k, C + 1)[:, :C] > 0
+            present |= _take(scal_cat, g_idx)
+        else:
+            present = _take(img_cat, g_idx)
+        self.unit_cat_area.index_add_(0, u_idx, pair_area[:, None] * present)
 
     def counts(self) -> dict[str, np.ndarray]:
         inter = self.intersect.reshape(self.U, self.L).clone()

@@ -44,32 +44,59 @@ def block_average(M: np.ndarray, order: np.ndarray, max_cells: int = MAX_CELLS) 
     return out, bs
 
 
+def color_limit(mats: Sequence[np.ndarray], order: np.ndarray, hide_diagonal: bool = True) -> float:
+    """One upper colour limit for several matrices drawn side by side (99th percentile of
+    their displayed, block-averaged cells), so equal colours mean equal values across models."""
+    vals = []
+    for S in mats:
+        M = np.array(S, dtype=np.float64, copy=True)
+        if hide_diagonal:
+            np.fill_diagonal(M, np.nan)
+        A, _ = block_average(M, order)
+        vals.append(A[np.isfinite(A)])
+    finite = np.concatenate(vals) if vals else np.empty(0)
+    v = float(np.percentile(finite, 99)) if finite.size else 1.0
+    return v if v > 0 else 1.0
+
+
 def heatmap(ax, S: np.ndarray, order: np.ndarray, names: Sequence[str], title: str,
-            hide_diagonal: bool = True):
+            hide_diagonal: bool = True, vmax: float | None = None):
     """Draw ``S`` in ``order`` on ``ax``; the diagonal is hidden by default because it
-    dominates the colour scale and the similarity structure lives off the diagonal."""
+    dominates the colour scale and the similarity structure lives off the diagonal.
+    ``vmax``: upper colour limit (default: this matrix's 99th percentile, see
+    :func:`color_limit` for a limit shared by several panels). Up to 40 classes every class
+    is labelled; beyond, about 12 evenly spaced ticks name the first class of their row /
+    block, so a region of a 1,000-class map can be found in ``nearest_classes.csv``."""
     M = np.array(S, dtype=np.float64, copy=True)
     if hide_diagonal:
         np.fill_diagonal(M, np.nan)
     A, bs = block_average(M, order)
-    finite = A[np.isfinite(A)]
-    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-    im = ax.imshow(A, cmap="viridis", vmin=0.0, vmax=vmax if vmax > 0 else None,
-                   interpolation="nearest")
-    if bs == 1 and len(order) <= 40:
+    if vmax is None:
+        vmax = color_limit([S], order, hide_diagonal)
+    im = ax.imshow(A, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    im.cmap.set_bad("white")
+    k = len(order)
+    if bs == 1 and k <= 40:
         labels = [str(names[i]) for i in order]
-        ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(order)), labels, fontsize=6)
+        ax.set_xticks(range(k), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(k), labels, fontsize=6)
     else:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"classes (clustered; {bs}x{bs} blocks averaged)" if bs > 1 else "classes")
+        nb = A.shape[0]
+        ticks = np.unique(np.linspace(0, nb - 1, min(nb, 12)).round().astype(int))
+        labels = [str(names[order[t * bs]])[:18] for t in ticks]
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=5)
+        ax.set_yticks(ticks, labels, fontsize=5)
+        ax.set_xlabel(f"{k} classes, clustered" + (f"; {bs}x{bs} blocks averaged" if bs > 1 else ""),
+                      fontsize=7)
     ax.set_title(title, fontsize=9)
     return im
 
 
 def scatter_offdiag(ax, St: np.ndarray, Ss: np.ndarray, title: str, seed: int = 0) -> None:
-    """Teacher vs student off-diagonal entries on log axes (subsampled beyond MAX_POINTS)."""
+    """Teacher vs student off-diagonal entries on log axes (subsampled beyond MAX_POINTS),
+    with the identity line; both axes share one range."""
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
+
     k = St.shape[0]
     off = ~np.eye(k, dtype=bool) & np.isfinite(St) & np.isfinite(Ss)
     x, y = St[off], Ss[off]
@@ -78,12 +105,32 @@ def scatter_offdiag(ax, St: np.ndarray, Ss: np.ndarray, title: str, seed: int = 
         x, y = x[idx], y[idx]
     floor = 1e-8
     x, y = np.maximum(x, floor), np.maximum(y, floor)
-    ax.scatter(x, y, s=3, alpha=0.4, linewidths=0)
+    # bigger, opaque points when few; small translucent ones when thousands overlap
+    size, alpha = (10, 0.7) if x.size <= 2000 else (2, 0.25)
+    ax.scatter(x, y, s=size, alpha=alpha, linewidths=0)
     if x.size:
         lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+        pad = (hi / lo) ** 0.03 if hi > lo else 2.0
+        lo, hi = lo / pad, hi * pad
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal")
+        # narrow ranges: labels at 1, 2, 5 x 10^n as plain numbers (the default minor labels,
+        # "2x10^-2 3x10^-2 ...", overlap); wide ranges: about 6 decade labels only
+        narrow = np.log10(hi / lo) < 2
+        for axis in (ax.xaxis, ax.yaxis):
+            if narrow:
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            else:
+                axis.set_major_locator(LogLocator(base=10, numticks=7))
+                axis.set_major_formatter(LogFormatterSciNotation())
+            axis.set_minor_locator(LogLocator(base=10, subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0)
+                                              if narrow else "auto", numticks=50))
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel("teacher S[i, j] (i != j)")
     ax.set_ylabel("student S[i, j]")
     ax.set_title(title, fontsize=9)

@@ -46,11 +46,17 @@ from interptool.analyzers._attribution_scores import (
     agreement,
     class_object_masks,
     faithfulness,
+    folder_masks,
+    iter_blocks,
     localisation,
     randomisation_check,
     resize_masks,
 )
-from interptool.analyzers._attribution_store import AttributionStore, read_attributions
+from interptool.analyzers._attribution_store import (
+    AttributionStore,
+    H5Maps,
+    read_attributions,
+)
 from interptool.errors import AnalysisError
 
 __all__ = [
@@ -63,11 +69,13 @@ __all__ = [
     "LocalisationResult",
     "class_object_masks",
     "resize_masks",
+    "folder_masks",
     "faithfulness",
     "FaithfulnessResult",
     "randomisation_check",
     "RandomisationResult",
     "hook_count",
+    "H5Maps",
 ]
 
 
@@ -184,13 +192,16 @@ class _TargetOutOfRange(Exception):
 class AttributionResult:
     """Attribution maps of one method for N images.
 
-    ``maps`` (N, H, W) float32 at input resolution; ``raw`` (N, C, H, W) or None;
+    ``maps`` (N, H, W) float32 at input resolution; ``raw`` (N, C, H, W) or None. When the
+    run wrote ``attributions.h5`` (``out=``) both are :class:`H5Maps`: array-like views read
+    from the file on access (``res.maps[i]``, ``res.maps[a:b]``, ``np.asarray(res.maps)``),
+    so that memory stays bounded for large N; otherwise they are numpy arrays.
     ``targets``/``predictions``/``labels`` (N,) int64; ``ids`` data set ids;
     ``images`` (k, H, W, C) display copies of the first k inputs (for ``plot``) or None.
     """
 
-    maps: np.ndarray
-    raw: np.ndarray | None
+    maps: np.ndarray | H5Maps
+    raw: np.ndarray | H5Maps | None
     targets: np.ndarray
     predictions: np.ndarray
     labels: np.ndarray
@@ -207,9 +218,11 @@ class AttributionResult:
         return int(self.maps.shape[0])
 
     @classmethod
-    def load(cls, path: str | Path, method: str | None = None) -> AttributionResult:
-        """Read a complete ``attributions.h5`` (file or its folder) back into a result."""
-        d = read_attributions(path, method)
+    def load(cls, path: str | Path, method: str | None = None, *,
+             lazy: bool = True) -> AttributionResult:
+        """Read a complete ``attributions.h5`` (file or its folder) back into a result
+        (maps read lazily from the file unless ``lazy=False``)."""
+        d = read_attributions(path, method, lazy=lazy)
         p = Path(path)
         return cls(maps=d["maps"], raw=d["raw"], targets=d["targets"],
                    predictions=d["predictions"], labels=d["labels"], ids=d["ids"],
@@ -221,19 +234,26 @@ class AttributionResult:
         (min, max, mean, std, fraction of positive mass in the top 10% of pixels)."""
         import pandas as pd
 
-        flat = self.maps.reshape(self.n, -1).astype(np.float64)
-        pos = np.clip(flat, 0, None)
-        k = max(1, int(np.ceil(0.1 * flat.shape[1])))
-        top = -np.sort(-pos, axis=1)[:, :k].sum(axis=1)
-        total = pos.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            conc = np.where(total > 0, top / total, np.nan)
+        stats: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "map_min", "map_max", "map_mean", "map_std", "top10_mass")}
+        for _, block in iter_blocks(self.maps):  # bounded memory for lazy maps
+            flat = block.reshape(len(block), -1).astype(np.float64)
+            pos = np.clip(flat, 0, None)
+            k = max(1, int(np.ceil(0.1 * flat.shape[1])))
+            top = -np.sort(-pos, axis=1)[:, :k].sum(axis=1)
+            total = pos.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stats["top10_mass"].append(np.where(total > 0, top / np.where(
+                    total > 0, total, 1), np.nan))
+            stats["map_min"].append(flat.min(axis=1))
+            stats["map_max"].append(flat.max(axis=1))
+            stats["map_mean"].append(flat.mean(axis=1))
+            stats["map_std"].append(flat.std(axis=1))
+        cols = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in stats.items()}
         return pd.DataFrame({
             "id": self.ids, "label": self.labels, "target": self.targets,
             "predicted": self.predictions, "correct": self.labels == self.predictions,
-            "map_min": flat.min(axis=1), "map_max": flat.max(axis=1),
-            "map_mean": flat.mean(axis=1), "map_std": flat.std(axis=1),
-            "top10_mass": conc,
+            **cols,
         })
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,7 +266,7 @@ class AttributionResult:
             "reduce": self.reduce,
             "model": self.model_info,
             "n": self.n,
-            "map_shape": list(self.maps.shape[1:]),
+            "map_shape": [int(v) for v in self.maps.shape[1:]],
             "accuracy": (float((self.labels == self.predictions)[labelled].mean())
                          if labelled.any() else None),
             "mean_top10_mass": float(np.nanmean(frame["top10_mass"])) if self.n else None,
@@ -266,8 +286,9 @@ class AttributionResult:
         rows = 1 if imgs is None else 2
         fig, axes = plt.subplots(rows, max(k, 1), figsize=(1.8 * max(k, 1), 1.9 * rows),
                                  squeeze=False)
+        shown = np.asarray(self.maps[:k])
         for j in range(k):
-            m = self.maps[j]
+            m = shown[j]
             if imgs is not None:
                 axes[0, j].imshow(np.squeeze(imgs[j]), cmap="gray" if imgs[j].shape[-1] == 1
                                   else None)
@@ -412,21 +433,28 @@ class Attribution:
                 target_mode=target if isinstance(target, str) else int(target),
                 input_shape=shape, keep_raw=self.keep_raw, overwrite=overwrite)
         try:
-            return self._run(prepared, src, store, batch_size, target, device, info,
-                             keep_images)
+            res = self._run(prepared, src, store, batch_size, target, device, info,
+                            keep_images)
         finally:
             if store is not None:
                 store.close()
+        if store is not None:
+            # maps written to the file are read back lazily: memory stays bounded for any N
+            res.maps = H5Maps(store.path, f"attributions/{self.method}", src.n)
+            if self.keep_raw:
+                res.raw = H5Maps(store.path, f"attributions/{self.method}_raw", src.n)
+        return res
 
     def _run(self, model, src, store, batch_size, target, device, info, keep_images):
         n = src.n
         start0 = min(store.n_done, n) if store is not None else 0
         parts: dict[str, list] = {k: [] for k in ("maps", "raw", "targets", "predictions")}
+        # with a file, maps go to disk batch by batch and are never gathered in memory
+        lazy = store is not None
         if start0 > 0:
-            done = store.read_rows(start0)
-            for k in parts:
-                if done[k] is not None:
-                    parts[k].append(done[k])
+            done = store.read_rows(start0, maps=False)
+            for k in ("targets", "predictions"):
+                parts[k].append(done[k])
         images = None
         if keep_images:
             images = _display(src.batch(0, min(keep_images, n)))
@@ -471,11 +499,12 @@ class Attribution:
                 if store is not None:
                     store.append(start, maps, raw_np, src.ids[start:stop],
                                  src.labels[start:stop], tg, pr)
-                parts["maps"].append(maps)
                 parts["targets"].append(tg)
                 parts["predictions"].append(pr)
-                if raw_np is not None:
-                    parts["raw"].append(raw_np)
+                if not lazy:
+                    parts["maps"].append(maps)
+                    if raw_np is not None:
+                        parts["raw"].append(raw_np)
                 bar.update(stop - start)
                 start = stop
         if store is not None:

@@ -28,12 +28,12 @@ import pandas as pd
 from interptool._progress import progress
 from interptool.analyzers._similarity_core import (
     PerSample,
+    Reference,
     SortedLabels,
     as_temperatures,
     bootstrap_weights,
     fmt_t,
     normalise_rows,
-    pair_metrics,
     semantic_spearman,
     softmax_stats,
     topk_neighbours,
@@ -151,6 +151,38 @@ def _class_names(d: _Logits, k: int) -> list[str]:
     if d.class_names is not None and len(d.class_names) == k:
         return list(d.class_names)
     return [str(i) for i in range(k)]
+
+
+def load_class_names(spec: str | os.PathLike | Sequence[str], k: int | None = None) -> list[str]:
+    """Class names from a list, or from a file: JSON list, or text with one name per line
+    (``classes.txt``; blank lines skipped). ``k``: the number of outputs they must match."""
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if not path.is_file():
+            raise AnalysisError(
+                f"{path}: class-names file not found (expected a text file with one class name "
+                "per line, in the model's output order, or a JSON list)"
+            )
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".json":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise AnalysisError(f"{path}: not valid JSON ({exc})") from None
+            names = _decode_names(value)
+            if names is None:
+                raise AnalysisError(f"{path}: expected a JSON list of class names")
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+        src = str(path)
+    else:
+        names, src = [str(v) for v in spec], "class_names"
+    if k is not None and len(names) != k:
+        raise AnalysisError(
+            f"{src}: {len(names)} class names but the models have K = {k} outputs; give one "
+            "name per output, in the model's output order"
+        )
+    return names
 
 
 def _check_same_data(teacher: _Logits, other: _Logits) -> None:
@@ -397,13 +429,18 @@ class ClassSimilarity:
     Parameters
     ----------
     temperature: one temperature or a list of them (all positive).
+    class_names: K names (list, or a classes.txt / JSON file) used for labels and tables;
+        default: the cache's ``class_names`` attribute if any, else "0" .. "K-1".
     device: accepted for a uniform analyzer API; this single O(N K) pass runs in NumPy on
         the CPU (seconds for 50,000 x 1,000). The device matters in :func:`compare_similarity`,
         whose bootstrap matmuls run on it.
     """
 
-    def __init__(self, temperature: float | Sequence[float] = 1.0, *, device: str = "cpu") -> None:
+    def __init__(self, temperature: float | Sequence[float] = 1.0, *,
+                 class_names: str | os.PathLike | Sequence[str] | None = None,
+                 device: str = "cpu") -> None:
         self.temperature = temperature
+        self.class_names = class_names
         self.device = device
 
     def run(self, cache: Any) -> SimilarityResult:
@@ -411,6 +448,8 @@ class ClassSimilarity:
         temps = as_temperatures(self.temperature)
         d = cache if isinstance(cache, _Logits) else _read(cache)
         k = _check_one(d)
+        if self.class_names is not None:
+            d.class_names = load_class_names(self.class_names, k)
         return _similarity_of(d, temps, k, self.device)
 
 
@@ -573,16 +612,25 @@ class TransferResult:
         teacher-vs-student scatter of off-diagonal entries]."""
         import matplotlib.pyplot as plt
 
-        from interptool.analyzers._similarity_plots import cluster_order, heatmap, scatter_offdiag
+        from interptool.analyzers._similarity_plots import (
+            cluster_order,
+            color_limit,
+            heatmap,
+            scatter_offdiag,
+        )
 
         t = self.temperatures[0] if temperature is None else float(temperature)
         names = self.similarity[self.teacher].class_names
+        # every panel: the teacher's clustered class order and one colour scale
         order = cluster_order(self._matrix(self.teacher, t))
+        vmax = color_limit([self._matrix(m, t) for m in self.models], order)
         n = len(self.models)
         fig1, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.6), squeeze=False)
         for ax, m in zip(axes[0], self.models):
-            im = heatmap(ax, self._matrix(m, t), order, names, f"{m} ({self.matrix}, T={fmt_t(t)})")
+            im = heatmap(ax, self._matrix(m, t), order, names,
+                         f"{m} ({self.matrix}, T={fmt_t(t)})", vmax=vmax)
             fig1.colorbar(im, ax=ax, fraction=0.046)
+        fig1.suptitle("classes in the teacher's clustered order; diagonal hidden", fontsize=8)
         fig1.tight_layout()
         ns = max(1, len(self.students))
         fig2, axes2 = plt.subplots(1, ns, figsize=(4.4 * ns, 4.2), squeeze=False)
@@ -649,6 +697,7 @@ def compare_similarity(
     matrix: str = "softmax",
     ci: float = 0.95,
     device: str = "cpu",
+    class_names: str | os.PathLike | Sequence[str] | None = None,
 ) -> TransferResult:
     """How closely each student's class similarity matches the teacher's, with paired
     bootstrap confidence intervals.
@@ -679,6 +728,9 @@ def compare_similarity(
 
     ``hierarchy``: a JSON / CSV / TSV file of class -> ancestor chain (see
     :mod:`interptool.analyzers._similarity_hierarchy`) or a ready (K, K) similarity array.
+
+    ``class_names``: K names (list, or a classes.txt / JSON file) for tables, figures and
+    hierarchy matching; default: the caches' ``class_names`` attribute, else "0" .. "K-1".
     """
     from interptool.analyzers._similarity_hierarchy import read_hierarchy, semantic_similarity
 
@@ -702,7 +754,8 @@ def compare_similarity(
     names = _unique_names(data)
     for d, nm in zip(data, names):
         d.name = nm
-    class_names = _class_names(data[0], kk)
+    class_names = (_class_names(data[0], kk) if class_names is None
+                   else load_class_names(class_names, kk))
     sem = None
     hier_src = None
     if hierarchy is not None:
@@ -751,8 +804,9 @@ def compare_similarity(
                 out[(m, t, "nontarget_entropy_norm")] = nte / log_k1
                 if sem is not None:
                     out[(m, t, "hierarchy_spearman")] = semantic_spearman(S, valid, sem)
+            ref = Reference(mats[0], valid, k)  # teacher's ranks etc., shared by students
             for m, S in zip(students, mats[1:]):
-                for metric, v in pair_metrics(mats[0], S, valid, k).items():
+                for metric, v in ref.compare(S).items():
                     out[(m, t, metric)] = v
         return out
 

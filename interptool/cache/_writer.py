@@ -135,6 +135,24 @@ def _collate_skip_none(items: list[Any]) -> Any:
     return default_collate(kept)
 
 
+class _ForwardError(CacheError):
+    """The model's forward pass raised (wrong input size or channels, out of memory)."""
+
+
+def _forward_failed(model_name: str, shape: tuple[int, ...], exc: Exception) -> _ForwardError:
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    if "out of memory" in text.lower():
+        fix = "lower --batch-size (or cache fewer / smaller layers)"
+    else:
+        fix = ("check --image-size (some architectures, e.g. ViTs, accept only their native "
+               "size) and the number of --mean/--std values (input channels)")
+    return _ForwardError(
+        f"model {model_name} failed on a batch of shape {shape} ({type(exc).__name__}: "
+        f"{first}); {fix}"
+    )
+
+
 _WRAPPED = re.compile(r"Original Traceback.*?\n(?:\w+\.)*\w+Error: (.*)\Z", re.S)
 
 
@@ -209,14 +227,27 @@ def _mismatches(want: dict[str, Any], have: dict[str, Any], subset_layers: bool)
             continue
         if key == "weights_sha256":
             hint = (
-                " (a model built without a checkpoint gets new random weights each run)"
+                " (a model built in your own code without a checkpoint gets new random "
+                "weights each run unless seeded)"
                 if not want.get("checkpoint_sha256")
                 else ""
             )
             out.append(f"weights_sha256 differs: the model's weights are not those that made "
                        f"the file{hint}")
-        elif key in ("preprocessing", "checkpoint_sha256", "data_fingerprint"):
-            out.append(f"{key} differs")
+        elif key == "preprocessing":
+            fields = sorted(k for k in set(a or {}) | set(b or {})
+                            if (a or {}).get(k) != (b or {}).get(k))
+            diffs = ", ".join(f"{k}: file has {(b or {}).get(k)!r}, asked for {(a or {}).get(k)!r}"
+                              for k in fields)
+            out.append(f"preprocessing differs ({diffs})")
+        elif key == "checkpoint_sha256":
+            def short(v: Any) -> str:
+                return f"{str(v)[:12]}..." if v else "no checkpoint"
+
+            out.append(f"checkpoint_sha256 differs (file: {short(b)}, now: {short(a)})")
+        elif key == "data_fingerprint":
+            out.append("data_fingerprint differs (the data set's ids, labels or file sizes "
+                       "are not those the file was made from)")
         else:
             out.append(f"{key}: file has {b!r}, asked for {a!r}")
     return out
@@ -378,38 +409,68 @@ def run_cache(
             f"{path}: cannot open for writing ({exc}); another process may be writing it, or "
             "the directory is read-only"
         ) from None
-    with f:
-        if status == "created":
-            _init_attrs(f, want, loaded, dataset, n_items, seed, compression, batch_size)
-        start = int(f.attrs["next_item"])
-        n_done = int(f.attrs["n_done"])
-        # Bad images before the resume point are the items missing from the rows written.
-        done_ids = set(_decode_ids(f["index"][:n_done])) if "index" in f else set()
-        skipped = [ids[i] for i in range(start) if ids[i] not in done_ids]
-        del done_ids
+    # A forward pass that fails on the very first batch of a new file (wrong --image-size,
+    # channels, ...) leaves nothing worth resuming: the file is removed so that the corrected
+    # command starts afresh instead of reporting "made with other settings".
+    discard = False
+    try:
+        with f:
+            if status == "created":
+                _init_attrs(f, want, loaded, dataset, n_items, seed, compression, batch_size)
+            start = int(f.attrs["next_item"])
+            n_done = int(f.attrs["n_done"])
+            # Bad images before the resume point are the items missing from the rows written.
+            done_ids = set(_decode_ids(f["index"][:n_done])) if "index" in f else set()
+            skipped = [ids[i] for i in range(start) if ids[i] not in done_ids]
+            del done_ids
 
-        t0 = time.perf_counter()
-        computed = 0
-        if start < n_items:
-            computed = _run_batches(
-                f, model, dataset, ids, layers, transform, dev,
-                start=start, n_items=n_items, batch_size=batch_size, workers=workers,
-                dtype=dtype, compression=compression, skip_bad=skip_bad, skipped=skipped,
-                desc=f"cache {getattr(loaded, 'name', '') or loaded.arch}",
-            )
-        n_done = int(f.attrs["n_done"])
-        if "logits" not in f:  # every image was bad: still write a well-formed empty cache
-            _create_from_dummy(f, model, pre, layers, dev, n_items, dtype, compression, ids)
-        if n_done < n_items:  # bad images were skipped: drop the unused tail rows
-            _shrink(f, n_done)
-        f.attrs["skipped"] = encode_attr("skipped", skipped)
-        f.attrs["complete"] = True
-        f.flush()
-        seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            computed = 0
+            if start < n_items:
+                try:
+                    computed = _run_batches(
+                        f, model, dataset, ids, layers, transform, dev,
+                        start=start, n_items=n_items, batch_size=batch_size, workers=workers,
+                        dtype=dtype, compression=compression, skip_bad=skip_bad,
+                        skipped=skipped, desc=f"cache {getattr(loaded, 'name', '') or loaded.arch}",
+                    )
+                except _ForwardError:
+                    discard = status == "created" and int(f.attrs["n_done"]) == 0
+                    raise
+            n_done = int(f.attrs["n_done"])
+            if "logits" not in f:  # every image was bad: still write a well-formed empty cache
+                _create_from_dummy(f, model, pre, layers, dev, n_items, dtype, compression, ids)
+            if n_done < n_items:  # bad images were skipped: drop the unused tail rows
+                _shrink(f, n_done)
+            f.attrs["skipped"] = encode_attr("skipped", skipped)
+            # whether bad images were allowed to be left out (the run that finished the file)
+            f.attrs["skip_bad"] = bool(skip_bad)
+            f.attrs["complete"] = True
+            f.flush()
+            seconds = time.perf_counter() - t0
+    except _ForwardError:
+        if discard:
+            path.unlink(missing_ok=True)
+        raise
     return CacheRun(path, status, n_done, n_items, layers, skipped, seconds, computed)
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def _read_attrs(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise CacheError(f"{path}: exists but cannot be read ({exc}); check its permissions or "
+                         "choose another --out") from None
+    if head != _HDF5_SIGNATURE:
+        # Most likely the user's own file named by mistake: never suggest deleting it first.
+        raise CacheError(
+            f"{path}: exists and is not an HDF5 file, so not an activation cache; choose "
+            "another --out (--overwrite would delete this file)"
+        )
     try:
         with h5py.File(path, "r") as f:
             have = decode_attrs(f.attrs)
@@ -615,7 +676,14 @@ def _run_batches(
                         skipped.extend(ids[i] for i in range(item, stop) if i not in kept)
                     acts.clear()
                     x = x.to(dev, dtype=in_dtype, non_blocking=True)
-                    out = model(x)
+                    try:
+                        out = model(x)
+                    except InterptoolError:
+                        raise
+                    except (RuntimeError, ValueError, AssertionError, TypeError,
+                            IndexError) as exc:
+                        raise _forward_failed(desc.removeprefix("cache "), tuple(x.shape),
+                                              exc) from exc
                     logits = out if isinstance(out, torch.Tensor) else _first(out)
                     if logits.ndim != 2:
                         raise CacheError(

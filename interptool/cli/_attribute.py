@@ -61,6 +61,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--faithfulness-steps", type=int, default=16,
                    help="deletion/insertion steps (0 skips faithfulness)")
     p.add_argument("--patch", type=int, default=8, help="faithfulness patch side in pixels")
+    p.add_argument("--faithfulness-baseline", choices=["blur", "mean", "zeros"],
+                   default="blur", help="what deleted patches become / insertion starts "
+                   "from (default blur)")
+    p.add_argument("--masks", metavar="DIR",
+                   help="object masks for localisation: DIR/<image id>.png per image "
+                   "(non-zero = object, image size); Broden / concept-world data sets use "
+                   "their own object masks without this flag")
+    p.add_argument("--sanity-n", type=int, default=8,
+                   help="images for the model-randomisation sanity check (default 8; 0 "
+                   "skips it)")
+    p.add_argument("--sanity-top-k", type=int, default=3,
+                   help="top-level layers re-initialised, output side first (default 3)")
+    p.add_argument("--sanity-threshold", type=float, default=0.5,
+                   help="flag a method whose maps keep a Spearman correlation above this "
+                   "with the trained model's after randomisation (default 0.5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing maps made with other settings")
     add_common_args(p)
@@ -110,17 +125,15 @@ def _target(value: str) -> str | int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from interptool._provenance import atomic_write_text, provenance
     from interptool.analyzers._attribution_methods import get_method
     from interptool.analyzers._attribution_scores import _jsonable
     from interptool.analyzers.attribution import (
         Attribution,
         agreement,
-        class_object_masks,
-        faithfulness,
+        folder_masks,
         localisation,
+        randomisation_check,
     )
 
     # validate everything cheap before loading models or data
@@ -133,8 +146,12 @@ def run(args: argparse.Namespace) -> int:
     target = _target(args.target)
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--patch", args.patch, 1),
+                             ("--sanity-n", args.sanity_n, 0),
+                             ("--sanity-top-k", args.sanity_top_k, 1),
+                             ("--faithfulness-steps", args.faithfulness_steps, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
 
     from interptool.data import open_dataset
     from interptool.loading import load_model
@@ -153,44 +170,53 @@ def run(args: argparse.Namespace) -> int:
                           "--model NAME=ARCH[,CHECKPOINT]")
 
     broden = hasattr(dataset, "load_segmentation")
+    if args.masks:  # fail early on a missing folder, before any model runs
+        folder_masks(args.masks, dataset, [])
     results: dict[str, dict[str, Any]] = {}
     scores: dict[str, Any] = {"models": {}, "agreement": {},
                               "teacher": names[0], "methods": methods, "target": target,
                               "data": args.data}
-    masks = None
+    n = min(args.n, len(dataset))
     display = None
+    masks_by_size: dict[tuple[int, int], Any] = {}
     for name, loaded in loaded_models:
         folder = out if len(loaded_models) == 1 else out / name
         pre = loaded.preprocessing
-        transform = pre.probe_transform() if broden else pre.eval_transform()
-        n = min(args.n, len(dataset))
+        # masks must stay aligned with the pixels: no crop when masks are scored
+        transform = pre.probe_transform() if (broden or args.masks) else pre.eval_transform()
         tds = dataset.torch_dataset(transform)
-        images = torch.stack([torch.as_tensor(tds[i][0]) for i in range(n)])
         results[name] = {}
         model_scores: dict[str, Any] = {"model": loaded.to_dict(), "methods": {}}
         for m in methods:
             attr = Attribution(m, keep_raw=args.keep_raw, **_method_params(m, args))
             res = attr.run(loaded, dataset, n=n, batch_size=args.batch_size, target=target,
-                           device=args.device, out=folder, overwrite=args.overwrite)
+                           device=args.device, out=folder, overwrite=args.overwrite,
+                           transform=transform, keep_images=0)
             results[name][m] = res
             entry: dict[str, Any] = {"summary": res.to_dict()}
-            if broden:
-                if masks is None:
-                    masks = class_object_masks(dataset, range(n), size=res.maps.shape[1:])
-                entry["localisation"] = localisation(res, masks, seed=args.seed).to_dict()
+            size = tuple(int(v) for v in res.maps.shape[1:])
+            if broden or args.masks:
+                if size not in masks_by_size:
+                    masks_by_size[size] = _Masks(dataset, args.masks, size)
+                entry["localisation"] = localisation(
+                    res, masks_by_size[size].get(n), seed=args.seed).to_dict()
             if args.faithfulness_steps > 0:
                 entry["faithfulness"] = {
-                    mode: faithfulness(loaded.model, images, res.maps, res.targets,
-                                       mode=mode, patch=args.patch,
-                                       steps=args.faithfulness_steps,
-                                       batch_size=max(args.batch_size, 32),
-                                       device=args.device, ids=res.ids,
-                                       seed=args.seed).to_dict()
+                    mode: _faithfulness_chunked(loaded.model, tds, res, mode, args).to_dict()
                     for mode in ("deletion", "insertion")}
             model_scores["methods"][m] = entry
+        if args.sanity_n > 0:
+            k = min(args.sanity_n, n)
+            imgs = _inputs(tds, 0, k)
+            first = results[name][methods[0]]
+            attrs = [Attribution(m, **_method_params(m, args)) for m in methods]
+            model_scores["randomisation"] = randomisation_check(
+                loaded.model, attrs, imgs, first.targets[:k], top_k=args.sanity_top_k,
+                threshold=args.sanity_threshold, seed=args.seed, device=args.device,
+                batch_size=args.batch_size).to_dict()
         scores["models"][name] = model_scores
         if display is None:
-            display = images[:8]
+            display = _inputs(tds, 0, min(8, n))
     teacher = names[0]
     for name in names[1:]:
         scores["agreement"][f"{teacher} vs {name}"] = {
@@ -199,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
     scores["provenance"] = provenance(seed=args.seed)
     atomic_write_text(out / "scores.json", json.dumps(_jsonable(scores), indent=2,
                                                       default=str))
-    _grid(out / "attributions.png", display, results, names, methods)
+    _grid(out / "attributions.png", display, results, names, methods,
+          getattr(dataset, "class_names", None))
     if not args.quiet:
         print(f"wrote {out / 'scores.json'}, {out / 'attributions.png'} and "
               f"{'attributions.h5' if len(names) == 1 else '<model>/attributions.h5'}")
@@ -214,7 +241,65 @@ def run(args: argparse.Namespace) -> int:
                                  f" insertion AUC "
                                  f"{e['faithfulness']['insertion']['auc']['mean']:.3f}")
                 print("  ".join(parts))
+            if "randomisation" in scores["models"][name]:
+                flagged = [m for m, f in scores["models"][name]["randomisation"]["flagged"]
+                           .items() if f]
+                print(f"{name:>14s} sanity check (top {args.sanity_top_k} layers randomised): "
+                      f"{'flagged ' + ', '.join(flagged) if flagged else 'all methods pass'}")
     return 0
+
+
+_CHUNK = 256  # images per chunk for inputs / masks held at once by the scores
+
+
+def _inputs(tds, start: int, stop: int):
+    import torch
+
+    return torch.stack([torch.as_tensor(tds[i][0]) for i in range(start, stop)])
+
+
+class _Masks:
+    """Object masks at one map size: the data set's own (Broden / concept-world) or a folder
+    given with --masks; read chunk by chunk (a lazy, sliceable (N, H, W) array)."""
+
+    def __init__(self, dataset, folder: str | None, size: tuple[int, int]) -> None:
+        self.dataset, self.folder, self.size = dataset, folder, size
+
+    def get(self, n: int) -> _Masks:
+        self.shape = (n, *self.size)
+        return self
+
+    def _read(self, rows):
+        from interptool.analyzers.attribution import class_object_masks, folder_masks
+
+        if self.folder:
+            return folder_masks(self.folder, self.dataset, rows, size=self.size)
+        return class_object_masks(self.dataset, rows, size=self.size)
+
+    def __getitem__(self, key: slice):
+        n = self.shape[0]
+        if n * self.size[0] * self.size[1] <= 64 * 2**20:
+            # small enough (<= 64 MB of booleans): read once, reused by every method/model
+            if getattr(self, "_all", None) is None or len(self._all) != n:
+                self._all = self._read(range(n))
+            return self._all[key]
+        return self._read(range(*key.indices(n)))
+
+
+def _faithfulness_chunked(model, tds, res, mode: str, args: argparse.Namespace):
+    """Deletion / insertion over all images, inputs loaded ``_CHUNK`` at a time (each
+    chunk is one batched ``faithfulness`` call; the summary covers all images)."""
+    from interptool.analyzers.attribution import FaithfulnessResult, faithfulness
+
+    parts = []
+    for s in range(0, res.n, _CHUNK):
+        e = min(res.n, s + _CHUNK)
+        parts.append(faithfulness(
+            model, _inputs(tds, s, e), res.maps[s:e], res.targets[s:e], mode=mode,
+            patch=args.patch, steps=args.faithfulness_steps,
+            baseline=args.faithfulness_baseline, batch_size=max(args.batch_size, 32),
+            device=args.device, ids=res.ids[s:e], seed=args.seed, n_boot=0))
+    return FaithfulnessResult.concat(parts, seed=args.seed)
 
 
 def _known() -> set[str]:
@@ -223,33 +308,51 @@ def _known() -> set[str]:
     return set(METHODS)
 
 
-def _grid(path: Path, images, results, names, methods) -> None:
-    """Rows = images; columns = the image, then one overlay per (model, method)."""
+def _grid(path: Path, images, results, names, methods, class_names=None) -> None:
+    """Rows = images; columns = the image (titled with its id and label), then one overlay
+    per (model, method), each marked with that model's prediction."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from interptool.analyzers.attribution import _display
 
     shown = _display(images)
     k = len(shown)
+    first = results[names[0]][methods[0]]
+
+    def cls(c: int) -> str:
+        if class_names and 0 <= c < len(class_names):
+            return str(class_names[c])
+        return str(c)
+
+    maps = {(nm, m): np.asarray(results[nm][m].maps[:k]) for nm in names for m in methods}
     cols = 1 + len(names) * len(methods)
-    fig, axes = plt.subplots(k, cols, figsize=(1.6 * cols, 1.6 * k + 0.4), squeeze=False)
+    fig, axes = plt.subplots(k, cols, figsize=(1.6 * cols, 1.75 * k + 0.5), squeeze=False)
     for r in range(k):
         img = shown[r].squeeze()
         gray = "gray" if shown[r].shape[-1] == 1 else None
         axes[r, 0].imshow(img, cmap=gray)
+        lab = int(first.labels[r])
+        axes[r, 0].set_title(f"{first.ids[r][-16:]}\n"
+                             f"{'label ' + cls(lab) if lab >= 0 else 'unlabelled'}",
+                             fontsize=6)
         c = 1
         for name in names:
             for m in methods:
+                res = results[name][m]
                 axes[r, c].imshow(img, cmap=gray)
-                axes[r, c].imshow(results[name][m].maps[r], cmap="jet", alpha=0.5)
+                axes[r, c].imshow(maps[(name, m)][r], cmap="jet", alpha=0.5)
+                # what the model predicted and which class the map explains
+                axes[r, c].text(1, 1, f"pred {cls(int(res.predictions[r]))}\n"
+                                f"tgt {cls(int(res.targets[r]))}", fontsize=5, va="top",
+                                ha="left", transform=axes[r, c].transData,
+                                bbox=dict(facecolor="white", alpha=0.7, lw=0, pad=0.5))
                 if r == 0:
                     axes[r, c].set_title(f"{name}\n{m}", fontsize=7)
                 c += 1
-        if r == 0:
-            axes[r, 0].set_title("image", fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
     fig.tight_layout()

@@ -56,6 +56,38 @@ def run(args: argparse.Namespace) -> int:
     pre = loaded.preprocessing
     print(f"# {loaded.arch}  checkpoint={loaded.checkpoint or '-'}  classes={loaded.num_classes}"
           f"  input={tuple(pre.input_size)}")
+    for line in _load_notes(loaded):
+        print(line)
     for n, t, s in table:
         print(f"{n:<{w0}}  {t:<{w1}}  {s}")
+    if any(s is None for _, _, s in rows):
+        print("# ?: TorchScript sub-modules cannot be hooked; only logits can be cached "
+              "(omit --layers)")
     return 0
+
+
+def _load_notes(loaded) -> list[str]:
+    """Comment lines saying how the checkpoint was read (wrapper key, prefixes, renames)."""
+    rep = loaded.load_report
+    notes = []
+    if rep.source_keys:
+        notes.append(f"weights from key {rep.source_keys!r}")
+    if rep.selected:
+        notes.append(f"keys under {rep.selected!r}")
+    if rep.stripped_prefixes:
+        notes.append(f"stripped prefix(es) {', '.join(map(repr, rep.stripped_prefixes))}")
+    if rep.renamed:
+        shown = ", ".join(f"{a} -> {b or '(dropped)'}" for a, b in rep.renamed[:3])
+        more = f", ... {len(rep.renamed) - 3} more" if len(rep.renamed) > 3 else ""
+        notes.append(f"key map renamed {len(rep.renamed)} key(s): {shown}{more}")
+    if rep.inferred.get("num_classes") is not None:
+        notes.append(f"num_classes {rep.inferred['num_classes']} read from "
+                     f"{rep.inferred.get('num_classes_from')}")
+    if rep.alternatives:
+        notes.append(f"also in the file: {', '.join(rep.alternatives)} (select with "
+                     f"CHECKPOINT#NAME)")
+    out = [f"# load: {'; '.join(notes)}"] if notes else []
+    if rep.renamed or rep.missing or rep.unexpected:
+        out.append("# the full lists of renamed / missing / unexpected keys: --json "
+                   "(model.load_report)")
+    return out

@@ -25,13 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0], metavar="T",
                    help="softmax temperature(s) (default: 1)")
-    p.add_argument("--k", type=int, default=5, help="nearest classes compared per class (default 5)")
+    p.add_argument("--k", type=int, default=None,
+                   help="nearest classes compared per class (default 5, or K - 1 when fewer "
+                   "classes)")
     p.add_argument("--n-boot", type=int, default=1000,
                    help="bootstrap resamples of the images; 0 skips CIs (default 1000)")
     p.add_argument("--ci", type=float, default=0.95, help="CI level (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap / minibatch seed (default 0)")
     p.add_argument("--matrix", choices=["softmax", "dark_knowledge"], default="softmax",
                    help="which class-similarity matrix the agreement metrics compare")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="class names, one per line in output order (e.g. classes.txt) or a JSON "
+                   "list; default: the names stored in the caches, else 0..K-1")
     p.add_argument("--hierarchy", metavar="FILE",
                    help="class hierarchy (JSON or CSV/TSV: class -> ancestor chain) for a "
                    "semantic-similarity check")
@@ -79,13 +84,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         for p in paths:
             caches.append(ActivationCache(p))
+        # an explicit --k is checked against K; the default adapts to small label spaces
+        k = args.k if args.k is not None else max(1, min(5, caches[0].logits.shape[1] - 1))
+        layers = _cka_layers(args.cka_layers, caches)  # before the long part: fail early
         result = compare_similarity(
-            caches[0], *caches[1:], temperature=args.temperature, k=args.k,
+            caches[0], *caches[1:], temperature=args.temperature, k=k,
             n_boot=args.n_boot, seed=args.seed, hierarchy=args.hierarchy, matrix=args.matrix,
-            ci=args.ci, device=args.device,
+            ci=args.ci, device=args.device, class_names=args.class_names,
         )
         written = result.save(out)
-        layers = _cka_layers(args.cka_layers, caches)
         cka_out = []
         for c, name in zip(caches[1:], result.students):
             if not layers:

@@ -178,6 +178,7 @@ def _check_dir(root: Path, spec: dict[str, Any], rep: CheckReport) -> None:
         if "min_subdirs" in spec and n < spec["min_subdirs"]:
             rep.problems.append(f"{rel}/: {n} sub-folders, expected at least "
                                 f"{spec['min_subdirs']}")
+    before = len(rep.problems)
     if "glob" in spec:
         n = sum(1 for p in path.glob(spec["glob"]) if p.is_file())
         if "count" in spec and n != spec["count"]:
@@ -186,8 +187,9 @@ def _check_dir(root: Path, spec: dict[str, Any], rep: CheckReport) -> None:
         if "min_count" in spec and n < spec["min_count"]:
             rep.problems.append(f"{rel}/: {n} files matching {spec['glob']}, expected at least "
                                 f"{spec['min_count']}")
-        rep.checked.append(f"{rel}/: {n} files matching {spec['glob']}")
-    else:
+        if len(rep.problems) == before:  # listed as "ok" only when nothing was wrong
+            rep.checked.append(f"{rel}/: {n} files matching {spec['glob']}")
+    elif len(rep.problems) == before:
         rep.checked.append(f"{rel}/: present")
 
 

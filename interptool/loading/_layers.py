@@ -8,6 +8,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from interptool.errors import CheckpointError
+
+
+def _forward_error(loaded, size: tuple[int, ...], exc: Exception) -> CheckpointError:
+    """A forward pass on zeros failed: almost always an input size or channel count that the
+    architecture does not accept (e.g. a ViT built for 224 px given --image-size 100)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    arch = getattr(loaded, "arch", type(loaded).__name__)
+    return CheckpointError(
+        f"model {arch} failed on a zero input of shape {(1, *size)} ({type(exc).__name__}: "
+        f"{first}); check --image-size (some architectures, e.g. ViTs, accept only their "
+        f"native size) and the number of --mean/--std values (input channels)"
+    )
+
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
@@ -47,6 +62,10 @@ def layer_table(
     Modules that never ran in the forward pass are left out. TorchScript modules cannot be
     hooked: their sub-modules are listed with shape ``None`` and only the model output
     (name ``""``) has a shape.
+
+    Raises:
+        CheckpointError: the forward pass on zeros fails (input size or channels that the
+            architecture does not accept); the hooks are removed first.
     """
     model: nn.Module = loaded.model if hasattr(loaded, "model") else loaded
     size = _example_size(loaded, example_size)
@@ -58,8 +77,11 @@ def layer_table(
     modules = [(n, m) for n, m in model.named_modules() if n]
     shapes: dict[str, tuple[int, ...] | None] = {}
     if isinstance(model, torch.jit.ScriptModule):
-        with torch.no_grad():
-            out = _first_tensor(model(x))
+        try:
+            with torch.no_grad():
+                out = _first_tensor(model(x))
+        except Exception as exc:  # noqa: BLE001 - TorchScript raises its own error types
+            raise _forward_error(loaded, size, exc) from exc
         rows = [("", type(model).__name__, tuple(out.shape[1:]) if out is not None else None)]
         rows += [(n, getattr(m, "original_name", type(m).__name__), None) for n, m in modules]
         return rows
@@ -82,6 +104,9 @@ def layer_table(
         model.eval()
         with torch.no_grad():
             model(x)
+    except (RuntimeError, ValueError, AssertionError, TypeError, IndexError) as exc:
+        # the user's size / channel flags, not a bug of ours: say so without a traceback
+        raise _forward_error(loaded, size, exc) from exc
     finally:
         # hooks must never outlive this call, even when the forward pass raises.
         for h in handles:

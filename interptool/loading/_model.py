@@ -36,6 +36,8 @@ from interptool.loading._preprocess import (
 )
 
 _MAX_LISTED = 10
+# Seed of the random initialisation of a model loaded without a checkpoint.
+INIT_SEED = 0
 
 
 @dataclass
@@ -349,6 +351,8 @@ def load_model(
         checkpoint: weight file (``.pth``/``.pt``/``.bin``, ``.safetensors``, training
             checkpoint). ``file.pth#NAME`` selects a wrapper key (``#state_dict_ema``) or one
             network of a teacher/student pair (``#teacher``, ``#student``).
+            Without one the weights are a random initialisation drawn with seed
+            ``INIT_SEED`` (0), so repeated calls give the same model.
         num_classes: default: read from the checkpoint's classifier weight.
         key_map: TOML file / dict / list of ``(regex, replacement)`` rules applied in order to
             every key, or ``"positional"`` (match tensors in order, every shape verified).
@@ -391,7 +395,16 @@ def load_model(
         base = None
         in_chans = model_in_chans(model)
     else:
-        model = build(spec, num_classes)
+        if sd is None:
+            # No weight file: a random initialisation, drawn from a fixed seed so that the
+            # same command gives the same model (reproducible caches, resumable runs, cache
+            # hits); the caller's global RNG state is left untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(INIT_SEED)
+                model = build(spec, num_classes)
+            report.notes.append(f"no checkpoint: random initialisation with seed {INIT_SEED}")
+        else:
+            model = build(spec, num_classes)
         in_chans = model_in_chans(model)
         if spec.family == "timm":
             base = timm_preprocessing(model)

@@ -57,7 +57,7 @@ class Preprocessing:
                 f"with {c} value(s)"
             )
         if any(s <= 0 for s in self.std):
-            raise CheckpointError(f"preprocessing std must be positive, got {self.std}")
+            raise CheckpointError(f"preprocessing std must be positive (--std), got {self.std}")
         if not 0 < self.crop_pct <= 1.0 + 1e-9 and self.crop_mode == "center":
             raise CheckpointError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in _INTERPOLATIONS:
@@ -243,6 +243,10 @@ def finalize_preprocessing(
             image_size = (image_size[0], image_size[0])
         if len(image_size) != 2:
             raise CheckpointError(f"image_size must be H or (H, W), got {image_size}")
+        if min(image_size) < 1:
+            raise CheckpointError(
+                f"--image-size (image_size) must be positive pixel counts, got {image_size}"
+            )
         c = fields.get("input_size", (3,))[0]
         fields["input_size"] = (c, *image_size)
         flagged = True
