@@ -154,3 +154,23 @@ def test_result_outputs(pair, tmp_path):
     paths = res.save(tmp_path / "out")
     assert [p.suffix for p in paths] == [".csv", ".json", ".png"]
     assert all(p.is_file() for p in paths)
+
+
+def test_unbiased_hsic_equals_u_statistic_definition():
+    """Song et al. (2012): HSIC_1 = E[k_ij l_ij] + E[k_ij] E[l_qr] - 2 E[k_ij l_iq] over
+    distinct indices, written here as explicit averages over index tuples."""
+    from itertools import permutations
+
+    import torch
+
+    from interptool.analyzers.cka import unbiased_hsic
+
+    rng = np.random.default_rng(9)
+    n = 7
+    X, Y = rng.normal(size=(n, 3)), rng.normal(size=(n, 4))
+    K, L = X @ X.T, Y @ Y.T
+    a = np.mean([K[i, j] * L[i, j] for i, j in permutations(range(n), 2)])
+    b = np.mean([K[i, j] * L[q, r] for i, j, q, r in permutations(range(n), 4)])
+    c = np.mean([K[i, j] * L[i, q] for i, j, q in permutations(range(n), 3)])
+    got = float(unbiased_hsic(torch.as_tensor(K), torch.as_tensor(L)))
+    assert got == pytest.approx(a + b - 2 * c, rel=1e-10)

@@ -372,3 +372,160 @@ def test_cli_writes_outputs_and_rejects_mismatch(tmp_path, cli_main, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "error:" in err and "bad.h5" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# review additions: ranks, dark-knowledge comparison, empty classes in the bootstrap,
+# determinism, figures, class names, CLI error paths
+# ------------------------------------------------------------------------------------------
+def test_ranks_match_scipy_with_ties_and_masked_entries():
+    from scipy.stats import rankdata
+
+    from interptool.analyzers._similarity_core import _average_ranks, _masked_ranks
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 20, size=500).astype(float)  # many ties
+    np.testing.assert_array_equal(_average_ranks(x), rankdata(x))
+    y = rng.normal(size=500)  # no ties: the fast path
+    np.testing.assert_array_equal(_average_ranks(y), rankdata(y))
+    # masked entries (+inf) rank after all valid ones and leave the valid ranks untouched
+    m = rng.random((2, 500)) > 0.3
+    r = _masked_ranks(np.stack([x, y]), m)
+    for row, v, mm in zip(r, (x, y), m):
+        np.testing.assert_array_equal(row[mm], rankdata(v[mm]))
+        assert (row[~mm] > mm.sum()).all()
+
+
+def test_dark_knowledge_comparison_matches_hand_computation():
+    z, y = structured(400, 5, seed=21)
+    zs, _ = structured(400, 5, seed=22, structure_seed=21, noise=1.5)
+    res = compare_similarity(mem(z, y, "t"), mem(zs, y, "s"), k=2, n_boot=0,
+                             matrix="dark_knowledge", temperature=3.0)
+    A = ClassSimilarity(temperature=3.0).run(mem(z, y)).dark_knowledge[3.0]
+    B = ClassSimilarity(temperature=3.0).run(mem(zs, y)).dark_knowledge[3.0]
+    # KL over the off-diagonal support only (the diagonal of S_dk is 0 in both)
+    kl = np.mean([sum(A[i, j] * math.log(A[i, j] / B[i, j]) for j in range(5) if j != i)
+                  for i in range(5)])
+    assert res.value("s", "kl", 3.0)["value"] == pytest.approx(kl, rel=1e-9)
+    off = ~np.eye(5, dtype=bool)
+    assert res.value("s", "pearson", 3.0)["value"] == pytest.approx(
+        np.corrcoef(A[off], B[off])[0, 1], rel=1e-9)
+    assert res.to_dict()["settings"]["matrix"] == "dark_knowledge"
+
+
+def test_empty_class_in_comparison_and_bootstrap():
+    z, y = structured(300, 6, seed=30)
+    y = y.copy()
+    y[y == 4] = 5  # class 4 has no images
+    zs = z + 0.5 * np.random.default_rng(31).normal(size=z.shape)
+    res = compare_similarity(mem(z, y, "t"), mem(zs, y, "s"), k=2, n_boot=40)
+    assert res.similarity["t"].empty_classes == [4]
+    assert res.to_dict()["empty_classes"] == [4]
+    # the empty row is left out of every average: the point estimate equals the one computed
+    # from the five non-empty rows by hand
+    St, Ss = res.similarity["t"].matrices[1.0], res.similarity["s"].matrices[1.0]
+    rows = [0, 1, 2, 3, 5]
+    kl = np.mean([np.sum(St[i] * np.log(St[i] / Ss[i])) for i in rows])
+    assert res.value("s", "kl")["value"] == pytest.approx(kl, rel=1e-9)
+    for metric in ("pearson", "spearman", "kl", "js_distance", "topk_overlap", "entropy"):
+        row = res.value("s", metric)
+        assert np.isfinite([row["value"], row["ci_low"], row["ci_high"]]).all(), metric
+    assert res.nearest_frame().loc[4, "t"] == ""
+
+
+def test_seeded_bootstrap_is_deterministic():
+    z, y = structured(200, 5, seed=40)
+    zs = z + np.random.default_rng(41).normal(size=z.shape)
+    run = lambda seed: compare_similarity(mem(z, y, "t"), mem(zs, y, "s"), k=2,  # noqa: E731
+                                          n_boot=30, seed=seed)
+    a, b, c = run(5), run(5), run(6)
+    for key in a.bootstrap:
+        np.testing.assert_array_equal(a.bootstrap[key], b.bootstrap[key])
+    assert not np.array_equal(a.bootstrap["s|1|kl"], c.bootstrap["s|1|kl"])
+    assert a.to_dict()["settings"]["seed"] == 5
+
+
+def test_nearest_frame_known_answer():
+    # teacher: class i is confused most with i + 1, then i + 2 (mod 4); student reversed
+    k = 4
+    y = np.arange(400) % k
+    base = np.zeros((k, k))
+    for i in range(k):
+        base[i, (i + 1) % k], base[i, (i + 2) % k] = 2.0, 1.0
+    rev = np.zeros((k, k))
+    for i in range(k):
+        rev[i, (i - 1) % k], rev[i, (i - 2) % k] = 2.0, 1.0
+    t = mem(base[y] + 4 * np.eye(k)[y], y, "t")
+    t.attrs = {"class_names": ["a", "b", "c", "d"]}
+    s = mem(rev[y] + 4 * np.eye(k)[y], y, "s")
+    res = compare_similarity(t, s, k=2, n_boot=0)
+    nf = res.nearest_frame()
+    assert list(nf["t"]) == ["b; c", "c; d", "d; a", "a; b"]
+    assert list(nf["s"]) == ["d; c", "a; d", "b; a", "c; b"]
+    # the 2 nearest sets share exactly one class (i + 2) -> overlap 1/2
+    assert res.value("s", "topk_overlap")["value"] == pytest.approx(0.5)
+
+
+def test_heatmaps_share_teacher_order_and_colour_scale():
+    k = 12
+    z, y = structured(1200, k, seed=50)
+    perm = np.random.default_rng(51).permutation(k)
+    zs, _ = structured(1200, k, seed=52, structure_seed=50, perm=perm)
+    res = compare_similarity(mem(z, y, "t"), mem(zs, y, "s"), k=2, n_boot=0)
+    heat, scatter = res.plot()
+    order = cluster_order(res.similarity["t"].matrices[1.0])
+    ims = [ax.images[0] for ax in heat.axes if ax.images]
+    assert len(ims) == 2
+    for im, m in zip(ims, ("t", "s")):
+        want = res.similarity[m].matrices[1.0].copy()
+        np.fill_diagonal(want, np.nan)
+        np.testing.assert_allclose(np.ma.filled(im.get_array(), np.nan),
+                                   want[np.ix_(order, order)], equal_nan=True)
+    assert ims[0].get_clim() == ims[1].get_clim()
+    labels = [t.get_text() for t in heat.axes[0].get_xticklabels()]
+    assert labels == [str(i) for i in order]
+    import matplotlib.pyplot as plt
+
+    plt.close(heat)
+    plt.close(scatter)
+
+
+def test_class_names_argument_and_file(tmp_path):
+    z, y = structured(120, 3, seed=60)
+    (tmp_path / "names.txt").write_text("cat\n\ndog\ncar\n")
+    res = compare_similarity(mem(z, y, "t"), mem(z, y, "s"), k=1, n_boot=0,
+                             class_names=tmp_path / "names.txt")
+    assert res.similarity["t"].class_names == ["cat", "dog", "car"]
+    assert list(res.nearest_frame()["class_name"]) == ["cat", "dog", "car"]
+    one = ClassSimilarity(class_names=["x", "y", "z"]).run(mem(z, y))
+    assert one.class_names == ["x", "y", "z"]
+    with pytest.raises(AnalysisError, match="2 class names but the models have K = 3"):
+        ClassSimilarity(class_names=["x", "y"]).run(mem(z, y))
+    with pytest.raises(AnalysisError, match="class-names file not found"):
+        compare_similarity(mem(z, y, "t"), mem(z, y, "s"), k=1, n_boot=0,
+                           class_names=tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize("case", ["labels", "order", "classes"])
+def test_cli_mismatches_exit_2_with_one_line(tmp_path, cli_main, capsys, case):
+    z, y = structured(60, 4, seed=70)
+    attrs = {"data_fingerprint": "abc"}
+    t = write_cache(tmp_path / "t.h5", logits=z, labels=y, attrs=attrs)
+    if case == "labels":
+        other = write_cache(tmp_path / "o.h5", logits=z, labels=(y + 1) % 4, attrs=attrs)
+        want = "labels differ"
+    elif case == "order":
+        other = write_cache(tmp_path / "o.h5", logits=z, labels=y, attrs=attrs,
+                            ids=[str(i) for i in range(59, -1, -1)])
+        want = "image order differs"
+    else:
+        other = write_cache(tmp_path / "o.h5", logits=np.c_[z, z[:, :1]], labels=y, attrs=attrs)
+        want = "label spaces differ"
+    capsys.readouterr()
+    rc = cli_main(["similarity", str(t), str(other), "--out", str(tmp_path / "out"), "--quiet",
+                   "--n-boot", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert want in err and "o.h5" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "similarity.json").exists()

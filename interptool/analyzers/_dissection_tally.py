@@ -19,9 +19,9 @@ import torch
 from interptool.analyzers._dissection_resize import _take, iter_masked_pixels
 from interptool.errors import DataError
 
-# Upsampled pixels evaluated per chunk (float64 work arrays of 2 MiB); bounds peak memory
+# Upsampled pixels evaluated per chunk (float64 work arrays of 4 MiB); bounds peak memory
 # whatever the number of images or units, and keeps the work in cache.
-_CHUNK_PIXELS = 1 << 18
+_CHUNK_PIXELS = 1 << 19
 
 
 @dataclass
@@ -45,16 +45,25 @@ def seg_item(index: int, seg: Any, categories: list[str]) -> SegItem:
     scal = [np.asarray(a, dtype=np.int64).reshape(-1)
             for a in (seg.image.get(c) for c in categories) if a is not None]
     pixel = np.empty((sh * sw, sum(len(a) for a in planes)), dtype=np.int32)
-    d = 0
+    counts = np.zeros(1, np.int64)
+    lo, d = 0, 0
     for a in planes:  # transposed copy straight into the pixel-major layout
         pixel[:, d : d + len(a)] = a.T
         d += len(a)
+        try:  # label areas; bincount also gives the largest label and rejects negatives
+            c = np.bincount(a.reshape(-1))
+        except ValueError:
+            lo = min(lo, int(a.min()))
+            continue
+        if len(c) > len(counts):
+            c[: len(counts)] += counts
+            counts = c
+        else:
+            counts[: len(c)] += c
     scalars = np.concatenate(scal) if scal else np.zeros(0, np.int64)
-    lo = min(int(pixel.min(initial=0)), int(scalars.min(initial=0)))
-    # one pass gives the label areas and the largest label (bincount rejects negatives)
-    counts = np.bincount(pixel.reshape(-1)) if lo >= 0 else np.zeros(1, np.int64)
-    hi = max(len(counts) - 1, int(scalars.max(initial=0)), int(pixel.max(initial=0)) if lo < 0
-             else 0)
+    lo = min(lo, int(scalars.min(initial=0)))
+    hi = max(len(counts) - 1, int(scalars.max(initial=0)),
+             int(pixel.max(initial=0)) if lo < 0 else 0)
     return SegItem(int(index), (sh, sw), pixel, scalars, counts.astype(np.int64), lo, hi)
 
 

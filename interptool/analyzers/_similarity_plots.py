@@ -73,8 +73,11 @@ def heatmap(ax, S: np.ndarray, order: np.ndarray, names: Sequence[str], title: s
     A, bs = block_average(M, order)
     if vmax is None:
         vmax = color_limit([S], order, hide_diagonal)
-    im = ax.imshow(A, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-    im.cmap.set_bad("white")
+    import matplotlib
+
+    # hidden diagonal and empty classes (NaN) show white, not a colour of the scale
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    im = ax.imshow(A, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
     k = len(order)
     if bs == 1 and k <= 40:
         labels = [str(names[i]) for i in order]

@@ -21,7 +21,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
         "or the path of a TorchScript file",
     )
     g.add_argument("--checkpoint", help="weight file: .pth/.pt/.bin state_dict, .safetensors, "
-                   "or a training checkpoint wrapping the weights")
+                   "or a training checkpoint wrapping the weights; FILE#NAME picks one weight "
+                   "set inside it (e.g. #state_dict_ema, #teacher)")
     g.add_argument("--num-classes", type=int, help="default: inferred from the checkpoint")
     g.add_argument("--key-map", help="FILE.toml of regex -> replacement rules, or 'positional'")
     g.add_argument("--trust-pickle", action="store_true",
@@ -36,7 +37,14 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for :func:`interptool.loading.load_model` from parsed flags."""
     size = args.image_size
     if size is not None:
-        size = (size[0], size[0]) if len(size) == 1 else tuple(size[:2])
+        if len(size) > 2:
+            from interptool.errors import InterptoolError
+
+            raise InterptoolError(
+                f"--image-size takes one value (square) or two (H W), got {len(size)}: "
+                f"{' '.join(map(str, size))}"
+            )
+        size = (size[0], size[0]) if len(size) == 1 else tuple(size)
     return dict(
         checkpoint=args.checkpoint,
         num_classes=args.num_classes,
