@@ -411,3 +411,44 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
                "--layer", "layer9", "--n", "2", "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert rc == 2 and "layer9" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- lazy maps
+
+
+def test_maps_with_out_are_read_lazily_from_the_file(tmp_path, model, batch):
+    from interptool.analyzers.attribution import H5Maps, agreement, localisation
+
+    x, y = batch
+    mem = Attribution("input_x_gradient", keep_raw=True).run(model, x, labels=y, batch_size=2)
+    disk = Attribution("input_x_gradient", keep_raw=True).run(model, x, labels=y,
+                                                             out=tmp_path, batch_size=2)
+    # file-backed: nothing but a view is held; every access reads the file
+    assert isinstance(disk.maps, H5Maps) and isinstance(disk.raw, H5Maps)
+    assert disk.maps.shape == (5, 32, 32) and len(disk.maps) == 5 and disk.n == 5
+    np.testing.assert_allclose(np.asarray(disk.maps), mem.maps, rtol=1e-6)
+    np.testing.assert_allclose(disk.raw[1:3], mem.raw[1:3], rtol=1e-6)
+    np.testing.assert_allclose(disk.maps[-1], mem.maps[4], rtol=1e-6)
+    np.testing.assert_allclose(disk.maps[[3, 0, 3]], mem.maps[[3, 0, 3]], rtol=1e-6)
+    with pytest.raises(IndexError):
+        disk.maps[5]
+    # scores read file-backed maps block by block: same numbers as in memory
+    a_mem = agreement(mem, mem, n_boot=0)
+    a_disk = agreement(disk, mem, n_boot=0, block=2)
+    np.testing.assert_allclose(a_disk.spearman, a_mem.spearman, rtol=1e-6)
+    mask = np.zeros((5, 32, 32), bool)
+    mask[:, 4:20, 8:30] = True
+    np.testing.assert_allclose(localisation(disk, mask, n_boot=0, block_size=2).energy,
+                               localisation(mem, mask, n_boot=0).energy, rtol=1e-6)
+    frame_mem, frame_disk = mem.to_frame(), disk.to_frame()
+    np.testing.assert_allclose(frame_disk["top10_mass"], frame_mem["top10_mass"], rtol=1e-6)
+    lazy = AttributionResult.load(tmp_path)
+    assert isinstance(lazy.maps, H5Maps)
+    np.testing.assert_allclose(np.asarray(lazy.maps), mem.maps, rtol=1e-6)
+    eager = AttributionResult.load(tmp_path, lazy=False)
+    assert isinstance(eager.maps, np.ndarray) and eager.raw.shape == (5, 3, 32, 32)
+    # a resumed (complete) run reads nothing back into memory and gives the same view
+    again = Attribution("input_x_gradient", keep_raw=True).run(model, x, labels=y,
+                                                              out=tmp_path, batch_size=2)
+    np.testing.assert_array_equal(np.asarray(again.maps), np.asarray(disk.maps))
+    np.testing.assert_array_equal(again.targets, y.numpy())

@@ -302,3 +302,79 @@ def test_score_results_save(tmp_path):
     for res in (agreement(maps, maps, n_boot=0), localisation(maps, mask, n_boot=0)):
         paths = res.save(tmp_path / res.kind)
         assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_agreement_block_invariant_and_concat_results_equal_whole():
+    from interptool.analyzers.attribution import FaithfulnessResult
+    from interptool.analyzers.attribution import LocalisationResult as LR
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(7, 9, 9)), rng.normal(size=(7, 9, 9))
+    whole = agreement(a, b, n_boot=100)
+    chunked = agreement(a, b, n_boot=100, block=3)
+    for key in ("spearman", "cosine", "top5_iou", "top20_iou"):
+        assert chunked.summary[key] == whole.summary[key]
+    x, mask = _box_images(5)
+    maps = rng.random((5, H, W))
+    kw = dict(patch=8, steps=4, baseline="mean", n_boot=0)
+    full = faithfulness(BoxNet(), x, maps, np.zeros(5, int), ids=list("abcde"), **kw)
+    parts = [faithfulness(BoxNet(), x[s:e], maps[s:e], np.zeros(e - s, int),
+                          ids=list("abcde")[s:e], **kw) for s, e in ((0, 2), (2, 5))]
+    merged = FaithfulnessResult.concat(parts, n_boot=50, seed=1)
+    np.testing.assert_allclose(merged.curves, full.curves)
+    assert merged.ids == list("abcde")
+    assert merged.summary["auc"]["mean"] == pytest.approx(full.auc.mean())
+    loc = localisation(maps, mask, n_boot=50, seed=1)
+    loc_parts = LR.concat([localisation(maps[:2], mask[:2], n_boot=0),
+                           localisation(maps[2:], mask[2:], n_boot=0)], n_boot=50, seed=1)
+    np.testing.assert_allclose(loc_parts.energy, loc.energy)
+    assert loc_parts.summary == loc.summary
+
+
+def _folder_dataset(tmp_path, sizes):
+    from PIL import Image
+
+    ids = []
+    for i, (h, w) in enumerate(sizes):
+        p = tmp_path / "imgs" / "c" / f"{i}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(p)
+        ids.append(f"c/{i}.jpg")
+    class Folder:  # the ImageDataset surface folder_masks uses
+        def __init__(self):
+            self.ids = ids
+
+        def __len__(self):
+            return len(ids)
+
+        def image_path(self, i):
+            return tmp_path / "imgs" / ids[i]
+
+    return Folder()
+
+
+def test_folder_masks_read_resize_and_size_mismatch(tmp_path):
+    from PIL import Image
+
+    from interptool.analyzers.attribution import folder_masks
+
+    ds = _folder_dataset(tmp_path, [(8, 4), (8, 4)])
+    (tmp_path / "m" / "c").mkdir(parents=True)
+    m0 = np.zeros((8, 4), np.uint8)
+    m0[0:4, 2:4] = 255  # top-right quarter
+    Image.fromarray(m0).save(tmp_path / "m" / "c" / "0.png")
+    Image.fromarray(np.full((8, 4), 7, np.uint8)).save(tmp_path / "m" / "c" / "1.png")
+    got = folder_masks(tmp_path / "m", ds, [0, 1], size=(4, 4))
+    expect = np.zeros((4, 4), bool)
+    expect[0:2, 2:4] = True
+    np.testing.assert_array_equal(got[0], expect)
+    assert got[1].all()  # any non-zero value is object
+    np.testing.assert_array_equal(folder_masks(tmp_path / "m", ds, [0])[0], m0 > 0)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "m" / "c" / "1.png")
+    with pytest.raises(AnalysisError, match=r"1.png is 5x5 px but image .*1.jpg is 4x8 px"):
+        folder_masks(tmp_path / "m", ds)
+    (tmp_path / "m" / "c" / "1.png").unlink()
+    with pytest.raises(AnalysisError, match=r"no mask for image 'c/1.jpg': expected .*1.png"):
+        folder_masks(tmp_path / "m", ds)
+    with pytest.raises(AnalysisError, match="does not exist"):
+        folder_masks(tmp_path / "nope", ds)

@@ -260,10 +260,12 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: torch.Tensor,
-                       max_elements: int = 1 << 18):
+                       max_elements: int = 1 << 18, offsets: torch.Tensor | None = None):
     """Yield ``(map_index, pixel)`` chunks where ``resize_maps(maps, size) > thresholds``.
 
-    ``pixel = row * sw + col``; int64 tensors on the maps' device. Over all chunks the
+    ``pixel = row * sw + col`` (plus ``offsets[map_index]`` when given: e.g. the map's image
+    times ``sh * sw``, so the caller can index a batch's flattened labels directly); int64
+    tensors on the maps' device. Over all chunks the
     positions are exactly those of ``torch.nonzero`` on the thresholded :func:`resize_maps`
     (each once, in no particular order). When neither axis shrinks only the tiles that can
     exceed the threshold are evaluated, exactly (see above); otherwise whole maps go through
@@ -281,7 +283,8 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
         for s in range(0, k, step):
             kk, px = torch.nonzero(threshold_maps(maps[s : s + step], (sh, sw),
                                                   t64[s : s + step]), as_tuple=True)
-            yield kk + s, px
+            kk = kk + s
+            yield kk, px if offsets is None else px + _take(offsets, kk)
         return
     rows, cols = _axis_tiles(h, sh, dev), _axis_tiles(w, sw, dev)
     x = maps.to(torch.float32)  # what imresize(mode='F') hands to Pillow
@@ -298,6 +301,7 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
     if n_all == 0:
         return
     tau_all = above_bound(t64)
+    base_all = torch.zeros(k, dtype=torch.int64, device=dev) if offsets is None else offsets
     flat = x.reshape(-1)
     th, tw, taps = rows.span, cols.span, rows.idx.shape[1]
     # Stage 1, per tile: Pillow's horizontal pass on the window rows (exact), and the box of
@@ -352,7 +356,7 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
             sel = keep[s0 : min(s0 + per, s + cnt)]
             yield _eval_boxes(_take(p_all, sel), _take(gr_all, sel), _take(gc_all, sel),
                               _take(box, sel), _take(hx_all, sel), bh, bw, rows, cols,
-                              wt_rows, tau_all, sw)
+                              wt_rows, tau_all, sw, base_all)
         s += cnt
 
 
@@ -363,8 +367,8 @@ def _pow2_buckets(span: int) -> list[int]:
 
 def _eval_boxes(p: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor, box: torch.Tensor,
                 hx: torch.Tensor, bh: int, bw: int, rows: _AxisTiles, cols: _AxisTiles,
-                wt_rows: torch.Tensor, tau_all: torch.Tensor,
-                sw: int) -> tuple[torch.Tensor, torch.Tensor]:
+                wt_rows: torch.Tensor, tau_all: torch.Tensor, sw: int,
+                base_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pillow's vertical pass on the (bh x bw)-padded boxes of n tiles; their masked pixels.
 
     ``hx`` (n, Tr, tw): the tiles' exact horizontal pass; ``box`` (n, 4): row0, rows, col0,
@@ -386,11 +390,11 @@ def _eval_boxes(p: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor, box: torch.
         acc += hxb[:, t, None, :] * wv[:, :, t, None]
     # float32(acc) > T  <=>  acc > tau; NaN (outside the box or the tile) never is
     hit = torch.nonzero((acc > _take(tau_all, p)[:, None, None]).reshape(-1), as_tuple=True)[0]
-    ti = hit // (bh * bw)
-    rem = hit - ti * (bh * bw)
-    row = _take(rows.start, _take(gr, ti)) + _take(ri.reshape(-1), ti * bh + rem // bw)
-    col = _take(cols.start, _take(gc, ti)) + _take(ci.reshape(-1), ti * bw + rem % bw)
-    return _take(p, ti), row * sw + col
+    # pixel index of every box position (dense, cheaper than index arithmetic per hit)
+    row = (_take(rows.start, gr)[:, None] + ri) * sw + _take(base_all, p)[:, None]  # (n, bh)
+    col = _take(cols.start, gc)[:, None] + ci  # (n, bw)
+    pix = (row[:, :, None] + col[:, None, :]).reshape(-1)
+    return _take(p, hit // (bh * bw)), _take(pix, hit)
 
 
 def _interval(ok: torch.Tensor) -> torch.Tensor:

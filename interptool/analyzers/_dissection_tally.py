@@ -173,7 +173,9 @@ class TallyAccumulator:
             pix = torch.zeros((G * P, D), dtype=torch.int32)
             for g, it in enumerate(items):
                 pix[g * P : (g + 1) * P, : it.pixel.shape[1]] = torch.from_numpy(it.pixel)
-        pix = pix.to(dev, torch.int64)
+        pix = pix.to(dev)  # int32: half the memory traffic of int64 in the gathers below
+        if max(self.U * L, 1) >= 2**31:
+            pix = pix.long()
 
         # categories an image carries through image-level labels (and, for "image", any label)
         scal_cat = torch.zeros((G, C + 1), dtype=torch.bool, device=dev)
@@ -185,21 +187,24 @@ class TallyAccumulator:
 
         pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
         touched = torch.zeros(k * (C + 1), dtype=torch.int64, device=dev)
-        row_base = g_idx * P
         key_base = u_idx * L
-        for pp, px in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS):
+        # int32 keys when they fit (they do for any real probe): less memory traffic
+        kdt = torch.int32 if max(self.U * L, k * (C + 1)) < 2**31 else torch.int64
+        key32 = key_base.to(kdt)
+        cat32 = self.cat.to(kdt)
+        for pp, rows in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS,
+                                           offsets=g_idx * P):
             if pp.numel() == 0:
                 continue
             pair_area += torch.bincount(pp, minlength=k)
             if D == 0:
                 continue
-            # (n, D) labels under the mask (int64: cheaper arithmetic than mixed int32/int64)
-            labels = _take(pix, _take(row_base, pp) + px)
+            labels = _take(pix, rows)  # (n, D) labels under the mask, rows = image * P + pixel
             self.intersect += torch.bincount(
-                (_take(key_base, pp)[:, None] + labels).reshape(-1), minlength=self.U * L)
+                (_take(key32, pp)[:, None] + labels).reshape(-1), minlength=self.U * L)
             if self.mode == "overlap":
                 touched += torch.bincount(
-                    (pp[:, None] * (C + 1) + _take(self.cat, labels)).reshape(-1),
+                    (pp.to(kdt)[:, None] * (C + 1) + _take(cat32, labels)).reshape(-1),
                     minlength=k * (C + 1))
         self.unit_area.index_add_(0, u_idx, pair_area)
         # image-level labels: the whole mask intersects them

@@ -19,7 +19,16 @@ FEATURES = "features"
 MAX_SUFFIX = "_max"
 
 # Attributes stored as JSON text (HDF5 attributes hold scalars/strings, not nested dicts).
-JSON_ATTRS = ("model", "preprocessing", "layers", "layer_shapes", "versions", "skipped", "extra")
+JSON_ATTRS = (
+    "model",
+    "preprocessing",
+    "layers",
+    "layer_shapes",
+    "versions",
+    "skipped",
+    "extra",
+    "class_names",
+)
 
 
 def chunk_rows(row_shape: Sequence[int], itemsize: int, target: int = 512 * 1024) -> int:

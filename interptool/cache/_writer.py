@@ -513,6 +513,8 @@ def _init_attrs(
         "skipped": [],
         "compression": compression or "",
         "batch_size": int(batch_size),
+        # class names travel with the logits so analyzers can label matrices and tables
+        "class_names": list(getattr(dataset, "class_names", None) or []),
     }
     for key, value in attrs.items():
         f.attrs[key] = encode_attr(key, value)

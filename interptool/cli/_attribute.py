@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
                           "--model NAME=ARCH[,CHECKPOINT]")
 
     broden = hasattr(dataset, "load_segmentation")
-    if args.masks:  # fail early on a missing folder, before any model runs
-        folder_masks(args.masks, dataset, [])
+    if args.masks:  # every mask present and of its image's size, before any model runs
+        folder_masks(args.masks, dataset, range(min(args.n, len(dataset))), size=(1, 1))
     results: dict[str, dict[str, Any]] = {}
     scores: dict[str, Any] = {"models": {}, "agreement": {},
                               "teacher": names[0], "methods": methods, "target": target,
