@@ -393,7 +393,8 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
                "--model", "student=interptool:cw-student", "--num-classes", "10",
                "--data", "builtin:concept-world?n=12&size=64&seed=0", "--method", "grad_cam",
                "--method", "saliency", "--layer", "layer4", "--n", "4", "--batch-size", "4",
-               "--faithfulness-steps", "4", "--out", str(out), "--quiet"])
+               "--faithfulness-steps", "4", "--sanity-n", "2", "--sanity-top-k", "1",
+               "--out", str(out), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     for name in ("teacher", "student"):
         with h5py.File(out / name / "attributions.h5", "r") as f:
@@ -402,9 +403,31 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["teacher"] == "teacher"
     assert set(scores["agreement"]["teacher vs student"]) == {"grad_cam", "saliency"}
+    # the scores in scores.json are those of the stored maps, recomputed independently here
+    from interptool.analyzers.attribution import agreement, class_object_masks, localisation
+    from interptool.data import open_dataset
+
+    t = AttributionResult.load(out / "teacher", "saliency")
+    s = AttributionResult.load(out / "student", "saliency")
+    ag = scores["agreement"]["teacher vs student"]["saliency"]
+    assert ag["spearman"]["mean"] == pytest.approx(float(agreement(t, s).spearman.mean()))
+    assert ag["spearman"]["ci_low"] <= ag["spearman"]["mean"] <= ag["spearman"]["ci_high"]
+    assert set(ag) >= {"cosine", "top5_iou", "top10_iou", "top20_iou"}
+    ds = open_dataset("builtin:concept-world?n=12&size=64&seed=0")
+    masks = class_object_masks(ds, range(4), size=(64, 64))
     m = scores["models"]["student"]["methods"]["saliency"]
-    assert 0 <= m["localisation"]["energy"]["mean"] <= 1
-    assert set(m["faithfulness"]) == {"deletion", "insertion"}
+    assert m["localisation"]["energy"]["mean"] == pytest.approx(
+        float(np.nanmean(localisation(s, masks).energy)))
+    assert m["localisation"]["mask_area"]["mean"] == pytest.approx(
+        float(masks.reshape(4, -1).mean(1).mean()))
+    for mode in ("deletion", "insertion"):
+        f = m["faithfulness"][mode]
+        assert f["n"] == 4 and f["params"]["steps"] == 4 and len(f["mean_curve"]) == 5
+        assert 0 <= f["auc"]["mean"] <= 1
+    # the sanity check is part of the scores, per model, for every method
+    rnd = scores["models"]["teacher"]["randomisation"]
+    assert set(rnd["flagged"]) == {"grad_cam", "saliency"} and len(rnd["layers"]) == 1
+    assert [r["step"] for r in rnd["steps"] if r["method"] == "saliency"] == [0, 1]
     assert (out / "attributions.png").stat().st_size > 0
     rc = main(["attribute", "--arch", "interptool:cw-student", "--num-classes", "10",
                "--data", "builtin:concept-world?n=12&size=64&seed=0", "--method", "grad_cam",
@@ -452,3 +475,81 @@ def test_maps_with_out_are_read_lazily_from_the_file(tmp_path, model, batch):
                                                               out=tmp_path, batch_size=2)
     np.testing.assert_array_equal(np.asarray(again.maps), np.asarray(disk.maps))
     np.testing.assert_array_equal(again.targets, y.numpy())
+
+
+def test_cli_torchvision_imagefolder_masks_targets(tmp_path, capsys):
+    _real_loaders()
+    import torchvision
+    from PIL import Image
+
+    from interptool.cli import main
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for d in ("imgs", "masks"):
+            (tmp_path / d / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((rng.random((24, 20, 3)) * 255).astype(np.uint8)).save(
+                tmp_path / "imgs" / c / f"{i}.png")
+            m = np.zeros((24, 20), np.uint8)
+            m[4:12, 2:10] = 1
+            Image.fromarray(m).save(tmp_path / "masks" / c / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "r.pth")
+    base = ["attribute", "--arch", "torchvision:resnet18", "--checkpoint",
+            str(tmp_path / "r.pth"), "--image-size", "32", "--data",
+            f"imagefolder:{tmp_path / 'imgs'}", "--quiet"]
+    out = tmp_path / "out"
+    rc = main(base + ["--method", "integrated_gradients", "--steps", "2", "--baseline", "mean",
+                      "--internal-batch-size", "8", "--target", "predicted", "--keep-raw",
+                      "--masks", str(tmp_path / "masks"), "--faithfulness-steps", "2",
+                      "--sanity-n", "2", "--sanity-top-k", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    with h5py.File(out / "attributions.h5", "r") as f:
+        ds = f["attributions/integrated_gradients"]
+        params = json.loads(ds.attrs["params"])
+        assert params["baseline"] == "mean" and params["internal_batch_size"] == 8
+        assert f["attributions/integrated_gradients_raw"].shape == (4, 3, 32, 32)
+        np.testing.assert_array_equal(f["targets"][:], f["predictions"][:])
+    (entry,) = json.loads((out / "scores.json").read_text())["models"].values()
+    loc = entry["methods"]["integrated_gradients"]["localisation"]
+    # masks resized like the images (whole image to 32x32, no crop), nearest neighbour
+    # (torch rule: output i takes source floor(i * in / out)): rows 4..11 of 24 -> 10 rows,
+    # columns 2..9 of 20 -> 12 columns
+    rows = sum(4 <= (i * 24) // 32 <= 11 for i in range(32))
+    cols = sum(2 <= (j * 20) // 32 <= 9 for j in range(32))
+    assert (rows, cols) == (10, 12)
+    assert loc["mask_area"]["mean"] == pytest.approx(rows * cols / 32**2)
+    assert loc["energy"]["n"] == 4
+    # error paths: one line, exit 2, no traceback
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "masks" / "b" / "1.png")
+    for extra, expect in (
+            (["--masks", str(tmp_path / "masks")], "1.png is 5x5 px but image"),
+            (["--target", "2"], "target 2 of image 'a/0.png' is out of range"),
+            (["--method", "grad_cam", "--layer", "layer9"], "'layer9' not found")):
+        rc = main(base + ["--method", "saliency"] * ("--method" not in extra) + extra +
+                  ["--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert rc == 2 and expect in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_timm_model_in_place_activations_grad_cam_and_guided_backprop():
+    timm = pytest.importorskip("timm")
+    from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    assert any(getattr(m, "inplace", False) for m in net.modules())  # timm's act_layer
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1, 3])
+    ref_net = _no_inplace(net)
+    cam = Attribution("grad_cam", layer="layer4").run(net, x, labels=t)
+    ref = LayerGradCam(ref_net, ref_net.layer4).attribute(x.clone().requires_grad_(True),
+                                                          target=t, relu_attributions=True)
+    ref = LayerAttribution.interpolate(ref, (32, 32), interpolate_mode="bilinear")
+    np.testing.assert_allclose(cam.maps, ref.detach()[:, 0].numpy(), rtol=1e-5, atol=1e-7)
+    gb = Attribution("guided_backprop", keep_raw=True).run(net, x, labels=t)
+    ref = GuidedBackprop(ref_net).attribute(x.clone().requires_grad_(True), target=t)
+    np.testing.assert_allclose(gb.raw, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert hook_count(net) == 0 and hook_count(ref_net) == 0

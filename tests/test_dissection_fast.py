@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from interptool.analyzers import _dissection_resize
 from interptool.analyzers._dissection_resize import (
     above_bound,
     masked_pixels,
@@ -37,7 +38,8 @@ def _thresholds_with_ties(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
                                    (16, 16, 16, 16), (3, 5, 3, 17),
                                    (12, 12, 6, 12), (13, 11, 5, 29)])  # last two shrink
 @pytest.mark.parametrize("relu", [True, False])
-def test_masked_pixels_equal_whole_map_threshold(shape, relu):
+def test_masked_pixels_equal_whole_map_threshold(shape, relu, monkeypatch):
+    monkeypatch.setattr(_dissection_resize, "TILE_MIN_PIXELS", 0)  # tiles at every size
     h, w, sh, sw = shape
     rng = np.random.default_rng(h * 1000 + sw + relu)
     x = rng.standard_normal((30, h, w)).astype(np.float32)
@@ -52,7 +54,12 @@ def test_masked_pixels_equal_whole_map_threshold(shape, relu):
     got = torch.stack([p, px], 1)
     got = got[torch.argsort(got[:, 0] * sh * sw + got[:, 1])]
     assert torch.equal(got, want)
-    assert tiles_apply((h, w), (sh, sw)) == (sh >= h and sw >= w)
+
+
+def test_tile_path_chosen_by_geometry():
+    assert tiles_apply((7, 7), (112, 112)) and tiles_apply((14, 14), (64, 64))
+    assert not tiles_apply((4, 4), (32, 32))  # small output: whole maps
+    assert not tiles_apply((12, 12), (64, 6))  # an axis shrinks: whole maps (Pillow order)
 
 
 def test_masked_pixels_sparse_peaks_near_threshold():
@@ -132,7 +139,10 @@ def _reference_counts(feats, segs, thresholds, label_category, n_cat, mode):
 
 
 @pytest.mark.parametrize("mode", ["overlap", "image"])
-def test_tally_equals_per_image_reference_with_ties(mode):
+@pytest.mark.parametrize("tiles", [True, False])
+def test_tally_equals_per_image_reference_with_ties(mode, tiles, monkeypatch):
+    if tiles:
+        monkeypatch.setattr(_dissection_resize, "TILE_MIN_PIXELS", 0)
     rng = np.random.default_rng(11)
     n, U = 10, 6
     label_category = np.array([-1, 0, 0, 1, 1, 2, 2, 3, -1])  # 3: image-level, 8: unused

@@ -12,6 +12,11 @@ of maps is resized at once on any torch device, summing the taps in Pillow's ord
 rounding to float32 exactly where Pillow rounds: the result is bit-identical to Pillow. For upsampling this equals
 ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` up to float
 rounding; the matrices also handle downsampling (the filter widens, as in Pillow).
+
+The dissection tally only needs *where* the upsampled map exceeds the unit's threshold:
+:func:`iter_masked_pixels` finds those pixels, evaluating (exactly) only the tiles and boxes
+of the output that can exceed it (see the "Tile path" section below), or whole maps for small
+outputs (:func:`threshold_maps`).
 """
 
 from __future__ import annotations
@@ -249,9 +254,17 @@ def above_bound(thresholds: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(t32), torch.full_like(tau, math.inf), tau)
 
 
+# Outputs smaller than this are thresholded whole (float32 matrix product + exact recheck,
+# :func:`threshold_maps`): per-tile bookkeeping costs more than it saves on small maps
+# (measured: 32x32 outputs ~1.7x faster whole, 112x112 ~5x faster by tiles).
+TILE_MIN_PIXELS = 64 * 64
+
+
 def tiles_apply(in_size: tuple[int, int], size: tuple[int, int]) -> bool:
-    """Whether :func:`masked_pixels` uses the tile path (neither axis shrinks)."""
-    return int(size[0]) >= int(in_size[0]) and int(size[1]) >= int(in_size[1])
+    """Whether :func:`iter_masked_pixels` uses the tile path: neither axis shrinks and the
+    output has at least ``TILE_MIN_PIXELS`` pixels."""
+    sh, sw = int(size[0]), int(size[1])
+    return sh >= int(in_size[0]) and sw >= int(in_size[1]) and sh * sw >= TILE_MIN_PIXELS
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
