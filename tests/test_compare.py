@@ -40,12 +40,24 @@ def synthetic_summary(tmp_path):
              "accuracy_ci": None},
         ],
         "findings": [
-            {"measure": "detectors (layer4)", "comparison": "kd vs teacher",
-             "values": {"teacher": 40, "kd": 35}, "higher": "teacher", "difference": -5,
-             "ci_low": None, "ci_high": None, "significant": None},
-            {"measure": "accuracy", "comparison": "kd vs teacher",
-             "values": {"teacher": 0.875, "kd": 0.8125}, "higher": "teacher",
-             "difference": -0.0625, "ci_low": -0.12345, "ci_high": -0.01, "significant": True},
+            {"measure": "detectors (layer4)", "direction": "higher",
+             "values": {"teacher": 40, "kd": 35}, "ranking": ["teacher", "kd"],
+             "best": "teacher", "note": "count; no CI",
+             "comparisons": [{"a": "kd", "b": "teacher", "comparison": "kd vs teacher",
+                              "better": "teacher", "difference": 5, "ci_low": None,
+                              "ci_high": None, "significant": None}]},
+            {"measure": "accuracy", "direction": "higher",
+             "values": {"teacher": 0.875, "kd": 0.8125}, "ranking": ["teacher", "kd"],
+             "best": "teacher", "note": "",
+             "comparisons": [{"a": "kd", "b": "teacher", "comparison": "kd vs teacher",
+                              "better": "teacher", "difference": 0.0625, "ci_low": 0.01,
+                              "ci_high": 0.12345, "significant": True}]},
+            {"measure": "deletion AUC", "direction": "lower",
+             "values": {"teacher": 0.3, "kd": 0.2}, "ranking": ["kd", "teacher"],
+             "best": "kd", "note": "",
+             "comparisons": [{"a": "kd", "b": "teacher", "comparison": "kd vs teacher",
+                              "better": "kd", "difference": -0.0625, "ci_low": -0.12345,
+                              "ci_high": -0.01, "significant": True}]},
         ],
         "dissection": {"intro": "Units are detectors when IoU >= 0.04.",
                        "tables": [{"title": "Detectors per layer",
@@ -241,6 +253,54 @@ def test_summary_numbers_equal_direct_analyzer_results(compared):
         assert (out / f["path"]).exists()
     acc_row = next(f for f in s["findings"] if f["measure"] == "accuracy (eval)")
     vals = acc_row["values"]
-    assert acc_row["higher"] in (max(vals, key=vals.get), "tie")
+    assert acc_row["direction"] == "higher"
+    assert acc_row["ranking"][0] == max(vals, key=vals.get)
+    for c in acc_row["comparisons"]:
+        assert c["better"] in (max((c["a"], c["b"]), key=vals.get), "tie")
+    dele = [f for f in s["findings"] if "deletion AUC" in f["measure"]]
+    assert dele and all(f["direction"] == "lower" for f in dele)
+    for f in dele:  # lower is better: the ranking and every comparison honour it
+        assert f["ranking"][0] == min(f["values"], key=f["values"].get)
+        for c in f["comparisons"]:
+            assert c["better"] == min((c["a"], c["b"]), key=f["values"].get)
+            assert c["difference"] <= 0
     html = (out / "report.html").read_text()
     assert f"{100 * acc:.1f}%" in html
+
+
+def test_findings_honour_each_measures_direction():
+    """Known answers: KD beats scratch on a higher-is-better measure and on a
+    lower-is-better one; ``better`` names it and the difference / CI are better - other."""
+    from interptool.report._compare import _finding, finding_pairs
+
+    assert finding_pairs(["teacher", "kd", "scratch", "ls"], "teacher") == [
+        ("kd", "scratch"), ("kd", "ls"), ("scratch", "ls"),
+        ("kd", "teacher"), ("scratch", "teacher"), ("ls", "teacher")]
+    # diff(a, b) returns mean(a - b) with its CI, like paired_difference
+    vals = {"teacher": 0.30, "kd": 0.10, "scratch": 0.25}
+    cis = {("kd", "scratch"): (-0.15, -0.20, -0.10), ("kd", "teacher"): (-0.20, -0.30, 0.05),
+           ("scratch", "teacher"): (-0.05, -0.10, 0.01)}
+    row = _finding("deletion AUC", vals, lambda a, b: cis[(a, b)], higher_is_better=False,
+                   teacher="teacher")
+    assert row["direction"] == "lower" and row["ranking"] == ["kd", "scratch", "teacher"]
+    assert row["best"] == "kd"
+    c = {x["comparison"]: x for x in row["comparisons"]}
+    assert list(c) == ["kd vs scratch", "kd vs teacher", "scratch vs teacher"]
+    ks = c["kd vs scratch"]
+    assert ks["better"] == "kd"  # the LOWER value wins here
+    assert ks["difference"] == pytest.approx(-0.15)
+    assert (ks["ci_low"], ks["ci_high"]) == (pytest.approx(-0.20), pytest.approx(-0.10))
+    assert ks["significant"] is True
+    assert c["kd vs teacher"]["significant"] is False  # CI [-0.30, 0.05] contains 0
+    # the same numbers on a higher-is-better measure: scratch beats kd, signs flip to positive
+    row = _finding("accuracy", vals, lambda a, b: cis[(a, b)], teacher="teacher")
+    ks = {x["comparison"]: x for x in row["comparisons"]}["kd vs scratch"]
+    assert row["ranking"] == ["teacher", "scratch", "kd"]
+    assert ks["better"] == "scratch" and ks["difference"] == pytest.approx(0.15)
+    assert (ks["ci_low"], ks["ci_high"]) == (pytest.approx(0.10), pytest.approx(0.20))
+    # counts without a CI: difference from the values, significance unknown; ties are ties
+    row = _finding("detectors", {"kd": 12, "scratch": 12, "ls": 9}, teacher=None)
+    c = {x["comparison"]: x for x in row["comparisons"]}
+    assert c["kd vs scratch"]["better"] == "tie" and row["best"] == "tie"
+    assert c["kd vs ls"]["better"] == "kd" and c["kd vs ls"]["difference"] == 3
+    assert c["kd vs ls"]["significant"] is None

@@ -322,7 +322,7 @@ def test_missing_layer(tmp_path):
 def test_nan_names_layer_and_unit(tmp_path):
     feats = _mask_unit([None] * 6).repeat(3, axis=1)
     feats[4, 2, 1, 1] = np.nan
-    with pytest.raises(AnalysisError, match=r"layer 'l4' has NaN/Inf .*image 4 .*unit 2"):
+    with pytest.raises(AnalysisError, match=r"layer 'l4' has NaN/Inf .*image 4 'img4.png', unit 3 "):
         _run(tmp_path, feats, q=0.1)
 
 
@@ -381,3 +381,125 @@ def test_cli_dissect(tmp_path, world, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "interptool dissect: error:" in err and "Traceback" not in err
     assert "'nope'" in err
+
+
+# ------------------------------------------------- a real Broden folder on disk, by hand
+def _write_broden(root: Path) -> None:
+    """4 images 4x4 (seg 4x4); color red=1, object dog=2 and car=300 (G channel), scene
+    beach=5. Image 0: two object mask files (dog top-left 2x2, car bottom row) + red left
+    column; image 1: car right column + beach; image 2: beach only; image 3: nothing."""
+    (root / "images").mkdir(parents=True)
+
+    def png(name, lab):  # encode R + 256*G by hand, independently of the reader
+        lab = np.asarray(lab, np.int64)
+        rgb = np.zeros(lab.shape + (3,), np.uint8)
+        rgb[..., 0], rgb[..., 1] = lab % 256, lab // 256
+        Image.fromarray(rgb).save(root / "images" / name)
+
+    for i in range(4):
+        Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(root / "images" / f"im{i}.jpg")
+    z = np.zeros((4, 4), np.int64)
+    dog, car0, red, car1 = z.copy(), z.copy(), z.copy(), z.copy()
+    dog[:2, :2], car0[3, :], red[:, 0], car1[:, 3] = 2, 300, 1, 300
+    for name, lab in [("im0_o1.png", dog), ("im0_o2.png", car0), ("im0_c.png", red),
+                      ("im1_o.png", car1)]:
+        png(name, lab)
+    (root / "category.csv").write_text("name,first,last,count,frequency\ncolor,1,1,1,1\n"
+                                       "object,2,300,2,2\nscene,5,5,2,2\n")
+    (root / "label.csv").write_text("number,name,category,frequency,coverage,syns\n"
+                                    "1,red,color(1),1,1,\n2,dog,object(1),1,1,\n"
+                                    "5,beach,scene(2),2,2,\n300,car,object(2),2,2,\n")
+    (root / "index.csv").write_text(
+        "image,split,ih,iw,sh,sw,color,object,scene\n"
+        "im0.jpg,train,4,4,4,4,im0_c.png,im0_o1.png;im0_o2.png,\n"
+        "im1.jpg,train,4,4,4,4,,im1_o.png,5\n"
+        "im2.jpg,train,4,4,4,4,,,5\n"
+        "im3.jpg,train,4,4,4,4,,,\n")
+
+
+def test_broden_folder_on_disk_hand_computed(tmp_path):
+    from interptool.data import open_dataset
+    from interptool.errors import DataError
+
+    _write_broden(tmp_path / "b")
+    probe = open_dataset(f"broden:{tmp_path / 'b'}")
+    z, a = np.zeros((4, 4), bool), np.ones((4, 4), bool)
+    dog, left = z.copy(), z.copy()
+    dog[:2, :2], left[:, 0] = True, True
+    # per unit: where it fires on images 0..3, expected IoU per label (by hand), best label.
+    # Label areas: red 4, dog 4, car 4+4=8, beach 16+16=32 (image-level: sh*sw per image).
+    cases = [
+        # dog pixels only: areas object 4, color 4 (touches red), scene 0
+        ([dog, z, z, z], {1: 2 / 6, 2: 1.0, 300: 0.0, 5: 0.0}, 2),
+        # everywhere on images 0-2: object 16+16, color 16, scene 16+16
+        ([a, a, a, z], {1: 4 / 16, 2: 4 / 32, 300: 8 / 32, 5: 1.0}, 5),
+        # left column of image 0 + all of scene-only image 2 (stale-accumulator case:
+        # NetDissect-Lite would add image 2's 16 px to color and object, red -> 0.2)
+        ([left, z, a, z], {1: 1.0, 2: 2 / 6, 300: 1 / 11, 5: 16 / 32}, 1),
+    ]
+    feats = np.zeros((4, len(cases), 4, 4), np.float32)
+    for u, (fire, _, _) in enumerate(cases):
+        for i, m in enumerate(fire):
+            feats[i, u] = 0.5 + 0.01 * np.arange(16).reshape(4, 4) / 16 + 0.1 * i
+            feats[i, u][m] = 2.0
+    for u, (fire, expect, best) in enumerate(cases):
+        k = int(sum(m.sum() for m in fire))
+        q = 1 - (64 - k - 0.5) / 63  # threshold halfway between the last off and first on
+        path = _cache(tmp_path, feats[:, u : u + 1], probe, name=f"u{u}.h5")
+        r = Dissection(quantile=q, checksum=False).run(path, "l4", probe)
+        assert 1.0 < r.thresholds[0] < 2.0
+        np.testing.assert_array_equal(r.label_area[[1, 2, 5, 300]], [4, 4, 32, 8])
+        for lab, v in expect.items():
+            assert r.iou[0, lab] == pytest.approx(v, abs=1e-9), (u, lab)
+        assert r.best_label[0] == best
+    # a mask file listed in index.csv but missing: DataError naming the file and the fix
+    (tmp_path / "b" / "images" / "im0_o2.png").unlink()
+    with pytest.raises(DataError, match=r"im0_o2.png .*index.csv line 2.*does not exist"):
+        Dissection(quantile=0.1, checksum=False).run(path, "l4", probe)
+
+
+def test_montage_outlines_mask_and_dims_outside(tmp_path):
+    from interptool.analyzers._dissection_plots import _OUTLINE, _TILE
+
+    # unit fires on label a's top-left 2x2 of image 1 (and a's column in image 2)
+    segs = _toy_segs()
+    r = _run(tmp_path, _mask_unit([None if s[0] is None else s[0] == 1 for s in segs]),
+             top_images=1)
+    img = np.asarray(r.montage(0))
+    tile = img[16:16 + _TILE, :_TILE].astype(int)
+    outline = np.all(tile == _OUTLINE, axis=2)
+    assert outline.any()
+    colour = np.array(ToyProbe(segs).load_image(int(r.top_images[0, 0])).getpixel((0, 0)))
+    # far corner (bottom-right) lies outside the mask in both images: dimmed to 35 %
+    np.testing.assert_allclose(tile[-5, -5], colour * 0.35, atol=1.5)
+    # top image 1: label a is the top-left 2x2 of 4x4, so the (bilinearly softened) mask and
+    # its outline stay within the top-left ~3/4 of the tile; the outline hugs the border
+    assert r.top_images[0, 0] == 1
+    assert not outline[:, 90:].any() and not outline[90:, :].any()
+    assert outline[0, :40].all() and outline[:40, 0].all()  # mask touches the image edge
+    # one tile plus a 16 px caption band above it (text: unit, concept, category, IoU)
+    assert r.montage(0).size == (_TILE + 2, _TILE + 16)
+    assert (img[:16] < 128).any()  # the caption text is drawn
+
+
+def test_cli_iou_threshold_and_top_unit_montages(tmp_path, world):
+    feats = _world_feats(len(world), units=8, seed=7)
+    path = _cache(tmp_path, feats, world)
+    out = {}
+    for t in ("0.04", "0.05"):
+        rc = main(["dissect", str(path), "--layer", "l4", "--out", str(tmp_path / t), "--quiet",
+                   "--quantile", "0.02", "--iou-threshold", t, "--montages", "3"])
+        assert rc == 0
+        out[t] = json.loads((tmp_path / t / "l4" / "summary.json").read_text())
+    iou = pd.read_csv(tmp_path / "0.04" / "l4" / "tally.csv").set_index("unit")["iou"]
+    for t, s in out.items():
+        assert s["iou_threshold"] == float(t)
+        assert s["detectors"] == int((iou >= float(t)).sum())
+        on_curve = [c for c in s["thresholds_curve"] if c["iou_threshold"] == float(t)]
+        assert on_curve[0]["detectors"] == s["detectors"]  # the curve has both cuts
+    # the curve does not depend on the chosen cut
+    assert out["0.04"]["thresholds_curve"] == out["0.05"]["thresholds_curve"]
+    # montages for the 3 best units by IoU
+    top = iou.sort_values(ascending=False, kind="stable").index[:3]
+    got = sorted(p.name for p in (tmp_path / "0.04" / "l4" / "units").glob("*.png"))
+    assert got == sorted(f"unit_{u:04d}.png" for u in top)

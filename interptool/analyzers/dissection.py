@@ -509,7 +509,7 @@ class Dissection:
         b, u = (int(v) for v in torch.nonzero(bad)[0])
         raise AnalysisError(
             f"{cache.path}: layer {layer!r} has NaN/Inf activations (first: image {start + b} "
-            f"{cache.ids[start + b]!r}, unit {u} (0-based)). Check the model weights, or "
+            f"{cache.ids[start + b]!r}, unit {u + 1} as numbered in tally.csv). Check the model weights, or "
             "re-create the cache with --dtype float32 if float16 overflowed"
         )
 

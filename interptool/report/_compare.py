@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -584,7 +585,8 @@ class _Run:
             k = min(k, len(disp))
             fig = figs.attribution_grid(
                 [disp[i] for i in range(k)], {m: r.maps[:k] for m, r in results.items()},
-                row_titles=[str(x) for x in first.labels[:k]],
+                # class names where the eval set has them (a bare index means little)
+                row_titles=[self._class_name(int(x)) for x in first.labels[:k]],
                 title=f"{method}: the same eval images across models (row label: class)")
             rel = f"attribution/{method}/grid.png"
             figs.save_png(fig, self.out / rel)
@@ -643,6 +645,12 @@ class _Run:
         return {"intro": "Attribution maps of the first eval images for every model.",
                 "per_method": per_method, "tables": [t for t in tables if t["rows"]],
                 "figures": fig_ids}
+
+    def _class_name(self, label: int) -> str:
+        names = getattr(self.eval_ds, "class_names", None)
+        if names and 0 <= label < len(names):
+            return f"{names[label]} ({label})"
+        return str(label)
 
     # -- stage 4: findings and files ---------------------------------------------------------------
     def findings(self, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -789,36 +797,88 @@ def unit_montage_figure(cache: Any, layer: str, probe: Any, result: Any,
 # --------------------------------------------------------------------------------------------
 # findings
 # --------------------------------------------------------------------------------------------
+def _finite(v: Any) -> bool:
+    # numbers.Real covers numpy scalars; bool is not a measurement
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _rank(values: dict[str, float | None], higher_is_better: bool = True) -> list[str]:
-    ok = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
-    return sorted(ok, key=lambda k: ok[k], reverse=True)
+    """Model names best first (ties keep config order); models without a value are dropped."""
+    ok = {k: v for k, v in values.items() if _finite(v)}
+    sign = -1.0 if higher_is_better else 1.0
+    names = list(ok)
+    return sorted(names, key=lambda k: (sign * ok[k], names.index(k)))
 
 
-def _finding(measure: str, values: dict[str, Any], diff=None, note: str = "") -> dict[str, Any]:
-    order = _rank(values)
-    row: dict[str, Any] = {"measure": measure, "values": values,
-                           "higher": order[0] if order else None, "difference": None,
-                           "ci_low": None, "ci_high": None, "significant": None, "note": note,
-                           "comparison": f"{order[0]} vs {order[1]}" if len(order) > 1 else ""}
-    if len(order) > 1:
-        row["difference"] = values[order[0]] - values[order[1]]
-        if row["difference"] == 0:
-            row["higher"] = "tie"
-        if diff is not None:
-            d, lo, hi = diff(order[0], order[1])
-            if lo is not None and math.isfinite(lo) and math.isfinite(hi):
-                row["ci_low"], row["ci_high"] = lo, hi
-                row["significant"] = bool(lo > 0 or hi < 0)
-    return row
+def finding_pairs(models: list[str], teacher: str | None) -> list[tuple[str, str]]:
+    """The comparisons of a findings row: every pair of students (config order, so the
+    paper's KD-vs-scratch pair is one of them) and then each student against the teacher."""
+    students = [m for m in models if m != teacher]
+    pairs = [(a, b) for i, a in enumerate(students) for b in students[i + 1:]]
+    if teacher is not None and teacher in models:
+        pairs += [(s, teacher) for s in students]
+    return pairs
+
+
+def _finding(measure: str, values: dict[str, Any], diff=None, *, higher_is_better: bool = True,
+             teacher: str | None = None, models: list[str] | None = None,
+             note: str = "") -> dict[str, Any]:
+    """One findings row: the ranking of every model and one comparison per pair.
+
+    ``diff(a, b)`` returns ``(mean of a - b, ci_low, ci_high)``. Each comparison names the
+    ``better`` model under the measure's direction and reports ``difference = better - other``
+    with its CI oriented the same way: for a lower-is-better measure the difference of a better
+    model is negative. ``significant``: the CI excludes 0 (None when there is no CI).
+    ``models``: the config order, which fixes the order of the pairs (default: ``values``').
+    """
+    order = _rank(values, higher_is_better)
+    names = [m for m in (models if models is not None else list(values)) if m in order]
+    # rank ties and pair order both follow the config, whatever order the analyzer used
+    values = {m: values[m] for m in names} | {m: v for m, v in values.items() if m not in names}
+    order = _rank(values, higher_is_better)
+    comps = []
+    for a, b in finding_pairs(names, teacher):
+        va, vb = values[a], values[b]
+        c: dict[str, Any] = {"a": a, "b": b, "comparison": f"{a} vs {b}", "better": None,
+                             "difference": None, "ci_low": None, "ci_high": None,
+                             "significant": None}
+        d, lo, hi = (diff(a, b) if diff is not None else (None, None, None))
+        if not _finite(d):
+            d = va - vb
+        if d == 0:
+            c["better"], c["difference"] = "tie", d
+        else:
+            a_better = (d > 0) == higher_is_better
+            flip = 1 if a_better else -1  # int: counts stay integers
+            c["better"] = a if a_better else b
+            c["difference"] = flip * d
+            if _finite(lo) and _finite(hi):
+                lo2, hi2 = sorted((flip * lo, flip * hi))
+                c["ci_low"], c["ci_high"] = lo2, hi2
+        if _finite(lo) and _finite(hi):
+            if c["ci_low"] is None:
+                c["ci_low"], c["ci_high"] = lo, hi
+            c["significant"] = bool(lo > 0 or hi < 0)
+        comps.append(c)
+    best = order[0] if order else None
+    if len(order) > 1 and values[order[0]] == values[order[1]]:
+        best = "tie"
+    return {"measure": measure, "direction": "higher" if higher_is_better else "lower",
+            "values": values, "ranking": order, "best": best, "comparisons": comps,
+            "note": note}
 
 
 def build_findings(summary: dict[str, Any], cfg: CompareConfig,
                    eval_cache: dict[str, Path]) -> list[dict[str, Any]]:
-    """Per measure: which model ranks higher, and whether the paired 95% CI of the difference
-    between the top two excludes 0 (counts without a resampling CI get ``significant=None``)."""
+    """One row per measure with its direction (is higher or lower better), the models ranked
+    best first, and a comparison for every pair of students and every student against the
+    teacher: which model is better and whether the paired 95% CI of the difference excludes 0
+    (counts without a resampling CI get ``significant=None``)."""
     from interptool.cache import ActivationCache
 
     seed = cfg.run.seed
+    teacher = cfg.teacher.name
+    models = list(cfg.models)
     out: list[dict[str, Any]] = []
     correct: dict[str, np.ndarray] = {}
     for name, p in eval_cache.items():
@@ -828,7 +888,8 @@ def build_findings(summary: dict[str, Any], cfg: CompareConfig,
     accs = {m["name"]: m["accuracy"] for m in summary["models"] if m["accuracy"] is not None}
     if accs:
         out.append(_finding("accuracy (eval)", accs,
-                            lambda a, b: paired_difference(correct[a], correct[b], seed=seed)))
+                            lambda a, b: paired_difference(correct[a], correct[b], seed=seed),
+                            teacher=teacher, models=models))
     dis = summary.get("dissection")
     if dis:
         layers = list(dict.fromkeys(lay for m in dis["per_model"].values() for lay in m))
@@ -836,25 +897,30 @@ def build_findings(summary: dict[str, Any], cfg: CompareConfig,
             for key, label in (("detectors", "detector units"),
                                ("unique_concepts", "unique concepts")):
                 vals = {m: d[lay][key] for m, d in dis["per_model"].items() if lay in d}
-                out.append(_finding(f"{label} ({lay})", vals,
+                out.append(_finding(f"{label} ({lay})", vals, teacher=teacher, models=models,
                                     note="count on the probe set; no resampling CI"))
     sim = summary.get("similarity")
     if sim:
         t0 = sim["temperatures"][0]
         est = sim["estimates"]
-        for metric, label in (("spearman", "similarity transfer: Spearman with teacher"),
-                              ("top1_agreement", "top-1 agreement with teacher")):
+        # (metric, label, higher is better): Spearman / agreement measure closeness to the
+        # teacher (higher = closer); the JS distance is a distance (lower = closer)
+        for metric, label, hib in (
+                ("spearman", f"similarity transfer: Spearman with teacher (T={t0:g})", True),
+                ("js_distance", f"similarity transfer: JS distance to teacher (T={t0:g})", False),
+                ("top1_agreement", "top-1 agreement with teacher", True)):
+            per_t = metric != "top1_agreement"
             vals = {}
             for r in est:
                 if r["metric"] == metric and r.get("role") == "student" and (
-                        r.get("temperature") in (None, t0) or metric == "top1_agreement"):
+                        not per_t or r.get("temperature") in (None, t0)):
                     vals.setdefault(r["model"], r["value"])
 
-            def diff(a, b, metric=metric):
+            def diff(a, b, metric=metric, per_t=per_t):
                 for r in est:
                     if r["metric"] != metric or r.get("role") != "difference":
                         continue
-                    if metric != "top1_agreement" and r.get("temperature") not in (None, t0):
+                    if per_t and r.get("temperature") not in (None, t0):
                         continue
                     if r["model"] == f"{a} - {b}":
                         return r["value"], r.get("ci_low"), r.get("ci_high")
@@ -865,23 +931,24 @@ def build_findings(summary: dict[str, Any], cfg: CompareConfig,
                 return None, None, None
 
             if vals:
-                out.append(_finding(label + (f" (T={t0:g})" if metric == "spearman" else ""),
-                                    vals, diff))
+                out.append(_finding(label, vals, diff, higher_is_better=hib,
+                                    teacher=teacher, models=models))
     att = summary.get("attribution")
     if att:
         for method, part in att["per_method"].items():
             per = part.get("per_image", {})
-            for key, label in (
-                    ("agreement_spearman", f"{method}: map agreement with teacher"),
-                    ("localisation_energy", f"{method}: energy in class object"),
-                    ("deletion_auc", f"{method}: deletion AUC (lower = more faithful)")):
+            for key, label, hib in (
+                    ("agreement_spearman", f"{method}: map agreement with teacher", True),
+                    ("localisation_energy", f"{method}: energy in class object", True),
+                    ("deletion_auc", f"{method}: deletion AUC", False)):
                 arrays = {m: np.asarray(v, dtype=np.float64) for m, v in per.get(key, {}).items()}
                 if not arrays:
                     continue
                 vals = {m: (float(np.nanmean(a)) if np.isfinite(a).any() else None)
                         for m, a in arrays.items()}
                 out.append(_finding(label, vals, lambda a, b, arrays=arrays: paired_difference(
-                    arrays[a], arrays[b], seed=seed)))
+                    arrays[a], arrays[b], seed=seed), higher_is_better=hib, teacher=teacher,
+                    models=models))
     return out
 
 

@@ -30,7 +30,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEMO_N = 500
 DEMO_SIZE = 64
 DEMO_SEED = 0
-STUDENTS = ("scratch", "ls", "kd")
+# KD first: findings compare students pairwise in this order, so "kd vs scratch" leads
+STUDENTS = ("kd", "scratch", "ls")
 
 
 def demo_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
