@@ -262,7 +262,8 @@ def test_summary_numbers_equal_direct_analyzer_results(compared):
     for f in dele:  # lower is better: the ranking and every comparison honour it
         assert f["ranking"][0] == min(f["values"], key=f["values"].get)
         for c in f["comparisons"]:
-            assert c["better"] == min((c["a"], c["b"]), key=f["values"].get)
+            va, vb = f["values"][c["a"]], f["values"][c["b"]]
+            assert c["better"] == ("tie" if va == vb else (c["a"] if va < vb else c["b"]))
             assert c["difference"] <= 0
     html = (out / "report.html").read_text()
     assert f"{100 * acc:.1f}%" in html

@@ -67,7 +67,7 @@ def test_demo_config_and_its_toml_agree():
 
     cfg = demo_config(n=40)
     assert cfg.teacher.name == "teacher"
-    assert [s.name for s in cfg.students] == ["scratch", "ls", "kd"]
+    assert [s.name for s in cfg.students] == ["kd", "scratch", "ls"]
     assert "n=40" in cfg.data.eval and cfg.data.eval.endswith("split=eval")
     text = demo_config_text(cfg)
     again = parse_config(tomllib.loads(text), source="demo.toml", base_dir=WEIGHTS_DIR)
@@ -86,11 +86,17 @@ def test_cli_demo_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed == str(out / "report.html")
     s = json.loads((out / "summary.json").read_text())
-    assert [m["name"] for m in s["models"]] == ["teacher", "scratch", "ls", "kd"]
+    assert [m["name"] for m in s["models"]] == ["teacher", "kd", "scratch", "ls"]
     man = demo_manifest()
     for m in s["models"]:
         assert m["checkpoint_sha256"] == man["models"][m["name"]]["sha256"]
     assert np.isfinite([m["accuracy"] for m in s["models"]]).all()
+    # the paper's question is answered for every measure: KD vs scratch is always compared
+    assert s["findings"]
+    for f in s["findings"]:
+        names = [c["comparison"] for c in f["comparisons"]]
+        assert names[0] == "kd vs scratch", f["measure"]
+        assert {"kd vs ls", "scratch vs ls"} <= set(names)
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
