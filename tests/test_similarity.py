@@ -529,3 +529,27 @@ def test_cli_mismatches_exit_2_with_one_line(tmp_path, cli_main, capsys, case):
     assert want in err and "o.h5" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "similarity.json").exists()
+
+
+def test_bias_corrected_interval_known_cases():
+    from scipy.stats import norm
+
+    from interptool.analyzers.similarity import bias_corrected_interval
+
+    rng = np.random.default_rng(0)
+    sym = rng.normal(0.0, 1.0, 20001)
+    # symmetric around the estimate: z0 ~ 0, the BC interval is the percentile interval
+    lo, hi = bias_corrected_interval(sym, float(np.median(sym)), 0.95)
+    plo, phi = np.percentile(sym, [2.5, 97.5])
+    assert abs(lo - plo) < 0.02 and abs(hi - phi) < 0.02
+    # replicates shifted up by one sd: z0 = Phi^-1(P(x < est)) = -1, bounds at
+    # Phi(-2 -+ 1.96) quantiles, i.e. far lower than the plain percentile interval
+    shifted = sym + 1.0
+    lo, hi = bias_corrected_interval(shifted, 0.0, 0.95)
+    want_lo = np.quantile(shifted, norm.cdf(-2 + norm.ppf(0.025)))
+    want_hi = np.quantile(shifted, norm.cdf(-2 + norm.ppf(0.975)))
+    assert lo == pytest.approx(want_lo, abs=0.03) and hi == pytest.approx(want_hi, abs=0.03)
+    assert hi < np.percentile(shifted, 97.5) - 0.5
+    # all replicates equal to the estimate: zero-width interval
+    assert bias_corrected_interval(np.full(100, 0.3), 0.3) == (0.3, 0.3)
+    assert all(np.isnan(bias_corrected_interval(np.array([np.nan]), 0.3)))

@@ -410,9 +410,29 @@ def _eval_boxes(p: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor, box: torch.
     return _take(p, hit // (bh * bw)), _take(pix, hit)
 
 
+_INTERVAL_LUT: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _interval_lut(m: int, device: torch.device) -> torch.Tensor:
+    """(2**m, 2) int64: for every m-bit pattern, ``[first set bit, last - first + 1]``."""
+    key = (m, str(device))
+    if key not in _INTERVAL_LUT:
+        v = np.arange(1 << m)
+        bits = (v[:, None] >> np.arange(m)) & 1
+        first = np.where(bits.any(1), bits.argmax(1), m - 1)
+        last = np.where(bits.any(1), m - 1 - bits[:, ::-1].argmax(1), first - 1)
+        _INTERVAL_LUT[key] = torch.from_numpy(np.stack([first, last - first + 1], 1)).to(device)
+    return _INTERVAL_LUT[key]
+
+
 def _interval(ok: torch.Tensor) -> torch.Tensor:
     """(n, m) bool -> (n, 2) int64 ``[first True, count from it to the last True]`` (0 if none)."""
     m = ok.shape[1]
+    if m <= 16:
+        # the row as an m-bit number (a float32 matrix-vector product, exact below 2**24) and
+        # a lookup table: ~20x faster on CPU than min/max reductions along a short last axis
+        pw = torch.pow(2.0, torch.arange(m, device=ok.device, dtype=torch.float32))
+        return _take(_interval_lut(m, ok.device), torch.mv(ok.to(torch.float32), pw).long())
     ar = torch.arange(m, device=ok.device)
     first = torch.where(ok, ar, m).amin(dim=1)
     last = torch.where(ok, ar, -1).amax(dim=1)

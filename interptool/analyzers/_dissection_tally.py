@@ -22,6 +22,9 @@ from interptool.errors import DataError
 # Upsampled pixels evaluated per chunk (float64 work arrays of 4 MiB); bounds peak memory
 # whatever the number of images or units, and keeps the work in cache.
 _CHUNK_PIXELS = 1 << 19
+# Largest (firing pairs x labels) table counted per pair (int64: 32 MiB); larger label sets
+# count per unit (two bincounts per masked pixel label instead of one).
+_PAIR_COUNTS = 1 << 22
 
 
 @dataclass
@@ -111,6 +114,9 @@ class TallyAccumulator:
         cat[cat < 0] = self.C
         cat[0] = self.C
         self.cat = torch.as_tensor(cat, device=device)
+        # (L, C + 1) one-hot primary category per label (dummy column C for label 0/unused)
+        self._onehot = torch.zeros((self.L, self.C + 1), dtype=torch.float64, device=device)
+        self._onehot[torch.arange(self.L, device=device), self.cat] = 1.0
         self.intersect = torch.zeros(self.U * self.L, dtype=torch.int64, device=device)
         self.label_area = torch.zeros(self.L, dtype=torch.int64, device=device)
         self.unit_area = torch.zeros(self.U, dtype=torch.int64, device=device)
@@ -186,14 +192,67 @@ class TallyAccumulator:
         scal_cat, img_cat = scal_cat[:, :C], img_cat[:, :C]
 
         pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
-        touched = torch.zeros(k * (C + 1), dtype=torch.int64, device=dev)
         key_base = u_idx * L
+        if D and k * L <= _PAIR_COUNTS:
+            touched = self._count_per_pair(maps, size, u_idx, g_idx, pix, pair_area)
+        else:
+            touched = self._count_per_unit(maps, size, u_idx, g_idx, pix, pair_area)
+        self.unit_area.index_add_(0, u_idx, pair_area)
+        # image-level labels: the whole mask intersects them
+        skeys = (key_base[:, None] + _take(scal, g_idx)).reshape(-1)
+        self.intersect.index_add_(0, skeys, pair_area[:, None].expand(-1, scal.shape[1])
+                                  .reshape(-1))
+        if self.mode == "overlap":
+            present = touched > 0
+            present |= _take(scal_cat, g_idx)
+        else:
+            present = _take(img_cat, g_idx)
+        self.unit_cat_area.index_add_(0, u_idx, pair_area[:, None] * present)
+
+    def _count_per_pair(self, maps: torch.Tensor, size: tuple[int, int], u_idx: torch.Tensor,
+                        g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor) -> torch.Tensor:
+        """Label counts per (image, unit) pair: one ``bincount`` on ``pair * L + label``.
+
+        Used when the (pairs x labels) table is small. The unit intersections, the pair's
+        mask area (every pixel row holds D labels, padding 0 included) and the categories the
+        mask touches all follow from that table, so each masked pixel is read once.
+        """
+        dev, L, C = self.device, self.L, self.C
+        k, D = u_idx.numel(), pix.shape[1]
+        sh, sw = size
+        kdt = torch.int32 if k * L < 2**31 else torch.int64
+        pair_lab = torch.zeros(k * L, dtype=torch.int64, device=dev)
+        for pp, rows in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS,
+                                           offsets=g_idx * (sh * sw)):
+            if pp.numel() == 0:
+                continue
+            labels = _take(pix, rows)  # (n, D) labels under the mask, rows = image * P + pixel
+            pair_lab += torch.bincount(((pp.to(kdt) * L)[:, None] + labels).reshape(-1),
+                                       minlength=k * L)
+        pl = pair_lab.reshape(k, L)
+        pair_area += pl.sum(dim=1) // D
+        self.intersect.view(self.U, L).index_add_(0, u_idx, pl)
+        if self.mode == "overlap":
+            # categories touched: any label of the category counted for the pair (float64
+            # product of 0/1 entries: exact)
+            return torch.matmul((pl > 0).to(torch.float64), self._onehot)[:, :C]
+        return pl[:, :0]
+
+    def _count_per_unit(self, maps: torch.Tensor, size: tuple[int, int], u_idx: torch.Tensor,
+                        g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor) -> torch.Tensor:
+        """Label counts straight into ``unit * L + label`` (large label sets: the per-pair
+        table would not fit); adds the pairs' mask areas into ``pair_area`` and returns the
+        (k, C) count of touched labels per category (overlap mode)."""
+        dev, L, C = self.device, self.L, self.C
+        k, D = u_idx.numel(), pix.shape[1]
+        sh, sw = size
+        touched = torch.zeros(k * (C + 1), dtype=torch.int64, device=dev)
         # int32 keys when they fit (they do for any real probe): less memory traffic
         kdt = torch.int32 if max(self.U * L, k * (C + 1)) < 2**31 else torch.int64
-        key32 = key_base.to(kdt)
+        key32 = (u_idx * L).to(kdt)
         cat32 = self.cat.to(kdt)
         for pp, rows in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS,
-                                           offsets=g_idx * P):
+                                           offsets=g_idx * (sh * sw)):
             if pp.numel() == 0:
                 continue
             pair_area += torch.bincount(pp, minlength=k)
@@ -206,17 +265,7 @@ class TallyAccumulator:
                 touched += torch.bincount(
                     (pp.to(kdt)[:, None] * (C + 1) + _take(cat32, labels)).reshape(-1),
                     minlength=k * (C + 1))
-        self.unit_area.index_add_(0, u_idx, pair_area)
-        # image-level labels: the whole mask intersects them
-        skeys = (key_base[:, None] + _take(scal, g_idx)).reshape(-1)
-        self.intersect.index_add_(0, skeys, pair_area[:, None].expand(-1, scal.shape[1])
-                                  .reshape(-1))
-        if self.mode == "overlap":
-            present = touched.reshape(k, C + 1)[:, :C] > 0
-            present |= _take(scal_cat, g_idx)
-        else:
-            present = _take(img_cat, g_idx)
-        self.unit_cat_area.index_add_(0, u_idx, pair_area[:, None] * present)
+        return touched.reshape(k, C + 1)[:, :C]
 
     def counts(self) -> dict[str, np.ndarray]:
         inter = self.intersect.reshape(self.U, self.L).clone()

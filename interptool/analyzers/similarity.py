@@ -526,7 +526,8 @@ class TransferResult:
     ``estimates`` is a long table, one row per (model, temperature, metric): columns ``model``,
     ``role`` (teacher / student / difference), ``reference`` (what it is compared with),
     ``temperature`` (NaN for temperature-free metrics), ``metric``, ``value`` (on all images),
-    ``ci_low``, ``ci_high`` (percentile bootstrap). ``similarity`` maps model name to its
+    ``ci_low``, ``ci_high`` (bias-corrected percentile bootstrap), ``bias`` (mean of the
+    resamples minus the estimate). ``similarity`` maps model name to its
     :class:`SimilarityResult`; ``bootstrap`` maps "model|T|metric" to the resampled values.
     """
 
@@ -595,7 +596,7 @@ class TransferResult:
             "settings": {
                 "temperatures": self.temperatures, "k": self.k, "matrix": self.matrix,
                 "n_boot": self.n_boot, "seed": self.seed, "ci": self.ci,
-                "ci_method": "percentile bootstrap over images, paired across models",
+                "ci_method": "bias-corrected (BC) percentile bootstrap over images, paired across models",
                 "kl": "mean over classes of KL(S_teacher[i] || S_student[i]), nats, eps 1e-12",
                 "js_distance": "mean over classes of sqrt(JS divergence in bits), in [0, 1]",
                 "hierarchy": self.hierarchy,
@@ -720,7 +721,8 @@ def compare_similarity(
     student metric also gets "A - B" differences for each pair.
 
     Bootstrap: ``n_boot`` resamples of the images with replacement (seeded; the same resampled
-    images for every model, so differences are paired), percentile ``ci`` intervals. A
+    images for every model, so differences are paired), bias-corrected percentile ``ci``
+    intervals. A
     resample only re-weights per-image contributions, so it costs one (B, n_i) @ (n_i, K)
     matmul per class, not a recomputation: about N * K * n_boot multiply-adds per model and
     temperature (10k x 100, 1000 resamples: a few seconds; see docs/similarity.md for 50k x
@@ -838,13 +840,13 @@ def compare_similarity(
             point[key] = point[(a, t, metric)] - point[(b_, t, metric)]
             samples[key] = samples[(a, t, metric)] - samples[(b_, t, metric)]
 
-    lo_q, hi_q = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     rows = []
     for key, value in point.items():
         m, t, metric = key
         s = samples[key]
         s = s[np.isfinite(s)]
-        lo, hi = (np.percentile(s, [lo_q, hi_q]) if s.size else (np.nan, np.nan))
+        lo, hi = bias_corrected_interval(s, value, ci)
+        bias = float(s.mean() - value) if s.size and np.isfinite(value) else np.nan
         role = "teacher" if m == teacher else "student" if m in students else "difference"
         if role == "difference" or metric in PAIR_METRICS or metric == "top1_agreement":
             ref = teacher if role == "student" else m.split(" - ")[1] if role == "difference" else ""
@@ -853,7 +855,8 @@ def compare_similarity(
         rows.append({
             "model": m, "role": role, "reference": ref,
             "temperature": np.nan if t is None else t, "metric": metric,
-            "value": value, "ci_low": float(lo), "ci_high": float(hi), "n_boot": int(s.size),
+            "value": value, "ci_low": float(lo), "ci_high": float(hi), "bias": bias,
+            "n_boot": int(s.size),
         })
     est = pd.DataFrame(rows)
     role_order = {"teacher": 0, "student": 1, "difference": 2}
@@ -877,3 +880,29 @@ def compare_similarity(
                    for (m, t, metric), v in samples.items()},
         semantic=sem, inputs=inputs, hierarchy=hier_src,
     )
+
+
+def bias_corrected_interval(samples: np.ndarray, estimate: float, ci: float = 0.95) -> tuple[float, float]:
+    """Efron's bias-corrected (BC) percentile interval from bootstrap ``samples``.
+
+    Distances between matrices estimated from finite samples (KL, JS) are biased upwards under
+    resampling, so a plain percentile interval can sit entirely on one side of the estimate.
+    BC shifts the percentiles by ``z0 = Phi^-1(P(sample < estimate))`` (ties count half); with
+    a symmetric, unbiased bootstrap distribution (z0 = 0) it equals the percentile interval.
+    Returns ``(nan, nan)`` when there are no finite samples.
+    """
+    from scipy.stats import norm
+
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0 or not np.isfinite(estimate):
+        return float("nan"), float("nan")
+    b = samples.size
+    below = (np.count_nonzero(samples < estimate) + 0.5 * np.count_nonzero(samples == estimate)) / b
+    below = min(max(below, 0.5 / b), 1 - 0.5 / b)  # keep z0 finite
+    z0 = norm.ppf(below)
+    alpha = (1 - ci) / 2
+    q_lo = norm.cdf(2 * z0 + norm.ppf(alpha))
+    q_hi = norm.cdf(2 * z0 + norm.ppf(1 - alpha))
+    lo, hi = np.quantile(samples, [q_lo, q_hi])
+    return float(lo), float(hi)
