@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -201,6 +202,12 @@ def test_interrupted_run_resumes_without_recomputing(compared):
     now = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.h5")}
     assert now == record["caches"]
     assert (out / "report.html").exists() and (out / "summary.json").exists()
+    # the resumed run reused every dissection done before the crash, and says so
+    reused = json.loads((out / "summary.json").read_text())["provenance"]["reused_stages"]
+    assert {f"dissection-{m}-{lay}" for m in ("big", "small")
+            for lay in ("layer3", "layer4")} <= set(reused)
+    assert "similarity" not in reused
+    assert "Reused from an earlier run" in (out / "report.html").read_text()
     for rel in ("dissection/big/layer4/tally.csv", "similarity/transfer.csv",
                 "attribution/grad_cam/big/attributions.h5", "similarity/cka.png"):
         assert (out / rel).exists(), rel

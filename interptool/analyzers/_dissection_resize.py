@@ -206,6 +206,7 @@ class _AxisTiles:
     idx: torch.Tensor  # (G, T) input indices of the group's taps (padding repeats the first)
     wt: torch.Tensor  # (G, S, T) float64 weights per output index; NaN rows pad short groups
     span: int  # S, the longest group
+    wt_t: torch.Tensor  # (G, T, S) the same weights tap-major (contiguous rows per tap)
 
 
 @lru_cache(maxsize=64)
@@ -229,7 +230,8 @@ def _axis_tiles(in_size: int, out_size: int, device: torch.device) -> _AxisTiles
         start, idx, wt = _axis_tiles_np(*key[:2])
         _TILE_CACHE[key] = _AxisTiles(torch.from_numpy(start).to(device),
                                       torch.from_numpy(idx).to(device),
-                                      torch.from_numpy(wt).to(device), int(wt.shape[1]))
+                                      torch.from_numpy(wt).to(device), int(wt.shape[1]),
+                                      torch.from_numpy(wt.transpose(0, 2, 1).copy()).to(device))
     return _TILE_CACHE[key]
 
 
@@ -332,18 +334,29 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
         ridx, cidx = _take(rows.idx, gr), _take(cols.idx, gc)  # (n, Tr), (n, Tc)
         src = _take(flat, (p * (h * w))[:, None, None] + ridx[:, :, None] * w
                     + cidx[:, None, :]).to(torch.float64)  # (n, Tr, Tc) source window
-        wh = _take(cols.wt, gc)  # (n, tw, Tc)
-        # taps in Pillow's order, float64 sum, float32 result (NaN in padded columns)
-        hx = src[:, :, 0, None] * wh[:, None, :, 0]
-        for t in range(1, src.shape[2]):
-            hx = hx + src[:, :, t, None] * wh[:, None, :, t]
-        hx = hx.to(torch.float32).to(torch.float64)  # (n, Tr, tw)
-        hx_all[s : s + step] = hx
+        # All arithmetic below is on 2-D (n, tile side) slices with one broadcast column:
+        # torch's 3-D broadcasting over short trailing axes is ~8x slower on CPU.
+        wh = _take(cols.wt_t, gc)  # (n, Tc, tw)
+        wv = _take(rows.wt_t, gr)  # (n, Tr, th)
         tp = _take(t64, p)
-        col_ok = hx.amax(dim=1) > tp[:, None]  # NaN (padding) compares False
-        z = torch.matmul(_take(rows.wt, gr), src)  # (n, th, Tc) real-arithmetic vertical pass
+        hx = hx_all[s : s + step]  # (n, Tr, tw)
+        col_max = None
+        for r in range(taps):
+            # taps in Pillow's order, float64 sum, float32 result (NaN in padded columns)
+            acc = src[:, r, 0:1] * wh[:, 0]
+            for t in range(1, src.shape[2]):
+                acc = acc + src[:, r, t : t + 1] * wh[:, t]
+            hx[:, r] = acc.to(torch.float32)
+            col_max = hx[:, r] if col_max is None else torch.maximum(col_max, hx[:, r])
+        col_ok = col_max > tp[:, None]  # NaN (padding) compares False
+        row_max = None
+        for c in range(src.shape[2]):  # real-arithmetic vertical pass of window column c
+            z = wv[:, 0] * src[:, 0, c : c + 1]
+            for r in range(1, taps):
+                z = z + wv[:, r] * src[:, r, c : c + 1]
+            row_max = z if row_max is None else torch.maximum(row_max, z)
         margin = src.abs().flatten(1).amax(dim=1) * _BAND
-        row_ok = z.amax(dim=2) > (tp - margin)[:, None]
+        row_ok = row_max > (tp - margin)[:, None]
         box[s : s + step, 0:2] = _interval(row_ok)
         box[s : s + step, 2:4] = _interval(col_ok)
     # Stage 2: evaluate the boxes exactly, in a few shape classes (box sides rounded up to a

@@ -106,6 +106,7 @@ class _Stages:
 
     def __init__(self, out: Path) -> None:
         self.dir = out / ".stages"
+        self.reused: list[str] = []  # stages taken from an earlier run (their time is not here)
 
     def get(self, name: str, key: str) -> Any | None:
         p = self.dir / f"{name}.json"
@@ -127,6 +128,7 @@ class _Stages:
         key = _hash(inputs)
         got = self.get(name, key)
         if got is not None:
+            self.reused.append(name)
             return got, True
         return self.put(name, key, fn()), False
 
@@ -687,6 +689,7 @@ class _Run:
             "versions": versions(),
             "run": {**asdict(self.cfg.run), "device": self.device},
             "timings": self.timings,
+            "reused_stages": list(self.stages.reused),
             "data": {k: v for k, v in (
                 ("eval", self.cfg.data.eval),
                 ("eval fingerprint", getattr(self.eval_ds, "fingerprint", None)),
