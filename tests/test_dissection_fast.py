@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from interptool.analyzers import _dissection_resize
+from interptool.analyzers import _dissection_resize, _dissection_tally
 from interptool.analyzers._dissection_resize import (
     above_bound,
     masked_pixels,
@@ -97,6 +97,20 @@ def test_above_bound_matches_float32_rounding():
         assert torch.equal(acc.float().double() > tt, acc > tau)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
+def test_interval_lookup_matches_min_max(m):
+    # first True and the span to the last True per row, 0 when none (rows of 16 or fewer
+    # columns go through a bit-pattern lookup table, longer ones through min/max)
+    rng = np.random.default_rng(m)
+    ok = torch.from_numpy(rng.random((400, m)) < rng.choice([0.05, 0.5, 0.95], (400, 1)))
+    ok[0] = False
+    want = []
+    for row in ok.tolist():
+        idx = [j for j, v in enumerate(row) if v]
+        want.append([idx[0], idx[-1] - idx[0] + 1] if idx else [m - 1, 0])
+    assert _dissection_resize._interval(ok).tolist() == want
+
+
 # ------------------------------------------------------------------------------- tally
 def _reference_counts(feats, segs, thresholds, label_category, n_cat, mode):
     """Per image and unit: Pillow resize, numpy counts (NetDissect-Lite, stale fix)."""
@@ -140,9 +154,12 @@ def _reference_counts(feats, segs, thresholds, label_category, n_cat, mode):
 
 @pytest.mark.parametrize("mode", ["overlap", "image"])
 @pytest.mark.parametrize("tiles", [True, False])
-def test_tally_equals_per_image_reference_with_ties(mode, tiles, monkeypatch):
+@pytest.mark.parametrize("per_pair", [True, False])
+def test_tally_equals_per_image_reference_with_ties(mode, tiles, per_pair, monkeypatch):
     if tiles:
         monkeypatch.setattr(_dissection_resize, "TILE_MIN_PIXELS", 0)
+    if not per_pair:  # large label sets count per unit: force that path
+        monkeypatch.setattr(_dissection_tally, "_PAIR_COUNTS", 0)
     rng = np.random.default_rng(11)
     n, U = 10, 6
     label_category = np.array([-1, 0, 0, 1, 1, 2, 2, 3, -1])  # 3: image-level, 8: unused

@@ -271,6 +271,8 @@ def tiles_apply(in_size: tuple[int, int], size: tuple[int, int]) -> bool:
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[idx]`` along dim 0 for any index shape (``index_select``: ~10x faster on CPU)."""
+    if t.dim() > 2:  # 2-D rows: index_select on >2-D tensors is up to ~5x slower on CPU
+        return t.flatten(1).index_select(0, idx.reshape(-1)).reshape(*idx.shape, *t.shape[1:])
     return t.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *t.shape[1:])
 
 
@@ -303,8 +305,12 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
         return
     rows, cols = _axis_tiles(h, sh, dev), _axis_tiles(w, sw, dev)
     x = maps.to(torch.float32)  # what imresize(mode='F') hands to Pillow
-    # tiles whose source window holds a cell above T (compared in float64, as the mask is)
-    hot = x > t64[:, None, None]
+    # tiles whose source window holds a cell above T. float32 x > float64 T  <=>
+    # x >= t32, the smallest float32 above T: a 2-D float32 comparison, no float64 copy
+    a = t64.to(torch.float32)
+    t32 = torch.where(a.to(torch.float64) > t64, a,
+                      torch.nextafter(a, torch.full_like(a, math.inf)))
+    hot = (x.reshape(k, h * w) >= t32[:, None]).reshape(k, h, w)
     hot_r = hot.index_select(1, rows.idx[:, 0])
     for t in range(1, rows.idx.shape[1]):
         hot_r |= hot.index_select(1, rows.idx[:, t])
@@ -332,10 +338,12 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
     for s in range(0, n_all, step):
         p, gr, gc = p_all[s : s + step], gr_all[s : s + step], gc_all[s : s + step]
         ridx, cidx = _take(rows.idx, gr), _take(cols.idx, gc)  # (n, Tr), (n, Tc)
-        src = _take(flat, (p * (h * w))[:, None, None] + ridx[:, :, None] * w
-                    + cidx[:, None, :]).to(torch.float64)  # (n, Tr, Tc) source window
         # All arithmetic below is on 2-D (n, tile side) slices with one broadcast column:
         # torch's 3-D broadcasting over short trailing axes is ~8x slower on CPU.
+        off = (p * (h * w))[:, None] + ridx * w  # (n, Tr) flat index of the window rows
+        tc = cidx.shape[1]
+        src = _take(flat, torch.cat([off + cidx[:, c : c + 1] for c in range(tc)], dim=1))
+        src = src.to(torch.float64).reshape(-1, tc, taps).transpose(1, 2)  # (n, Tr, Tc)
         wh = _take(cols.wt_t, gc)  # (n, Tc, tw)
         wv = _take(rows.wt_t, gr)  # (n, Tr, th)
         tp = _take(t64, p)
@@ -359,30 +367,24 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
         row_ok = row_max > (tp - margin)[:, None]
         box[s : s + step, 0:2] = _interval(row_ok)
         box[s : s + step, 2:4] = _interval(col_ok)
-    # Stage 2: evaluate the boxes exactly, in a few shape classes (box sides rounded up to a
+    # Stage 2: evaluate the boxes exactly, one box row per work row (rows of all boxes laid
+    # end to end, so no padding rows), in a few column classes (box width rounded up to a
     # power of two, at most the tile's) so that padding stays small and calls stay few.
     keep = torch.nonzero((box[:, 1] > 0) & (box[:, 3] > 0), as_tuple=True)[0]
     if keep.numel() == 0:
         return
-    lut_r = torch.tensor(_pow2_buckets(th), device=dev)
     lut_c = torch.tensor(_pow2_buckets(tw), device=dev)
-    kbox = _take(box, keep)
-    cls = _take(lut_r, kbox[:, 1]) * (tw + 1) + _take(lut_c, kbox[:, 3])
-    cls, order = torch.sort(cls, stable=True)
+    cls, order = torch.sort(_take(lut_c, _take(box[:, 3], keep)), stable=True)
     keep = _take(keep, order)
     uniq, counts = torch.unique_consecutive(cls, return_counts=True)
-    # rows of the weight table addressed as (group * th + row); NaN marks rows outside a box
-    wt_rows = torch.cat([rows.wt.reshape(-1, taps),
-                         torch.full((1, taps), math.nan, dtype=torch.float64, device=dev)])
     s = 0
-    for c, cnt in zip(uniq.tolist(), counts.tolist()):
-        bh, bw = divmod(c, tw + 1)
-        per = max(1, max_elements // (bh * bw))
+    for bw, cnt in zip(uniq.tolist(), counts.tolist()):
+        per = max(1, max_elements // (th * bw))
         for s0 in range(s, s + cnt, per):
             sel = keep[s0 : min(s0 + per, s + cnt)]
-            yield _eval_boxes(_take(p_all, sel), _take(gr_all, sel), _take(gc_all, sel),
-                              _take(box, sel), _take(hx_all, sel), bh, bw, rows, cols,
-                              wt_rows, tau_all, sw, base_all)
+            yield _eval_box_rows(_take(p_all, sel), _take(gr_all, sel), _take(gc_all, sel),
+                                 _take(box, sel), _take(hx_all, sel), bw, rows, cols,
+                                 tau_all, sw, base_all)
         s += cnt
 
 
@@ -391,36 +393,43 @@ def _pow2_buckets(span: int) -> list[int]:
     return [0] + [min(1 << (v - 1).bit_length(), span) for v in range(1, span + 1)]
 
 
-def _eval_boxes(p: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor, box: torch.Tensor,
-                hx: torch.Tensor, bh: int, bw: int, rows: _AxisTiles, cols: _AxisTiles,
-                wt_rows: torch.Tensor, tau_all: torch.Tensor, sw: int,
-                base_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pillow's vertical pass on the (bh x bw)-padded boxes of n tiles; their masked pixels.
+def _eval_box_rows(p: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor, box: torch.Tensor,
+                   hx: torch.Tensor, bw: int, rows: _AxisTiles, cols: _AxisTiles,
+                   tau_all: torch.Tensor, sw: int,
+                   base_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's vertical pass on the boxes of n tiles (width padded to ``bw``); masked pixels.
 
     ``hx`` (n, Tr, tw): the tiles' exact horizontal pass; ``box`` (n, 4): row0, rows, col0,
-    cols within each tile.
+    cols within each tile. Every box row is one row of 2-D (rows, bw) work arrays: torch's
+    3-D broadcasting over short trailing axes is several times slower on CPU.
     """
     dev = p.device
+    n = p.numel()
     th, tw, taps = rows.span, cols.span, hx.shape[1]
     r0, nr, c0, nc = box.unbind(1)
-    ar, ac = torch.arange(bh, device=dev), torch.arange(bw, device=dev)
-    ri = r0[:, None] + ar  # (n, bh) row within the tile
+    ac = torch.arange(bw, device=dev)
     ci = (c0[:, None] + ac).clamp_(max=tw - 1)  # (n, bw) column within the tile
-    # weights of the box rows; padding rows (beyond the box) read the NaN row
-    wrow = torch.where(ar < nr[:, None], gr[:, None] * th + ri, wt_rows.shape[0] - 1)
-    wv = _take(wt_rows, wrow)  # (n, bh, Tr)
     hxb = hx.gather(2, ci[:, None, :].expand(-1, taps, -1))  # (n, Tr, bw)
-    hxb = torch.where((ac < nc[:, None])[:, None, :], hxb, math.nan)
-    acc = hxb[:, 0, None, :] * wv[:, :, 0, None]
+    # NaN beyond the box's columns: never above the threshold
+    hxb = torch.where((ac < nc[:, None])[:, None, :], hxb, math.nan).reshape(n, taps * bw)
+    # box rows end to end: tile of each work row and its row within the tile
+    tile = torch.repeat_interleave(torch.arange(n, device=dev), nr)
+    first = torch.cumsum(nr, 0) - nr  # first work row of each tile
+    ri = torch.arange(tile.numel(), device=dev) - _take(first - r0, tile)
+    gt = _take(gr, tile)
+    wv = _take(rows.wt.reshape(-1, taps), gt * th + ri)  # (R, Tr) weights of the rows
+    hr = _take(hxb, tile)  # (R, Tr * bw)
+    acc = hr[:, :bw] * wv[:, 0:1]
     for t in range(1, taps):
-        acc += hxb[:, t, None, :] * wv[:, :, t, None]
-    # float32(acc) > T  <=>  acc > tau; NaN (outside the box or the tile) never is
-    hit = torch.nonzero((acc > _take(tau_all, p)[:, None, None]).reshape(-1), as_tuple=True)[0]
-    # pixel index of every box position (dense, cheaper than index arithmetic per hit)
-    row = (_take(rows.start, gr)[:, None] + ri) * sw + _take(base_all, p)[:, None]  # (n, bh)
-    col = _take(cols.start, gc)[:, None] + ci  # (n, bw)
-    pix = (row[:, :, None] + col[:, None, :]).reshape(-1)
-    return _take(p, hit // (bh * bw)), _take(pix, hit)
+        acc = acc + hr[:, t * bw : (t + 1) * bw] * wv[:, t : t + 1]
+    pt = _take(p, tile)
+    # float32(acc) > T  <=>  acc > tau; NaN (outside the box) never is
+    hit = torch.nonzero((acc > _take(tau_all, pt)[:, None]).reshape(-1), as_tuple=True)[0]
+    wr = hit // bw
+    # pixel index: (tile row start + row) * sw + tile column start + box col0 + column
+    rowbase = ((_take(rows.start, gt) + ri) * sw + _take(base_all, pt)
+               + _take(cols.start, _take(gc, tile)) + _take(c0, tile))
+    return _take(pt, wr), _take(rowbase, wr) + (hit - wr * bw)
 
 
 _INTERVAL_LUT: dict[tuple[int, str], torch.Tensor] = {}

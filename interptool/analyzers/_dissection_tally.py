@@ -4,8 +4,10 @@ For one batch of images, the (image, unit) pairs whose map exceeds the unit's th
 somewhere go through :func:`iter_masked_pixels`, which upsamples (Pillow-bilinear, bit-exact)
 only the tiles of each map that can exceed the threshold and yields the masked pixels in
 bounded chunks. Every masked pixel's labels (all mask planes, stored pixel-major so one row
-gather reads them) are counted at once with ``bincount`` on ``unit * L + label``. Counts are
-int64, exact, and independent of batch size and image order.
+gather reads them) are counted at once with ``bincount`` on ``pair * L + label`` when that
+(pairs x labels) table is small (it then also gives the mask areas and touched categories),
+else on ``unit * L + label``. Counts are int64, exact, and independent of batch size and
+image order.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from interptool.errors import DataError
 # Upsampled pixels evaluated per chunk (float64 work arrays of 4 MiB); bounds peak memory
 # whatever the number of images or units, and keeps the work in cache.
 _CHUNK_PIXELS = 1 << 19
-# Largest (firing pairs x labels) table counted per pair (int64: 32 MiB); larger label sets
-# count per unit (two bincounts per masked pixel label instead of one).
-_PAIR_COUNTS = 1 << 22
+# Largest (firing pairs x labels) table counted per pair (int64: 16 MiB, a few such arrays
+# live at once); larger label sets count per unit (two bincounts per masked label, not one).
+_PAIR_COUNTS = 1 << 21
 
 
 @dataclass
@@ -50,9 +52,10 @@ def seg_item(index: int, seg: Any, categories: list[str]) -> SegItem:
     pixel = np.empty((sh * sw, sum(len(a) for a in planes)), dtype=np.int32)
     counts = np.zeros(1, np.int64)
     lo, d = 0, 0
-    for a in planes:  # transposed copy straight into the pixel-major layout
-        pixel[:, d : d + len(a)] = a.T
-        d += len(a)
+    for a in planes:  # pixel-major layout, one plane (column) at a time: ~2.5x faster
+        for row in a:  # than copying the transposed 2-D block at once
+            pixel[:, d] = row
+            d += 1
         try:  # label areas; bincount also gives the largest label and rejects negatives
             c = np.bincount(a.reshape(-1))
         except ValueError:
