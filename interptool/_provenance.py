@@ -67,3 +67,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def provenance(**extra: Any) -> dict[str, Any]:
     """A provenance block: versions, host and time, plus caller-supplied fields."""
     return {"versions": versions(), "created": now_iso(), "host": platform.node(), **extra}
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+    """``fig.savefig`` through a temporary file, so an interrupted run leaves no torn image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
+    fig.savefig(tmp, **kwargs)
+    os.replace(tmp, path)

@@ -133,15 +133,15 @@ class _ScoreResult:
     def save(self, dir: str | Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
-        from interptool._provenance import atomic_write_text
+        from interptool._provenance import atomic_savefig, atomic_write_text
 
         d = Path(dir)
         d.mkdir(parents=True, exist_ok=True)
         paths = [d / f"{self.kind}.csv", d / f"{self.kind}.json", d / f"{self.kind}.png"]
-        self.to_frame().to_csv(paths[0], index=False)
+        atomic_write_text(paths[0], self.to_frame().to_csv(index=False))
         atomic_write_text(paths[1], json.dumps(_jsonable(self.to_dict()), indent=2))
         fig = self.plot()
-        fig.savefig(paths[2], dpi=110)
+        atomic_savefig(fig, paths[2], dpi=110)
         plt.close(fig)
         return paths
 

@@ -308,16 +308,16 @@ class AttributionResult:
 
     def save(self, dir: str | Path) -> list[Path]:
         """Write ``attribution_<method>.csv``, ``.json`` and ``.png``; returns the paths."""
-        from interptool._provenance import atomic_write_text
+        from interptool._provenance import atomic_savefig, atomic_write_text
 
         d = Path(dir)
         d.mkdir(parents=True, exist_ok=True)
         paths = [d / f"attribution_{self.method}.csv", d / f"attribution_{self.method}.json",
                  d / f"attribution_{self.method}.png"]
-        self.to_frame().to_csv(paths[0], index=False)
+        atomic_write_text(paths[0], self.to_frame().to_csv(index=False))
         atomic_write_text(paths[1], json.dumps(self.to_dict(), indent=2, default=str))
         fig = self.plot()
-        fig.savefig(paths[2], dpi=110)
+        atomic_savefig(fig, paths[2], dpi=110)
         import matplotlib.pyplot as plt
 
         plt.close(fig)

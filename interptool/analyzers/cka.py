@@ -128,17 +128,17 @@ class CKAResult:
         """Write ``<prefix>.csv`` (matrix), ``.json`` and ``.png``; returns the paths."""
         import matplotlib.pyplot as plt
 
-        from interptool._provenance import atomic_write_text
+        from interptool._provenance import atomic_savefig, atomic_write_text
         from interptool.analyzers.similarity import _safe
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         pre = prefix or f"cka_{_safe(self.name_a)}_vs_{_safe(self.name_b)}"
         paths = [d / f"{pre}.csv", d / f"{pre}.json", d / f"{pre}.png"]
-        self.matrix.to_csv(paths[0])
+        atomic_write_text(paths[0], self.matrix.to_csv())
         atomic_write_text(paths[1], json.dumps(self.to_dict(), indent=1))
         fig = self.plot()
-        fig.savefig(paths[2], dpi=120)
+        atomic_savefig(fig, paths[2], dpi=120)
         plt.close(fig)
         return paths
 

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from interptool._progress import progress
-from interptool._provenance import atomic_write_text, provenance, sha256_file
+from interptool._provenance import atomic_savefig, atomic_write_text, provenance, sha256_file
 from interptool.analyzers._dissection_quantile import ExactQuantile, HistogramQuantile
 from interptool.analyzers._dissection_resize import is_square
 from interptool.analyzers._dissection_tally import (
@@ -288,7 +288,7 @@ class DissectionResult:
         paths.append(p)
         for name, fig in (("detectors_by_category.png", self.plot()),
                           ("thresholds_curve.png", self.plot_thresholds_curve())):
-            fig.savefig(out / name, dpi=100, bbox_inches="tight")
+            atomic_savefig(fig, out / name, dpi=100, bbox_inches="tight")
             plt.close(fig)
             paths.append(out / name)
         for unit in self._montage_units(montages, max_montages):

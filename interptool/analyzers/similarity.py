@@ -379,28 +379,28 @@ class SimilarityResult:
         summary and a heatmap per T. Returns the paths written."""
         import matplotlib.pyplot as plt
 
-        from interptool._provenance import atomic_write_text
+        from interptool._provenance import atomic_savefig, atomic_write_text
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         pre = _safe(prefix or self.name)
         paths: list[Path] = []
         p = d / f"{pre}_classes.csv"
-        self.to_frame().to_csv(p, index=False)
+        atomic_write_text(p, self.to_frame().to_csv(index=False))
         paths.append(p)
         names = self.class_names
         for t in self.temperatures:
             for kind, mats in (("softmax", self.matrices), ("dark_knowledge", self.dark_knowledge)):
                 p = d / f"{pre}_T{fmt_t(t)}_{kind}.csv"
-                pd.DataFrame(mats[t], index=names, columns=names).to_csv(p)
+                atomic_write_text(p, pd.DataFrame(mats[t], index=names, columns=names).to_csv())
                 paths.append(p)
             fig = self.plot(t)
             p = d / f"{pre}_T{fmt_t(t)}_heatmap.png"
-            fig.savefig(p, dpi=120)
+            atomic_savefig(fig, p, dpi=120)
             plt.close(fig)
             paths.append(p)
         p = d / f"{pre}_cosine.csv"
-        pd.DataFrame(self.cosine, index=names, columns=names).to_csv(p)
+        atomic_write_text(p, pd.DataFrame(self.cosine, index=names, columns=names).to_csv())
         paths.append(p)
         p = d / f"{pre}_similarity.json"
         atomic_write_text(p, json.dumps(self.to_dict(), indent=1))
@@ -647,7 +647,7 @@ class TransferResult:
         model per T (CSV, under matrices/) and the figures. Returns the paths written."""
         import matplotlib.pyplot as plt
 
-        from interptool._provenance import atomic_write_text
+        from interptool._provenance import atomic_savefig, atomic_write_text
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -656,10 +656,10 @@ class TransferResult:
         atomic_write_text(p, json.dumps(self.to_dict(), indent=1))
         paths.append(p)
         p = d / "transfer.csv"
-        self.estimates.to_csv(p, index=False)
+        atomic_write_text(p, self.estimates.to_csv(index=False))
         paths.append(p)
         p = d / "nearest_classes.csv"
-        self.nearest_frame().to_csv(p, index=False)
+        atomic_write_text(p, self.nearest_frame().to_csv(index=False))
         paths.append(p)
         names = self.similarity[self.teacher].class_names
         mdir = d / "matrices"
@@ -669,19 +669,19 @@ class TransferResult:
             for t in self.temperatures:
                 for kind, mats in (("softmax", res.matrices), ("dark_knowledge", res.dark_knowledge)):
                     p = mdir / f"{_safe(m)}_T{fmt_t(t)}_{kind}.csv"
-                    pd.DataFrame(mats[t], index=names, columns=names).to_csv(p)
+                    atomic_write_text(p, pd.DataFrame(mats[t], index=names, columns=names).to_csv())
                     paths.append(p)
             p = mdir / f"{_safe(m)}_cosine.csv"
-            pd.DataFrame(res.cosine, index=names, columns=names).to_csv(p)
+            atomic_write_text(p, pd.DataFrame(res.cosine, index=names, columns=names).to_csv())
             paths.append(p)
             p = d / f"{_safe(m)}_classes.csv"
-            res.to_frame().to_csv(p, index=False)
+            atomic_write_text(p, res.to_frame().to_csv(index=False))
             paths.append(p)
         for t in self.temperatures:
             figs = self.plot(t)
             for fig, stem in zip(figs, ("heatmaps", "scatter")):
                 p = d / f"{stem}_T{fmt_t(t)}.png"
-                fig.savefig(p, dpi=120)
+                atomic_savefig(fig, p, dpi=120)
                 plt.close(fig)
                 paths.append(p)
         return paths

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from interptool._provenance import atomic_savefig  # noqa: E402
+
 _COLORS = plt.get_cmap("tab10").colors
 
 
@@ -25,7 +27,7 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 90) -> Path:
     """Write ``fig`` as PNG (parents created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", format="png")
+    atomic_savefig(fig, path, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
 
