@@ -4,6 +4,11 @@ Caches one model's activations on concept-world, dissects ``layer4``, summarises
 similarity and attributes a few images. Uses the shipped demo teacher:
 
     python examples/audit.py --out audit_out
+
+or your own model and data (the eval images must use the model's classes):
+
+    python examples/audit.py --arch timm:resnet18 --checkpoint resnet18_kd.pth --image-size 64 \
+        --eval imagefolder:val --probe 'builtin:concept-world?n=200&size=64&split=probe' --out audit_kd
 """
 
 from __future__ import annotations
@@ -23,23 +28,34 @@ from interptool.report._demo import WEIGHTS_DIR
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="audit_out")
-    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n", type=int, default=200, help="concept-world images per split")
+    ap.add_argument("--arch", default="interptool:cw-teacher")
+    ap.add_argument("--checkpoint", default=None,
+                    help="weight file (default: the shipped demo teacher with its default arch)")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--layer", default="layer4")
+    ap.add_argument("--eval", default=None, help="labelled data spec (default: concept-world eval)")
+    ap.add_argument("--probe", default=None, help="Broden data spec (default: concept-world probe)")
     args = ap.parse_args()
     out = Path(args.out)
+    layer = args.layer
 
-    model = load_model("interptool:cw-teacher", WEIGHTS_DIR / "teacher.safetensors")
-    probe = open_dataset(f"builtin:concept-world?n={args.n}&size=64&seed=0&split=probe")
-    evals = open_dataset(f"builtin:concept-world?n={args.n}&size=64&seed=0&split=eval")
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.arch == "interptool:cw-teacher":
+        checkpoint = WEIGHTS_DIR / "teacher.safetensors"
+    model = load_model(args.arch, checkpoint, image_size=args.image_size)
+    probe = open_dataset(args.probe or f"builtin:concept-world?n={args.n}&size=64&seed=0&split=probe")
+    evals = open_dataset(args.eval or f"builtin:concept-world?n={args.n}&size=64&seed=0&split=eval")
 
-    # 1. activations -> HDF5 (re-running reuses the files)
-    probe_h5 = cache_activations(model, probe, ["layer4"], out / "teacher_probe.h5")
-    eval_h5 = cache_activations(model, evals, [], out / "teacher_eval.h5", probe=False)
+    # 1. activations -> HDF5 (re-running with the same model and data reuses the files)
+    probe_h5 = cache_activations(model, probe, [layer], out / "probe.h5")
+    eval_h5 = cache_activations(model, evals, [], out / "eval.h5", probe=False)
 
-    # 2. network dissection of layer4
+    # 2. network dissection of the layer
     with ActivationCache(probe_h5) as cache:
-        dis = Dissection(quantile=0.005, iou_threshold=0.04).run(cache, "layer4", probe)
+        dis = Dissection(quantile=0.005, iou_threshold=0.04).run(cache, layer, probe)
     dis.save(out / "dissection")
-    print(f"layer4: {len(dis.detectors())} detectors of {dis.units} units, "
+    print(f"{layer}: {len(dis.detectors())} detectors of {dis.units} units, "
           f"{dis.unique_concepts()} unique concepts; by category {dis.by_category()}")
 
     # 3. class similarity from the logits
@@ -50,7 +66,7 @@ def main() -> None:
           f"{sim.entropy_overall[1.0]:.3f} nats")
 
     # 4. Grad-CAM on 8 images
-    att = Attribution("grad_cam", layer="layer4").run(model, evals, n=8, out=out / "gradcam")
+    att = Attribution("grad_cam", layer=layer).run(model, evals, n=8, out=out / "gradcam")
     att.save(out / "gradcam")
     print(f"wrote {out}/")
 
