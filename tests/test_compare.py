@@ -312,3 +312,28 @@ def test_findings_honour_each_measures_direction():
     assert c["kd vs scratch"]["better"] == "tie" and row["best"] == "tie"
     assert c["kd vs ls"]["better"] == "kd" and c["kd vs ls"]["difference"] == 3
     assert c["kd vs ls"]["significant"] is None
+
+
+def test_bad_layer_or_weights_named_by_config_field_before_any_work(tmp_path):
+    from safetensors.torch import save_file
+
+    from interptool.loading._zoo import ZOO
+    from interptool.report import load_config, run_compare
+
+    # a layer typo: a ConfigError naming models.small.layers, before any cache is written
+    (tmp_path / "c.toml").write_text(SMALL.replace('layers = ["layer3", "layer4"]\nimage_size = 32\n[analysis]',
+                                                    'layers = ["layer3", "layer5"]\nimage_size = 32\n[analysis]'))
+    with pytest.raises(InterptoolError) as err:
+        run_compare(load_config(tmp_path / "c.toml"), tmp_path / "out")
+    msg = str(err.value)
+    assert "c.toml: models.small.layers: 'layer5'" in msg and "did you mean" in msg
+    assert not (tmp_path / "out" / "cache").exists() or not any((tmp_path / "out" / "cache").iterdir())
+
+    # teacher weights given to a student architecture: the error names the model's table
+    save_file(ZOO["cw-teacher"](num_classes=10).state_dict(), str(tmp_path / "t.safetensors"))
+    cfg = SMALL.replace('[models.small]\narch = "interptool:cw-student"',
+                        '[models.small]\narch = "interptool:cw-student"\ncheckpoint = "t.safetensors"')
+    (tmp_path / "d.toml").write_text(cfg)
+    with pytest.raises(InterptoolError) as err:
+        run_compare(load_config(tmp_path / "d.toml"), tmp_path / "out2")
+    assert "d.toml: models.small (arch 'interptool:cw-student'" in str(err.value)

@@ -269,3 +269,18 @@ def test_cli_make_and_info(tmp_path, capsys):
     assert '"n": 3' in capsys.readouterr().out
     with pytest.raises(DataError, match="overwrite"):
         _cli("data", "make", "concept-world", "--out", str(out), "--n", "4", "--size", "32")
+
+
+def test_csv_accepts_concept_world_labels_csv(tmp_path):
+    from interptool.data import make_concept_world, open_dataset
+
+    root = make_concept_world(tmp_path / "cw", n=12, size=32, seed=3, split="eval")
+    cw = open_dataset(f"broden:{root}")
+    ds = open_dataset(f"csv:{root / 'labels.csv'}")
+    assert len(ds) == len(cw) == 12
+    # same images in the same order, same labels, and the pixels load
+    assert [ds.image_path(i).resolve() for i in range(12)] == [
+        cw.image_path(i).resolve() for i in range(12)
+    ]
+    assert list(ds.labels) == list(cw.labels)
+    assert ds.load_image(0).size == (32, 32)

@@ -78,9 +78,10 @@ class ImageFolderDataset(ImageDataset):
 
 
 class CsvDataset(ImageDataset):
-    """``csv:FILE``: columns ``path`` and optional ``label``.
+    """``csv:FILE``: columns ``path`` (or ``image``) and optional ``label``.
 
-    Relative paths resolve against the CSV's folder. A label may be an integer or a class
+    Relative paths resolve against the CSV's folder (or its ``images/`` sub-folder when the
+    files are only found there, as in Broden-style lists). A label may be an integer or a class
     name; names are numbered in sorted order unless a ``classes.txt`` (one name per line)
     beside the CSV fixes the order. An empty label cell means unlabelled (``-1``).
     """
@@ -98,12 +99,15 @@ class CsvDataset(ImageDataset):
             if header is None:
                 raise DataError(f"{file}: the CSV is empty; expected a header line 'path,label'")
             header = [h.strip() for h in header]
-            if "path" not in header:
+            # `image` is accepted for `path`: Broden-style lists (and concept-world's
+            # labels.csv) name the column so.
+            path_col = "path" if "path" in header else "image" if "image" in header else None
+            if path_col is None:
                 raise DataError(
                     f"{file}: header {header} has no 'path' column; expected columns "
-                    "'path' and optionally 'label'"
+                    "'path' (or 'image') and optionally 'label'"
                 )
-            ip = header.index("path")
+            ip = header.index(path_col)
             il = header.index("label") if "label" in header else None
             paths: list[str] = []
             raw: list[str] = []
@@ -117,7 +121,7 @@ class CsvDataset(ImageDataset):
                     )
                 p = row[ip].strip()
                 if not p:
-                    raise DataError(f"{file}, line {row_no}, column 'path': empty path")
+                    raise DataError(f"{file}, line {row_no}, column '{path_col}': empty path")
                 paths.append(p)
                 raw.append(row[il].strip() if il is not None else "")
         if not paths:
@@ -128,6 +132,15 @@ class CsvDataset(ImageDataset):
         if classes_txt.is_file():
             fixed = [ln.strip() for ln in classes_txt.read_text().splitlines() if ln.strip()]
         labels, class_names = _parse_labels(raw, fixed, file)
+
+        # Broden-style lists (concept-world's labels.csv) give image names relative to the
+        # images/ folder beside the CSV: resolve against it when the paths are found there only.
+        if (
+            (base / "images").is_dir()
+            and not (base / paths[0]).exists()
+            and (base / "images" / paths[0]).exists()
+        ):
+            base = base / "images"
 
         # ids are paths relative to the CSV folder when possible, so that an imagefolder spec
         # and a CSV placed in the same root give the same ids (and fingerprint).

@@ -17,6 +17,7 @@ the stored part instead of recomputing it, so an interrupted run redoes only unf
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from interptool._provenance import atomic_write_text, now_iso, seed_everything, versions
-from interptool.errors import AnalysisError, ConfigError
+from interptool.errors import AnalysisError, ConfigError, InterptoolError
 from interptool.report import _figures as figs
 from interptool.report._config import CompareConfig
 
@@ -210,7 +211,16 @@ class _Run:
 
         for m in self.cfg.models.values():
             _log(f"loading model {m.name} ({m.arch})")
-            self.loaded[m.name] = load_model(m.arch, **m.load_kwargs(self.device))
+            try:
+                loaded = load_model(m.arch, **m.load_kwargs(self.device))
+            except InterptoolError as exc:
+                # say which table of the config the failing model comes from
+                raise ConfigError(
+                    f"{self.cfg.source}: models.{m.name} (arch {m.arch!r}, checkpoint "
+                    f"{m.checkpoint}): {exc}"
+                ) from None
+            self._check_layers(m, loaded)
+            self.loaded[m.name] = loaded
         if self.cfg.data.eval:
             self.eval_ds = open_dataset(self.cfg.data.eval)
         if self.cfg.data.probe and self.cfg.analysis.dissection is not None:
@@ -222,6 +232,27 @@ class _Run:
                     f"{self.cfg.source}: models: the models have different numbers of classes "
                     f"({ks}); class similarity and attribution need one label space "
                     "(set num_classes, or compare models trained on the same classes)"
+                )
+
+    def _check_layers(self, m: Any, loaded: Any) -> None:
+        """Unknown layer names are config errors, found before any caching starts."""
+        import torch
+
+        if not m.layers:
+            return
+        modules = dict(loaded.model.named_modules())
+        if isinstance(loaded.model, torch.jit.ScriptModule):
+            raise ConfigError(
+                f"{self.cfg.source}: models.{m.name}.layers: a TorchScript model has no "
+                "hookable layers; remove 'layers' (class similarity still works from logits)"
+            )
+        for layer in m.layers:
+            if layer not in modules:
+                close = difflib.get_close_matches(layer, [k for k in modules if k], n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(
+                    f"{self.cfg.source}: models.{m.name}.layers: {layer!r} is not a module of "
+                    f"{m.arch}{hint}; `interptool layers --arch {m.arch}` lists them"
                 )
 
     # -- stage 2: caches ------------------------------------------------------------------------

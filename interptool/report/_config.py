@@ -538,7 +538,7 @@ TEMPLATE = '''\
 
 [data]
 # Labelled images: accuracy, class similarity (logits), CKA and attribution.
-# Specs: "imagefolder:PATH" (class sub-folders), "csv:FILE" (image,label columns),
+# Specs: "imagefolder:PATH" (class sub-folders), "csv:FILE" (path,label columns),
 #        "builtin:concept-world?n=500&size=64&seed=0&split=eval" (generated, no download).
 eval = "builtin:concept-world?n=200&size=64&seed=0&split=eval"
 # Concept-annotated images in Broden format for network dissection
