@@ -413,6 +413,7 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
     assert ag["spearman"]["mean"] == pytest.approx(float(agreement(t, s).spearman.mean()))
     assert ag["spearman"]["ci_low"] <= ag["spearman"]["mean"] <= ag["spearman"]["ci_high"]
     assert set(ag) >= {"cosine", "top5_iou", "top10_iou", "top20_iou"}
+    assert (ag["a"], ag["b"]) == ("teacher:saliency", "student:saliency")
     ds = open_dataset("builtin:concept-world?n=12&size=64&seed=0")
     masks = class_object_masks(ds, range(4), size=(64, 64))
     m = scores["models"]["student"]["methods"]["saliency"]

@@ -219,9 +219,12 @@ def run(args: argparse.Namespace) -> int:
             display = _inputs(tds, 0, min(8, n))
     teacher = names[0]
     for name in names[1:]:
-        scores["agreement"][f"{teacher} vs {name}"] = {
-            m: agreement(results[teacher][m], results[name][m], seed=args.seed).to_dict()
-            for m in methods}
+        pair = {}
+        for m in methods:
+            res = agreement(results[teacher][m], results[name][m], seed=args.seed)
+            res.names = (f"{teacher}:{m}", f"{name}:{m}")  # the --model names, not file stems
+            pair[m] = res.to_dict()
+        scores["agreement"][f"{teacher} vs {name}"] = pair
     scores["provenance"] = provenance(seed=args.seed)
     atomic_write_text(out / "scores.json", json.dumps(_jsonable(scores), indent=2,
                                                       default=str))
