@@ -58,8 +58,9 @@ def _open_probe(probe: Any) -> Any:
     if missing:
         raise AnalysisError(
             f"probe {getattr(probe, 'spec', probe)!r} has no segmentation masks (missing "
-            f"{', '.join(missing)}): dissection needs a Broden-format probe set; pass "
-            "--probe broden:PATH or builtin:concept-world?n=..&size=.."
+            f"{', '.join(missing)}): dissection needs a Broden-format probe set: give "
+            "probe='broden:PATH' (CLI: --probe broden:PATH) or "
+            "'builtin:concept-world?n=..&size=..', and a cache made on that probe set"
         )
     return probe
 
@@ -391,7 +392,7 @@ class Dissection:
             if probe is None:
                 if not cache.data_spec:
                     raise AnalysisError(f"{cache.path}: the cache records no data spec; pass "
-                                        "the probe set explicitly (--probe broden:PATH)")
+                                        "the probe set explicitly (probe='broden:PATH'; CLI: --probe)")
                 probe = cache.data_spec
             probe = _open_probe(probe)
             self._check_alignment(cache, probe)
