@@ -284,3 +284,19 @@ def test_csv_accepts_concept_world_labels_csv(tmp_path):
     ]
     assert list(ds.labels) == list(cw.labels)
     assert ds.load_image(0).size == (32, 32)
+
+
+def test_bare_path_kind_is_inferred_and_said(tmp_path, capsys):
+    from PIL import Image
+
+    from interptool.data import BrodenDataset, open_dataset
+    from interptool.data._folder import ImageFolderDataset
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "imgs" / "cat" / "a.png")
+    ds = open_dataset(str(tmp_path / "imgs"))
+    assert isinstance(ds, ImageFolderDataset) and not isinstance(ds, BrodenDataset)
+    assert f"read as imagefolder:{tmp_path / 'imgs'}" in capsys.readouterr().err
+    # with the prefix nothing is said
+    open_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    assert capsys.readouterr().err == ""

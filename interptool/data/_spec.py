@@ -61,9 +61,12 @@ def open_dataset(spec: str) -> ImageDataset:
         path = Path(spec).expanduser()
         if path.is_dir():
             if (path / "index.csv").is_file():
+                _note_inferred(spec, "broden")
                 return BrodenDataset(path, spec=spec)
+            _note_inferred(spec, "imagefolder")
             return ImageFolderDataset(path, spec=spec)
         if path.is_file() and path.suffix.lower() == ".csv":
+            _note_inferred(spec, "csv")
             return CsvDataset(path, spec=spec)
         raise DataError(f"data spec {spec!r}: no such folder or CSV file; expected {SPEC_HELP}")
     kind = kind.lower()
@@ -98,3 +101,11 @@ def _path(spec: str, text: str) -> Path:
     if not text.strip():
         raise DataError(f"data spec {spec!r}: the path is empty; expected {SPEC_HELP}")
     return Path(text.strip()).expanduser()
+
+
+def _note_inferred(spec: str, kind: str) -> None:
+    """Say on stderr which kind a bare path was taken as: a wrong guess must not be silent."""
+    import sys
+
+    print(f"interptool: data spec {spec!r} read as {kind}:{spec} (write the prefix to choose)",
+          file=sys.stderr)
