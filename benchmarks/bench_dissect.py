@@ -19,7 +19,10 @@ The reference loop is slow, so by default it runs on the first ``--ref-n`` image
 interptool's tally is timed on the same subset for the speed ratio (and on all images). Both
 sides get decoded masks; interptool's time includes flattening them (``seg_item``). Times are
 wall clock and process CPU time (the CPU ratio is the one to trust on a shared, loaded
-machine); each side is timed ``--repeat`` times and the fastest run kept.
+machine); each side is timed ``--repeat`` times and the fastest run kept. On CPU the tally uses
+the compiled numba kernel when numba is installed (``--torch-tally``: the torch path, for a
+before/after comparison in one session); numba's one-time import and cached JIT load are
+timed apart, before the runs.
 """
 
 from __future__ import annotations
@@ -126,12 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="torchvision:resnet18")
     ap.add_argument("--checkpoint", default=None, help="weights (default: random init)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per side (fastest kept)")
+    ap.add_argument("--torch-tally", action="store_true",
+                    help="use the torch tally path even when numba is installed (the compiled "
+                         "kernel is otherwise used on CPU)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_dissect"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from interptool.analyzers import _dissection_numba, _dissection_tally
     from interptool.analyzers.dissection import Dissection
+
+    if args.torch_tally:
+        _dissection_tally.USE_NUMBA = False
+    t0 = time.perf_counter()
+    if _dissection_tally.USE_NUMBA and args.device == "cpu" and _dissection_numba.usable():
+        # one-time cost per process, reported apart: numba import + load of the kernel from
+        # numba's on-disk cache (a compile, several seconds, only on the very first run)
+        t_jit = _dissection_numba.warm_up() + time.perf_counter() - t0
+        kernel = f"numba kernel (import + JIT load {t_jit:.2f} s, not in the timings below)"
+    else:
+        kernel = "torch path"
     from interptool.cache import ActivationCache, cache_activations, write_cache
     from interptool.data import open_dataset
     from interptool.loading import load_model
@@ -155,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
           f"device {args.device}; torch {torch.__version__}")
     print(f"probe: concept-world n={args.n} size={args.size} seg={probe.seg_size(0)} "
           f"labels={probe.num_labels}; forward+cache ({tag}): {t_cache:.1f} s; load average "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; tally: {kernel}")
 
     with ActivationCache(cache_path) as cache:
         for layer in layers:

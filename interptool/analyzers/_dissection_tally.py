@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from interptool.analyzers import _dissection_numba
 from interptool.analyzers._dissection_resize import _take, iter_masked_pixels
 from interptool.errors import DataError
 
@@ -27,6 +28,9 @@ _CHUNK_PIXELS = 1 << 19
 # Largest (firing pairs x labels) table counted per pair (int64: 16 MiB, a few such arrays
 # live at once); larger label sets count per unit (two bincounts per masked label, not one).
 _PAIR_COUNTS = 1 << 21
+# Use the compiled numba kernel (``_dissection_numba``) on CPU when numba imports; tests turn
+# it off to check the torch path, which CUDA and numba-less installs use.
+USE_NUMBA = True
 
 
 @dataclass
@@ -194,11 +198,20 @@ class TallyAccumulator:
             img_cat.scatter_(1, _take(self.cat, pix.reshape(G, -1).long()), True)
         scal_cat, img_cat = scal_cat[:, :C], img_cat[:, :C]
 
-        pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
         key_base = u_idx * L
-        if D and k * L <= _PAIR_COUNTS:
+        if USE_NUMBA and dev.type == "cpu" and _dissection_numba.usable():
+            # one fused compiled pass: exact upsampling, threshold and counting per pair
+            area_np, touched_np = _dissection_numba.tally_pairs(
+                maps.detach().numpy(), _take(self.T, u_idx).numpy(), g_idx.numpy(),
+                u_idx.numpy(), size, pix.numpy(), self.cat.numpy(), L, C,
+                self.intersect.numpy())  # CPU tensor's memory: updated in place
+            pair_area = torch.from_numpy(area_np)
+            touched = torch.from_numpy(touched_np[:, :C])
+        elif D and k * L <= _PAIR_COUNTS:
+            pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
             touched = self._count_per_pair(maps, size, u_idx, g_idx, pix, pair_area)
         else:
+            pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
             touched = self._count_per_unit(maps, size, u_idx, g_idx, pix, pair_area)
         self.unit_area.index_add_(0, u_idx, pair_area)
         # image-level labels: the whole mask intersects them
