@@ -24,15 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"interptool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"interptool.cli._{name}")
-        except ModuleNotFoundError as exc:
-            # A sub-command whose module is absent (a trimmed install) is left out of --help
-            # rather than breaking every other command; any other import error propagates.
-            if exc.name != f"interptool.cli._{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"interptool.cli._{name}").register(sub)
     return parser
 
 
