@@ -91,7 +91,7 @@ def reference_tally(feats: np.ndarray, probe, thresholds: np.ndarray, n: int,
 def tally_ours(feats: np.ndarray, raw: list, thresholds: np.ndarray, probe, batch_size: int,
                device: torch.device) -> dict:
     """interptool's tally from decoded masks: flattening (``seg_item``) + ``TallyAccumulator``."""
-    from interptool.analyzers._dissection_tally import TallyAccumulator, seg_item
+    from interptool.analyzers.dissection._tally import TallyAccumulator, seg_item
 
     cats = list(probe.categories)
     acc = TallyAccumulator(thresholds, np.asarray(probe.label_category), len(cats), device)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from interptool.analyzers import _dissection_numba, _dissection_tally
+    from interptool.analyzers.dissection import _numba as _dissection_numba, _tally as _dissection_tally
     from interptool.analyzers.dissection import Dissection
 
     if args.torch_tally:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = feats.reshape(m, feats.shape[1], -1).max(axis=2) > res.thresholds[None]
             same_i = np.array_equal(ours["intersect"], ref["intersect"].astype(np.int64))
             same_a = np.array_equal(ours["label_area"], ref["label_area"].astype(np.int64))
-            from interptool.analyzers.dissection import _score
+            from interptool.analyzers.dissection._analyzer import _score
 
             iou = _score(ours, np.asarray(probe.label_category), len(probe.categories))["iou"]
             same_iou = np.array_equal(iou, ref["iou"])

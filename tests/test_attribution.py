@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from interptool.analyzers._attribution_methods import batch_seed
+from interptool.analyzers.attribution._methods import batch_seed
 from interptool.analyzers.attribution import Attribution, AttributionResult, hook_count
 from interptool.errors import AnalysisError, InterptoolError
 from interptool.loading._zoo import ZOO

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from interptool.analyzers._attribution_scores import bootstrap_ci, rowwise_spearman
+from interptool.analyzers.attribution._scores import bootstrap_ci, rowwise_spearman
 from interptool.analyzers.attribution import (
     Attribution,
     agreement,

@@ -75,7 +75,7 @@ def test_matches_reference_formula_and_pooling(pair):
     small = cka(pa, pb, ["l1", "l2"], ["l1"], batch_size=7).matrix.to_numpy()
     np.testing.assert_allclose(small, res.matrix.to_numpy(), atol=1e-12)
     # and the Gram path (chosen for large features and few images) agrees with it
-    from interptool.analyzers.cka import _full_gram
+    from interptool.analyzers.cka._analyzer import _full_gram
     from interptool.cache import ActivationCache
 
     with ActivationCache(pa) as ca, ActivationCache(pb) as cb:

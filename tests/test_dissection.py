@@ -459,7 +459,7 @@ def test_broden_folder_on_disk_hand_computed(tmp_path):
 
 
 def test_montage_outlines_mask_and_dims_outside(tmp_path):
-    from interptool.analyzers._dissection_plots import _OUTLINE, _TILE
+    from interptool.analyzers.dissection._plots import _OUTLINE, _TILE
 
     # unit fires on label a's top-left 2x2 of image 1 (and a's column in image 2)
     segs = _toy_segs()

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from interptool.analyzers import _dissection_resize, _dissection_tally
-from interptool.analyzers._dissection_resize import (
+from interptool.analyzers.dissection import _resize as _dissection_resize, _tally as _dissection_tally
+from interptool.analyzers.dissection._resize import (
     above_bound,
     masked_pixels,
     resize_maps,
     tiles_apply,
 )
-from interptool.analyzers._dissection_tally import TallyAccumulator, seg_item
+from interptool.analyzers.dissection._tally import TallyAccumulator, seg_item
 from interptool.errors import DataError
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from interptool.analyzers import _dissection_numba, _dissection_tally
-from interptool.analyzers._dissection_resize import resize_maps
-from interptool.analyzers._dissection_tally import TallyAccumulator, seg_item
+from interptool.analyzers.dissection import _numba as _dissection_numba, _tally as _dissection_tally
+from interptool.analyzers.dissection._resize import resize_maps
+from interptool.analyzers.dissection._tally import TallyAccumulator, seg_item
 
 pytest.importorskip("numba")
 

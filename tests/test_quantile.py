@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from interptool.analyzers._dissection_quantile import (
+from interptool.analyzers.dissection._quantile import (
     ExactQuantile,
     HistogramQuantile,
     topk_needed,
 )
-from interptool.analyzers._dissection_resize import resize_maps
+from interptool.analyzers.dissection._resize import resize_maps
 
 
 def _stream(x: np.ndarray, q: float, block: int, sketch: bool = False) -> np.ndarray:
@@ -82,7 +82,7 @@ def test_resize_bit_identical_to_pillow(shape):
 @pytest.mark.parametrize("shape", [(7, 7, 112, 112), (2, 2, 32, 32), (7, 9, 30, 50),
                                    (13, 11, 5, 29)])
 def test_fast_threshold_equals_exact(shape):
-    from interptool.analyzers._dissection_resize import threshold_maps
+    from interptool.analyzers.dissection._resize import threshold_maps
 
     h, w, sh, sw = shape
     rng = np.random.default_rng(sh)

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from interptool.analyzers._similarity_core import pair_metrics
-from interptool.analyzers._similarity_hierarchy import read_hierarchy, semantic_similarity
-from interptool.analyzers._similarity_plots import block_average, cluster_order
+from interptool.analyzers.similarity._core import pair_metrics
+from interptool.analyzers.similarity._hierarchy import read_hierarchy, semantic_similarity
+from interptool.analyzers.similarity._plots import block_average, cluster_order
 from interptool.analyzers.similarity import ClassSimilarity, compare_similarity
 from interptool.cache import write_cache
 from interptool.errors import AnalysisError
@@ -381,7 +381,7 @@ def test_cli_writes_outputs_and_rejects_mismatch(tmp_path, cli_main, capsys):
 def test_ranks_match_scipy_with_ties_and_masked_entries():
     from scipy.stats import rankdata
 
-    from interptool.analyzers._similarity_core import _average_ranks, _masked_ranks
+    from interptool.analyzers.similarity._core import _average_ranks, _masked_ranks
 
     rng = np.random.default_rng(3)
     x = rng.integers(0, 20, size=500).astype(float)  # many ties

@@ -104,7 +104,7 @@ def _parse_models(args: argparse.Namespace) -> list[tuple[str | None, str, str |
 
 
 def _method_params(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    from interptool.analyzers._attribution_methods import METHODS
+    from interptool.analyzers.attribution._methods import METHODS
 
     flags = {"steps": args.steps, "baseline": args.baseline,
              "internal_batch_size": args.internal_batch_size, "layer": args.layer,
@@ -126,8 +126,8 @@ def _target(value: str) -> str | int:
 
 def run(args: argparse.Namespace) -> int:
     from interptool._provenance import atomic_write_text, provenance
-    from interptool.analyzers._attribution_methods import get_method
-    from interptool.analyzers._attribution_scores import _jsonable
+    from interptool.analyzers.attribution._methods import get_method
+    from interptool.analyzers.attribution._scores import _jsonable
     from interptool.analyzers.attribution import (
         Attribution,
         agreement,
@@ -306,7 +306,7 @@ def _faithfulness_chunked(model, tds, res, mode: str, args: argparse.Namespace):
 
 
 def _known() -> set[str]:
-    from interptool.analyzers._attribution_methods import METHODS
+    from interptool.analyzers.attribution._methods import METHODS
 
     return set(METHODS)
 
@@ -320,7 +320,7 @@ def _grid(path: Path, images, results, names, methods, class_names=None) -> None
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from interptool.analyzers.attribution import _display
+    from interptool.analyzers.attribution._analyzer import _display
 
     shown = _display(images)
     k = len(shown)

@@ -33,9 +33,9 @@ import torch
 
 from interptool._progress import progress
 from interptool._provenance import atomic_savefig, atomic_write_text, provenance, sha256_file
-from interptool.analyzers._dissection_quantile import ExactQuantile, HistogramQuantile
-from interptool.analyzers._dissection_resize import is_square
-from interptool.analyzers._dissection_tally import (
+from interptool.analyzers.dissection._quantile import ExactQuantile, HistogramQuantile
+from interptool.analyzers.dissection._resize import is_square
+from interptool.analyzers.dissection._tally import (
     SegmentationSet,
     TallyAccumulator,
     collate_list,
@@ -240,19 +240,19 @@ class DissectionResult:
     # ------------------------------------------------------------------ output
     def plot(self, ax: Any = None) -> Any:
         """Bar chart of detectors per category; returns the matplotlib Figure."""
-        from interptool.analyzers._dissection_plots import plot_by_category
+        from interptool.analyzers.dissection._plots import plot_by_category
 
         return plot_by_category(self, ax=ax)
 
     def plot_thresholds_curve(self, ax: Any = None) -> Any:
         """Detectors and unique concepts against the IoU threshold; returns the Figure."""
-        from interptool.analyzers._dissection_plots import plot_curve
+        from interptool.analyzers.dissection._plots import plot_curve
 
         return plot_curve(self, ax=ax)
 
     def montage(self, unit: int) -> Any:
         """PIL image: the unit's top probe images with its thresholded mask outlined."""
-        from interptool.analyzers._dissection_plots import unit_montage
+        from interptool.analyzers.dissection._plots import unit_montage
 
         return unit_montage(self, unit)
 

@@ -1,7 +1,7 @@
 """Optional compiled CPU kernel for the dissection tally (numba; ``pip install interptool[fast]``).
 
 One fused pass per firing (image, unit) pair: Pillow-bilinear upsampling with exactly the
-arithmetic of :func:`interptool.analyzers._dissection_resize.resize_maps` (taps summed in
+arithmetic of :func:`interptool.analyzers.dissection._resize.resize_maps` (taps summed in
 Pillow's order in float64, float32 after each pass, the same coefficient tables), the
 threshold ``float32 value > T`` decided in float64, and the label counting of the masked
 pixels, with no intermediate tensors. Only the parts of the map that can exceed ``T`` are
@@ -22,7 +22,7 @@ import importlib.util
 
 import numpy as np
 
-from interptool.analyzers._dissection_resize import _pil_bilinear_taps, vertical_first
+from interptool.analyzers.dissection._resize import _pil_bilinear_taps, vertical_first
 
 # numba is imported on first use (importing it costs ~0.2 s; loading the cached kernel ~0.3 s
 # more, once per process): the torch path is used when it is not installed.

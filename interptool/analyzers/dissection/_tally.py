@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from interptool.analyzers import _dissection_numba
-from interptool.analyzers._dissection_resize import _take, iter_masked_pixels
+from interptool.analyzers.dissection import _numba as _dissection_numba
+from interptool.analyzers.dissection._resize import _take, iter_masked_pixels
 from interptool.errors import DataError
 
 # Upsampled pixels evaluated per chunk (float64 work arrays of 4 MiB); bounds peak memory

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from interptool.analyzers._dissection_resize import resize_maps
+from interptool.analyzers.dissection._resize import resize_maps
 
 # Montage tile edge in pixels and the colour of the mask outline.
 _TILE = 112

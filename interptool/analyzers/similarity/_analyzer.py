@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from interptool._progress import progress
-from interptool.analyzers._similarity_core import (
+from interptool.analyzers.similarity._core import (
     PerSample,
     Reference,
     SortedLabels,
@@ -363,7 +363,7 @@ class SimilarityResult:
         """Heatmap of S (diagonal hidden; clustered order; block-averaged beyond 100 classes)."""
         import matplotlib.pyplot as plt
 
-        from interptool.analyzers._similarity_plots import cluster_order, heatmap
+        from interptool.analyzers.similarity._plots import cluster_order, heatmap
 
         t = self.temperatures[0] if temperature is None else float(temperature)
         S = (self.dark_knowledge if matrix == "dark_knowledge" else self.matrices)[t]
@@ -613,7 +613,7 @@ class TransferResult:
         teacher-vs-student scatter of off-diagonal entries]."""
         import matplotlib.pyplot as plt
 
-        from interptool.analyzers._similarity_plots import (
+        from interptool.analyzers.similarity._plots import (
             cluster_order,
             color_limit,
             heatmap,
@@ -729,12 +729,12 @@ def compare_similarity(
     1000). ``n_boot=0`` skips the intervals.
 
     ``hierarchy``: a JSON / CSV / TSV file of class -> ancestor chain (see
-    :mod:`interptool.analyzers._similarity_hierarchy`) or a ready (K, K) similarity array.
+    :mod:`interptool.analyzers.similarity._hierarchy`) or a ready (K, K) similarity array.
 
     ``class_names``: K names (list, or a classes.txt / JSON file) for tables, figures and
     hierarchy matching; default: the caches' ``class_names`` attribute, else "0" .. "K-1".
     """
-    from interptool.analyzers._similarity_hierarchy import read_hierarchy, semantic_similarity
+    from interptool.analyzers.similarity._hierarchy import read_hierarchy, semantic_similarity
 
     if not student_caches:
         raise AnalysisError("compare_similarity needs a teacher cache and at least one student cache")

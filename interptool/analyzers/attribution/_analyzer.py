@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from interptool._progress import progress
-from interptool.analyzers._attribution_methods import (
+from interptool.analyzers.attribution._methods import (
     METHODS,
     REDUCTIONS,
     batch_seed,
@@ -38,7 +38,7 @@ from interptool.analyzers._attribution_methods import (
     hook_count,
     prepare_model,
 )
-from interptool.analyzers._attribution_scores import (
+from interptool.analyzers.attribution._scores import (
     AgreementResult,
     FaithfulnessResult,
     LocalisationResult,
@@ -52,7 +52,7 @@ from interptool.analyzers._attribution_scores import (
     randomisation_check,
     resize_masks,
 )
-from interptool.analyzers._attribution_store import (
+from interptool.analyzers.attribution._store import (
     AttributionStore,
     H5Maps,
     read_attributions,
@@ -580,6 +580,6 @@ class Attribution:
 
 
 def _reduce(raw: torch.Tensor, how: str) -> torch.Tensor:
-    from interptool.analyzers._attribution_methods import reduce_channels
+    from interptool.analyzers.attribution._methods import reduce_channels
 
     return reduce_channels(raw, how)

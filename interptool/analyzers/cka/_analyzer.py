@@ -129,7 +129,7 @@ class CKAResult:
         import matplotlib.pyplot as plt
 
         from interptool._provenance import atomic_savefig, atomic_write_text
-        from interptool.analyzers.similarity import _safe
+        from interptool.analyzers.similarity._analyzer import _safe
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -573,7 +573,7 @@ def faithfulness(
     (image, step) pair is one row of a flat batch); ranking is O(N P log P) for P patches.
     Memory: one batch of perturbed inputs plus the (N, P) rank table.
     """
-    from interptool.analyzers._attribution_methods import make_baseline, prepare_model
+    from interptool.analyzers.attribution._methods import make_baseline, prepare_model
 
     if mode not in ("deletion", "insertion"):
         raise AnalysisError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
@@ -734,7 +734,7 @@ def randomisation_check(
     to the trained model's by per-image Spearman correlation. A method is flagged when the
     correlation is still above ``threshold`` after the last step.
     """
-    from interptool.analyzers._attribution_methods import (
+    from interptool.analyzers.attribution._methods import (
         batch_seed,
         find_layer,
         prepare_model,
