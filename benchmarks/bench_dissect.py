@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from interptool.analyzers.dissection import _numba as _dissection_numba, _tally as _dissection_tally
     from interptool.analyzers.dissection import Dissection
+    from interptool.analyzers.dissection import _numba as _dissection_numba
+    from interptool.analyzers.dissection import _tally as _dissection_tally
 
     if args.torch_tally:
         _dissection_tally.USE_NUMBA = False

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from interptool.analyzers.attribution._methods import batch_seed
 from interptool.analyzers.attribution import Attribution, AttributionResult, hook_count
+from interptool.analyzers.attribution._methods import batch_seed
 from interptool.errors import AnalysisError, InterptoolError
 from interptool.loading._zoo import ZOO
 

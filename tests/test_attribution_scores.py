@@ -13,7 +13,6 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from interptool.analyzers.attribution._scores import bootstrap_ci, rowwise_spearman
 from interptool.analyzers.attribution import (
     Attribution,
     agreement,
@@ -23,6 +22,7 @@ from interptool.analyzers.attribution import (
     randomisation_check,
     resize_masks,
 )
+from interptool.analyzers.attribution._scores import bootstrap_ci, rowwise_spearman
 from interptool.errors import AnalysisError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from interptool.analyzers.dissection import _resize as _dissection_resize, _tally as _dissection_tally
+from interptool.analyzers.dissection import _resize as _dissection_resize
+from interptool.analyzers.dissection import _tally as _dissection_tally
 from interptool.analyzers.dissection._resize import (
     above_bound,
     masked_pixels,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from interptool.analyzers.dissection import _numba as _dissection_numba, _tally as _dissection_tally
+from interptool.analyzers.dissection import _numba as _dissection_numba
+from interptool.analyzers.dissection import _tally as _dissection_tally
 from interptool.analyzers.dissection._resize import resize_maps
 from interptool.analyzers.dissection._tally import TallyAccumulator, seg_item
 

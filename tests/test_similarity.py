@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from interptool.analyzers.similarity import ClassSimilarity, compare_similarity
 from interptool.analyzers.similarity._core import pair_metrics
 from interptool.analyzers.similarity._hierarchy import read_hierarchy, semantic_similarity
 from interptool.analyzers.similarity._plots import block_average, cluster_order
-from interptool.analyzers.similarity import ClassSimilarity, compare_similarity
 from interptool.cache import write_cache
 from interptool.errors import AnalysisError
 

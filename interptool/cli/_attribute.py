@@ -126,8 +126,6 @@ def _target(value: str) -> str | int:
 
 def run(args: argparse.Namespace) -> int:
     from interptool._provenance import atomic_write_text, provenance
-    from interptool.analyzers.attribution._methods import get_method
-    from interptool.analyzers.attribution._scores import _jsonable
     from interptool.analyzers.attribution import (
         Attribution,
         agreement,
@@ -135,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         localisation,
         randomisation_check,
     )
+    from interptool.analyzers.attribution._methods import get_method
+    from interptool.analyzers.attribution._scores import _jsonable
 
     # validate everything cheap before loading models or data
     methods = args.method or ["integrated_gradients"]

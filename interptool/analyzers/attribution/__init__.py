@@ -1,13 +1,13 @@
 """Attribution maps through captum, and their agreement, localisation and faithfulness scores."""
 
 from interptool.analyzers.attribution._analyzer import (
+    METHODS,
     AgreementResult,
     Attribution,
     AttributionResult,
     FaithfulnessResult,
     H5Maps,
     LocalisationResult,
-    METHODS,
     RandomisationResult,
     agreement,
     class_object_masks,

@@ -734,13 +734,13 @@ def randomisation_check(
     to the trained model's by per-image Spearman correlation. A method is flagged when the
     correlation is still above ``threshold`` after the last step.
     """
+    from interptool.analyzers.attribution import Attribution
     from interptool.analyzers.attribution._methods import (
         batch_seed,
         find_layer,
         prepare_model,
         reduce_channels,
     )
-    from interptool.analyzers.attribution import Attribution
 
     methods = list(method) if isinstance(method, (list, tuple)) else [method]
     attrs = [m if isinstance(m, Attribution) else Attribution(m, **method_params)
