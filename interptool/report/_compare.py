@@ -437,7 +437,7 @@ class _Run:
                 est = res.to_frame()
                 t0 = res.temperatures[0]
                 names = res.similarity[teacher].class_names
-                from interptool.analyzers._similarity_plots import cluster_order
+                from interptool.analyzers.similarity._plots import cluster_order
 
                 order = cluster_order(res.similarity[teacher].matrices[t0])
                 part: dict[str, Any] = {
