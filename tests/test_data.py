@@ -38,14 +38,14 @@ def folder(tmp_path) -> Path:
     _png(root / "apple" / "sub" / "a.png", 30, mode="L")  # grayscale, nested
     _png(root / "mango" / "m.jpg", 40)
     (root / "mango" / "notes.txt").write_text("not an image")
-    (root / "empty").mkdir()
+    (root / ".hidden").mkdir()  # hidden folders are not classes (empty ones: test_data_hardening)
     return root
 
 
 def test_imagefolder(folder):
     ds = open_dataset(f"imagefolder:{folder}")
     assert isinstance(ds, ImageFolderDataset)
-    assert ds.class_names == ["apple", "mango", "zebra"]  # sorted; empty folder is no class
+    assert ds.class_names == ["apple", "mango", "zebra"]  # sorted; hidden folder is no class
     assert ds.ids == ["apple/b.png", "apple/sub/a.png", "mango/m.jpg", "zebra/z1.png"]
     assert ds.labels.tolist() == [0, 0, 1, 2] and ds.labels.dtype == np.int64
     assert ds.num_classes == 3 and len(ds) == 4

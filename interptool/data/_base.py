@@ -22,6 +22,39 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pgm")
 
 
+# Pillow modes holding more than 8 bits per sample in one channel. ``Image.convert("RGB")``
+# clips them at 255 instead of scaling, so a 16-bit photo would decode as (nearly) all white.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(im: Any, what: str = "image") -> Any:
+    """Decode a ``PIL.Image`` into 8-bit RGB, scaling 16-bit samples instead of clipping them.
+
+    16-bit grayscale (modes ``I;16``, ``I;16B``, ...) keeps the high byte (``v >> 8``, i.e.
+    ``floor(v * 255 / 65535)`` up to rounding). Mode ``I`` (32-bit integers, what some
+    decoders produce for 16-bit files) is read the same way when every value lies in
+    0..65535; beyond that the bit depth is unknown and the image is refused. 16-bit-per-channel
+    colour files are already reduced to 8 bits by Pillow's decoder (high byte), as are palette,
+    CMYK and alpha images by ``convert("RGB")``.
+
+    Raises:
+        DataError: a mode ``I`` image with values outside 0..65535 (``what`` names it).
+    """
+    from PIL import Image
+
+    if im.mode not in _WIDE_GRAY_MODES:
+        return im.convert("RGB")
+    arr = np.asarray(im)
+    if im.mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+        raise DataError(
+            f"{what} holds 32-bit integer pixels from {int(arr.min())} to {int(arr.max())}; "
+            "only 8- and 16-bit images have a known range: convert it to an 8- or 16-bit "
+            "PNG/TIFF first"
+        )
+    gray8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    return Image.fromarray(gray8).convert("RGB")
+
+
 class ImageDataset:
     """An ordered set of images with optional class labels.
 
@@ -78,8 +111,8 @@ class ImageDataset:
         path = self.image_path(i)
         try:
             with Image.open(path) as im:
-                # convert() forces the full decode here, so truncated files fail now, not later.
-                return im.convert("RGB")
+                # the conversion forces the full decode here, so truncated files fail now.
+                return to_rgb8(im, f"image {path} (item {i} of {self.spec})")
         except FileNotFoundError:
             raise DataError(
                 f"image {path} (item {i} of {self.spec}) does not exist; "

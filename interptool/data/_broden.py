@@ -30,6 +30,7 @@ from interptool.data._base import ImageDataset
 from interptool.errors import DataError
 
 INDEX_META = ("image", "split", "ih", "iw", "sh", "sw")
+_MAX_UNSAFE_LISTED = 20  # escaping paths named one by one in UnsafePathError.problems
 _CAT_FIELD = re.compile(r"^([^()]+)\((\d+)\)$")
 _DIGITS = re.compile(r"^\d+$")
 
@@ -101,6 +102,47 @@ def write_mask_png(path: str | os.PathLike, labels: np.ndarray) -> None:
     from PIL import Image
 
     Image.fromarray(encode_mask(labels), mode="RGB").save(path, format="PNG")
+
+
+class UnsafePathError(DataError):
+    """``index.csv`` names files outside the data set root (absolute paths, ``..``).
+
+    ``problems`` lists one line per offending cell (at most 20, then a count), so that
+    ``check_dataset`` can report all of them; the message names the first.
+    """
+
+    def __init__(self, problems: list[str], total: int) -> None:
+        self.problems = list(problems)
+        if total > len(problems):
+            self.problems.append(f"... and {total - len(problems)} more paths outside the root")
+        more = f" ({total - 1} more such cells)" if total > 1 else ""
+        super().__init__(problems[0] + more)
+
+
+def lexical_escape(item: str) -> str | None:
+    """Why an ``index.csv`` path (relative to ``images/``) would leave the data set root,
+    judged from the text alone; ``None`` when it stays inside.
+
+    An absolute path (POSIX ``/x``, Windows ``C:\\x`` or ``\\\\server``) is refused, as is any
+    path whose ``..`` components climb above the root once ``images/`` is prefixed
+    (``../x.png`` stays inside the root, ``../../x.png`` does not).
+    """
+    text = item.replace("\\", "/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        return "is an absolute path"
+    depth = 1  # below ROOT/images
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "climbs out of the data set root with '..'"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def _within(path: str, bases: tuple[str, ...]) -> bool:
+    return any(path == b or path.startswith(b + os.sep) for b in bases)
 
 
 def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> tuple[list[str], list[list[str]]]:
@@ -350,8 +392,10 @@ class BrodenDataset(ImageDataset):
         self._split: list[str] = []
         self._sizes: list[tuple[int, int, int, int]] = []
         self._cells: list[dict[str, tuple]] = []
+        self._lines: list[int] = []
         pixel_cats: set[str] = set()
         image_cats: set[str] = set()
+        self._check_paths_lexically(path, rows, cats)
         for line, row in rows:
             if split is not None and row[1].strip() != split:
                 continue
@@ -387,6 +431,7 @@ class BrodenDataset(ImageDataset):
                     pixel_cats.add(cat)
                 cells[cat] = (line, tuple(parsed))
             ids.append(image)
+            self._lines.append(line)
             self._split.append(row[1].strip())
             self._sizes.append(sizes)  # type: ignore[arg-type]
             self._cells.append(cells)
@@ -396,6 +441,60 @@ class BrodenDataset(ImageDataset):
         self.pixel_categories = [c for c in self.categories if c in pixel_cats]
         self.image_categories = [c for c in self.categories if c in image_cats]
         return ids
+
+    def _check_paths_lexically(self, path: Path, rows: list, cats: list[str]) -> None:
+        """Refuse absolute and ``..``-escaping paths in any row (every split: the file as a
+        whole is untrusted). Raises :class:`UnsafePathError` naming line and column."""
+        listed: list[str] = []
+        total = 0
+        for line, row in rows:
+            cols = [("image", row[0].strip())]
+            cols += [(cat, row[k]) for k, cat in enumerate(cats, start=6) if k < len(row)]
+            for col, text in cols:
+                for it in (s.strip() for s in text.split(";")):
+                    if not it or (col != "image" and _DIGITS.match(it)):
+                        continue
+                    why = lexical_escape(it)
+                    if why is None:
+                        continue
+                    total += 1
+                    if len(listed) < _MAX_UNSAFE_LISTED:
+                        listed.append(
+                            f"{path}, line {line}, column '{col}': {it!r} {why}; paths in "
+                            f"index.csv are relative to {self.root / 'images'} and must stay "
+                            "inside the data set root: fix or remove the row"
+                        )
+        if listed:
+            raise UnsafePathError(listed, total)
+
+    def _real_bases(self) -> tuple[str, ...]:
+        """Resolved data set root and ``images/`` (which may be a symlink to other storage)."""
+        if getattr(self, "_bases", None) is None:
+            self._bases = tuple(dict.fromkeys(
+                os.path.realpath(p) for p in (self.root, self.root / "images")))
+        return self._bases
+
+    def resolve_escape(self, path: Path) -> str | None:
+        """Where ``path`` really leads when that is outside the data set root (a symlink to
+        elsewhere), else ``None``. ``images/`` itself may link to other storage."""
+        real = os.path.realpath(path)
+        return None if _within(real, self._real_bases()) else real
+
+    def _safe_file(self, path: Path, line: int, column: str) -> Path:
+        real = self.resolve_escape(path)
+        if real is not None:
+            raise DataError(
+                f"{self.root / 'index.csv'}, line {line}, column '{column}': {path} resolves to "
+                f"{real}, outside the data set root {self.root} (a symbolic link); copy the "
+                "file into the data set or remove the row"
+            )
+        return path
+
+    def load_image(self, i: int) -> Any:
+        """Decode image ``i`` as RGB; :class:`DataError` if its path (after resolving symbolic
+        links) leaves the data set root or the file does not decode."""
+        self._safe_file(self.image_path(i), self._lines[i], "image")
+        return super().load_image(i)
 
     def _read_class_labels(self, root: Path, ids: list[str]) -> tuple[np.ndarray, list[str] | None]:
         path = root / "labels.csv"
@@ -421,6 +520,10 @@ class BrodenDataset(ImageDataset):
         return labels, class_names
 
     # ---------------------------------------------------------------- access
+    def index_line(self, i: int) -> int:
+        """Line number of image ``i`` in ``index.csv`` (the header is line 1)."""
+        return self._lines[i]
+
     def split_of(self, i: int) -> str:
         """The ``split`` column of image ``i``."""
         return self._split[i]
@@ -459,7 +562,7 @@ class BrodenDataset(ImageDataset):
                 if isinstance(it, int):
                     planes[k] = it  # a number among files: constant plane (NetDissect-Lite)
                     continue
-                path = self.root / "images" / it
+                path = self._safe_file(self.root / "images" / it, line, cat)
                 if not path.is_file():
                     raise DataError(
                         f"mask file {path} (index.csv line {line}, column '{cat}') does not "

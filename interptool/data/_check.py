@@ -194,10 +194,14 @@ def _check_dir(root: Path, spec: dict[str, Any], rep: CheckReport) -> None:
 
 
 def _check_broden(root: Path, manifest: dict[str, Any], rep: CheckReport) -> None:
-    from interptool.data._broden import BrodenDataset
+    from interptool.data._broden import BrodenDataset, UnsafePathError
 
     try:
         ds = BrodenDataset(root)
+    except UnsafePathError as exc:
+        # every escaping cell is a problem of its own: a hostile index.csv may hold many
+        rep.problems.extend(f"path outside the data set: {p}" for p in exc.problems)
+        return
     except DataError as exc:
         rep.problems.append(f"Broden structure: {exc}")
         return
@@ -211,22 +215,34 @@ def _check_broden(root: Path, manifest: dict[str, Any], rep: CheckReport) -> Non
     if not manifest.get("broden", {}).get("check_references", True):
         return
     missing: list[str] = []
-    n_missing = 0
+    escaped: list[str] = []
+    n_missing = n_escaped = 0
     images = root / "images"
     for i in range(len(ds)):
+        line = ds.index_line(i)
         refs = [(ds.image_path(i), "image")]
         refs += [(p, cat) for cat, ps in ds.mask_files(i).items() for p in ps]
         for p, what in refs:
-            if not p.is_file():
+            rel = f"images/{p.relative_to(images).as_posix()}"
+            real = ds.resolve_escape(p)
+            if real is not None:  # a symbolic link out of the data set: never read it
+                n_escaped += 1
+                if len(escaped) < _MAX_LISTED:
+                    escaped.append(f"path outside the data set: {rel} ({what} of index.csv line "
+                                   f"{line}) resolves to {real}, outside {root}")
+            elif not p.is_file():
                 n_missing += 1
                 if len(missing) < _MAX_LISTED:
-                    missing.append(f"images/{p.relative_to(images).as_posix()}: missing "
-                                   f"({what} of index.csv line {i + 2})")
+                    missing.append(f"{rel}: missing ({what} of index.csv line {line})")
+    rep.problems.extend(escaped)
+    if n_escaped > len(escaped):
+        rep.problems.append(f"... and {n_escaped - len(escaped)} more paths outside the data set")
     rep.problems.extend(missing)
     if n_missing > len(missing):
         rep.problems.append(f"... and {n_missing - len(missing)} more missing files under images/")
-    if not n_missing:
-        rep.checked.append("every image and mask file named in index.csv exists")
+    if not n_missing and not n_escaped:
+        rep.checked.append("every image and mask file named in index.csv exists inside the "
+                           "data set root")
 
 
 def check_dataset(name: str, path: str | os.PathLike, *, deep: bool = True) -> CheckReport:

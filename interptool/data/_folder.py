@@ -31,9 +31,16 @@ class ImageFolderDataset(ImageDataset):
     """``imagefolder:PATH``: one sub-folder per class (class names sorted), images inside.
 
     A folder holding images directly and no class sub-folders is read as an unlabelled set.
+
+    A class folder without images is an error, as in torchvision: skipping it would shift
+    the label of every later class by one and silently mis-score a model trained with it.
+    ``allow_empty=True`` (spec ``imagefolder:PATH?allow_empty=1``) keeps it as a class with
+    no images, so every class keeps its index (its position among the sorted folder names).
     """
 
-    def __init__(self, root: str | os.PathLike, spec: str | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, spec: str | None = None, *, allow_empty: bool = False
+    ) -> None:
         root = Path(root).expanduser()
         spec = spec or f"imagefolder:{root}"
         if not root.is_dir():
@@ -56,15 +63,27 @@ class ImageFolderDataset(ImageDataset):
                     "list the images in a CSV (csv:FILE)"
                 )
             class_names = []
+            empty: list[Path] = []
             for d in class_dirs:
                 images = _images_under(d)
                 if not images:
-                    continue  # empty folders are not classes (torchvision does the same)
+                    empty.append(d)
+                    if not allow_empty:
+                        continue
                 label = len(class_names)
                 class_names.append(d.name)
                 for p in images:
                     ids.append(p.relative_to(root).as_posix())
                     labels.append(label)
+            if empty and not allow_empty:
+                more = (f" (also empty: {', '.join(d.name for d in empty[1:6])}"
+                        f"{', ...' if len(empty) > 6 else ''})" if len(empty) > 1 else "")
+                raise DataError(
+                    f"{spec}: class folder {empty[0]} holds no images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}){more}, so the classes after it would shift "
+                    "down by one label; add its images, remove the folder, or keep it as an "
+                    "empty class with imagefolder:PATH?allow_empty=1 (allow_empty=True)"
+                )
         else:
             ids = [p.relative_to(root).as_posix() for p in _images_under(root)]
             labels = [-1] * len(ids)
@@ -75,6 +94,7 @@ class ImageFolderDataset(ImageDataset):
             )
         super().__init__(spec, root, ids, np.array(labels, dtype=np.int64), class_names)
         self.root = root
+        self.allow_empty = allow_empty
 
 
 class CsvDataset(ImageDataset):

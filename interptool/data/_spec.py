@@ -9,7 +9,7 @@ from interptool.data._base import ImageDataset
 from interptool.errors import DataError
 
 SPEC_HELP = (
-    "imagefolder:PATH (one sub-folder per class), csv:FILE (columns path,label), "
+    "imagefolder:PATH[?allow_empty=1] (one sub-folder per class), csv:FILE (columns path,label), "
     "broden:PATH[?split=NAME] (Broden folder with index.csv), or "
     "builtin:concept-world?n=1000&size=64&seed=0&split=probe"
 )
@@ -39,7 +39,8 @@ def _query(spec: str, text: str, allowed: dict[str, str]) -> dict[str, str]:
 def open_dataset(spec: str) -> ImageDataset:
     """Open a data set from its spec string.
 
-    * ``imagefolder:PATH``: class sub-folders (class names sorted), images inside.
+    * ``imagefolder:PATH``: class sub-folders (class names sorted), images inside; an empty
+      class folder is an error unless ``?allow_empty=1`` keeps it as a class.
     * ``csv:FILE``: columns ``path,label``; relative paths resolve against the CSV's folder;
       labels are integers or class names (optional).
     * ``broden:PATH``: a Broden-format folder (``index.csv``, ``label.csv``, ``category.csv``,
@@ -71,7 +72,15 @@ def open_dataset(spec: str) -> ImageDataset:
         raise DataError(f"data spec {spec!r}: no such folder or CSV file; expected {SPEC_HELP}")
     kind = kind.lower()
     if kind == "imagefolder":
-        return ImageFolderDataset(_path(spec, rest), spec=spec)
+        path, q = rest, ""
+        # a folder whose own name holds '?' is taken as is; otherwise '?' starts the options
+        if "?" in rest and not Path(rest.strip()).expanduser().exists():
+            path, _, q = rest.partition("?")
+        params = _query(spec, q, {"allow_empty": "1 keeps empty class folders as classes"}) \
+            if q else {}
+        return ImageFolderDataset(_path(spec, path), spec=spec,
+                                  allow_empty=_flag(spec, "allow_empty",
+                                                    params.get("allow_empty", "0")))
     if kind == "csv":
         return CsvDataset(_path(spec, rest), spec=spec)
     if kind == "broden":
@@ -95,6 +104,16 @@ def open_dataset(spec: str) -> ImageDataset:
                                   merged["split"])
         return BrodenDataset(root, spec=spec)
     raise DataError(f"data spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
+
+
+def _flag(spec: str, key: str, value: str) -> bool:
+    """``1/true/yes`` -> True, ``0/false/no`` -> False; DataError otherwise."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no", ""):
+        return False
+    raise DataError(f"data spec {spec!r}: parameter {key}={value!r}; expected 1 or 0")
 
 
 def _path(spec: str, text: str) -> Path:
