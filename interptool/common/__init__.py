@@ -1,0 +1,1 @@
+"""Helpers shared by several stages: JSON coercion (``jsonsafe``), statistics (``stats``)."""
