@@ -150,6 +150,12 @@ def load_torchscript(path: Path) -> nn.Module:
             f"TorchScript file {path} does not exist; --arch takes timm:NAME, torchvision:NAME, "
             f"interptool:NAME or the path of a TorchScript file"
         )
+    from interptool.loading._checkpoint import verify_zip_crc
+
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        verify_zip_crc(path)  # torch.jit.load does not check the members' CRC-32 either
     try:
         with warnings.catch_warnings():
             # torch >= 2.9 flags TorchScript as deprecated; it is still the format users have.

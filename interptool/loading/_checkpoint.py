@@ -8,12 +8,14 @@ Nothing here unpickles arbitrary Python objects unless the caller passes ``trust
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +94,13 @@ def detect_format(path: Path) -> str:
                 f"re-download or re-save it"
             ) from exc
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            verify_zip_crc(path)
             return "torchscript"
         if not any(n.endswith("data.pkl") for n in names):
             raise CheckpointError(
                 f"checkpoint {path} is a zip file but not a torch.save archive (no data.pkl)"
             )
+        verify_zip_crc(path)
         return "zip"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "legacy"
@@ -116,6 +120,39 @@ def detect_format(path: Path) -> str:
     )
 
 
+def verify_zip_crc(path: Path) -> None:
+    """Check the CRC-32 of every member of a zip archive (torch.save / TorchScript files).
+
+    torch.load itself never checks them, so a flipped bit inside a tensor loads as a wrong
+    weight. Members are read in 1 MiB blocks (memory stays flat; the cost is one sequential
+    read of the file). A member whose recorded CRC is 0 is skipped: torch writes 0 when saving
+    with ``torch.serialization.set_crc32_options(False)``, i.e. no checksum was recorded.
+
+    Raises:
+        CheckpointError: naming the first member whose bytes do not match their checksum.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.is_dir() or info.file_size == 0 or info.CRC == 0:
+                    continue
+                try:
+                    with z.open(info) as f:
+                        while f.read(1 << 20):
+                            pass
+                except zipfile.BadZipFile as exc:
+                    raise CheckpointError(
+                        f"checkpoint {path} is corrupt: member {info.filename!r} fails its "
+                        f"CRC-32 check ({exc}), so some weights changed after saving (bad copy, "
+                        f"disk or transfer); re-download or re-save it"
+                    ) from exc
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is a truncated or corrupt torch.save archive ({exc}); "
+            f"re-download or re-save it"
+        ) from exc
+
+
 def _describe_text(head: bytes) -> str:
     try:
         text = head.decode("utf-8").lstrip()
@@ -129,16 +166,21 @@ def _describe_text(head: bytes) -> str:
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, list[str]]:
     """torch.load with the safe unpickler; returns (object, names of allow-listed globals)."""
     kwargs: dict[str, Any] = dict(map_location="cpu")
-    if fmt == "zip":
+    # torch.load dispatches on the name: a torch.save file called *.safetensors would be
+    # handed to the safetensors reader. The format was detected from the content, so give
+    # torch an open file instead of the name (mmap needs a name, so it is lost for those).
+    misnamed = path.name.endswith(".safetensors")
+    if fmt == "zip" and not misnamed:
         kwargs["mmap"] = True  # tensors stay on disk until copied into the model
     if trust_pickle:
         try:
-            return torch.load(path, weights_only=False, **kwargs), []
+            with _source(path, misnamed) as src:
+                return torch.load(src, weights_only=False, **kwargs), []
         except Exception as exc:  # noqa: BLE001 - any failure means an unusable file here
             raise CheckpointError(_corrupt_message(path, exc)) from exc
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, weights_only=True, **kwargs)
+        with torch.serialization.safe_globals(SAFE_GLOBALS), _source(path, misnamed) as src:
+            obj = torch.load(src, weights_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001
         msg = str(exc)
         if "Weights only load failed" in msg and "invalid load key" not in msg:
@@ -158,6 +200,16 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, list[str
         except Exception:  # noqa: BLE001 - informational only
             used = []
     return obj, used
+
+
+@contextlib.contextmanager
+def _source(path: Path, as_file: bool) -> Iterator[Any]:
+    """``path`` itself, or an open binary file when torch must not see the name."""
+    if not as_file:
+        yield path
+        return
+    with open(path, "rb") as f:
+        yield f
 
 
 def _qual(cls: type) -> str:
