@@ -1,14 +1,33 @@
-"""Provenance recorded in every output: versions, checksums, seeds, time."""
+"""Provenance recorded in every output (versions, checksums, seeds, time) and atomic writes.
+
+Atomic writes (:func:`atomic_path`, :func:`atomic_write_text`, :func:`atomic_write_bytes`,
+:func:`atomic_savefig`) write a temporary file beside the target, ``fsync`` it, rename it over
+the target and ``fsync`` the folder: a crash leaves either the old file or the new one, never
+a torn one, and any failure (a full disk included) removes the temporary file. A full disk
+(``ENOSPC``) or an exceeded quota (``EDQUOT``) becomes :class:`NoSpaceError`, one line naming
+the device and the file.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import os
 import platform
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from interptool.errors import InterptoolError
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(InterptoolError):
+    """The device holding an output is full (``ENOSPC``) or the user's quota is spent."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -55,25 +74,161 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that a crash never leaves a half-written file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def provenance(**extra: Any) -> dict[str, Any]:
     """A provenance block: versions, host and time, plus caller-supplied fields."""
     return {"versions": versions(), "created": now_iso(), "host": platform.node(), **extra}
 
 
+
+
+# -- full disks ------------------------------------------------------------------------------
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` means "no space left on device" / "quota exceeded".
+
+    h5py reports HDF5 write failures as ``OSError`` or ``RuntimeError`` without ``errno``,
+    the errno being only in the text (``errno = 28, error message = 'No space left ...'``).
+    """
+    seen = 0
+    while exc is not None and seen < 5:
+        if getattr(exc, "errno", None) in _NO_SPACE_ERRNOS:
+            return True
+        if isinstance(exc, (OSError, RuntimeError)):
+            text = str(exc)
+            if ("No space left on device" in text or "Disk quota exceeded" in text
+                    or "errno = 28," in text or "errno = 122," in text):
+                return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def device_of(path: str | os.PathLike) -> str:
+    """A human name for the file system holding ``path``: ``SOURCE (mounted at MOUNTPOINT)``.
+
+    Read from ``/proc/self/mountinfo`` (the longest mount point above the path); falls back
+    to the folder itself where that file does not exist (not Linux).
+    """
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        p = p.resolve()
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return str(p if p.is_dir() else p.parent)
+    best, best_src = "", ""
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 10 or "-" not in parts:
+            continue
+        mount = parts[4].replace("\\040", " ")
+        source = parts[parts.index("-") + 2]
+        if (str(p) == mount or str(p).startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, best_src = mount, source
+    if not best:
+        return str(p if p.is_dir() else p.parent)
+    return f"{best_src} (mounted at {best})"
+
+
+def no_space_message(path: str | os.PathLike, detail: str = "") -> str:
+    """The one-line message for a full disk while writing ``path``."""
+    extra = f"; {detail}" if detail else ""
+    return (f"no space left on {device_of(path)} while writing {path}{extra}; free space and "
+            "re-run the same command")
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes available to this user on the file system holding ``path`` (``statvfs``)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    # The suffix stays last so writers that pick a format from it (numpy's savez appends
+    # ".npz" otherwise; matplotlib) write what the target's name says.
+    return path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """``fsync`` a folder so a rename inside it survives a power cut (best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (and Windows-like mounts) refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to ``path``.
+
+    Any exception inside the block (or while fsyncing / renaming) removes the temporary file
+    and re-raises; a full disk is re-raised as :class:`NoSpaceError`. Example::
+
+        with atomic_path(out / "iou.npz") as tmp:
+            np.savez(tmp, iou=iou)
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise NoSpaceError(no_space_message(path)) from None
+        raise
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, Exception) and is_no_space(exc):
+            raise NoSpaceError(no_space_message(path)) from None
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write a text file so that a crash never leaves a half-written file under ``path``.
+
+    Raises :class:`NoSpaceError` (and leaves no temporary file) when the disk is full.
+    """
+    atomic_write_bytes(path, text.encode(encoding))
+
+
 def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """``fig.savefig`` through a temporary file, so an interrupted run leaves no torn image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
-    fig.savefig(tmp, **kwargs)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)

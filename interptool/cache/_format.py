@@ -28,6 +28,10 @@ JSON_ATTRS = (
     "skipped",
     "extra",
     "class_names",
+    "threads",
+    "token_grid",
+    "distributed",
+    "shard",
 )
 
 

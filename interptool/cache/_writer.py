@@ -13,15 +13,33 @@ The cache file is written in place, batch by batch, so that an interrupted run c
 A re-run with the same arguments reopens the file, checks that model, data, layers, dtype and
 preprocessing still match, and continues at ``next_item``. Batches start at multiples of the
 batch size in both runs, so the resumed file holds exactly what an uninterrupted run writes.
+
+Faults (docs/cache-format.md, "Faults"):
+
+* the whole run holds interptool's own lock on ``FILE.lock`` (:func:`interptool._locks.output_lock`),
+  taken before the file is looked at, so a second writer stops at once (``CacheLockedError``)
+  and ``--overwrite`` can never delete a file another live run is writing;
+* the lock file also holds a space reserve; before each batch the free space is checked, and
+  if the disk fills up anyway the reserve is given back so that HDF5 can flush and close the
+  file with the last durable ``n_done``: the file stays openable and resumable
+  (``CacheDiskFullError``);
+* every batch's maxima and logits are checked for NaN / Inf (``CacheNonFiniteError``).
+
+Throughput: images are decoded by DataLoader workers (sized by :mod:`interptool._resources`)
+while the model runs, and rows are written to HDF5 by a writer thread fed through a bounded
+queue, so the forward pass rarely waits for either.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +51,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from interptool._locks import HeldLock, output_lock
 from interptool._progress import progress
-from interptool._provenance import now_iso, seed_everything, versions
+from interptool._provenance import (
+    device_of,
+    free_bytes,
+    is_no_space,
+    now_iso,
+    seed_everything,
+    versions,
+)
+from interptool._resources import ThreadPlan, plan_threads, torch_threads
+from interptool.cache._errors import (
+    CacheDiskFullError,
+    CacheForeignError,
+    CacheForwardError,
+    CacheLockedError,
+    CacheMismatchError,
+    CacheNonFiniteError,
+)
 from interptool.cache._format import (
     FEATURES,
     FORMAT,
@@ -135,11 +170,11 @@ def _collate_skip_none(items: list[Any]) -> Any:
     return default_collate(kept)
 
 
-class _ForwardError(CacheError):
-    """The model's forward pass raised (wrong input size or channels, out of memory)."""
+# kept for code that imported the private name
+_ForwardError = CacheForwardError
 
 
-def _forward_failed(model_name: str, shape: tuple[int, ...], exc: Exception) -> _ForwardError:
+def _forward_failed(model_name: str, shape: tuple[int, ...], exc: Exception) -> CacheForwardError:
     text = str(exc).strip()
     first = text.splitlines()[0][:200] if text else ""
     if "out of memory" in text.lower():
@@ -147,7 +182,7 @@ def _forward_failed(model_name: str, shape: tuple[int, ...], exc: Exception) -> 
     else:
         fix = ("check --image-size (some architectures, e.g. ViTs, accept only their native "
                "size) and the number of --mean/--std values (input channels)")
-    return _ForwardError(
+    return CacheForwardError(
         f"model {model_name} failed on a batch of shape {shape} ({type(exc).__name__}: "
         f"{first}); {fix}"
     )
@@ -164,11 +199,12 @@ def _unwrap_worker_error(exc: InterptoolError) -> InterptoolError:
     return exc
 
 
-def _check_args(batch_size: int, workers: int, dtype: str, compression: str | None) -> None:
+def _check_args(batch_size: int, workers: int | None, dtype: str,
+                compression: str | None) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"workers must be an integer >= 0 (or None to choose), got {workers!r}")
     if dtype not in DTYPES:
         raise ConfigError(
             f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} "
@@ -216,7 +252,8 @@ def _jsonish(key: str, value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _mismatches(want: dict[str, Any], have: dict[str, Any], subset_layers: bool) -> list[str]:
+def _mismatches(want: dict[str, Any], have: dict[str, Any], subset_layers: bool,
+                fields: list[str] | None = None) -> list[str]:
     out = []
     for key in MATCH_KEYS:
         a, b = want.get(key), have.get(key)
@@ -225,6 +262,8 @@ def _mismatches(want: dict[str, Any], have: dict[str, Any], subset_layers: bool)
                 continue
         elif _jsonish(key, a) == _jsonish(key, b):
             continue
+        if fields is not None:
+            fields.append(key)
         if key == "weights_sha256":
             hint = (
                 " (a model built in your own code without a checkpoint gets new random "
@@ -255,6 +294,12 @@ def _mismatches(want: dict[str, Any], have: dict[str, Any], subset_layers: bool)
 
 # -- the writer ------------------------------------------------------------------------------
 
+# The space reserve kept in the lock file: room for HDF5 to write its metadata and the dirty
+# chunks of its chunk cache when the disk fills up mid-run (grown once chunk sizes are known).
+_RESERVE_BASE = 1 << 20
+# Margin over a batch's raw bytes required free before writing it (metadata, B-tree nodes).
+_SPACE_MARGIN = 1 << 20
+
 
 def cache_activations(
     loaded: Any,
@@ -263,7 +308,8 @@ def cache_activations(
     path: str | os.PathLike,
     *,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | None = None,
+    threads: int | None = None,
     dtype: str = "float16",
     compression: str | None = None,
     overwrite: bool = False,
@@ -271,35 +317,51 @@ def cache_activations(
     probe: bool | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    distributed: bool | None = None,
 ) -> Path:
     """Cache logits, labels and the outputs of ``layers`` of a model over ``dataset`` in HDF5.
 
     Args:
         loaded: a :class:`interptool.loading.LoadedModel` (``model``, ``arch``,
-            ``checkpoint_sha256``, ``preprocessing``, ``to_dict()``).
+            ``checkpoint_sha256``, ``preprocessing``, ``to_dict()``; ``num_prefix_tokens`` and
+            ``token_grid`` are recorded when present).
         dataset: an :class:`interptool.data.ImageDataset` (``ids``, ``labels``, ``spec``,
             ``fingerprint``, ``torch_dataset(transform, skip_bad)``).
         layers: dotted module names (``"layer4"``, ``"blocks.11"``) whose outputs are cached,
             or ``None``/``[]`` for logits and labels only.
         path: the ``.h5`` file. An incomplete file from an interrupted run with the same
             arguments is resumed; a complete matching one is reused as is (cache hit).
-        batch_size, workers: DataLoader batch size and worker processes.
+        batch_size: images per forward pass (recorded; a resumed run must use the same one
+            for a bitwise-identical file).
+        workers: DataLoader worker processes decoding images; ``None`` chooses from the
+            cores available (see ``threads``).
+        threads: cores to use in total (torch intra-op threads + workers); ``None`` uses every
+            core this process may use (CPU affinity and cgroup quota). Recorded as ``threads``.
         dtype: ``"float16"`` or ``"float32"`` for the features (logits, maxima: float32).
         compression: ``None``, ``"gzip"`` or ``"lzf"``.
-        overwrite: replace an existing file that does not match the request.
+        overwrite: replace an existing file that does not match the request (never one that
+            another process is writing: that is a :class:`CacheLockedError`).
         skip_bad: skip images that fail to decode (listed in the ``skipped`` attribute; the
             cache then has fewer rows) instead of stopping with a :class:`DataError`.
         probe: ``True`` for the probe transform (resize, no crop), ``False`` for the eval
             transform; ``None`` picks probe for Broden-style data (segmentation masks).
         seed: seeds python/numpy/torch and is recorded.
         device: torch device; default ``loaded.device``. The model is moved there if needed.
+        distributed: ``None`` shards the data set over the processes of a ``torchrun``
+            launch when its environment (``WORLD_SIZE`` > 1) is present; ``False`` never.
 
     Returns:
         The path of the complete cache.
 
     Raises:
-        CacheError: unknown layer, TorchScript model with layers, an existing file that does
-            not match (without ``overwrite``) or cannot be read.
+        CacheMismatchError: an existing file was made with other settings (without
+            ``overwrite``).
+        CacheLockedError: another interptool process is writing ``path``.
+        CacheForwardError: the model's forward pass failed.
+        CacheNonFiniteError: a layer or the logits hold NaN / Inf.
+        CacheDiskFullError: the disk filled up (the file stays resumable).
+        CacheForeignError: ``path`` holds a file that is not an interptool cache.
+        CacheError: unknown layer, TorchScript model with layers, other faults.
         DataError: an image fails to decode and ``skip_bad`` is false.
     """
     return run_cache(
@@ -309,6 +371,7 @@ def cache_activations(
         path,
         batch_size=batch_size,
         workers=workers,
+        threads=threads,
         dtype=dtype,
         compression=compression,
         overwrite=overwrite,
@@ -316,6 +379,7 @@ def cache_activations(
         probe=probe,
         seed=seed,
         device=device,
+        distributed=distributed,
     ).path
 
 
@@ -326,7 +390,8 @@ def run_cache(
     path: str | os.PathLike,
     *,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | None = None,
+    threads: int | None = None,
     dtype: str = "float16",
     compression: str | None = None,
     overwrite: bool = False,
@@ -334,9 +399,44 @@ def run_cache(
     probe: bool | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    distributed: bool | None = None,
 ) -> CacheRun:
     """:func:`cache_activations`, returning a :class:`CacheRun` (status, counts, speed)."""
     _check_args(batch_size, workers, dtype, compression)
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise ConfigError(f"threads must be a positive integer (or None for all cores), "
+                          f"got {threads!r}")
+    kw = dict(batch_size=batch_size, workers=workers, threads=threads, dtype=dtype,
+              compression=compression, overwrite=overwrite, skip_bad=skip_bad, probe=probe,
+              seed=seed, device=device)
+    if distributed is not False:
+        from interptool.cache import _distributed
+
+        if _distributed.launched():
+            return _distributed.run_sharded(loaded, dataset, layers, path, **kw)
+    return _run_local(loaded, dataset, layers, path, **kw)
+
+
+def _run_local(
+    loaded: Any,
+    dataset: Any,
+    layers: Sequence[str] | None,
+    path: str | os.PathLike,
+    *,
+    batch_size: int,
+    workers: int | None,
+    threads: int | None,
+    dtype: str,
+    compression: str | None,
+    overwrite: bool,
+    skip_bad: bool,
+    probe: bool | None,
+    seed: int,
+    device: str | torch.device | None,
+    local_ranks: int = 1,
+    extra_attrs: dict[str, Any] | None = None,
+) -> CacheRun:
+    """One process writing one file (the whole data set, or one torchrun shard of it)."""
     path = Path(path)
     layers = list(layers or [])
     model = loaded.model
@@ -354,6 +454,10 @@ def run_cache(
     use_probe = _choose_probe(dataset, probe)
     pre = loaded.preprocessing
     transform = pre.probe_transform() if use_probe else pre.eval_transform()
+    # Without --threads, a caller that limited torch's threads keeps its limit (and its
+    # numbers: float reductions may round differently with another thread count).
+    plan = plan_threads(threads, workers=workers, cap=torch.get_num_threads(),
+                        local_ranks=local_ranks)
 
     want: dict[str, Any] = {
         "arch": str(loaded.arch),
@@ -365,164 +469,645 @@ def run_cache(
         "preprocessing": pre.to_dict(),
         "transform": "probe" if use_probe else "eval",
     }
+    job = _Job(path, loaded, dataset, layers, ids, transform, dev, plan, want,
+               batch_size=batch_size, dtype=dtype, compression=compression,
+               skip_bad=skip_bad, seed=seed, extra_attrs=dict(extra_attrs or {}))
+    with output_lock(path, fix="choose another --out", error=CacheLockedError) as lock:
+        return job.run(lock, overwrite=overwrite)
 
-    # -- decide: fresh, resume or hit ------------------------------------------------------
-    status = "created"
-    if path.exists() and overwrite:
-        path.unlink()
-    elif path.exists():
+
+@dataclass
+class _Job:
+    """Everything one file's run needs; :meth:`run` is called with the output lock held."""
+
+    path: Path
+    loaded: Any
+    dataset: Any
+    layers: list[str]
+    ids: list[str]
+    transform: Any
+    dev: torch.device
+    plan: ThreadPlan
+    want: dict[str, Any]
+    batch_size: int
+    dtype: str
+    compression: str | None
+    skip_bad: bool
+    seed: int
+    extra_attrs: dict[str, Any]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.loaded, "name", "") or str(self.loaded.arch)
+
+    # -- decide: fresh, resume or hit -------------------------------------------------------
+    def _decide(self, overwrite: bool) -> tuple[str, dict[str, Any] | None]:
+        path = self.path
+        if path.exists() and overwrite:
+            path.unlink()
+            return "created", None
+        if not path.exists():
+            return "created", None
         have = _read_attrs(path)
         complete = bool(have.get("complete", False))
-        bad = _mismatches(want, have, subset_layers=complete)
+        fields: list[str] = []
+        bad = _mismatches(self.want, have, subset_layers=complete, fields=fields)
         if bad:
             state = "complete" if complete else "incomplete (interrupted)"
-            raise CacheError(
+            raise CacheMismatchError(
                 f"{path}: an existing {state} cache was made with other settings "
                 f"({'; '.join(bad)}). Pass --overwrite (overwrite=True) to replace it, or "
-                "choose another output path."
-            )
+                "choose another output path.", path=path, fields=fields)
         if complete:
             skipped = list(have.get("skipped") or [])
-            if skipped and not skip_bad:
-                raise CacheError(
+            if skipped and not self.skip_bad:
+                raise CacheMismatchError(
                     f"{path}: this cache skipped {len(skipped)} bad image(s) "
                     f"({', '.join(skipped[:3])}{'...' if len(skipped) > 3 else ''}); "
-                    "re-run with --skip-bad to reuse it or fix the images and --overwrite"
-                )
-            log.info("cache hit: %s already holds this model's activations", path)
-            return CacheRun(
-                path, "hit", int(have.get("n_done", 0)), n_items, list(have.get("layers") or []),
-                skipped,
-            )
-        if int(have.get("n_total", -1)) != n_items:
-            raise CacheError(
+                    "re-run with --skip-bad to reuse it or fix the images and --overwrite",
+                    path=path, fields=["skip_bad"])
+            return "hit", have
+        if int(have.get("n_total", -1)) != self.n_items:
+            raise CacheMismatchError(
                 f"{path}: incomplete cache was started for {have.get('n_total')} images but the "
-                f"data set has {n_items}; pass --overwrite to start again"
-            )
-        status = "resumed"
+                f"data set has {self.n_items}; pass --overwrite to start again",
+                path=path, fields=["n_total"])
+        return "resumed", have
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        f = h5py.File(path, "a")
-    except OSError as exc:
-        raise CacheError(
-            f"{path}: cannot open for writing ({exc}); another process may be writing it, or "
-            "the directory is read-only"
-        ) from None
-    # A forward pass that fails on the very first batch of a new file (wrong --image-size,
-    # channels, ...) leaves nothing worth resuming: the file is removed so that the corrected
-    # command starts afresh instead of reporting "made with other settings".
-    discard = False
-    try:
-        with f:
-            if status == "created":
-                _init_attrs(f, want, loaded, dataset, n_items, seed, compression, batch_size)
+    def run(self, lock: HeldLock, *, overwrite: bool) -> CacheRun:
+        status, have = self._decide(overwrite)
+        path = self.path
+        if status == "hit":
+            assert have is not None
+            log.info("cache hit: %s already holds this model's activations", path)
+            return CacheRun(path, "hit", int(have.get("n_done", 0)), self.n_items,
+                            list(have.get("layers") or []), list(have.get("skipped") or []))
+        created = status == "created"
+        n_safe = int(have.get("n_done", 0)) if have else 0
+        try:
+            lock.reserve(_RESERVE_BASE)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise self._disk_full(n_safe) from None
+            raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = h5py.File(path, "a")
+        except (OSError, RuntimeError) as exc:
+            if created:
+                _remove_unusable(path)
+            if is_no_space(exc):
+                raise self._disk_full(0 if created else n_safe) from None
+            raise CacheError(
+                f"{path}: cannot open for writing ({_first_line(exc)}); the folder may be "
+                "read-only, or a program other than interptool holds the file open (HDF5 file "
+                "lock: close it there)"
+            ) from None
+        writer: _RowWriter | None = None
+        try:
+            if created:
+                self._init_attrs(f)
+            else:
+                # the settings of the run that is writing now (a resume may use other threads)
+                f.attrs["threads"] = encode_attr("threads", self.plan.to_dict())
+                f.flush()
             start = int(f.attrs["next_item"])
             n_done = int(f.attrs["n_done"])
             # Bad images before the resume point are the items missing from the rows written.
             done_ids = set(_decode_ids(f["index"][:n_done])) if "index" in f else set()
-            skipped = [ids[i] for i in range(start) if ids[i] not in done_ids]
+            skipped = [self.ids[i] for i in range(start) if self.ids[i] not in done_ids]
             del done_ids
 
             t0 = time.perf_counter()
             computed = 0
-            if start < n_items:
-                try:
-                    computed = _run_batches(
-                        f, model, dataset, ids, layers, transform, dev,
-                        start=start, n_items=n_items, batch_size=batch_size, workers=workers,
-                        dtype=dtype, compression=compression, skip_bad=skip_bad,
-                        skipped=skipped, desc=f"cache {getattr(loaded, 'name', '') or loaded.arch}",
-                    )
-                except _ForwardError:
-                    discard = status == "created" and int(f.attrs["n_done"]) == 0
-                    raise
+            if start < self.n_items:
+                writer = _RowWriter(f, self, lock, n_done, start)
+                computed = self._run_batches(writer, start, skipped)
+                writer.finish()
             n_done = int(f.attrs["n_done"])
             if "logits" not in f:  # every image was bad: still write a well-formed empty cache
-                _create_from_dummy(f, model, pre, layers, dev, n_items, dtype, compression, ids)
-            if n_done < n_items:  # bad images were skipped: drop the unused tail rows
+                _create_from_dummy(f, self.loaded.model, self.loaded.preprocessing, self.layers,
+                                   self.dev, self.n_items, self.dtype, self.compression,
+                                   self.ids)
+            if n_done < self.n_items:  # bad images were skipped: drop the unused tail rows
                 _shrink(f, n_done)
             f.attrs["skipped"] = encode_attr("skipped", skipped)
             # whether bad images were allowed to be left out (the run that finished the file)
-            f.attrs["skip_bad"] = bool(skip_bad)
+            f.attrs["skip_bad"] = bool(self.skip_bad)
+            f.flush()
+            # complete=True last, in a flush of its own: a file that says complete has every
+            # row and attribute on disk before it.
             f.attrs["complete"] = True
             f.flush()
             seconds = time.perf_counter() - t0
-    except _ForwardError:
-        if discard:
-            path.unlink(missing_ok=True)
-        raise
-    return CacheRun(path, status, n_done, n_items, layers, skipped, seconds, computed)
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            safe = writer.safe if writer is not None else (n_safe, None)
+            self._fail(f, lock, exc, created, safe)
+            if is_no_space(exc) and not isinstance(exc, CacheDiskFullError):
+                raise self._no_space(created, safe[0]) from None
+            raise
+        _close(f)
+        lock.release_reserve()
+        return CacheRun(path, status, n_done, self.n_items, self.layers, skipped, seconds,
+                        computed)
+
+    # -- failure handling -------------------------------------------------------------------
+    def _fail(self, f: h5py.File, lock: HeldLock, exc: BaseException, created: bool,
+              safe: tuple[int, int | None]) -> None:
+        """Leave the file as it was after its last durable batch, then close it."""
+        no_space = is_no_space(exc)
+        if no_space:
+            # room for HDF5 to write its metadata and cached chunks while closing
+            lock.release_reserve()
+            try:
+                if f.id.valid and "n_done" in f.attrs:
+                    f.attrs["n_done"] = np.int64(safe[0])
+                    if safe[1] is not None:
+                        f.attrs["next_item"] = np.int64(safe[1])
+                    f.attrs["complete"] = False
+            except Exception:  # noqa: BLE001 - the close below is what matters now
+                pass
+        _close(f)
+        # A new file with no durable row is worth nothing and would block the corrected
+        # command ("made with other settings"): remove it. A resumed file is always kept.
+        worthless = created and safe[0] == 0 and (
+            no_space or isinstance(exc, (CacheForwardError, CacheNonFiniteError)))
+        if worthless:
+            self.path.unlink(missing_ok=True)
+        elif created:
+            _remove_unusable(self.path)
+
+    def _no_space(self, created: bool, n_safe: int) -> CacheDiskFullError:
+        if created and n_safe == 0:
+            return self._disk_full(0)
+        if not _openable(self.path):
+            return CacheDiskFullError(
+                f"no space left on {device_of(self.path)} while writing {self.path}, and the "
+                "file could not be closed cleanly (it cannot be opened); free space, then "
+                "delete it or re-run with --overwrite", path=self.path, n_safe=0)
+        return self._disk_full(n_safe)
+
+    def _disk_full(self, n_safe: int) -> CacheDiskFullError:
+        where = device_of(self.path)
+        if n_safe:
+            msg = (f"no space left on {where} while writing {self.path}; {n_safe} images are "
+                   "safe in it; free space and re-run the same command to resume")
+        else:
+            msg = (f"no space left on {where} while writing {self.path}; nothing was cached "
+                   "yet; free space and re-run the same command")
+        return CacheDiskFullError(msg, path=self.path, n_safe=n_safe)
+
+    # -- attributes ---------------------------------------------------------------------------
+    def _init_attrs(self, f: h5py.File) -> None:
+        attrs: dict[str, Any] = {
+            "format": FORMAT,
+            "complete": False,
+            "n_done": 0,
+            "next_item": 0,
+            "n_total": self.n_items,
+            **self.want,
+            "model": self.loaded.to_dict(),
+            "data_spec": str(self.dataset.spec),
+            "layer_shapes": {},
+            "versions": versions(),
+            "seed": int(self.seed),
+            "created": now_iso(),
+            "skipped": [],
+            "compression": self.compression or "",
+            "batch_size": int(self.batch_size),
+            # class names travel with the logits so analyzers can label matrices and tables
+            "class_names": list(getattr(self.dataset, "class_names", None) or []),
+            "threads": self.plan.to_dict(),
+        }
+        # leading (class / distillation / register) tokens of transformer models, when the
+        # loader knows them: dissection must drop exactly these before the patch grid
+        n_prefix = getattr(self.loaded, "num_prefix_tokens", None)
+        if n_prefix is not None:
+            attrs["num_prefix_tokens"] = int(n_prefix)
+        grid = getattr(self.loaded, "token_grid", None)
+        if grid is not None:
+            attrs["token_grid"] = [int(g) for g in grid]
+        attrs.update(self.extra_attrs)
+        for key, value in attrs.items():
+            f.attrs[key] = encode_attr(key, value)
+        # n_done / next_item are overwritten after every batch: fixed-size int64 scalars are
+        # rewritten in place in the object header (no reallocation while a crash may strike).
+        f.attrs["n_done"] = np.int64(0)
+        f.attrs["next_item"] = np.int64(0)
+        f.flush()
+
+    # -- the batches ----------------------------------------------------------------------------
+    def _loader(self, start: int) -> DataLoader:
+        tds = self.dataset.torch_dataset(self.transform, skip_bad=self.skip_bad)
+        if start:
+            tds = Subset(tds, range(start, self.n_items))
+        w = self.plan.loader_workers
+        return DataLoader(
+            tds,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=w,
+            collate_fn=_collate_skip_none,
+            pin_memory=self.dev.type == "cuda",
+            # decoding runs ahead of the forward pass by two batches per worker (bounded memory)
+            prefetch_factor=2 if w else None,
+            persistent_workers=bool(w),
+        )
+
+    def _run_batches(self, writer: _RowWriter, start: int, skipped: list[str]) -> int:
+        """Forward every batch from ``start``, handing rows to the writer thread."""
+        model = self.loaded.model
+        layers, ids, dev = self.layers, self.ids, self.dev
+        n_items, batch_size = self.n_items, self.batch_size
+        cuda = dev.type == "cuda"
+        feat_dtype = DTYPES[self.dtype]
+        in_dtype = _input_dtype(model)
+
+        def grab(name: str, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # Runs inside the forward hook, before any later in-place op can touch ``out``:
+            # a converted copy for the file, and maxima (computed on the device, rounded like
+            # the stored values so max(features) == features_max exactly).
+            out = out.detach()
+            if out.ndim < 2:
+                raise CacheError(
+                    f"layer {name!r} output has shape {tuple(out.shape)}; expected (N, C, H, W), "
+                    "(N, T, D) or (N, C)"
+                )
+            feat = out.to(feat_dtype, copy=True)
+            # (N, C) outputs are their own maxima: take them from the copy, never alias ``out``.
+            mx = feat.float() if out.ndim == 2 else _maxima(out).to(feat_dtype).float()
+            if not _finite(feat, mx):
+                _HookFault.record(name, out, feat)
+            if cuda:
+                return feat.to("cpu", non_blocking=True), mx.to("cpu", non_blocking=True)
+            return feat, mx
+
+        item = start
+        computed = 0
+        bar = progress(total=n_items, desc=f"cache {self.name}", unit="img")
+        bar.initial = bar.n = start  # the rate counts only this run's images
+        loader = self._loader(start)
+        it = iter(loader)
+        try:
+            with torch_threads(self.plan.torch_threads), torch.inference_mode(), \
+                    capture_layers(model, layers, grab) as acts:
+                while item < n_items:
+                    try:
+                        batch = next(it)
+                    except StopIteration:  # pragma: no cover - loader shorter than expected
+                        break
+                    except InterptoolError as exc:
+                        raise _unwrap_worker_error(exc) from None
+                    stop = min(item + batch_size, n_items)
+                    if batch is None:  # every image of this batch was bad
+                        skipped.extend(ids[item:stop])
+                        writer.submit(_Rows(stop, None, None, None, {}))
+                    else:
+                        x, y, idx = batch
+                        idx_np = idx.numpy().astype(np.int64)
+                        if len(idx_np) < stop - item:
+                            kept = set(idx_np.tolist())
+                            skipped.extend(ids[i] for i in range(item, stop) if i not in kept)
+                        acts.clear()
+                        _HookFault.clear()
+                        x = x.to(dev, dtype=in_dtype, non_blocking=True)
+                        try:
+                            out = model(x)
+                        except InterptoolError:
+                            raise
+                        except (RuntimeError, ValueError, AssertionError, TypeError,
+                                IndexError) as exc:
+                            raise _forward_failed(self.name, tuple(x.shape), exc) from exc
+                        logits = out if isinstance(out, torch.Tensor) else _first(out)
+                        if logits.ndim != 2:
+                            raise CacheError(
+                                f"model output has shape {tuple(logits.shape)}; expected logits "
+                                "(N, K). Is the model a classifier?"
+                            )
+                        logits = logits.float().to("cpu", non_blocking=True)
+                        if cuda:
+                            torch.cuda.synchronize(dev)
+                        self._check_finite(acts, logits, idx_np, writer.n_submitted)
+                        writer.submit(_Rows(
+                            stop, logits.numpy(), y.numpy().astype(np.int64),
+                            np.array([ids[i].encode() for i in idx_np]),
+                            {k: (acts[k][0].numpy(), acts[k][1].numpy()) for k in layers},
+                        ))
+                        computed += len(idx_np)
+                    bar.update(stop - item)
+                    item = stop
+        finally:
+            bar.close()
+            del it, loader
+        return computed
+
+    # -- non-finite values ----------------------------------------------------------------------
+    def _check_finite(self, acts: dict[str, Any], logits: torch.Tensor, idx: np.ndarray,
+                      n_before: int) -> None:
+        fault = _HookFault.first()
+        if fault is None and bool(torch.isfinite(logits).all()):
+            return
+        if fault is not None:
+            layer, row, kind, overflow = fault
+        else:
+            bad = ~torch.isfinite(logits).all(dim=1)
+            row = int(torch.nonzero(bad)[0, 0])
+            layer, kind = "logits", "NaN" if bool(torch.isnan(logits[row]).any()) else "Inf"
+            overflow = False
+        image = self.ids[int(idx[row])]
+        bad_param = _nonfinite_parameter(self.loaded.model)
+        if bad_param:
+            cause = (f"the model's weights hold NaN/Inf ({bad_param}): check the checkpoint "
+                     "(a diverged training run saves NaN weights)")
+        elif overflow and self.dtype == "float16":
+            cause = ("float16 overflow: this layer's outputs exceed 65504, the largest "
+                     "float16 value; re-run with --dtype float32")
+        elif layer == "logits":
+            cause = ("the forward pass overflowed or produced NaN inside the model (NaN "
+                     "weights or inputs, or values too large for the model's dtype)")
+        else:
+            cause = ("the model produced them (NaN weights or inputs, or an overflow inside "
+                     "the model)")
+        where = "the logits" if layer == "logits" else f"layer {layer!r}"
+        kept = (f"; the {n_before} images written before are kept in {self.path}"
+                if n_before else "")
+        raise CacheNonFiniteError(
+            f"{where} of model {self.name} holds {kind} values, first for image {image}; "
+            f"likely cause: {cause}{kept}", layer=layer, image=image)
+
+
+def _finite(feat: torch.Tensor, mx: torch.Tensor) -> bool:
+    """Whether a batch's features are all finite, checked cheaply.
+
+    The maxima catch NaN (amax propagates it) and +Inf; a float32 sum of the (rounded) copy
+    also catches -Inf away from the maxima. Only when the sum is not finite is the exact test
+    run, so a float32 sum that overflows on huge finite values cannot raise a false alarm.
+    """
+    if not bool(torch.isfinite(mx).all()):
+        return False
+    if bool(torch.isfinite(feat.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(feat).all())
+
+
+class _HookFault:
+    """The first layer of the current forward pass whose output held NaN / Inf.
+
+    Recorded from inside the hook (which knows the layer's unrounded output, hence whether the
+    float16 copy overflowed) and read after the pass. Hooks run on the calling thread, and one
+    process runs one cache at a time, so a module-level slot suffices.
+    """
+
+    _slot: tuple[str, int, str, bool] | None = None
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._slot = None
+
+    @classmethod
+    def record(cls, name: str, out: torch.Tensor, feat: torch.Tensor) -> None:
+        if cls._slot is not None:
+            return
+        flat = feat.reshape(feat.shape[0], -1)
+        bad = ~torch.isfinite(flat).all(dim=1)
+        row = int(torch.nonzero(bad)[0, 0]) if bool(bad.any()) else 0
+        kind = "NaN" if bool(torch.isnan(flat[row]).any()) else "Inf"
+        # the unrounded values were finite: the float16 copy overflowed
+        overflow = bool(torch.isfinite(out.reshape(out.shape[0], -1)[row]).all())
+        cls._slot = (name, row, kind, overflow)
+
+    @classmethod
+    def first(cls) -> tuple[str, int, str, bool] | None:
+        return cls._slot
+
+
+def _nonfinite_parameter(model: torch.nn.Module) -> str:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return ""
+
+
+# -- the writer thread -----------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """One batch for the file: ``stop`` is the data-set item after the batch."""
+
+    stop: int
+    logits: np.ndarray | None
+    labels: np.ndarray | None
+    index: np.ndarray | None
+    feats: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        if self.logits is None:
+            return 0
+        total = self.logits.nbytes + self.labels.nbytes + self.index.nbytes
+        return total + sum(a.nbytes + b.nbytes for a, b in self.feats.values())
+
+
+class _RowWriter:
+    """Writes batches to the HDF5 file on a thread of its own, through a bounded queue.
+
+    The forward pass of batch k+1 runs while batch k is written (h5py keeps its own lock; the
+    forward pass runs in torch's C++ code without the GIL for the most part). After each batch:
+    rows, then ``n_done`` / ``next_item``, then a flush; ``safe`` is the (n_done, next_item)
+    of the last flush that succeeded: what is durably in the file.
+    """
+
+    def __init__(self, f: h5py.File, job: _Job, lock: HeldLock, n_done: int, start: int) -> None:
+        self.f, self.job, self.lock = f, job, lock
+        self.n_done = n_done
+        self.n_submitted = n_done
+        self.safe: tuple[int, int | None] = (n_done, start)
+        self.error: BaseException | None = None
+        # two batches in flight at most: memory stays bounded whatever the write speed
+        self._q: queue.Queue[_Rows | None] = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._loop, name="interptool-cache-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: _Rows) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._q.put(rows, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        if rows.logits is not None:
+            self.n_submitted += len(rows.logits)
+
+    def finish(self) -> None:
+        """Wait until every batch is written; re-raise the writer's error if there was one."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """The main thread failed: write the batches already queued (they are good), then
+        stop; never raises (a write error stays in ``error``, ``safe`` says what is on disk)."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def _loop(self) -> None:
+        while True:
+            rows = self._q.get()
+            if rows is None:
+                return
+            try:
+                self._write(rows)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+                # drain so the main thread's put never blocks; it sees the error next
+                while True:
+                    rows = self._q.get()
+                    if rows is None:
+                        return
+
+    def _write(self, rows: _Rows) -> None:
+        f, job = self.f, self.job
+        if rows.logits is not None:
+            if "logits" not in f:
+                feats = {k: (a.shape[1:], b.shape[1:]) for k, (a, b) in rows.feats.items()}
+                _create_datasets(f, job.n_items, tuple(rows.logits.shape[1:]), feats,
+                                 job.dtype, job.compression, job.ids)
+                # room to close cleanly on a full disk: every chunk the cache may hold dirty
+                self.lock.reserve(_RESERVE_BASE + _chunk_bytes(f))
+            need = rows.nbytes + _SPACE_MARGIN
+            if not _enough_space(job.path, need):
+                raise OSError(errno.ENOSPC, f"less than {need} bytes free for the next batch")
+            b = len(rows.logits)
+            sl = slice(self.n_done, self.n_done + b)
+            f["logits"][sl] = rows.logits
+            f["labels"][sl] = rows.labels
+            f["index"][sl] = rows.index.astype(f["index"].dtype)
+            if job.layers:
+                grp = f[FEATURES]
+                for layer in job.layers:
+                    feat, mx = rows.feats[layer]
+                    grp[layer][sl] = feat
+                    grp[layer + MAX_SUFFIX][sl] = mx
+            self.n_done += b
+        # Progress markers last, then flush: a crash before this point only loses the
+        # current batch, which the next run recomputes.
+        f.attrs["n_done"] = np.int64(self.n_done)
+        f.attrs["next_item"] = np.int64(rows.stop)
+        f.flush()
+        self.safe = (self.n_done, rows.stop)
+
+
+def _enough_space(path: Path, need: int) -> bool:
+    try:
+        return free_bytes(path) >= need
+    except OSError:  # statvfs unsupported: rely on the write failing
+        return True
+
+
+def _chunk_bytes(f: h5py.File) -> int:
+    total = 0
+
+    def add(_: str, obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, h5py.Dataset) and obj.chunks:
+            total += int(np.prod(obj.chunks, dtype=np.int64)) * obj.dtype.itemsize
+
+    f.visititems(add)
+    return total
+
+
+# -- small file helpers ----------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _close(f: h5py.File) -> None:
+    try:
+        if f.id.valid:
+            f.close()
+    except Exception:  # noqa: BLE001 - closing a failed file must not hide the first error
+        log.debug("closing %s failed", f, exc_info=True)
+
+
+def _openable(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            int(f.attrs["n_done"])
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _remove_unusable(path: Path) -> None:
+    """Remove a file this run created that is empty or cannot be opened (a failed start)."""
+    try:
+        if path.exists() and (path.stat().st_size == 0 or not _openable(path)):
+            path.unlink()
+    except OSError:
+        pass
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _read_attrs(path: Path) -> dict[str, Any]:
+    """The attributes of an existing output file, or a ``CacheForeignError`` saying what it is.
+
+    Messages here never suggest ``--overwrite``: the file may be the user's own, and deleting
+    it is theirs to decide (``--overwrite`` does replace it when they ask).
+    """
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError as exc:
-        raise CacheError(f"{path}: exists but cannot be read ({exc}); check its permissions or "
-                         "choose another --out") from None
+        raise CacheForeignError(f"{path}: exists but cannot be read ({exc.strerror or exc}); "
+                                "check its permissions or choose another --out") from None
+    if head == b"":
+        # A 0-byte file: most likely a run that died while creating it (e.g. on a full disk).
+        raise CacheForeignError(
+            f"{path}: exists and is empty (0 bytes), so not an activation cache; delete it if "
+            "it is a leftover of a failed run, or choose another --out"
+        )
     if head != _HDF5_SIGNATURE:
         # Most likely the user's own file named by mistake: never suggest deleting it first.
-        raise CacheError(
+        raise CacheForeignError(
             f"{path}: exists and is not an HDF5 file, so not an activation cache; choose "
             "another --out (--overwrite would delete this file)"
         )
     try:
         with h5py.File(path, "r") as f:
             have = decode_attrs(f.attrs)
-    except OSError as exc:
-        raise CacheError(
-            f"{path}: exists but cannot be read as HDF5 ({exc}). If a cache run was killed "
-            "while writing, the file may be damaged: pass --overwrite to start again."
+    except (OSError, RuntimeError) as exc:
+        raise CacheForeignError(
+            f"{path}: exists but cannot be read as HDF5 ({_first_line(exc)}); if it is a cache "
+            "whose run was killed inside a write, delete it and re-run; otherwise choose "
+            "another --out"
         ) from None
     if have.get("format") != FORMAT:
-        raise CacheError(
-            f"{path}: exists and is not an interptool activation cache (format "
-            f"{have.get('format')!r}); choose another output path or pass --overwrite"
+        raise CacheForeignError(
+            f"{path}: exists and is an HDF5 file but not an interptool activation cache "
+            f"(format {have.get('format')!r}); choose another --out (--overwrite would "
+            "delete this file)"
         )
     return have
-
-
-def _init_attrs(
-    f: h5py.File,
-    want: dict[str, Any],
-    loaded: Any,
-    dataset: Any,
-    n_items: int,
-    seed: int,
-    compression: str | None,
-    batch_size: int,
-) -> None:
-    attrs: dict[str, Any] = {
-        "format": FORMAT,
-        "complete": False,
-        "n_done": 0,
-        "next_item": 0,
-        "n_total": n_items,
-        **want,
-        "model": loaded.to_dict(),
-        "data_spec": str(dataset.spec),
-        "layer_shapes": {},
-        "versions": versions(),
-        "seed": int(seed),
-        "created": now_iso(),
-        "skipped": [],
-        "compression": compression or "",
-        "batch_size": int(batch_size),
-        # class names travel with the logits so analyzers can label matrices and tables
-        "class_names": list(getattr(dataset, "class_names", None) or []),
-    }
-    for key, value in attrs.items():
-        f.attrs[key] = encode_attr(key, value)
-    # n_done / next_item are overwritten after every batch: fixed-size int64 scalars are
-    # rewritten in place in the object header (no reallocation while a crash may strike).
-    f.attrs["n_done"] = np.int64(0)
-    f.attrs["next_item"] = np.int64(0)
-    f.flush()
 
 
 def _decode_ids(raw: np.ndarray) -> list[str]:
@@ -598,134 +1183,6 @@ def _create_from_dummy(
         logits = model(x)
     feats = {k: (tuple(v.shape[1:]), tuple(_maxima(v).shape[1:])) for k, v in acts.items()}
     _create_datasets(f, n, tuple(logits.shape[1:]), feats, dtype, compression, ids)
-
-
-def _run_batches(
-    f: h5py.File,
-    model: torch.nn.Module,
-    dataset: Any,
-    ids: list[str],
-    layers: list[str],
-    transform: Any,
-    dev: torch.device,
-    *,
-    start: int,
-    n_items: int,
-    batch_size: int,
-    workers: int,
-    dtype: str,
-    compression: str | None,
-    skip_bad: bool,
-    skipped: list[str],
-    desc: str,
-) -> int:
-    """Forward every batch from ``start``, writing rows and progress after each one."""
-    tds = dataset.torch_dataset(transform, skip_bad=skip_bad)
-    if start:
-        tds = Subset(tds, range(start, n_items))
-    cuda = dev.type == "cuda"
-    loader = DataLoader(
-        tds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate_skip_none,
-        pin_memory=cuda,
-    )
-    feat_dtype = DTYPES[dtype]
-    in_dtype = _input_dtype(model)
-
-    def grab(name: str, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Runs inside the forward hook, before any later in-place op can touch ``out``:
-        # a converted copy for the file, and maxima (computed on the device, rounded like
-        # the stored values so max(features) == features_max exactly).
-        out = out.detach()
-        if out.ndim < 2:
-            raise CacheError(
-                f"layer {name!r} output has shape {tuple(out.shape)}; expected (N, C, H, W), "
-                "(N, T, D) or (N, C)"
-            )
-        feat = out.to(feat_dtype, copy=True)
-        # (N, C) outputs are their own maxima: take them from the copy, never alias ``out``.
-        mx = feat.float() if out.ndim == 2 else _maxima(out).to(feat_dtype).float()
-        if cuda:
-            return feat.to("cpu", non_blocking=True), mx.to("cpu", non_blocking=True)
-        return feat, mx
-
-    n_done = int(f.attrs["n_done"])
-    item = start
-    computed = 0
-    bar = progress(total=n_items, desc=desc, unit="img")
-    bar.initial = bar.n = start  # the rate counts only this run's images
-    it = iter(loader)
-    try:
-        with torch.inference_mode(), capture_layers(model, layers, grab) as acts:
-            while item < n_items:
-                try:
-                    batch = next(it)
-                except StopIteration:  # pragma: no cover - loader shorter than expected
-                    break
-                except InterptoolError as exc:
-                    raise _unwrap_worker_error(exc) from None
-                stop = min(item + batch_size, n_items)
-                if batch is None:  # every image of this batch was bad
-                    skipped.extend(ids[item:stop])
-                else:
-                    x, y, idx = batch
-                    idx_np = idx.numpy().astype(np.int64)
-                    if len(idx_np) < stop - item:
-                        kept = set(idx_np.tolist())
-                        skipped.extend(ids[i] for i in range(item, stop) if i not in kept)
-                    acts.clear()
-                    x = x.to(dev, dtype=in_dtype, non_blocking=True)
-                    try:
-                        out = model(x)
-                    except InterptoolError:
-                        raise
-                    except (RuntimeError, ValueError, AssertionError, TypeError,
-                            IndexError) as exc:
-                        raise _forward_failed(desc.removeprefix("cache "), tuple(x.shape),
-                                              exc) from exc
-                    logits = out if isinstance(out, torch.Tensor) else _first(out)
-                    if logits.ndim != 2:
-                        raise CacheError(
-                            f"model output has shape {tuple(logits.shape)}; expected logits "
-                            "(N, K). Is the model a classifier?"
-                        )
-                    logits = logits.float().to("cpu", non_blocking=True)
-                    if cuda:
-                        torch.cuda.synchronize(dev)
-                    if "logits" not in f:
-                        feats = {
-                            k: (tuple(v[0].shape[1:]), tuple(v[1].shape[1:]))
-                            for k, v in acts.items()
-                        }
-                        _create_datasets(
-                            f, n_items, tuple(logits.shape[1:]), feats, dtype, compression, ids
-                        )
-                    b = len(idx_np)
-                    rows = slice(n_done, n_done + b)
-                    f["logits"][rows] = logits.numpy()
-                    f["labels"][rows] = y.numpy().astype(np.int64)
-                    f["index"][rows] = np.array([ids[i].encode() for i in idx_np], dtype=f["index"].dtype)
-                    grp = f[FEATURES] if layers else None
-                    for layer in layers:
-                        feat, mx = acts[layer]
-                        grp[layer][rows] = feat.numpy()
-                        grp[layer + MAX_SUFFIX][rows] = mx.numpy()
-                    n_done += b
-                    computed += b
-                # Progress markers last, then flush: a crash before this point only loses
-                # the current batch, which the next run recomputes.
-                f.attrs["n_done"] = np.int64(n_done)
-                f.attrs["next_item"] = np.int64(stop)
-                f.flush()
-                bar.update(stop - item)
-                item = stop
-    finally:
-        bar.close()
-        del it
-    return computed
 
 
 def _first(out: Any) -> torch.Tensor:
