@@ -92,8 +92,10 @@ def _mask_unit(masks: list[np.ndarray | None]) -> np.ndarray:
 def _run(tmp_path, feats, probe=None, q=None, **kw) -> DissectionResult:
     probe = probe or ToyProbe(_toy_segs())
     path = _cache(tmp_path, feats, probe)
-    if q is None:  # the quantile that puts the threshold just under the 2.0 values
-        q = float((feats >= 2.0).sum() / feats.size)
+    if q is None:  # the quantile that puts the threshold just under the 2.0 values, over the
+        # images the protocol keeps (one with no label at all, like image 0, is dropped)
+        kept = [i for i in range(len(probe)) if probe._segs[i][0] is not None or probe._segs[i][1]]
+        q = float((feats[kept] >= 2.0).sum() / feats[kept].size)
     return Dissection(quantile=q, checksum=False, **kw).run(path, "l4", probe)
 
 
@@ -113,12 +115,14 @@ def test_activation_equal_to_concept_mask_has_iou_one(tmp_path):
 
 
 def test_unit_firing_everywhere_gives_area_fractions(tmp_path):
-    # 2.0 everywhere except image 0 (1.0): T = 1.0 and the unit fires on all of images 1-5
+    # 2.0 everywhere except image 5 (1.0; its object plane is empty, so it counts for no
+    # category): T = 1.0 and the unit fires on all of images 1-4 (image 0 carries no label and
+    # takes no part, as in NetDissect-Lite)
     feats = np.full((6, 1, 4, 4), 2.0, np.float32)
-    feats[0] = 1.0
+    feats[5] = 1.0
     r = _run(tmp_path, feats, q=0.9)
     assert r.thresholds[0] == 1.0
-    assert r.unit_area[0] == 5 * P
+    assert r.unit_area[0] == 4 * P
     # label areas: a 4+4, b 4+16, sky 2 images, sea 1 image (image-level: sh*sw each)
     np.testing.assert_array_equal(r.label_area, [0, 8, 20, 32, 16])
     # the unit's area per category: object on images 1,2,4; scene on images 1,3,4
@@ -426,13 +430,17 @@ def test_broden_folder_on_disk_hand_computed(tmp_path):
     z, a = np.zeros((4, 4), bool), np.ones((4, 4), bool)
     dog, left = z.copy(), z.copy()
     dog[:2, :2], left[:, 0] = True, True
+    a_but_corner = a.copy()
+    a_but_corner[3, 3] = False
     # per unit: where it fires on images 0..3, expected IoU per label (by hand), best label.
     # Label areas: red 4, dog 4, car 4+4=8, beach 16+16=32 (image-level: sh*sw per image).
     cases = [
         # dog pixels only: areas object 4, color 4 (touches red), scene 0
         ([dog, z, z, z], {1: 2 / 6, 2: 1.0, 300: 0.0, 5: 0.0}, 2),
-        # everywhere on images 0-2: object 16+16, color 16, scene 16+16
-        ([a, a, a, z], {1: 4 / 16, 2: 4 / 32, 300: 8 / 32, 5: 1.0}, 5),
+        # everywhere on images 0-1 and on image 2 but its corner (3, 3) (with image 3 left
+        # out, a quantile threshold cannot sit below every kept value): object 16+16,
+        # color 16, scene 16+15; beach 31 / (31 + 32 - 31)
+        ([a, a, a_but_corner, z], {1: 4 / 16, 2: 4 / 32, 300: 8 / 32, 5: 31 / 32}, 5),
         # left column of image 0 + all of scene-only image 2 (stale-accumulator case:
         # NetDissect-Lite would add image 2's 16 px to color and object, red -> 0.2)
         ([left, z, a, z], {1: 1.0, 2: 2 / 6, 300: 1 / 11, 5: 16 / 32}, 1),
@@ -444,7 +452,9 @@ def test_broden_folder_on_disk_hand_computed(tmp_path):
             feats[i, u][m] = 2.0
     for u, (fire, expect, best) in enumerate(cases):
         k = int(sum(m.sum() for m in fire))
-        q = 1 - (64 - k - 0.5) / 63  # threshold halfway between the last off and first on
+        # threshold halfway between the last off and first on, over the 48 values of images
+        # 0-2 (image 3 carries no label: the protocol leaves it out, as NetDissect-Lite does)
+        q = 1 - (48 - k - 0.5) / 47
         path = _cache(tmp_path, feats[:, u : u + 1], probe, name=f"u{u}.h5")
         r = Dissection(quantile=q, checksum=False).run(path, "l4", probe)
         assert 1.0 < r.thresholds[0] < 2.0

@@ -33,6 +33,17 @@ import torch
 
 from interptool._progress import progress
 from interptool._provenance import atomic_savefig, atomic_write_text, provenance, sha256_file
+from interptool.analyzers.dissection._bootstrap import (
+    BlockRecorder,
+    BlockStats,
+    bootstrap_table,
+    check_pairable,
+    ids_digest,
+    paired_table,
+    point_measures,
+    resample_measures,
+)
+from interptool.analyzers.dissection._protocol import get_protocol, resolve_protocol
 from interptool.analyzers.dissection._quantile import ExactQuantile, HistogramQuantile
 from interptool.analyzers.dissection._resize import is_square
 from interptool.analyzers.dissection._tally import (
@@ -161,6 +172,13 @@ class DissectionResult:
     config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     probe: Any = field(default=None, repr=False)
+    #: the resolved protocol (name, categories, IoU threshold, quantile, images used/dropped,
+    #: and the bootstrap settings when one was run); written into every output
+    protocol: dict[str, Any] = field(default_factory=dict)
+    #: per-block sufficient statistics (``Dissection(bootstrap=N)``), for resamples and pairs
+    block_stats: BlockStats | None = field(default=None, repr=False)
+    #: measures on each bootstrap resample (rows) when a bootstrap was run
+    bootstrap_samples: pd.DataFrame | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ queries
     def detectors(self, iou_threshold: float | None = None) -> np.ndarray:
@@ -183,18 +201,153 @@ class DissectionResult:
         counts = np.bincount(self.best_category[det], minlength=len(self.categories))
         return {c: int(counts[i]) for i, c in enumerate(self.categories)}
 
+    def counts_by_category(self, iou_threshold: float | None = None) -> dict[str, dict[str, int]]:
+        """Per best category: ``{"detectors": units, "unique": distinct labels}`` (all listed)."""
+        det = self.detectors(iou_threshold)
+        cats, labels = self.best_category[det], self.best_label[det]
+        return {c: {"detectors": int((cats == i).sum()),
+                    "unique": int(len(np.unique(labels[cats == i])))}
+                for i, c in enumerate(self.categories)}
+
+    def top_units(self, k: int) -> list[dict[str, Any]]:
+        """The ``k`` units of highest best IoU (ties: lower unit first), 1-based ``unit``."""
+        ranked = np.lexsort((np.arange(self.units), -self.best_iou))[: max(int(k), 0)]
+        return [{"unit": int(u) + 1, "label": self.label_names[int(self.best_label[u])],
+                 "category": self.categories[int(self.best_category[u])],
+                 "iou": float(self.best_iou[u])} for u in ranked]
+
+    def detector_fraction(self, iou_threshold: float | None = None) -> float:
+        """Detectors / units: comparable across layers and models of different widths."""
+        return len(self.detectors(iou_threshold)) / self.units if self.units else float("nan")
+
+    def concept_table(self, iou_threshold: float | None = None) -> pd.DataFrame:
+        """Concepts detected in this layer: one row per label that is some detector's best label.
+
+        Columns: ``layer``, ``concept`` (label name), ``category``, ``units`` (detectors whose
+        best label it is), ``fraction`` (``units`` / all units of the layer), ``max_iou`` (the
+        best of those units' IoUs) and ``unit_ids`` (1-based, ';'-separated). Sorted by
+        ``units`` (descending), then concept name.
+        """
+        det = self.detectors(iou_threshold)
+        rows = []
+        for lab in np.unique(self.best_label[det]):
+            us = det[self.best_label[det] == lab]
+            rows.append({"layer": self.layer, "concept": self.label_names[int(lab)],
+                         "category": self.categories[int(self.best_category[us[0]])],
+                         "units": int(len(us)), "fraction": len(us) / self.units,
+                         "max_iou": float(self.best_iou[us].max()),
+                         "unit_ids": ";".join(str(int(u) + 1) for u in us)})
+        cols = ["layer", "concept", "category", "units", "fraction", "max_iou", "unit_ids"]
+        frame = pd.DataFrame(rows, columns=cols)
+        return frame.sort_values(["units", "concept"], ascending=[False, True], ignore_index=True)
+
+    def concepts_gained_lost(self, other: DissectionResult,
+                             iou_threshold: float | None = None) -> pd.DataFrame:
+        """Concepts detected here or in ``other`` (e.g. the teacher), with what changed.
+
+        One row per concept detected by either: ``concept``, ``category``, ``units`` (detectors
+        here), ``units_other`` (detectors in ``other``), ``status``: ``"gained"`` (detected here,
+        not in ``other``), ``"lost"`` (detected in ``other`` only) or ``"shared"``. Both results
+        must use the same label space (same probe); the IoU threshold defaults to each
+        result's own. Sorted by status (gained, lost, shared), then units, then concept.
+        """
+        if list(self.label_names) != list(other.label_names):
+            raise AnalysisError(
+                f"concepts_gained_lost: layer {self.layer!r} and {other.layer!r} were dissected "
+                "on different label sets; dissect both on the same probe")
+        t_other = other.iou_threshold if iou_threshold is None else iou_threshold
+        mine = self.concept_table(iou_threshold).set_index("concept")
+        theirs = other.concept_table(t_other).set_index("concept")
+        rows = []
+        for name in sorted(set(mine.index) | set(theirs.index)):
+            a = int(mine.at[name, "units"]) if name in mine.index else 0
+            b = int(theirs.at[name, "units"]) if name in theirs.index else 0
+            cat = mine.at[name, "category"] if name in mine.index else theirs.at[name, "category"]
+            rows.append({"concept": name, "category": cat, "units": a, "units_other": b,
+                         "status": "shared" if a and b else ("gained" if a else "lost")})
+        frame = pd.DataFrame(rows, columns=["concept", "category", "units", "units_other", "status"])
+        frame["_o"] = frame["status"].map({"gained": 0, "lost": 1, "shared": 2})
+        frame["_n"] = -(frame["units"] + frame["units_other"])
+        return frame.sort_values(["_o", "_n", "concept"], ignore_index=True).drop(columns=["_o", "_n"])
+
+    # ------------------------------------------------------------------ bootstrap
+    def _measures(self) -> pd.Series:
+        """The bootstrapped measures on the full probe (plain tally)."""
+        vals: dict[str, float] = {"detectors": len(self.detectors()),
+                                  "detector_fraction": self.detector_fraction(),
+                                  "unique_concepts": self.unique_concepts()}
+        vals.update({f"detectors[{c}]": v for c, v in self.by_category().items()})
+        return pd.Series(vals, dtype=np.float64)
+
+    def _need_stats(self, what: str) -> BlockStats:
+        if self.block_stats is None:
+            raise AnalysisError(
+                f"{what}: layer {self.layer!r} was dissected without bootstrap statistics; run "
+                "Dissection(bootstrap=1000) (CLI: --bootstrap 1000)")
+        return self.block_stats
+
+    def resample(self, n_resamples: int | None = None, seed: int | None = None) -> pd.DataFrame:
+        """Measures on bootstrap resamples of the probe images (one row per resample).
+
+        Defaults: the ``bootstrap`` and ``seed`` the dissection ran with. Thresholds are held
+        at their full-probe values; see docs/dissection.md.
+        """
+        stats = self._need_stats("resample")
+        boot = self.protocol.get("bootstrap", {})
+        n = int(boot.get("resamples", 1000) if n_resamples is None else n_resamples)
+        sd = int(boot.get("seed", 0) if seed is None else seed)
+        if (self.bootstrap_samples is not None and n == boot.get("resamples")
+                and sd == boot.get("seed")):
+            return self.bootstrap_samples
+        return resample_measures(stats, n, sd, self.iou_threshold)
+
+    def intervals(self, level: float | None = None) -> pd.DataFrame:
+        """Bootstrap intervals of detectors, detector fraction, unique concepts and per-category
+        detectors: one row per measure (``estimate``, ``ci_low``, ``ci_high``, ``bias``, ``se``,
+        ``method``, ``level``, ``resamples``, ``widened``). Every interval contains its estimate.
+        """
+        lvl = float(self.protocol.get("bootstrap", {}).get("level", 0.95) if level is None else level)
+        return bootstrap_table(self._measures(), self.resample(), level=lvl)
+
+    def paired_difference(self, other: DissectionResult, level: float | None = None) -> pd.DataFrame:
+        """This result minus ``other``, per measure, with a **paired** bootstrap interval.
+
+        Both must carry bootstrap statistics from the same probe (same kept images in the same
+        order, same block size, same categories); both are resampled with this result's number
+        of resamples and seed, so every resample draws the same images for the two models and
+        the difference is taken resample by resample. Columns: ``measure``, ``a`` (this), ``b``
+        (other), ``difference``, ``ci_low``, ``ci_high``, ``bias``, ``se``, ``p_value`` (two-sided
+        bootstrap p of no difference; Holm-correct over a table with
+        :func:`interptool.common.stats.holm_adjust`), ``method``, ``level``, ``resamples``.
+        """
+        a, b = self._need_stats("paired_difference"), other._need_stats("paired_difference")
+        check_pairable(a, b)
+        boot = self.protocol.get("bootstrap", {})
+        n, sd = int(boot.get("resamples", 1000)), int(boot.get("seed", 0))
+        lvl = float(boot.get("level", 0.95) if level is None else level)
+        return paired_table(self._measures(), self.resample(n, sd), other._measures(),
+                            other.resample(n, sd), level=lvl)
+
     def summary(self) -> dict[str, Any]:
-        """JSON-safe headline numbers."""
-        return {
+        """JSON-safe headline numbers, the protocol and (after a bootstrap) the intervals."""
+        out = {
             "layer": self.layer,
             "units": int(self.units),
             "detectors": int(len(self.detectors())),
+            "detector_fraction": float(self.detector_fraction()),
             "unique_concepts": self.unique_concepts(),
             "by_category": self.by_category(),
             "iou_threshold": float(self.iou_threshold),
             "quantile": float(self.quantile),
             "thresholds_curve": self.thresholds_curve(),
+            "protocol": self.protocol,
         }
+        if self.bootstrap_samples is not None:
+            out["intervals"] = {
+                r["measure"]: {k: (bool(r[k]) if k == "widened" else float(r[k]))
+                               for k in ("estimate", "ci_low", "ci_high", "bias", "widened")}
+                for r in self.intervals().to_dict(orient="records")}
+        return out
 
     # ------------------------------------------------------------------ tables
     def to_frame(self) -> pd.DataFrame:
@@ -256,9 +409,16 @@ class DissectionResult:
 
         return unit_montage(self, unit)
 
+    def montage_sheet(self, units: list[int]) -> Any:
+        """PIL image: :meth:`montage` of each 0-based unit in ``units``, stacked top to bottom."""
+        from interptool.analyzers.dissection._plots import montage_sheet
+
+        return montage_sheet(self, units)
+
     def save(self, out_dir: str | os.PathLike, *, montages: str | int = "detectors",
              max_montages: int = 64) -> list[Path]:
-        """Write ``tally.csv``, ``summary.json``, ``iou.npz``, the two plots and montages.
+        """Write ``tally.csv``, ``summary.json``, ``iou.npz``, ``concepts.csv``, the two plots
+        and montages; after a bootstrap also ``intervals.csv`` and ``block_stats.npz``.
 
         ``tally.csv`` rows are ordered by score, highest first, as NetDissect-Lite writes them.
         ``montages``: ``"detectors"`` (default: detector units, best first, at most
@@ -287,6 +447,15 @@ class DissectionResult:
                             label_names=np.array(self.label_names),
                             categories=np.array(self.categories))
         paths.append(p)
+        p = out / "concepts.csv"
+        atomic_write_text(p, self.concept_table().to_csv(index=False))
+        paths.append(p)
+        if self.block_stats is not None:
+            paths.append(self.block_stats.save(out / "block_stats.npz"))
+        if self.bootstrap_samples is not None:
+            p = out / "intervals.csv"
+            atomic_write_text(p, self.intervals().to_csv(index=False))
+            paths.append(p)
         for name, fig in (("detectors_by_category.png", self.plot()),
                           ("thresholds_curve.png", self.plot_thresholds_curve())):
             atomic_savefig(fig, out / name, dpi=100, bbox_inches="tight")
@@ -317,10 +486,10 @@ class Dissection:
     """Network dissection of one layer against a Broden-format probe (NetDissect-Lite rules).
 
     Args:
-        quantile: top fraction of activations above the threshold (0.005: the 99.5th
-            percentile, as in the paper).
-        iou_threshold: a unit is a detector when its best IoU is ``>=`` this (NetDissect-Lite
-            0.04; the KD-interpretability paper's code uses 0.05).
+        quantile: top fraction of activations above the threshold (default: the protocol's,
+            0.005 = the 99.5th percentile in both presets).
+        iou_threshold: a unit is a detector when its best IoU is ``>=`` this (default: the
+            protocol's, NetDissect-Lite 0.04; ``han2023`` 0.05).
         batch_size: images per streamed block (memory does not grow with the set size).
         device: torch device for the quantile merge, upsampling and counting.
         workers: DataLoader workers decoding segmentation masks.
@@ -332,12 +501,25 @@ class Dissection:
             image counts toward category c's denominator when it touches a pixel labelled
             with a c label, or the image has an image-level c label; ``"image"``: whenever
             the image carries any c label.
+        protocol: ``"netdissect-lite"`` (default: object, part, scene, texture, color; IoU
+            0.04) or ``"han2023"`` (the KD paper's fork: the six Broden categories including
+            material; IoU 0.05). Images carrying no label of a selected category take no part
+            in thresholds or tallies. Recorded in ``result.protocol``.
+        categories: categories to dissect against (a list or ``"object,part"``); default:
+            the protocol's that the probe has. Overrides are recorded.
+        bootstrap: number of bootstrap resamples of the probe images (0: none). Keeps
+            per-block statistics during the tally; thresholds stay at their full-probe values.
+        seed: seed of the bootstrap resamples (the same seed gives the same resampled images
+            for every model on the same probe: paired differences).
+        bootstrap_block_size: probe images per resampled block (1: the ordinary bootstrap;
+            larger blocks store fewer statistics).
+        ci_level: confidence level of the bootstrap intervals.
     """
 
     def __init__(
         self,
-        quantile: float = 0.005,
-        iou_threshold: float = 0.04,
+        quantile: float | None = None,
+        iou_threshold: float | None = None,
         batch_size: int = 64,
         device: str = "cpu",
         workers: int = 0,
@@ -347,11 +529,34 @@ class Dissection:
         category_area: str = "overlap",
         sketch_bins: int = 8192,
         checksum: bool = True,
+        protocol: str = "netdissect-lite",
+        categories: str | list[str] | tuple[str, ...] | None = None,
+        bootstrap: int = 0,
+        seed: int = 0,
+        bootstrap_block_size: int = 1,
+        ci_level: float = 0.95,
     ) -> None:
+        preset = get_protocol(protocol)
+        self._given = {"quantile": quantile, "iou_threshold": iou_threshold}
+        quantile = preset.quantile if quantile is None else quantile
+        iou_threshold = preset.iou_threshold if iou_threshold is None else iou_threshold
         if not 0.0 < quantile < 1.0:
             raise ConfigError(f"quantile={quantile}: expected a fraction in (0, 1), e.g. 0.005")
         if not 0.0 <= iou_threshold <= 1.0:
             raise ConfigError(f"iou_threshold={iou_threshold}: expected a value in [0, 1]")
+        if int(bootstrap) < 0 or int(bootstrap_block_size) < 1:
+            raise ConfigError(f"bootstrap={bootstrap}, bootstrap_block_size={bootstrap_block_size}: "
+                              "expected bootstrap >= 0 resamples (e.g. 1000) and a block size >= 1")
+        if not 0.0 < float(ci_level) < 1.0:
+            raise ConfigError(f"ci_level={ci_level}: expected a level in (0, 1), e.g. 0.95")
+        from interptool.analyzers.dissection._protocol import parse_categories
+
+        self.protocol = preset.name
+        self.categories = parse_categories(categories)
+        self.bootstrap = int(bootstrap)
+        self.seed = int(seed)
+        self.bootstrap_block_size = int(bootstrap_block_size)
+        self.ci_level = float(ci_level)
         if batch_size < 1 or workers < 0 or top_images < 0:
             raise ConfigError("batch_size must be >= 1, workers >= 0 and top_images >= 0 "
                               f"(got {batch_size}, {workers}, {top_images})")
@@ -375,7 +580,8 @@ class Dissection:
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "quantile", "iou_threshold", "batch_size", "device", "workers", "top_images",
-            "quantile_method", "category_area", "sketch_bins")}
+            "quantile_method", "category_area", "sketch_bins", "protocol", "categories",
+            "bootstrap", "seed", "bootstrap_block_size", "ci_level")}
 
     # ------------------------------------------------------------------ run
     def run(self, cache: Any, layer: str, probe: Any = None) -> DissectionResult:
@@ -426,15 +632,29 @@ class Dissection:
         U, H, W, N = view.units, view.h, view.w, cache.n
         if N == 0:
             raise AnalysisError(f"{cache.path}: the cache holds no images")
+        # the protocol decides the categories and which images take part (NetDissect-Lite
+        # drops images without a label of a selected category before anything is counted)
+        proto = resolve_protocol(probe, self.protocol, categories=self.categories,
+                                 iou_threshold=self._given["iou_threshold"],
+                                 quantile=self._given["quantile"])
+        keep = proto.keep
+        all_kept = bool(keep.all())
+        n_kept = proto.n_kept
+        rank = np.cumsum(keep) - 1  # position of each image among the kept ones
+
+        def kept_rows(start: int, n: int) -> np.ndarray | None:
+            """Rows of a block to keep (None: all of them)."""
+            return None if all_kept else np.flatnonzero(keep[start : start + n])
+
         p = 1.0 - self.quantile
-        n_values = N * H * W
+        n_values = n_kept * H * W
 
         # ---- pass 1: thresholds, finiteness, per-unit top images
         if self.quantile_method == "exact":
             quant: Any = ExactQuantile(U, n_values, p, device)
         else:
             quant = HistogramQuantile(U, n_values, p, self.sketch_bins, device)
-        k_top = min(self.top_images, N)
+        k_top = min(self.top_images, n_kept)
         top_v = torch.empty((U, 0), dtype=torch.float32, device=device)
         top_i = torch.empty((U, 0), dtype=torch.int64, device=device)
         bar = progress(total=N * (3 if self.quantile_method == "sketch" else 2),
@@ -443,6 +663,14 @@ class Dissection:
             for start, x in view.blocks(self.batch_size):
                 x = x.to(device)
                 self._check_finite(x, cache, layer, start)
+                nb = x.shape[0]
+                img_idx = np.arange(start, start + nb)
+                rows = kept_rows(start, nb)
+                if rows is not None:
+                    x, img_idx = x[torch.as_tensor(rows, device=device)], img_idx[rows]
+                    if not len(rows):
+                        bar.update(nb)
+                        continue
                 vals = x.permute(1, 0, 2, 3).reshape(U, -1)
                 if self.quantile_method == "exact":
                     quant.add(vals)
@@ -450,29 +678,43 @@ class Dissection:
                     quant.observe_range(vals)
                 if k_top:
                     peak = x.flatten(2).amax(dim=2).T  # (U, B)
-                    idx = torch.arange(start, start + x.shape[0], device=device).expand(U, -1)
+                    idx = torch.as_tensor(img_idx, device=device).expand(U, -1)
                     cv, ci = torch.cat([top_v, peak], 1), torch.cat([top_i, idx], 1)
                     # stable sort keeps the earlier image first among equal maxima
                     order = torch.sort(cv, dim=1, descending=True, stable=True).indices[:, :k_top]
                     top_v, top_i = cv.gather(1, order), ci.gather(1, order)
-                bar.update(x.shape[0])
+                bar.update(nb)
             if self.quantile_method == "sketch":
-                for _, x in view.blocks(self.batch_size):
-                    quant.add(x.to(device).permute(1, 0, 2, 3).reshape(U, -1))
-                    bar.update(x.shape[0])
+                for start, x in view.blocks(self.batch_size):
+                    nb = x.shape[0]
+                    rows = kept_rows(start, nb)
+                    if rows is not None:
+                        x = x[torch.as_tensor(rows)]
+                    if x.shape[0]:
+                        quant.add(x.to(device).permute(1, 0, 2, 3).reshape(U, -1))
+                    bar.update(nb)
             thresholds = quant.result()
 
             # ---- pass 2: tally
-            categories = list(probe.categories)
-            tally = TallyAccumulator(thresholds, np.asarray(probe.label_category),
+            categories = list(proto.categories)
+            label_category = proto.label_category
+            tally = TallyAccumulator(thresholds, label_category,
                                      len(categories), device, self.category_area)
+            recorder = BlockRecorder(tally, self.bootstrap_block_size) if self.bootstrap else None
             top_np = top_i.cpu().numpy()
             top_maps = np.zeros((U, k_top, H, W), dtype=np.float32)
             for (start, x), items in zip(view.blocks(self.batch_size), self._segmentations(
                     probe, categories)):
                 if len(items) != x.shape[0] or items[0].index != start:
                     raise AnalysisError("internal: feature and segmentation batches misaligned")
-                tally.add(x.to(device), items)
+                rows = kept_rows(start, x.shape[0])
+                xs, its = x, items
+                if rows is not None:
+                    xs, its = x[torch.as_tensor(rows)], [items[r] for r in rows]
+                if its and recorder is not None:
+                    recorder.add(xs.to(device), its, rank[[it.index for it in its]])
+                elif its:
+                    tally.add(xs.to(device), its)
                 sel = (top_np >= start) & (top_np < start + x.shape[0])
                 uu, jj = np.nonzero(sel)
                 if len(uu):
@@ -480,7 +722,7 @@ class Dissection:
                 bar.update(x.shape[0])
 
         counts = tally.counts()
-        scores = _score(counts, np.asarray(probe.label_category), len(categories))
+        scores = _score(counts, label_category, len(categories))
         config = {**self.get_params(), "layer": layer, "layer_kind": view.kind,
                   "map_size": [H, W], "dropped_class_token": bool(view.token_start)}
         prov = provenance(
@@ -490,17 +732,45 @@ class Dissection:
             probe_spec=getattr(probe, "spec", None),
             probe_fingerprint=getattr(probe, "fingerprint", None),
             model=cache.model_info,
-            n_images=N,
+            n_images=n_kept,
+            n_images_total=N,
         )
-        return DissectionResult(
+        record = proto.to_dict()
+        stats = None
+        if recorder is not None:
+            kept_ids = [cache.ids[i] for i in np.flatnonzero(keep)]
+            stats = recorder.finish(label_category, categories,
+                                    probe_fingerprint=getattr(probe, "fingerprint", None),
+                                    ids_sha256=ids_digest(kept_ids))
+            record["bootstrap"] = {
+                "resamples": self.bootstrap, "seed": self.seed, "level": self.ci_level,
+                "block_size": self.bootstrap_block_size, "blocks": stats.n_blocks,
+                "resampled": "the probe images the protocol keeps, in blocks of block_size "
+                             "consecutive images, drawn with replacement (multinomial weights)",
+                "held_fixed": "unit activation thresholds at their full-probe values, the IoU "
+                              "threshold and the best-label rules",
+                "interval": "bias-corrected percentile (BC); widened to the estimate when it "
+                            "misses it (column widened); bias = mean(resamples) - estimate",
+            }
+        result = DissectionResult(
             layer=layer, units=U, categories=categories, label_names=_label_names(probe),
-            label_category=np.asarray(probe.label_category, dtype=np.int64),
+            label_category=np.asarray(label_category, dtype=np.int64),
             thresholds=np.asarray(thresholds, dtype=np.float64),
             **counts, **scores,
             top_images=top_np, top_values=top_v.cpu().numpy(), top_maps=top_maps,
             iou_threshold=self.iou_threshold, quantile=self.quantile,
-            config=config, provenance=prov, probe=probe,
+            config=config, provenance=prov, probe=probe, protocol=record, block_stats=stats,
         )
+        if stats is not None:
+            # the weighted-sum path with unit weights must reproduce the plain tally exactly
+            direct = point_measures(stats, self.iou_threshold)
+            plain = result._measures()
+            if not np.array_equal(direct.to_numpy(), plain.to_numpy()):
+                raise AnalysisError(f"internal: bootstrap statistics of layer {layer!r} do not "
+                                    f"reproduce the tally ({direct.to_dict()} vs {plain.to_dict()})")
+            result.bootstrap_samples = resample_measures(stats, self.bootstrap, self.seed,
+                                                         self.iou_threshold)
+        return result
 
     @staticmethod
     def _check_finite(x: torch.Tensor, cache: Any, layer: str, start: int) -> None:

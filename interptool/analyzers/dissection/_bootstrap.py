@@ -1,0 +1,406 @@
+"""Bootstrap of detector counts over probe images, from per-block sufficient statistics.
+
+What is resampled, what is held fixed
+-------------------------------------
+The probe images (those the protocol keeps) are cut into blocks of ``block_size`` consecutive
+images (``block_size=1``: one block per image, the ordinary bootstrap). During the tally, each
+block's contribution to NetDissect-Lite's three sums is kept, sparse over the labels present
+in the block:
+
+* ``I_b[k, l]``   intersections of unit k's mask with label l,
+* ``A_b[k, c]``   unit k's mask area counted for category c,
+* ``a_b[l]``      label l's area.
+
+The unit thresholds ``T_k`` are **held at their full-probe values**: a resample reweights the
+images' counts, it does not recompute quantiles (a resampled quantile would need every
+activation again; holding it fixed measures the sampling noise of the concept scores given the
+units' thresholds). A resample with block weights ``w`` (multinomial counts: how often each
+block is drawn in ``n_blocks`` draws with replacement) is the weighted sum
+
+    I*[k, l] = sum_b w_b I_b[k, l],   A*[k, c] = sum_b w_b A_b[k, c],   a*[l] = sum_b w_b a_b[l]
+    IoU*[k, l] = I* / (A*[k, cat(l)] + a*[l] - I* + 1e-10)
+
+followed by NetDissect-Lite's best-label rules, so no image is re-tallied. With every weight 1
+the weighted sum is the plain tally and gives exactly the same numbers (tested).
+
+Only (unit, label) pairs whose full-probe intersection is positive can score above 0 in any
+resample (weights are non-negative), so the resample works on those pairs alone.
+
+Paired differences
+------------------
+Weights come from ``numpy.random.default_rng(seed)`` one resample after another, so two
+results dissected on the same probe (same kept images, same order, same block size) get the
+same resampled images for the same seed; the difference of a measure between two models is
+taken resample by resample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interptool.common.stats import (
+    bootstrap_p_value,
+    interval_from_resamples,
+    multinomial_weights,
+    paired_difference,
+)
+from interptool.errors import AnalysisError
+
+__all__ = ["BlockRecorder", "BlockStats", "bootstrap_table", "paired_table", "resample_measures"]
+
+# float64 entries per (resamples x pairs) work array in one chunk of resamples (16 MiB)
+_WORK_ENTRIES = 1 << 21
+CI_METHOD = "bc"
+
+
+def ids_digest(ids: list[str]) -> str:
+    """sha256 of the kept image ids in order (what a paired comparison must share)."""
+    h = hashlib.sha256()
+    for s in ids:
+        h.update(str(s).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class BlockRecorder:
+    """Wraps a ``TallyAccumulator``: adds images block by block and keeps each block's counts.
+
+    ``add(feats, items, ranks)``: ``ranks`` are the images' positions among the kept images
+    (block = rank // block_size). Only the columns of labels present in a block can change, so
+    the snapshot before and after each block reads (units x present labels) entries.
+    """
+
+    def __init__(self, tally: Any, block_size: int) -> None:
+        self.tally = tally
+        self.block_size = int(block_size)
+        self._parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+            "intersect": [], "unit_cat_area": [], "label_area": []}
+        self.n_images = 0
+
+    def add(self, feats: torch.Tensor, items: list, ranks: np.ndarray) -> None:
+        t = self.tally
+        U, L, C = t.U, t.L, t.C
+        blocks = np.asarray(ranks) // self.block_size
+        self.n_images += len(items)
+        for b in np.unique(blocks):
+            rows = np.flatnonzero(blocks == b)
+            sub = [items[r] for r in rows]
+            present = np.unique(np.concatenate(
+                [np.flatnonzero(it.label_counts) for it in sub] + [it.scalars for it in sub]))
+            present = present[(present > 0) & (present < L)].astype(np.int64)
+            pres = torch.as_tensor(present, device=t.device)
+            inter = t.intersect.view(U, L)
+            before_i = inter.index_select(1, pres).clone()
+            before_uc = t.unit_cat_area.clone()
+            before_la = t.label_area.index_select(0, pres).clone()
+            t.add(feats if len(rows) == len(items) else feats[torch.as_tensor(rows)], sub)
+            d_i = (inter.index_select(1, pres) - before_i).cpu().numpy()
+            u, j = np.nonzero(d_i)
+            self._keep("intersect", b, u * L + present[j], d_i[u, j])
+            d_uc = (t.unit_cat_area - before_uc).cpu().numpy()
+            u, c = np.nonzero(d_uc)
+            self._keep("unit_cat_area", b, u * C + c, d_uc[u, c])
+            d_la = (t.label_area.index_select(0, pres) - before_la).cpu().numpy()
+            j = np.flatnonzero(d_la)
+            self._keep("label_area", b, present[j], d_la[j])
+
+    def _keep(self, name: str, block: int, cols: np.ndarray, vals: np.ndarray) -> None:
+        if len(cols):
+            self._parts[name].append((np.full(len(cols), block, np.int64),
+                                      np.asarray(cols, np.int64), np.asarray(vals, np.int64)))
+
+    def finish(self, label_category: np.ndarray, categories: list[str], *,
+               probe_fingerprint: str | None, ids_sha256: str) -> BlockStats:
+        """Build the :class:`BlockStats` once every kept image has been added."""
+        t = self.tally
+        n_blocks = -(-self.n_images // self.block_size)
+        mats = {}
+        for name, width in (("intersect", t.U * t.L), ("unit_cat_area", t.U * t.C),
+                            ("label_area", t.L)):
+            mats[name] = _csr(self._parts[name], n_blocks, width)
+        return BlockStats.build(mats, t.U, np.asarray(label_category), list(categories),
+                                self.block_size, self.n_images, probe_fingerprint, ids_sha256)
+
+
+def _csr(parts: list, n_rows: int, width: int) -> Any:
+    from scipy import sparse
+
+    if parts:
+        r = np.concatenate([p[0] for p in parts])
+        c = np.concatenate([p[1] for p in parts])
+        v = np.concatenate([p[2] for p in parts]).astype(np.float64)
+    else:
+        r = c = np.zeros(0, np.int64)
+        v = np.zeros(0, np.float64)
+    m = sparse.coo_matrix((v, (r, c)), shape=(n_rows, width)).tocsr()
+    m.sum_duplicates()
+    return m
+
+
+@dataclass
+class BlockStats:
+    """Per-block sufficient statistics of one dissected layer (sparse, see module docstring).
+
+    ``intersect``: CSR (n_blocks, P) over the P active (unit, label) pairs, sorted by unit, then
+    category, then label (``pair_unit``, ``pair_cat``, ``pair_label``); ``unit_cat_area``: CSR
+    (n_blocks, U*C); ``label_area``: CSR (n_blocks, L). Values are exact integer counts held as
+    float64 (exact below 2**53).
+    """
+
+    units: int
+    num_labels: int
+    categories: list[str]
+    label_category: np.ndarray
+    block_size: int
+    n_images: int
+    n_blocks: int
+    pair_unit: np.ndarray
+    pair_cat: np.ndarray
+    pair_label: np.ndarray
+    intersect: Any
+    unit_cat_area: Any
+    label_area: Any
+    probe_fingerprint: str | None = None
+    ids_sha256: str = ""
+    _layout: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, mats: dict[str, Any], units: int, label_category: np.ndarray,
+              categories: list[str], block_size: int, n_images: int,
+              probe_fingerprint: str | None, ids_sha256: str) -> BlockStats:
+        L = len(label_category)
+        inter = mats["intersect"]
+        total = np.asarray(inter.sum(axis=0)).ravel()
+        cols = np.flatnonzero(total > 0)
+        u, lab = cols // L, cols % L
+        cat = np.asarray(label_category, np.int64)[lab]
+        ok = (lab > 0) & (cat >= 0)
+        cols, u, lab, cat = cols[ok], u[ok], lab[ok], cat[ok]
+        order = np.lexsort((lab, cat, u))
+        cols, u, lab, cat = cols[order], u[order], lab[order], cat[order]
+        return cls(units=int(units), num_labels=L, categories=list(categories),
+                   label_category=np.asarray(label_category, np.int64),
+                   block_size=int(block_size), n_images=int(n_images),
+                   n_blocks=int(inter.shape[0]), pair_unit=u, pair_cat=cat, pair_label=lab,
+                   intersect=inter[:, cols].tocsr(), unit_cat_area=mats["unit_cat_area"],
+                   label_area=mats["label_area"], probe_fingerprint=probe_fingerprint,
+                   ids_sha256=ids_sha256)
+
+    # ---------------------------------------------------------------- layout
+    def layout(self) -> dict[str, np.ndarray]:
+        """Segment boundaries of the sorted pairs: (unit, category) segments and units."""
+        if self._layout:
+            return self._layout
+        P = len(self.pair_unit)
+        key = self.pair_unit * (len(self.categories) + 1) + self.pair_cat
+        seg_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if P else np.zeros(0, np.int64)
+        seg_unit = self.pair_unit[seg_start]
+        seg_cat = self.pair_cat[seg_start]
+        useg_start = (np.flatnonzero(np.r_[True, seg_unit[1:] != seg_unit[:-1]])
+                      if len(seg_start) else np.zeros(0, np.int64))
+        pair_seg = np.repeat(np.arange(len(seg_start)), np.diff(np.r_[seg_start, P]))
+        seg_uloc = np.repeat(np.arange(len(useg_start)), np.diff(np.r_[useg_start, len(seg_start)]))
+        self._layout = {"seg_start": seg_start, "seg_cat": seg_cat, "useg_start": useg_start,
+                        "pair_seg": pair_seg, "seg_uloc": seg_uloc,
+                        "denom_col": self.pair_unit * len(self.categories) + self.pair_cat}
+        return self._layout
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sparse statistics."""
+        return int(sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+                       for m in (self.intersect, self.unit_cat_area, self.label_area)))
+
+    # ---------------------------------------------------------------- evaluate
+    def evaluate(self, weights: np.ndarray, iou_threshold: float) -> dict[str, np.ndarray]:
+        """Measures for each row of block ``weights`` (R, n_blocks).
+
+        Returns ``detectors`` (R,), ``unique_concepts`` (R,) and ``by_category`` (R, C), with
+        NetDissect-Lite's rules: best label per category (first on ties), best category (later
+        on ties), detector when the best IoU >= ``iou_threshold``.
+        """
+        W = np.asarray(weights, dtype=np.float64)
+        if W.ndim != 2 or W.shape[1] != self.n_blocks:
+            raise AnalysisError(f"bootstrap weights: expected shape (R, {self.n_blocks}), got {W.shape}")
+        R, C, U = W.shape[0], len(self.categories), self.units
+        lay = self.layout()
+        Wt = W.T
+        inter = np.ascontiguousarray((self.intersect.T @ Wt).T)
+        ucat = np.ascontiguousarray((self.unit_cat_area.T @ Wt).T)
+        larea = np.ascontiguousarray((self.label_area.T @ Wt).T)
+        # same operation order as the plain tally's _score: I / (A_unit + A_label - I + 1e-10)
+        iou = inter / (ucat[:, lay["denom_col"]] + larea[:, self.pair_label] - inter + 1e-10)
+        n_act = len(lay["useg_start"])
+        det_zero = iou_threshold <= 0  # units with no positive IoU still count when T <= 0
+        n_inactive = U - n_act
+        by_cat = np.zeros((R, C), np.int64)
+        seen = np.zeros((R, self.num_labels), dtype=bool)
+        if n_act:
+            segmax = np.maximum.reduceat(iou, lay["seg_start"], axis=1)
+            unitmax = np.maximum.reduceat(segmax, lay["useg_start"], axis=1)
+            det = unitmax >= iou_threshold
+            S = segmax.shape[1]
+            # best segment: the last (latest category) whose maximum equals the unit's
+            cand = np.where(segmax == unitmax[:, lay["seg_uloc"]], np.arange(S)[None, :], -1)
+            bestseg = np.maximum.reduceat(cand, lay["useg_start"], axis=1)
+            # first pair (lowest label number) reaching its segment's maximum
+            P = iou.shape[1]
+            candp = np.where(iou == segmax[:, lay["pair_seg"]], np.arange(P)[None, :], P)
+            firstp = np.minimum.reduceat(candp, lay["seg_start"], axis=1)
+            rr, uu = np.nonzero(det)
+            bs = bestseg[rr, uu]
+            zero = unitmax[rr, uu] <= 0  # nothing scored: label 0 "-", last category
+            cat = np.where(zero, C - 1, lay["seg_cat"][bs])
+            lab = np.where(zero, 0, self.pair_label[firstp[rr, bs]])
+            by_cat += np.bincount(rr * C + cat, minlength=R * C).reshape(R, C)
+            seen[rr, lab] = True
+            n_det = det.sum(axis=1)
+        else:
+            n_det = np.zeros(R, np.int64)
+        if det_zero and n_inactive:
+            n_det = n_det + n_inactive
+            by_cat[:, C - 1] += n_inactive
+            seen[:, 0] = True
+        return {"detectors": np.asarray(n_det, np.int64), "unique_concepts": seen.sum(axis=1),
+                "by_category": by_cat}
+
+    # ---------------------------------------------------------------- io
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics to an ``.npz`` file (reload with :meth:`load`)."""
+        path = Path(path)
+        arrays: dict[str, Any] = {}
+        for name in ("intersect", "unit_cat_area", "label_area"):
+            m = getattr(self, name)
+            arrays[f"{name}_data"], arrays[f"{name}_indices"] = m.data, m.indices
+            arrays[f"{name}_indptr"], arrays[f"{name}_shape"] = m.indptr, np.array(m.shape)
+        np.savez_compressed(
+            path, **arrays, units=self.units, num_labels=self.num_labels,
+            categories=np.array(self.categories), label_category=self.label_category,
+            block_size=self.block_size, n_images=self.n_images, n_blocks=self.n_blocks,
+            pair_unit=self.pair_unit, pair_cat=self.pair_cat, pair_label=self.pair_label,
+            probe_fingerprint=np.array(self.probe_fingerprint or ""),
+            ids_sha256=np.array(self.ids_sha256))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> BlockStats:
+        """Read statistics written by :meth:`save`."""
+        from scipy import sparse
+
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise AnalysisError(f"{path}: cannot read bootstrap statistics ({e}); expected the "
+                                "block_stats.npz that Dissection(bootstrap=N).run(...).save() writes") from None
+        with z:
+            mats = {name: sparse.csr_matrix((z[f"{name}_data"], z[f"{name}_indices"],
+                                             z[f"{name}_indptr"]), shape=tuple(z[f"{name}_shape"]))
+                    for name in ("intersect", "unit_cat_area", "label_area")}
+            return cls(units=int(z["units"]), num_labels=int(z["num_labels"]),
+                       categories=[str(c) for c in z["categories"]],
+                       label_category=z["label_category"], block_size=int(z["block_size"]),
+                       n_images=int(z["n_images"]), n_blocks=int(z["n_blocks"]),
+                       pair_unit=z["pair_unit"], pair_cat=z["pair_cat"], pair_label=z["pair_label"],
+                       probe_fingerprint=str(z["probe_fingerprint"]) or None,
+                       ids_sha256=str(z["ids_sha256"]), **mats)
+
+
+def measure_names(categories: list[str]) -> list[str]:
+    """Columns of :func:`resample_measures`, in order."""
+    return (["detectors", "detector_fraction", "unique_concepts"]
+            + [f"detectors[{c}]" for c in categories])
+
+
+def _frame(stats: BlockStats, out: dict[str, np.ndarray]) -> pd.DataFrame:
+    cols: dict[str, Any] = {
+        "detectors": out["detectors"],
+        "detector_fraction": out["detectors"] / stats.units,
+        "unique_concepts": out["unique_concepts"],
+    }
+    for i, c in enumerate(stats.categories):
+        cols[f"detectors[{c}]"] = out["by_category"][:, i]
+    return pd.DataFrame(cols)
+
+
+def point_measures(stats: BlockStats, iou_threshold: float) -> pd.Series:
+    """The measures with every block weight 1 (equal to the plain tally's)."""
+    return _frame(stats, stats.evaluate(np.ones((1, stats.n_blocks)), iou_threshold)).iloc[0]
+
+
+def resample_measures(stats: BlockStats, n_resamples: int, seed: int,
+                      iou_threshold: float) -> pd.DataFrame:
+    """Measures on ``n_resamples`` bootstrap resamples (one row each), seeded.
+
+    Weights are drawn with :func:`interptool.common.stats.multinomial_weights` from
+    ``numpy.random.default_rng(seed)`` in resample order, so the rows do not depend on how the
+    work is chunked, and two results with the same probe and seed see the same resamples.
+    """
+    if int(n_resamples) < 1:
+        raise AnalysisError(f"bootstrap={n_resamples}: expected a positive number of resamples")
+    rng = np.random.default_rng(int(seed))
+    per = max(1, min(int(n_resamples), _WORK_ENTRIES // max(len(stats.pair_unit), 1)))
+    parts = []
+    done = 0
+    while done < n_resamples:
+        r = min(per, int(n_resamples) - done)
+        W = multinomial_weights(rng, stats.n_blocks, r)
+        parts.append(_frame(stats, stats.evaluate(W, iou_threshold)))
+        done += r
+    return pd.concat(parts, ignore_index=True)
+
+
+def bootstrap_table(estimates: pd.Series, samples: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """One row per measure: estimate, ci_low, ci_high, bias, se, method, level, resamples, widened.
+
+    Intervals are bias-corrected percentile intervals (:func:`interval_from_resamples`), widened
+    to the estimate if they miss it (``widened``); ``bias`` = mean of the resamples - estimate.
+    """
+    rows = []
+    for m in samples.columns:
+        iv = interval_from_resamples(samples[m].to_numpy(), float(estimates[m]), level=level,
+                                     method=CI_METHOD)
+        rows.append({"measure": m, "estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high,
+                     "bias": iv.bias, "se": iv.se, "method": iv.method, "level": iv.level,
+                     "resamples": iv.n, "widened": iv.widened})
+    return pd.DataFrame(rows)
+
+
+def check_pairable(a: BlockStats, b: BlockStats) -> None:
+    """AnalysisError unless ``a`` and ``b`` resample the same images the same way."""
+    problems = []
+    if a.probe_fingerprint != b.probe_fingerprint:
+        problems.append(f"probe fingerprints differ ({str(a.probe_fingerprint)[:12]}.. vs "
+                        f"{str(b.probe_fingerprint)[:12]}..)")
+    if a.ids_sha256 != b.ids_sha256:
+        problems.append("the kept probe images differ (other images or another order)")
+    if a.block_size != b.block_size:
+        problems.append(f"block sizes differ ({a.block_size} vs {b.block_size})")
+    if a.categories != b.categories:
+        problems.append(f"categories differ ({', '.join(a.categories)} vs {', '.join(b.categories)})")
+    if problems:
+        raise AnalysisError("paired bootstrap difference: the two results were not dissected on the "
+                            "same probe under the same protocol: " + "; ".join(problems)
+                            + ". Dissect both on the same probe with the same protocol and "
+                            "bootstrap_block_size")
+
+
+def paired_table(est_a: pd.Series, samples_a: pd.DataFrame, est_b: pd.Series,
+                 samples_b: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """Per measure: a, b, difference a - b with its paired interval, bias and bootstrap p."""
+    rows = []
+    for m in samples_a.columns:
+        sa, sb = samples_a[m].to_numpy(float), samples_b[m].to_numpy(float)
+        iv = paired_difference(sa, sb, float(est_a[m]), float(est_b[m]), level=level, method=CI_METHOD)
+        rows.append({"measure": m, "a": float(est_a[m]), "b": float(est_b[m]),
+                     "difference": iv.estimate, "ci_low": iv.low, "ci_high": iv.high,
+                     "bias": iv.bias, "se": iv.se, "p_value": bootstrap_p_value(sa - sb),
+                     "method": f"paired {iv.method}", "level": iv.level, "resamples": iv.n,
+                     "widened": iv.widened})
+    return pd.DataFrame(rows)
