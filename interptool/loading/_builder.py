@@ -26,28 +26,38 @@ _CLASSIFIER_NAME = re.compile(r"(^|\.)(fc|classifier|head|heads|last_linear|logi
 class ArchSpec:
     """A parsed ``--arch`` value."""
 
-    family: str  # "timm" | "torchvision" | "interptool" | "torchscript"
-    name: str  # model name, or the TorchScript file path
+    family: str  # "timm" | "torchvision" | "interptool" | "hf" | "torchscript"
+    name: str  # model name, the Hugging Face folder, or the TorchScript file path
 
     @property
     def display(self) -> str:
-        return Path(self.name).stem if self.family == "torchscript" else self.name
+        if self.family == "torchscript":
+            return Path(self.name).stem
+        if self.family == "hf":
+            return Path(self.name).expanduser().resolve().name or self.name
+        return self.name
 
 
 def parse_arch(arch: str | os.PathLike) -> ArchSpec:
-    """``timm:NAME`` / ``torchvision:NAME`` / ``interptool:NAME`` / TorchScript path."""
+    """``timm:NAME`` / ``torchvision:NAME`` / ``interptool:NAME`` / ``hf:FOLDER`` (a
+    Hugging Face ``save_pretrained`` folder) / TorchScript path."""
     s = os.fspath(arch).strip()
     family, sep, name = s.partition(":")
-    if sep and family in ("timm", "torchvision", "interptool") and name:
+    if sep and family in ("timm", "torchvision", "interptool", "hf") and name:
         return ArchSpec(family, name)
     path = Path(s)
+    if path.is_dir() and (path / "config.json").is_file():
+        raise CheckpointError(
+            f"architecture {s!r} is a folder with config.json: for a Hugging Face "
+            f"save_pretrained folder write --arch hf:{s}"
+        )
     if path.exists() or path.suffix.lower() in TORCHSCRIPT_SUFFIXES:
         return ArchSpec("torchscript", s)
     hint = _bare_name_hint(s)
     raise CheckpointError(
         f"architecture {s!r} is not understood: expected timm:NAME, torchvision:NAME, "
-        f"interptool:NAME (one of {', '.join(_zoo_names())}) or the path of a TorchScript "
-        f"file{hint}"
+        f"interptool:NAME (one of {', '.join(_zoo_names())}), hf:FOLDER (a Hugging Face "
+        f"save_pretrained folder) or the path of a TorchScript file{hint}"
     )
 
 
@@ -138,6 +148,18 @@ def build(spec: ArchSpec, num_classes: int | None = None, in_chans: int | None =
         if in_chans is not None:
             kwargs["in_chans"] = int(in_chans)
         return ZOO[spec.name](**kwargs)
+    if spec.family == "hf":
+        from interptool.loading._hf import build_from_config, load_config
+
+        if in_chans is not None:
+            channels = int(getattr(load_config(spec.name), "num_channels", 3) or 3)
+            if channels != int(in_chans):
+                raise CheckpointError(
+                    f"the checkpoint takes {in_chans} input channel(s) but "
+                    f"{Path(spec.name) / 'config.json'} says num_channels = {channels}; "
+                    f"fix num_channels there"
+                )
+        return build_from_config(spec.name, num_classes)
     if spec.family == "torchscript":
         return load_torchscript(Path(spec.name))
     raise CheckpointError(f"unknown architecture family {spec.family!r}")  # pragma: no cover

@@ -96,7 +96,20 @@ class LoadReport:
 
 @dataclass
 class LoadedModel:
-    """A model ready for analysis: eval mode, on ``device``, with its preprocessing."""
+    """A model ready for analysis: eval mode, on ``device``, with its preprocessing.
+
+    Token layout of transformer models (read from the model, never guessed from shapes):
+    ``num_prefix_tokens`` is the number of leading non-patch tokens of its token sequences
+    (timm's ``num_prefix_tokens``: 1 for a ViT's class token, 2 for DeiT distilled models
+    (class + distillation), 1 + 4 for ViTs with four registers; 0 for CNNs) and
+    ``token_grid`` the ``(rows, cols)`` patch grid those tokens are laid out on (``None`` for
+    CNNs and hierarchical models such as Swin, whose stages change the grid). A token layer
+    ``(T, D)`` then holds ``T == num_prefix_tokens + rows * cols`` tokens.
+
+    ``class_names``: label names carried by the model (Hugging Face ``id2label``), else None.
+    ``checkpoint_sha256`` of an ``hf:FOLDER`` loaded without ``checkpoint`` is the checksum of
+    the folder's weight file.
+    """
 
     model: nn.Module
     arch: str
@@ -106,7 +119,10 @@ class LoadedModel:
     preprocessing: Preprocessing
     load_report: LoadReport
     device: str = "cpu"
-    arch_sha256: str | None = None  # TorchScript architectures: the file's checksum
+    arch_sha256: str | None = None  # TorchScript file / hf:FOLDER's config.json checksum
+    num_prefix_tokens: int = 0
+    token_grid: tuple[int, int] | None = None
+    class_names: list[str] | None = None
 
     @property
     def name(self) -> str:
@@ -129,6 +145,9 @@ class LoadedModel:
             preprocessing=self.preprocessing.to_dict(),
             load_report=self.load_report.to_dict(),
             device=self.device,
+            num_prefix_tokens=int(self.num_prefix_tokens),
+            token_grid=list(self.token_grid) if self.token_grid is not None else None,
+            class_names=list(self.class_names) if self.class_names is not None else None,
         )
 
 
@@ -390,7 +409,21 @@ def load_model(
             sd, report.renamed = apply_rules(sd, rules)
 
     where = str(file) if file else "(none)"
-    if spec.family == "torchscript":
+    hf_weights: Path | None = None
+    if spec.family == "hf" and sd is None:
+        # the folder's own weights, through transformers (safetensors / vetted .bin)
+        from interptool.loading._hf import hf_preprocessing, load_pretrained
+
+        model, hinfo = load_pretrained(spec.name, num_classes=num_classes, strict=strict)
+        hf_weights = hinfo["weights"]
+        report.format = hinfo["format"]
+        report.source_keys = ""
+        report.missing, report.unexpected = hinfo["missing"], hinfo["unexpected"]
+        report.mismatched = hinfo["mismatched"]
+        report.notes += hinfo["notes"]
+        base = hf_preprocessing(spec.name, model.config)
+        in_chans = model_in_chans(model)
+    elif spec.family == "torchscript":
         model = build(spec)
         base = None
         in_chans = model_in_chans(model)
@@ -410,6 +443,10 @@ def load_model(
             base = timm_preprocessing(model)
         elif spec.family == "torchvision":
             base = torchvision_preprocessing(spec.name)
+        elif spec.family == "hf":
+            from interptool.loading._hf import hf_preprocessing
+
+            base = hf_preprocessing(spec.name, model.config)
         else:
             from interptool.loading._zoo import ZOO_PREPROCESSING
 
@@ -484,17 +521,61 @@ def load_model(
     else:
         num_classes = _num_outputs(model, spec, num_classes)
     model.to(dev)
+    n_prefix, grid = token_layout(model, spec, pre.image_size)
+    names = None
+    arch_sha = sha256_file(spec.name) if spec.family == "torchscript" else None
+    if spec.family == "hf":
+        from interptool.loading._hf import class_names
+
+        names = class_names(model.config)
+        arch_sha = sha256_file(Path(spec.name).expanduser() / "config.json")
+    weights_file = file if file is not None else hf_weights
     return LoadedModel(
         model=model,
         arch=os.fspath(arch),
         checkpoint=os.fspath(checkpoint) if checkpoint is not None else None,
-        checkpoint_sha256=sha256_file(file) if file is not None else None,
+        checkpoint_sha256=sha256_file(weights_file) if weights_file is not None else None,
         num_classes=int(num_classes),
         preprocessing=pre,
         load_report=report,
         device=str(dev),
-        arch_sha256=sha256_file(spec.name) if spec.family == "torchscript" else None,
+        arch_sha256=arch_sha,
+        num_prefix_tokens=n_prefix,
+        token_grid=grid,
+        class_names=names,
     )
+
+
+def token_layout(
+    model: nn.Module, spec: ArchSpec, image_size: tuple[int, int]
+) -> tuple[int, tuple[int, int] | None]:
+    """``(num_prefix_tokens, token_grid)`` read from the model (see :class:`LoadedModel`).
+
+    timm: the model's own ``num_prefix_tokens`` (class, distillation and register tokens) and
+    its patch embedding's grid (recomputed for ``image_size`` when the model accepts dynamic
+    sizes); torchvision ViTs: one class token and ``image_size // patch_size``; Hugging Face:
+    counted from the embeddings module; everything else (CNNs, TorchScript): ``(0, None)``.
+    """
+    if spec.family == "hf":
+        from interptool.loading._hf import token_layout as hf_layout
+
+        return hf_layout(model, image_size)
+    if spec.family == "timm":
+        n = getattr(model, "num_prefix_tokens", None)
+        pe = getattr(model, "patch_embed", None)
+        if n is None or pe is None or getattr(pe, "grid_size", None) is None:
+            return 0, None  # no token sequence (CNN), or a hierarchical model (Swin)
+        if getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
+            grid = pe.dynamic_feat_size(tuple(image_size))
+        else:
+            grid = pe.grid_size
+        return int(n), (int(grid[0]), int(grid[1]))
+    if spec.family == "torchvision":
+        patch = getattr(model, "patch_size", None)
+        if isinstance(getattr(model, "class_token", None), torch.Tensor) and patch:
+            return 1, (image_size[0] // int(patch), image_size[1] // int(patch))
+        return 0, None
+    return 0, None
 
 
 def _num_outputs(model: nn.Module, spec: ArchSpec, given: int | None) -> int:

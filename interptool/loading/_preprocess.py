@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +13,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+# timm's evaluation crop modes (timm.data.transforms_factory.transforms_imagenet_eval).
+CROP_MODES = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Preprocessing:
         interpolation: resize filter, ``"bilinear"`` or ``"bicubic"`` (others accepted).
         crop_pct: evaluation crop fraction: the shorter side is resized to ``H / crop_pct``
             before a centre crop of ``(H, W)``.
-        crop_mode: ``"center"`` (``"squash"`` resizes both sides to ``H / crop_pct`` first).
+        crop_mode: ``"center"``, ``"squash"`` or ``"border"`` (see :meth:`eval_transform`).
         source: where the values came from (``"timm"``, ``"torchvision"``, ``"zoo"``,
             ``"flags"``, ``"default"``, possibly ``"timm+flags"``).
     """
@@ -60,6 +61,11 @@ class Preprocessing:
             raise CheckpointError(f"preprocessing std must be positive (--std), got {self.std}")
         if not 0 < self.crop_pct <= 1.0 + 1e-9 and self.crop_mode == "center":
             raise CheckpointError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_mode not in CROP_MODES:
+            raise CheckpointError(
+                f"preprocessing crop_mode {self.crop_mode!r} is unknown; expected one of "
+                f"{', '.join(CROP_MODES)}"
+            )
         if self.interpolation not in _INTERPOLATIONS:
             raise CheckpointError(
                 f"preprocessing interpolation {self.interpolation!r} is unknown; expected one "
@@ -92,27 +98,33 @@ class Preprocessing:
             )
         return cls(**known)
 
-    def _resize_size(self) -> int | tuple[int, int]:
-        h, w = self.image_size
-        if self.crop_mode == "center" and h == w:
-            # int: torchvision resizes the *shorter* side, keeping the aspect ratio.
-            return int(math.floor(h / self.crop_pct))
-        return int(math.floor(h / self.crop_pct)), int(math.floor(w / self.crop_pct))
-
     def eval_transform(self) -> Callable:
-        """PIL image -> normalised float tensor ``(C, H, W)``: resize to ``H / crop_pct``
-        (shorter side), centre crop ``(H, W)``, to tensor, normalise. Grayscale when C == 1."""
+        """PIL image -> normalised float tensor ``(C, H, W)``, exactly timm's evaluation
+        transform (``timm.data.create_transform(is_training=False, ...)`` with these fields).
+
+        ``crop_mode="center"``: the image is scaled, keeping its aspect ratio, so that it
+        covers ``(H / crop_pct, W / crop_pct)`` (the shorter side for square inputs), then the
+        centre ``(H, W)`` is cut out; ``"squash"``: both sides are resized to
+        ``(H / crop_pct, W / crop_pct)`` (aspect ratio not kept), then centre-cropped;
+        ``"border"``: the longer side is fitted to ``H / crop_pct`` keeping the aspect ratio
+        and the result is centre-cropped or padded with the mean colour. Grayscale first when
+        C == 1. Using timm's own transform keeps timm models bit-identical to their reference
+        preprocessing (and torchvision's square centre crop is the same operation).
+        """
+        from timm.data import create_transform
         from torchvision import transforms as T
 
-        return T.Compose(
-            [
-                _ConvertMode("L" if self.channels == 1 else "RGB"),
-                T.Resize(self._resize_size(), interpolation=_interp(self.interpolation)),
-                T.CenterCrop(self.image_size),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
+        timm_tf = create_transform(
+            input_size=self.input_size,
+            is_training=False,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            crop_mode=self.crop_mode,
         )
+        steps = list(getattr(timm_tf, "transforms", [timm_tf]))
+        return T.Compose([_ConvertMode("L" if self.channels == 1 else "RGB"), *steps])
 
     def probe_transform(self) -> Callable:
         """Like :meth:`eval_transform` but resize the whole image to ``(H, W)`` with no crop,
