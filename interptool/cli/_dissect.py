@@ -13,14 +13,15 @@ _EPILOG = """\
 examples:
   interptool dissect student.h5 --layer layer4 --out dissect/student
   interptool dissect student.h5 --layer layer3 --layer layer4 --probe broden:/data/broden1_224 \\
-      --out dissect/student --iou-threshold 0.05
+      --out dissect/student --protocol han2023 --bootstrap 1000 --seed 0
   interptool dissect --arch torchvision:resnet18 --checkpoint student.pth \\
       --probe broden:/data/broden1_224 --layer layer4 --out dissect/student
 
 Each layer is written to OUT/<layer>/: tally.csv (NetDissect-Lite columns, unit 1-based),
-summary.json, iou.npz, detectors_by_category.png, thresholds_curve.png and units/unit_XXXX.png
-montages. With --arch the activations are cached first in OUT/activations.h5 (an existing
-matching cache there is reused). See docs/dissection.md.
+summary.json (with the protocol record), iou.npz, concepts.csv, detectors_by_category.png,
+thresholds_curve.png and units/unit_XXXX.png montages; with --bootstrap also intervals.csv
+and block_stats.npz. With --arch the activations are cached first in OUT/activations.h5 (an
+existing matching cache there is reused). See docs/dissection.md.
 """
 
 
@@ -41,10 +42,25 @@ def register(subparsers: Any) -> None:
                    "default: the data spec recorded in the cache")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per layer)")
     g = p.add_argument_group("dissection")
-    g.add_argument("--quantile", type=float, default=0.005,
-                   help="top activation fraction defining the threshold (default 0.005)")
-    g.add_argument("--iou-threshold", type=float, default=0.04,
-                   help="detector when best IoU >= this (default 0.04; the paper 0.05)")
+    g.add_argument("--protocol", default="netdissect-lite",
+                   help="settings preset: 'netdissect-lite' (default: object, part, scene, "
+                   "texture, color; IoU 0.04; quantile 0.005) or 'han2023' (the KD paper's fork: "
+                   "six categories incl. material; IoU 0.05)")
+    g.add_argument("--categories", metavar="CAT,CAT",
+                   help="categories to dissect against (default: the protocol's); images with "
+                   "no label of these take no part")
+    g.add_argument("--quantile", type=float, default=None,
+                   help="top activation fraction defining the threshold (default: the "
+                   "protocol's, 0.005)")
+    g.add_argument("--iou-threshold", type=float, default=None,
+                   help="detector when best IoU >= this (default: the protocol's, 0.04 or 0.05)")
+    g.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="N bootstrap resamples of the probe images for 95%% intervals of the "
+                   "detector counts (thresholds held at full-probe values); 0: none")
+    g.add_argument("--seed", type=int, default=0,
+                   help="bootstrap seed (same seed and probe: the same resamples for every model)")
+    g.add_argument("--bootstrap-block-size", type=int, default=1, metavar="K",
+                   help="probe images per resampled block (default 1)")
     g.add_argument("--quantile-method", choices=["exact", "sketch"], default="exact")
     g.add_argument("--category-area", choices=["overlap", "image"], default="overlap",
                    help="unit area per category: NetDissect-Lite's 'overlap' (default) or "
@@ -115,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     dissection = Dissection(
         quantile=args.quantile, iou_threshold=args.iou_threshold, batch_size=args.batch_size,
         device=args.device, workers=args.workers, top_images=args.top_images,
-        quantile_method=args.quantile_method, category_area=args.category_area)
+        quantile_method=args.quantile_method, category_area=args.category_area,
+        protocol=args.protocol, categories=args.categories, bootstrap=args.bootstrap,
+        seed=args.seed, bootstrap_block_size=args.bootstrap_block_size)
     with ActivationCache(cache_path) as cache:
         if probe is None:
             if not cache.data_spec:
@@ -134,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 cats = ", ".join(f"{k} {v}" for k, v in s["by_category"].items() if v)
                 print(f"{layer}: {s['detectors']}/{s['units']} detectors (IoU >= "
-                      f"{s['iou_threshold']:g}), {s['unique_concepts']} unique concepts"
+                      f"{s['iou_threshold']:g}, protocol {s['protocol']['name']})"
+                      + (" [95% CI {ci_low:g}, {ci_high:g}]".format(**s["intervals"]["detectors"])
+                         if "intervals" in s else "")
+                      + f", {s['unique_concepts']} unique concepts"
                       f"{' (' + cats + ')' if cats else ''} -> {out / layer}")
     if len(layers) > 1:
         (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
