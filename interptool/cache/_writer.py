@@ -608,7 +608,7 @@ class _Job:
             if writer is not None:
                 writer.abort()
             safe = writer.safe if writer is not None else (n_safe, None)
-            self._fail(f, lock, exc, created, safe)
+            self._fail(f, lock, exc, created, safe, writer)
             if is_no_space(exc) and not isinstance(exc, CacheDiskFullError):
                 raise self._no_space(created, safe[0]) from None
             raise
@@ -619,12 +619,14 @@ class _Job:
 
     # -- failure handling -------------------------------------------------------------------
     def _fail(self, f: h5py.File, lock: HeldLock, exc: BaseException, created: bool,
-              safe: tuple[int, int | None]) -> None:
+              safe: tuple[int, int | None], writer: _RowWriter | None) -> None:
         """Leave the file as it was after its last durable batch, then close it."""
         no_space = is_no_space(exc)
         if no_space:
             # room for HDF5 to write its metadata and cached chunks while closing
             lock.release_reserve()
+        if writer is not None:
+            writer.release()
             try:
                 if f.id.valid and "n_done" in f.attrs:
                     f.attrs["n_done"] = np.int64(safe[0])
@@ -952,6 +954,7 @@ class _RowWriter:
         self._q.put(None)
         self._thread.join()
         self._raise_if_failed()
+        self.release()
 
     def abort(self) -> None:
         """The main thread failed: write the batches already queued (they are good), then
@@ -980,6 +983,25 @@ class _RowWriter:
                     if rows is None:
                         return
 
+    def _datasets(self) -> dict[str, h5py.Dataset]:
+        # Handles stay open for the whole run: h5py closes a temporary Dataset object when it
+        # is garbage-collected, HDF5 then writes that dataset's cached chunks, and a failure
+        # there (a full disk) is printed and ignored by h5py, never raised; with open handles
+        # the chunks are written by f.flush(), whose errors do reach us.
+        if self._handles is None:
+            f, job = self.f, self.job
+            self._handles = {name: f[name] for name in ("logits", "labels", "index")}
+            for layer in job.layers:
+                for name in (layer, layer + MAX_SUFFIX):
+                    self._handles[f"{FEATURES}/{name}"] = f[FEATURES][name]
+        return self._handles
+
+    _handles: dict[str, h5py.Dataset] | None = None
+
+    def release(self) -> None:
+        """Drop the dataset handles (before the file is closed)."""
+        self._handles = None
+
     def _write(self, rows: _Rows) -> None:
         f, job = self.f, self.job
         if rows.logits is not None:
@@ -989,20 +1011,19 @@ class _RowWriter:
                                  job.dtype, job.compression, job.ids)
                 # room to close cleanly on a full disk: every chunk the cache may hold dirty
                 self.lock.reserve(_RESERVE_BASE + _chunk_bytes(f))
+            ds = self._datasets()
             need = rows.nbytes + _SPACE_MARGIN
             if not _enough_space(job.path, need):
                 raise OSError(errno.ENOSPC, f"less than {need} bytes free for the next batch")
             b = len(rows.logits)
             sl = slice(self.n_done, self.n_done + b)
-            f["logits"][sl] = rows.logits
-            f["labels"][sl] = rows.labels
-            f["index"][sl] = rows.index.astype(f["index"].dtype)
-            if job.layers:
-                grp = f[FEATURES]
-                for layer in job.layers:
-                    feat, mx = rows.feats[layer]
-                    grp[layer][sl] = feat
-                    grp[layer + MAX_SUFFIX][sl] = mx
+            ds["logits"][sl] = rows.logits
+            ds["labels"][sl] = rows.labels
+            ds["index"][sl] = rows.index.astype(ds["index"].dtype)
+            for layer in job.layers:
+                feat, mx = rows.feats[layer]
+                ds[f"{FEATURES}/{layer}"][sl] = feat
+                ds[f"{FEATURES}/{layer}{MAX_SUFFIX}"][sl] = mx
             self.n_done += b
         # Progress markers last, then flush: a crash before this point only loses the
         # current batch, which the next run recomputes.
