@@ -22,7 +22,7 @@ from interptool.analyzers.similarity import ClassSimilarity
 from interptool.cache import ActivationCache, cache_activations
 from interptool.data import open_dataset
 from interptool.loading import load_model
-from interptool.report._demo import WEIGHTS_DIR
+from interptool.pipeline._demo import WEIGHTS_DIR
 
 
 def main() -> None:

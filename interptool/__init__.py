@@ -1,6 +1,6 @@
 """interptool: how interpretable is a classifier, and how does a distilled student compare?
 
-Pipeline: loading -> data -> cache -> analyzers -> report -> cli (see docs/architecture.md).
+Pipeline: loading -> data -> cache -> analyzers -> pipeline (+ report) -> cli (see docs/architecture.md).
 The most used names are available from the top level::
 
     import interptool as it
@@ -38,8 +38,8 @@ _EXPORTS = {
     "localisation": "interptool.analyzers",
     "faithfulness": "interptool.analyzers",
     "randomisation_check": "interptool.analyzers",
-    "run_compare": "interptool.report",
-    "run_demo": "interptool.report",
+    "run_compare": "interptool.pipeline",
+    "run_demo": "interptool.pipeline",
     "InterptoolError": "interptool.errors",
 }
 

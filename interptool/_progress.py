@@ -1,4 +1,9 @@
-"""Progress bars that stay quiet with ``--quiet`` or when stderr is not a terminal."""
+"""The one channel for what interptool tells its user while it works.
+
+Progress bars (:func:`progress`) and one-line status messages (:func:`say`) both honour
+``--quiet`` (:func:`set_quiet`); no other module prints progress or reads the quiet flag.
+Results (a report's path, a table) are printed by the CLI commands themselves.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,20 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = bool(quiet)
 
 
+def is_quiet() -> bool:
+    """Whether ``--quiet`` (or :func:`set_quiet`) silenced messages and bars."""
+    return _QUIET
+
+
 def progress_enabled() -> bool:
+    """Bars are drawn only when not quiet and stderr is a terminal."""
     return not _QUIET and sys.stderr.isatty()
+
+
+def say(message: str) -> None:
+    """One status line on stderr (``[interptool] message``), silenced by ``--quiet``."""
+    if not _QUIET:
+        print(f"[interptool] {message}", file=sys.stderr, flush=True)
 
 
 def progress(

@@ -145,7 +145,7 @@ def small_compare(tmp_dir):
     if "out" in _RUN:
         return _RUN["out"], _RUN["record"]
     from interptool.analyzers import similarity as sim_mod
-    from interptool.report import load_config, run_compare
+    from interptool.pipeline import load_config, run_compare
 
     (tmp_dir / "c.toml").write_text(SMALL)
     cfg = load_config(tmp_dir / "c.toml")
@@ -279,7 +279,8 @@ def test_summary_numbers_equal_direct_analyzer_results(compared):
 def test_findings_honour_each_measures_direction():
     """Known answers: KD beats scratch on a higher-is-better measure and on a
     lower-is-better one; ``better`` names it and the difference / CI are better - other."""
-    from interptool.report._compare import _finding, finding_pairs
+    from interptool.pipeline.findings import finding_pairs
+    from interptool.pipeline.findings import make_finding as _finding
 
     assert finding_pairs(["teacher", "kd", "scratch", "ls"], "teacher") == [
         ("kd", "scratch"), ("kd", "ls"), ("scratch", "ls"),
@@ -318,7 +319,7 @@ def test_bad_layer_or_weights_named_by_config_field_before_any_work(tmp_path):
     from safetensors.torch import save_file
 
     from interptool.loading._zoo import ZOO
-    from interptool.report import load_config, run_compare
+    from interptool.pipeline import load_config, run_compare
 
     # a layer typo: a ConfigError naming models.small.layers, before any cache is written
     (tmp_path / "c.toml").write_text(SMALL.replace('layers = ["layer3", "layer4"]\nimage_size = 32\n[analysis]',

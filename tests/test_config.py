@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from interptool.errors import ConfigError
-from interptool.report import load_config, parse_config, write_template
-from interptool.report._config import TEMPLATE
+from interptool.pipeline import load_config, parse_config, write_template
+from interptool.pipeline._config import TEMPLATE
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

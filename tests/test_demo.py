@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from interptool.report._demo import WEIGHTS_DIR, demo_config, demo_config_text, demo_manifest
+from interptool.pipeline._demo import WEIGHTS_DIR, demo_config, demo_config_text, demo_manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,7 +63,7 @@ def test_shipped_weights_reproduce_manifest_accuracy():
 
 @needs_weights
 def test_demo_config_and_its_toml_agree():
-    from interptool.report import parse_config
+    from interptool.pipeline import parse_config
 
     cfg = demo_config(n=40)
     assert cfg.teacher.name == "teacher"

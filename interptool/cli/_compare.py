@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from interptool.errors import ConfigError
-    from interptool.report._config import load_config, write_template
+    from interptool.pipeline import load_config, write_template
 
     if args.init:
         path = write_template(args.init)
@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = cfg.only([a.strip() for a in args.only.split(",") if a.strip()])
     if args.device:
         cfg.run.device = args.device
-    from interptool.report._compare import run_compare
+    from interptool.pipeline import run_compare
 
     report = run_compare(
         cfg,

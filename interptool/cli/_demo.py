@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from interptool.report._demo import run_demo
+    from interptool.pipeline import run_demo
 
     report = run_demo(
         args.out, device=args.device, n=args.n, command=" ".join(["interptool", *sys.argv[1:]])

@@ -216,3 +216,25 @@ def attribution_grid(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+class FigureSet:
+    """The figures of one report: PNG files under ``out`` and their captions.
+
+    ``entries`` is ``summary["figures"]``: id -> ``{"path": PNG path relative to out,
+    "caption": str}``; the HTML renderer embeds them by id.
+    """
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.entries: dict[str, dict[str, str]] = {}
+
+    def add(self, key: str, fig: Figure, rel: str, caption: str) -> str:
+        """Write ``fig`` to ``out/rel``, record it under ``key`` and return ``key``."""
+        save_png(fig, self.out / rel)
+        return self.register(key, rel, caption)
+
+    def register(self, key: str, rel: str, caption: str) -> str:
+        """Record a PNG already written under ``out/rel`` (e.g. by an analyzer's ``save``)."""
+        self.entries[key] = {"path": str(rel), "caption": caption}
+        return key

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from interptool.errors import InterptoolError
-from interptool.report._config import (
+from interptool.pipeline._config import (
     AnalysisConfig,
     AttributionConfig,
     CompareConfig,
@@ -110,7 +110,7 @@ def demo_config_text(cfg: CompareConfig) -> str:
 def run_demo(out: str | Path = "demo_out", *, device: str = "cpu", n: int | None = None,
              command: str | None = None) -> Path:
     """Run the built-in comparison and return the path of ``report.html``."""
-    from interptool.report._compare import run_compare
+    from interptool.pipeline._runner import run_compare
 
     cfg = demo_config(n=n, device=device)
     manifest = demo_manifest()

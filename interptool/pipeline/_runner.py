@@ -1,0 +1,98 @@
+"""``run_compare``: caches, every analyzer on every model, findings, summary.json, report.html.
+
+The stages (:mod:`interptool.pipeline._stages`) run in order; each analysis stage stores its
+payload as a resumable marker (:mod:`interptool.pipeline._stage_cache`), so an interrupted
+run redoes only unfinished work. Rendering is :mod:`interptool.report`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from interptool._progress import say
+from interptool._provenance import atomic_write_text, now_iso, seed_everything, versions
+from interptool.common.jsonsafe import to_jsonable
+from interptool.pipeline import _stages
+from interptool.pipeline._config import CompareConfig
+from interptool.pipeline._context import RunContext
+from interptool.pipeline.findings import build_findings
+
+__all__ = ["FORMAT", "run_compare"]
+
+FORMAT = "interptool-summary/1"
+
+
+def _execute(run: RunContext, config_text: str | None, command: str | None,
+             title: str | None) -> Path:
+    cfg = run.cfg
+    t_all = time.perf_counter()
+    run.out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.run.seed)
+    run.timed("load", lambda: _stages.load_models(run))
+    run.timed("cache", lambda: _stages.build_caches(run))
+    summary: dict[str, Any] = {
+        "format": FORMAT,
+        "title": title or f"interptool comparison: {cfg.teacher.name} and "
+        f"{len(cfg.students)} student(s)",
+        "teacher": cfg.teacher.name,
+        "students": [m.name for m in cfg.students],
+        "n_eval": len(run.eval_ds) if run.eval_ds is not None else None,
+        "n_probe": len(run.probe_ds) if run.probe_ds is not None else None,
+    }
+    summary["models"] = run.timed("models", lambda: _stages.models_table(run))
+    an = cfg.analysis
+    if an.dissection is not None:
+        summary["dissection"] = run.timed("dissection", lambda: _stages.dissection(run))
+    if an.similarity is not None and cfg.students:
+        summary["similarity"] = run.timed("similarity", lambda: _stages.similarity(run))
+    if an.attribution is not None:
+        summary["attribution"] = run.timed("attribution", lambda: _stages.attribution(run))
+    summary["findings"] = build_findings(summary, cfg, run.eval_cache)
+    run.timings["total"] = round(time.perf_counter() - t_all, 2)
+    summary["figures"] = run.figures.entries
+    summary["provenance"] = {
+        "created": now_iso(),
+        "versions": versions(),
+        "run": {**asdict(cfg.run), "device": run.device},
+        "timings": run.timings,
+        "reused_stages": list(run.stages.reused),
+        "data": {k: v for k, v in (
+            ("eval", cfg.data.eval),
+            ("eval fingerprint", getattr(run.eval_ds, "fingerprint", None)),
+            ("probe", cfg.data.probe),
+            ("probe fingerprint", getattr(run.probe_ds, "fingerprint", None))) if v},
+        "command": command or "run_compare()",
+        "config_file": cfg.source,
+    }
+    summary["config"] = cfg.to_dict()
+    summary["config_text"] = config_text
+    summary = to_jsonable(summary)
+    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
+    from interptool.report import render_html
+
+    path = run.out / "report.html"
+    render_html(summary, path)
+    say(f"report written in {run.timings['total']:.0f}s: {path}")
+    return path
+
+
+def run_compare(
+    config: CompareConfig,
+    out: str | Path,
+    *,
+    config_text: str | None = None,
+    command: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Run every configured analysis on every model and write the report; returns its path.
+
+    ``DIR/report.html`` (self-contained), ``DIR/summary.json`` (every number of the report),
+    and behind them ``DIR/cache/``, ``DIR/dissection/<model>/<layer>/``, ``DIR/similarity/``,
+    ``DIR/attribution/<method>/``. Re-running with the same config resumes: complete caches
+    and finished stages are reused (``DIR/.stages/<stage>.json``).
+    """
+    return _execute(RunContext(config, Path(out)), config_text, command, title)

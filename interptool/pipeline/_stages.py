@@ -1,0 +1,418 @@
+"""The stages of ``run_compare``, one function each, in the order they run.
+
+1. :func:`load_models`: every model (cheap) and the data sets; layer names checked first;
+2. :func:`build_caches`: logits (+ CKA layers) on the eval set and the dissection layers on
+   the probe set, under ``DIR/cache/<model>_<eval|probe>.h5``;
+3. :func:`models_table`, then :func:`dissection`, :func:`similarity` (with CKA) and
+   :func:`attribution`: each analysis through the analyzers' public API, its payload stored
+   as a resumable stage marker (:class:`~interptool.pipeline._stage_cache.StageCache`), its
+   report section built by :mod:`interptool.report`.
+
+Analyzers are imported inside the stages: ``interptool.pipeline`` stays light to import, and
+tests can replace an analyzer on its package to simulate a crash.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interptool._progress import say
+from interptool._provenance import seed_everything
+from interptool.errors import AnalysisError, ConfigError, InterptoolError
+from interptool.pipeline._context import RunContext
+from interptool.pipeline._stage_cache import cache_identity
+from interptool.report import _figures as figs
+from interptool.report._sections import (
+    attribution_section,
+    dissection_section,
+    similarity_section,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. models and data
+# --------------------------------------------------------------------------------------------
+def load_models(run: RunContext) -> None:
+    """Load every model and open the data sets; config errors before any caching."""
+    from interptool.data import open_dataset
+    from interptool.loading import load_model
+
+    cfg = run.cfg
+    for m in cfg.models.values():
+        say(f"loading model {m.name} ({m.arch})")
+        try:
+            loaded = load_model(m.arch, **m.load_kwargs(run.device))
+        except InterptoolError as exc:
+            # say which table of the config the failing model comes from
+            raise ConfigError(
+                f"{cfg.source}: models.{m.name} (arch {m.arch!r}, checkpoint "
+                f"{m.checkpoint}): {exc}"
+            ) from None
+        _check_layers(cfg.source, m, loaded)
+        run.loaded[m.name] = loaded
+    if cfg.data.eval:
+        run.eval_ds = open_dataset(cfg.data.eval)
+    if cfg.data.probe and cfg.analysis.dissection is not None:
+        run.probe_ds = open_dataset(cfg.data.probe)
+    if run.eval_ds is not None:
+        ks = {n: lm.num_classes for n, lm in run.loaded.items()}
+        if len(set(ks.values())) > 1:
+            raise ConfigError(
+                f"{cfg.source}: models: the models have different numbers of classes "
+                f"({ks}); class similarity and attribution need one label space "
+                "(set num_classes, or compare models trained on the same classes)"
+            )
+
+
+def _check_layers(source: str, m: Any, loaded: Any) -> None:
+    """Unknown layer names are config errors, found before any caching starts."""
+    import torch
+
+    if not m.layers:
+        return
+    modules = dict(loaded.model.named_modules())
+    if isinstance(loaded.model, torch.jit.ScriptModule):
+        raise ConfigError(
+            f"{source}: models.{m.name}.layers: a TorchScript model has no "
+            "hookable layers; remove 'layers' (class similarity still works from logits)"
+        )
+    for layer in m.layers:
+        if layer not in modules:
+            close = difflib.get_close_matches(layer, [k for k in modules if k], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"{source}: models.{m.name}.layers: {layer!r} is not a module of "
+                f"{m.arch}{hint}; `interptool layers --arch {m.arch}` lists them"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. caches
+# --------------------------------------------------------------------------------------------
+def _cache(loaded: Any, dataset: Any, layers: list[str], path: Path, **kw: Any) -> Path:
+    """``cache_activations`` that reuses a matching cache (complete: no-op; incomplete:
+    resumed) and rebuilds one made with other settings: files under DIR/cache are ours."""
+    from interptool.cache import cache_activations
+    from interptool.errors import CacheError
+
+    try:
+        return Path(cache_activations(loaded, dataset, layers, path, **kw))
+    except CacheError as exc:
+        if not path.exists():
+            raise
+        say(f"{path.name}: {exc}; rebuilding it")
+        return Path(cache_activations(loaded, dataset, layers, path, overwrite=True, **kw))
+
+
+def build_caches(run: RunContext) -> None:
+    """Cache every model on the eval set (logits, CKA layers) and the probe set."""
+    r = run.cfg.run
+    sim = run.cfg.analysis.similarity
+    for name, m in run.cfg.models.items():
+        lm = run.loaded[name]
+        if run.eval_ds is not None:
+            layers = m.layers if (sim is not None and sim.cka) else []
+            path = run.out / "cache" / f"{name}_eval.h5"
+            say(f"cache {name} on eval data ({len(run.eval_ds)} images)")
+            run.eval_cache[name] = _cache(
+                lm, run.eval_ds, layers, path, batch_size=r.batch_size, workers=r.workers,
+                probe=False, seed=r.seed, device=run.device)
+        if run.probe_ds is not None:
+            path = run.out / "cache" / f"{name}_probe.h5"
+            say(f"cache {name} on probe data ({len(run.probe_ds)} images)")
+            run.probe_cache[name] = _cache(
+                lm, run.probe_ds, run.dissect_layers(name), path, batch_size=r.batch_size,
+                workers=r.workers, probe=True, seed=r.seed, device=run.device)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. models table and analyses
+# --------------------------------------------------------------------------------------------
+def models_table(run: RunContext) -> list[dict[str, Any]]:
+    """One row per model: architecture, size, checkpoint, preprocessing, eval accuracy."""
+    from interptool.cache import ActivationCache
+    from interptool.common.stats import wilson_interval
+
+    teacher = run.cfg.teacher.name
+    rows = []
+    for name, m in run.cfg.models.items():
+        lm = run.loaded[name]
+        row: dict[str, Any] = {
+            "name": name,
+            "role": "teacher" if name == teacher else "student",
+            "arch": m.arch,
+            "params": int(sum(p.numel() for p in lm.model.parameters())),
+            "checkpoint": m.checkpoint,
+            "checkpoint_sha256": lm.checkpoint_sha256,
+            "num_classes": lm.num_classes,
+            "layers": m.layers,
+            "preprocessing": lm.preprocessing.to_dict(),
+            "accuracy": None,
+            "accuracy_ci": None,
+        }
+        if name in run.eval_cache:
+            with ActivationCache(run.eval_cache[name]) as c:
+                ok = c.labels >= 0
+                n = int(ok.sum())
+                k = int((c.logits[ok].argmax(1) == c.labels[ok]).sum())
+            if n:
+                row["accuracy"] = k / n
+                ci = wilson_interval(k, n)
+                row["accuracy_ci"] = [ci.low, ci.high]
+                row["n_labelled"] = n
+        rows.append(row)
+    return rows
+
+
+def dissection(run: RunContext) -> dict[str, Any]:
+    """Dissect every model's layers; counts, curve and montages from ``DissectionResult``."""
+    d = run.cfg.analysis.dissection
+    assert d is not None and run.probe_ds is not None
+    per_model: dict[str, dict[str, Any]] = {}
+    categories = list(getattr(run.probe_ds, "categories", []))
+    for name in run.cfg.models:
+        per_model[name] = {}
+        for layer in run.dissect_layers(name):
+            inputs = {"settings": asdict(d), "cache": cache_identity(run.probe_cache[name]),
+                      "layer": layer, "probe": run.probe_ds.fingerprint}
+            part, reused = run.stages.run(
+                f"dissection-{name}-{layer}", inputs,
+                lambda name=name, layer=layer: _dissect_one(run, name, layer))
+            if reused:
+                say(f"dissection {name} {layer}: done earlier, reused")
+            per_model[name][layer] = part
+    return dissection_section(per_model, categories, asdict(d), run.figures)
+
+
+def _dissect_one(run: RunContext, name: str, layer: str) -> dict[str, Any]:
+    from interptool.analyzers.dissection import Dissection
+    from interptool.cache import ActivationCache
+
+    d = run.cfg.analysis.dissection
+    top_k = max(d.top_units, 0)
+    say(f"dissection {name} {layer}")
+    with ActivationCache(run.probe_cache[name]) as cache:
+        res = Dissection(quantile=d.quantile, iou_threshold=d.iou_threshold,
+                         batch_size=d.batch_size, device=run.device).run(cache, layer, run.probe_ds)
+        folder = run.out / "dissection" / name / layer
+        res.save(folder, montages=top_k or "none")
+    part: dict[str, Any] = {
+        "units": int(res.units),
+        "detectors": int(len(res.detectors())),
+        "unique_concepts": res.unique_concepts(),
+        "by_category": res.counts_by_category(),
+        "curve": [int(len(res.detectors(t))) for t in d.iou_thresholds],
+        "top_units": res.top_units(top_k),
+        "montage": None,
+    }
+    if part["top_units"]:
+        from interptool._provenance import atomic_path
+
+        rel = f"dissection/{name}/{layer}/top_units.png"
+        sheet = res.montage_sheet([u["unit"] - 1 for u in part["top_units"]])
+        with atomic_path(run.out / rel) as tmp:
+            sheet.save(tmp, format="PNG")
+        part["montage"] = rel
+    return part
+
+
+def similarity(run: RunContext) -> dict[str, Any]:
+    """Class-similarity transfer from the teacher to every student, and CKA."""
+    s = run.cfg.analysis.similarity
+    assert s is not None
+    inputs = {"settings": asdict(s), "seed": run.cfg.run.seed,
+              "caches": {n: cache_identity(p) for n, p in run.eval_cache.items()}}
+    part, reused = run.stages.run("similarity", inputs, lambda: _similarity_work(run))
+    if reused:
+        say("class similarity: done earlier, reused")
+    return similarity_section(part, run.figures)
+
+
+def _offdiag_nan(m: np.ndarray) -> np.ndarray:
+    m = np.array(m, dtype=np.float64)
+    np.fill_diagonal(m, np.nan)
+    return m
+
+
+def _similarity_work(run: RunContext) -> dict[str, Any]:
+    # the package attribute, looked up at call time (tests replace it to simulate a crash)
+    from interptool.analyzers import similarity as similarity_pkg
+    from interptool.analyzers.similarity._plots import cluster_order
+    from interptool.cache import ActivationCache
+
+    s = run.cfg.analysis.similarity
+    teacher = run.cfg.teacher.name
+    students = [m.name for m in run.cfg.students]
+    say("class similarity")
+    caches = [ActivationCache(run.eval_cache[n]) for n in [teacher, *students]]
+    try:
+        if not students:
+            raise AnalysisError("class similarity transfer needs at least one student")
+        res = similarity_pkg.compare_similarity(
+            caches[0], *caches[1:], names=[teacher, *students], temperature=s.temperatures,
+            n_boot=s.n_boot, seed=run.cfg.run.seed,
+            k=min(5, max(1, caches[0].logits.shape[1] - 1)), device=run.device)
+        res.save(run.out / "similarity")
+        t0 = res.temperatures[0]
+        names = res.similarity[teacher].class_names
+        order = cluster_order(res.similarity[teacher].matrices[t0])
+        part: dict[str, Any] = {
+            "temperatures": res.temperatures,
+            "estimates": res.to_frame().to_dict(orient="records"),
+            "models": {m: res.similarity[m].summary() for m in res.models},
+            "class_names": names,
+            "order": order,
+            "heatmaps": [],
+        }
+        for t in res.temperatures:
+            rel = f"similarity/report_heatmaps_T{t:g}.png"
+            fig = figs.heatmaps({m: _offdiag_nan(res.similarity[m].matrices[t])
+                                 for m in res.models}, names, order=order,
+                                title=f"class similarity S (T={t:g}), "
+                                "teacher's clustered order, diagonal hidden")
+            figs.save_png(fig, run.out / rel)
+            part["heatmaps"].append({"T": t, "path": rel})
+        if s.cka:
+            part["cka"] = _cka(run, caches)
+        return part
+    finally:
+        for c in caches:
+            c.close()
+
+
+def _cka(run: RunContext, caches: list[Any]) -> dict[str, Any]:
+    """Linear CKA of the teacher's layers (rows) against each student's (columns)."""
+    from interptool.analyzers.cka import cka
+
+    teacher = run.cfg.teacher
+    names = [teacher.name, *[m.name for m in run.cfg.students]]
+    rows, blocks, cols = [], [], []
+    labels_r = [f"{teacher.name}.{lay}" for lay in teacher.layers]
+    for c, n in zip(caches[1:], names[1:]):
+        m = run.cfg.models[n]
+        say(f"CKA {teacher.name} vs {n}")
+        res = cka(caches[0], c, teacher.layers, m.layers)
+        mat = res.matrix.to_numpy(dtype=np.float64)
+        blocks.append(mat)
+        cols += [f"{n}.{lay}" for lay in m.layers]
+        for i, la in enumerate(teacher.layers):
+            for j, lb in enumerate(m.layers):
+                rows.append({"teacher layer": la, "student": n, "student layer": lb,
+                             "cka": float(mat[i, j])})
+    full = np.concatenate(blocks, axis=1)
+    rel = "similarity/cka.png"
+    figs.save_png(figs.cka_matrix(full, labels_r, cols), run.out / rel)
+    return {"rows": rows, "matrix": full, "row_labels": labels_r, "col_labels": cols,
+            "figure": rel}
+
+
+def attribution(run: RunContext) -> dict[str, Any]:
+    """Attribution maps per method and model, scored against the teacher's."""
+    a = run.cfg.analysis.attribution
+    assert a is not None and run.eval_ds is not None
+    n = min(a.n_images, len(run.eval_ds))
+    per_method: dict[str, Any] = {}
+    for method in a.methods:
+        inputs = {"settings": asdict(a), "method": method, "n": n, "seed": run.cfg.run.seed,
+                  "models": {k: v.checkpoint_sha256 or k for k, v in run.loaded.items()},
+                  "data": run.eval_ds.fingerprint}
+        part, reused = run.stages.run(f"attribution-{method}", inputs,
+                                      lambda method=method: _attribute(run, method, n))
+        if reused:
+            say(f"attribution {method}: done earlier, reused")
+        per_method[method] = part
+    return attribution_section(per_method, run.figures)
+
+
+def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
+    from interptool.analyzers.attribution import Attribution
+
+    a = run.cfg.analysis.attribution
+    results = {}
+    for name, m in run.cfg.models.items():
+        say(f"attribution {method} {name} ({n} images)")
+        params: dict[str, Any] = {}
+        if method == "grad_cam":
+            params["layer"] = a.layer or m.layers[-1]
+        elif method == "integrated_gradients":
+            params["steps"] = a.n_steps
+        seed_everything(run.cfg.run.seed)
+        results[name] = Attribution(method, **params).run(
+            run.loaded[name], run.eval_ds, n=n, batch_size=min(16, n),
+            device=run.device, out=run.out / "attribution" / method / name,
+            keep_images=min(n, 8), overwrite=True)
+    return _score_attribution(run, method, results, n)
+
+
+def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n: int) -> dict:
+    import pandas as pd
+
+    from interptool.analyzers.attribution import (
+        agreement,
+        class_object_masks,
+        faithfulness,
+        localisation,
+    )
+
+    a = run.cfg.analysis.attribution
+    seed = run.cfg.run.seed
+    teacher = run.cfg.teacher.name
+    d = run.out / "attribution" / method
+    out: dict[str, Any] = {"agreement": {}, "localisation": {}, "faithfulness": {},
+                           "per_image": {}}
+    for name, res in results.items():
+        if name == teacher:
+            continue
+        ag = agreement(results[teacher], res, seed=seed)
+        ag.save(d / f"agreement_{name}")
+        out["agreement"][name] = ag.to_dict()
+        out["per_image"].setdefault("agreement_spearman", {})[name] = ag.spearman
+    masks = None
+    if hasattr(run.eval_ds, "load_segmentation"):
+        try:
+            h, w = results[teacher].maps.shape[1:]
+            masks = class_object_masks(run.eval_ds, list(range(n)), size=(h, w))
+        except AnalysisError as exc:
+            say(f"localisation skipped: {exc}")
+    for name, res in results.items():
+        if masks is not None:
+            loc = localisation(res, masks, seed=seed)
+            loc.save(d / f"localisation_{name}")
+            out["localisation"][name] = loc.to_dict()
+            out["per_image"].setdefault("localisation_energy", {})[name] = loc.energy
+        if a.faithfulness:
+            images = _model_inputs(run, name, n)
+            f = faithfulness(run.loaded[name].model, images, res.maps, res.targets,
+                             mode="deletion", device=run.device, seed=seed, ids=res.ids)
+            f.save(d / f"faithfulness_{name}")
+            out["faithfulness"][name] = f.to_dict()
+            out["per_image"].setdefault("deletion_auc", {})[name] = f.auc
+    # image grid: the same images across models
+    first = results[teacher]
+    if first.images is not None:
+        k = min(6, n, len(first.images))
+        fig = figs.attribution_grid(
+            [first.images[i] for i in range(k)], {m: r.maps[:k] for m, r in results.items()},
+            # class names where the eval set has them (a bare index means little)
+            row_titles=[run.class_name(int(x)) for x in first.labels[:k]],
+            title=f"{method}: the same eval images across models (row label: class)")
+        rel = f"attribution/{method}/grid.png"
+        figs.save_png(fig, run.out / rel)
+        out["grid"] = rel
+    pd.DataFrame({m: r.predictions for m, r in results.items()}).to_csv(
+        d / "predictions.csv", index=False)
+    return out
+
+
+def _model_inputs(run: RunContext, name: str, n: int):
+    import torch
+
+    pre = run.loaded[name].preprocessing
+    tf = pre.probe_transform() if hasattr(run.eval_ds, "load_segmentation") \
+        else pre.eval_transform()
+    return torch.stack([tf(run.eval_ds.load_image(i)) for i in range(n)])
