@@ -92,3 +92,21 @@ def unit_montage(result: Any, unit: int) -> Any:
                f"IoU {float(result.best_iou[unit]):.3f}")
     ImageDraw.Draw(canvas).text((2, 2), caption, fill=(0, 0, 0))
     return canvas
+
+
+def montage_sheet(result: Any, units: list[int]) -> Any:
+    """Several units' montages (0-based ``units``) stacked vertically in one PIL image."""
+    from PIL import Image
+
+    rows = [unit_montage(result, int(u)) for u in units]
+    if not rows:
+        return Image.new("RGB", (1, 1), (255, 255, 255))
+    gap = 4
+    sheet = Image.new("RGB", (max(r.width for r in rows),
+                              sum(r.height for r in rows) + gap * (len(rows) - 1)),
+                      (255, 255, 255))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + gap
+    return sheet
