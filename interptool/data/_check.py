@@ -1,8 +1,8 @@
-"""Manifests of public data sets (``data_manifests/*.toml``) and ``check_dataset``.
+"""Manifests of public data sets (``interptool/manifests/*.toml``) and ``check_dataset``.
 
 Manifests are looked up, in order, in ``$INTERPTOOL_MANIFESTS`` (a folder), in
-``data_manifests/`` beside the ``interptool`` package (the repository root of an editable
-install) and in ``interptool/manifests/`` (package data of a wheel, when copied there).
+``interptool/manifests/`` (package data: shipped in the wheel, found the same way from a
+checkout) and, for older checkouts, in ``data_manifests/`` beside the package.
 A manifest only describes where to get a set and what a good copy looks like: nothing is ever
 downloaded.
 
@@ -46,7 +46,7 @@ def manifest_dirs() -> list[Path]:
     env = os.environ.get("INTERPTOOL_MANIFESTS")
     if env:
         dirs.append(Path(env).expanduser())
-    dirs += [pkg.parent / "data_manifests", pkg / "manifests"]
+    dirs += [pkg / "manifests", pkg.parent / "data_manifests"]
     return dirs
 
 
