@@ -26,7 +26,15 @@ import numpy as np
 
 from interptool.errors import DataError
 
-GENERATOR_VERSION = 1
+# Generator versions: 1 (the original 10-class set, byte-identical to what it always was, so
+# old caches and the weights trained on it stay reachable with ``version=1``) and 2 (12
+# classes in 4 superclasses, texture regions, 16 scenes; docs/data.md). The default stays 1
+# until every built-in consumer (the demo, the config template, tests with the version 1
+# demo nets) names its version explicitly: flipping it silently changes what an unversioned
+# spec means.
+DEFAULT_VERSION = 1
+LATEST_VERSION = 2
+GENERATOR_VERSION = LATEST_VERSION  # the newest version (name kept for old imports)
 
 # The 10 classes (main shape), listed by similarity group: round, polygons, pointed.
 CLASSES = ["circle", "ellipse", "ring", "hexagon", "square", "rectangle", "diamond",
@@ -82,7 +90,7 @@ def _label_numbers() -> tuple[list[tuple[int, str, str]], dict[tuple[str, str], 
 
 
 LABELS, LABEL_NUMBER = _label_numbers()
-DEFAULTS = {"n": 1000, "size": 64, "seed": 0, "split": "probe"}
+DEFAULTS = {"n": 1000, "size": 64, "seed": 0, "split": "probe", "version": DEFAULT_VERSION}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -362,13 +370,329 @@ def seg_indices(size: int, seg: int) -> np.ndarray:
     return np.minimum(np.floor((np.arange(seg) + 0.5) * size / seg).astype(int), size - 1)
 
 
+# ====================================================================== version 2
+# Version 2 (the default for new specs) keeps version 1's painting rules and Broden layout but
+# redefines the classes by concepts with a graded similarity structure, adds pixel-level
+# texture regions (no texture label on plain objects) and 16 scenes. Its tables and drawing
+# code are separate from version 1's so that version 1 stays byte-identical for old caches.
+
+# 12 classes in 4 superclasses of 3; class name = the main object's shape (the object label).
+SUPERCLASSES_V2: dict[str, list[str]] = {
+    "round": ["circle", "ellipse", "ring"],
+    "boxy": ["square", "rectangle", "diamond"],
+    "pointed": ["triangle", "star", "cross"],
+    "faceted": ["hexagon", "pentagon", "semicircle"],
+}
+CLASSES_V2 = [c for members in SUPERCLASSES_V2.values() for c in members]
+SUPERCLASS_OF_V2 = {c: s for s, members in SUPERCLASSES_V2.items() for c in members}
+# Each superclass prefers 4 of the 16 scenes (siblings share them; see SCENE_COLOR_V2 for the
+# colour label of the background pixels).
+SUPER_SCENES_V2: dict[str, list[str]] = {
+    "round": ["sky", "sunset", "night", "fog"],
+    "boxy": ["wall", "brick", "snow", "tiles"],
+    "pointed": ["grass", "forest", "field", "mud"],
+    "faceted": ["water", "lagoon", "sand", "rock"],
+}
+SCENES_V2 = [s for members in SUPER_SCENES_V2.values() for s in members]
+SCENE_COLOR_V2 = {
+    "sky": "blue", "sunset": "orange", "night": "black", "fog": "white",
+    "wall": "gray", "brick": "red", "snow": "white", "tiles": "yellow",
+    "grass": "green", "forest": "green", "field": "yellow", "mud": "brown",
+    "water": "blue", "lagoon": "green", "sand": "brown", "rock": "gray",
+}
+# Colour palette of each superclass; every colour is in at most two palettes, so two classes
+# of different superclasses can still share a colour (a weaker, "cousin" similarity).
+PALETTES_V2: dict[str, list[str]] = {
+    "round": ["yellow", "white", "red"],
+    "boxy": ["blue", "purple", "orange"],
+    "pointed": ["red", "pink", "orange"],
+    "faceted": ["yellow", "black", "purple"],
+}
+TEXTURES_V2 = ["stripes", "dots", "checker", "zigzag", "grid"]
+# Each class has a preferred texture; each texture is preferred by 2-3 classes of different
+# superclasses (cousins).
+CLASS_TEXTURE_V2 = {
+    "circle": "dots", "ellipse": "stripes", "ring": "checker",
+    "square": "checker", "rectangle": "stripes", "diamond": "grid",
+    "triangle": "zigzag", "star": "dots", "cross": "grid",
+    "hexagon": "zigzag", "pentagon": "stripes", "semicircle": "dots",
+}
+# "plain" objects are drawn without a pattern and carry no texture label.
+TEXTURE_CHOICES_V2 = [*TEXTURES_V2, "plain"]
+P_SUPER_SCENE_V2 = 0.75   # else uniform over all 16 scenes
+P_PALETTE_V2 = 0.8        # else any colour but the background's
+P_CLASS_TEXTURE_V2 = 0.8  # else uniform over the 5 textures and plain
+CATEGORIES_V2 = CATEGORIES
+
+
+def _label_numbers_v2() -> tuple[list[tuple[int, str, str]], dict[tuple[str, str], int]]:
+    """Version 2 numbering: (number, name, category) in category order, starting at 1."""
+    rows: list[tuple[int, str, str]] = []
+    lookup: dict[tuple[str, str], int] = {}
+    names = {"color": list(COLORS), "object": CLASSES_V2, "part": PARTS,
+             "texture": TEXTURES_V2, "scene": SCENES_V2}
+    num = 1
+    for cat in CATEGORIES_V2:
+        for name in names[cat]:
+            rows.append((num, name, cat))
+            lookup[(cat, name)] = num
+            num += 1
+    return rows, lookup
+
+
+LABELS_V2, LABEL_NUMBER_V2 = _label_numbers_v2()
+
+
+def class_similarity_v2() -> np.ndarray:
+    """The documented concept overlap between classes (12 x 12, symmetric, diagonal 1).
+
+    Score = (same superclass: shared scene set, palette and shape family, 3 points) + (same
+    preferred texture, 1 point) + (overlapping palettes, 1 point), divided by 5; so siblings
+    score 0.6-0.8, cousins sharing a texture or colour 0.2-0.4, unrelated classes 0. It is the
+    ground truth a teacher's soft labels can be compared with (docs/data.md).
+    """
+    k = len(CLASSES_V2)
+    out = np.eye(k)
+    for i, a in enumerate(CLASSES_V2):
+        for j, b in enumerate(CLASSES_V2):
+            if i == j:
+                continue
+            sa, sb = SUPERCLASS_OF_V2[a], SUPERCLASS_OF_V2[b]
+            score = 3.0 * (sa == sb) + 1.0 * (CLASS_TEXTURE_V2[a] == CLASS_TEXTURE_V2[b])
+            score += 1.0 * (sa != sb and bool(set(PALETTES_V2[sa]) & set(PALETTES_V2[sb])))
+            out[i, j] = score / 5.0
+    return out
+
+
+def shape_field_v2(shape: Shape, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Version 2 shapes: version 1's plus ``pentagon`` and ``semicircle`` (a half disk)."""
+    if shape.kind not in ("pentagon", "semicircle"):
+        return shape_field(shape, x, y)
+    c, s = math.cos(shape.angle), math.sin(shape.angle)
+    dx, dy = x - shape.cx, y - shape.cy
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    R = shape.radius
+    if shape.kind == "pentagon":
+        d = _polygon(u, v, 5, 1.1 * R)
+    else:
+        # disk of radius R cut at its diameter; the centre offset 4R/(3 pi) puts the
+        # half disk's centroid on (cx, cy)
+        off = 4 * R / (3 * math.pi)
+        d = np.maximum(np.hypot(u, v - off) - R, v - off)
+    return d, np.zeros(x.shape, dtype=np.int8)
+
+
+def texture_pattern_v2(shape: Shape, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Boolean 'ink' map of a version 2 texture, in the shape's rotated frame."""
+    if shape.texture == "plain":
+        return np.zeros(x.shape, dtype=bool)
+    c, s = math.cos(shape.angle), math.sin(shape.angle)
+    dx, dy = x - shape.cx, y - shape.cy
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    # a period of at least 3 px keeps every pattern resolvable at 32-48 px images
+    p = max(3.0, 0.45 * shape.radius)
+    if shape.texture == "stripes":
+        return np.floor(u / p).astype(np.int64) % 2 == 0
+    if shape.texture == "checker":
+        return (np.floor(u / p).astype(np.int64) + np.floor(v / p).astype(np.int64)) % 2 == 0
+    if shape.texture == "dots":
+        fu, fv = u / p - np.round(u / p), v / p - np.round(v / p)
+        return np.hypot(fu, fv) < 0.3
+    if shape.texture == "zigzag":
+        tri = np.abs(np.mod(u / p, 2.0) - 1.0)  # triangle wave of period 2p, amplitude 1
+        return np.floor(v / p + tri).astype(np.int64) % 2 == 0
+    if shape.texture == "grid":
+        q = 1.5 * p
+        return (np.mod(u, q) < 0.4 * p) | (np.mod(v, q) < 0.4 * p)
+    raise ValueError(shape.texture)  # pragma: no cover - textures come from the tables
+
+
+def _background_v2(scene: str, rng: np.random.Generator, size: int,
+                   x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Version 2 scene backgrounds: version 1's five plus eleven new ones."""
+    if scene in ("sky", "grass", "water", "wall", "sand"):
+        return _background(scene, rng, size, x, y)
+    t = y / size
+    if scene == "sunset":
+        top, bottom = np.array((250, 175, 95.0)), np.array((235, 110, 60.0))
+        img = (1 - t)[..., None] * top + t[..., None] * bottom
+        img = img + 40 * np.clip(_smooth_noise(rng, size, 3), 0, None)[..., None] * \
+            np.array((0.2, 0.5, 1.0))
+    elif scene == "night":
+        img = np.array((20, 24, 48.0)) + 8 * _smooth_noise(rng, size, 3)[..., None]
+        stars = rng.random((size, size)) < 0.025
+        img = img + 170 * stars[..., None]
+    elif scene == "fog":
+        img = np.array((212, 215, 222.0)) + 22 * _smooth_noise(rng, size, 3)[..., None]
+    elif scene in ("brick", "tiles"):
+        if scene == "brick":
+            base, line, bh = np.array((168, 62, 45.0)), (215, 205, 190), max(4, size // 8)
+            bw = 2 * bh
+        else:
+            base, line, bh = np.array((232, 214, 150.0)), (150, 138, 100), max(4, size // 6)
+            bw = bh
+        row = np.floor(y / bh).astype(int)
+        offset = (row % 2) * (bw // 2) if scene == "brick" else 0
+        mortar = (np.mod(y, bh) < 1.0) | (np.mod(x + offset, bw) < 1.0)
+        img = np.broadcast_to(base, (size, size, 3)).copy()
+        img[mortar] = line
+        img = img + 8 * _smooth_noise(rng, size, 4)[..., None]
+    elif scene == "snow":
+        img = np.array((236, 239, 246.0)) + 10 * _smooth_noise(rng, size, 3)[..., None]
+        img = img + rng.normal(0, 6, size=(size, size, 1))
+    elif scene == "forest":
+        blobs = _smooth_noise(rng, size, 7)[..., None]
+        img = np.array((32, 92, 38.0)) + 40 * blobs * np.array((0.4, 1.0, 0.4))
+    elif scene == "field":
+        blades = np.sin(x * 1.7 + 3 * _smooth_noise(rng, size, 6))[..., None]
+        img = np.array((215, 188, 70.0)) + 22 * blades * np.array((1.0, 0.9, 0.3))
+    elif scene == "mud":
+        img = np.array((105, 72, 42.0)) + 20 * _smooth_noise(rng, size, 4)[..., None]
+        img = img + rng.normal(0, 8, size=(size, size, 1))
+    elif scene == "lagoon":
+        period = size / rng.uniform(4, 7)
+        phase = rng.uniform(0, 2 * math.pi)
+        wave = np.sin(2 * math.pi * (y / period + 0.25 * np.sin(2 * math.pi * x / (1.7 * period)))
+                      + phase)
+        img = np.array((40, 165, 130.0)) + 25 * wave[..., None] * np.array((0.5, 1.0, 0.8))
+    elif scene == "rock":
+        img = np.array((122, 120, 116.0)) + 28 * _smooth_noise(rng, size, 5)[..., None]
+        img = img + 12 * _smooth_noise(rng, size, 11)[..., None]
+    else:  # pragma: no cover - scenes come from the tables
+        raise ValueError(scene)
+    return img
+
+
+def _pick_color_v2(rng: np.random.Generator, avoid: str, palette: list[str] | None) -> str:
+    if palette is not None and rng.random() < P_PALETTE_V2:
+        choices = [c for c in palette if c != avoid]
+    else:
+        choices = [c for c in COLORS if c != avoid]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _shape_v2(rng: np.random.Generator, kind: str, radius: float, cx: float, cy: float,
+              color: str, texture: str) -> Shape:
+    return Shape(kind=kind, cx=cx, cy=cy, radius=radius,
+                 angle=float(rng.uniform(0, 2 * math.pi)), aspect=float(rng.uniform(1.5, 1.95)),
+                 color=color, texture=texture, outlined=bool(rng.random() < 0.5))
+
+
+def sample_scene_v2(index: int, size: int, seed: int, split: str) -> dict[str, Any]:
+    """Random choices of version 2 image ``index`` (its own stream: ``[seed, split, i, 2]``)."""
+    rng = np.random.default_rng([seed, SPLITS[split], index, 2])
+    label = int(rng.integers(len(CLASSES_V2)))
+    cls = CLASSES_V2[label]
+    sup = SUPERCLASS_OF_V2[cls]
+    if rng.random() < P_SUPER_SCENE_V2:
+        scene = SUPER_SCENES_V2[sup][int(rng.integers(len(SUPER_SCENES_V2[sup])))]
+    else:
+        scene = SCENES_V2[int(rng.integers(len(SCENES_V2)))]
+    bg_color = SCENE_COLOR_V2[scene]
+    radius = size * float(rng.uniform(0.22, 0.32))
+    margin = 0.85 * radius
+    cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
+    color = _pick_color_v2(rng, bg_color, PALETTES_V2[sup])
+    if rng.random() < P_CLASS_TEXTURE_V2:
+        texture = CLASS_TEXTURE_V2[cls]
+    else:
+        texture = TEXTURE_CHOICES_V2[int(rng.integers(len(TEXTURE_CHOICES_V2)))]
+    main = _shape_v2(rng, cls, radius, cx, cy, color, texture)
+    behind, front = [], []
+    for _ in range(int(rng.choice(3, p=[0.45, 0.4, 0.15]))):
+        kind = CLASSES_V2[int(rng.integers(len(CLASSES_V2)))]
+        r = size * float(rng.uniform(0.07, 0.12))
+        dx, dy = (float(rng.uniform(r * 0.5, size - r * 0.5)) for _ in range(2))
+        tex = TEXTURE_CHOICES_V2[int(rng.integers(len(TEXTURE_CHOICES_V2)))]
+        d = _shape_v2(rng, kind, r, dx, dy, _pick_color_v2(rng, bg_color, None), tex)
+        (front if rng.random() < 0.5 else behind).append(d)
+    return {"rng": rng, "label": label, "scene": scene, "shapes": behind + [main] + front,
+            "main": len(behind)}
+
+
+def render_v2(index: int, size: int = 48, seed: int = 0, split: str = "probe") -> dict[str, Any]:
+    """Draw version 2 image ``index``; same keys as :func:`render` (texture 0 on plain objects)."""
+    info = sample_scene_v2(index, size, seed, split)
+    rng: np.random.Generator = info["rng"]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    img = _background_v2(info["scene"], rng, size, xx, yy)
+    L = LABEL_NUMBER_V2
+    maps = {
+        "color": np.full((size, size), L[("color", SCENE_COLOR_V2[info["scene"]])],
+                         dtype=np.int64),
+        "object": np.zeros((size, size), dtype=np.int64),
+        "part_1": np.zeros((size, size), dtype=np.int64),
+        "part_2": np.zeros((size, size), dtype=np.int64),
+        "texture": np.zeros((size, size), dtype=np.int64),
+        "owner": np.full((size, size), -1, dtype=np.int64),
+        "pattern": np.zeros((size, size), dtype=bool),
+        "rim": np.zeros((size, size), dtype=bool),
+    }
+    part_lut = np.array([L[("part", "body")], L[("part", "arm")], L[("part", "hub")]])
+    for k, sh in enumerate(info["shapes"]):
+        ext = 1.55 * sh.radius + 2  # bounds every kind (semicircle reaches 1.43 r)
+        y0, y1 = max(0, int(sh.cy - ext)), min(size, int(math.ceil(sh.cy + ext)))
+        x0, x1 = max(0, int(sh.cx - ext)), min(size, int(math.ceil(sh.cx + ext)))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        box = (slice(y0, y1), slice(x0, x1))
+        bx, by = xx[box], yy[box]
+        d, sub = shape_field_v2(sh, bx, by)
+        inside = d < 0
+        if not inside.any():
+            continue
+        width = max(1.0, 0.16 * sh.radius)
+        rim = inside & (d > -width) if sh.outlined else np.zeros_like(inside)
+        pattern = inside & texture_pattern_v2(sh, bx, by) & ~rim
+        colour = np.where(pattern[..., None], shade(sh.color, PATTERN_MIX), shade(sh.color, 0.0))
+        colour = np.where(rim[..., None], shade(sh.color, RIM_MIX), colour)
+        img[box] = np.where(inside[..., None], colour, img[box])
+        part1 = np.where(rim, L[("part", "rim")], part_lut[sub])
+        part2 = np.where(by < sh.cy, L[("part", "top-half")], L[("part", "bottom-half")])
+        # a texture label marks the whole region of a patterned object (as Broden's texture
+        # regions do), not only its ink; a plain object has none
+        tex = L[("texture", sh.texture)] if sh.texture != "plain" else 0
+        for key, value in (("color", L[("color", sh.color)]), ("object", L[("object", sh.kind)]),
+                           ("part_1", part1), ("part_2", part2), ("texture", tex),
+                           ("owner", k), ("pattern", pattern), ("rim", rim)):
+            view = maps[key][box]
+            view[inside] = value[inside] if isinstance(value, np.ndarray) else value
+    clean = img
+    noisy = clean + rng.normal(0, NOISE_STD, size=clean.shape)
+    image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    return {"image": image, "clean": clean, "label": info["label"], "scene": info["scene"],
+            "shapes": info["shapes"], "main": info["main"], "maps": maps}
+
+
+@dataclass(frozen=True)
+class _Version:
+    """What the writer needs from one generator version."""
+
+    classes: list[str]
+    labels: list[tuple[int, str, str]]
+    label_number: dict[tuple[str, str], int]
+    render: Any
+    extra_meta: dict[str, Any]
+
+
+VERSION_TABLES: dict[int, _Version] = {
+    1: _Version(CLASSES, LABELS, LABEL_NUMBER, render, {"similar_groups": SIMILAR_GROUPS}),
+    2: _Version(CLASSES_V2, LABELS_V2, LABEL_NUMBER_V2, render_v2,
+                {"superclasses": SUPERCLASSES_V2, "super_scenes": SUPER_SCENES_V2,
+                 "palettes": PALETTES_V2, "class_texture": CLASS_TEXTURE_V2,
+                 "scene_color": SCENE_COLOR_V2}),
+}
+VERSIONS = tuple(VERSION_TABLES)
+
+
 # ----------------------------------------------------------------------------- writing
 MASK_COLUMNS = {"color": ["color"], "object": ["object"], "part": ["part_1", "part_2"],
                 "texture": ["texture"]}
 
 
-def params_hash(n: int, size: int, seed: int, split: str) -> str:
-    blob = json.dumps({"generator": GENERATOR_VERSION, "n": n, "size": size, "seed": seed,
+def params_hash(n: int, size: int, seed: int, split: str, version: int = 1) -> str:
+    """Folder name of a set in the cache. Version 1's hash is what it always was."""
+    blob = json.dumps({"generator": version, "n": n, "size": size, "seed": seed,
                        "split": split}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -379,7 +703,8 @@ def default_root() -> Path:
     return Path(base).expanduser() if base else Path.home() / ".cache" / "interptool"
 
 
-def validate_params(n: Any, size: Any, seed: Any, split: Any) -> tuple[int, int, int, str]:
+def validate_params(n: Any, size: Any, seed: Any, split: Any,
+                    version: Any = DEFAULT_VERSION) -> tuple[int, int, int, str, int]:
     def as_int(name: str, value: Any, lo: int, hi: int) -> int:
         try:
             iv = int(value)
@@ -397,19 +722,27 @@ def validate_params(n: Any, size: Any, seed: Any, split: Any) -> tuple[int, int,
     if split not in SPLITS:
         raise DataError(f"concept-world: split={split!r}; expected one of "
                         f"{', '.join(SPLITS)}")
-    return n, size, seed, str(split)
+    version = as_int("version", version, 0, 2**31)
+    if version not in VERSION_TABLES:
+        raise DataError(f"concept-world: version={version}; expected one of "
+                        f"{', '.join(map(str, VERSIONS))} (1 for sets and caches made before "
+                        "version 2)")
+    return n, size, seed, str(split), version
 
 
-def _meta(n: int, size: int, seed: int, split: str) -> dict[str, Any]:
+def _meta(n: int, size: int, seed: int, split: str, version: int) -> dict[str, Any]:
+    tables = VERSION_TABLES[version]
+    # key order as version 1 always wrote it (its concept_world.json must not change)
     return {
-        "format": "interptool-concept-world", "generator": GENERATOR_VERSION,
+        "format": "interptool-concept-world", "generator": version,
         "params": {"n": n, "size": size, "seed": seed, "split": split},
-        "seg_size": size // 2, "classes": CLASSES, "similar_groups": SIMILAR_GROUPS,
+        "seg_size": size // 2, "classes": tables.classes, **tables.extra_meta,
         "categories": CATEGORIES, "complete": True,
     }
 
 
-def _is_complete(root: Path, n: int, size: int, seed: int, split: str) -> bool:
+def _is_complete(root: Path, n: int, size: int, seed: int, split: str,
+                 version: int) -> bool:
     meta = root / "concept_world.json"
     if not meta.is_file():
         return False
@@ -417,11 +750,11 @@ def _is_complete(root: Path, n: int, size: int, seed: int, split: str) -> bool:
         data = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return data.get("complete") is True and data.get("generator") == GENERATOR_VERSION and \
+    return data.get("complete") is True and data.get("generator") == version and \
         data.get("params") == {"n": n, "size": size, "seed": seed, "split": split}
 
 
-def _write_set(out: Path, n: int, size: int, seed: int, split: str) -> None:
+def _write_set(out: Path, n: int, size: int, seed: int, split: str, version: int) -> None:
     from PIL import Image
 
     from interptool._progress import progress
@@ -431,13 +764,15 @@ def _write_set(out: Path, n: int, size: int, seed: int, split: str) -> None:
     idx = seg_indices(size, seg)
     sub = f"concept-world/{split}"
     (out / "images" / sub).mkdir(parents=True)
-    n_labels = len(LABELS) + 1
+    tables = VERSION_TABLES[version]
+    labels_v, number_v = tables.labels, tables.label_number
+    n_labels = len(labels_v) + 1
     # per (label, category) image counts and coverage (in whole images), as Broden counts them
     freq = {c: np.zeros(n_labels, dtype=np.int64) for c in CATEGORIES}
     cover = {c: np.zeros(n_labels, dtype=np.float64) for c in CATEGORIES}
     index_rows, label_rows = [], []
     for i in progress(range(n), total=n, desc=f"concept-world {split}", unit="img"):
-        r = render(i, size, seed, split)
+        r = tables.render(i, size, seed, split)
         stem = f"{sub}/{i:05d}"
         Image.fromarray(r["image"], mode="RGB").save(out / "images" / f"{stem}.png",
                                                      format="PNG", compress_level=1)
@@ -456,7 +791,7 @@ def _write_set(out: Path, n: int, size: int, seed: int, split: str) -> None:
                 freq[cat][present] += 1
                 cover[cat][present] += counts[present] / small.size
             cells[cat] = ";".join(files)
-        scene_num = LABEL_NUMBER[("scene", r["scene"])]
+        scene_num = number_v[("scene", r["scene"])]
         freq["scene"][scene_num] += 1
         cover["scene"][scene_num] += 1.0
         cells["scene"] = str(scene_num)
@@ -466,16 +801,16 @@ def _write_set(out: Path, n: int, size: int, seed: int, split: str) -> None:
     _write_csv(out / "index.csv", ["image", "split", "ih", "iw", "sh", "sw", *CATEGORIES],
                index_rows)
     _write_csv(out / "labels.csv", ["image", "label"], label_rows)
-    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (out / "classes.txt").write_text("\n".join(tables.classes) + "\n")
     label_csv, cat_csv = [], []
-    for num, name, cat in LABELS:
+    for num, name, cat in labels_v:
         label_csv.append([num, name, f"{cat}({freq[cat][num]})", freq[cat][num],
                           f"{cover[cat][num]:f}", ""])
     for cat in CATEGORIES:
-        nums = [num for num, _, c in LABELS if c == cat]
+        nums = [num for num, _, c in labels_v if c == cat]
         cat_csv.append([cat, min(nums), max(nums), len(nums), int(freq[cat][nums].sum())])
         # dense codes in label-number order (stable across splits and sizes)
-        rows = [[code, num, LABELS[num - 1][1], freq[cat][num], f"{cover[cat][num]:f}"]
+        rows = [[code, num, labels_v[num - 1][1], freq[cat][num], f"{cover[cat][num]:f}"]
                 for code, num in enumerate(nums, start=1)]
         _write_csv(out / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"],
                    rows)
@@ -483,7 +818,7 @@ def _write_set(out: Path, n: int, size: int, seed: int, split: str) -> None:
                                    "syns"], label_csv)
     _write_csv(out / "category.csv", ["name", "first", "last", "count", "frequency"], cat_csv)
     # written last: its presence with complete=true marks a whole set
-    (out / "concept_world.json").write_text(json.dumps(_meta(n, size, seed, split), indent=1))
+    (out / "concept_world.json").write_text(json.dumps(_meta(n, size, seed, split, version), indent=1))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -503,6 +838,7 @@ def make_concept_world(
     split: str = "probe",
     *,
     overwrite: bool = False,
+    version: int = DEFAULT_VERSION,
 ) -> Path:
     """Generate (or reuse) a concept-world set in Broden format and return its folder.
 
@@ -512,25 +848,27 @@ def make_concept_world(
             is reused; any other non-empty folder is an error unless ``overwrite``.
         n: number of images. size: image side in pixels (segmentation side is ``size // 2``).
         seed: base seed. split: ``train``, ``eval`` or ``probe`` (disjoint derived seeds).
+        version: generator version: 1 (default for now; the original set, byte-identical
+            to what it always was: same files, same cache folder) or 2.
 
     The set is written to a temporary sibling folder and renamed into place, so an
     interrupted or concurrent run never leaves a half-written set that looks whole.
     """
-    n, size, seed, split = validate_params(n, size, seed, split)
+    n, size, seed, split, version = validate_params(n, size, seed, split, version)
     if root is None:
-        root = default_root() / "concept-world" / params_hash(n, size, seed, split)
+        root = default_root() / "concept-world" / params_hash(n, size, seed, split, version)
     root = Path(root).expanduser()
-    if _is_complete(root, n, size, seed, split) and not overwrite:
+    if _is_complete(root, n, size, seed, split, version) and not overwrite:
         return root
     if root.exists() and not root.is_dir():
         raise DataError(f"{root} is a file; give a folder for the concept-world set")
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise DataError(
             f"{root} exists and is not a concept-world set with n={n}, size={size}, "
-            f"seed={seed}, split={split}; choose another folder or pass --overwrite"
+            f"seed={seed}, split={split}, version={version}; choose another folder or pass --overwrite"
         )
     try:
-        _generate(root, n, size, seed, split, overwrite)
+        _generate(root, n, size, seed, split, overwrite, version)
     except OSError as exc:
         raise DataError(
             f"cannot write concept-world to {root}: {exc}; choose a writable folder (--out) "
@@ -539,11 +877,12 @@ def make_concept_world(
     return root
 
 
-def _generate(root: Path, n: int, size: int, seed: int, split: str, overwrite: bool) -> None:
+def _generate(root: Path, n: int, size: int, seed: int, split: str, overwrite: bool,
+              version: int) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_set(tmp, n, size, seed, split)
+        _write_set(tmp, n, size, seed, split, version)
         if root.exists():
             if overwrite or not any(root.iterdir()):
                 old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
@@ -553,7 +892,7 @@ def _generate(root: Path, n: int, size: int, seed: int, split: str, overwrite: b
             os.rename(tmp, root)
         except OSError:
             # another process finished the same set first: keep theirs when it is complete
-            if not _is_complete(root, n, size, seed, split):
+            if not _is_complete(root, n, size, seed, split, version):
                 raise
     finally:
         if tmp.exists():

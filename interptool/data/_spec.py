@@ -97,11 +97,12 @@ def open_dataset(spec: str) -> ImageDataset:
         from interptool.data._concept_world import DEFAULTS, make_concept_world
 
         params = _query(spec, q, {"n": "number of images", "size": "image side in px",
-                                  "seed": "base seed", "split": "train, eval or probe"}) \
+                                  "seed": "base seed", "split": "train, eval or probe",
+                                  "version": "generator version, 1 (default) or 2"}) \
             if q else {}
         merged = {**DEFAULTS, **params}
         root = make_concept_world(None, merged["n"], merged["size"], merged["seed"],
-                                  merged["split"])
+                                  merged["split"], version=merged["version"])
         return BrodenDataset(root, spec=spec)
     raise DataError(f"data spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
 

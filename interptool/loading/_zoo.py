@@ -1,8 +1,16 @@
 """Small built-in architectures (``interptool:NAME``) used by the concept-world demo.
 
 They are ResNet-shaped (``stem``, ``layer1``..``layer4``, ``fc``) so that the layer names users
-know from torchvision/timm ResNets (``layer3``, ``layer4``) mean the same thing here. The
-teacher is wider and deeper than the student, as ResNet-34 is to ResNet-18 in the paper.
+know from torchvision/timm ResNets (``layer3``, ``layer4``) mean the same thing here.
+
+* ``cw-teacher`` / ``cw-student``: the original demo pair (concept-world version 1, 64 px);
+  the teacher is wider and deeper than the student.
+* ``cw2-resnet34`` / ``cw2-resnet18``: the reproduction study's nets (concept-world version 2,
+  48 px, ``examples/kd_reproduction/``): torchvision's ResNet-34 and ResNet-18 block layouts
+  (BasicBlock ``[3, 4, 6, 3]`` and ``[2, 2, 2, 2]``, stage strides 1, 2, 2, 2) at a quarter of
+  the width (16-32-64-128 channels), with a 3x3 stride-2 stem and no max-pool, because the
+  images are 48 px instead of 224: at 48 px ``layer3`` is 6x6 and ``layer4`` 3x3. As in the
+  paper, teacher and student differ in depth only.
 """
 
 from __future__ import annotations
@@ -36,7 +44,13 @@ class _BasicBlock(nn.Module):
 
 
 class ConceptWorldNet(nn.Module):
-    """A compact ResNet for 64-128 px inputs: stride-2 stem, four stages (strides 1, 2, 2, 1)."""
+    """A compact ResNet for small inputs: 3x3 stride-2 stem, four stages of BasicBlocks.
+
+    Args:
+        widths: channels of ``layer1``..``layer4``. blocks: BasicBlocks per stage.
+        strides: stride of each stage's first block; (1, 2, 2, 1) for the version 1 demo
+            nets, (1, 2, 2, 2) (torchvision's) for the ``cw2-*`` nets.
+    """
 
     def __init__(
         self,
@@ -44,6 +58,7 @@ class ConceptWorldNet(nn.Module):
         blocks: Sequence[int],
         num_classes: int = 10,
         in_chans: int = 3,
+        strides: Sequence[int] = (1, 2, 2, 1),
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
@@ -51,7 +66,6 @@ class ConceptWorldNet(nn.Module):
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        strides = (1, 2, 2, 1)
         c_in = widths[0]
         for i, (w, n, s) in enumerate(zip(widths, blocks, strides), start=1):
             layers = [_BasicBlock(c_in, w, s)] + [_BasicBlock(w, w, 1) for _ in range(n - 1)]
@@ -75,13 +89,29 @@ def cw_student(num_classes: int = 10, in_chans: int = 3) -> ConceptWorldNet:
     return ConceptWorldNet((16, 32, 64, 128), (1, 1, 1, 1), num_classes, in_chans)
 
 
-# name -> constructor(num_classes, in_chans)
-ZOO: dict[str, Callable[..., nn.Module]] = {"cw-teacher": cw_teacher, "cw-student": cw_student}
+def cw2_resnet18(num_classes: int = 12, in_chans: int = 3) -> ConceptWorldNet:
+    """ResNet-18 layout (BasicBlock [2, 2, 2, 2]) at base width 16: the study's student."""
+    return ConceptWorldNet((16, 32, 64, 128), (2, 2, 2, 2), num_classes, in_chans, (1, 2, 2, 2))
 
-# Preprocessing of the built-in nets (concept-world images are 64 px by default).
+
+def cw2_resnet34(num_classes: int = 12, in_chans: int = 3) -> ConceptWorldNet:
+    """ResNet-34 layout (BasicBlock [3, 4, 6, 3]) at base width 16: the study's teacher."""
+    return ConceptWorldNet((16, 32, 64, 128), (3, 4, 6, 3), num_classes, in_chans, (1, 2, 2, 2))
+
+
+# name -> constructor(num_classes, in_chans)
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "cw-teacher": cw_teacher, "cw-student": cw_student,
+    "cw2-resnet18": cw2_resnet18, "cw2-resnet34": cw2_resnet34,
+}
+# Input side each net was trained at: version 1 sets are drawn at 64 px, the study's
+# version 2 sets at 48 px.
+ZOO_INPUT_SIDE = {"cw-teacher": 64, "cw-student": 64, "cw2-resnet18": 48, "cw2-resnet34": 48}
+
+# Preprocessing of the built-in nets.
 ZOO_PREPROCESSING: dict[str, dict] = {
     name: dict(
-        input_size=(3, 64, 64),
+        input_size=(3, ZOO_INPUT_SIDE[name], ZOO_INPUT_SIDE[name]),
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
         interpolation="bilinear",
