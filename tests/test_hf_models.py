@@ -192,6 +192,13 @@ def test_pytorch_model_bin_folder_loads_and_unsafe_pickles_are_refused(tmp_path,
     assert loaded.load_report.format == "zip"
     with torch.no_grad():
         assert torch.equal(loaded.model(_x()), ref(pixel_values=_x()).logits)
+    # a flipped bit inside a tensor of the .bin is caught by the zip CRC check
+    raw = bytearray((binf / "pytorch_model.bin").read_bytes())
+    pos = raw.index(ref.state_dict()["classifier.weight"].numpy().tobytes()[:16])
+    raw[pos + 1] ^= 0x04
+    (binf / "pytorch_model.bin").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="fails its CRC-32 check"):
+        load_model(f"hf:{binf}")
     # a .bin that needs full unpickling is refused by interptool's reader first
     torch.save({**ref.state_dict(), "cfg": Path("x")}, binf / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickled Python objects"):

@@ -225,15 +225,16 @@ def load_pretrained(
     if not use_safetensors:
         # transformers unpickles .bin files with weights_only=True; interptool's own reader
         # vets every shard first, so an unsafe pickle is refused with the usual message.
-        from interptool.loading._checkpoint import detect_format, read_state_dict
+        from interptool.loading._checkpoint import read_state_dict
 
         shards = [weights]
         if weights.name.endswith(".index.json"):
             index = _read_json(weights).get("weight_map", {})
             shards = [folder / s for s in sorted(set(index.values()))]
-        for shard in shards:
-            read_state_dict(shard)
-        fmt = detect_format(shards[0])
+        for k, shard in enumerate(shards):
+            _, shard_info = read_state_dict(shard)  # also verifies the zip CRCs
+            if k == 0:
+                fmt = shard_info["format"]
     transformers = _transformers()
     kwargs = {_dtype_kwarg(transformers): torch.float32}
     bars = transformers.utils.logging.is_progress_bar_enabled()
