@@ -290,3 +290,33 @@ def test_distilled_deit_and_register_tokens(tmp_path):
         blocks = [n for n, m in model.named_modules() if type(m).__name__.endswith("Layer")
                   and n.rsplit(".", 1)[-1].isdigit()]
         assert dict(list_layers(loaded))[blocks[-1]] == (prefix + 16, 32)
+
+
+def test_hf_folder_through_the_activation_cache(tmp_path, vit_dir):
+    """The cache stage sees an ordinary module: token features, logits equal to the HF
+    model's own on the same preprocessed images, and the token layout recorded."""
+    from interptool.cache import ActivationCache, cache_activations
+    from interptool.data import open_dataset
+
+    folder, ref = vit_dir
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / c / f"{i}.png")
+    loaded = load_model(f"hf:{folder}")
+    ds = open_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    block = [n for n, m in ref.named_modules() if type(m).__name__ == "ViTLayer"][-1]
+    path = cache_activations(loaded, ds, [block], tmp_path / "c.h5", batch_size=3,
+                             dtype="float32")
+    tf = loaded.preprocessing.eval_transform()
+    x = torch.stack([tf(ds.load_image(i)) for i in range(len(ds))])
+    with torch.no_grad():
+        want = ref(pixel_values=x).logits.numpy()
+    with ActivationCache(path) as cache:
+        assert cache.features(block).shape == (4, 17, 32)
+        np.testing.assert_allclose(cache.logits, want, rtol=1e-5, atol=1e-6)
+        info = cache.model_info  # LoadedModel.to_dict(), recorded by every cache
+        assert info["num_prefix_tokens"] == 1 and info["token_grid"] == [4, 4]
+        assert info["class_names"] == ["cat", "dog", "fox"]
