@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--only",
         help="comma-separated subset of the configured analyses: dissection,similarity,attribution",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace caches under DIR/cache made with other settings (default: keep them and "
+        "write a new file beside them); never needed to resume an interrupted run",
+    )
     add_common_args(p)
     # --device default is None here so that the config's [run] device applies unless given.
     p.set_defaults(func=_run, device=None)
@@ -59,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         args.out,
         config_text=Path(args.config).read_text(),
         command=" ".join(["interptool", *sys.argv[1:]]),
+        overwrite=args.overwrite,
     )
     print(report)
     return 0

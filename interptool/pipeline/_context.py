@@ -20,8 +20,10 @@ class RunContext:
     sets ``eval_cache``/``probe_cache``; analysis stages read them and add figures.
     """
 
-    def __init__(self, cfg: CompareConfig, out: Path) -> None:
+    def __init__(self, cfg: CompareConfig, out: Path, *, overwrite: bool = False) -> None:
         self.cfg = cfg
+        #: the user's --overwrite: caches made with other settings are replaced in place
+        self.overwrite = bool(overwrite)
         self.out = Path(out)
         self.device = cfg.run.device
         self.stages = StageCache(self.out)

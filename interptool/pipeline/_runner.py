@@ -87,12 +87,17 @@ def run_compare(
     config_text: str | None = None,
     command: str | None = None,
     title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Run every configured analysis on every model and write the report; returns its path.
 
     ``DIR/report.html`` (self-contained), ``DIR/summary.json`` (every number of the report),
     and behind them ``DIR/cache/``, ``DIR/dissection/<model>/<layer>/``, ``DIR/similarity/``,
     ``DIR/attribution/<method>/``. Re-running with the same config resumes: complete caches
-    and finished stages are reused (``DIR/.stages/<stage>.json``).
+    and finished stages are reused (``DIR/.stages/<stage>.json``). A cache made with other
+    settings is kept and a new one written beside it, unless ``overwrite`` (the user's
+    ``--overwrite``) replaces it; any other cache fault stops the run and keeps the partial
+    cache for the next run to resume (:mod:`interptool.pipeline._caches`).
     """
-    return _execute(RunContext(config, Path(out)), config_text, command, title)
+    return _execute(RunContext(config, Path(out), overwrite=overwrite), config_text, command,
+                    title)

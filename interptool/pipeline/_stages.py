@@ -94,19 +94,14 @@ def _check_layers(source: str, m: Any, loaded: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # 2. caches
 # --------------------------------------------------------------------------------------------
-def _cache(loaded: Any, dataset: Any, layers: list[str], path: Path, **kw: Any) -> Path:
-    """``cache_activations`` that reuses a matching cache (complete: no-op; incomplete:
-    resumed) and rebuilds one made with other settings: files under DIR/cache are ours."""
-    from interptool.cache import cache_activations
-    from interptool.errors import CacheError
+def _cache(run: RunContext, loaded: Any, dataset: Any, layers: list[str], path: Path,
+           **kw: Any) -> Path:
+    """Resume, never wipe: :func:`~interptool.pipeline._caches.cache_or_resume` (a cache made
+    with other settings goes to a new file unless the user passed ``--overwrite``; any other
+    cache fault stops the run and keeps the partial file)."""
+    from interptool.pipeline._caches import cache_or_resume
 
-    try:
-        return Path(cache_activations(loaded, dataset, layers, path, **kw))
-    except CacheError as exc:
-        if not path.exists():
-            raise
-        say(f"{path.name}: {exc}; rebuilding it")
-        return Path(cache_activations(loaded, dataset, layers, path, overwrite=True, **kw))
+    return cache_or_resume(loaded, dataset, layers, path, overwrite=run.overwrite, **kw)
 
 
 def build_caches(run: RunContext) -> None:
@@ -120,13 +115,13 @@ def build_caches(run: RunContext) -> None:
             path = run.out / "cache" / f"{name}_eval.h5"
             say(f"cache {name} on eval data ({len(run.eval_ds)} images)")
             run.eval_cache[name] = _cache(
-                lm, run.eval_ds, layers, path, batch_size=r.batch_size, workers=r.workers,
+                run, lm, run.eval_ds, layers, path, batch_size=r.batch_size, workers=r.workers,
                 probe=False, seed=r.seed, device=run.device)
         if run.probe_ds is not None:
             path = run.out / "cache" / f"{name}_probe.h5"
             say(f"cache {name} on probe data ({len(run.probe_ds)} images)")
             run.probe_cache[name] = _cache(
-                lm, run.probe_ds, run.dissect_layers(name), path, batch_size=r.batch_size,
+                run, lm, run.probe_ds, run.dissect_layers(name), path, batch_size=r.batch_size,
                 workers=r.workers, probe=True, seed=r.seed, device=run.device)
 
 
