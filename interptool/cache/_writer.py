@@ -437,6 +437,32 @@ def _run_local(
     extra_attrs: dict[str, Any] | None = None,
 ) -> CacheRun:
     """One process writing one file (the whole data set, or one torchrun shard of it)."""
+    job = _make_job(loaded, dataset, layers, path, batch_size=batch_size, workers=workers,
+                    threads=threads, dtype=dtype, compression=compression, skip_bad=skip_bad,
+                    probe=probe, seed=seed, device=device, local_ranks=local_ranks,
+                    extra_attrs=extra_attrs)
+    with output_lock(job.path, fix="choose another --out", error=CacheLockedError) as lock:
+        return job.run(lock, overwrite=overwrite)
+
+
+def _make_job(
+    loaded: Any,
+    dataset: Any,
+    layers: Sequence[str] | None,
+    path: str | os.PathLike,
+    *,
+    batch_size: int,
+    workers: int | None,
+    threads: int | None,
+    dtype: str,
+    compression: str | None,
+    skip_bad: bool,
+    probe: bool | None,
+    seed: int,
+    device: str | torch.device | None,
+    local_ranks: int = 1,
+    extra_attrs: dict[str, Any] | None = None,
+) -> _Job:
     path = Path(path)
     layers = list(layers or [])
     model = loaded.model
@@ -469,11 +495,9 @@ def _run_local(
         "preprocessing": pre.to_dict(),
         "transform": "probe" if use_probe else "eval",
     }
-    job = _Job(path, loaded, dataset, layers, ids, transform, dev, plan, want,
-               batch_size=batch_size, dtype=dtype, compression=compression,
-               skip_bad=skip_bad, seed=seed, extra_attrs=dict(extra_attrs or {}))
-    with output_lock(path, fix="choose another --out", error=CacheLockedError) as lock:
-        return job.run(lock, overwrite=overwrite)
+    return _Job(path, loaded, dataset, layers, ids, transform, dev, plan, want,
+                batch_size=batch_size, dtype=dtype, compression=compression,
+                skip_bad=skip_bad, seed=seed, extra_attrs=dict(extra_attrs or {}))
 
 
 @dataclass

@@ -13,9 +13,13 @@ examples:
       --layers layer3,layer4 --out student.h5
   interptool cache --arch model.torchscript --data csv:val.csv --out logits.h5
 
-An interrupted run (Ctrl-C, a crash, a killed job) leaves an incomplete file that readers
-refuse; running the same command again resumes it. Running it on a finished cache with the
-same model, data and settings does nothing (cache hit). See docs/cache-format.md.
+  torchrun --nproc_per_node=4 -m interptool cache --arch timm:resnet18 --device cuda \
+      --data broden:/data/broden1_224 --layers layer4 --out probe.h5   # 4 GPUs, one file
+
+An interrupted run (Ctrl-C, a crash, a killed job, a full disk) leaves an incomplete file that
+readers refuse; running the same command again resumes it. Running it on a finished cache with
+the same model, data and settings does nothing (cache hit). Two runs never write one file at
+once: the second stops (exit 2) naming the first. See docs/cache-format.md and docs/scaling.md.
 """
 
 
@@ -46,10 +50,17 @@ def register(subparsers: Any) -> None:
     g.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="feature precision (default float16; logits and maxima are float32)")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes decoding images (default: chosen from "
+                   "the cores available, 0 below 3 cores)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="cores to use in total: torch threads + DataLoader workers (default: "
+                   "all this process may use, from its CPU affinity and cgroup quota; under "
+                   "torchrun, an equal share per local process)")
     g.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing cache made with other settings")
+                   help="replace an existing cache made with other settings (never one that "
+                   "another interptool process is writing)")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip images that fail to decode (listed in the file) instead of stopping")
     g.add_argument("--probe", choices=["auto", "yes", "no"], default="auto",
@@ -78,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     loaded = _load_model(args)
     dataset = _open_dataset(args.data)
     result = run_cache(
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         workers=args.workers,
+        threads=args.threads,
         dtype=args.dtype,
         compression=None if args.compression == "none" else args.compression,
         overwrite=args.overwrite,
@@ -97,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    print(result.path)
-    print(result.summary())
+    from interptool.cache._distributed import rank_info
+
+    if rank_info()[0] == 0:  # under torchrun, one process reports for all
+        print(result.path)
+        print(result.summary())
     return 0

@@ -1,0 +1,144 @@
+"""`interptool cache` under torchrun: two real processes (gloo on CPU), each writing its shard,
+joined into one file that equals a one-process cache bitwise; a failed rank resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_cache  # noqa: E402
+from test_cache import FakeDataset, FakeLoaded, make_student  # noqa: E402
+
+from interptool.cache import ActivationCache, cache_activations  # noqa: E402
+from interptool.cache._distributed import shard_path, shard_range  # noqa: E402
+
+TESTS = str(Path(__file__).parent)
+SPEC = "builtin:concept-world?n=24&size=32"
+# attributes that describe the run rather than the content
+RUN_ATTRS = {"created", "versions", "threads", "distributed"}
+
+
+def _env() -> dict[str, str]:
+    # torchrun sets OMP_NUM_THREADS=1 per process; the one-process reference uses --threads 1
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *args], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
+
+
+def _same_content(a: Path, b: Path) -> None:
+    saved = set(test_cache.VOLATILE_ATTRS)
+    test_cache.VOLATILE_ATTRS |= RUN_ATTRS
+    try:
+        test_cache.assert_same_content(a, b)
+    finally:
+        test_cache.VOLATILE_ATTRS.clear()
+        test_cache.VOLATILE_ATTRS.update(saved)
+
+
+@pytest.mark.parametrize("n,batch,world", [(24, 4, 2), (25, 4, 2), (3, 4, 2), (100, 7, 3),
+                                           (64, 64, 4)])
+def test_shards_are_contiguous_whole_batches(n, batch, world):
+    ranges = [shard_range(n, batch, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    for (_, a1), (b0, _) in zip(ranges, ranges[1:]):
+        assert a1 == b0  # contiguous, no gap, no overlap
+    n_batches = [-(-(e - s) // batch) for s, e in ranges]
+    for s, e in ranges:
+        assert s % batch == 0 and (e % batch == 0 or e == n)
+    assert max(n_batches) - min(n_batches) <= 1
+    assert shard_path("/x/out.h5", 1, world) == Path(f"/x/out.rank1-of-{world}.h5")
+
+
+def test_torchrun_two_processes_equal_one_process_bitwise(tmp_path):
+    out, ref = tmp_path / "joined.h5", tmp_path / "single.h5"
+    common = ["--arch", "interptool:cw-student", "--data", SPEC, "--layers", "layer3,layer4",
+              "--batch-size", "4", "--quiet"]
+    proc = _torchrun(["-m", "interptool", "cache", *common, "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one report, from rank 0
+    assert proc.stdout.count("cached 24 images (layer3, layer4)") == 1, proc.stdout
+    single = subprocess.run([sys.executable, "-m", "interptool", "cache", *common,
+                             "--threads", "1", "--out", str(ref)],
+                            capture_output=True, text=True, env=_env(), timeout=600)
+    assert single.returncode == 0, single.stderr
+    _same_content(out, ref)  # every dataset bitwise, every content attribute
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".h5") == [
+        "joined.h5", "single.h5"]  # shard files are gone, no lock file left
+    assert not list(tmp_path.glob("*.lock"))
+    with h5py.File(out, "r") as f:
+        dist = json.loads(f.attrs["distributed"])
+    assert dist == {"world_size": 2, "shards": [
+        {"rank": 0, "start": 0, "stop": 12, "n_done": 12, "file": "joined.rank0-of-2.h5"},
+        {"rank": 1, "start": 12, "stop": 24, "n_done": 12, "file": "joined.rank1-of-2.h5"}]}
+    # analyses read the joined file like any other
+    from interptool.analyzers import ClassSimilarity
+
+    with ActivationCache(out) as a, ActivationCache(ref) as b:
+        assert a.n == 24 and a.layers == ["layer3", "layer4"]
+        blocks = np.concatenate([blk for _, blk in a.iter_features("layer4", batch_size=5)])
+        np.testing.assert_array_equal(blocks, b.features("layer4")[:].astype(np.float32))
+        sa, sb = ClassSimilarity().run(a), ClassSimilarity().run(b)
+        assert sa.n == 24
+        np.testing.assert_array_equal(sa.matrices[1.0], sb.matrices[1.0])
+    # the same command again: a cache hit on every rank, nothing rewritten
+    before = out.stat().st_mtime_ns
+    again = _torchrun(["-m", "interptool", "cache", *common, "--out", str(out)], tmp_path)
+    assert again.returncode == 0 and "cache hit" in again.stdout, again.stderr[-3000:]
+    assert out.stat().st_mtime_ns == before
+
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_cache import FakeDataset, FakeLoaded, make_student
+from interptool.cache import run_cache
+from interptool.errors import InterptoolError
+bad = set(json.loads(sys.argv[2]))
+try:
+    run = run_cache(FakeLoaded(make_student()), FakeDataset(20, bad=bad), ["layer4"], sys.argv[1],
+                    batch_size=4)
+except InterptoolError as exc:
+    print("ERROR", type(exc).__name__, exc, flush=True)
+    sys.exit(2)
+print("STATUS", run.status, run.n_done, run.images_computed, flush=True)
+"""
+
+
+def test_a_failed_rank_stops_all_and_the_shards_resume(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(tests=TESTS))
+    out = tmp_path / "r.h5"
+    # 5 batches of 4: rank 0 gets items 0-7, rank 1 items 8-19; item 13 cannot be decoded
+    first = _torchrun([str(driver), str(out), "[13]"], tmp_path)
+    assert first.returncode != 0
+    assert "DataError" in first.stdout and "cls1/img_013.png" in first.stdout, first.stdout
+    assert "rank 1 of 2 failed" in first.stdout  # what rank 0 says
+    assert not out.exists()
+    s0, s1 = shard_path(out, 0, 2), shard_path(out, 1, 2)
+    with ActivationCache(s0) as c:  # rank 0's shard is complete ...
+        assert c.n == 8 and json.loads(json.dumps(c.attrs["shard"]))["stop"] == 8
+    with ActivationCache(s1, allow_incomplete=True) as c:  # ... rank 1 kept its first batch
+        assert c.n == 4 and c.ids == FakeDataset(20).ids[8:12]
+    # the image is fixed (same ids, labels and sizes): the same command resumes
+    second = _torchrun([str(driver), str(out), "[]"], tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    statuses = sorted(line for line in second.stdout.splitlines() if line.startswith("STATUS"))
+    assert statuses == ["STATUS resumed 20 8", "STATUS resumed 20 8"]  # 8 = items 12..19
+    ref = cache_activations(FakeLoaded(make_student()), FakeDataset(20), ["layer4"],
+                            tmp_path / "one.h5", batch_size=4)
+    _same_content(out, ref)
+    assert not s0.exists() and not s1.exists()
