@@ -237,11 +237,11 @@ def test_builtin_spec_uses_the_cache(monkeypatch, tmp_path):
 
 
 def test_generator_version_1_is_frozen():
-    """The shipped demo weights were trained on GENERATOR_VERSION 1 (train split, 64 px, seed
-    0): any change to the drawing must bump the version. Reference values recorded from
-    version 1; pixel counts and sums get a small tolerance for last-bit differences of
-    floating-point math between machines (a real change moves them far more)."""
-    assert cw.GENERATOR_VERSION == 1
+    """Weights and caches made before version 2 rely on version 1 (train split, 64 px, seed 0)
+    never changing. Reference values recorded from version 1; pixel counts and sums get a
+    small tolerance for last-bit differences of floating-point math between machines (a real
+    change moves them far more)."""
+    assert cw.DEFAULT_VERSION == 1 and cw.LATEST_VERSION == 2 and cw.VERSIONS == (1, 2)
     golden = [  # index: (label, scene, object pixels, sum of uint8 image values)
         (5, "sand", 832, 1987122),
         (6, "grass", 495, 1156709),
@@ -253,3 +253,239 @@ def test_generator_version_1_is_frozen():
         assert (r["label"], r["scene"]) == (label, scene), i
         assert abs(int((r["maps"]["object"] > 0).sum()) - area) <= 3, i
         assert abs(int(r["image"].astype(np.int64).sum()) - total) <= 2e-4 * total, i
+
+
+# ------------------------------------------------------------------ version 1 stays reachable
+def _content_digest(root: Path) -> str:
+    """sha256 over relative names, decoded PNG pixels and the other files' bytes (PNG bytes
+    themselves depend on the zlib inside Pillow; the pixels do not)."""
+    import hashlib
+
+    from PIL import Image
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(np.asarray(Image.open(p)).tobytes() if p.suffix == ".png" else p.read_bytes())
+    return h.hexdigest()
+
+
+def test_version_1_reproduces_the_sets_made_before_version_2(tmp_path, monkeypatch):
+    """Known answer: digest and cache folder name of a version 1 set recorded with the
+    generator as it was before version 2 existed (commit a14d53d)."""
+    root = make_concept_world(tmp_path / "v1", n=12, size=32, seed=7, split="eval", version=1)
+    assert _content_digest(root) == \
+        "97cdecc8119fbed798e13bc964cdec02cedec9fbad1a9639e64eb26c414de7bd"
+    # the cache folder of an old unversioned spec is the folder of version=1
+    assert cw.params_hash(12, 32, 7, "eval", 1) == "1bd35b8abbf68d6e"
+    assert cw.params_hash(1000, 64, 0, "probe", 1) == "9609c8f3ffe5f0be"
+    monkeypatch.setenv("INTERPTOOL_DATA", str(tmp_path / "cache"))
+    old = open_dataset("builtin:concept-world?n=5&size=32&seed=1&split=eval")
+    v1 = open_dataset("builtin:concept-world?version=1&n=5&size=32&seed=1&split=eval")
+    v2 = open_dataset("builtin:concept-world?version=2&n=5&size=32&seed=1&split=eval")
+    assert old.root == v1.root and old.fingerprint == v1.fingerprint
+    assert v2.root != v1.root and v2.fingerprint != v1.fingerprint
+    assert v1.root.name == cw.params_hash(5, 32, 1, "eval", 1)
+    assert len(v1.class_names) == 10 and len(v2.class_names) == 12
+    with pytest.raises(DataError, match="version=3"):
+        open_dataset("builtin:concept-world?version=3&n=5")
+
+
+# ------------------------------------------------------------------------------ version 2
+V2 = {"n": 16, "size": 32, "seed": 3, "version": 2}
+
+
+@pytest.fixture(scope="module")
+def v2_root(tmp_path_factory) -> Path:
+    return make_concept_world(tmp_path_factory.mktemp("cw2") / "set", **V2)
+
+
+def test_v2_same_seed_identical_other_seed_differs(v2_root, tmp_path):
+    again = make_concept_world(tmp_path / "again", **V2)
+    a, b = _files(v2_root), _files(again)
+    assert a.keys() == b.keys() and len(a) == V2["n"] * 6 + 11
+    assert all(a[k] == b[k] for k in a)
+    assert BrodenDataset(again).fingerprint == BrodenDataset(v2_root).fingerprint
+    other = make_concept_world(tmp_path / "seed4", **{**V2, "seed": 4})
+    assert BrodenDataset(other).fingerprint != BrodenDataset(v2_root).fingerprint
+    img = "images/concept-world/probe/00000.png"
+    assert (other / img).read_bytes() != (v2_root / img).read_bytes()
+    # a smaller n is a prefix; version 1 with the same parameters is another drawing
+    small = make_concept_world(tmp_path / "small", **{**V2, "n": 3})
+    for i in range(3):
+        rel = f"images/concept-world/probe/{i:05d}.png"
+        assert (small / rel).read_bytes() == (v2_root / rel).read_bytes()
+    assert not np.array_equal(cw.render(0, 32, 3, "probe")["image"],
+                              cw.render_v2(0, 32, 3, "probe")["image"])
+    meta = (v2_root / "concept_world.json").read_text()
+    assert '"generator": 2' in meta and '"superclasses"' in meta
+
+
+def test_v2_reader_and_tables(v2_root):
+    ds = BrodenDataset(v2_root)
+    assert ds.categories == ["color", "object", "part", "texture", "scene"]
+    assert ds.pixel_categories == ["color", "object", "part", "texture"]
+    assert ds.image_categories == ["scene"]
+    assert ds.class_names == cw.CLASSES_V2 and ds.num_classes == 12
+    table = ds.label_table.set_index("number")
+    assert len(table) == 11 + 12 + 6 + 5 + 16
+    for cat, names in (("object", cw.CLASSES_V2), ("texture", cw.TEXTURES_V2),
+                       ("scene", cw.SCENES_V2)):
+        for name in names:
+            num = cw.LABEL_NUMBER_V2[(cat, name)]
+            assert ds.label_names[num] == name
+            if table.loc[num, "frequency"] > 0:  # absent labels have no category count
+                assert table.loc[num, "category"] == cat
+    for i in range(0, V2["n"], 5):
+        r = cw.render_v2(i, 32, 3, "probe")
+        s = ds.load_segmentation(i)
+        rows = 2 * np.arange(16) + 1  # PIL nearest for a factor of 2
+        assert ds.labels[i] == r["label"]
+        assert np.array_equal(s.pixel["texture"][0], r["maps"]["texture"][np.ix_(rows, rows)])
+        assert s.image["scene"].tolist() == [cw.LABEL_NUMBER_V2[("scene", r["scene"])]]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_v2_masks_agree_with_the_drawing(index):
+    r = cw.render_v2(index, 48, 11, "train")
+    maps, clean, shapes = r["maps"], r["clean"], r["shapes"]
+    owner = maps["owner"]
+    L = cw.LABEL_NUMBER_V2
+    on = owner >= 0
+    for k, sh in enumerate(shapes):
+        m = owner == k
+        if not m.any():
+            continue
+        assert (maps["object"][m] == L[("object", sh.kind)]).all()
+        assert (maps["color"][m] == L[("color", sh.color)]).all()
+        # a texture region is the whole patterned object; plain objects carry no texture
+        want = 0 if sh.texture == "plain" else L[("texture", sh.texture)]
+        assert (maps["texture"][m] == want).all()
+        assert sh.texture != "plain" or not maps["pattern"][m].any()
+        plain = m & ~maps["pattern"] & ~maps["rim"]
+        assert np.allclose(clean[plain], np.array(cw.COLORS[sh.color], float))
+        assert np.allclose(clean[m & maps["pattern"]], cw.shade(sh.color, cw.PATTERN_MIX))
+        assert np.allclose(clean[m & maps["rim"]], cw.shade(sh.color, cw.RIM_MIX))
+        # an object never takes its background's colour (it could vanish)
+        assert sh.color != cw.SCENE_COLOR_V2[r["scene"]]
+    assert ((maps["object"] > 0) == on).all() and ((maps["part_1"] > 0) == on).all()
+    assert (maps["texture"][~on] == 0).all()
+    assert (maps["color"][~on] == L[("color", cw.SCENE_COLOR_V2[r["scene"]])]).all()
+    assert shapes[r["main"]].kind == cw.CLASSES_V2[r["label"]]
+    assert (owner == r["main"]).sum() > 40
+
+
+def test_v2_new_shapes_geometry_independent():
+    y, x = np.mgrid[0:64, 0:64] + 0.5
+    # a half disk of radius 12, flat side down in image coordinates at angle 0 (v = y - cy)
+    semi = cw.Shape("semicircle", 32.0, 32.0, 12.0, 0.0, 1.0, "red", "plain", False)
+    d, _ = cw.shape_field_v2(semi, x, y)
+    off = 4 * 12.0 / (3 * math.pi)
+    want = ((x - 32) ** 2 + (y - 32 - off) ** 2 < 144) & (y - 32 < off)
+    assert np.array_equal(d < 0, want)
+    # its area is half the disk's (pi r^2 / 2 = 226) up to pixelisation
+    assert abs(int(want.sum()) - 226) < 12
+    # a regular pentagon with circumradius 1.1 r: area 5/2 R^2 sin(72 deg)
+    pent = cw.Shape("pentagon", 32.0, 32.0, 12.0, 0.4, 1.0, "red", "plain", False)
+    area = int((cw.shape_field_v2(pent, x, y)[0] < 0).sum())
+    assert abs(area - 2.5 * (13.2**2) * math.sin(math.radians(72))) < 15
+
+
+def test_v2_class_structure_and_scene_frequencies():
+    """The documented probabilities, measured on 1200 draws (binomial sd <= 0.015)."""
+    n = 1200
+    labels, in_set, in_palette, own_texture = [], 0, 0, 0
+    scenes = []
+    for i in range(n):
+        info = cw.sample_scene_v2(i, 48, 0, "probe")
+        cls = cw.CLASSES_V2[info["label"]]
+        sup = cw.SUPERCLASS_OF_V2[cls]
+        main = info["shapes"][info["main"]]
+        labels.append(info["label"])
+        scenes.append(info["scene"])
+        in_set += info["scene"] in cw.SUPER_SCENES_V2[sup]
+        in_palette += main.color in cw.PALETTES_V2[sup]
+        own_texture += main.texture == cw.CLASS_TEXTURE_V2[cls]
+    counts = np.bincount(labels, minlength=12)
+    assert counts.min() > 0.6 * n / 12 and counts.max() < 1.4 * n / 12
+    # 0.75 + 0.25 * 4/16 = 0.8125; 0.8 + 0.2 * 1/6 = 0.833
+    assert abs(in_set / n - 0.8125) < 0.05
+    assert abs(own_texture / n - 0.8333) < 0.05
+    assert 0.75 < in_palette / n < 0.95
+    # every scene is rare enough that a unit can reach IoU 0.04 at quantile 0.005
+    freq = np.array([scenes.count(s) for s in cw.SCENES_V2]) / n
+    assert freq.min() > 0.03 and freq.max() < 0.005 / 0.04
+    sim = cw.class_similarity_v2()
+    assert np.allclose(sim, sim.T) and np.allclose(np.diag(sim), 1)
+    i = {c: k for k, c in enumerate(cw.CLASSES_V2)}
+    # siblings > cousins (shared texture and colour) > unrelated
+    assert sim[i["circle"], i["ellipse"]] == pytest.approx(0.6)
+    assert sim[i["circle"], i["star"]] == pytest.approx(0.4)  # dots; red in both palettes
+    assert sim[i["circle"], i["rectangle"]] == 0.0
+    assert sim[i["ellipse"], i["rectangle"]] == pytest.approx(0.2)  # stripes only
+
+
+# ------------------------------------------------------- every concept can reach the threshold
+def _oracle_cache(probe, path: Path, ceiling: bool) -> tuple[Path, list[int]]:
+    """One unit per label: its mask at segmentation size (the whole image for a scene).
+    ``ceiling``: mask * (1 + random tie-break), so that the top 0.5 % of positions are a
+    subset of the label (per image for scenes), the best a unit can do at quantile 0.005."""
+    from interptool.cache import write_cache
+
+    rng = np.random.default_rng(0)
+    labels = [j for j in range(1, probe.num_labels) if probe.label_category[j] >= 0]
+    sh, sw = probe.seg_size(0)
+    feats = np.zeros((len(probe), len(labels), sh, sw), np.float32)
+    col = {j: k for k, j in enumerate(labels)}
+    for i in range(len(probe)):
+        seg = probe.load_segmentation(i)
+        for planes in seg.pixel.values():
+            for plane in planes:
+                for j in np.unique(plane[plane > 0]):
+                    feats[i, col[int(j)]][plane == j] = 1.0
+        for nums in seg.image.values():
+            for j in nums:
+                feats[i, col[int(j)]] = 1.0
+    if ceiling:
+        scene = np.array([probe.categories[probe.label_category[j]] == "scene" for j in labels])
+        tie = rng.random(feats.shape, dtype=np.float32)
+        tie[:, scene] = rng.random((len(probe), int(scene.sum()), 1, 1), dtype=np.float32)
+        feats = feats * (1 + tie)
+    write_cache(path, logits=np.zeros((len(probe), 1)), ids=probe.ids,
+                features={"oracle": feats},
+                attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
+    return path, labels
+
+
+def _unit_iou(res, labels) -> np.ndarray:
+    """IoU of unit k with its own label, NetDissect-Lite's formula on the tallies."""
+    out = []
+    for u, j in enumerate(labels):
+        c = res.label_category[j]
+        inter = float(res.intersect[u, j])
+        out.append(inter / (float(res.unit_cat_area[u, c]) + float(res.label_area[j]) - inter))
+    return np.array(out)
+
+
+def test_every_category_can_reach_the_detector_threshold(tmp_path):
+    from interptool.analyzers import Dissection
+
+    probe = BrodenDataset(make_concept_world(tmp_path / "probe", n=200, size=32, seed=0,
+                                             version=2))
+    cats = list(probe.categories)
+    # a unit that copies a concept's mask scores 1 (quantile 0.99 puts its threshold at 0)
+    path, labels = _oracle_cache(probe, tmp_path / "copy.h5", ceiling=False)
+    res = Dissection(quantile=0.99, categories=cats).run(path, "oracle", probe)
+    iou = _unit_iou(res, labels)
+    assert iou.min() > 0.999, [probe.label_names[j] for j, v in zip(labels, iou) if v < 0.999]
+    assert np.allclose(res.best_iou, iou)  # and it is each unit's best label
+    # at the standard quantile 0.005, every category has labels a unit can detect
+    path, labels = _oracle_cache(probe, tmp_path / "ceiling.h5", ceiling=True)
+    res = Dissection(quantile=0.005, categories=cats).run(path, "oracle", probe)
+    iou = _unit_iou(res, labels)
+    cat_of = np.array([probe.categories[probe.label_category[j]] for j in labels])
+    for cat in cats:
+        assert iou[cat_of == cat].max() >= 0.04, cat
+    # every scene, being image-level and rare enough, reaches it too
+    assert iou[cat_of == "scene"].min() >= 0.04

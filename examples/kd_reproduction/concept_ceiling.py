@@ -71,10 +71,10 @@ def oracle_table(probe: Any, mode: str = "ceiling", workdir: Path | None = None)
     rows = []
     total = feats.shape[0] * feats.shape[2] * feats.shape[3]
     for u, j in enumerate(labels):
-        c = int(probe.label_category[j])
+        c = int(res.label_category[j])  # index into the result's category order
         inter = float(res.intersect[u, j])
         iou = inter / (float(res.unit_cat_area[u, c]) + float(res.label_area[j]) - inter + 1e-10)
-        rows.append({"category": probe.categories[c], "label": str(probe.label_names[j]),
+        rows.append({"category": res.categories[c], "label": str(probe.label_names[j]),
                      "coverage": float(res.label_area[j]) / total, "iou": iou})
     return pd.DataFrame(rows)
 
