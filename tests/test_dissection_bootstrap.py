@@ -333,3 +333,23 @@ def test_weighted_sum_matches_score_on_hand_built_blocks(seed):
             assert got["unique_concepts"][0] == len(np.unique(sc["best_label"][det])), (w, t)
             assert got["by_category"][0].tolist() == np.bincount(
                 sc["best_category"][det], minlength=C).tolist(), (w, t)
+
+
+def test_numba_and_numpy_paths_agree(tmp_path, probe, monkeypatch):
+    import interptool.analyzers.dissection._bootstrap as bmod
+
+    if bmod._numba_kernel() is None:
+        pytest.fail("numba is part of the test environment (the `fast` extra); install it")
+    r = _dissect(tmp_path, probe, _feats(14), "b.h5", bootstrap=300)
+    st = r.block_stats
+    for t in (0.0, 0.04, 0.2):
+        fast = resample_measures(st, 300, 2, t)
+        monkeypatch.setattr(bmod, "USE_NUMBA", False)
+        slow = resample_measures(st, 300, 2, t)
+        monkeypatch.setattr(bmod, "USE_NUMBA", True)
+        pd.testing.assert_frame_equal(fast, slow)
+    two = _two_block_stats()
+    monkeypatch.setattr(bmod, "USE_NUMBA", False)
+    slow2 = resample_measures(two, 500, 5, 0.3)
+    monkeypatch.setattr(bmod, "USE_NUMBA", True)
+    pd.testing.assert_frame_equal(resample_measures(two, 500, 5, 0.3), slow2)

@@ -37,6 +37,7 @@ taken resample by resample.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,110 @@ __all__ = ["BlockRecorder", "BlockStats", "bootstrap_table", "paired_table", "re
 # float64 entries per (resamples x pairs) work array in one chunk of resamples (16 MiB)
 _WORK_ENTRIES = 1 << 21
 CI_METHOD = "bc"
+# Use the compiled kernel (numba, parallel over resamples) when numba imports; tests turn it
+# off to check the numpy path gives the same numbers.
+USE_NUMBA = True
+_NUMBA_KERNEL: Any = None
+_NUMBA_OK = importlib.util.find_spec("numba") is not None
+prange = range  # numba.prange once the kernel is compiled (numba is imported on first use)
+
+
+def _evaluate_kernel(Wt, p_ptr, p_blk, p_val, uc_ptr, uc_blk, uc_val, la_ptr, la_blk, la_val,
+                     pair_cat, pair_label, denom_col, unit_ptr, thr, n_units, C, L,
+                     det_out, uniq_out, cat_out):  # pragma: no cover - compiled by numba
+    """For block weights ``Wt`` (blocks, R): weighted sums, IoU per active pair, NetDissect-Lite's
+    best label (first on ties within a category) and best category (later on ties); counts of
+    detectors, distinct labels and detectors per category per resample. The inner loops run
+    over the R resamples (contiguous: vectorised); units are spread over threads. Sums are of
+    integers times integer weights, exact in float64 in any order, so the result equals the
+    numpy path's."""
+    R = Wt.shape[1]
+    n_uc = uc_ptr.shape[0] - 1
+    ucs = np.zeros((n_uc, R))
+    for col in prange(n_uc):
+        for k in range(uc_ptr[col], uc_ptr[col + 1]):
+            v = uc_val[k]
+            b = uc_blk[k]
+            for r in range(R):
+                ucs[col, r] += Wt[b, r] * v
+    las = np.zeros((L, R))
+    for col in prange(L):
+        for k in range(la_ptr[col], la_ptr[col + 1]):
+            v = la_val[k]
+            b = la_blk[k]
+            for r in range(R):
+                las[col, r] += Wt[b, r] * v
+    n_act = unit_ptr.shape[0] - 1
+    unit_best = np.zeros((n_act, R))
+    unit_cat = np.zeros((n_act, R), dtype=np.int64)
+    unit_lab = np.zeros((n_act, R), dtype=np.int64)
+    for a in prange(n_act):
+        best = np.full(R, -1.0)
+        best_cat = np.zeros(R, dtype=np.int64)
+        best_lab = np.zeros(R, dtype=np.int64)
+        seg_max = np.full(R, -1.0)
+        seg_lab = np.zeros(R, dtype=np.int64)
+        inter = np.zeros(R)
+        p0, p1 = unit_ptr[a], unit_ptr[a + 1]
+        for p in range(p0, p1):
+            inter[:] = 0.0
+            for k in range(p_ptr[p], p_ptr[p + 1]):
+                v = p_val[k]
+                b = p_blk[k]
+                for r in range(R):
+                    inter[r] += Wt[b, r] * v
+            dc = denom_col[p]
+            lab = pair_label[p]
+            for r in range(R):
+                iou = inter[r] / (ucs[dc, r] + las[lab, r] - inter[r] + 1e-10)
+                if iou > seg_max[r]:  # first label wins ties within a category
+                    seg_max[r] = iou
+                    seg_lab[r] = lab
+            if p + 1 == p1 or pair_cat[p + 1] != pair_cat[p]:
+                cat = pair_cat[p]
+                for r in range(R):
+                    if seg_max[r] >= best[r]:  # later category wins ties
+                        best[r] = seg_max[r]
+                        best_cat[r] = cat
+                        best_lab[r] = seg_lab[r]
+                    seg_max[r] = -1.0
+        unit_best[a] = best
+        unit_cat[a] = best_cat
+        unit_lab[a] = best_lab
+    for r in prange(R):
+        seen = np.zeros(L, dtype=np.bool_)
+        ndet = 0
+        for a in range(n_act):
+            if unit_best[a, r] >= thr:
+                c = unit_cat[a, r]
+                lab = unit_lab[a, r]
+                if unit_best[a, r] <= 0.0:  # nothing scored: label 0 "-", last category
+                    c = C - 1
+                    lab = 0
+                ndet += 1
+                seen[lab] = True
+                cat_out[r, c] += 1
+        if thr <= 0.0 and n_units > n_act:
+            ndet += n_units - n_act
+            cat_out[r, C - 1] += n_units - n_act
+            seen[0] = True
+        det_out[r] = ndet
+        uniq_out[r] = seen.sum()
+
+
+def _numba_kernel() -> Any:
+    """The compiled kernel, or None when numba is missing or fails to import."""
+    global _NUMBA_KERNEL, _NUMBA_OK
+    if _NUMBA_KERNEL is None and _NUMBA_OK:
+        try:
+            import numba
+            from numba import njit
+
+            globals()["prange"] = numba.prange
+            _NUMBA_KERNEL = njit(cache=True, parallel=True, nogil=True)(_evaluate_kernel)
+        except ImportError:
+            _NUMBA_OK = False
+    return _NUMBA_KERNEL
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -207,10 +312,24 @@ class BlockStats:
                       if len(seg_start) else np.zeros(0, np.int64))
         pair_seg = np.repeat(np.arange(len(seg_start)), np.diff(np.r_[seg_start, P]))
         seg_uloc = np.repeat(np.arange(len(useg_start)), np.diff(np.r_[useg_start, len(seg_start)]))
+        unit_ptr = np.r_[seg_start[useg_start], P].astype(np.int64) if len(useg_start) else \
+            np.zeros(1, np.int64)
         self._layout = {"seg_start": seg_start, "seg_cat": seg_cat, "useg_start": useg_start,
-                        "pair_seg": pair_seg, "seg_uloc": seg_uloc,
+                        "pair_seg": pair_seg, "seg_uloc": seg_uloc, "unit_ptr": unit_ptr,
                         "denom_col": self.pair_unit * len(self.categories) + self.pair_cat}
         return self._layout
+
+    def _csc(self) -> list[np.ndarray]:
+        """Column-major copies (per pair / unit-category / label: blocks and counts)."""
+        if "csc" not in self._layout:
+            arrays = []
+            for m in (self.intersect, self.unit_cat_area, self.label_area):
+                c = m.tocsc()
+                c.sort_indices()
+                arrays += [c.indptr.astype(np.int64), c.indices.astype(np.int64),
+                           c.data.astype(np.float64)]
+            self._layout["csc"] = arrays
+        return self._layout["csc"]
 
     @property
     def nbytes(self) -> int:
@@ -231,6 +350,15 @@ class BlockStats:
             raise AnalysisError(f"bootstrap weights: expected shape (R, {self.n_blocks}), got {W.shape}")
         R, C, U = W.shape[0], len(self.categories), self.units
         lay = self.layout()
+        kernel = _numba_kernel() if USE_NUMBA else None
+        if kernel is not None:
+            det = np.zeros(R, np.int64)
+            uniq = np.zeros(R, np.int64)
+            by_cat = np.zeros((R, C), np.int64)
+            kernel(np.ascontiguousarray(W.T), *self._csc(), self.pair_cat.astype(np.int64),
+                   self.pair_label.astype(np.int64), lay["denom_col"].astype(np.int64),
+                   lay["unit_ptr"], float(iou_threshold), U, C, self.num_labels, det, uniq, by_cat)
+            return {"detectors": det, "unique_concepts": uniq, "by_category": by_cat}
         Wt = W.T
         inter = np.ascontiguousarray((self.intersect.T @ Wt).T)
         ucat = np.ascontiguousarray((self.unit_cat_area.T @ Wt).T)
@@ -345,7 +473,10 @@ def resample_measures(stats: BlockStats, n_resamples: int, seed: int,
     if int(n_resamples) < 1:
         raise AnalysisError(f"bootstrap={n_resamples}: expected a positive number of resamples")
     rng = np.random.default_rng(int(seed))
-    per = max(1, min(int(n_resamples), _WORK_ENTRIES // max(len(stats.pair_unit), 1)))
+    # per chunk: the numba kernel holds only the (resamples x blocks) weights; the numpy path
+    # (resamples x pairs) work arrays
+    width = stats.n_blocks if (USE_NUMBA and _numba_kernel() is not None) else len(stats.pair_unit)
+    per = max(1, min(int(n_resamples), _WORK_ENTRIES // max(width, 1)))
     parts = []
     done = 0
     while done < n_resamples:
