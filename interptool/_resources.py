@@ -20,6 +20,7 @@ from pathlib import Path
 from interptool.errors import ConfigError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def _affinity_cpus() -> int:
@@ -43,7 +44,7 @@ def _own_cgroup_dirs(root: Path) -> list[Path]:
     its own cgroup namespace that is ``/`` and ``root`` itself is our group.
     """
     dirs: list[Path] = []
-    text = _read(Path("/proc/self/cgroup")) or ""
+    text = _read(PROC_CGROUP) or ""
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3 and parts[0] == "0" and parts[1] == "":  # the cgroup v2 entry

@@ -632,3 +632,15 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         with pytest.raises(ConfigError, match="'cuda'.*--device cpu"):
             cache_activations(loaded, ds, None, tmp_path / "d.h5", device="cuda")
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_leading_tokens_of_the_model_are_recorded(tmp_path):
+    # LoadedModel.num_prefix_tokens / token_grid (e.g. DeiT distilled: class + distillation
+    # tokens on a 14 x 14 grid); read when the loader provides them, absent otherwise
+    loaded = FakeLoaded(make_student())
+    plain = cache_activations(loaded, FakeDataset(4), None, tmp_path / "plain.h5", batch_size=4)
+    loaded.num_prefix_tokens, loaded.token_grid = 2, (14, 14)
+    tok = cache_activations(loaded, FakeDataset(4), None, tmp_path / "tok.h5", batch_size=4)
+    with ActivationCache(plain) as a, ActivationCache(tok) as b:
+        assert "num_prefix_tokens" not in a.attrs and "token_grid" not in a.attrs
+        assert b.attrs["num_prefix_tokens"] == 2 and b.attrs["token_grid"] == [14, 14]
