@@ -32,3 +32,17 @@ class ConfigError(InterptoolError):
 
 class AnalysisError(InterptoolError):
     """Inputs to an analyzer that do not fit together (layers, label spaces, sizes)."""
+
+
+class ParamsError(ConfigError, AnalysisError):
+    """A bad analyzer parameter (from Python, a CLI flag or a config field).
+
+    Raised by every analyzer's ``Params`` dataclass; the message names the field, the value,
+    what was expected and the fix. It is both a :class:`ConfigError` (a setting the user chose)
+    and an :class:`AnalysisError` (what analyzers raised for bad arguments before), so existing
+    ``except`` clauses keep catching it. ``field`` is the dotted field name.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field

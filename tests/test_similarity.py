@@ -360,7 +360,7 @@ def test_cli_writes_outputs_and_rejects_mismatch(tmp_path, cli_main, capsys):
     assert ("kd - scratch", "kl", 1.0) in rows
     assert summary["cka"][0]["cka"][0][0] == pytest.approx(1.0, abs=1e-10)  # scaled copy
     for name in ("nearest_classes.csv", "transfer.csv", "heatmaps_T1.png", "scatter_T4.png",
-                 "matrices/kd_T4_softmax.csv", "cka_resnet34_vs_kd.png"):
+                 "matrices/kd_T4_softmax.csv", "cka_resnet34_vs_kd/cka.png"):
         assert (out / name).is_file(), name
     nearest = (out / "nearest_classes.csv").read_text().splitlines()
     assert len(nearest) == 7 and "kd (T=1)" in nearest[0]

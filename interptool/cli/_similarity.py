@@ -72,6 +72,16 @@ def _cka_layers(spec: str, caches: list) -> list[str]:
     return layers
 
 
+def _pair_folder(a: str, b: str) -> str:
+    """``cka_<a>_vs_<b>``: one folder per pair (result files never carry model names)."""
+    import re
+
+    def safe(n: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", n).strip("_") or "model"
+
+    return f"cka_{safe(a)}_vs_{safe(b)}"
+
+
 def run(args: argparse.Namespace) -> int:
     from interptool._provenance import atomic_write_text, sha256_file
     from interptool.analyzers.cka import cka
@@ -98,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
             if not layers:
                 break
             res = cka(caches[0], c, layers, layers, pooling=args.cka_pooling,
-                      minibatch=args.cka_minibatch, seed=args.seed, device=args.device)
-            res.name_a, res.name_b = result.teacher, name
-            written += res.save(out)
+                      minibatch=args.cka_minibatch, seed=args.seed, device=args.device,
+                      names=[result.teacher, name])
+            written += res.save(out / _pair_folder(result.teacher, name))
             cka_out.append(res.to_dict())
     finally:
         for c in caches:

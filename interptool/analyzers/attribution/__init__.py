@@ -1,39 +1,27 @@
-"""Attribution maps through captum, and their agreement, localisation and faithfulness scores."""
+"""Attribution maps through captum, and their agreement, localisation and faithfulness scores.
 
-from interptool.analyzers.attribution._analyzer import (
-    METHODS,
-    AgreementResult,
-    Attribution,
-    AttributionResult,
-    FaithfulnessResult,
-    H5Maps,
-    LocalisationResult,
-    RandomisationResult,
-    agreement,
-    class_object_masks,
-    faithfulness,
-    folder_masks,
-    hook_count,
-    localisation,
-    randomisation_check,
-    resize_masks,
+``run(model, data, params, name=...)`` (or ``Attribution(method, ...).run(...)``) returns an
+:class:`AttributionResult`; :class:`AttributionParams` holds the shared settings.
+"""
+
+from interptool.analyzers._lazy import lazy_exports
+from interptool.analyzers.attribution._params import (
+    ATTRIBUTION_METHODS,
+    AttributionOptions,
+    AttributionParams,
 )
 
-__all__ = [
-    "Attribution",
-    "AttributionResult",
-    "METHODS",
-    "agreement",
-    "AgreementResult",
-    "localisation",
-    "LocalisationResult",
-    "class_object_masks",
-    "resize_masks",
-    "folder_masks",
-    "faithfulness",
-    "FaithfulnessResult",
-    "randomisation_check",
-    "RandomisationResult",
-    "hook_count",
-    "H5Maps",
-]
+Params = AttributionParams
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **{n: "._analyzer" for n in (
+        "METHODS", "AgreementResult", "Attribution", "AttributionResult", "FaithfulnessResult",
+        "H5Maps", "LocalisationResult", "RandomisationResult", "agreement",
+        "class_object_masks", "faithfulness", "folder_masks", "hook_count", "localisation",
+        "randomisation_check", "resize_masks")},
+    "run": "._entry", "attribution_for": "._entry"})
+
+__all__ = ["ATTRIBUTION_METHODS", "AgreementResult", "Attribution", "AttributionOptions",
+           "AttributionParams", "AttributionResult", "FaithfulnessResult", "H5Maps", "METHODS",
+           "LocalisationResult", "Params", "RandomisationResult", "agreement",
+           "class_object_masks", "faithfulness", "folder_masks", "hook_count", "localisation",
+           "randomisation_check", "resize_masks", "run", "attribution_for"]

@@ -212,10 +212,26 @@ class AttributionResult:
     reduce: str = "abs_sum"
     path: Path | None = None
     images: np.ndarray | None = field(default=None, repr=False)
+    #: the model attributed (one name; ``run(..., name=)``, default from the model's info)
+    names: tuple[str, ...] = ()
+
+    #: stem of the standard files written by :meth:`save` (see docs/extending.md)
+    file_stem = "attribution"
 
     @property
     def n(self) -> int:
         return int(self.maps.shape[0])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What produced the maps: method, settings, reduction, model and file."""
+        return {"method": self.method, "params": self.params, "reduce": self.reduce,
+                "model": self.model_info, "path": str(self.path) if self.path else None}
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: images, accuracy on them and the mean top-10% mass of the maps."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("method", "n", "accuracy", "mean_top10_mass")}
 
     @classmethod
     def load(cls, path: str | Path, method: str | None = None, *,
@@ -261,6 +277,7 @@ class AttributionResult:
         frame = self.to_frame()
         labelled = self.labels >= 0
         return {
+            "names": list(self.names),
             "method": self.method,
             "params": self.params,
             "reduce": self.reduce,
@@ -306,22 +323,12 @@ class AttributionResult:
         fig.tight_layout()
         return fig
 
-    def save(self, dir: str | Path) -> list[Path]:
-        """Write ``attribution_<method>.csv``, ``.json`` and ``.png``; returns the paths."""
-        from interptool._provenance import atomic_savefig, atomic_write_text
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``attribution.csv`` (``to_frame()``), ``attribution.json`` (``to_dict()``)
+        and ``attribution.png`` (:func:`~interptool.analyzers._base.save_result_files`)."""
+        from interptool.analyzers._base import save_result_files
 
-        d = Path(dir)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = [d / f"attribution_{self.method}.csv", d / f"attribution_{self.method}.json",
-                 d / f"attribution_{self.method}.png"]
-        atomic_write_text(paths[0], self.to_frame().to_csv(index=False))
-        atomic_write_text(paths[1], json.dumps(self.to_dict(), indent=2, default=str))
-        fig = self.plot()
-        atomic_savefig(fig, paths[2], dpi=110)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        return paths
+        return save_result_files(self, directory)
 
 
 # --------------------------------------------------------------------------- analyzer

@@ -17,7 +17,6 @@ See docs/similarity.md for costs and conventions.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import pandas as pd
 import torch
 
 from interptool._progress import progress
+from interptool._provenance import provenance
 from interptool.errors import AnalysisError
 
 __all__ = ["cka", "CKAResult", "linear_cka", "unbiased_hsic"]
@@ -85,6 +85,23 @@ class CKAResult:
     minibatch: int | None = None
     seed: int = 0
     sources: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    #: stem of the standard files written by :meth:`save` (see docs/extending.md)
+    file_stem = "cka"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The two models compared: A (rows), B (columns)."""
+        return (self.name_a, self.name_b)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: the CKA of each layer of A with the most similar layer of B."""
+        m = self.matrix
+        best = {str(la): {"layer_b": str(m.loc[la].idxmax()), "cka": float(m.loc[la].max())}
+                for la in m.index if np.isfinite(m.loc[la].to_numpy()).any()}
+        return {"model_a": self.name_a, "model_b": self.name_b, "n": self.n,
+                "method": self.method, "best_match": best}
 
     def to_frame(self) -> pd.DataFrame:
         """Long table: one row per (layer_a, layer_b) with its CKA."""
@@ -100,6 +117,7 @@ class CKAResult:
             "layers_a": list(self.matrix.index), "layers_b": list(self.matrix.columns),
             "cka": [[None if not np.isfinite(v) else float(v) for v in row]
                     for row in self.matrix.to_numpy()],
+            "provenance": self.provenance,
         }
 
     def plot(self):
@@ -124,23 +142,12 @@ class CKAResult:
         fig.tight_layout()
         return fig
 
-    def save(self, directory: str | os.PathLike, prefix: str | None = None) -> list[Path]:
-        """Write ``<prefix>.csv`` (matrix), ``.json`` and ``.png``; returns the paths."""
-        import matplotlib.pyplot as plt
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write ``cka.csv`` (long table), ``cka.json`` (``to_dict()``) and ``cka.png``
+        (the standard files of :func:`~interptool.analyzers._base.save_result_files`)."""
+        from interptool.analyzers._base import save_result_files
 
-        from interptool._provenance import atomic_savefig, atomic_write_text
-        from interptool.analyzers.similarity._analyzer import _safe
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        pre = prefix or f"cka_{_safe(self.name_a)}_vs_{_safe(self.name_b)}"
-        paths = [d / f"{pre}.csv", d / f"{pre}.json", d / f"{pre}.png"]
-        atomic_write_text(paths[0], self.matrix.to_csv())
-        atomic_write_text(paths[1], json.dumps(self.to_dict(), indent=1))
-        fig = self.plot()
-        atomic_savefig(fig, paths[2], dpi=120)
-        plt.close(fig)
-        return paths
+        return save_result_files(self, directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +332,7 @@ def cka(
     batch_size: int = 256,
     device: str = "cpu",
     max_memory: int = 2 * 1024**3,
+    names: Sequence[str] | None = None,
 ) -> CKAResult:
     """Linear CKA of every layer in ``layers_a`` (model A) with every layer in ``layers_b``
     (model B, default: the same names), on the same images.
@@ -335,10 +343,15 @@ def cka(
     Gram matrices if those fit, else an AnalysisError suggesting ``minibatch``);
     ``minibatch=m`` (>= 4) uses the unbiased minibatch estimator with a seeded permutation.
     Raises AnalysisError when the caches hold different images, a layer is missing, or a
-    layer's features are constant.
+    layer's features are constant. ``names``: the two models' names (default: each cache's
+    ``name`` attribute, else "A" and "B"). Settings are checked by :class:`CKAParams`.
     """
-    if pooling not in POOLINGS:
-        raise AnalysisError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    from interptool.analyzers.cka._params import CKAParams
+
+    CKAParams(pooling=pooling, minibatch=minibatch, batch_size=batch_size,
+              max_memory=max_memory, seed=seed, device=device)  # ParamsError naming a field
+    if names is not None and len(names) != 2:
+        raise AnalysisError(f"names={list(names)!r}: expected the two models' names")
     la = [layers_a] if isinstance(layers_a, str) else list(layers_a)
     lb = la if layers_b is None else ([layers_b] if isinstance(layers_b, str) else list(layers_b))
     if not la or not lb:
@@ -389,11 +402,15 @@ def cka(
                            max_memory)
         return CKAResult(
             matrix=pd.DataFrame(M, index=pd.Index(la, name=None), columns=pd.Index(lb)),
-            name_a=str(getattr(ca, "name", "A")),
-            name_b=str(getattr(cb, "name", "B")),
+            name_a=str(names[0]) if names else str(getattr(ca, "name", "A")),
+            name_b=str(names[1]) if names else str(getattr(cb, "name", "B")),
             method=method, pooling=pooling, n=int(n),
             minibatch=None if minibatch is None else int(minibatch), seed=int(seed),
             sources=[str(getattr(ca, "path", "")), str(getattr(cb, "path", ""))],
+            provenance=provenance(
+                caches=[str(getattr(c, "path", "")) for c in (ca, cb)],
+                data_fingerprint=getattr(ca, "data_fingerprint", None),
+                models=[getattr(c, "model_info", None) for c in (ca, cb)]),
         )
     finally:
         if close_a:

@@ -1,5 +1,16 @@
-"""Network dissection (Bau et al. 2017, NetDissect-Lite semantics): concept detectors per unit."""
+"""Network dissection (Bau et al. 2017, NetDissect-Lite semantics): concept detectors per unit.
 
-from interptool.analyzers.dissection._analyzer import Dissection, DissectionResult
+``run(cache, layer, probe, params)`` (or ``Dissection(**settings).run(...)``) returns a
+:class:`DissectionResult`; :class:`DissectionParams` holds every setting.
+"""
 
-__all__ = ["Dissection", "DissectionResult"]
+from interptool.analyzers._lazy import lazy_exports
+from interptool.analyzers.dissection._params import DissectionOptions, DissectionParams
+
+Params = DissectionParams
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Dissection": "._analyzer", "DissectionResult": "._analyzer", "run": "._entry",
+    "analyze": "._entry"})
+
+__all__ = ["Dissection", "DissectionOptions", "DissectionParams", "DissectionResult", "Params",
+           "analyze", "run"]

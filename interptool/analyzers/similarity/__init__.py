@@ -1,23 +1,20 @@
-"""Class similarity from logits: per-model matrices and teacher-student transfer metrics."""
+"""Class similarity from logits: per-model matrices and teacher-student transfer metrics.
 
-from interptool.analyzers.similarity._analyzer import (
-    MATRIX_KINDS,
-    PAIR_METRICS,
-    ClassSimilarity,
-    SimilarityResult,
-    TransferResult,
-    bias_corrected_interval,
-    compare_similarity,
-    load_class_names,
-)
+``run(teacher_cache, *student_caches, params=..., names=...)`` (or ``compare_similarity``)
+returns a :class:`TransferResult`; :class:`SimilarityParams` holds every setting.
+"""
 
-__all__ = [
-    "MATRIX_KINDS",
-    "PAIR_METRICS",
-    "ClassSimilarity",
-    "SimilarityResult",
-    "TransferResult",
-    "bias_corrected_interval",
-    "compare_similarity",
-    "load_class_names",
-]
+from interptool.analyzers._lazy import lazy_exports
+from interptool.analyzers.similarity._params import SimilarityOptions, SimilarityParams
+
+Params = SimilarityParams
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **{n: "._analyzer" for n in ("MATRIX_KINDS", "PAIR_METRICS", "ClassSimilarity",
+                                 "SimilarityResult", "TransferResult",
+                                 "bias_corrected_interval", "compare_similarity",
+                                 "load_class_names")},
+    "run": "._entry", "analyze": "._entry"})
+
+__all__ = ["MATRIX_KINDS", "PAIR_METRICS", "ClassSimilarity", "Params", "SimilarityOptions",
+           "SimilarityParams", "SimilarityResult", "TransferResult", "analyze",
+           "bias_corrected_interval", "compare_similarity", "load_class_names", "run"]

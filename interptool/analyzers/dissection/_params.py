@@ -1,0 +1,73 @@
+"""Dissection parameters (the single source of their defaults, checks and help) and its
+registration. Imported by the CLI at start-up: no torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interptool.analyzers._base import Params, param
+from interptool.analyzers._registry import register_analyzer
+from interptool.analyzers.dissection._protocol import PROTOCOLS, parse_categories
+from interptool.errors import ConfigError
+
+__all__ = ["DissectionOptions", "DissectionParams"]
+
+#: IoU thresholds at which the compare report draws the detector-count curve.
+DEFAULT_CURVE = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)
+
+
+@dataclass
+class DissectionOptions(Params):
+    """How ``interptool compare`` uses dissection (config only, not analyzer settings)."""
+
+    layers: list[str] | None = param(
+        None, "layers dissected in every model (default: each model's layers)", cli=False)
+    top_units: int = param(4, "units shown with image montages per model and layer", ge=0,
+                           cli=False)
+    iou_thresholds: list[float] = param(
+        help="IoU thresholds of the detector-count curve in the report", ge=0, le=1, cli=False,
+        default_factory=lambda: list(DEFAULT_CURVE))
+
+
+@register_analyzer(
+    "dissection", title="Network dissection",
+    summary="concept detectors per unit against a Broden-format probe (NetDissect-Lite)",
+    analyzer="interptool.analyzers.dissection._analyzer:Dissection",
+    result="interptool.analyzers.dissection._analyzer:DissectionResult",
+    analyze="interptool.analyzers.dissection._entry:analyze",
+    options=DissectionOptions, needs="probe", command=False, order=10)
+@dataclass
+class DissectionParams(Params):
+    """Settings of :class:`~interptool.analyzers.dissection.Dissection`."""
+
+    protocol: str = param("netdissect-lite", "settings preset: netdissect-lite (five "
+                          "categories, IoU 0.04) or han2023 (six incl. material, IoU 0.05)",
+                          choices=tuple(PROTOCOLS))
+    categories: list[str] | str | None = param(
+        None, "categories to dissect against (default: the protocol's); images with no label "
+        "of these take no part", metavar="CAT,CAT")
+    quantile: float | None = param(None, "top activation fraction defining a unit's threshold "
+                                   "(default: the protocol's, 0.005)", gt=0, lt=1)
+    iou_threshold: float | None = param(None, "a unit is a detector when its best IoU >= this "
+                                        "(default: the protocol's)", ge=0, le=1)
+    batch_size: int = param(64, "images per streamed block (memory does not grow with N)", ge=1)
+    device: str = param("cpu", "torch device for thresholds and counting", config=False,
+                        cli=False)
+    workers: int = param(0, "DataLoader workers decoding the masks", ge=0)
+    top_images: int = param(8, "probe images kept per unit for its montage", ge=0)
+    category_area: str = param("overlap", "unit area per category: NetDissect-Lite's "
+                               "'overlap' or 'image'", choices=("overlap", "image"))
+    checksum: bool = param(True, "record the cache file's sha256 in the provenance",
+                           cli=False, config=False)
+    bootstrap: int = param(0, "bootstrap resamples of the probe images for 95% intervals of "
+                           "the detector counts (0: none)", ge=0, metavar="N")
+    seed: int = param(0, "bootstrap seed (same seed and probe: the same resamples for every "
+                      "model)", ge=0, config=False)
+    bootstrap_block_size: int = param(1, "probe images per resampled block", ge=1)
+    ci_level: float = param(0.95, "confidence level of the bootstrap intervals", gt=0, lt=1)
+
+    def validate(self) -> None:
+        try:
+            parse_categories(self.categories)
+        except ConfigError as exc:
+            raise self.error("categories", str(exc).partition(": ")[2]) from None
