@@ -94,9 +94,11 @@ def write_cache(
     if labels.shape != (n,) or len(ids) != n:
         raise ValueError("logits, labels and ids must have the same length")
     features = dict(features or {})
-    tmp = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(tmp, "w") as f:
+    # tmp + fsync + rename (interptool._provenance.atomic_path): never seen half-written, and
+    # the temporary file is removed on any failure (a full disk included)
+    from interptool._provenance import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("logits", data=logits)
         f.create_dataset("labels", data=labels)
         f.create_dataset("index", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
@@ -135,7 +137,6 @@ def write_cache(
         for key, value in base.items():
             f.attrs[key] = encode_attr(key, value)
         f.attrs["complete"] = True
-    os.replace(tmp, path)
     return path
 
 
