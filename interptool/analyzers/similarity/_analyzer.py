@@ -27,6 +27,7 @@ import pandas as pd
 
 from interptool._progress import progress
 from interptool.analyzers.similarity._core import (
+    BootstrapEvaluator,
     PerSample,
     Reference,
     SortedLabels,
@@ -40,6 +41,7 @@ from interptool.analyzers.similarity._core import (
     weighted_class_sums,
     weighted_counts,
 )
+from interptool.common.stats import interval_from_resamples
 from interptool.errors import AnalysisError
 
 __all__ = [
@@ -128,10 +130,14 @@ def _check_one(d: _Logits) -> int:
     if k < 2:
         raise AnalysisError(f"{d.path}: logits have {k} class(es); class similarity needs K >= 2")
     if not np.isfinite(d.logits).all():
-        bad = int((~np.isfinite(d.logits)).any(axis=1).sum())
+        rows = np.flatnonzero(~np.isfinite(d.logits).all(axis=1))
+        first = int(rows[0])
+        image = d.ids[first] if first < len(d.ids) else f"row {first}"
         raise AnalysisError(
-            f"{d.path}: {bad} rows of /logits contain NaN or inf; the model diverged or the "
-            "cache is corrupt. Re-create the cache from a working checkpoint."
+            f"{d.path}: /logits has NaN or inf in {rows.size} of {d.logits.shape[0]} rows, "
+            f"first at row {first} (image {image!r}); expected finite logits. The model "
+            "diverged (NaN weights) or float16 overflowed: re-create the cache from a working "
+            "checkpoint (with --dtype float32)."
         )
     if (d.labels >= k).any():
         raise AnalysisError(
@@ -514,10 +520,6 @@ def _similarity_of(d: _Logits, temps: list[float], k: int, device: str) -> Simil
 # --------------------------------------------------------------------------------------------
 # teacher vs students
 # --------------------------------------------------------------------------------------------
-# Bytes of K x K work arrays one bootstrap block may hold (sets the number of resamples per
-# block: many for K = 100, a couple for K = 1000).
-_BLOCK_BYTES = 256 * 1024 * 1024
-
 
 @dataclass
 class TransferResult:
@@ -545,10 +547,40 @@ class TransferResult:
     semantic: np.ndarray | None = field(repr=False, default=None)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     hierarchy: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    #: stem of the standard files written by :meth:`save` (see docs/extending.md)
+    file_stem = "similarity"
 
     @property
     def models(self) -> list[str]:
         return [self.teacher, *self.students]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The models described: the teacher, then each student."""
+        return (self.teacher, *self.students)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: per student, Spearman with the teacher and top-1 agreement at the
+        first temperature, each ``{"value", "ci_low", "ci_high"}``."""
+        t0 = self.temperatures[0]
+        out: dict[str, Any] = {"teacher": self.teacher, "temperature": t0, "students": {}}
+        est = self.estimates
+        for m in self.students:
+            row: dict[str, Any] = {}
+            for metric, per_t in (("spearman", True), ("js_distance", True),
+                                  ("top1_agreement", False)):
+                sel = est[(est["model"] == m) & (est["metric"] == metric)
+                          & (est["role"] == "student")]
+                if per_t:
+                    sel = sel[sel["temperature"] == t0]
+                if len(sel):
+                    r = sel.iloc[0]
+                    row[metric] = {"value": r["value"], "ci_low": r["ci_low"],
+                                   "ci_high": r["ci_high"]}
+            out["students"][m] = row
+        return _jsonable(out)
 
     def to_frame(self) -> pd.DataFrame:
         return self.estimates.copy()
@@ -596,7 +628,9 @@ class TransferResult:
             "settings": {
                 "temperatures": self.temperatures, "k": self.k, "matrix": self.matrix,
                 "n_boot": self.n_boot, "seed": self.seed, "ci": self.ci,
-                "ci_method": "bias-corrected (BC) percentile bootstrap over images, paired across models",
+                "ci_method": ("bias-corrected (BC) percentile bootstrap over images, paired across "
+                              "models; an interval that would miss its estimate is widened to "
+                              "it (ci_widened) and the bias is reported"),
                 "kl": "mean over classes of KL(S_teacher[i] || S_student[i]), nats, eps 1e-12",
                 "js_distance": "mean over classes of sqrt(JS divergence in bits), in [0, 1]",
                 "hierarchy": self.hierarchy,
@@ -605,7 +639,7 @@ class TransferResult:
             "estimates": self.estimates.to_dict(orient="records"),
             "models": {m: self.similarity[m].summary() for m in self.models},
             "empty_classes": self.similarity[self.teacher].empty_classes,
-            "provenance": provenance(),
+            "provenance": self.provenance or provenance(),
         })
 
     def plot(self, temperature: float | None = None) -> list:
@@ -643,18 +677,17 @@ class TransferResult:
         return [fig1, fig2]
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
-        """Write similarity.json, transfer.csv, nearest_classes.csv, the matrices of every
-        model per T (CSV, under matrices/) and the figures. Returns the paths written."""
+        """Write the standard files (similarity.csv = the estimates, similarity.json =
+        ``to_dict()``; see :func:`interptool.analyzers._base.save_result_files`), then
+        transfer.csv (the estimates under their historic name), nearest_classes.csv, the
+        matrices of every model per T (CSV, under matrices/) and the figures per T."""
         import matplotlib.pyplot as plt
 
         from interptool._provenance import atomic_savefig, atomic_write_text
+        from interptool.analyzers._base import save_result_files
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = []
-        p = d / "similarity.json"
-        atomic_write_text(p, json.dumps(self.to_dict(), indent=1))
-        paths.append(p)
+        paths = save_result_files(self, d, figures=False)
         p = d / "transfer.csv"
         atomic_write_text(p, self.estimates.to_csv(index=False))
         paths.append(p)
@@ -687,6 +720,12 @@ class TransferResult:
         return paths
 
 
+def _provenance_record(**extra: Any) -> dict[str, Any]:
+    from interptool._provenance import provenance
+
+    return provenance(**extra)
+
+
 def compare_similarity(
     teacher_cache: Any,
     *student_caches: Any,
@@ -699,6 +738,7 @@ def compare_similarity(
     ci: float = 0.95,
     device: str = "cpu",
     class_names: str | os.PathLike | Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
 ) -> TransferResult:
     """How closely each student's class similarity matches the teacher's, with paired
     bootstrap confidence intervals.
@@ -733,6 +773,9 @@ def compare_similarity(
 
     ``class_names``: K names (list, or a classes.txt / JSON file) for tables, figures and
     hierarchy matching; default: the caches' ``class_names`` attribute, else "0" .. "K-1".
+
+    ``names``: the models' names (teacher first) used in every table and figure; default: each
+    cache's ``name`` attribute or file stem, made unique.
     """
     from interptool.analyzers.similarity._hierarchy import read_hierarchy, semantic_similarity
 
@@ -753,7 +796,14 @@ def compare_similarity(
     if not 1 <= int(k) <= kk - 1:
         raise AnalysisError(f"k (nearest classes) must be between 1 and K - 1 = {kk - 1}, got {k}")
     k = int(k)
-    names = _unique_names(data)
+    if names is None:
+        names = _unique_names(data)
+    else:
+        names = [str(nm) for nm in names]
+        if len(names) != len(data) or len(set(names)) != len(names):
+            raise AnalysisError(
+                f"names={names!r}: expected {len(data)} distinct model names (teacher first, "
+                "then each student), one per cache")
     for d, nm in zip(data, names):
         d.name = nm
     class_names = (_class_names(data[0], kk) if class_names is None
@@ -778,7 +828,8 @@ def compare_similarity(
     preds = [d.logits.argmax(1) for d in data]
     correct = [((p == labels) & (labels >= 0)).astype(np.float64) for p in preds]
     agree = [(p == preds[0]).astype(np.float64) for p in preds[1:]]
-    per = {t: [PerSample(d.logits, sl, t, matrix) for d in data] for t in temps}
+    # used once, for the point estimate (the bootstrap has its own stacked samples)
+    per = {t: [PerSample(d.logits, sl, t, matrix, cache=False) for d in data] for t in temps}
     log_k, log_k1 = np.log(kk), np.log(kk - 1) if kk > 2 else np.nan
 
     def evaluate(W: np.ndarray) -> dict[tuple[str, float | None, str], np.ndarray]:
@@ -813,18 +864,22 @@ def compare_similarity(
         return out
 
     point = {key: float(v[0]) for key, v in evaluate(np.ones((1, n))).items()}
+    similarity = {nm: _similarity_of(d, temps, kk, device) for nm, d in zip(names, data)}
 
     n_boot = int(n_boot)
     boots: dict[tuple[str, float | None, str], list[np.ndarray]] = {key: [] for key in point}
     if n_boot:
         rng = np.random.default_rng(seed)
-        per_resample = kk * kk * 8 * (len(names) + 12)
-        block = int(max(1, min(128, _BLOCK_BYTES // per_resample, n_boot)))
+        replicates = BootstrapEvaluator(
+            [d.logits for d in data], names, sl, labelled, correct, agree, temps, matrix, k,
+            [[similarity[nm].dark_knowledge[t] if matrix == "dark_knowledge"
+              else similarity[nm].matrices[t] for nm in names] for t in temps],
+            sem, device, n_boot)
         with progress(total=n_boot, desc="bootstrap", unit="resample") as bar:
             done = 0
             while done < n_boot:
-                b = min(block, n_boot - done)
-                res = evaluate(bootstrap_weights(rng, n, b))
+                b = min(replicates.block, n_boot - done)
+                res = replicates(bootstrap_weights(rng, n, b))
                 for key, v in res.items():
                     boots[key].append(v)
                 done += b
@@ -845,8 +900,8 @@ def compare_similarity(
         m, t, metric = key
         s = samples[key]
         s = s[np.isfinite(s)]
-        lo, hi = bias_corrected_interval(s, value, ci)
-        bias = float(s.mean() - value) if s.size and np.isfinite(value) else np.nan
+        iv = interval_from_resamples(s, value, level=ci, method="bc")
+        lo, hi, bias = iv.low, iv.high, iv.bias
         role = "teacher" if m == teacher else "student" if m in students else "difference"
         if role == "difference" or metric in PAIR_METRICS or metric == "top1_agreement":
             ref = teacher if role == "student" else m.split(" - ")[1] if role == "difference" else ""
@@ -856,7 +911,7 @@ def compare_similarity(
             "model": m, "role": role, "reference": ref,
             "temperature": np.nan if t is None else t, "metric": metric,
             "value": value, "ci_low": float(lo), "ci_high": float(hi), "bias": bias,
-            "n_boot": int(s.size),
+            "ci_widened": bool(iv.widened), "n_boot": int(s.size),
         })
     est = pd.DataFrame(rows)
     role_order = {"teacher": 0, "student": 1, "difference": 2}
@@ -864,7 +919,6 @@ def compare_similarity(
         ["_r", "temperature", "model", "metric"], kind="stable", na_position="first"
     ).drop(columns="_r").reset_index(drop=True)
 
-    similarity = {nm: _similarity_of(d, temps, kk, device) for nm, d in zip(names, data)}
     for nm, res in similarity.items():
         res.class_names = class_names
         res.name = nm
@@ -879,30 +933,22 @@ def compare_similarity(
         bootstrap={f"{m}|{'' if t is None else fmt_t(t)}|{metric}": v
                    for (m, t, metric), v in samples.items()},
         semantic=sem, inputs=inputs, hierarchy=hier_src,
+        provenance=_provenance_record(inputs=inputs),
     )
 
 
 def bias_corrected_interval(samples: np.ndarray, estimate: float, ci: float = 0.95) -> tuple[float, float]:
-    """Efron's bias-corrected (BC) percentile interval from bootstrap ``samples``.
+    """Efron's bias-corrected (BC) percentile interval from bootstrap ``samples``, always
+    containing ``estimate``.
 
     Distances between matrices estimated from finite samples (KL, JS) are biased upwards under
     resampling, so a plain percentile interval can sit entirely on one side of the estimate.
     BC shifts the percentiles by ``z0 = Phi^-1(P(sample < estimate))`` (ties count half); with
     a symmetric, unbiased bootstrap distribution (z0 = 0) it equals the percentile interval.
-    Returns ``(nan, nan)`` when there are no finite samples.
+    When the bias is so large that even the BC interval misses the estimate (fewer than 2.5%
+    of the replicates on one side of it), its nearer bound is moved to the estimate
+    (:func:`interptool.common.stats.interval_from_resamples`, which also reports the bias and
+    whether it widened). Returns ``(nan, nan)`` when there are no finite samples.
     """
-    from scipy.stats import norm
-
-    samples = np.asarray(samples, dtype=np.float64)
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0 or not np.isfinite(estimate):
-        return float("nan"), float("nan")
-    b = samples.size
-    below = (np.count_nonzero(samples < estimate) + 0.5 * np.count_nonzero(samples == estimate)) / b
-    below = min(max(below, 0.5 / b), 1 - 0.5 / b)  # keep z0 finite
-    z0 = norm.ppf(below)
-    alpha = (1 - ci) / 2
-    q_lo = norm.cdf(2 * z0 + norm.ppf(alpha))
-    q_hi = norm.cdf(2 * z0 + norm.ppf(1 - alpha))
-    lo, hi = np.quantile(samples, [q_lo, q_hi])
-    return float(lo), float(hi)
+    iv = interval_from_resamples(samples, estimate, level=ci, method="bc")
+    return float(iv.low), float(iv.high)

@@ -85,11 +85,12 @@ class PerSample:
     (bounded memory for 50k x 1000 and beyond).
     """
 
-    def __init__(self, logits: np.ndarray, sl: SortedLabels, T: float, kind: str) -> None:
+    def __init__(self, logits: np.ndarray, sl: SortedLabels, T: float, kind: str,
+                 cache: bool = True) -> None:
         self.logits, self.sl, self.T, self.kind = logits, sl, float(T), kind
         k = logits.shape[1]
         self._cache: dict[int, torch.Tensor] | None = (
-            {} if len(sl.order) * (k + 2) * 8 <= PROBS_CACHE_BYTES else None
+            {} if cache and len(sl.order) * (k + 2) * 8 <= PROBS_CACHE_BYTES else None
         )
 
     def segment(self, i: int) -> torch.Tensor:
@@ -357,7 +358,8 @@ class Reference:
             "spearman": _masked_pearson(self.ranks, _masked_ranks(y, m), m),
             "kl": _nanmean_rows(kl, valid),
             "js_distance": _nanmean_rows(jsd, valid),
-            "topk_overlap": _nanmean_rows(overlap / self.k, valid),
+            # integer total / (k x classes): exact, so equal overlaps compare equal
+            "topk_overlap": np.where(valid, overlap, 0).sum(1) / (self.k * valid.sum(1)),
         }
 
 
@@ -404,3 +406,357 @@ def as_temperatures(temperature: float | Sequence[float]) -> list[float]:
             f"temperature must be positive and finite, got {temperature!r} (e.g. 1 or [1, 4])"
         )
     return list(dict.fromkeys(ts))
+
+
+# --------------------------------------------------------------------------------------------
+# batched bootstrap: every model's class sums from one weighted reduction per block of
+# resamples, then one fused pass per (teacher, student) and resample
+# --------------------------------------------------------------------------------------------
+# Up to this K the bootstrap keeps float64 sums and exact (argsort) ranks: cheap at that size
+# and identical to recomputing each resample from scratch. Above it, float32 sums (relative
+# error ~1e-7) and Spearman ranks on a fine grid (:class:`RankGrid`).
+EXACT_K = 256
+# Rank grid: quantile cells of the point estimate's entries, and the largest key table.
+RANK_BINS = 1 << 15
+_LUT_MAX = 1 << 16
+# Bytes of the (K, B, models x (K + 2)) block of weighted class sums: sets B.
+SUMS_BLOCK_BYTES = 256 * 1024 * 1024
+# Per-sample statistics of all models are kept in memory up to this size (float32 at scale);
+# beyond it they are recomputed class by class for every block (bounded memory).
+STACKED_CACHE_BYTES = 1024 * 1024 * 1024
+# Bytes of K x K work arrays one block of the NumPy (no numba) bootstrap may hold.
+_FALLBACK_BLOCK_BYTES = 256 * 1024 * 1024
+
+
+def bootstrap_dtype(num_classes: int) -> np.dtype:
+    """float64 up to :data:`EXACT_K` classes, float32 above (half the matmul time)."""
+    return np.dtype(np.float64 if num_classes <= EXACT_K else np.float32)
+
+
+class StackedSamples:
+    """Per-sample statistics of every model at one temperature, side by side per class:
+    ``segment(i)`` is (n_i, M (K + 2)): for model m the columns ``m (K + 2) ...`` hold its K
+    probabilities (``kind`` "softmax" or "dark_knowledge"), its entropy and its non-target
+    entropy, so one matmul of a block of resample weights gives every model's class sums."""
+
+    def __init__(self, logits: Sequence[np.ndarray], sl: SortedLabels, T: float, kind: str,
+                 dtype: np.dtype, device: str | torch.device = "cpu") -> None:
+        self.logits, self.sl, self.T, self.kind = list(logits), sl, float(T), kind
+        self.dtype = np.dtype(dtype)
+        self.device = torch.device(device)
+        k = sl.num_classes
+        self.width = k + 2
+        nbytes = len(sl.order) * len(self.logits) * self.width * self.dtype.itemsize
+        self._cache: dict[int, torch.Tensor] | None = {} if nbytes <= STACKED_CACHE_BYTES else None
+
+    @property
+    def num_models(self) -> int:
+        return len(self.logits)
+
+    def segment(self, i: int) -> torch.Tensor:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        idx = self.sl.order[self.sl.starts[i]:self.sl.stops[i]]
+        parts = []
+        for z0 in self.logits:
+            z = z0[idx].astype(np.float64) / self.T
+            p, h = softmax_stats(z)
+            q, hq = softmax_stats(z, np.full(len(idx), i))
+            parts += [q if self.kind == "dark_knowledge" else p, h[:, None], hq[:, None]]
+        out = torch.from_numpy(np.concatenate(parts, axis=1).astype(self.dtype)).to(self.device)
+        if self._cache is not None:
+            self._cache[i] = out
+        return out
+
+
+def block_size(num_classes: int, num_models: int, itemsize: int, n_boot: int) -> int:
+    """Resamples per block so that the block of class sums stays within SUMS_BLOCK_BYTES."""
+    per = num_classes * num_models * (num_classes + 2) * itemsize
+    return int(max(1, min(256, SUMS_BLOCK_BYTES // per, n_boot)))
+
+
+def stacked_class_sums(W: np.ndarray, st: StackedSamples, workers: int = 1) -> np.ndarray:
+    """Weighted class sums of every model for a block of resamples: (K, B, M (K + 2)).
+
+    ``W`` (B, N) holds each sample's weight (its count in the resample) in the original order.
+    One (B, n_i) @ (n_i, M (K + 2)) matmul per class, on ``st.device``; on the CPU each matmul
+    runs on one thread and the classes are shared among ``workers`` threads (torch's own
+    thread pool on small matmuls was ~14x slower on a busy 2-core machine).
+    """
+    sl = st.sl
+    k = sl.num_classes
+    b = W.shape[0]
+    dev = st.device
+    tdtype = torch.float64 if st.dtype == np.float64 else torch.float32
+    Wt = torch.as_tensor(W[:, sl.order], dtype=tdtype, device=dev)
+    acc = torch.zeros((k, b, st.num_models * st.width), dtype=tdtype, device=dev)
+
+    def run(classes: range) -> None:
+        for i in classes:
+            a, z = int(sl.starts[i]), int(sl.stops[i])
+            if a != z:
+                torch.matmul(Wt[:, a:z], st.segment(i), out=acc[i])
+
+    with _cpu_single_thread(dev):
+        if dev.type == "cpu" and workers > 1 and k > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            step = -(-k // workers)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run, [range(a, min(k, a + step)) for a in range(0, k, step)]))
+        else:
+            run(range(k))
+    return acc.cpu().numpy()
+
+
+def _monotone_keys(x: np.ndarray) -> np.ndarray:
+    """float32 values -> int64 keys with the same order (IEEE bit patterns, negatives
+    flipped), the keys :func:`interptool.analyzers.similarity._kernels._row_pass` uses."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+class RankGrid:
+    """How one model's matrix entries are ranked in the bootstrap replicates.
+
+    Exact ranks need a sort of the K (K - 1) off-diagonal entries per resample (~40 ms at K =
+    1,000, most of the old bootstrap's time). Above :data:`EXACT_K` classes the replicates use
+    *rank groups* instead: cells between the :data:`RANK_BINS`-quantiles of the point
+    estimate's entries (resolved on a float32 key grid of relative width <= 2^-13); entries in
+    one cell share their average rank, as ties do. The Spearman correlation then differs from
+    the exact one by far less than its bootstrap spread (at K = 1,000, ~30 of 10^6 entries
+    per cell: |difference| < 1e-4, tested). The point estimate itself always uses exact ranks.
+    """
+
+    def __init__(self, point: np.ndarray, valid: np.ndarray, binned: bool,
+                 nbins: int = RANK_BINS) -> None:
+        self.binned = bool(binned)
+        self.lut = np.empty(0, dtype=np.int32)
+        self.shift, self.kmin, self.nbins = 0, 0, 1
+        if not self.binned:
+            return
+        kk = point.shape[0]
+        m = valid[:, None] & ~np.eye(kk, dtype=bool)
+        keys = np.sort(_monotone_keys(point.astype(np.float32)[m]))
+        if keys.size == 0:
+            self.binned = False
+            return
+        nb = int(min(nbins, keys.size))
+        edges = keys[(np.arange(1, nb) * keys.size) // nb]
+        lo, hi = int(keys[0]), int(keys[-1])
+        shift = 0
+        while (hi >> shift) - (lo >> shift) + 1 > _LUT_MAX:
+            shift += 1
+        self.shift, self.kmin, self.nbins = shift, lo >> shift, nb
+        u = np.arange((hi >> shift) - (lo >> shift) + 1, dtype=np.int64) + self.kmin
+        self.lut = np.searchsorted(edges >> shift, u, side="right").astype(np.int32)
+
+    def rank_groups(self, T: np.ndarray, valid: np.ndarray, k: int,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(group id per entry (K, K) int32, average 1-based rank per group, top-k (K, k))
+        of one replicate's matrix ``T`` (off-diagonal entries of valid rows)."""
+        from interptool.analyzers.similarity._kernels import kernel
+
+        kk = T.shape[0]
+        groups = np.zeros((kk, kk), dtype=np.int32)
+        top = np.zeros((kk, k), dtype=np.int32)
+        hist = np.zeros(self.nbins, dtype=np.int64)
+        keys = T.view(np.int32) if self.binned else np.empty((0, 0), dtype=np.int32)
+        kernel("rows")(T, keys, valid, self.shift, self.kmin, self.lut, k, groups, hist, top)
+        if self.binned:
+            before = np.cumsum(hist) - hist
+            return groups, before + 0.5 * (hist + 1), top
+        m = valid[:, None] & ~np.eye(kk, dtype=bool)
+        idx = np.flatnonzero(m.ravel())
+        v = T.ravel()[idx]
+        o = np.argsort(v, kind="stable")
+        vs = v[o]
+        new = np.empty(vs.size, dtype=bool)
+        new[:1] = True
+        new[1:] = vs[1:] != vs[:-1]
+        gid = np.cumsum(new) - 1
+        groups.ravel()[idx[o]] = gid
+        starts = np.flatnonzero(new)
+        counts = np.diff(np.r_[starts, vs.size])
+        return groups, starts + 0.5 * (counts + 1), top
+
+
+def _workers() -> int:
+    """Threads for the per-resample work: torch's intra-op budget (set from the machine's
+    cores / cgroup quota and --threads), at most 8."""
+    return int(max(1, min(8, torch.get_num_threads())))
+
+
+def replicate_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: int,
+                      grids: Sequence[RankGrid], sem: np.ndarray | None = None,
+                      workers: int = 1) -> dict[tuple[int, str], np.ndarray]:
+    """Every bootstrap metric of one block from its weighted class sums.
+
+    ``sums`` (K, B, M (K + 2)) from :func:`stacked_class_sums`, ``counts`` (B, K) weighted class
+    sizes, ``grids`` one :class:`RankGrid` per model. Returns {(model index, metric): (B,)}:
+    "entropy" and "nontarget_entropy" for every model, the five pair metrics of each
+    student (index >= 1) against the teacher (index 0), "hierarchy_spearman" with ``sem``.
+    Same definitions as :meth:`Reference.compare` (tested against it). Resamples are spread
+    over ``workers`` threads (NumPy and the numba kernels release the GIL).
+    """
+    kk, b, _ = sums.shape
+    out: dict[tuple[int, str], np.ndarray] = {}
+    for m in range(num_models):
+        for name in ("entropy", "nontarget_entropy") + (("hierarchy_spearman",) if sem is not None else ()):
+            out[(m, name)] = np.empty(b)
+        if m:
+            for name in _PAIR_NAMES:
+                out[(m, name)] = np.empty(b)
+
+    def one(r: int) -> None:
+        for key, v in _one_replicate(sums[:, r, :], counts[r], num_models, k, grids, sem).items():
+            out[key][r] = v
+
+    if workers > 1 and b > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, b)) as pool:
+            list(pool.map(one, range(b)))
+    else:
+        for r in range(b):
+            one(r)
+    return out
+
+
+_PAIR_NAMES = ("pearson", "spearman", "kl", "js_distance", "topk_overlap")
+
+
+def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
+                   grids: Sequence[RankGrid], sem: np.ndarray | None,
+                   ) -> dict[tuple[int, str], float]:
+    """Metrics of one resample from its class sums ``X`` (K, M (K + 2)) and class sizes ``c``."""
+    from interptool.analyzers.similarity._kernels import kernel
+
+    kk = X.shape[0]
+    width = kk + 2
+    dtype = X.dtype
+    valid = c > 0
+    cinv = np.zeros(kk, dtype=dtype)
+    cinv[valid] = 1.0 / c[valid]
+    res: dict[tuple[int, str], float] = {}
+    mats, logs, ranks = [], [], []
+    for m in range(num_models):
+        o = m * width
+        S = np.multiply(X[:, o:o + kk], cinv[:, None], dtype=dtype)
+        ent = X[:, o + kk].astype(np.float64) * cinv
+        nte = X[:, o + kk + 1].astype(np.float64) * cinv
+        res[(m, "entropy")] = ent[valid].sum() / valid.sum()
+        res[(m, "nontarget_entropy")] = nte[valid].sum() / valid.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            L = np.log(S)
+        mats.append(S)
+        logs.append(L)
+        ranks.append(grids[m].rank_groups(S, valid, k))
+        if sem is not None:
+            Sn = S.astype(np.float64)
+            Sn[~valid] = np.nan
+            res[(m, "hierarchy_spearman")] = semantic_spearman(Sn[None], valid[None], sem)[0]
+    tb, tG, ttop = ranks[0]
+    pair = kernel("pair")
+    for m in range(1, num_models):
+        sb, sG, stop = ranks[m]
+        # log of the midpoint itself (not log(T + S) - log 2): exactly log T when S == T
+        LM = np.add(mats[0], mats[m])
+        LM *= 0.5
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.log(LM, out=LM)
+        vals = pair(mats[0], mats[m], logs[0], logs[m], LM, valid, tb, tG, sb, sG, ttop, stop, k)
+        for name, v in zip(_PAIR_NAMES, vals):
+            res[(m, name)] = v
+    return res
+
+
+class BootstrapEvaluator:
+    """Statistics of :func:`compare_similarity` for blocks of bootstrap resamples.
+
+    Called with resample weights ``W`` (B, N) (how often each image is drawn), it returns
+    {(model, temperature or None, metric): (B,)} with the keys of the point estimate. Every
+    model's weighted class sums come from one matmul per class and block
+    (:func:`stacked_class_sums`, on ``device``: one weighted reduction for all resamples of
+    the block); the metrics of each resample from the fused kernels of
+    :mod:`interptool.analyzers.similarity._kernels`, spread over threads. Without numba the
+    metrics come from :class:`Reference` (exact ranks, float64; ~10x slower at K = 1,000).
+    ``block`` is the number of resamples a call should get (memory bound).
+    """
+
+    def __init__(self, logits: Sequence[np.ndarray], names: Sequence[str], sl: SortedLabels,
+                 labelled: np.ndarray, correct: Sequence[np.ndarray],
+                 agree: Sequence[np.ndarray], temps: Sequence[float], matrix: str, k: int,
+                 point_matrices: Sequence[Sequence[np.ndarray]], sem: np.ndarray | None,
+                 device: str, n_boot: int, *, use_kernels: bool | None = None) -> None:
+        from interptool.analyzers.similarity import _kernels
+
+        self.names, self.sl, self.k, self.sem = list(names), sl, int(k), sem
+        self.labelled, self.correct, self.agree = labelled, list(correct), list(agree)
+        self.temps = list(temps)
+        kk = sl.num_classes
+        self.fast = _kernels.usable() if use_kernels is None else bool(use_kernels)
+        dtype = bootstrap_dtype(kk) if self.fast else np.dtype(np.float64)
+        self.stacked = [StackedSamples(logits, sl, t, matrix, dtype, device) for t in self.temps]
+        self.block = block_size(kk, len(self.names), dtype.itemsize, n_boot)
+        if not self.fast:
+            per_resample = kk * kk * 8 * (len(self.names) + 12)
+            self.block = int(max(1, min(self.block, _FALLBACK_BLOCK_BYTES // per_resample)))
+        valid = sl.counts > 0
+        self.grids = [[RankGrid(np.asarray(P, dtype=np.float64), valid,
+                                binned=self.fast and kk > EXACT_K)
+                       for P in mats] for mats in point_matrices]
+        self.log_k = np.log(kk)
+        self.log_k1 = np.log(kk - 1) if kk > 2 else np.nan
+        self.workers = _workers()
+
+    def __call__(self, W: np.ndarray) -> dict[tuple[str, float | None, str], np.ndarray]:
+        names, students = self.names, self.names[1:]
+        out: dict[tuple[str, float | None, str], np.ndarray] = {}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lab_w = W @ self.labelled
+            for m, c in zip(names, self.correct):
+                out[(m, None, "accuracy")] = W @ c / lab_w
+            for m, a in zip(students, self.agree):
+                out[(m, None, "top1_agreement")] = W @ a / W.sum(1)
+        counts = weighted_counts(W, self.sl)
+        for t, st, grids in zip(self.temps, self.stacked, self.grids):
+            sums = stacked_class_sums(W, st, self.workers)
+            if self.fast:
+                res = replicate_metrics(sums, counts, len(names), self.k, grids, self.sem,
+                                        self.workers)
+            else:
+                res = _reference_metrics(sums, counts, len(names), self.k, self.sem)
+            for (mi, metric), v in res.items():
+                out[(names[mi], t, metric)] = v
+                if metric == "entropy":
+                    out[(names[mi], t, "entropy_norm")] = v / self.log_k
+                elif metric == "nontarget_entropy":
+                    out[(names[mi], t, "nontarget_entropy_norm")] = v / self.log_k1
+        return out
+
+
+def _reference_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: int,
+                       sem: np.ndarray | None) -> dict[tuple[int, str], np.ndarray]:
+    """The NumPy path of :class:`BootstrapEvaluator` (no numba): exact, as the point estimate."""
+    kk = sums.shape[0]
+    width = kk + 2
+    valid = counts > 0
+    out: dict[tuple[int, str], np.ndarray] = {}
+    mats = []
+    for m in range(num_models):
+        o = m * width
+        X = np.transpose(sums[:, :, o:o + width], (1, 0, 2)).astype(np.float64)
+        S = normalise_rows(X[:, :, :kk], counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[(m, "entropy")] = np.where(valid, X[:, :, kk] / counts, 0.0).sum(1) / valid.sum(1)
+            out[(m, "nontarget_entropy")] = (np.where(valid, X[:, :, kk + 1] / counts, 0.0).sum(1)
+                                             / valid.sum(1))
+        if sem is not None:
+            out[(m, "hierarchy_spearman")] = semantic_spearman(S, valid, sem)
+        mats.append(S)
+    ref = Reference(mats[0], valid, k)
+    for m in range(1, num_models):
+        for metric, v in ref.compare(mats[m]).items():
+            out[(m, metric)] = v
+    return out

@@ -1,0 +1,185 @@
+"""Similarity bootstrap at ImageNet scale: the batched bootstrap of ``compare_similarity``
+against the previous one (kept here, and only here, as the reference).
+
+Synthetic logits with a class-similarity structure, ``--n`` images x ``--k`` classes, a teacher
+and ``--students`` students; ``compare_similarity(..., n_boot=...)`` timed with and without
+the bootstrap (the difference is the bootstrap's cost). The previous implementation (float64
+class sums in blocks of a few resamples, exact argsort ranks, the metrics of
+``Reference.compare`` per block) is run on ``--old-n-boot`` resamples and extrapolated per
+resample; with the same seed its first resamples are the new run's first resamples, so their
+replicates are compared value by value. Each path runs in its own child process, whose peak
+RSS (``ru_maxrss``) is reported with its wall and CPU seconds.
+
+    .venv/bin/python benchmarks/bench_similarity.py [--n 50000] [--k 1000] [--students 2]
+        [--n-boot 1000] [--old-n-boot 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def make_models(n: int, k: int, models: int):
+    """Teacher and students: shared K x K confusion structure, growing noise (a student is a
+    noisier copy of the teacher's similarity)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(k, k)).astype(np.float32) * 2
+    y = np.arange(n) % k
+    ids = [f"img{i}" for i in range(n)]
+    out = []
+    for m in range(models):
+        r = np.random.default_rng(m + 1)
+        z = base[y] + (1.0 + 0.5 * m) * r.normal(size=(n, k)).astype(np.float32)
+        z[np.arange(n), y] += 6
+        out.append(SimpleNamespace(logits=z, labels=y, ids=ids, data_fingerprint="bench",
+                                   name=f"m{m}", path=f"m{m}.h5", attrs={}, model_info=None))
+    return out
+
+
+def old_bootstrap(models, n_boot: int, seed: int, k_near: int = 5, temperature: float = 1.0,
+                  matrix: str = "softmax") -> dict[tuple[int, str], np.ndarray]:
+    """The bootstrap of compare_similarity before the batched rewrite (reference only)."""
+    from interptool.analyzers.similarity._core import (
+        PerSample,
+        Reference,
+        SortedLabels,
+        bootstrap_weights,
+        normalise_rows,
+        weighted_class_sums,
+        weighted_counts,
+    )
+
+    labels = models[0].labels
+    n, kk = models[0].logits.shape
+    sl = SortedLabels.build(labels, kk)
+    per = [PerSample(m.logits, sl, temperature, matrix) for m in models]
+    per_resample = kk * kk * 8 * (len(models) + 12)
+    block = int(max(1, min(128, (256 * 1024 * 1024) // per_resample, n_boot)))
+    rng = np.random.default_rng(seed)
+    out: dict[tuple[int, str], list] = {}
+    done = 0
+    while done < n_boot:
+        b = min(block, n_boot - done)
+        W = bootstrap_weights(rng, n, b)
+        counts = weighted_counts(W, sl)
+        valid = counts > 0
+        mats = []
+        for mi, ps in enumerate(per):
+            sums, hs, _ = weighted_class_sums(W, ps)
+            mats.append(normalise_rows(sums, counts))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ent = np.where(valid, hs / counts, 0.0).sum(1) / valid.sum(1)
+            out.setdefault((mi, "entropy"), []).append(ent)
+        ref = Reference(mats[0], valid, k_near)
+        for mi, S in enumerate(mats[1:], start=1):
+            for metric, v in ref.compare(S).items():
+                out.setdefault((mi, metric), []).append(v)
+        done += b
+    return {key: np.concatenate(v) for key, v in out.items()}
+
+
+def child(args) -> None:
+    import torch
+
+    from interptool._progress import set_quiet
+    from interptool.analyzers.similarity import compare_similarity
+
+    set_quiet(True)
+    models = make_models(args.n, args.k, 1 + args.students)
+    result: dict = {"threads": torch.get_num_threads()}
+    if args.child == "new":
+        from interptool.analyzers.similarity import _kernels
+
+        result["numba"] = _kernels.usable()  # includes loading the compiled kernels
+        t0, c0 = time.perf_counter(), time.process_time()
+        compare_similarity(*models, n_boot=0, device=args.device)
+        t1, c1 = time.perf_counter(), time.process_time()
+        res = compare_similarity(*models, n_boot=args.n_boot, seed=0, device=args.device)
+        t2, c2 = time.perf_counter(), time.process_time()
+        result.update(point_wall=t1 - t0, point_cpu=c1 - c0, total_wall=t2 - t1,
+                      total_cpu=c2 - c1, boot_wall=(t2 - t1) - (t1 - t0),
+                      boot_cpu=(c2 - c1) - (c1 - c0))
+        names = [m.name for m in models]
+        result["replicates"] = {
+            f"{i}|{metric}": res.bootstrap[f"{names[i]}|1|{metric}"][:args.old_n_boot].tolist()
+            for i in range(1, len(models))
+            for metric in ("pearson", "spearman", "kl", "js_distance", "topk_overlap")}
+        rows = res.estimates[res.estimates["metric"].isin(["spearman", "js_distance", "kl"])]
+        result["intervals"] = rows[["model", "metric", "value", "ci_low", "ci_high", "bias",
+                                    "ci_widened"]].to_dict(orient="records")
+    else:
+        t0, c0 = time.perf_counter(), time.process_time()
+        reps = old_bootstrap(models, args.old_n_boot, seed=0)
+        result.update(boot_wall=time.perf_counter() - t0, boot_cpu=time.process_time() - c0)
+        result["replicates"] = {f"{i}|{metric}": v.tolist() for (i, metric), v in reps.items()
+                                if i >= 1 and metric != "entropy"}
+    print("RESULT " + json.dumps(result))
+
+
+def run(args, which: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--n", str(args.n), "--k", str(args.k),
+           "--students", str(args.students), "--n-boot", str(args.n_boot),
+           "--old-n-boot", str(args.old_n_boot), "--device", args.device]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{which} child failed:\n{out}")
+    res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    res["process_wall"] = time.perf_counter() - t0
+    res["peak_mib"] = usage.ru_maxrss / 1024
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=50000)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--students", type=int, default=2)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--old-n-boot", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", choices=["new", "old"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    print(f"{args.n} x {args.k} logits, teacher + {args.students} students; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    new = run(args, "new")
+    print(f"new: {args.n_boot} resamples: bootstrap {new['boot_wall']:.1f} s wall, "
+          f"{new['boot_cpu']:.1f} s CPU ({new['threads']} threads, numba {new['numba']}); "
+          f"point estimate {new['point_wall']:.1f} s; peak RSS {new['peak_mib']:.0f} MiB")
+    old = run(args, "old")
+    per = old["boot_wall"] / args.old_n_boot
+    per_cpu = old["boot_cpu"] / args.old_n_boot
+    print(f"old: {args.old_n_boot} resamples {old['boot_wall']:.1f} s wall -> "
+          f"{per * args.n_boot:.0f} s wall ({per_cpu * args.n_boot:.0f} s CPU) for "
+          f"{args.n_boot}; peak RSS {old['peak_mib']:.0f} MiB")
+    print(f"speed-up (CPU seconds per resample): {per_cpu / (new['boot_cpu'] / args.n_boot):.1f}x")
+    worst = 0.0
+    for key, v_old in old["replicates"].items():
+        v_new = np.asarray(new["replicates"][key])
+        d = np.nanmax(np.abs(v_new - np.asarray(v_old)[:v_new.size]))
+        worst = max(worst, d)
+        print(f"  same resamples, model {key}: max |new - old| = {d:.2e}")
+    print(f"largest replicate difference (same seed, same resamples): {worst:.2e}")
+    for row in new["intervals"]:
+        print(f"  {row['model']:>8} {row['metric']:<12} {row['value']:.4f} "
+              f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}] bias {row['bias']:+.4f}"
+              f"{' (widened)' if row['ci_widened'] else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
