@@ -513,3 +513,16 @@ def test_cli_iou_threshold_and_top_unit_montages(tmp_path, world):
     top = iou.sort_values(ascending=False, kind="stable").index[:3]
     got = sorted(p.name for p in (tmp_path / "0.04" / "l4" / "units").glob("*.png"))
     assert got == sorted(f"unit_{u:04d}.png" for u in top)
+
+
+def test_eval_transform_cache_refused(tmp_path):
+    """A centre-cropped (eval transform) cache no longer lines up with the masks (issue 11)."""
+    probe = ToyProbe(_toy_segs())
+    masks = [s[0] == 1 if s[0] is not None else None for s in _toy_segs()]
+    feats = _mask_unit(masks)
+    path = _cache(tmp_path, feats, probe, transform="eval")
+    with pytest.raises(CacheError, match="field 'transform' is 'eval'.*--probe yes"):
+        Dissection(checksum=False).run(path, "l4", probe)
+    # the same features cached with the probe transform dissect normally
+    ok = _cache(tmp_path, feats, probe, name="probe.h5", transform="probe")
+    assert Dissection(checksum=False).run(ok, "l4", probe).iou.shape[0] == 1
