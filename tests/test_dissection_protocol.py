@@ -219,7 +219,7 @@ def test_explicit_categories_are_recorded_and_checked(probe_and_cache):
     assert r.protocol["images_dropped"] == 1  # im4 carries only a scene label
     with pytest.raises(ConfigError, match="texture.*not in the probe"):
         Dissection(categories=["object", "texture"], checksum=False).run(path, "l4", probe)
-    with pytest.raises(ConfigError, match="unknown dissection protocol"):
+    with pytest.raises(ConfigError, match="netdissect-lite, han2023"):
         Dissection(protocol="netdissect")
     with pytest.raises(ConfigError, match="listed twice"):
         Dissection(categories="object,object")
