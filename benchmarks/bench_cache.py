@@ -10,6 +10,15 @@ so the numbers isolate model + hooks + HDF5 writing, and nothing is held for the
 
     python benchmarks/bench_cache.py                      # the recorded configuration
     python benchmarks/bench_cache.py --n 64 --size 96 --mem-sizes 64,256 --mem-px 64   # quick
+
+``--probe N`` instead measures the whole extraction on real image files: generated Broden-style
+probe images (``builtin:concept-world?n=N&size=224``, PNG files decoded and resized by the
+probe transform) cached with resnet18 layer4, against a bare ``model(x)`` loop over the same
+images decoded beforehand, with the same batches and the same torch threads as the cache's
+forward pass (``--threads``/``--workers`` as in ``interptool cache``):
+
+    python benchmarks/bench_cache.py --probe 480 --layers layer4 --threads 2
+    python benchmarks/bench_cache.py --probe 480 --layers layer4 --threads 2 --workers 1
 """
 
 from __future__ import annotations
@@ -153,9 +162,16 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--probe", type=int, metavar="N",
+                    help="time cache vs bare forward on N generated 224 px probe images")
+    ap.add_argument("--threads", type=int, help="as `interptool cache --threads`")
+    ap.add_argument("--workers", type=int, help="as `interptool cache --workers`")
     args = ap.parse_args()
     if args.child_n:
         child_memory(args)
+        return
+    if args.probe:
+        _probe_timing(args)
         return
 
     device = torch.device(args.device)
@@ -209,6 +225,61 @@ def _memory(args: argparse.Namespace) -> None:
               f"{r['rss_peak_mib']:7.1f} MiB (+{r['rss_peak_mib'] - r['rss_before_mib']:.1f}), "
               f"ru_maxrss {r['ru_maxrss_mib']:.1f} MiB, file {r['file_mib']:.1f} MiB, "
               f"{r['seconds']:.1f} s")
+
+
+def _probe_timing(args: argparse.Namespace) -> None:
+    """Cache (decode + forward + write) vs bare forward over pre-decoded images, one round."""
+    from interptool._resources import plan_threads, torch_threads
+    from interptool.data import open_dataset
+
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    ds = open_dataset(f"builtin:concept-world?n={args.probe}&size=224&split=probe")
+    gen_s = time.perf_counter() - t0
+    loaded = _loaded(args.arch, 224)
+    loaded.model.to(device)
+    plan = plan_threads(args.threads, workers=args.workers)
+    layers = args.layers.split(",")
+    load = os.getloadavg()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min), torch {torch.__version__}, "
+          f"device {device}; data generated/opened in {gen_s:.1f} s")
+    print(f"plan: {plan.to_dict()}")
+    # the same images, decoded beforehand (same transform, same batches)
+    tf = loaded.preprocessing.probe_transform()
+    t0 = time.perf_counter()
+    batches = [torch.stack([tf(ds.load_image(i))
+                            for i in range(s, min(s + args.batch_size, len(ds)))])
+               for s in range(0, len(ds), args.batch_size)]
+    dec_s = time.perf_counter() - t0
+    with torch_threads(plan.torch_threads), torch.inference_mode():
+        loaded.model(batches[0][:8].to(device))  # warm-up (allocator, oneDNN kernels)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for x in batches:
+            loaded.model(x.to(device, non_blocking=True))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        bw, bc = time.perf_counter() - t0, time.process_time() - c0
+    del batches
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "probe.h5"
+        t0, c0 = time.perf_counter(), time.process_time()
+        run = run_cache(loaded, ds, layers, out, batch_size=args.batch_size, dtype=args.dtype,
+                        device=device, threads=args.threads, workers=args.workers)
+        cw, cc = time.perf_counter() - t0, time.process_time() - c0
+        file_mib = out.stat().st_size / 2**20
+    n = len(ds)
+    load = os.getloadavg()
+    print(f"probe timing: {args.arch} 224px, N={n}, batch {args.batch_size}, layers "
+          f"{args.layers} {args.dtype}, one round; decoding alone took {dec_s:.1f} s "
+          f"({n / dec_s:.1f} img/s, 1 thread)")
+    print(f"  bare forward ({plan.torch_threads} torch threads, pre-decoded): {bw:7.2f} s wall "
+          f"({n / bw:6.1f} img/s), {bc:7.2f} s CPU")
+    print(f"  cache (decode + forward + HDF5, {plan.torch_threads} threads + "
+          f"{plan.loader_workers} workers): {cw:7.2f} s wall ({n / cw:6.1f} img/s), "
+          f"{cc:7.2f} s CPU (this process); {run.summary()}")
+    print(f"  ratio cache/bare: wall {cw / bw:.3f}; file {file_mib:.1f} MiB; load average "
+          f"after {load[0]:.1f}")
 
 
 if __name__ == "__main__":
