@@ -1,0 +1,292 @@
+"""Measure the reproduction study with interptool and write the tables of docs/reproduction.md.
+
+For every trained run in ``--runs`` (``train.py``'s ``<run>.json`` + ``.safetensors``):
+
+1. ``cache_activations`` on the concept-world v2 eval split (logits) and probe split
+   (``layer3``, ``layer4``), 48 px, no crop;
+2. ``Dissection()`` (NetDissect-Lite protocol: object, part, scene, texture, color; quantile
+   0.005; detector = best IoU >= 0.04) on ``layer3`` and ``layer4``;
+3. ``ClassSimilarity`` (within-class entropy of the softmax, T = 1 and 4) and
+   ``compare_similarity(teacher, *students)`` (how well each student's class-similarity
+   matrix matches the teacher's: Pearson of the off-diagonal entries, KL; and
+   ``hierarchy_spearman`` against the documented concept overlap of the classes,
+   ``class_similarity_v2()``);
+4. per recipe (three seeds): mean and 95 % t-interval over seeds (``scipy.stats.t``), and
+   paired per-seed differences KD - scratch, LS - scratch (the recipes of one seed share the
+   student's initialisation and batch order).
+
+Writes ``<out>/per_model.csv``, ``<out>/per_recipe.csv``, ``<out>/paired.csv``,
+``<out>/categories.csv``, ``<out>/results.json`` and ``<out>/tables.md``.
+
+    python examples/kd_reproduction/analyze.py --runs examples/kd_reproduction/runs \\
+        --out examples/kd_reproduction/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+LAYERS = ("layer3", "layer4")
+PROBE_N = 1000
+IOU = 0.04
+RECIPE_ORDER = ["scratch", "ls", "kd-T4", "kd-T1", "kd-T2", "kd-T8", "untrained"]
+UNTRAINED_SEEDS = (0, 1, 2)
+
+
+def group_of(name: str) -> str:
+    """``kd-T4-s1`` -> ``kd-T4``; ``scratch-s0`` -> ``scratch``; ``teacher`` -> ``teacher``."""
+    return name.rsplit("-s", 1)[0] if name != "teacher" else name
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t-interval over seeds (NaN bounds with fewer than two values)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    sem = float(v.std(ddof=1) / np.sqrt(len(v)))
+    if sem == 0:
+        return m, m, m
+    lo, hi = stats.t.interval(level, len(v) - 1, loc=m, scale=sem)
+    return m, float(lo), float(hi)
+
+
+def measure(runs: Path, out: Path, threads: int = 1) -> pd.DataFrame:
+    """Cache, dissect and score every finished run; one row per model."""
+    import torch
+
+    from interptool.analyzers import ClassSimilarity, Dissection
+    from interptool.cache import cache_activations
+    from interptool.data import open_dataset
+    from interptool.loading import load_model
+
+    torch.set_num_threads(threads)
+    entries = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))
+               if p.stem != "manifest"}
+    entries.update(untrained_students(out / "untrained", entries))
+    if "teacher" not in entries:
+        raise SystemExit(f"{runs}: no teacher.json; train first")
+    eval_spec = entries["teacher"]["eval_spec"]
+    probe_spec = eval_spec.replace("split=eval", "split=probe").replace(
+        "n=1000", f"n={PROBE_N}")
+    eval_ds, probe_ds = open_dataset(eval_spec), open_dataset(probe_spec)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    (out / "dissection").mkdir(parents=True, exist_ok=True)
+    rows, cat_rows = [], []
+    for name, e in entries.items():
+        lm = load_model(e["arch"], runs / e["file"])
+        ev = cache_activations(lm, eval_ds, [], out / "cache" / f"{name}_eval.h5",
+                               threads=threads, batch_size=250)
+        pr = cache_activations(lm, probe_ds, list(LAYERS), out / "cache" / f"{name}_probe.h5",
+                               threads=threads, batch_size=250)
+        sim = ClassSimilarity(temperature=[1.0, 4.0]).run(ev)
+        row: dict[str, Any] = {
+            "model": name, "group": group_of(name), "recipe": e["recipe"], "T": e["T"],
+            "seed": e["seed"], "eval_accuracy": float(sim.accuracy),
+            "manifest_eval_accuracy": e["eval_accuracy"],
+            "entropy_T1": float(sim.entropy_overall[1.0]),
+            "entropy_T4": float(sim.entropy_overall[4.0]),
+        }
+        for layer in LAYERS:
+            res = Dissection(iou_threshold=IOU).run(pr, layer, probe_ds)
+            res.to_frame().to_csv(out / "dissection" / f"{name}_{layer}.csv", index=False)
+            det = res.detectors()
+            row[f"{layer}_units"] = int(res.units)
+            row[f"{layer}_detectors"] = int(len(det))
+            row[f"{layer}_fraction"] = float(res.detector_fraction())
+            row[f"{layer}_unique"] = int(res.unique_concepts())
+            # the paper's fork counts at IoU >= 0.05
+            row[f"{layer}_detectors_iou05"] = int(len(res.detectors(0.05)))
+            row[f"{layer}_mean_best_iou"] = float(np.mean(res.best_iou))
+            for cat, c in res.counts_by_category().items():
+                cat_rows.append({"model": name, "group": group_of(name), "layer": layer,
+                                 "category": cat, "detectors": c["detectors"],
+                                 "unique": c["unique"]})
+        rows.append(row)
+        print(f"{name}: acc {row['eval_accuracy']:.3f}, layer3 {row['layer3_detectors']}, "
+              f"layer4 {row['layer4_detectors']}", flush=True)
+    per_model = pd.DataFrame(rows)
+    pd.DataFrame(cat_rows).to_csv(out / "categories.csv", index=False)
+    return per_model
+
+
+def untrained_students(folder: Path, entries: dict[str, Any]) -> dict[str, Any]:
+    """Control: the student at its random initialisation (the init of seed s of train.py),
+    so the counts of trained students can be read against what an untrained net scores."""
+    import torch
+    from safetensors.torch import save_file
+
+    from interptool.loading._zoo import cw2_resnet18
+
+    if not entries:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    base = next(e for e in entries.values() if e["recipe"] != "teacher") \
+        if any(e["recipe"] != "teacher" for e in entries.values()) else entries["teacher"]
+    out = {}
+    for s in UNTRAINED_SEEDS:
+        name = f"untrained-s{s}"
+        torch.manual_seed(100 + s)  # train.py's student init for seed s
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            save_file({k: v.contiguous() for k, v in cw2_resnet18(12).state_dict().items()},
+                      str(path))
+        out[name] = {**base, "name": name, "file": str(path.resolve()), "recipe": "untrained",
+                     "arch": "interptool:cw2-resnet18", "T": None, "seed": s,
+                     "eval_accuracy": float("nan")}
+    return out
+
+
+def transfer(runs: Path, out: Path, per_model: pd.DataFrame) -> pd.DataFrame:
+    """Similarity transfer of every student to the teacher, one row per (student, T)."""
+    from interptool.analyzers import compare_similarity
+    from interptool.data._concept_world import class_similarity_v2
+
+    students = [m for m in per_model["model"] if m != "teacher"]
+    # (untrained students are included: their transfer is the floor a recipe starts from)
+    res = compare_similarity(out / "cache" / "teacher_eval.h5",
+                             *[out / "cache" / f"{m}_eval.h5" for m in students],
+                             temperature=[1.0, 4.0], n_boot=0,
+                             hierarchy=class_similarity_v2())
+    est = res.estimates
+    est.to_csv(out / "transfer_raw.csv", index=False)
+    return est
+
+
+def summarise(per_model: pd.DataFrame, est: pd.DataFrame, out: Path) -> dict[str, Any]:
+    """Per-recipe means / intervals, paired differences, category counts; tables.md."""
+    pm = per_model.copy()
+    # transfer metrics per model (T = 4, the KD temperature, and T = 1)
+    for metric in ("pearson", "kl", "hierarchy_spearman"):
+        for t in (1.0, 4.0):
+            sel = est[(est["metric"] == metric) & (est["temperature"] == t)]
+            if "role" in sel:
+                sel = sel[sel["role"] != "difference"]
+            vals = dict(zip(sel["model"], sel["value"]))
+            pm[f"{metric}_T{int(t)}"] = [vals.get(m, np.nan) for m in pm["model"]]
+    pm.to_csv(out / "per_model.csv", index=False)
+    metrics = ["eval_accuracy", "layer3_detectors", "layer3_fraction", "layer4_detectors",
+               "layer4_fraction", "layer3_detectors_iou05", "layer4_detectors_iou05", "layer3_unique", "layer4_unique", "entropy_T1", "entropy_T4",
+               "pearson_T4", "kl_T4", "hierarchy_spearman_T1", "hierarchy_spearman_T4"]
+    rec_rows = []
+    for g in ["teacher", *RECIPE_ORDER]:
+        sub = pm[pm["group"] == g]
+        if sub.empty:
+            continue
+        for metric in metrics:
+            m, lo, hi = t_interval(sub[metric].to_numpy())
+            rec_rows.append({"group": g, "n_seeds": len(sub), "metric": metric, "mean": m,
+                             "lo": lo, "hi": hi, "values": sub[metric].round(4).tolist()})
+    per_recipe = pd.DataFrame(rec_rows)
+    per_recipe.to_csv(out / "per_recipe.csv", index=False)
+    # paired differences over seeds (same init and batches within a seed)
+    pair_rows = []
+    for a, b in (("kd-T4", "scratch"), ("ls", "scratch"), ("kd-T4", "ls")):
+        A = pm[pm["group"] == a].set_index("seed")
+        B = pm[pm["group"] == b].set_index("seed")
+        seeds = sorted(set(A.index) & set(B.index))
+        if not seeds:
+            continue
+        for metric in metrics:
+            d = (A.loc[seeds, metric] - B.loc[seeds, metric]).to_numpy(dtype=float)
+            m, lo, hi = t_interval(d)
+            pair_rows.append({"comparison": f"{a} - {b}", "n_seeds": len(seeds),
+                              "metric": metric, "mean": m, "lo": lo, "hi": hi,
+                              "values": np.round(d, 4).tolist()})
+    paired = pd.DataFrame(pair_rows)
+    paired.to_csv(out / "paired.csv", index=False)
+    summary = {"per_model": pm.to_dict(orient="records"),
+               "per_recipe": per_recipe.to_dict(orient="records"),
+               "paired": paired.to_dict(orient="records")}
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    (out / "tables.md").write_text(tables_md(pm, per_recipe, paired, out))
+    return summary
+
+
+def _fmt(m: float, lo: float, hi: float, digits: int = 1, pct: bool = False) -> str:
+    k = 100.0 if pct else 1.0
+    if np.isnan(lo):
+        return f"{m * k:.{digits}f}"
+    return f"{m * k:.{digits}f} [{lo * k:.{digits}f}, {hi * k:.{digits}f}]"
+
+
+def tables_md(pm: pd.DataFrame, per_recipe: pd.DataFrame, paired: pd.DataFrame,
+              out: Path) -> str:
+    """Markdown tables (mean [95 % t-interval over seeds])."""
+    def cell(g: str, metric: str, digits: int = 1, pct: bool = False) -> str:
+        r = per_recipe[(per_recipe["group"] == g) & (per_recipe["metric"] == metric)]
+        return "" if r.empty else _fmt(*r[["mean", "lo", "hi"]].iloc[0], digits, pct)
+
+    lines = ["### Per recipe (mean [95 % t-interval over seeds])", "",
+             "| recipe | seeds | eval acc % | layer3 detectors (of 64) | layer3 fraction % | "
+             "layer4 detectors (of 128) | layer4 fraction % | entropy T=1 (nats) |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups = [g for g in ["teacher", *RECIPE_ORDER] if (pm["group"] == g).any()]
+    for g in groups:
+        n = int((pm["group"] == g).sum())
+        u3 = int(pm.loc[pm["group"] == g, "layer3_units"].iloc[0])
+        u4 = int(pm.loc[pm["group"] == g, "layer4_units"].iloc[0])
+        lines.append(f"| {g} | {n} | {cell(g, 'eval_accuracy', 1, True)} | "
+                     f"{cell(g, 'layer3_detectors')} (of {u3}) | "
+                     f"{cell(g, 'layer3_fraction', 1, True)} | {cell(g, 'layer4_detectors')} "
+                     f"(of {u4}) | {cell(g, 'layer4_fraction', 1, True)} | "
+                     f"{cell(g, 'entropy_T1', 3)} |")
+    lines += ["", "### Similarity transfer (students; mean [95 % t-interval over seeds])", "",
+              "| recipe | Pearson with teacher, T=4 | KL(teacher‖student), T=4 | "
+              "Spearman with concept overlap, T=1 | same, T=4 | entropy T=4 (nats) |",
+              "|---|---|---|---|---|---|"]
+    for g in groups:
+        lines.append(f"| {g} | {cell(g, 'pearson_T4', 3)} | {cell(g, 'kl_T4', 3)} | "
+                     f"{cell(g, 'hierarchy_spearman_T1', 3)} | "
+                     f"{cell(g, 'hierarchy_spearman_T4', 3)} | {cell(g, 'entropy_T4', 3)} |")
+    lines += ["", "### Paired differences over seeds (mean [95 % t-interval]; per-seed values)",
+              "", "| comparison | metric | mean [95 % CI] | per seed |", "|---|---|---|---|"]
+    for _, r in paired.iterrows():
+        pct = r["metric"] in ("eval_accuracy", "layer3_fraction", "layer4_fraction")
+        digits = 3 if r["metric"].startswith(("entropy", "pearson", "kl", "hier")) else 1
+        vals = ", ".join(f"{v * (100 if pct else 1):.{digits}f}" for v in r["values"])
+        lines.append(f"| {r['comparison']} | {r['metric']}{' (pts %)' if pct else ''} | "
+                     f"{_fmt(r['mean'], r['lo'], r['hi'], digits, pct)} | {vals} |")
+    cats = pd.read_csv(out / "categories.csv")
+    lines += ["", "### Detectors per category (mean over seeds)", "",
+              "| recipe | layer | " + " | ".join(sorted(cats["category"].unique())) + " |",
+              "|---|---|" + "---|" * cats["category"].nunique()]
+    piv = cats.groupby(["group", "layer", "category"])["detectors"].mean().unstack("category")
+    for g in groups:
+        for layer in LAYERS:
+            if (g, layer) in piv.index:
+                vals = " | ".join(f"{v:.1f}" for v in piv.loc[(g, layer)].to_numpy())
+                lines.append(f"| {g} | {layer} | {vals} |")
+    lines += ["", "### Per model", "", "| model | eval acc % | layer3 det. | layer4 det. | "
+              "entropy T=1 | Pearson T=4 |", "|---|---|---|---|---|---|"]
+    for _, r in pm.iterrows():
+        lines.append(f"| {r['model']} | {100 * r['eval_accuracy']:.1f} | "
+                     f"{r['layer3_detectors']} | {r['layer4_detectors']} | "
+                     f"{r['entropy_T1']:.3f} | {r.get('pearson_T4', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=Path, default=HERE / "runs")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    per_model = measure(args.runs, args.out, args.threads)
+    est = transfer(args.runs, args.out, per_model)
+    summarise(per_model, est, args.out)
+    print((args.out / "tables.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
