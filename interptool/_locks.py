@@ -48,6 +48,10 @@ class OutputLockedError(InterptoolError):
         self.holder = holder or {}
 
 
+class LockUnavailableError(InterptoolError):
+    """The lock file cannot be created (read-only folder or file system, no permission)."""
+
+
 @dataclass(frozen=True)
 class LockInfo:
     """Who holds a lock: written as JSON into the lock file."""
@@ -273,6 +277,10 @@ def _release(fd: int, lp: Path) -> None:
 def _io_error(path: Path, exc: OSError, doing: str) -> InterptoolError:
     if is_no_space(exc):
         return NoSpaceError(no_space_message(path))
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LockUnavailableError(
+            f"{path}: cannot {doing} ({exc.strerror or exc}); the folder is not writable: "
+            "choose another --out")
     return InterptoolError(f"{path}: cannot {doing} ({exc.strerror or exc}); check that the "
                            "folder is writable or choose another --out")
 
@@ -282,5 +290,5 @@ def is_locked(path: str | os.PathLike) -> bool:
     return read_lock_holder(path) is not None
 
 
-__all__ = ["LOCK_SUFFIX", "HeldLock", "LockInfo", "OutputLockedError", "is_locked", "lock_path",
+__all__ = ["LOCK_SUFFIX", "HeldLock", "LockInfo", "LockUnavailableError", "OutputLockedError", "is_locked", "lock_path",
            "locked_message", "output_lock", "read_lock_holder"]

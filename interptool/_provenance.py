@@ -232,3 +232,10 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, **kwargs)
+
+
+def output_lock(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """interptool's advisory lock on an output (see :func:`interptool._locks.output_lock`)."""
+    from interptool._locks import output_lock as _output_lock
+
+    return _output_lock(path, **kwargs)

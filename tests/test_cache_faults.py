@@ -429,3 +429,50 @@ def test_atomic_text_on_a_full_disk_raises_and_leaves_no_tmp(tmp_path, monkeypat
         assert [p.name for p in folder.iterdir()] == ["summary.json"]
     finally:
         fs.close()
+
+
+def test_finished_cache_in_a_read_only_folder_is_still_a_hit(tmp_path, monkeypatch):
+    fs = SmallFS(tmp_path / "ro", "8m")
+    try:
+        folder = fs.root if fs.mounted else tmp_path / "ro"
+        loaded, ds = FakeLoaded(make_student()), FakeDataset(8)
+        path = cache_activations(loaded, ds, ["layer4"], folder / "c.h5", batch_size=4)
+        if fs.mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        else:  # no mount permission: the lock file cannot be created, as on a read-only mount
+            import interptool._locks as locks
+
+            real_open = locks.os.open
+
+            def ro_open(p, flags, *a):
+                if str(p).endswith(".lock") and flags & os.O_CREAT:
+                    raise OSError(errno.EROFS, "Read-only file system")
+                return real_open(p, flags, *a)
+
+            monkeypatch.setattr(locks.os, "open", ro_open)
+        assert run_cache(loaded, ds, ["layer4"], path, batch_size=4).status == "hit"
+        from interptool._locks import LockUnavailableError
+
+        with pytest.raises(CacheMismatchError, match="layers"):  # read, so it can be told
+            run_cache(loaded, ds, ["layer3"], path, batch_size=4)
+        with pytest.raises(LockUnavailableError, match=r"new\.h5\.lock: cannot create the "
+                                                        r"lock file .*choose another --out"):
+            run_cache(loaded, ds, ["layer4"], folder / "new.h5", batch_size=4)
+    finally:
+        fs.close()
+
+
+def test_atomic_path_keeps_the_suffix_and_cleans_up(tmp_path):
+    from interptool._provenance import atomic_path
+
+    target = tmp_path / "iou.npz"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".npz" and tmp.parent == tmp_path
+        np.savez(tmp, iou=np.arange(3))
+    assert np.load(target)["iou"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="boom"):
+        with atomic_path(target) as tmp:
+            np.savez(tmp, iou=np.arange(5))
+            raise ValueError("boom")
+    assert np.load(target)["iou"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["iou.npz"]

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from interptool._locks import HeldLock, output_lock
+from interptool._locks import HeldLock, LockUnavailableError, output_lock
 from interptool._progress import progress
 from interptool._provenance import (
     device_of,
@@ -441,8 +441,17 @@ def _run_local(
                     threads=threads, dtype=dtype, compression=compression, skip_bad=skip_bad,
                     probe=probe, seed=seed, device=device, local_ranks=local_ranks,
                     extra_attrs=extra_attrs)
-    with output_lock(job.path, fix="choose another --out", error=CacheLockedError) as lock:
-        return job.run(lock, overwrite=overwrite)
+    try:
+        with output_lock(job.path, fix="choose another --out", error=CacheLockedError) as lock:
+            return job.run(lock, overwrite=overwrite)
+    except LockUnavailableError:
+        # A read-only folder (a shared, finished cache) cannot hold a lock file, and needs
+        # none to be read: a complete matching file is still a cache hit.
+        if not overwrite and job.path.exists():
+            status, have = job._decide(False)
+            if status == "hit" and have is not None:
+                return job.hit(have)
+        raise
 
 
 def _make_job(
@@ -562,14 +571,17 @@ class _Job:
                 path=path, fields=["n_total"])
         return "resumed", have
 
+    def hit(self, have: dict[str, Any]) -> CacheRun:
+        log.info("cache hit: %s already holds this model's activations", self.path)
+        return CacheRun(self.path, "hit", int(have.get("n_done", 0)), self.n_items,
+                        list(have.get("layers") or []), list(have.get("skipped") or []))
+
     def run(self, lock: HeldLock, *, overwrite: bool) -> CacheRun:
         status, have = self._decide(overwrite)
         path = self.path
         if status == "hit":
             assert have is not None
-            log.info("cache hit: %s already holds this model's activations", path)
-            return CacheRun(path, "hit", int(have.get("n_done", 0)), self.n_items,
-                            list(have.get("layers") or []), list(have.get("skipped") or []))
+            return self.hit(have)
         created = status == "created"
         n_safe = int(have.get("n_done", 0)) if have else 0
         try:
