@@ -9,7 +9,7 @@ import pytest
 
 from interptool.errors import ConfigError
 from interptool.pipeline import load_config, parse_config, write_template
-from interptool.pipeline._config import TEMPLATE
+from interptool.pipeline._config import template_text
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
@@ -38,7 +38,9 @@ def test_valid_config_defaults_and_teacher(tmp_path):
     assert cfg.teacher.name == "teacher"
     assert [m.name for m in cfg.students] == ["kd"]
     assert cfg.analysis.enabled() == ["dissection", "similarity", "attribution"]
-    assert cfg.analysis.dissection.quantile == 0.005
+    # quantile and IoU threshold default to the dissection protocol's (None = the preset's)
+    assert cfg.analysis.dissection.protocol == "netdissect-lite"
+    assert cfg.analysis.dissection.quantile is None
     assert cfg.run.device == "cpu" and cfg.run.seed == 0
     assert cfg.source == "config.toml"
 
@@ -121,8 +123,8 @@ def test_missing_checkpoint_names_field_file_and_abs_path(tmp_path):
          "analysis.attribution.methods[0]", "did you mean 'grad_cam'?"),
         ("", "[analysis]\ndissection = { quantil = 0.01 }", "analysis.dissection.quantil",
          "did you mean 'quantile'?"),
-        ("", "[analysis]\ndissection = { quantile = 0.9 }", "analysis.dissection.quantile",
-         "expected a number <= 0.5"),
+        ("", "[analysis]\ndissection = { quantile = 1.5 }", "analysis.dissection.quantile",
+         "expected a number < 1.0"),
     ],
 )
 def test_field_errors(tmp_path, old, new, field, fragment):
@@ -169,7 +171,7 @@ def test_init_template_validates(tmp_path):
     cfg = load_config(path)
     assert cfg.teacher.name == "teacher"
     assert cfg.analysis.attribution.n_images == 16
-    assert path.read_text() == TEMPLATE
+    assert path.read_text() == template_text()
     with pytest.raises(ConfigError, match="already exists"):
         write_template(path)
 

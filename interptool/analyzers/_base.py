@@ -136,14 +136,32 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def _numbers(value: Any) -> list[float]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return []
+def _number_word(tp: Any) -> str:
+    """"an integer" when the annotation holds int but not float, else "a number"."""
+    text = str(tp)
+    return "an integer" if "int" in text and "float" not in text else "a number"
+
+
+_BOUNDS = (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+           ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<"))
+
+
+def _check_item(where: str, v: Any, meta: Mapping[str, Any], word: str) -> None:
+    """``choices`` and numeric bounds of one value (one item of a list field)."""
+    choices = meta.get("choices")
+    if choices is not None and v is not None and v not in choices:
+        close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ParamsError(f"{where}: unknown value {v!r}{hint}; choose from "
+                          f"{', '.join(map(str, choices))}", where.partition("[")[0])
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    for key, test, sign in _BOUNDS:
+        bound = meta.get(key)
+        if bound is not None and not test(v, bound):
+            shown = int(bound) if word == "an integer" else float(bound)
+            raise ParamsError(f"{where}: expected {word} {sign} {shown}, got {v!r}",
+                              where.partition("[")[0])
 
 
 @dataclass
@@ -159,27 +177,16 @@ class Params:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            ok, value = _coerce(value, hints.get(f.name, Any))
+            tp = hints.get(f.name, Any)
+            ok, value = _coerce(value, tp)
             if not ok:
-                raise self.error(f.name, f"expected {_describe(hints[f.name])}")
+                raise ParamsError(f"{f.name}: expected {_describe(tp)}, got "
+                                  f"{type(value).__name__} {value!r}", f.name)
             meta = f.metadata
-            choices = meta.get("choices")
-            items = value if isinstance(value, list) else [value]
-            if choices is not None and value is not None:
-                bad = [v for v in items if v not in choices]
-                if bad:
-                    close = difflib.get_close_matches(str(bad[0]), [str(c) for c in choices], n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise self.error(f.name, f"expected one of {', '.join(map(str, choices))}"
-                                     f"{hint}", value=bad[0])
-            for v in _numbers(value):
-                for key, test, word in (("ge", lambda a, b: a >= b, ">="),
-                                        ("gt", lambda a, b: a > b, ">"),
-                                        ("le", lambda a, b: a <= b, "<="),
-                                        ("lt", lambda a, b: a < b, "<")):
-                    bound = meta.get(key)
-                    if bound is not None and not test(v, bound):
-                        raise self.error(f.name, f"expected a value {word} {bound:g}", value=v)
+            many = isinstance(value, list)
+            for i, v in enumerate(value if many else [value]):
+                where = f"{f.name}[{i}]" if many else f.name
+                _check_item(where, v, meta, _number_word(tp))
             object.__setattr__(self, f.name, value)
         self.validate()
 
@@ -189,12 +196,9 @@ class Params:
     # -- helpers --------------------------------------------------------------------------
     def error(self, name: str, expected: str, *, value: Any = _MISSING,
               fix: str = "") -> ParamsError:
-        """A :class:`ParamsError` ``"name=value: expected ...; fix"`` for field ``name``."""
+        """A :class:`ParamsError` ``"name: expected ..., got value; fix"`` for field ``name``."""
         v = getattr(self, name, None) if value is _MISSING else value
-        default = self.field_info(name).default if name in self.field_names() else None
-        if not fix and default is not _MISSING:
-            fix = f"the default is {default!r}"
-        return ParamsError(f"{name}={v!r}: {expected}" + (f"; {fix}" if fix else ""), name)
+        return ParamsError(f"{name}: {expected}, got {v!r}" + (f"; {fix}" if fix else ""), name)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -241,7 +245,7 @@ class Params:
         try:
             return cls(**dict(mapping))
         except ParamsError as exc:
-            raise ParamsError(f"{prefix}{exc}", exc.field) from None
+            raise ParamsError(f"{prefix}{exc}", f"{prefix}{exc.field}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Field values as plain data (lists, numbers, strings)."""

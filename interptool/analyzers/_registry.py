@@ -15,6 +15,7 @@ report's sections.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 import sys
@@ -30,6 +31,7 @@ __all__ = ["AnalyzerSpec", "analyzer_specs", "get_analyzer", "register_analyzer"
            "unregister_analyzer"]
 
 _REGISTRY: dict[str, AnalyzerSpec] = {}
+_CONFIG_CLASSES: dict[str, type[Params]] = {}
 _DISCOVERED = False
 
 
@@ -60,7 +62,8 @@ class AnalyzerSpec:
     ``needs_layers`` / ``needs_model``: whether it reads cached layers / runs the model;
     ``command``: generate the ``interptool <name>`` command (False when a hand-written CLI
     module exists); ``in_compare``: part of ``interptool compare``; ``order``: position in
-    listings and the report.
+    listings and the report; ``template``: the values the ``compare --init`` template writes
+    out (every other key is listed commented out with its default and help).
     """
 
     name: str
@@ -78,6 +81,7 @@ class AnalyzerSpec:
     command: bool = True
     in_compare: bool = True
     order: int = 100
+    template: tuple[tuple[str, Any], ...] = ()
 
     def entry(self) -> Any:
         """The public analyzer entry (class or function)."""
@@ -96,18 +100,47 @@ class AnalyzerSpec:
         return self.section if self.section is not None and self.section.is_file() else None
 
     def config_fields(self) -> list[Any]:
-        """Fields of its ``[analysis.<name>]`` config table: options first, then params."""
+        """Fields of its ``[analysis.<name>]`` config table: options first, then params
+        (an option of the same name overrides the param, e.g. a different default)."""
         opts = self.options.config_fields() if self.options is not None else []
         names = {f.name for f in opts}
         return opts + [f for f in self.params.config_fields() if f.name not in names]
+
+    def config_class(self) -> type[Params]:
+        """The dataclass of its ``[analysis.<name>]`` table (made from :meth:`config_fields`,
+        checked like any Params); :meth:`params_from_config` turns one into ``params``."""
+        cls = _CONFIG_CLASSES.get(self.name)
+        if cls is None or cls.__spec_params__ is not self.params:  # type: ignore[attr-defined]
+            fields = []
+            for f in self.config_fields():
+                if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                    d = dataclasses.field(default_factory=f.default_factory,
+                                          metadata=f.metadata)
+                else:
+                    d = dataclasses.field(default=f.default, metadata=f.metadata)
+                fields.append((f.name, f.type, d))
+            title = "".join(p.capitalize() for p in self.name.replace("-", "_").split("_"))
+            cls = dataclasses.make_dataclass(f"{title}Config", fields, bases=(Params,),
+                                             namespace={"__module__": self.params.__module__})
+            cls.__doc__ = f"The ``[analysis.{self.name}]`` table of a compare config."
+            cls.__spec_params__ = self.params  # type: ignore[attr-defined]
+            _CONFIG_CLASSES[self.name] = cls
+        return cls
+
+    def params_from_config(self, config: Any, **fixed: Any) -> Params:
+        """``params`` with the values of a config object (plus ``fixed``, e.g. ``device``)."""
+        names = set(self.params.field_names())
+        values = {k: v for k, v in dataclasses.asdict(config).items() if k in names}
+        return self.params(**{**values, **{k: v for k, v in fixed.items() if k in names}})
 
 
 def register_analyzer(name: str, *, title: str, summary: str, analyzer: Any = None,
                       result: Any = None, analyze: Any = None,
                       options: type[Params] | None = None, section: str | Path | None = None,
                       needs: str = "eval", needs_layers: bool = True, needs_model: bool = False,
-                      command: bool = True, in_compare: bool = True,
-                      order: int = 100) -> Callable[[type[Params]], type[Params]]:
+                      command: bool = True, in_compare: bool = True, order: int = 100,
+                      template: dict[str, Any] | None = None,
+                      ) -> Callable[[type[Params]], type[Params]]:
     """Class decorator registering ``name`` with its Params dataclass (see module docstring).
 
     Registering a name twice replaces the earlier entry only when it comes from the same
@@ -129,7 +162,8 @@ def register_analyzer(name: str, *, title: str, summary: str, analyzer: Any = No
             name=name, params=cls, title=title, summary=summary, analyzer=analyzer,
             result=result, analyze=analyze, options=options,
             section=tpl if tpl.is_file() else None, needs=needs, needs_layers=needs_layers,
-            needs_model=needs_model, command=command, in_compare=in_compare, order=order)
+            needs_model=needs_model, command=command, in_compare=in_compare, order=order,
+            template=tuple((template or {}).items()))
         return cls
 
     return deco

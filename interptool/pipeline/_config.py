@@ -7,6 +7,7 @@ starts with ``<file>: <dotted.field>:`` and says what was expected.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import sys
@@ -22,16 +23,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
-ANALYSES = ("dissection", "similarity", "attribution")
-ATTRIBUTION_METHODS = (
-    "grad_cam",
-    "integrated_gradients",
-    "saliency",
-    "input_x_gradient",
-    "smoothgrad",
-    "guided_backprop",
-    "occlusion",
-)
 # Data-set spec schemes whose remainder is a path (relative paths resolve against the config).
 _PATH_SCHEMES = ("imagefolder", "broden", "csv")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -78,43 +69,77 @@ class ModelConfig:
         )
 
 
-@dataclass
-class DissectionConfig:
-    quantile: float = 0.005
-    iou_threshold: float = 0.04
-    # detector counts are also reported at these thresholds (the curve in the report)
-    iou_thresholds: list[float] = field(
-        default_factory=lambda: [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2]
-    )
-    layers: list[str] | None = None  # default: every layer of each model
-    top_units: int = 4  # units shown with image montages per model and layer
-    batch_size: int = 64
+def _compare_specs() -> list[Any]:
+    from interptool.analyzers import analyzer_specs
+
+    return [s for s in analyzer_specs() if s.in_compare]
 
 
-@dataclass
-class SimilarityConfig:
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 4.0])
-    n_boot: int = 1000
-    cka: bool = True
+def analysis_names() -> list[str]:
+    """The analyses a compare config may set: every registered analyzer in ``compare``."""
+    return [s.name for s in _compare_specs()]
 
 
-@dataclass
-class AttributionConfig:
-    methods: list[str] = field(default_factory=lambda: ["grad_cam", "integrated_gradients"])
-    n_images: int = 32
-    layer: str | None = None  # Grad-CAM layer; default: each model's last listed layer
-    n_steps: int = 32  # integrated-gradients steps
-    faithfulness: bool = True
+def analysis_config_class(name: str) -> type:
+    """The dataclass of the ``[analysis.<name>]`` table, derived from the analyzer's Params
+    and compare options (:meth:`interptool.analyzers.AnalyzerSpec.config_class`)."""
+    from interptool.analyzers import get_analyzer
+
+    return get_analyzer(name).config_class()
 
 
-@dataclass
+def __getattr__(name: str) -> Any:
+    # DissectionConfig, SimilarityConfig, AttributionConfig, ...: derived classes, by name
+    for spec in _compare_specs():
+        cls = spec.config_class()
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class AnalysisConfig:
-    dissection: DissectionConfig | None = field(default_factory=DissectionConfig)
-    similarity: SimilarityConfig | None = field(default_factory=SimilarityConfig)
-    attribution: AttributionConfig | None = field(default_factory=AttributionConfig)
+    """The ``[analysis]`` section: one settings object per registered analysis (or None when
+    switched off), in registry order; ``cfg.analysis.dissection`` reads one.
+
+    ``AnalysisConfig(dissection=DissectionConfig(top_units=4), attribution=None)``: tables not
+    given keep their defaults.
+    """
+
+    def __init__(self, **tables: Any) -> None:
+        names = analysis_names()
+        for key in tables:
+            if key not in names:
+                raise ConfigError(f"analysis: unknown analysis {key!r}{_suggest(key, names)}; "
+                                  f"choose from {', '.join(names)}")
+        self.__dict__["_tables"] = {
+            n: tables[n] if n in tables else analysis_config_class(n)() for n in names}
+
+    def __getattr__(self, name: str) -> Any:
+        tables = self.__dict__.get("_tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(f"AnalysisConfig has no analysis {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._tables:
+            raise AttributeError(f"AnalysisConfig has no analysis {name!r}")
+        self._tables[name] = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AnalysisConfig) and self._tables == other._tables
+
+    def __repr__(self) -> str:
+        return f"AnalysisConfig({', '.join(f'{k}={v!r}' for k, v in self._tables.items())})"
+
+    def names(self) -> list[str]:
+        """Every analysis, enabled or not, in registry order."""
+        return list(self._tables)
 
     def enabled(self) -> list[str]:
-        return [name for name in ANALYSES if getattr(self, name) is not None]
+        return [name for name, t in self._tables.items() if t is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {n: (asdict(t) if t is not None else None) for n, t in self._tables.items()}
 
 
 @dataclass
@@ -153,22 +178,24 @@ class CompareConfig:
 
     def only(self, analyses: list[str]) -> CompareConfig:
         """A copy with every analysis not in ``analyses`` switched off."""
+        names = self.analysis.names()
         for a in analyses:
-            if a not in ANALYSES:
+            if a not in names:
                 raise ConfigError(
-                    f"--only: unknown analysis {a!r}{_suggest(a, ANALYSES)}; "
-                    f"choose from {', '.join(ANALYSES)}"
+                    f"--only: unknown analysis {a!r}{_suggest(a, names)}; "
+                    f"choose from {', '.join(names)}"
                 )
         analysis = AnalysisConfig(
-            **{a: (getattr(self.analysis, a) if a in analyses else None) for a in ANALYSES}
+            **{a: (getattr(self.analysis, a) if a in analyses else None) for a in names}
         )
         return CompareConfig(self.data, self.models, analysis, self.run, self.source)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (paths as strings) for summary.json and the report appendix."""
-        d = asdict(self)
-        d["models"] = {k: v for k, v in d["models"].items()}
-        return d
+        return {"data": asdict(self.data),
+                "models": {k: asdict(v) for k, v in self.models.items()},
+                "analysis": self.analysis.to_dict(), "run": asdict(self.run),
+                "source": self.source}
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,10 +395,12 @@ def _model(ctx: _Ctx, name: str, table: Any) -> ModelConfig:
 
 
 def _analysis(ctx: _Ctx, table: Any) -> AnalysisConfig:
+    """``[analysis]``: one table per registered analysis, checked by its config class."""
     table = ctx.table(table, "analysis")
-    ctx.check_keys(table, "analysis", ANALYSES)
+    names = analysis_names()
+    ctx.check_keys(table, "analysis", names)
     out = AnalysisConfig()
-    for name in ANALYSES:
+    for name in names:
         if name not in table:
             continue
         v = table[name]
@@ -380,64 +409,11 @@ def _analysis(ctx: _Ctx, table: Any) -> AnalysisConfig:
             continue
         if v is True:
             continue
-        sub = ctx.table(v, f"analysis.{name}")
         fld = f"analysis.{name}"
-        enabled = sub.pop("enabled", True)
-        _bool(ctx, enabled, f"{fld}.enabled")
-        if name == "dissection":
-            d = DissectionConfig()
-            ctx.check_keys(sub, fld, ("enabled", *vars(d)))
-            if "quantile" in sub:
-                d.quantile = _float(ctx, sub["quantile"], f"{fld}.quantile", 0.0, 0.5, open_lo=True)
-            if "iou_threshold" in sub:
-                d.iou_threshold = _float(ctx, sub["iou_threshold"], f"{fld}.iou_threshold", 0, 1)
-            if "iou_thresholds" in sub:
-                d.iou_thresholds = _list(
-                    ctx, sub["iou_thresholds"], f"{fld}.iou_thresholds",
-                    lambda c, x, f: _float(c, x, f, 0, 1),
-                )
-            if "layers" in sub:
-                d.layers = _list(ctx, sub["layers"], f"{fld}.layers", _str)
-            if "top_units" in sub:
-                d.top_units = _int(ctx, sub["top_units"], f"{fld}.top_units", lo=0)
-            if "batch_size" in sub:
-                d.batch_size = _int(ctx, sub["batch_size"], f"{fld}.batch_size", lo=1)
-            setattr(out, name, d if enabled else None)
-        elif name == "similarity":
-            s = SimilarityConfig()
-            ctx.check_keys(sub, fld, ("enabled", *vars(s)))
-            if "temperatures" in sub:
-                s.temperatures = _list(
-                    ctx, sub["temperatures"], f"{fld}.temperatures",
-                    lambda c, x, f: _float(c, x, f, 0.0, open_lo=True),
-                )
-            if "n_boot" in sub:
-                s.n_boot = _int(ctx, sub["n_boot"], f"{fld}.n_boot", lo=0)
-            if "cka" in sub:
-                s.cka = _bool(ctx, sub["cka"], f"{fld}.cka")
-            setattr(out, name, s if enabled else None)
-        else:
-            a = AttributionConfig()
-            ctx.check_keys(sub, fld, ("enabled", *vars(a)))
-            if "methods" in sub:
-                methods = _list(ctx, sub["methods"], f"{fld}.methods", _str)
-                for i, meth in enumerate(methods):
-                    if meth not in ATTRIBUTION_METHODS:
-                        raise ctx.error(
-                            f"{fld}.methods[{i}]",
-                            f"unknown method {meth!r}{_suggest(meth, ATTRIBUTION_METHODS)}; "
-                            f"choose from {', '.join(ATTRIBUTION_METHODS)}",
-                        )
-                a.methods = methods
-            if "n_images" in sub:
-                a.n_images = _int(ctx, sub["n_images"], f"{fld}.n_images", lo=1)
-            if "layer" in sub:
-                a.layer = _str(ctx, sub["layer"], f"{fld}.layer")
-            if "n_steps" in sub:
-                a.n_steps = _int(ctx, sub["n_steps"], f"{fld}.n_steps", lo=1)
-            if "faithfulness" in sub:
-                a.faithfulness = _bool(ctx, sub["faithfulness"], f"{fld}.faithfulness")
-            setattr(out, name, a if enabled else None)
+        sub = ctx.table(v, fld)
+        enabled = _bool(ctx, sub.pop("enabled", True), f"{fld}.enabled")
+        cfg = analysis_config_class(name).from_mapping(sub, where=f"{ctx.source}: {fld}")
+        setattr(out, name, cfg if enabled else None)
     return out
 
 
@@ -531,7 +507,7 @@ def load_config(path: str | Path) -> CompareConfig:
     return parse_config(raw, source=path.name, base_dir=path.resolve().parent)
 
 
-TEMPLATE = '''\
+_TEMPLATE_HEAD = '''\
 # interptool compare configuration. Validate and run with:
 #   interptool compare THIS_FILE --out results/
 # Relative paths are relative to the folder of this file.
@@ -562,12 +538,9 @@ role = "teacher"
 arch = "interptool:cw-student"
 layers = ["layer3", "layer4"]
 
-[analysis]
-# Switch an analysis off with e.g. `attribution = false`.
-dissection = { quantile = 0.005, iou_threshold = 0.04 }
-similarity = { temperatures = [1, 4], n_boot = 1000 }
-attribution = { methods = ["grad_cam", "integrated_gradients"], n_images = 16 }
+'''
 
+_TEMPLATE_RUN = '''\
 [run]
 device = "cpu"      # cpu, cuda, cuda:1
 batch_size = 64
@@ -576,11 +549,75 @@ workers = 0
 '''
 
 
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for a default value (None has none: the caller comments it out)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def analysis_template() -> str:
+    """The ``[analysis]`` part of the template, from the registry: per analysis its summary,
+    the example values it registered, then every other key commented out with its default
+    and one-line help (the Params dataclasses are the single source of both)."""
+    from interptool.analyzers import get_analyzer
+
+    lines = ["[analysis]",
+             "# One table per analysis; switch one off with `enabled = false` in its table",
+             "# (or `NAME = false` under [analysis]). Commented keys show their defaults."]
+    for name in analysis_names():
+        spec = get_analyzer(name)
+        shown = dict(spec.template)
+        lines += ["", f"[analysis.{name}]", f"# {spec.title}: {spec.summary}"]
+        for f in spec.config_fields():
+            default = spec.config_class().field_default(f.name)
+            if f.name in shown:
+                entry = f"{f.name} = {_toml(shown[f.name])}"
+            elif default is None:
+                entry = f"# {f.name} = (unset)"
+            else:
+                entry = f"# {f.name} = {_toml(default)}"
+            lines.append(f"{entry:<34} # {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def analysis_toml(analysis: AnalysisConfig) -> list[str]:
+    """``[analysis]`` lines that reproduce ``analysis``: per analysis an inline table of the
+    values that differ from their defaults (``true`` when none do, ``false`` when off)."""
+    lines = ["[analysis]"]
+    for name in analysis.names():
+        cfg = getattr(analysis, name)
+        if cfg is None:
+            lines.append(f"{name} = false")
+            continue
+        changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                   if getattr(cfg, f.name) != cfg.field_default(f.name)}
+        if not changed:
+            lines.append(f"{name} = true")
+            continue
+        items = ", ".join(f"{k} = {_toml(v)}" for k, v in changed.items() if v is not None)
+        lines.append(f"{name} = {{ {items} }}")
+    return lines
+
+
+def template_text() -> str:
+    """The commented ``compare --init`` template (head, analyses from the registry, run)."""
+    return _TEMPLATE_HEAD + analysis_template() + "\n" + _TEMPLATE_RUN
+
+
 def write_template(path: str | Path) -> Path:
     """Write the commented config template (refuses to overwrite an existing file)."""
     path = Path(path)
     if path.exists():
         raise ConfigError(f"{path}: already exists; choose another name or delete it first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(TEMPLATE)
+    path.write_text(template_text())
     return path

@@ -23,6 +23,7 @@ from interptool.pipeline._config import (
     ModelConfig,
     RunConfig,
     SimilarityConfig,
+    analysis_toml,
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -94,14 +95,7 @@ def demo_config_text(cfg: CompareConfig) -> str:
         lines += ["", f"[models.{m.name}]", f'arch = "{m.arch}"',
                   f'checkpoint = "{Path(m.checkpoint).name}"  # interptool/weights/',
                   f"layers = {json.dumps(m.layers)}", f'role = "{m.role}"']
-    a = cfg.analysis
-    lines += ["", "[analysis]",
-              f"dissection = {{ quantile = {a.dissection.quantile}, "
-              f"iou_threshold = {a.dissection.iou_threshold} }}",
-              f"similarity = {{ temperatures = {json.dumps(a.similarity.temperatures)}, "
-              f"n_boot = {a.similarity.n_boot} }}",
-              f"attribution = {{ methods = {json.dumps(a.attribution.methods)}, "
-              f"n_images = {a.attribution.n_images}, n_steps = {a.attribution.n_steps} }}",
+    lines += ["", *analysis_toml(cfg.analysis),
               "", "[run]", f'device = "{cfg.run.device}"', f"batch_size = {cfg.run.batch_size}",
               f"seed = {cfg.run.seed}"]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,8 @@ class AttributionOptions(Params):
     analyzer="interptool.analyzers.attribution._analyzer:Attribution",
     result="interptool.analyzers.attribution._analyzer:AttributionResult",
     options=AttributionOptions, needs="eval", needs_layers=False, needs_model=True,
-    command=False, order=40)
+    command=False, order=40,
+    template={"methods": ["grad_cam", "integrated_gradients"], "n_images": 16})
 @dataclass
 class AttributionParams(Params):
     """Settings of :class:`~interptool.analyzers.attribution.Attribution` shared by methods."""

@@ -27,6 +27,17 @@ class DissectionOptions(Params):
     iou_thresholds: list[float] = param(
         help="IoU thresholds of the detector-count curve in the report", ge=0, le=1, cli=False,
         default_factory=lambda: list(DEFAULT_CURVE))
+    bootstrap: int = param(1000, "bootstrap resamples of the probe images: 95% intervals of "
+                           "every detector measure and paired differences (0: counts only)",
+                           ge=0, cli=False)
+    baseline: str | bool = param("random-init", "control: a seeded random-init copy of each "
+                                 "architecture dissected on the same probe (seed: run.seed); "
+                                 "\"none\" (or false) for no control",
+                                 choices=("random-init", "none", False), cli=False)
+
+    def validate(self) -> None:
+        if self.baseline is False:
+            self.baseline = "none"
 
 
 @register_analyzer(
@@ -35,7 +46,8 @@ class DissectionOptions(Params):
     analyzer="interptool.analyzers.dissection._analyzer:Dissection",
     result="interptool.analyzers.dissection._analyzer:DissectionResult",
     analyze="interptool.analyzers.dissection._entry:analyze",
-    options=DissectionOptions, needs="probe", command=False, order=10)
+    options=DissectionOptions, needs="probe", command=False, order=10,
+    template={"protocol": "netdissect-lite", "bootstrap": 1000, "baseline": "random-init"})
 @dataclass
 class DissectionParams(Params):
     """Settings of :class:`~interptool.analyzers.dissection.Dissection`."""
@@ -68,6 +80,7 @@ class DissectionParams(Params):
 
     def validate(self) -> None:
         try:
-            parse_categories(self.categories)
+            cats = parse_categories(self.categories)
         except ConfigError as exc:
             raise self.error("categories", str(exc).partition(": ")[2]) from None
+        self.categories = list(cats) if cats is not None else None  # "a,b" -> ["a", "b"]

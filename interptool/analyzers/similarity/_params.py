@@ -24,7 +24,8 @@ class SimilarityOptions(Params):
     analyzer="interptool.analyzers.similarity._analyzer:compare_similarity",
     result="interptool.analyzers.similarity._analyzer:TransferResult",
     analyze="interptool.analyzers.similarity._entry:analyze",
-    options=SimilarityOptions, needs="eval", needs_layers=False, command=False, order=20)
+    options=SimilarityOptions, needs="eval", needs_layers=False, command=False, order=20,
+    template={"temperatures": [1, 4], "n_boot": 1000})
 @dataclass
 class SimilarityParams(Params):
     """Settings of :func:`~interptool.analyzers.similarity.compare_similarity`."""
