@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -55,3 +56,71 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         std=tuple(args.std) if args.std else None,
         device=args.device,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# flags derived from an analyzer's Params dataclass (the single source of defaults and help)
+# --------------------------------------------------------------------------------------------
+def _flag_type(tp: Any) -> tuple[Any, bool, bool]:
+    """``(scalar type, is a list, is a bool)`` of a Params annotation."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)] \
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    if str in args and len(args) > 1:  # e.g. list[str] | str: one comma-separated value
+        return str, False, False
+    for a in args:
+        if typing.get_origin(a) in (list, tuple):
+            inner = typing.get_args(a)
+            return (inner[0] if inner else str), True, False
+    if bool in args and len(args) == 1:
+        return bool, False, True
+    for t in (int, float, str):
+        if t in args:
+            return t, False, False
+    return str, False, False
+
+
+def add_params_arguments(parser: Any, params_cls: Any, *, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per CLI field of ``params_cls`` (``--field-name``, or the field's ``flag``):
+    type, choices and help from the field, default None so that an unset flag keeps the
+    Params default (shown in the help). Read them back with :func:`params_from_args`."""
+    import typing
+
+    hints = typing.get_type_hints(params_cls)
+    for f in params_cls.cli_fields():
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        scalar, many, is_bool = _flag_type(hints[f.name])
+        default = params_cls.field_default(f.name)
+        shown = "unset" if default is None else (
+            " ".join(map(str, default)) if isinstance(default, list) else default)
+        help_text = meta["help"] if "default" in meta["help"] else \
+            f"{meta['help']} (default: {shown})"
+        help_text = help_text.replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if is_bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = scalar
+            if many:
+                kw["nargs"] = "+"
+            # choices are checked by the Params (exit 2 with "did you mean"), shown here
+            choices = [str(c) for c in meta.get("choices") or () if isinstance(c, scalar)]
+            if meta.get("metavar"):
+                kw["metavar"] = meta["metavar"]
+            elif choices:
+                kw["metavar"] = "{" + ",".join(choices) + "}"
+        parser.add_argument(flag, **kw)
+
+
+def params_from_args(args: argparse.Namespace, params_cls: Any, **fixed: Any) -> Any:
+    """The Params of ``params_cls`` from parsed flags (flags not given keep their defaults);
+    ``fixed``: values set by other flags (e.g. ``device=args.device``)."""
+    values = {f.name: getattr(args, f.name) for f in params_cls.cli_fields()
+              if getattr(args, f.name, None) is not None}
+    names = set(params_cls.field_names())
+    return params_cls(**{**values, **{k: v for k, v in fixed.items() if k in names}})

@@ -7,7 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-from interptool.cli._common import add_common_args
+from interptool.analyzers.cka import CKAParams
+from interptool.analyzers.similarity import SimilarityParams
+from interptool.cli._common import add_common_args, add_params_arguments, params_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,17 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("students", metavar="STUDENT.h5", nargs="+",
                    help="activation caches of the students (same images, same classes)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], metavar="T",
-                   help="softmax temperature(s) (default: 1)")
-    p.add_argument("--k", type=int, default=None,
-                   help="nearest classes compared per class (default 5, or K - 1 when fewer "
-                   "classes)")
-    p.add_argument("--n-boot", type=int, default=1000,
-                   help="bootstrap resamples of the images; 0 skips CIs (default 1000)")
-    p.add_argument("--ci", type=float, default=0.95, help="CI level (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap / minibatch seed (default 0)")
-    p.add_argument("--matrix", choices=["softmax", "dark_knowledge"], default="softmax",
-                   help="which class-similarity matrix the agreement metrics compare")
+    # analyzer settings, defaults and help from SimilarityParams
+    add_params_arguments(p.add_argument_group("class similarity"), SimilarityParams)
     p.add_argument("--class-names", metavar="FILE",
                    help="class names, one per line in output order (e.g. classes.txt) or a JSON "
                    "list; default: the names stored in the caches, else 0..K-1")
@@ -43,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cka-layers", default="auto", metavar="L1,L2|auto|none",
                    help="layers for CKA teacher vs each student: comma-separated names cached "
                    "in every file; 'auto' (default): the layers cached in all files; 'none': skip")
-    p.add_argument("--cka-pooling", choices=["mean", "flatten"], default="mean")
-    p.add_argument("--cka-minibatch", type=int, default=None, metavar="M",
-                   help="unbiased minibatch CKA with M images per batch (default: exact)")
+    p.add_argument("--cka-pooling", dest="pooling", choices=["mean", "flatten"], default=None,
+                   help=CKAParams.field_info("pooling").metadata["help"])
+    p.add_argument("--cka-minibatch", dest="minibatch", type=int, default=None, metavar="M",
+                   help=CKAParams.field_info("minibatch").metadata["help"])
     p.add_argument("--hash-caches", action="store_true",
                    help="record the sha256 of each cache file in similarity.json (reads them)")
     add_common_args(p)
@@ -84,9 +78,12 @@ def _pair_folder(a: str, b: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from interptool._provenance import atomic_write_text, sha256_file
-    from interptool.analyzers.cka import cka
-    from interptool.analyzers.similarity import compare_similarity
+    from interptool.analyzers.cka import run as run_cka
+    from interptool.analyzers.similarity import run as run_similarity
     from interptool.cache import ActivationCache
+
+    params = params_from_args(args, SimilarityParams, device=args.device)
+    cka_params = params_from_args(args, CKAParams, device=args.device, seed=params.seed)
 
     out = Path(args.out)
     paths = [args.teacher, *args.students]
@@ -94,22 +91,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         for p in paths:
             caches.append(ActivationCache(p))
-        # an explicit --k is checked against K; the default adapts to small label spaces
-        k = args.k if args.k is not None else max(1, min(5, caches[0].logits.shape[1] - 1))
         layers = _cka_layers(args.cka_layers, caches)  # before the long part: fail early
-        result = compare_similarity(
-            caches[0], *caches[1:], temperature=args.temperature, k=k,
-            n_boot=args.n_boot, seed=args.seed, hierarchy=args.hierarchy, matrix=args.matrix,
-            ci=args.ci, device=args.device, class_names=args.class_names,
-        )
+        # an explicit --k is checked against K; the default adapts to small label spaces
+        result = run_similarity(caches[0], *caches[1:], params=params,
+                                hierarchy=args.hierarchy, class_names=args.class_names)
         written = result.save(out)
         cka_out = []
         for c, name in zip(caches[1:], result.students):
             if not layers:
                 break
-            res = cka(caches[0], c, layers, layers, pooling=args.cka_pooling,
-                      minibatch=args.cka_minibatch, seed=args.seed, device=args.device,
-                      names=[result.teacher, name])
+            res = run_cka(caches[0], c, layers, layers, cka_params,
+                          names=[result.teacher, name])
             written += res.save(out / _pair_folder(result.teacher, name))
             cka_out.append(res.to_dict())
     finally:
