@@ -13,6 +13,7 @@ a Python loop over samples.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -552,13 +553,16 @@ class RankGrid:
         self.lut = np.searchsorted(edges >> shift, u, side="right").astype(np.int32)
 
     def rank_groups(self, T: np.ndarray, valid: np.ndarray, k: int,
+                    groups: np.ndarray | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(group id per entry (K, K) int32, average 1-based rank per group, top-k (K, k))
-        of one replicate's matrix ``T`` (off-diagonal entries of valid rows)."""
+        of one replicate's matrix ``T`` (off-diagonal entries of valid rows). ``groups``: a
+        (K, K) int32 buffer to fill (reused across resamples: no page faults)."""
         from interptool.analyzers.similarity._kernels import kernel
 
         kk = T.shape[0]
-        groups = np.zeros((kk, kk), dtype=np.int32)
+        if groups is None:
+            groups = np.zeros((kk, kk), dtype=np.int32)
         top = np.zeros((kk, k), dtype=np.int32)
         hist = np.zeros(self.nbins, dtype=np.int64)
         keys = T.view(np.int32) if self.binned else np.empty((0, 0), dtype=np.int32)
@@ -626,6 +630,24 @@ def replicate_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: 
 _PAIR_NAMES = ("pearson", "spearman", "kl", "js_distance", "topk_overlap")
 
 
+_WORKSPACE = threading.local()
+
+
+def _buffers(kk: int, num_models: int, dtype: np.dtype) -> dict[str, list[np.ndarray]]:
+    """Per-thread K x K work arrays, reused from one resample to the next: allocating ~10
+    fresh 4 MB arrays per resample cost more in page faults than the arithmetic."""
+    key = (kk, num_models, np.dtype(dtype).str)
+    ws = getattr(_WORKSPACE, "buffers", None)
+    if ws is None or ws[0] != key:
+        shape = (kk, kk)
+        ws = (key, {"S": [np.empty(shape, dtype) for _ in range(num_models)],
+                    "L": [np.empty(shape, dtype) for _ in range(num_models)],
+                    "G": [np.zeros(shape, np.int32) for _ in range(num_models)],
+                    "M": [np.empty(shape, dtype)]})
+        _WORKSPACE.buffers = ws
+    return ws[1]
+
+
 def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
                    grids: Sequence[RankGrid], sem: np.ndarray | None,
                    ) -> dict[tuple[int, str], float]:
@@ -635,6 +657,7 @@ def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
     kk = X.shape[0]
     width = kk + 2
     dtype = X.dtype
+    buf = _buffers(kk, num_models, dtype)
     valid = c > 0
     cinv = np.zeros(kk, dtype=dtype)
     cinv[valid] = 1.0 / c[valid]
@@ -642,16 +665,16 @@ def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
     mats, logs, ranks = [], [], []
     for m in range(num_models):
         o = m * width
-        S = np.multiply(X[:, o:o + kk], cinv[:, None], dtype=dtype)
+        S = np.multiply(X[:, o:o + kk], cinv[:, None], out=buf["S"][m])
         ent = X[:, o + kk].astype(np.float64) * cinv
         nte = X[:, o + kk + 1].astype(np.float64) * cinv
         res[(m, "entropy")] = ent[valid].sum() / valid.sum()
         res[(m, "nontarget_entropy")] = nte[valid].sum() / valid.sum()
         with np.errstate(divide="ignore", invalid="ignore"):
-            L = np.log(S)
+            L = np.log(S, out=buf["L"][m])
         mats.append(S)
         logs.append(L)
-        ranks.append(grids[m].rank_groups(S, valid, k))
+        ranks.append(grids[m].rank_groups(S, valid, k, buf["G"][m]))
         if sem is not None:
             Sn = S.astype(np.float64)
             Sn[~valid] = np.nan
@@ -661,7 +684,7 @@ def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
     for m in range(1, num_models):
         sb, sG, stop = ranks[m]
         # log of the midpoint itself (not log(T + S) - log 2): exactly log T when S == T
-        LM = np.add(mats[0], mats[m])
+        LM = np.add(mats[0], mats[m], out=buf["M"][0])
         LM *= 0.5
         with np.errstate(divide="ignore", invalid="ignore"):
             np.log(LM, out=LM)
