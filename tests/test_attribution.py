@@ -78,8 +78,11 @@ def _captum(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
     if method == "smoothgrad":
         with torch.random.fork_rng():
             torch.manual_seed(batch_seed(3, 0))
+            # internal batching (rows per pass = batch_size 8 for 5 images): one noise
+            # sample of every image per pass, which fixes which noise each image draws
             return NoiseTunnel(Saliency(model)).attribute(
-                x, nt_type="smoothgrad", nt_samples=4, stdevs=0.2, target=t)
+                x, nt_type="smoothgrad", nt_samples=4, stdevs=0.2, target=t,
+                nt_samples_batch_size=8 // len(x))
     if method == "guided_backprop":
         return GuidedBackprop(model).attribute(x, target=t)
     if method == "grad_cam":

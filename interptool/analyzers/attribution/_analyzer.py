@@ -76,6 +76,8 @@ __all__ = [
     "RandomisationResult",
     "hook_count",
     "H5Maps",
+    "SAMPLES",
+    "stratified_sample",
 ]
 
 
@@ -113,7 +115,7 @@ class _TensorSource:
     """Uniform row access over a tensor batch or an ImageDataset + transform."""
 
     def __init__(self, data: Any, *, labels: Any, ids: Sequence[str] | None, transform: Any,
-                 n: int | None) -> None:
+                 n: int | None, sample: str = "first", sample_seed: int = 0) -> None:
         self.dataset = None
         if isinstance(data, torch.Tensor):
             if data.dim() != 4:
@@ -149,25 +151,62 @@ class _TensorSource:
             raise AnalysisError(
                 f"data must be an ImageDataset (interptool.data.open_dataset) or an "
                 f"(N, C, H, W) tensor, got {type(data).__name__}")
-        if n is not None:
-            if n < 1:
-                raise AnalysisError(f"n must be >= 1, got {n}")
-            total = min(total, int(n))
-        self.n = total
-        self.labels = self.labels[:total]
-        self.ids = self.ids[:total]
+        if sample not in SAMPLES:
+            raise AnalysisError(f"sample must be one of {', '.join(SAMPLES)}; got {sample!r}")
+        if n is not None and n < 1:
+            raise AnalysisError(f"n must be >= 1, got {n}")
+        k = total if n is None else min(total, int(n))
+        if sample == "stratified" and k < total:
+            self.indices = stratified_sample(self.labels, k, sample_seed)
+        else:
+            self.indices = np.arange(k, dtype=np.int64)
+        self.sample = {"method": sample if k < total else "all", "seed": int(sample_seed),
+                       "n": int(k), "of": int(total)}
+        self.n = k
+        self.labels = self.labels[self.indices]
+        self.ids = [self.ids[i] for i in self.indices]
         self._shape: tuple[int, ...] | None = None
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.indices[start:stop]
         if self.dataset is None:
-            return self.tensor[start:stop]
-        return torch.stack([torch.as_tensor(self.tds[i][0]) for i in range(start, stop)])
+            return self.tensor[torch.as_tensor(rows)]
+        return torch.stack([torch.as_tensor(self.tds[int(i)][0]) for i in rows])
+
 
     def input_shape(self) -> tuple[int, int, int]:
         if self._shape is None:
             self._shape = tuple(int(s) for s in self.batch(0, 1).shape[1:])
         return self._shape  # type: ignore[return-value]
 
+
+#: how ``Attribution.run(n=...)`` picks its images when ``n`` is below the data set's size
+SAMPLES = ("first", "stratified")
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` row indices, sorted, drawn class by class: every class (label; -1 unlabelled
+    counts as one more group) gives ``n // classes`` images or all it has, the rest going to
+    classes in a seeded random order, so that with ``n`` >= the number of classes every
+    class is represented and no class dominates. Rows within a class are a seeded random
+    choice; the same ``(labels, n, seed)`` always gives the same rows."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    groups = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    n = int(min(n, labels.size))
+    take = np.zeros(len(groups), dtype=np.int64)
+    left = n
+    while left > 0:  # water-filling: equal shares, capped by class sizes
+        open_ = [i for i, g in enumerate(groups) if take[i] < len(g)]
+        share = max(1, left // len(open_))
+        for i in open_:
+            add = min(share, len(groups[i]) - take[i], left)
+            take[i] += add
+            left -= add
+            if left == 0:
+                break
+    return np.sort(np.concatenate([g[:t] for g, t in zip(groups, take)])).astype(np.int64)
 
 def _display(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) normalised tensor -> (N, H, W, C) float in [0, 1] for plotting
@@ -214,6 +253,8 @@ class AttributionResult:
     images: np.ndarray | None = field(default=None, repr=False)
     #: the model attributed (one name; ``run(..., name=)``, default from the model's info)
     names: tuple[str, ...] = ()
+    #: data set row of each map (``run(sample=...)``; rows 0..N-1 for ``sample="first"``)
+    indices: np.ndarray | None = None
 
     #: stem of the standard files written by :meth:`save` (see docs/extending.md)
     file_stem = "attribution"
@@ -361,12 +402,14 @@ class Attribution:
 
     # -- one batch; used by run() and by randomisation_check / benchmarks
     def attribute_batch(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
-                        start: int = 0) -> torch.Tensor:
-        """Raw attribution (N, C', H, W) of a prepared model for one batch (detached)."""
+                        start: int = 0, rows: int | None = None) -> torch.Tensor:
+        """Raw attribution (N, C', H, W) of a prepared model for one batch (detached);
+        ``rows`` bounds the model rows per pass (default: the batch's size)."""
         seed = batch_seed(self.params.get("seed", 0), start)
         # a fresh leaf that requires grad (captum would otherwise warn and set it itself)
         x = x.detach().requires_grad_(True)
-        out = self.adapter.attribute(model, x, target, seed=seed)
+        out = self.adapter.attribute(model, x, target, seed=seed,
+                                     rows=rows if rows is not None else x.shape[0])
         return out.detach()
 
     def run(
@@ -384,8 +427,11 @@ class Attribution:
         transform: Any = None,
         overwrite: bool = False,
         keep_images: int = 16,
+        internal_batch_size: int | None = None,
+        sample: str = "first",
+        sample_seed: int = 0,
     ) -> AttributionResult:
-        """Attribute ``n`` images (first n of the data set, or all) in batches.
+        """Attribute ``n`` images (a sample of the data set, or all) in batches.
 
         Args:
             model_or_loaded: ``LoadedModel`` (its eval transform is used, or its probe
@@ -396,6 +442,16 @@ class Attribution:
                 (arg-max of the logits) or a class index.
             out: folder (or ``.h5`` file) for ``attributions.h5``; a re-run resumes there.
             keep_images: how many display copies of the inputs the result keeps for plots.
+            internal_batch_size: most model rows in one forward/backward pass of methods
+                that expand each input (integrated gradients' steps, SmoothGrad's noise
+                samples, occlusion's windows); default ``batch_size``, so memory is that of
+                one ordinary batch whatever ``steps`` or ``nt_samples``. A method's own
+                explicit setting wins. Does not change the maps (SmoothGrad: the noise
+                draws, still seeded).
+            sample: with ``n`` below the data set's size, ``"first"`` (rows 0..n-1) or
+                ``"stratified"`` (:func:`stratified_sample`: equal shares per class, seeded
+                by ``sample_seed``). The rows are ``result.indices``, the setting
+                ``result.params["sample"]``.
         """
         if _is_loaded(model_or_loaded):
             model = model_or_loaded.model
@@ -409,11 +465,17 @@ class Attribution:
                 f"model must be a LoadedModel or an nn.Module, got {type(model_or_loaded).__name__}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise AnalysisError(f"batch_size must be a positive int, got {batch_size!r}")
+        if internal_batch_size is not None and (not isinstance(internal_batch_size, int)
+                                                or internal_batch_size < 1):
+            raise AnalysisError(f"internal_batch_size must be a positive int or None, got "
+                                f"{internal_batch_size!r}")
+        rows = int(internal_batch_size or batch_size)
         if not (target in ("label", "predicted") or (isinstance(target, (int, np.integer))
                                                      and not isinstance(target, bool))):
             raise AnalysisError(f"target must be 'label', 'predicted' or a class index, "
                                 f"got {target!r}")
-        src = _TensorSource(data, labels=labels, ids=ids, transform=transform, n=n)
+        src = _TensorSource(data, labels=labels, ids=ids, transform=transform, n=n,
+                            sample=sample, sample_seed=sample_seed)
         if target == "label" and (src.labels < 0).any():
             bad = int(np.flatnonzero(src.labels < 0)[0])
             raise AnalysisError(
@@ -427,6 +489,8 @@ class Attribution:
         self.model_ = prepared
         shape = src.input_shape()
         info = _model_info(model_or_loaded, model, weights_hash=out is not None)
+        # what was actually run: the resolved internal batching and the image sample
+        params = {**self.adapter.effective_params(rows, batch_size), "sample": src.sample}
 
         store = None
         if out is not None:
@@ -434,14 +498,14 @@ class Attribution:
             if path.suffix not in (".h5", ".hdf5"):
                 path = path / "attributions.h5"
             store = AttributionStore(
-                path, method=self.method, params=self.params, reduce=self.reduce,
+                path, method=self.method, params=params, reduce=self.reduce,
                 batch_size=batch_size, model_info=info, data_spec=src.spec,
                 data_fingerprint=src.fingerprint,
                 target_mode=target if isinstance(target, str) else int(target),
                 input_shape=shape, keep_raw=self.keep_raw, overwrite=overwrite)
         try:
             res = self._run(prepared, src, store, batch_size, target, device, info,
-                            keep_images)
+                            keep_images, rows, params)
         finally:
             if store is not None:
                 store.close()
@@ -452,7 +516,8 @@ class Attribution:
                 res.raw = H5Maps(store.path, f"attributions/{self.method}_raw", src.n)
         return res
 
-    def _run(self, model, src, store, batch_size, target, device, info, keep_images):
+    def _run(self, model, src, store, batch_size, target, device, info, keep_images, rows,
+             params):
         n = src.n
         start0 = min(store.n_done, n) if store is not None else 0
         parts: dict[str, list] = {k: [] for k in ("maps", "raw", "targets", "predictions")}
@@ -482,7 +547,7 @@ class Attribution:
                                     src.ids[start:stop])
                 try:
                     raw, logits, width = self._attribute_capturing(model, x, tgt, device, start,
-                                                                   src.ids[start:stop])
+                                                                   src.ids[start:stop], rows)
                 except _TargetOutOfRange as exc:  # raises the AnalysisError naming the image
                     self._targets(target, src.labels[start:stop], preds, exc.width,
                                   src.ids[start:stop])
@@ -525,11 +590,13 @@ class Attribution:
             targets=cat("targets", (0,), np.int64),
             predictions=cat("predictions", (0,), np.int64),
             labels=src.labels.copy(), ids=list(src.ids), method=self.method,
-            params=dict(self.params), model_info=info, reduce=self.reduce,
-            path=store.path if store is not None else None, images=images)
+            params=dict(params), model_info=info, reduce=self.reduce,
+            path=store.path if store is not None else None, images=images,
+            indices=src.indices.copy())
 
     def _attribute_capturing(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                              device: str, start: int, ids: Sequence[str],
+                             rows: int | None = None,
                              ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
         """Attribute; also return the logits of captum's own forward pass on ``x`` when it
         makes one (saliency, grad_cam, occlusion, ...), which saves a prediction pass, and the
@@ -555,7 +622,8 @@ class Attribution:
 
         handle = model.register_forward_hook(grab)
         try:
-            raw = self.adapter.attribute(model, xg, target.to(device), seed=seed).detach()
+            raw = self.adapter.attribute(model, xg, target.to(device), seed=seed,
+                                         rows=rows).detach()
         except (IndexError, RuntimeError) as exc:
             # captum fails on an out-of-range target while selecting it: say why
             if width and bool((target >= width[0]).any()):

@@ -145,6 +145,9 @@ class AttributionMethod:
     # methods whose output is already one channel (no channel reduction)
     single_channel: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
+    #: the method runs the model on many rows per input (steps, noise samples, occlusion
+    #: windows); ``attribute(..., rows=R)`` bounds the rows of one forward/backward pass
+    expands: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -163,10 +166,21 @@ class AttributionMethod:
         """Raise AnalysisError when the model cannot serve this method (e.g. missing layer)."""
 
     def attribute(
-        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, seed: int = 0
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, seed: int = 0,
+        rows: int | None = None,
     ) -> torch.Tensor:
-        """Attribution of ``target`` (N,) for inputs ``x`` (N, C, H, W) -> (N, C', H, W)."""
+        """Attribution of ``target`` (N,) for inputs ``x`` (N, C, H, W) -> (N, C', H, W).
+
+        ``rows``: most model rows per forward/backward pass for methods that expand inputs
+        (:attr:`expands`); None runs captum's default (everything at once). A method's own
+        explicit setting (``internal_batch_size``, ``nt_samples_batch_size``,
+        ``perturbations_per_eval``) wins over ``rows``.
+        """
         raise NotImplementedError
+
+    def effective_params(self, rows: int | None, n: int) -> dict[str, Any]:
+        """The parameters a call on ``n`` inputs with ``rows`` actually uses (recorded)."""
+        return dict(self.params)
 
 
 class SaliencyMethod(AttributionMethod):
@@ -175,7 +189,7 @@ class SaliencyMethod(AttributionMethod):
     name = "saliency"
     defaults = {"abs": True}
 
-    def attribute(self, model, x, target, *, seed=0):
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import Saliency
 
         return Saliency(model).attribute(x, target=target, abs=bool(self.params["abs"]))
@@ -187,7 +201,7 @@ class InputXGradientMethod(AttributionMethod):
     name = "input_x_gradient"
     defaults: ClassVar[dict[str, Any]] = {}
 
-    def attribute(self, model, x, target, *, seed=0):
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import InputXGradient
 
         return InputXGradient(model).attribute(x, target=target)
@@ -200,6 +214,7 @@ class IntegratedGradientsMethod(AttributionMethod):
     name = "integrated_gradients"
     defaults = {"steps": 32, "baseline": "zeros", "internal_batch_size": None,
                 "ig_method": "gausslegendre"}
+    expands = True
 
     def validate(self) -> None:
         if not isinstance(self.params["steps"], int) or self.params["steps"] < 1:
@@ -212,7 +227,11 @@ class IntegratedGradientsMethod(AttributionMethod):
         if ibs is not None and (not isinstance(ibs, int) or ibs < 1):
             raise AnalysisError(f"internal_batch_size must be a positive int, got {ibs!r}")
 
-    def attribute(self, model, x, target, *, seed=0):
+    def effective_params(self, rows, n):
+        # recorded as set (captum itself never runs fewer rows than inputs per pass)
+        return {**self.params, "internal_batch_size": self.params["internal_batch_size"] or rows}
+
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import IntegratedGradients
 
         return IntegratedGradients(model).attribute(
@@ -221,8 +240,15 @@ class IntegratedGradientsMethod(AttributionMethod):
             target=target,
             n_steps=self.params["steps"],
             method=self.params["ig_method"],
-            internal_batch_size=self.params["internal_batch_size"],
+            internal_batch_size=_ig_rows(self.params, rows, x.shape[0]),
         )
+
+
+def _ig_rows(params: dict[str, Any], rows: int | None, n: int) -> int | None:
+    """captum's ``internal_batch_size`` for ``n`` inputs: the explicit setting, else ``rows``;
+    never below ``n`` (captum would warn and use ``n``: one step of every input per pass)."""
+    ibs = params.get("internal_batch_size") or rows
+    return None if ibs is None else max(int(ibs), int(n))
 
 
 class SmoothGradMethod(AttributionMethod):
@@ -239,6 +265,7 @@ class SmoothGradMethod(AttributionMethod):
                 "nt_samples_batch_size": None, "seed": 0, "steps": 16, "baseline": "zeros",
                 "internal_batch_size": None}
     stochastic = True
+    expands = True
 
     def validate(self) -> None:
         if self.params["base"] not in ("saliency", "integrated_gradients"):
@@ -251,10 +278,26 @@ class SmoothGradMethod(AttributionMethod):
                                 f"{self.params['nt_samples']!r}")
         self.params["stdevs"] = float(self.params["stdevs"])
 
-    def attribute(self, model, x, target, *, seed=0):
+    def _sample_batch(self, rows: int | None, n: int) -> int | None:
+        """Noise samples per pass: the explicit setting, else as many as ``rows`` allows."""
+        if self.params["nt_samples_batch_size"] is not None:
+            return int(self.params["nt_samples_batch_size"])
+        if rows is None:
+            return None
+        return int(min(self.params["nt_samples"], max(1, int(rows) // max(1, int(n)))))
+
+    def effective_params(self, rows, n):
+        out = {**self.params, "nt_samples_batch_size": self._sample_batch(rows, n)}
+        if self.params["base"] == "integrated_gradients":
+            expanded = n * (out["nt_samples_batch_size"] or self.params["nt_samples"])
+            out["internal_batch_size"] = (self.params["internal_batch_size"]
+                                          or (None if rows is None else max(rows, expanded)))
+        return out
+
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
-        p = self.params
+        p = self.effective_params(rows, x.shape[0])
         kwargs: dict[str, Any] = {}
         if p["base"] == "saliency":
             inner = Saliency(model)
@@ -278,7 +321,7 @@ class GuidedBackpropMethod(AttributionMethod):
     name = "guided_backprop"
     defaults: ClassVar[dict[str, Any]] = {}
 
-    def attribute(self, model, x, target, *, seed=0):
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         import warnings
 
         from captum.attr import GuidedBackprop
@@ -307,7 +350,7 @@ class GradCamMethod(AttributionMethod):
     def check_model(self, model: nn.Module) -> None:
         find_layer(model, self.params["layer"])
 
-    def attribute(self, model, x, target, *, seed=0):
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import LayerAttribution, LayerGradCam
 
         layer = find_layer(model, self.params["layer"])
@@ -325,10 +368,12 @@ class GradCamMethod(AttributionMethod):
 class OcclusionMethod(AttributionMethod):
     """captum ``Occlusion`` with a square ``window`` and ``stride`` (pixels, all channels
     occluded together), occluding with ``baseline`` (zeros|mean|blur);
-    ``perturbations_per_eval`` bounds memory."""
+    ``perturbations_per_eval`` (windows per forward pass; default: as many as ``rows``
+    allows) bounds memory."""
 
     name = "occlusion"
-    defaults = {"window": 8, "stride": 4, "baseline": "zeros", "perturbations_per_eval": 16}
+    defaults = {"window": 8, "stride": 4, "baseline": "zeros", "perturbations_per_eval": None}
+    expands = True
 
     def validate(self) -> None:
         _pair(self.params["window"], "window")
@@ -338,7 +383,15 @@ class OcclusionMethod(AttributionMethod):
                 f"baseline must be zeros, mean or blur; got {self.params['baseline']!r}"
             )
 
-    def attribute(self, model, x, target, *, seed=0):
+    def _per_eval(self, rows: int | None, n: int) -> int:
+        if self.params["perturbations_per_eval"] is not None:
+            return int(self.params["perturbations_per_eval"])
+        return 16 if rows is None else max(1, int(rows) // max(1, int(n)))
+
+    def effective_params(self, rows, n):
+        return {**self.params, "perturbations_per_eval": self._per_eval(rows, n)}
+
+    def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import Occlusion
 
         c = x.shape[1]
@@ -355,7 +408,7 @@ class OcclusionMethod(AttributionMethod):
             strides=(c, sh, sw),
             baselines=make_baseline(x, self.params["baseline"]),
             target=target,
-            perturbations_per_eval=int(self.params["perturbations_per_eval"]),
+            perturbations_per_eval=self._per_eval(rows, x.shape[0]),
         )
 
 

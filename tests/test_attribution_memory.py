@@ -1,0 +1,154 @@
+"""Bounded memory by default: integrated gradients, SmoothGrad and occlusion run captum in
+internal batches derived from ``batch_size`` (or ``internal_batch_size``), with maps equal to
+the unbatched ones; maps stream to the HDF5 store. Peak-memory figures are measured by
+benchmarks/bench_attribution.py (no timing or memory assertions here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from interptool.analyzers.attribution import Attribution
+from interptool.loading._zoo import ZOO
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients"),
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return ZOO["cw-student"](num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 3, 9, 1, 3, 5])
+
+
+def _spy(monkeypatch, cls, calls: list):
+    """Record the keyword arguments of every ``cls.attribute`` call (captum's own class)."""
+    original = cls.attribute
+
+    def wrapped(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "attribute", wrapped)
+
+
+def _row_counter(model: nn.Module, rows: list):
+    return model.register_forward_pre_hook(lambda _m, inp: rows.append(int(inp[0].shape[0])))
+
+
+def test_integrated_gradients_internal_batch_defaults_to_batch_size(monkeypatch, model, batch):
+    from captum.attr import IntegratedGradients
+
+    x, y = batch
+    calls: list = []
+    _spy(monkeypatch, IntegratedGradients, calls)
+    res = Attribution("integrated_gradients", steps=8, keep_raw=True).run(
+        model, x, labels=y, batch_size=4)
+    assert [c["internal_batch_size"] for c in calls] == [4, 4]  # two batches: 4 + 2 images
+    assert res.params["internal_batch_size"] == 4
+    # captum called directly, everything in one pass: the same maps
+    monkeypatch.undo()
+    xg = x.clone().requires_grad_(True)
+    ref = IntegratedGradients(model).attribute(xg, baselines=torch.zeros_like(x), target=y,
+                                               n_steps=8, method="gausslegendre")
+    np.testing.assert_allclose(res.raw, ref.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_forward_passes_never_exceed_the_internal_batch(model, batch):
+    """Every forward pass of the attributed model holds at most ``internal_batch_size`` rows
+    (one step of every image of a batch per pass when it equals the batch)."""
+    x, y = batch
+    a = Attribution("integrated_gradients", steps=16)
+    rows: list[int] = []
+    orig_run = a._attribute_capturing
+
+    def capture(model_, *args, **kwargs):
+        handle = _row_counter(model_, rows)
+        try:
+            return orig_run(model_, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    a._attribute_capturing = capture
+    a.run(model, x, labels=y, batch_size=6, internal_batch_size=12)
+    assert rows and max(rows) <= 12
+    rows.clear()
+    a.run(model, x, labels=y, batch_size=6)  # default: internal batch = batch_size
+    assert max(rows) <= 6
+
+
+def test_explicit_internal_batch_size_is_used_and_recorded(monkeypatch, model, batch):
+    from captum.attr import IntegratedGradients
+
+    x, y = batch
+    calls: list = []
+    _spy(monkeypatch, IntegratedGradients, calls)
+    res = Attribution("integrated_gradients", steps=8).run(model, x, labels=y, batch_size=6,
+                                                           internal_batch_size=24)
+    assert [c["internal_batch_size"] for c in calls] == [24]
+    assert res.params["internal_batch_size"] == 24
+    calls.clear()
+    res = Attribution("integrated_gradients", steps=8, internal_batch_size=7).run(
+        model, x, labels=y, batch_size=6, internal_batch_size=24)
+    assert [c["internal_batch_size"] for c in calls] == [7]  # the method's own setting wins
+
+
+def test_smoothgrad_samples_per_pass_bounded_and_seeded(monkeypatch, model, batch):
+    from captum.attr import NoiseTunnel
+
+    x, y = batch
+    calls: list = []
+    _spy(monkeypatch, NoiseTunnel, calls)
+    a = Attribution("smoothgrad", nt_samples=8, stdevs=0.1, seed=1, keep_raw=True)
+    res = a.run(model, x, labels=y, batch_size=6, internal_batch_size=12)
+    assert [c["nt_samples_batch_size"] for c in calls] == [2]  # 12 rows / 6 images
+    assert res.params["nt_samples_batch_size"] == 2
+    # equal to captum called directly with the same samples per pass and seed
+    from interptool.analyzers.attribution._methods import batch_seed
+
+    monkeypatch.undo()
+    from captum.attr import Saliency
+
+    with torch.random.fork_rng():
+        torch.manual_seed(batch_seed(1, 0))
+        ref = NoiseTunnel(Saliency(model)).attribute(
+            x.clone().requires_grad_(True), nt_type="smoothgrad", nt_samples=8, stdevs=0.1,
+            target=y, nt_samples_batch_size=2)
+    np.testing.assert_allclose(res.raw, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_occlusion_windows_per_pass_bounded_results_unchanged(monkeypatch, model, batch):
+    from captum.attr import Occlusion
+
+    x, y = batch
+    calls: list = []
+    _spy(monkeypatch, Occlusion, calls)
+    res = Attribution("occlusion", window=8, stride=8, keep_raw=True).run(
+        model, x, labels=y, batch_size=3, internal_batch_size=6)
+    assert {c["perturbations_per_eval"] for c in calls} == {2}  # 6 rows / 3 images
+    monkeypatch.undo()
+    ref = Occlusion(model).attribute(x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8),
+                                     baselines=torch.zeros_like(x), target=y,
+                                     perturbations_per_eval=16)
+    np.testing.assert_allclose(res.raw, ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_maps_stream_to_the_store_not_memory(tmp_path, model):
+    """With ``out=`` the result's maps are lazy views of the file: nothing of size N is
+    gathered in memory, whatever the number of images."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, 32, 32, generator=g)
+    res = Attribution("saliency").run(model, x, batch_size=8, target="predicted",
+                                      out=tmp_path / "a")
+    assert type(res.maps).__name__ == "H5Maps"
+    direct = Attribution("saliency").run(model, x, batch_size=8, target="predicted")
+    np.testing.assert_array_equal(np.asarray(res.maps), direct.maps)
