@@ -193,7 +193,9 @@ def compared(tmp_path_factory):
 def test_interrupted_run_resumes_without_recomputing(compared):
     out, record = compared
     assert not record["report_after_crash"]
-    assert sorted(record["caches"]) == ["big_eval.h5", "big_probe.h5", "small_eval.h5",
+    # the random-init control of the shared architecture is cached on the probe too
+    assert sorted(record["caches"]) == ["big_eval.h5", "big_probe.h5",
+                                        "random-init.cw-student_probe.h5", "small_eval.h5",
                                         "small_probe.h5"]
     assert {f"dissection-{m}-{lay}.json" for m in ("big", "small")
             for lay in ("layer3", "layer4")} <= set(record["markers"])

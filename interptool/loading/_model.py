@@ -362,6 +362,7 @@ def load_model(
     std: tuple[float, ...] | float | None = None,
     device: str = "cpu",
     strict: bool = True,
+    init_seed: int | None = None,
 ) -> LoadedModel:
     """Build ``arch``, load ``checkpoint`` into it safely and resolve its preprocessing.
 
@@ -371,7 +372,7 @@ def load_model(
             checkpoint). ``file.pth#NAME`` selects a wrapper key (``#state_dict_ema``) or one
             network of a teacher/student pair (``#teacher``, ``#student``).
             Without one the weights are a random initialisation drawn with seed
-            ``INIT_SEED`` (0), so repeated calls give the same model.
+            ``init_seed`` (default ``INIT_SEED``, 0), so repeated calls give the same model.
         num_classes: default: read from the checkpoint's classifier weight.
         key_map: TOML file / dict / list of ``(regex, replacement)`` rules applied in order to
             every key, or ``"positional"`` (match tensors in order, every shape verified).
@@ -433,9 +434,10 @@ def load_model(
             # same command gives the same model (reproducible caches, resumable runs, cache
             # hits); the caller's global RNG state is left untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(INIT_SEED)
+                seed = INIT_SEED if init_seed is None else int(init_seed)
+                torch.manual_seed(seed)
                 model = build(spec, num_classes)
-            report.notes.append(f"no checkpoint: random initialisation with seed {INIT_SEED}")
+            report.notes.append(f"no checkpoint: random initialisation with seed {seed}")
         else:
             model = build(spec, num_classes)
         in_chans = model_in_chans(model)

@@ -34,6 +34,9 @@ class RunContext:
         self.probe_ds: Any = None
         self.eval_cache: dict[str, Path] = {}
         self.probe_cache: dict[str, Path] = {}
+        # random-init controls (name -> pipeline._dissect.Baseline) and why a model has none
+        self.baselines: dict[str, Any] = {}
+        self.baseline_notes: list[str] = []
 
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, adding its wall time to ``timings[name]`` (seconds, 2 decimals)."""

@@ -34,6 +34,10 @@ def _execute(run: RunContext, config_text: str | None, command: str | None,
     seed_everything(cfg.run.seed)
     run.timed("load", lambda: _stages.load_models(run))
     run.timed("cache", lambda: _stages.build_caches(run))
+    if cfg.analysis.dissection is not None:
+        from interptool.pipeline._dissect import cache_baselines
+
+        run.timed("baseline", lambda: cache_baselines(run))
     summary: dict[str, Any] = {
         "format": FORMAT,
         "title": title or f"interptool comparison: {cfg.teacher.name} and "
@@ -52,6 +56,11 @@ def _execute(run: RunContext, config_text: str | None, command: str | None,
     if an.attribution is not None:
         summary["attribution"] = run.timed("attribution", lambda: _stages.attribution(run))
     summary["findings"] = build_findings(summary, cfg, run.eval_cache)
+    from interptool.pipeline._verdicts import paper_directions
+
+    summary["paper_direction"] = paper_directions(summary["findings"])
+    for d in summary["paper_direction"]:
+        say(d["sentence"])
     run.timings["total"] = round(time.perf_counter() - t_all, 2)
     summary["figures"] = run.figures.entries
     summary["provenance"] = {

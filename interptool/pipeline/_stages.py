@@ -29,7 +29,6 @@ from interptool.pipeline._stage_cache import cache_identity
 from interptool.report import _figures as figs
 from interptool.report._sections import (
     attribution_section,
-    dissection_section,
     similarity_section,
 )
 
@@ -165,55 +164,11 @@ def models_table(run: RunContext) -> list[dict[str, Any]]:
 
 
 def dissection(run: RunContext) -> dict[str, Any]:
-    """Dissect every model's layers; counts, curve and montages from ``DissectionResult``."""
-    d = run.cfg.analysis.dissection
-    assert d is not None and run.probe_ds is not None
-    per_model: dict[str, dict[str, Any]] = {}
-    categories = list(getattr(run.probe_ds, "categories", []))
-    for name in run.cfg.models:
-        per_model[name] = {}
-        for layer in run.dissect_layers(name):
-            inputs = {"settings": asdict(d), "cache": cache_identity(run.probe_cache[name]),
-                      "layer": layer, "probe": run.probe_ds.fingerprint}
-            part, reused = run.stages.run(
-                f"dissection-{name}-{layer}", inputs,
-                lambda name=name, layer=layer: _dissect_one(run, name, layer))
-            if reused:
-                say(f"dissection {name} {layer}: done earlier, reused")
-            per_model[name][layer] = part
-    return dissection_section(per_model, categories, asdict(d), run.figures)
+    """Dissect every model's layers and the random-init controls under one protocol, with
+    bootstrap intervals and paired differences (:mod:`interptool.pipeline._dissect`)."""
+    from interptool.pipeline._dissect import dissection_stage
 
-
-def _dissect_one(run: RunContext, name: str, layer: str) -> dict[str, Any]:
-    from interptool.analyzers.dissection import Dissection
-    from interptool.cache import ActivationCache
-
-    d = run.cfg.analysis.dissection
-    top_k = max(d.top_units, 0)
-    say(f"dissection {name} {layer}")
-    with ActivationCache(run.probe_cache[name]) as cache:
-        res = Dissection(quantile=d.quantile, iou_threshold=d.iou_threshold,
-                         batch_size=d.batch_size, device=run.device).run(cache, layer, run.probe_ds)
-        folder = run.out / "dissection" / name / layer
-        res.save(folder, montages=top_k or "none")
-    part: dict[str, Any] = {
-        "units": int(res.units),
-        "detectors": int(len(res.detectors())),
-        "unique_concepts": res.unique_concepts(),
-        "by_category": res.counts_by_category(),
-        "curve": [int(len(res.detectors(t))) for t in d.iou_thresholds],
-        "top_units": res.top_units(top_k),
-        "montage": None,
-    }
-    if part["top_units"]:
-        from interptool._provenance import atomic_path
-
-        rel = f"dissection/{name}/{layer}/top_units.png"
-        sheet = res.montage_sheet([u["unit"] - 1 for u in part["top_units"]])
-        with atomic_path(run.out / rel) as tmp:
-            sheet.save(tmp, format="PNG")
-        part["montage"] = rel
-    return part
+    return dissection_stage(run)
 
 
 def similarity(run: RunContext) -> dict[str, Any]:

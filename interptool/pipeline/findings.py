@@ -27,9 +27,11 @@ Diff = Callable[[str, str], tuple[Any, Any, Any]]
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float, float]:
+                      level: float = 0.95, *, with_p: bool = False) -> tuple[float, ...]:
     """mean(a - b) over the items where both are finite, with a paired percentile bootstrap
-    interval over items; ``(mean, nan, nan)`` with fewer than two items.
+    interval over items; ``(mean, nan, nan)`` with fewer than two items. ``with_p``: a fourth
+    element, the two-sided bootstrap p-value of no difference
+    (:func:`interptool.common.stats.bootstrap_p_value`).
 
     Resamples draw ``d.size`` items with replacement (seeded; drawn in blocks of resamples so
     memory stays bounded at 50,000 items); the interval is made by
@@ -37,16 +39,21 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: in
     """
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     d = d[np.isfinite(d)]
+    tail = (math.nan,) if with_p else ()
     if d.size == 0:
-        return (math.nan, math.nan, math.nan)
+        return (math.nan, math.nan, math.nan, *tail)
     mean = float(d.mean())
     if d.size == 1 or n_boot <= 0:
-        return (mean, math.nan, math.nan)
+        return (mean, math.nan, math.nan, *tail)
     rng = np.random.default_rng(seed)
     block = max(1, 2**22 // d.size)  # about 32 MB of weights at a time
     means = np.concatenate([d[rng.integers(0, d.size, size=(min(block, n_boot - s), d.size))]
                             .mean(axis=1) for s in range(0, n_boot, block)])
     iv = interval_from_resamples(means, mean, level=level, method="percentile")
+    if with_p:
+        from interptool.common.stats import bootstrap_p_value
+
+        return (iv.estimate, iv.low, iv.high, bootstrap_p_value(means - 0.0))
     return (iv.estimate, iv.low, iv.high)
 
 
@@ -75,10 +82,15 @@ def finding_pairs(models: list[str], teacher: str | None) -> list[tuple[str, str
 
 def make_finding(measure: str, values: dict[str, Any], diff: Diff | None = None, *,
                  higher_is_better: bool = True, teacher: str | None = None,
-                 models: list[str] | None = None, note: str = "") -> dict[str, Any]:
+                 models: list[str] | None = None, note: str = "",
+                 extra_pairs: list[tuple[str, str]] | None = None,
+                 value_ci: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
     """One findings row: the ranking of every model and one comparison per pair.
 
-    ``diff(a, b)`` returns ``(mean of a - b, ci_low, ci_high)``. Each comparison names the
+    ``diff(a, b)`` returns ``(mean of a - b, ci_low, ci_high)`` or, with a two-sided p-value of
+    no difference (used by the Holm correction over the table), ``(..., p_value)``.
+    ``extra_pairs``: comparisons beyond :func:`finding_pairs` (e.g. each model against its
+    random-init control); ``value_ci``: each value's own 95% interval. Each comparison names the
     ``better`` model under the measure's direction and reports ``difference = better - other``
     with its CI oriented the same way: for a lower-is-better measure the difference of a better
     model is negative. ``significant``: the CI excludes 0 (None when there is no CI).
@@ -90,12 +102,18 @@ def make_finding(measure: str, values: dict[str, Any], diff: Diff | None = None,
     values = {m: values[m] for m in names} | {m: v for m, v in values.items() if m not in names}
     order = _rank(values, higher_is_better)
     comps = []
-    for a, b in finding_pairs(names, teacher):
+    pairs = finding_pairs(names, teacher)
+    pairs += [p for p in (extra_pairs or []) if p not in pairs and p[0] in values
+              and p[1] in values]
+    for a, b in pairs:
         va, vb = values[a], values[b]
         c: dict[str, Any] = {"a": a, "b": b, "comparison": f"{a} vs {b}", "better": None,
                              "difference": None, "ci_low": None, "ci_high": None,
-                             "significant": None}
-        d, lo, hi = (diff(a, b) if diff is not None else (None, None, None))
+                             "significant": None, "p_value": None}
+        got = tuple(diff(a, b)) if diff is not None else (None, None, None)
+        d, lo, hi = got[:3]
+        if len(got) > 3 and _finite(got[3]):
+            c["p_value"] = float(got[3])
         if not _finite(d):
             d = va - vb
         if d == 0:
@@ -116,9 +134,13 @@ def make_finding(measure: str, values: dict[str, Any], diff: Diff | None = None,
     best = order[0] if order else None
     if len(order) > 1 and values[order[0]] == values[order[1]]:
         best = "tie"
-    return {"measure": measure, "direction": "higher" if higher_is_better else "lower",
-            "values": values, "ranking": order, "best": best, "comparisons": comps,
-            "note": note}
+    row = {"measure": measure, "direction": "higher" if higher_is_better else "lower",
+           "values": values, "ranking": order, "best": best, "comparisons": comps,
+           "note": note}
+    if value_ci:
+        row["value_ci"] = {m: [lo, hi] for m, (lo, hi) in value_ci.items()
+                           if _finite(lo) and _finite(hi)}
+    return row
 
 
 def build_findings(summary: dict[str, Any], cfg: CompareConfig,
@@ -139,30 +161,23 @@ def build_findings(summary: dict[str, Any], cfg: CompareConfig,
     accs = {m["name"]: m["accuracy"] for m in summary["models"] if m["accuracy"] is not None}
     if accs:
         out.append(make_finding("accuracy (eval)", accs,
-                                lambda a, b: paired_difference(correct[a], correct[b], seed=seed),
+                                lambda a, b: paired_difference(correct[a], correct[b], seed=seed,
+                                                                  with_p=True),
                                 teacher=teacher, models=models))
-    out += _dissection_findings(summary.get("dissection"), teacher, models)
+    from interptool.pipeline._dissect import dissection_findings
+
+    out += dissection_findings(summary.get("dissection"), teacher, models)
     out += _similarity_findings(summary.get("similarity"), teacher, models)
     out += _attribution_findings(summary.get("attribution"), teacher, models, seed)
-    return out
+    from interptool.pipeline._verdicts import mark_holm
 
-
-def _dissection_findings(dis: dict[str, Any] | None, teacher: str,
-                         models: list[str]) -> list[dict[str, Any]]:
-    if not dis:
-        return []
-    out = []
-    layers = list(dict.fromkeys(lay for m in dis["per_model"].values() for lay in m))
-    for lay in layers:
-        for key, label in (("detectors", "detector units"), ("unique_concepts", "unique concepts")):
-            vals = {m: d[lay][key] for m, d in dis["per_model"].items() if lay in d}
-            out.append(make_finding(f"{label} ({lay})", vals, teacher=teacher, models=models,
-                                    note="count on the probe set; no resampling CI"))
-    return out
+    return mark_holm(out)
 
 
 def _similarity_findings(sim: dict[str, Any] | None, teacher: str,
                          models: list[str]) -> list[dict[str, Any]]:
+    from interptool.pipeline._verdicts import p_from_interval
+
     if not sim:
         return []
     out = []
@@ -188,11 +203,12 @@ def _similarity_findings(sim: dict[str, Any] | None, teacher: str,
                 if per_t and r.get("temperature") not in (None, t0):
                     continue
                 if r["model"] == f"{a} - {b}":
-                    return r["value"], r.get("ci_low"), r.get("ci_high")
+                    lo, hi = r.get("ci_low"), r.get("ci_high")
+                    return r["value"], lo, hi, p_from_interval(r["value"], lo, hi)
                 if r["model"] == f"{b} - {a}":
                     lo, hi = r.get("ci_low"), r.get("ci_high")
                     return -r["value"], (None if hi is None else -hi), (
-                        None if lo is None else -lo)
+                        None if lo is None else -lo), p_from_interval(r["value"], lo, hi)
             return None, None, None
 
         if vals:
@@ -218,6 +234,6 @@ def _attribution_findings(att: dict[str, Any] | None, teacher: str, models: list
             vals = {m: (float(np.nanmean(a)) if np.isfinite(a).any() else None)
                     for m, a in arrays.items()}
             out.append(make_finding(label, vals, lambda a, b, arrays=arrays: paired_difference(
-                arrays[a], arrays[b], seed=seed), higher_is_better=hib, teacher=teacher,
-                models=models))
+                arrays[a], arrays[b], seed=seed, with_p=True), higher_is_better=hib,
+                teacher=teacher, models=models))
     return out

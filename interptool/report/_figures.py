@@ -68,10 +68,12 @@ def detector_curve(
     thresholds: Sequence[float],
     curves: Mapping[str, Mapping[str, Sequence[int]]],
     chosen: float | None = None,
+    dashed: Sequence[str] = (),
 ) -> Figure:
     """Detector count vs IoU threshold, all models on one plot per layer.
 
-    ``curves[model][layer]`` is aligned with ``thresholds``.
+    ``curves[model][layer]`` is aligned with ``thresholds``; models in ``dashed`` (the
+    random-init controls) are drawn as dashed grey-toned lines.
     """
     models = list(curves)
     layers = list(dict.fromkeys(lay for m in models for lay in curves[m]))
@@ -81,7 +83,8 @@ def detector_curve(
         for i, m in enumerate(models):
             if layer in curves[m]:
                 ax.plot(thresholds, curves[m][layer], marker="o", ms=3, label=m,
-                        color=_COLORS[i % 10])
+                        color=_COLORS[i % 10], ls="--" if m in dashed else "-",
+                        alpha=0.7 if m in dashed else 1.0)
         if chosen is not None:
             ax.axvline(chosen, color="grey", ls="--", lw=1)
         ax.set_xlabel("IoU threshold")

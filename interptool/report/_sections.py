@@ -17,26 +17,91 @@ from interptool.report._figures import FigureSet
 __all__ = ["attribution_section", "dissection_section", "similarity_section"]
 
 
+def _est_ci(part: Mapping[str, Any], key: str) -> str:
+    """``"12 [9, 15]"``: the value with its 95% bootstrap interval when the payload has one."""
+    from interptool.report._html import _fmt
+
+    v = part.get(key)
+    iv = (part.get("intervals") or {}).get(key)
+    digits = 3 if isinstance(v, float) else 0
+    if iv and iv.get("ci_low") is not None and iv.get("ci_high") is not None:
+        lo, hi = iv["ci_low"], iv["ci_high"]
+        if digits == 0:
+            return f"{_fmt(v)} [{lo:.0f}, {hi:.0f}]"
+        return f"{_fmt(v)} [{_fmt(float(lo))}, {_fmt(float(hi))}]"
+    return _fmt(v)
+
+
+def protocol_statement(protocol: Mapping[str, Any], settings: Mapping[str, Any],
+                       baselines: Mapping[str, Any] | None = None,
+                       notes: list[str] | None = None) -> str:
+    """The sentence at the top of the dissection section: protocol, bootstrap and controls."""
+    cats = ", ".join(protocol.get("categories") or []) or "the probe's categories"
+    text = (f"Protocol {protocol.get('name', settings.get('protocol', '?'))}: categories "
+            f"{cats}; a unit is a detector when its best IoU >= "
+            f"{settings['iou_threshold']:g}, its threshold being the top "
+            f"{settings['quantile']:g} quantile of its activations.")
+    if protocol.get("images_total") is not None:
+        text += (f" Images used: {protocol.get('images_used')} of "
+                 f"{protocol.get('images_total')} (images with no label of a selected "
+                 "category take no part).")
+    boot = protocol.get("bootstrap")
+    if boot:
+        text += (f" Intervals: 95% bias-corrected percentile bootstrap over probe images "
+                 f"({boot.get('resamples')} resamples, seed {boot.get('seed')}, blocks of "
+                 f"{boot.get('block_size')} image(s)); unit thresholds held at their "
+                 "full-probe values; differences between models are paired (the same "
+                 "resampled images for both).")
+    else:
+        text += " No bootstrap was run (analysis.dissection.bootstrap = 0): counts only."
+    if baselines:
+        text += (" Control: " + "; ".join(
+            f"{k} = {v['arch']} with random weights (seed {v['seed']}) for "
+            f"{', '.join(v['members'])}" for k, v in baselines.items()) + ".")
+    for n in notes or []:
+        text += f" {n}."
+    return text
+
+
 def dissection_section(per_model: Mapping[str, Mapping[str, Any]], categories: list[str],
-                       settings: Mapping[str, Any], figures: FigureSet) -> dict[str, Any]:
-    """Detector counts per model and layer, the threshold curve and the top-unit montages.
+                       settings: Mapping[str, Any], figures: FigureSet, *,
+                       protocol: Mapping[str, Any] | None = None,
+                       roles: Mapping[str, str] | None = None,
+                       baselines: Mapping[str, Any] | None = None,
+                       baseline_notes: list[str] | None = None,
+                       pairs: list[dict[str, Any]] | None = None,
+                       gained_lost: Mapping[str, Mapping[str, list]] | None = None
+                       ) -> dict[str, Any]:
+    """Detector counts and fractions (with intervals) per model and layer, random-init
+    controls, concept tables, concepts gained/lost, the threshold curve and the montages.
 
     ``per_model[model][layer]`` is a dissection stage payload (``units``, ``detectors``,
-    ``unique_concepts``, ``by_category``, ``curve`` over ``settings["iou_thresholds"]``,
-    ``top_units``, ``montage``).
+    ``detector_fraction``, ``unique_concepts``, ``by_category``, ``curve`` over
+    ``settings["iou_thresholds"]``, ``intervals``, ``concepts``, ``top_units``, ``montage``).
+    ``roles``: teacher / student / baseline per model; ``pairs``: paired differences
+    (``layer, a, b, measure, difference, ci_low, ci_high, p_value``).
     """
+    from interptool.report._panels import detector_fraction_panel
+
+    protocol = dict(protocol or {})
+    roles = dict(roles or {})
+    baselines = dict(baselines or {})
     iou_threshold = settings["iou_threshold"]
     cats = [c for c in categories if any(
         c in per_model[m][lay]["by_category"] for m in per_model for lay in per_model[m])]
     rows = []
     counts: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
     curves: dict[str, dict[str, list[int]]] = {}
+    fractions: dict[str, dict[str, dict[str, Any]]] = {}
+    concept_rows = []
     fig_ids: list[str] = []
     for m, layers in per_model.items():
-        counts[m], curves[m] = {}, {}
+        counts[m], curves[m], fractions[m] = {}, {}, {}
         for lay, part in layers.items():
-            row = {"model": m, "layer": lay, "units": part["units"],
-                   "detectors": part["detectors"], "unique concepts": part["unique_concepts"]}
+            row = {"model": m, "role": roles.get(m, ""), "layer": lay, "units": part["units"],
+                   "detectors [95% CI]": _est_ci(part, "detectors"),
+                   "detector fraction [95% CI]": _est_ci(part, "detector_fraction"),
+                   "unique concepts [95% CI]": _est_ci(part, "unique_concepts")}
             for c in cats:
                 bc = part["by_category"].get(c, {"detectors": 0, "unique": 0})
                 row[f"{c} det."] = bc["detectors"]
@@ -46,16 +111,44 @@ def dissection_section(per_model: Mapping[str, Mapping[str, Any]], categories: l
                                         "unique": part["unique_concepts"]},
                               **part["by_category"]}
             curves[m][lay] = part["curve"]
+            iv = (part.get("intervals") or {}).get("detector_fraction") or {}
+            fractions[m][lay] = {"estimate": part.get("detector_fraction",
+                                                      part["detectors"] / max(part["units"], 1)),
+                                 "ci_low": iv.get("ci_low"), "ci_high": iv.get("ci_high")}
+            for c in part.get("concepts") or []:
+                concept_rows.append({"model": m, "layer": lay, "concept": c["concept"],
+                                     "category": c["category"], "units": c["units"],
+                                     "fraction": c["fraction"], "max IoU": c["max_iou"]})
+    gl_rows = []
+    for m, by_layer in (gained_lost or {}).items():
+        for lay, items in by_layer.items():
+            shared = sum(1 for r in items if r["status"] == "shared")
+            for r in items:
+                if r["status"] != "shared":
+                    gl_rows.append({"student": m, "layer": lay, "status": r["status"],
+                                    "concept": r["concept"], "category": r["category"],
+                                    "student units": r["units"],
+                                    "teacher units": r["units_teacher"],
+                                    "shared concepts": shared})
+    base_names = [m for m in per_model if roles.get(m) == "baseline"]
+    fig_ids.append(figures.add(
+        "dissection_fraction", detector_fraction_panel(fractions, base_names),
+        "dissection/detector_fraction.png",
+        "Detector fraction (detectors / units) per model and layer with its 95% bootstrap "
+        "interval over probe images; hollow markers: random-init controls (what the "
+        "architecture gives untrained)."))
     fig_ids.append(figures.add(
         "dissection_bars", figs.detector_bars(counts, cats), "dissection/detectors.png",
         f"Detector units and unique concepts per layer and category (IoU >= "
-        f"{iou_threshold})."))
+        f"{iou_threshold:g})."))
     fig_ids.append(figures.add(
         "dissection_curve",
-        figs.detector_curve(settings["iou_thresholds"], curves, iou_threshold),
+        figs.detector_curve(settings["iou_thresholds"], curves, iou_threshold,
+                            dashed=base_names),
         "dissection/detectors_vs_threshold.png",
-        "Detector count as a function of the IoU threshold (dashed: the chosen threshold). "
-        "A ranking that holds across thresholds does not hinge on the cut-off."))
+        "Detector count as a function of the IoU threshold (vertical dashed line: the chosen "
+        "threshold; dashed curves: random-init controls). A ranking that holds across "
+        "thresholds does not hinge on the cut-off."))
     top_rows = []
     for m, layers in per_model.items():
         for lay, part in layers.items():
@@ -66,16 +159,31 @@ def dissection_section(per_model: Mapping[str, Mapping[str, Any]], categories: l
                     "the outlined region is where the unit's map exceeds its threshold."))
             for u in part["top_units"]:
                 top_rows.append({"model": m, "layer": lay, **u})
+    tables = [
+        {"title": "Detectors, detector fraction and unique concepts", "rows": rows,
+         "note": "Counts on the probe set with 95% bootstrap intervals over probe images. "
+                 "The detector fraction (detectors / units) is comparable across models of "
+                 "different widths; rows with role 'baseline' are the random-init controls."},
+        {"title": "Concepts gained and lost against the teacher", "rows": gl_rows,
+         "note": "Per student and layer: concepts some student unit detects and no teacher "
+                 "unit does (gained), and the reverse (lost); units = detectors whose best "
+                 "label is the concept. 'shared concepts' counts the ones both detect."},
+        {"title": "Concepts detected per model and layer", "rows": concept_rows,
+         "note": "Every concept that is some detector's best label, with the number of such "
+                 "units and their fraction of the layer."},
+        {"title": "Top units", "rows": top_rows},
+    ]
     return {
-        "intro": f"Network dissection (Bau et al. 2017) on the probe set: a unit is a "
-        f"detector of a concept when the IoU of its thresholded map (top "
-        f"{settings['quantile']:g} quantile) with the concept's masks is >= "
-        f"{iou_threshold:g}.",
+        "intro": protocol_statement(protocol, settings, baselines, baseline_notes),
         "settings": dict(settings),
+        "protocol": protocol,
         "categories": cats,
+        "roles": roles,
+        "baselines": baselines,
         "per_model": per_model,
-        "tables": [{"title": "Detectors and unique concepts", "rows": rows},
-                   {"title": "Top units", "rows": top_rows}],
+        "pairs": list(pairs or []),
+        "gained_lost": dict(gained_lost or {}),
+        "tables": tables,
         "figures": fig_ids,
     }
 

@@ -1,0 +1,323 @@
+"""Decision-grade numbers in ``compare`` (issue 10): protocol recorded, detector intervals and
+paired differences, random-init controls, concept tables, Holm over the findings table, and
+the paper's direction stated in words. Known answers, then one small end-to-end run checked
+against the analyzer called directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from interptool.pipeline._verdicts import (
+    bc_p_value,
+    mark_holm,
+    p_from_interval,
+    paper_directions,
+    recipe_of,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# p-values and Holm
+# --------------------------------------------------------------------------------------------
+def test_p_from_interval_known_answer():
+    # est 1.96 with a 95% interval of half-width 1.96: se = 1, z = 1.96, p = 0.05
+    assert p_from_interval(1.96, 0.0, 3.92) == pytest.approx(0.05, abs=1e-4)
+    assert p_from_interval(0.0, -1.0, 1.0) == pytest.approx(1.0)
+    assert p_from_interval(1.0, None, 2.0) is None
+    assert p_from_interval(1.0, 1.0, 1.0) is None  # no width
+
+
+def test_bc_p_value_agrees_with_the_bc_interval():
+    """p < 0.05 exactly when the 95% BC interval (common.stats) excludes 0, also for strongly
+    biased bootstrap distributions, where the plain percentile p can disagree."""
+    from interptool.common.stats import interval_from_resamples
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        centre, bias, spread = rng.normal(0, 2), rng.normal(0, 2), rng.uniform(0.3, 2)
+        d = rng.normal(centre + bias, spread, size=999)
+        est = centre
+        iv = interval_from_resamples(d, est, method="bc")
+        if iv.widened:
+            continue
+        p = bc_p_value(d, est)
+        # skip the knife edge, where quantile interpolation decides
+        if abs(p - 0.05) < 0.004:
+            continue
+        assert (p < 0.05) == (iv.low > 0 or iv.high < 0), (est, iv, p)
+        checked += 1
+    assert checked > 200
+    # identical models: every resampled difference is 0 -> p = 1
+    assert bc_p_value(np.zeros(500), 0.0) == 1.0
+    # centred on the estimate, it is the ordinary two-sided normal-quantile p
+    d = np.random.default_rng(1).normal(1.0, 1.0, size=20001)
+    assert bc_p_value(d, 1.0) == pytest.approx(2 * np.mean(d < 0), rel=0.05)
+
+
+def test_holm_over_the_table_hand_computed():
+    rows = [
+        {"measure": "a", "comparisons": [{"p_value": 0.01}, {"p_value": 0.04}]},
+        {"measure": "b", "comparisons": [{"p_value": 0.03}, {"p_value": None}]},
+    ]
+    mark_holm(rows)
+    # m = 3: sorted 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.04*1, 0.06) = 0.06
+    c = [x for r in rows for x in r["comparisons"]]
+    assert [x["p_holm"] for x in c[:3]] == [pytest.approx(0.03), pytest.approx(0.06),
+                                            pytest.approx(0.06)]
+    assert [x["holm"] for x in c] == [True, False, False, None]
+    assert c[3]["p_holm"] is None
+    assert rows[0]["holm_family"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's direction
+# --------------------------------------------------------------------------------------------
+def test_recipe_names():
+    assert recipe_of("kd") == "kd" and recipe_of("resnet18_kd-seed2") == "kd"
+    assert recipe_of("scratch") == "scratch" and recipe_of("LS") == "ls"
+    assert recipe_of("label-smoothing") == "ls"
+    assert recipe_of("kids") is None and recipe_of("teacher") is None
+    assert recipe_of("kd_ls") is None  # two recipes: ambiguous
+
+
+def _row(measure, comps):
+    return {"measure": measure, "values": {"kd": 1, "scratch": 1, "ls": 1, "teacher": 1},
+            "comparisons": comps}
+
+
+def test_paper_direction_verdicts():
+    from interptool.pipeline.findings import make_finding
+
+    # KD 30 vs scratch 25: paired CI of kd - scratch [2, 8] -> agrees; scratch - ls CI
+    # [-3, 4] -> cannot tell
+    diffs = {("kd", "scratch"): (5, 2, 8), ("kd", "ls"): (6, 1, 9),
+             ("scratch", "ls"): (1, -3, 4)}
+    row = make_finding("detector units (layer4)", {"kd": 30, "scratch": 25, "ls": 24},
+                       lambda a, b: diffs[(a, b)], models=["kd", "scratch", "ls"])
+    out = {d["direction"]: d for d in paper_directions([row])}
+    assert out["KD > scratch"]["verdict"] == "agrees"
+    assert (out["KD > scratch"]["ci_low"], out["KD > scratch"]["ci_high"]) == (2, 8)
+    assert "agrees with the paper" in out["KD > scratch"]["sentence"]
+    assert "[2, 8]" in out["KD > scratch"]["sentence"]
+    assert out["scratch > LS"]["verdict"] == "cannot tell"
+    assert "cannot tell" in out["scratch > LS"]["sentence"]
+    # KD below scratch with an interval excluding 0: the opposite direction, oriented kd - scratch
+    diffs[("kd", "scratch")] = (-6, -9, -2)
+    row = make_finding("detector fraction (layer4)", {"kd": 0.1, "scratch": 0.2, "ls": 0.1},
+                       lambda a, b: diffs[(a, b)], models=["kd", "scratch", "ls"])
+    d = next(x for x in paper_directions([row]) if x["direction"] == "KD > scratch")
+    assert d["verdict"] == "disagrees" and d["difference"] == -6
+    assert (d["ci_low"], d["ci_high"]) == (-9, -2)
+    assert "opposite" in d["sentence"]
+    # rows that are not detector rows are ignored
+    assert paper_directions([_row("accuracy (eval)", [])]) == []
+
+
+# --------------------------------------------------------------------------------------------
+# random-init control
+# --------------------------------------------------------------------------------------------
+def test_random_init_baseline_is_deterministic_for_a_seed():
+    from interptool.pipeline._dissect import random_init_model
+
+    a = random_init_model("interptool:cw-student", 7, num_classes=10)
+    torch.rand(100)  # whatever ran in between
+    b = random_init_model("interptool:cw-student", 7, num_classes=10)
+    c = random_init_model("interptool:cw-student", 8, num_classes=10)
+    sa, sb, sc = (m.model.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    # the caller's random stream is left as it was
+    torch.manual_seed(3)
+    x = torch.rand(3)
+    torch.manual_seed(3)
+    random_init_model("interptool:cw-student", 7, num_classes=10)
+    assert torch.equal(torch.rand(3), x)
+
+
+def test_concepts_gained_lost_from_stored_tables_hand_built():
+    from interptool.pipeline._dissect import concepts_gained_lost
+
+    student = [{"concept": "red", "category": "color", "units": 3},
+               {"concept": "wheel", "category": "part", "units": 1}]
+    teacher = [{"concept": "red", "category": "color", "units": 1},
+               {"concept": "grass", "category": "texture", "units": 2}]
+    got = concepts_gained_lost(student, teacher)
+    assert [(r["concept"], r["status"], r["units"], r["units_teacher"]) for r in got] == [
+        ("wheel", "gained", 1, 0), ("grass", "lost", 0, 2), ("red", "shared", 3, 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: a teacher and two students with different (saved) random weights
+# --------------------------------------------------------------------------------------------
+CONFIG = """
+[data]
+probe = "builtin:concept-world?n=48&size=32&seed=4&split=probe"
+[models.teacher]
+arch = "interptool:cw-teacher"
+checkpoint = "teacher.safetensors"
+layers = ["layer4"]
+image_size = 32
+role = "teacher"
+[models.kd]
+arch = "interptool:cw-student"
+checkpoint = "kd.safetensors"
+layers = ["layer4"]
+image_size = 32
+[models.scratch]
+arch = "interptool:cw-student"
+checkpoint = "scratch.safetensors"
+layers = ["layer4"]
+image_size = 32
+[analysis]
+dissection = { top_units = 1, bootstrap = 200 }
+similarity = false
+attribution = false
+[run]
+batch_size = 24
+seed = 9
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from interptool.loading._zoo import ZOO
+    from interptool.pipeline import load_config, run_compare
+
+    d = tmp_path_factory.mktemp("stats")
+    for i, (name, arch) in enumerate((("teacher", "cw-teacher"), ("kd", "cw-student"),
+                                      ("scratch", "cw-student"))):
+        torch.manual_seed(100 + i)
+        save_file(ZOO[arch](num_classes=10).state_dict(), str(d / f"{name}.safetensors"))
+    (d / "c.toml").write_text(CONFIG)
+    run_compare(load_config(d / "c.toml"), d / "out")
+    return d
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / "out" / "summary.json").read_text())
+
+
+def test_protocol_and_control_recorded_and_stated(run_dir):
+    s = _summary(run_dir)
+    dis = s["dissection"]
+    assert dis["protocol"]["name"] == "netdissect-lite"
+    assert dis["protocol"]["categories"] == ["color", "object", "part", "texture", "scene"]
+    assert dis["protocol"]["bootstrap"]["resamples"] == 200
+    assert dis["protocol"]["bootstrap"]["seed"] == 9
+    assert dis["settings"]["iou_threshold"] == 0.04
+    assert dis["baselines"] == {
+        "random-init.cw-teacher": {"name": "random-init.cw-teacher", "arch": "interptool:cw-teacher",
+                                   "members": ["teacher"], "seed": 9, "layers": ["layer4"]},
+        "random-init.cw-student": {"name": "random-init.cw-student", "arch": "interptool:cw-student",
+                                   "members": ["kd", "scratch"], "seed": 9, "layers": ["layer4"]}}
+    assert set(dis["per_model"]) == {"teacher", "kd", "scratch", "random-init.cw-teacher",
+                                     "random-init.cw-student"}
+    assert dis["roles"]["random-init.cw-student"] == "baseline"
+    html = (run_dir / "out" / "report.html").read_text()
+    i = html.index('id="dissection"')
+    top = html[i:i + 2500]
+    assert "Protocol netdissect-lite" in top and "IoU &gt;= 0.04" in top
+    assert "200 resamples, seed 9" in top and "random weights (seed 9)" in top
+    assert "Concepts gained and lost against the teacher" in html
+    assert "survives Holm" in html
+
+
+def test_detector_findings_carry_intervals_and_paired_differences(run_dir):
+    from interptool.analyzers.dissection import Dissection
+    from interptool.cache import ActivationCache
+    from interptool.data import open_dataset
+
+    s = _summary(run_dir)
+    rows = {f["measure"]: f for f in s["findings"]}
+    # widths differ (teacher 192 vs students 128 units): the fraction row comes first
+    measures = [f["measure"] for f in s["findings"]]
+    assert measures.index("detector fraction (layer4)") < measures.index(
+        "detector units (layer4)")
+    assert "compare the detector fraction" in rows["detector units (layer4)"]["note"]
+    for key in ("detector units (layer4)", "detector fraction (layer4)",
+                "unique concepts (layer4)"):
+        row = rows[key]
+        assert set(row["value_ci"]) == set(row["values"])  # every value has its interval
+        for m, (lo, hi) in row["value_ci"].items():
+            assert lo <= row["values"][m] <= hi, (key, m)
+        comps = {c["comparison"]: c for c in row["comparisons"]}
+        assert set(comps) == {"kd vs scratch", "kd vs teacher", "scratch vs teacher",
+                              "teacher vs random-init.cw-teacher",
+                              "kd vs random-init.cw-student",
+                              "scratch vs random-init.cw-student"}
+        for c in comps.values():
+            assert c["significant"] is not None and c["ci_low"] <= c["difference"] <= c["ci_high"]
+            assert c["p_value"] is not None and c["holm"] is not None
+    # the paired difference equals the analyzer's own, dissected again here
+    probe = open_dataset("builtin:concept-world?n=48&size=32&seed=4&split=probe")
+    res = {}
+    for m in ("kd", "scratch"):
+        with ActivationCache(run_dir / "out" / "cache" / f"{m}_probe.h5") as c:
+            res[m] = Dissection(bootstrap=200, seed=9).run(c, "layer4", probe)
+    direct = res["kd"].paired_difference(res["scratch"]).set_index("measure")
+    pairs = [p for p in s["dissection"]["pairs"] if (p["a"], p["b"]) == ("kd", "scratch")]
+    for p in pairs:
+        assert p["difference"] == pytest.approx(direct.at[p["measure"], "difference"])
+        assert p["ci_low"] == pytest.approx(direct.at[p["measure"], "ci_low"])
+        assert p["ci_high"] == pytest.approx(direct.at[p["measure"], "ci_high"])
+    assert {p["measure"] for p in pairs} == {"detectors", "detector_fraction", "unique_concepts"}
+    # values and intervals per model equal the analyzer's
+    iv = res["kd"].intervals().set_index("measure")
+    kd_row = rows["detector units (layer4)"]
+    assert kd_row["values"]["kd"] == len(res["kd"].detectors())
+    assert kd_row["value_ci"]["kd"] == [pytest.approx(iv.at["detectors", "ci_low"]),
+                                        pytest.approx(iv.at["detectors", "ci_high"])]
+    # concept table and gained/lost equal the analyzer's
+    with ActivationCache(run_dir / "out" / "cache" / "teacher_probe.h5") as c:
+        teacher = Dissection(bootstrap=0).run(c, "layer4", probe)
+    want = res["kd"].concepts_gained_lost(teacher)
+    got = s["dissection"]["gained_lost"]["kd"]["layer4"]
+    assert [(r["concept"], r["status"], r["units"], r["units_teacher"]) for r in got] == [
+        (r.concept, r.status, r.units, r.units_other) for r in want.itertuples()]
+    stored = s["dissection"]["per_model"]["kd"]["layer4"]["concepts"]
+    assert [r["concept"] for r in stored] == list(res["kd"].concept_table()["concept"])
+
+
+def test_baseline_dissection_is_the_random_init_model(run_dir):
+    """The control's numbers are those of a freshly seeded random-init model."""
+    from interptool.analyzers.dissection import Dissection
+    from interptool.cache import cache_activations
+    from interptool.data import open_dataset
+    from interptool.pipeline._dissect import random_init_model
+
+    probe = open_dataset("builtin:concept-world?n=48&size=32&seed=4&split=probe")
+    lm = random_init_model("interptool:cw-student", 9, num_classes=10, image_size=(32, 32))
+    path = cache_activations(lm, probe, ["layer4"], run_dir / "base.h5", batch_size=24,
+                             probe=True)
+    res = Dissection().run(path, "layer4", probe)
+    part = _summary(run_dir)["dissection"]["per_model"]["random-init.cw-student"]["layer4"]
+    assert part["detectors"] == len(res.detectors())
+    assert part["detector_fraction"] == pytest.approx(res.detector_fraction())
+    assert not math.isnan(part["intervals"]["detectors"]["ci_low"])
+
+
+def test_rerun_reuses_everything_and_intervals_hold_their_estimates(run_dir):
+    from interptool.pipeline import load_config, run_compare
+
+    before = _summary(run_dir)
+    run_compare(load_config(run_dir / "c.toml"), run_dir / "out")
+    after = _summary(run_dir)
+    assert {f"dissection-{m}-layer4" for m in before["dissection"]["per_model"]} <= set(
+        after["provenance"]["reused_stages"])
+    assert after["findings"] == before["findings"]
+    # every interval in the dissection section and findings contains its estimate
+    for m, layers in after["dissection"]["per_model"].items():
+        for part in layers.values():
+            for name, iv in part["intervals"].items():
+                assert iv["ci_low"] <= iv["estimate"] <= iv["ci_high"], (m, name)
+    for p in after["dissection"]["pairs"]:
+        assert p["ci_low"] <= p["difference"] <= p["ci_high"]
