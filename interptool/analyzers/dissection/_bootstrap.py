@@ -36,6 +36,7 @@ taken resample by resample.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -301,7 +302,7 @@ class BlockStats:
     # ---------------------------------------------------------------- layout
     def layout(self) -> dict[str, np.ndarray]:
         """Segment boundaries of the sorted pairs: (unit, category) segments and units."""
-        if self._layout:
+        if "seg_start" in self._layout:
             return self._layout
         P = len(self.pair_unit)
         key = self.pair_unit * (len(self.categories) + 1) + self.pair_cat
@@ -314,9 +315,9 @@ class BlockStats:
         seg_uloc = np.repeat(np.arange(len(useg_start)), np.diff(np.r_[useg_start, len(seg_start)]))
         unit_ptr = np.r_[seg_start[useg_start], P].astype(np.int64) if len(useg_start) else \
             np.zeros(1, np.int64)
-        self._layout = {"seg_start": seg_start, "seg_cat": seg_cat, "useg_start": useg_start,
+        self._layout.update({"seg_start": seg_start, "seg_cat": seg_cat, "useg_start": useg_start,
                         "pair_seg": pair_seg, "seg_uloc": seg_uloc, "unit_ptr": unit_ptr,
-                        "denom_col": self.pair_unit * len(self.categories) + self.pair_cat}
+                        "denom_col": self.pair_unit * len(self.categories) + self.pair_cat})
         return self._layout
 
     def _csc(self) -> list[np.ndarray]:
@@ -330,6 +331,44 @@ class BlockStats:
                            c.data.astype(np.float64)]
             self._layout["csc"] = arrays
         return self._layout["csc"]
+
+    def pair_bound(self) -> np.ndarray:
+        """(P,) an upper bound of each pair's IoU in **any** resample: the largest per-block
+        ratio ``I_b / (A_b + a_b - I_b)``.
+
+        A resample's IoU is ``sum_b w_b I_b / sum_b w_b D_b`` with ``D_b = A_b + a_b - I_b >= I_b``
+        and weights ``w_b >= 0``; such a weighted mediant never exceeds the largest ratio
+        ``I_b / D_b`` (blocks without an intersection add to the denominator only).
+        """
+        if "bound" not in self._layout:
+            coo = self.intersect.tocoo()
+            b, p, inter = coo.row, coo.col, coo.data
+            C = len(self.categories)
+            a_unit = np.asarray(self.unit_cat_area[b, self.pair_unit[p] * C + self.pair_cat[p]]).ravel()
+            a_label = np.asarray(self.label_area[b, self.pair_label[p]]).ravel()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(inter > 0, inter / (a_unit + a_label - inter), 0.0)
+            bound = np.zeros(len(self.pair_unit))
+            np.maximum.at(bound, p, np.nan_to_num(ratio, nan=1.0, posinf=1.0))
+            self._layout["bound"] = bound
+        return self._layout["bound"]
+
+    def pruned(self, iou_threshold: float) -> BlockStats:
+        """The statistics restricted to the pairs that can reach ``iou_threshold`` in some
+        resample (:meth:`pair_bound`); for ``iou_threshold > 0`` they give the same detectors,
+        best labels and categories (a pair below the threshold can be no detector's best
+        label). Cached per threshold."""
+        if iou_threshold <= 0:
+            return self
+        key = f"pruned:{float(iou_threshold)!r}"
+        if key not in self._layout:
+            # a margin far above float rounding keeps every pair that could reach the threshold
+            keep = np.flatnonzero(self.pair_bound() >= iou_threshold * (1 - 1e-9))
+            self._layout[key] = dataclasses.replace(
+                self, pair_unit=self.pair_unit[keep], pair_cat=self.pair_cat[keep],
+                pair_label=self.pair_label[keep], intersect=self.intersect[:, keep].tocsr(),
+                _layout={})
+        return self._layout[key]
 
     @property
     def nbytes(self) -> int:
@@ -348,6 +387,10 @@ class BlockStats:
         W = np.asarray(weights, dtype=np.float64)
         if W.ndim != 2 or W.shape[1] != self.n_blocks:
             raise AnalysisError(f"bootstrap weights: expected shape (R, {self.n_blocks}), got {W.shape}")
+        if iou_threshold > 0 and not self._layout.get("is_pruned"):
+            sub = self.pruned(iou_threshold)
+            sub._layout["is_pruned"] = True
+            return sub.evaluate(W, iou_threshold)
         R, C, U = W.shape[0], len(self.categories), self.units
         lay = self.layout()
         kernel = _numba_kernel() if USE_NUMBA else None
