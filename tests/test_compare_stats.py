@@ -321,3 +321,113 @@ def test_rerun_reuses_everything_and_intervals_hold_their_estimates(run_dir):
                 assert iv["ci_low"] <= iv["estimate"] <= iv["ci_high"], (m, name)
     for p in after["dissection"]["pairs"]:
         assert p["ci_low"] <= p["difference"] <= p["ci_high"]
+
+
+# --------------------------------------------------------------------------------------------
+# groups of checkpoints (seeds of one recipe)
+# --------------------------------------------------------------------------------------------
+GROUPS = """
+[models.teacher]
+arch = "interptool:cw-teacher"
+layers = ["layer4"]
+role = "teacher"
+[models.kd1]
+arch = "interptool:cw-student"
+layers = ["layer4"]
+group = "kd"
+[models.kd2]
+arch = "interptool:cw-student"
+layers = ["layer4"]
+group = "kd"
+[models.kd3]
+arch = "interptool:cw-student"
+layers = ["layer4"]
+group = "kd"
+[models.s1]
+arch = "interptool:cw-student"
+layers = ["layer4"]
+group = "scratch"
+[models.s2]
+arch = "interptool:cw-student"
+layers = ["layer4"]
+group = "scratch"
+[analysis]
+dissection = false
+similarity = false
+attribution = false
+"""
+
+
+def _groups_cfg(text=GROUPS):
+    import tomllib
+
+    from interptool.pipeline import parse_config
+
+    return parse_config(tomllib.loads(text), source="g.toml")
+
+
+def test_group_key_parsed_and_checked():
+    from interptool.errors import ConfigError
+    from interptool.pipeline._groups import groups_of
+
+    cfg = _groups_cfg()
+    assert groups_of(cfg) == {"teacher": ["teacher"], "kd": ["kd1", "kd2", "kd3"],
+                              "scratch": ["s1", "s2"]}
+    with pytest.raises(ConfigError, match=r"g.toml: models.kd1.group: group names"):
+        _groups_cfg(GROUPS.replace('group = "kd"', 'group = "k d"', 1))
+    with pytest.raises(ConfigError, match=r"models.kd1.group: expected a string"):
+        _groups_cfg(GROUPS.replace('group = "kd"', "group = 3", 1))
+
+
+def test_welch_difference_hand_computed():
+    from scipy.stats import t
+
+    from interptool.pipeline._groups import welch_difference
+
+    a, b = [0.30, 0.34, 0.35], [0.25, 0.29]
+    ma, mb = np.mean(a), np.mean(b)
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 2
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)  # Welch-Satterthwaite
+    half = t.ppf(0.975, df) * se
+    d, lo, hi, p = welch_difference(a, b)
+    assert d == pytest.approx(ma - mb)
+    assert (lo, hi) == (pytest.approx(ma - mb - half), pytest.approx(ma - mb + half))
+    assert p == pytest.approx(2 * t.sf(abs(ma - mb) / se, df))
+    # a group against one model: one-sample t of the members minus its value
+    d, lo, hi, p = welch_difference(a, [0.2])
+    half = t.ppf(0.975, 2) * np.std(a, ddof=1) / math.sqrt(3)
+    assert (d, lo, hi) == (pytest.approx(ma - 0.2), pytest.approx(ma - 0.2 - half),
+                           pytest.approx(ma - 0.2 + half))
+    # two single models: no interval
+    d, lo, hi, p = welch_difference([1.0], [2.0])
+    assert d == -1.0 and math.isnan(lo) and math.isnan(p)
+
+
+def test_group_rows_means_t_intervals_and_direction():
+    from scipy.stats import t
+
+    from interptool.pipeline._groups import group_findings
+    from interptool.pipeline.findings import make_finding
+
+    cfg = _groups_cfg()
+    vals = {"teacher": 40, "kd1": 30, "kd2": 34, "kd3": 35, "s1": 25, "s2": 29,
+            "random-init.cw-student": 5}
+    row = make_finding("detector units (layer4)", vals, teacher="teacher", models=list(cfg.models))
+    (g,) = group_findings([row], cfg)
+    assert g["measure"] == "detector units [groups] (layer4)"
+    assert g["values"] == {"teacher": 40, "kd": pytest.approx(33.0), "scratch": pytest.approx(27.0)}
+    half = t.ppf(0.975, 2) * np.std([30, 34, 35], ddof=1) / math.sqrt(3)
+    assert g["value_ci"]["kd"] == [pytest.approx(33 - half), pytest.approx(33 + half)]
+    assert "teacher" not in g["value_ci"]  # a single model has no interval over seeds
+    assert g["group_members"]["kd"] == ["kd1", "kd2", "kd3"]
+    comps = {c["comparison"]: c for c in g["comparisons"]}
+    assert set(comps) == {"kd vs scratch", "kd vs teacher", "scratch vs teacher"}
+    assert comps["kd vs scratch"]["better"] == "kd" and comps["kd vs scratch"]["p_value"] > 0
+    # the paper's direction is read from the group row first
+    d = paper_directions([row, g])[0]
+    assert d["group"] and (d["a"], d["b"]) == ("kd", "scratch")
+    assert d["difference"] == pytest.approx(6.0)
+    # no groups in the config: no group rows
+    plain = _groups_cfg(GROUPS.replace('group = "kd"\n', "").replace('group = "scratch"\n', ""))
+    assert group_findings([row], plain) == []

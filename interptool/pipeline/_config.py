@@ -54,6 +54,10 @@ class ModelConfig:
     image_size: tuple[int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # seeds of one training recipe share a group; findings also compare group means
+    group: str | None = None
+    # Grad-CAM layer of this model (default: analysis.attribution.layer, else its last layer)
+    attribution_layer: str | None = None
 
     def load_kwargs(self, device: str = "cpu") -> dict[str, Any]:
         """Keyword arguments for ``load_model(self.arch, **kwargs)``."""
@@ -331,6 +335,8 @@ _MODEL_KEYS = (
     "image_size",
     "mean",
     "std",
+    "group",
+    "attribution_layer",
 )
 
 
@@ -348,15 +354,26 @@ def _model(ctx: _Ctx, name: str, table: Any) -> ModelConfig:
     if "checkpoint" in table:
         m.checkpoint = ctx.path(_str(ctx, table["checkpoint"], f"{fld}.checkpoint"),
                                 f"{fld}.checkpoint")
+    torchscript = Path(m.arch).suffix in (".pt", ".pth", ".ts", ".torchscript")
+    if "layers" not in table and torchscript:
+        table["layers"] = []  # logits only: the analyses that need layers say so at load
     if "layers" not in table:
         raise ctx.error(
             f"{fld}.layers",
             "missing; list the layers to analyse, e.g. layers = [\"layer3\", \"layer4\"] "
             "(`interptool layers --arch ...` lists them)",
         )
-    m.layers = _list(ctx, table["layers"], f"{fld}.layers", _str)
+    m.layers = _list(ctx, table["layers"], f"{fld}.layers", _str,
+                     min_len=0 if torchscript else 1)
     if len(set(m.layers)) != len(m.layers):
         raise ctx.error(f"{fld}.layers", f"duplicate layer names in {m.layers}")
+    if "group" in table:
+        m.group = _str(ctx, table["group"], f"{fld}.group")
+        if not _NAME_RE.match(m.group):
+            raise ctx.error(f"{fld}.group", "group names are used as labels and file names: "
+                            "use letters, digits, '_', '-' or '.'")
+    if "attribution_layer" in table:
+        m.attribution_layer = _str(ctx, table["attribution_layer"], f"{fld}.attribution_layer")
     if "role" in table:
         role = _str(ctx, table["role"], f"{fld}.role")
         if role not in ("teacher", "student"):

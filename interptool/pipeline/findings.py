@@ -169,8 +169,10 @@ def build_findings(summary: dict[str, Any], cfg: CompareConfig,
     out += dissection_findings(summary.get("dissection"), teacher, models)
     out += _similarity_findings(summary.get("similarity"), teacher, models)
     out += _attribution_findings(summary.get("attribution"), teacher, models, seed)
+    from interptool.pipeline._groups import group_findings
     from interptool.pipeline._verdicts import mark_holm
 
+    out += group_findings(out, cfg)  # recipes (groups of seeds), when the config has groups
     return mark_holm(out)
 
 
