@@ -326,6 +326,8 @@ def test_weighted_sum_matches_score_on_hand_built_blocks(seed):
         counts = {"intersect": np.tensordot(w, inter, 1), "label_area": w @ larea,
                   "unit_cat_area": np.tensordot(w, ucat, 1)}
         sc = _score(counts, label_category, C)
+        # no resample's IoU exceeds the per-pair bound used to prune
+        assert (sc["iou"][st.pair_unit, st.pair_label] <= st.pair_bound() + 1e-12).all()
         for t in (0.0, 0.1, 0.3):
             det = np.flatnonzero(sc["best_iou"] >= t)
             got = st.evaluate(w[None, :], t)
@@ -333,6 +335,7 @@ def test_weighted_sum_matches_score_on_hand_built_blocks(seed):
             assert got["unique_concepts"][0] == len(np.unique(sc["best_label"][det])), (w, t)
             assert got["by_category"][0].tolist() == np.bincount(
                 sc["best_category"][det], minlength=C).tolist(), (w, t)
+    assert len(st.pruned(0.3).pair_unit) < len(st.pair_unit)  # the pruned path is exercised
 
 
 def test_numba_and_numpy_paths_agree(tmp_path, probe, monkeypatch):
