@@ -152,8 +152,8 @@ def _check_item(where: str, v: Any, meta: Mapping[str, Any], word: str) -> None:
     if choices is not None and v is not None and v not in choices:
         close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ParamsError(f"{where}: unknown value {v!r}{hint}; choose from "
-                          f"{', '.join(map(str, choices))}", where.partition("[")[0])
+        raise ParamsError(f"{where}: expected one of {', '.join(map(str, choices))}, got "
+                          f"{v!r}{hint}", where.partition("[")[0])
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return
     for key, test, sign in _BOUNDS:

@@ -10,6 +10,7 @@ from interptool.errors import InterptoolError
 
 # Sub-command modules, in the order they appear in --help. Each defines
 # ``register(subparsers)`` which adds its parser and sets ``func=<callable(args) -> int>``.
+# Registered analyzers without a module here get a generated command (cli/_analyze.py).
 _COMMANDS = ["layers", "cache", "data", "dissect", "similarity", "attribute", "compare", "demo"]
 
 
@@ -25,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         importlib.import_module(f"interptool.cli._{name}").register(sub)
+    # every registered analyzer without a hand-written command gets a generated one
+    from interptool.analyzers import analyzer_specs
+    from interptool.cli._analyze import register_generated
+
+    for spec in analyzer_specs():
+        if spec.command and spec.name not in sub.choices:
+            register_generated(sub, spec)
     return parser
 
 

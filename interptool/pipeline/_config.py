@@ -481,15 +481,18 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<dict>",
     )
     analysis = _analysis(ctx, raw.get("analysis", {}))
     run = _run(ctx, raw.get("run", {}))
-    # Each analysis needs its data set; say so now rather than after caching.
-    if analysis.dissection is not None and data.probe is None:
-        raise ctx.error(
-            "data.probe",
-            "missing; dissection needs concept-annotated images (e.g. probe = "
-            "\"broden:/data/broden1_224\"), or set analysis.dissection = false",
-        )
-    for name in ("similarity", "attribution"):
-        if getattr(analysis, name) is not None and data.eval is None:
+    # Each analysis needs its data set (declared at registration); say so before caching.
+    from interptool.analyzers import get_analyzer
+
+    for name in analysis.enabled():
+        needs = get_analyzer(name).needs
+        if needs == "probe" and data.probe is None:
+            raise ctx.error(
+                "data.probe",
+                f"missing; {name} needs concept-annotated images (e.g. probe = "
+                f"\"broden:/data/broden1_224\"), or set analysis.{name} = false",
+            )
+        if needs == "eval" and data.eval is None:
             raise ctx.error(
                 "data.eval",
                 f"missing; {name} needs labelled images (e.g. eval = "

@@ -106,11 +106,11 @@ def _cache(run: RunContext, loaded: Any, dataset: Any, layers: list[str], path: 
 def build_caches(run: RunContext) -> None:
     """Cache every model on the eval set (logits, CKA layers) and the probe set."""
     r = run.cfg.run
-    sim = run.cfg.analysis.similarity
+    eval_layers = _eval_needs_layers(run)
     for name, m in run.cfg.models.items():
         lm = run.loaded[name]
         if run.eval_ds is not None:
-            layers = m.layers if (sim is not None and sim.cka) else []
+            layers = m.layers if eval_layers else []
             path = run.out / "cache" / f"{name}_eval.h5"
             say(f"cache {name} on eval data ({len(run.eval_ds)} images)")
             run.eval_cache[name] = _cache(
@@ -122,6 +122,18 @@ def build_caches(run: RunContext) -> None:
             run.probe_cache[name] = _cache(
                 run, lm, run.probe_ds, run.dissect_layers(name), path, batch_size=r.batch_size,
                 workers=r.workers, probe=True, seed=r.seed, device=run.device)
+
+
+def _eval_needs_layers(run: RunContext) -> bool:
+    """Whether an enabled analysis reads layers from the eval caches (CKA, or a registered
+    analyzer that declared ``needs="eval", needs_layers=True``)."""
+    from interptool.analyzers import get_analyzer
+
+    sim = run.cfg.analysis.similarity
+    if sim is not None and sim.cka:
+        return True
+    return any(get_analyzer(n).needs == "eval" and get_analyzer(n).needs_layers
+               and n not in BUILTIN_STAGES for n in run.cfg.analysis.enabled())
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,3 +378,62 @@ def _model_inputs(run: RunContext, name: str, n: int):
     tf = pre.probe_transform() if hasattr(run.eval_ds, "load_segmentation") \
         else pre.eval_transform()
     return torch.stack([tf(run.eval_ds.load_image(i)) for i in range(n)])
+
+
+# --------------------------------------------------------------------------------------------
+# any other registered analyzer: one generic, resumable stage keyed by its name
+# --------------------------------------------------------------------------------------------
+#: analyses with a stage of their own above; every other registered analysis in the config
+#: runs through :func:`generic_stage`
+BUILTIN_STAGES = ("dissection", "similarity", "attribution")
+
+
+def generic_stage(run: RunContext, name: str) -> dict[str, Any]:
+    """Run a registered analyzer through its ``analyze(inputs, params)`` on every model
+    (teacher first), save each result under ``DIR/<name>/<models>/`` and build its section.
+
+    The stage marker is ``.stages/<name>.json``; its key covers the settings and the caches.
+    """
+    from interptool.analyzers import AnalysisInputs, get_analyzer
+    from interptool.cache import ActivationCache
+    from interptool.common.jsonsafe import to_jsonable
+    from interptool.report._sections import generic_section
+
+    spec = get_analyzer(name)
+    settings = getattr(run.cfg.analysis, name)
+    params = spec.params_from_config(settings, device=run.device, seed=run.cfg.run.seed)
+    paths = run.probe_cache if spec.needs == "probe" else run.eval_cache
+    names = [run.cfg.teacher.name, *[m.name for m in run.cfg.students]]
+    inputs_key = {"settings": asdict(settings), "seed": run.cfg.run.seed,
+                  "caches": {n: cache_identity(paths[n]) for n in names}}
+
+    def work() -> dict[str, Any]:
+        say(f"{name}")
+        caches = [ActivationCache(paths[n]) for n in names]
+        try:
+            inputs = AnalysisInputs(
+                names=names, caches=caches, layers=[run.cfg.models[n].layers for n in names],
+                dataset=run.probe_ds if spec.needs == "probe" else run.eval_ds,
+                models=[run.loaded[n] for n in names] if spec.needs_model else None,
+                device=run.device, seed=run.cfg.run.seed)
+            results = spec.analyze_fn()(inputs, params)
+            results = results if isinstance(results, (list, tuple)) else [results]
+            parts = []
+            for i, res in enumerate(results):
+                folder = Path(name) / ("_vs_".join(res.names) or str(i + 1))
+                written = res.save(run.out / folder)
+                parts.append({
+                    "names": list(res.names), "summary": res.summary(),
+                    "rows": to_jsonable(res.to_frame().to_dict(orient="records")),
+                    "figures": [str(p.relative_to(run.out)) for p in written
+                                if p.suffix == ".png"]})
+            return {"params": params.to_dict(), "results": parts}
+        finally:
+            for c in caches:
+                c.close()
+
+    part, reused = run.stages.run(name, inputs_key, work)
+    if reused:
+        say(f"{name}: done earlier, reused")
+    return generic_section(spec.title, spec.summary, part, run.figures, key=name)
+

@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from interptool.analyzers import analyzer_specs
 from interptool.errors import InterptoolError
 
 _TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -73,7 +74,12 @@ def _data_uri(src: str | os.PathLike | bytes, base_dir: Path | None) -> str:
 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_TEMPLATE_DIR)),
+        # the report's own templates, and each analyzer's section template as "<name>/<file>"
+        loader=jinja2.ChoiceLoader([
+            jinja2.FileSystemLoader(str(_TEMPLATE_DIR)),
+            jinja2.PrefixLoader({spec.name: jinja2.FileSystemLoader(str(spec.section.parent))
+                                 for spec in analyzer_specs() if spec.section_template()}),
+        ]),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         # Chainable: a summary without an optional block (e.g. no timings) still renders.
         undefined=jinja2.ChainableUndefined,
@@ -97,6 +103,19 @@ def _figures(summary: Mapping[str, Any], base_dir: Path | None) -> dict[str, dic
     return out
 
 
+def report_sections(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The analysis sections of the page, in registry order: every registered analyzer with a
+    part in ``summary``; ``{"name", "title", "template"}`` where the template is the one the
+    analyzer registered (``<name>/section.html.j2``) or the generic ``_section.html.j2``."""
+    out = []
+    for spec in analyzer_specs():
+        if summary.get(spec.name):
+            tpl = spec.section_template()
+            out.append({"name": spec.name, "title": spec.title,
+                        "template": f"{spec.name}/{tpl.name}" if tpl else "_section.html.j2"})
+    return out
+
+
 def render_html(
     summary: Mapping[str, Any],
     path: str | os.PathLike | None = None,
@@ -105,8 +124,9 @@ def render_html(
 ) -> str:
     """Render the comparison report and return the HTML text (also written to ``path``).
 
-    ``summary`` has the shape of ``summary.json`` (see docs/user-guide.md, "Outputs"); any
-    section it lacks (``dissection``, ``similarity``, ``attribution``) is left out of the page.
+    ``summary`` has the shape of ``summary.json`` (see docs/user-guide.md, "Outputs"); every
+    registered analyzer with a part in it gets its section (:func:`report_sections`); the
+    others are left out of the page.
     Figure paths in ``summary["figures"]`` are read relative to ``base_dir`` (default: the
     folder of ``path``) and embedded.
     """
@@ -114,11 +134,12 @@ def render_html(
         base_dir = Path(path).parent
     base = Path(base_dir) if base_dir is not None else None
     figures = _figures(summary, base)
-    sections = [s for s in ("dissection", "similarity", "attribution") if summary.get(s)]
+    section_list = report_sections(summary)
     html = (
         _env()
         .get_template("report.html.j2")
-        .render(s=summary, fig=figures, sections=sections, config_text=summary.get("config_text"))
+        .render(s=summary, fig=figures, section_list=section_list,
+                config_text=summary.get("config_text"))
     )
     if path is not None:
         from interptool._provenance import atomic_write_text

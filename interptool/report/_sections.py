@@ -270,3 +270,19 @@ def attribution_section(per_method: Mapping[str, Mapping[str, Any]],
 def _interval(d: Mapping[str, Any]) -> dict[str, Any]:
     """A score summary ``{"mean", "ci_low", "ci_high"}`` as a table's value/CI columns."""
     return {"value": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]}
+
+
+def generic_section(title: str, summary: str, part: Mapping[str, Any], figures: FigureSet, *,
+                    key: str) -> dict[str, Any]:
+    """The section of any registered analysis without a section builder of its own: one
+    table per result (its ``to_frame()`` rows, titled by the models it describes) and its
+    figures. ``part``: ``{"params", "results": [{"names", "summary", "rows", "figures"}]}``."""
+    tables, fig_ids = [], []
+    for r in part["results"]:
+        who = " vs ".join(r["names"]) or title
+        tables.append({"title": who, "rows": r["rows"]})
+        for i, rel in enumerate(r["figures"], start=1):
+            fig_ids.append(figures.register(f"{key}_{'_'.join(r['names'])}_{i}", rel,
+                                            f"{title}: {who}"))
+    return {"intro": f"{title}: {summary}.", **part, "tables": tables, "figures": fig_ids}
+
