@@ -400,14 +400,17 @@ SCENE_COLOR_V2 = {
     "grass": "green", "forest": "green", "field": "yellow", "mud": "brown",
     "water": "blue", "lagoon": "green", "sand": "brown", "rock": "gray",
 }
-# Colour palette of each superclass; every colour is in at most two palettes, so two classes
-# of different superclasses can still share a colour (a weaker, "cousin" similarity).
+# Colour palette of each superclass: its k-th colour is the preferred colour of its k-th class.
+# Siblings thus differ in colour, and every colour but pink, blue, white and black is preferred
+# by two classes of different superclasses (a weaker, "cousin" similarity).
 PALETTES_V2: dict[str, list[str]] = {
     "round": ["yellow", "white", "red"],
     "boxy": ["blue", "purple", "orange"],
     "pointed": ["red", "pink", "orange"],
     "faceted": ["yellow", "black", "purple"],
 }
+CLASS_COLOR_V2 = {c: PALETTES_V2[s][k] for s, members in SUPERCLASSES_V2.items()
+                  for k, c in enumerate(members)}
 TEXTURES_V2 = ["stripes", "dots", "checker", "zigzag", "grid"]
 # Each class has a preferred texture; each texture is preferred by 2-3 classes of different
 # superclasses (cousins).
@@ -420,7 +423,7 @@ CLASS_TEXTURE_V2 = {
 # "plain" objects are drawn without a pattern and carry no texture label.
 TEXTURE_CHOICES_V2 = [*TEXTURES_V2, "plain"]
 P_SUPER_SCENE_V2 = 0.75   # else uniform over all 16 scenes
-P_PALETTE_V2 = 0.8        # else any colour but the background's
+P_CLASS_COLOR_V2 = 0.8    # else (or when it is the background's) any colour but the background's
 P_CLASS_TEXTURE_V2 = 0.8  # else uniform over the 5 textures and plain
 CATEGORIES_V2 = CATEGORIES
 
@@ -446,10 +449,11 @@ LABELS_V2, LABEL_NUMBER_V2 = _label_numbers_v2()
 def class_similarity_v2() -> np.ndarray:
     """The documented concept overlap between classes (12 x 12, symmetric, diagonal 1).
 
-    Score = (same superclass: shared scene set, palette and shape family, 3 points) + (same
-    preferred texture, 1 point) + (overlapping palettes, 1 point), divided by 5; so siblings
-    score 0.6-0.8, cousins sharing a texture or colour 0.2-0.4, unrelated classes 0. It is the
-    ground truth a teacher's soft labels can be compared with (docs/data.md).
+    Score = (same superclass: shared scene set and shape family, 3 points) + (same preferred
+    texture, 1 point) + (same preferred colour, 1 point), divided by 5: siblings score 0.6,
+    cousins sharing a texture or a colour 0.2 (diamond and cross share both: 0.4), other
+    classes 0. It is the ground truth a teacher's soft labels can be compared with
+    (docs/data.md).
     """
     k = len(CLASSES_V2)
     out = np.eye(k)
@@ -459,7 +463,7 @@ def class_similarity_v2() -> np.ndarray:
                 continue
             sa, sb = SUPERCLASS_OF_V2[a], SUPERCLASS_OF_V2[b]
             score = 3.0 * (sa == sb) + 1.0 * (CLASS_TEXTURE_V2[a] == CLASS_TEXTURE_V2[b])
-            score += 1.0 * (sa != sb and bool(set(PALETTES_V2[sa]) & set(PALETTES_V2[sb])))
+            score += 1.0 * (CLASS_COLOR_V2[a] == CLASS_COLOR_V2[b])
             out[i, j] = score / 5.0
     return out
 
@@ -563,11 +567,10 @@ def _background_v2(scene: str, rng: np.random.Generator, size: int,
     return img
 
 
-def _pick_color_v2(rng: np.random.Generator, avoid: str, palette: list[str] | None) -> str:
-    if palette is not None and rng.random() < P_PALETTE_V2:
-        choices = [c for c in palette if c != avoid]
-    else:
-        choices = [c for c in COLORS if c != avoid]
+def _pick_color_v2(rng: np.random.Generator, avoid: str, preferred: str | None) -> str:
+    if preferred is not None and rng.random() < P_CLASS_COLOR_V2 and preferred != avoid:
+        return preferred
+    choices = [c for c in COLORS if c != avoid]
     return choices[int(rng.integers(len(choices)))]
 
 
@@ -592,7 +595,7 @@ def sample_scene_v2(index: int, size: int, seed: int, split: str) -> dict[str, A
     radius = size * float(rng.uniform(0.22, 0.32))
     margin = 0.85 * radius
     cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
-    color = _pick_color_v2(rng, bg_color, PALETTES_V2[sup])
+    color = _pick_color_v2(rng, bg_color, CLASS_COLOR_V2[cls])
     if rng.random() < P_CLASS_TEXTURE_V2:
         texture = CLASS_TEXTURE_V2[cls]
     else:
@@ -679,7 +682,7 @@ VERSION_TABLES: dict[int, _Version] = {
     1: _Version(CLASSES, LABELS, LABEL_NUMBER, render, {"similar_groups": SIMILAR_GROUPS}),
     2: _Version(CLASSES_V2, LABELS_V2, LABEL_NUMBER_V2, render_v2,
                 {"superclasses": SUPERCLASSES_V2, "super_scenes": SUPER_SCENES_V2,
-                 "palettes": PALETTES_V2, "class_texture": CLASS_TEXTURE_V2,
+                 "class_color": CLASS_COLOR_V2, "class_texture": CLASS_TEXTURE_V2,
                  "scene_color": SCENE_COLOR_V2}),
 }
 VERSIONS = tuple(VERSION_TABLES)
