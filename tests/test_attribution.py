@@ -557,3 +557,43 @@ def test_timm_model_in_place_activations_grad_cam_and_guided_backprop():
     ref = GuidedBackprop(ref_net).attribute(x.clone().requires_grad_(True), target=t)
     np.testing.assert_allclose(gb.raw, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
     assert hook_count(net) == 0 and hook_count(ref_net) == 0
+
+
+# ------------------------------------------------------------------ fair sample (issue 10)
+def test_stratified_sample_covers_every_class_and_is_recorded(model):
+    """Images in class order (as an image folder lists them): the first 8 are one class;
+    the stratified sample takes two of each of the four, seeded and recorded."""
+    from interptool.analyzers.attribution._analyzer import stratified_sample
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 3, 32, 32, generator=g)
+    y = torch.arange(4).repeat_interleave(10)
+    ids = [f"class{int(c)}/img{i}.png" for i, c in enumerate(y)]
+    first = Attribution("saliency").run(model, x, labels=y, ids=ids, n=8, batch_size=4)
+    assert set(first.labels.tolist()) == {0}  # the fault: one class only
+    res = Attribution("saliency").run(model, x, labels=y, ids=ids, n=8, batch_size=4,
+                                      sample="stratified", sample_seed=3)
+    assert sorted(np.bincount(res.labels, minlength=4).tolist()) == [2, 2, 2, 2]
+    assert res.params["sample"] == {"method": "stratified", "seed": 3, "n": 8, "of": 40}
+    assert res.ids == [ids[i] for i in res.indices]
+    np.testing.assert_array_equal(res.indices, stratified_sample(y.numpy(), 8, 3))
+    # the maps are those of the chosen images
+    direct = Attribution("saliency").run(model, x[torch.as_tensor(res.indices)],
+                                         labels=y[torch.as_tensor(res.indices)], batch_size=4)
+    np.testing.assert_allclose(res.maps, direct.maps, rtol=1e-6)
+    again = stratified_sample(y.numpy(), 8, 3)
+    other = stratified_sample(y.numpy(), 8, 4)
+    np.testing.assert_array_equal(res.indices, again)
+    assert not np.array_equal(again, other)
+
+
+def test_stratified_sample_small_classes_and_unlabelled():
+    from interptool.analyzers.attribution._analyzer import stratified_sample
+
+    labels = np.array([0] * 50 + [1] * 2 + [2] * 30 + [-1] * 5)
+    idx = stratified_sample(labels, 21, seed=0)
+    counts = {c: int((labels[idx] == c).sum()) for c in (-1, 0, 1, 2)}
+    assert counts[1] == 2 and counts[-1] == 5  # small groups give all they have
+    assert counts[0] + counts[2] == 14 and abs(counts[0] - counts[2]) <= 1
+    assert len(set(idx.tolist())) == 21 and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(stratified_sample(labels, 500, 0), np.arange(len(labels)))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from interptool.common.jsonsafe import to_jsonable
 from interptool.errors import AnalysisError
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,14 +73,27 @@ def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): NaN-ignoring mean and a percentile bootstrap CI over images."""
+    """(mean, low, high): NaN-ignoring mean and its bootstrap CI over images (bias-corrected
+    percentile, always containing the mean; see :func:`bootstrap_interval`)."""
+    iv = bootstrap_interval(values, n_boot, seed, level)
+    return (iv.estimate, iv.low, iv.high)
+
+
+def bootstrap_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                       level: float = 0.95):
+    """The NaN-ignoring mean of ``values`` with a BC percentile bootstrap interval over
+    images (:func:`interptool.common.stats.interval_from_resamples`: it always contains the
+    mean; ``bias`` and ``widened`` say how far the bootstrap distribution was off-centre).
+    One finite value or ``n_boot <= 0``: a zero-width interval at the mean."""
+    from interptool.common.stats import Interval, interval_from_resamples
+
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
-        return (math.nan, math.nan, math.nan)
+        return Interval(math.nan, math.nan, math.nan, level, "bc")
     mean = float(v.mean())
     if v.size == 1 or n_boot <= 0:
-        return (mean, mean, mean)
+        return Interval(mean, mean, mean, level, "bc", 0.0, 0.0, 0)
     rng = np.random.default_rng(seed)
     # resample in blocks so memory stays bounded for large N x n_boot
     means = np.empty(n_boot)
@@ -88,32 +102,14 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
         e = min(n_boot, s + block)
         idx = rng.integers(0, v.size, size=(e - s, v.size))
         means[s:e] = v[idx].mean(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return (mean, float(lo), float(hi))
+    return interval_from_resamples(means, mean, level=level, method="bc")
 
 
 def _summary(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    m, lo, hi = bootstrap_ci(values, n_boot, seed)
-    return {"mean": m, "ci_low": lo, "ci_high": hi,
+    iv = bootstrap_interval(values, n_boot, seed)
+    return {"mean": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "bias": iv.bias,
+            "ci_widened": bool(iv.widened),
             "n": int(np.isfinite(np.asarray(values, dtype=float)).sum())}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return None if not math.isfinite(f) else f
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
 
 
 class _ScoreResult:
@@ -139,7 +135,7 @@ class _ScoreResult:
         d.mkdir(parents=True, exist_ok=True)
         paths = [d / f"{self.kind}.csv", d / f"{self.kind}.json", d / f"{self.kind}.png"]
         atomic_write_text(paths[0], self.to_frame().to_csv(index=False))
-        atomic_write_text(paths[1], json.dumps(_jsonable(self.to_dict()), indent=2))
+        atomic_write_text(paths[1], json.dumps(to_jsonable(self.to_dict()), indent=2))
         fig = self.plot()
         atomic_savefig(fig, paths[2], dpi=110)
         plt.close(fig)
@@ -193,7 +189,7 @@ class AgreementResult(_ScoreResult):
         return pd.DataFrame(cols)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"a": self.names[0], "b": self.names[1], "n": len(self.ids),
+        return to_jsonable({"a": self.names[0], "b": self.names[1], "n": len(self.ids),
                           **self.summary})
 
     def plot(self):
@@ -222,13 +218,10 @@ def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: i
     a, b = _map_source(res_a, "res_a"), _map_source(res_b, "res_b")
     ids_a = list(getattr(res_a, "ids", range(a.shape[0])))
     ids_b = list(getattr(res_b, "ids", range(b.shape[0])))
-    if [str(i) for i in ids_a] != [str(i) for i in ids_b]:
-        diff = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if str(x) != str(y)),
-                    min(len(ids_a), len(ids_b)))
-        raise AnalysisError(
-            f"agreement needs the same images in the same order: {len(ids_a)} vs "
-            f"{len(ids_b)} ids, first difference at position {diff}. Run both models on the "
-            "same data set with the same n.")
+    from interptool.common.alignment import ImageSet, check_same_images
+
+    check_same_images(ImageSet("res_a", ids_a), ImageSet("res_b", ids_b),
+                      fix="Run both models on the same data set with the same n.")
     if tuple(a.shape) != tuple(b.shape):
         raise AnalysisError(f"map shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}; "
                             "attribute both models at the same input size")
@@ -308,7 +301,7 @@ class LocalisationResult(_ScoreResult):
                              "mask_area": self.area})
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"n": len(self.ids), "tolerance": self.tolerance, **self.summary})
+        return to_jsonable({"n": len(self.ids), "tolerance": self.tolerance, **self.summary})
 
     def plot(self):
         return _hist_figure({"energy in mask": self.energy, "mask area": self.area},
@@ -487,7 +480,19 @@ def folder_masks(folder: str | Path, dataset: Any, indices: Sequence[int] | None
 @dataclass
 class FaithfulnessResult(_ScoreResult):
     """Deletion / insertion curves: ``curves`` (N, S+1) target probability after removing
-    (adding) ``fractions`` of the patches; ``auc`` (N,) trapezoid area under each curve."""
+    (adding) ``fractions`` of the patches; ``auc`` (N,) trapezoid area under each curve.
+
+    With the random-order reference (``reference="random"``, the default):
+    ``curves_random`` / ``auc_random`` the same for a seeded random patch order, ``p0`` (N,)
+    the model's probability of the target on the unperturbed image, and ``normalised`` (N,)
+    the score that compares models fairly (higher = more faithful, in both modes)::
+
+        deletion:  (AUC_random - AUC_deletion)  / p0
+        insertion: (AUC_insertion - AUC_random) / p0
+
+    (docs/attribution.md explains the choice). ``summary`` has ``auc`` and ``normalised``,
+    each a mean with its bootstrap interval over images.
+    """
 
     ids: list[str]
     mode: str
@@ -496,19 +501,30 @@ class FaithfulnessResult(_ScoreResult):
     auc: np.ndarray
     summary: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
+    curves_random: np.ndarray | None = None
+    auc_random: np.ndarray | None = None
+    p0: np.ndarray | None = None
+    normalised: np.ndarray | None = None
     kind = "faithfulness"
 
     def to_frame(self):
         import pandas as pd
 
-        return pd.DataFrame({"id": self.ids, "mode": self.mode, "auc": self.auc,
-                             "p_start": self.curves[:, 0], "p_end": self.curves[:, -1]})
+        cols: dict[str, Any] = {"id": self.ids, "mode": self.mode, "auc": self.auc,
+                                "p_start": self.curves[:, 0], "p_end": self.curves[:, -1]}
+        if self.normalised is not None:
+            cols.update(p0=self.p0, auc_random=self.auc_random, normalised=self.normalised)
+        return pd.DataFrame(cols)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"mode": self.mode, "n": len(self.ids), "params": self.params,
+        extra: dict[str, Any] = {}
+        if self.curves_random is not None and len(self.ids):
+            extra["mean_curve_random"] = self.curves_random.mean(axis=0)
+            extra["normalisation"] = _NORMALISATION[self.mode]
+        return to_jsonable({"mode": self.mode, "n": len(self.ids), "params": self.params,
                           "fractions": self.fractions,
                           "mean_curve": self.curves.mean(axis=0) if len(self.ids) else [],
-                          **self.summary})
+                          **extra, **self.summary})
 
     @classmethod
     def concat(cls, parts: Sequence[FaithfulnessResult], n_boot: int = 1000,
@@ -524,17 +540,31 @@ class FaithfulnessResult(_ScoreResult):
                                     f"settings: {first.mode} {first.params} vs "
                                     f"{q.mode} {q.params}")
         auc = np.concatenate([q.auc for q in parts])
+
+        def cat(name: str) -> np.ndarray | None:
+            vals = [getattr(q, name) for q in parts]
+            return None if any(v is None for v in vals) else np.concatenate(vals)
+
+        normalised = cat("normalised")
+        summary = {"auc": _summary(auc, n_boot, seed)}
+        if normalised is not None:
+            summary["normalised"] = _summary(normalised, n_boot, seed)
         return cls(ids=[i for q in parts for i in q.ids], mode=first.mode,
                    fractions=first.fractions, curves=np.concatenate([q.curves for q in parts]),
-                   auc=auc, summary={"auc": _summary(auc, n_boot, seed)},
-                   params=dict(first.params))
+                   auc=auc, summary=summary, params=dict(first.params),
+                   curves_random=cat("curves_random"), auc_random=cat("auc_random"),
+                   p0=cat("p0"), normalised=normalised)
 
     def plot(self):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(3.6, 2.8))
         if len(self.ids):
-            ax.plot(self.fractions, self.curves.mean(axis=0), marker=".")
+            ax.plot(self.fractions, self.curves.mean(axis=0), marker=".", label="attribution")
+            if self.curves_random is not None:
+                ax.plot(self.fractions, self.curves_random.mean(axis=0), ls="--", color="0.5",
+                        label="random order")
+                ax.legend(fontsize=7)
         ax.set_xlabel(f"fraction of patches {'removed' if self.mode == 'deletion' else 'added'}")
         ax.set_ylabel("p(target)")
         ax.set_title(f"{self.mode}: AUC {self.summary['auc']['mean']:.3f}", fontsize=9)
@@ -558,6 +588,7 @@ def faithfulness(
     ids: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    reference: str | None = "random",
 ) -> FaithfulnessResult:
     """Deletion / insertion test (Petsiuk et al. 2018, RISE) on ``patch`` x ``patch`` patches.
 
@@ -567,6 +598,14 @@ def faithfulness(
     image) or copied from the image onto the baseline (insertion, from the baseline); the
     model's softmax probability of the target is recorded. AUC: trapezoid over the fraction of
     patches, in [0, 1]; deletion should be low, insertion high for a faithful map.
+
+    ``reference="random"`` (default, with ``order="attribution"``) also runs the seeded
+    random order on the same images and reports per image ``p0`` (the unperturbed image's
+    target probability), ``auc_random`` and the normalised score
+    ``(AUC_random - AUC_deletion) / p0`` (deletion) or ``(AUC_insertion - AUC_random) / p0``
+    (insertion): 0 for a map no better than chance, higher is more faithful, and a model
+    that is merely more confident does not score higher (docs/attribution.md). It doubles
+    the forward passes; ``reference=None`` skips it.
 
     Complexity: N * (steps + 1) perturbed forward passes, evaluated ``batch_size`` at a time
     in ceil(N * (steps + 1) / batch_size) model calls with no per-image Python loop (every
@@ -581,6 +620,8 @@ def faithfulness(
         raise AnalysisError(f"order must be 'attribution' or 'random', got {order!r}")
     if baseline not in ("blur", "mean", "zeros"):
         raise AnalysisError(f"baseline must be blur, mean or zeros; got {baseline!r}")
+    if reference not in ("random", None):
+        raise AnalysisError(f"reference must be 'random' or None, got {reference!r}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise AnalysisError("images must be an (N, C, H, W) tensor of model-ready inputs")
     m = _map_source(maps)
@@ -605,48 +646,72 @@ def faithfulness(
         score_parts.append(F.avg_pool2d(mp, patch, stride=patch)[:, 0].reshape(-1, p)
                            * (patch * patch))
     scores = torch.cat(score_parts) if score_parts else torch.zeros(0, p)
-    if order == "attribution":
-        perm = torch.argsort(-scores, dim=1, stable=True)
-    else:
-        g = torch.Generator().manual_seed(int(seed))
-        perm = torch.argsort(torch.rand(n, p, generator=g), dim=1)
-    rank = torch.empty_like(perm)
-    rank.scatter_(1, perm, torch.arange(p).expand(n, p).contiguous())
+    g = torch.Generator().manual_seed(int(seed))
+    random_perm = torch.argsort(torch.rand(n, p, generator=g), dim=1)
+    perm = torch.argsort(-scores, dim=1, stable=True) if order == "attribution" else random_perm
     counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) / steps * p).long()
-
     net = prepare_model(model, device)
-    pairs_img = torch.arange(n).repeat_interleave(steps + 1)
-    pairs_step = torch.arange(steps + 1).repeat(n)
-    probs = torch.empty(n * (steps + 1), dtype=torch.float64)
-    from interptool._progress import progress
 
-    total = n * (steps + 1)
-    with torch.no_grad():
-        for s in progress(range(0, total, batch_size), desc=f"faithfulness {mode}",
-                          unit="batch"):
-            e = min(total, s + batch_size)
-            ii, ss = pairs_img[s:e], pairs_step[s:e]
-            x = images[ii].to(device=device, dtype=torch.float32)
-            base = make_baseline(x, baseline)
-            sel = (rank[ii] < counts[ss][:, None]).float().reshape(-1, 1, gh, gw)
-            sel = sel.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
-            sel = sel[:, :, :h, :w].to(device)
-            if mode == "deletion":
-                xp = x * (1 - sel) + base * sel
-            else:
-                xp = base * (1 - sel) + x * sel
-            pr = torch.softmax(net(xp).float(), dim=1)
-            probs[s:e] = pr.gather(1, tgt[ii].to(device)[:, None])[:, 0].double().cpu()
-    curves = probs.reshape(n, steps + 1).numpy()
+    def curves_of(perm: torch.Tensor, label: str) -> np.ndarray:
+        rank = torch.empty_like(perm)
+        rank.scatter_(1, perm, torch.arange(p).expand(n, p).contiguous())
+        pairs_img = torch.arange(n).repeat_interleave(steps + 1)
+        pairs_step = torch.arange(steps + 1).repeat(n)
+        probs = torch.empty(n * (steps + 1), dtype=torch.float64)
+        from interptool._progress import progress
+
+        total = n * (steps + 1)
+        with torch.no_grad():
+            for s in progress(range(0, total, batch_size), desc=f"faithfulness {label}",
+                              unit="batch"):
+                e = min(total, s + batch_size)
+                ii, ss = pairs_img[s:e], pairs_step[s:e]
+                x = images[ii].to(device=device, dtype=torch.float32)
+                base = make_baseline(x, baseline)
+                sel = (rank[ii] < counts[ss][:, None]).float().reshape(-1, 1, gh, gw)
+                sel = sel.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+                sel = sel[:, :, :h, :w].to(device)
+                if mode == "deletion":
+                    xp = x * (1 - sel) + base * sel
+                else:
+                    xp = base * (1 - sel) + x * sel
+                pr = torch.softmax(net(xp).float(), dim=1)
+                probs[s:e] = pr.gather(1, tgt[ii].to(device)[:, None])[:, 0].double().cpu()
+        return probs.reshape(n, steps + 1).numpy()
+
+    def area(c: np.ndarray) -> np.ndarray:
+        trapz = getattr(np, "trapezoid", None) or np.trapz
+        return trapz(c, fractions, axis=1)
+
     fractions = (counts.double() / p).numpy()
-    auc = np.trapezoid(curves, fractions, axis=1) if hasattr(np, "trapezoid") else np.trapz(
-        curves, fractions, axis=1)
+    curves = curves_of(perm, mode)
+    auc = area(curves)
+    summary = {"auc": _summary(auc, n_boot, seed)}
+    extra: dict[str, Any] = {}
+    if reference == "random" and order == "attribution":
+        curves_random = curves_of(random_perm, f"{mode} (random order)")
+        auc_random = area(curves_random)
+        # the unperturbed image: nothing removed (deletion) / everything added (insertion)
+        p0 = curves[:, 0] if mode == "deletion" else curves[:, -1]
+        gain = auc_random - auc if mode == "deletion" else auc - auc_random
+        with np.errstate(invalid="ignore", divide="ignore"):
+            normalised = np.where(p0 > 0, gain / p0, np.nan)
+        summary["normalised"] = _summary(normalised, n_boot, seed)
+        extra = dict(curves_random=curves_random, auc_random=auc_random, p0=p0,
+                     normalised=normalised)
     params = {"patch": patch, "steps": steps, "baseline": baseline, "order": order,
-              "seed": seed, "patches": p}
+              "seed": seed, "patches": p, "reference": reference if extra else None}
     return FaithfulnessResult(
         ids=[str(i) for i in (ids if ids is not None else range(n))], mode=mode,
-        fractions=fractions, curves=curves, auc=auc,
-        summary={"auc": _summary(auc, n_boot, seed)}, params=params)
+        fractions=fractions, curves=curves, auc=auc, summary=summary, params=params, **extra)
+
+
+_NORMALISATION = {
+    "deletion": "(AUC_random - AUC_deletion) / p0; p0 = target probability on the "
+                "unperturbed image, AUC_random = the seeded random patch order",
+    "insertion": "(AUC_insertion - AUC_random) / p0; p0 = target probability on the "
+                 "unperturbed image, AUC_random = the seeded random patch order",
+}
 
 
 # ----------------------------------------------------------------------------- randomisation
@@ -674,7 +739,7 @@ class RandomisationResult(_ScoreResult):
         return pd.DataFrame(self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"threshold": self.threshold, "layers": self.layers,
+        return to_jsonable({"threshold": self.threshold, "layers": self.layers,
                           "flagged": self.flagged, "steps": self.rows})
 
     def plot(self):
