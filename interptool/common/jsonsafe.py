@@ -18,7 +18,7 @@ def to_jsonable(obj: Any) -> Any:
     Mappings become dicts with string keys; lists, tuples and arrays become lists; numpy
     integers and booleans become ``int``/``bool``; floats that are NaN or infinite become
     ``None`` (strict JSON has no NaN: a missing number reads as null, never as a string);
-    paths become strings. Anything else is returned unchanged.
+    paths become strings; any other object becomes its ``str``.
     """
     if isinstance(obj, Mapping):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
@@ -35,4 +35,6 @@ def to_jsonable(obj: Any) -> Any:
         return f if math.isfinite(f) else None
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    return obj
+    if obj is None or isinstance(obj, (str, int, float)):
+        return obj
+    return str(obj)  # anything else (a dtype, an enum): its text, never a failed dump
