@@ -6,7 +6,6 @@ after the hooked module would otherwise rewrite the very tensor we kept (captum 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from interptool.common.layers import lookup_layer
 from interptool.errors import CacheError
 
 # Called as ``fn(layer_name, output_tensor)`` inside the hook; must return something that no
@@ -53,28 +53,13 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
             "without Python hooks); cache logits only by omitting --layers, or load the "
             "architecture (timm:/torchvision:/interptool:NAME) with --checkpoint instead"
         )
-    modules = dict(model.named_modules())
-    modules.pop("", None)  # the root itself is "the model", whose output is the logits
     found: dict[str, nn.Module] = {}
     for name in layers:
         if not isinstance(name, str) or not name:
             raise CacheError(f"layer names must be non-empty strings, got {name!r}")
         if name in found:
             raise CacheError(f"layer {name!r} is listed twice; list each layer once")
-        module = modules.get(name)
-        if module is None:
-            close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
-            top = [n for n in modules if "." not in n]
-            hint = (
-                f" Close names: {', '.join(close)}."
-                if close
-                else f" Top-level modules: {', '.join(top[:20])}."
-            )
-            raise CacheError(
-                f"layer {name!r} is not a module of the model.{hint} Use dotted names such "
-                "as layer4 or layer4.1.conv2; `interptool layers --arch ...` lists them all."
-            )
-        found[name] = module
+        found[name] = lookup_layer(model, name, error=CacheError)
     return found
 
 

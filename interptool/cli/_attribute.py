@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         randomisation_check,
     )
     from interptool.analyzers.attribution._methods import get_method
-    from interptool.analyzers.attribution._scores import _jsonable
+    from interptool.common.jsonsafe import to_jsonable
 
     # validate everything cheap before loading models or data
     methods = args.method or ["integrated_gradients"]
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             pair[m] = res.to_dict()
         scores["agreement"][f"{teacher} vs {name}"] = pair
     scores["provenance"] = provenance(seed=args.seed)
-    atomic_write_text(out / "scores.json", json.dumps(_jsonable(scores), indent=2,
+    atomic_write_text(out / "scores.json", json.dumps(to_jsonable(scores), indent=2,
                                                       default=str))
     _grid(out / "attributions.png", display, results, names, methods,
           getattr(dataset, "class_names", None))

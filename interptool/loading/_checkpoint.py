@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import struct
@@ -486,4 +485,6 @@ def common_prefixes(sd: Mapping[str, Any], depth: int = 3) -> list[str]:
 
 def to_jsonable(info: dict[str, Any]) -> dict[str, Any]:
     """Make an info dict JSON-safe (metadata values are strings already)."""
-    return json.loads(json.dumps(info, default=str))
+    from interptool.common.jsonsafe import to_jsonable as _to_jsonable
+
+    return _to_jsonable(info)

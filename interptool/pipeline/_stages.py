@@ -14,7 +14,6 @@ tests can replace an analyzer on its package to simulate a crash.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from interptool._progress import say
 from interptool._provenance import seed_everything
+from interptool.common.layers import lookup_layer
 from interptool.errors import AnalysisError, ConfigError, InterptoolError
 from interptool.pipeline._context import RunContext
 from interptool.pipeline._stage_cache import cache_identity
@@ -54,6 +54,9 @@ def load_models(run: RunContext) -> None:
             ) from None
         _check_layers(cfg.source, m, loaded)
         run.loaded[m.name] = loaded
+    from interptool.pipeline._validate import validate_analyses
+
+    validate_analyses(run)  # every analysis against every model, before any caching
     if cfg.data.eval:
         run.eval_ds = open_dataset(cfg.data.eval)
     if cfg.data.probe and cfg.analysis.dissection is not None:
@@ -74,20 +77,14 @@ def _check_layers(source: str, m: Any, loaded: Any) -> None:
 
     if not m.layers:
         return
-    modules = dict(loaded.model.named_modules())
     if isinstance(loaded.model, torch.jit.ScriptModule):
         raise ConfigError(
             f"{source}: models.{m.name}.layers: a TorchScript model has no "
             "hookable layers; remove 'layers' (class similarity still works from logits)"
         )
     for layer in m.layers:
-        if layer not in modules:
-            close = difflib.get_close_matches(layer, [k for k in modules if k], n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(
-                f"{source}: models.{m.name}.layers: {layer!r} is not a module of "
-                f"{m.arch}{hint}; `interptool layers --arch {m.arch}` lists them"
-            )
+        lookup_layer(loaded.model, layer, error=ConfigError,
+                     where=f"{source}: models.{m.name}.layers: ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +236,8 @@ def _similarity_work(run: RunContext) -> dict[str, Any]:
                                 "teacher's clustered order, diagonal hidden")
             figs.save_png(fig, run.out / rel)
             part["heatmaps"].append({"T": t, "path": rel})
-        if s.cka:
+        # CKA needs layers: models without any (TorchScript) are left out of it
+        if s.cka and run.cfg.teacher.layers and any(m.layers for m in run.cfg.students):
             part["cka"] = _cka(run, caches)
         return part
     finally:
@@ -257,6 +255,9 @@ def _cka(run: RunContext, caches: list[Any]) -> dict[str, Any]:
     labels_r = [f"{teacher.name}.{lay}" for lay in teacher.layers]
     for c, n in zip(caches[1:], names[1:]):
         m = run.cfg.models[n]
+        if not m.layers:
+            say(f"CKA {teacher.name} vs {n}: skipped ({n} has no hookable layers)")
+            continue
         say(f"CKA {teacher.name} vs {n}")
         res = cka(caches[0], c, teacher.layers, m.layers)
         mat = res.matrix.to_numpy(dtype=np.float64)
@@ -296,11 +297,13 @@ def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
 
     a = run.cfg.analysis.attribution
     results = {}
-    for name, m in run.cfg.models.items():
+    for name in run.cfg.models:
         say(f"attribution {method} {name} ({n} images)")
         params: dict[str, Any] = {}
         if method == "grad_cam":
-            params["layer"] = a.layer or m.layers[-1]
+            from interptool.pipeline._validate import gradcam_layer
+
+            params["layer"] = gradcam_layer(run, name)[0]
         elif method == "integrated_gradients":
             params["steps"] = a.n_steps
         seed_everything(run.cfg.run.seed)

@@ -99,17 +99,9 @@ def hook_count(model: nn.Module) -> int:
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
     """The sub-module called ``name`` (dotted path); AnalysisError listing close names if absent."""
-    modules = dict(model.named_modules())
-    if name in modules and name != "":
-        return modules[name]
-    names = [n for n in modules if n]
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f" Close names: {', '.join(close)}." if close else ""
-    top = ", ".join(n for n in names if "." not in n)
-    raise AnalysisError(
-        f"layer {name!r} not found in {type(model).__name__}.{hint} Top-level modules: {top}. "
-        "Pass a dotted module name as printed by `interptool layers`."
-    )
+    from interptool.common.layers import lookup_layer
+
+    return lookup_layer(model, name)
 
 
 def _pair(v: Any, what: str) -> tuple[int, int]:

@@ -173,6 +173,23 @@ def _pool(block: np.ndarray, pooling: str) -> np.ndarray:
     raise AnalysisError(f"cannot pool a feature block of shape {block.shape}")
 
 
+def _finite(pooled: np.ndarray, cache: Any, layer: str, rows: Any) -> np.ndarray:
+    """``pooled`` unchanged when finite; else an AnalysisError naming the cache file, the
+    layer and the first image with NaN / inf (a mean over positions keeps any NaN or inf,
+    so checking the pooled block catches every bad value of a pooled layer)."""
+    bad = ~np.isfinite(pooled).all(axis=1)
+    if not bad.any():
+        return pooled
+    row = int(np.asarray(rows)[np.flatnonzero(bad)[0]])
+    ids = getattr(cache, "ids", None)
+    image = ids[row] if ids is not None and row < len(ids) else f"row {row}"
+    raise AnalysisError(
+        f"{getattr(cache, 'path', '<cache>')}: features of layer {layer!r} hold NaN or inf, "
+        f"first at row {row} (image {image!r}); expected finite activations. The model "
+        "diverged (NaN weights) or float16 overflowed: re-create the cache with --dtype "
+        "float32 from a working checkpoint.")
+
+
 def _dim(cache: Any, layer: str, pooling: str) -> int:
     shape = tuple(cache.features(layer).shape[1:])
     if pooling == "flatten" or len(shape) == 1:
@@ -181,17 +198,13 @@ def _dim(cache: Any, layer: str, pooling: str) -> int:
 
 
 def _check_same_images(a: Any, b: Any) -> None:
-    pa, pb = getattr(a, "path", "A"), getattr(b, "path", "B")
-    fix = "CKA compares representations of the same images: cache both models on the same data."
-    if a.n != b.n:
-        raise AnalysisError(f"{pb} has {b.n} images but {pa} has {a.n}. {fix}")
-    if a.data_fingerprint != b.data_fingerprint:
-        raise AnalysisError(
-            f"data fingerprints differ: {pa} has {a.data_fingerprint or '(none)'}, {pb} has "
-            f"{b.data_fingerprint or '(none)'}. {fix}"
-        )
-    if list(a.ids) != list(b.ids):
-        raise AnalysisError(f"image order differs between {pa} and {pb}. {fix}")
+    from interptool.common.alignment import ImageSet, check_same_images
+
+    check_same_images(
+        ImageSet(str(getattr(a, "path", "A")), list(a.ids), a.data_fingerprint),
+        ImageSet(str(getattr(b, "path", "B")), list(b.ids), b.data_fingerprint),
+        fix="CKA compares representations of the same images: cache both models on the same "
+            "data.")
 
 
 def _blocks(caches_layers: list[tuple[Any, str]], batch_size: int, pooling: str
@@ -200,7 +213,8 @@ def _blocks(caches_layers: list[tuple[Any, str]], batch_size: int, pooling: str
     n = caches_layers[0][0].n
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        yield [_pool(c.features(layer)[start:stop], pooling) for c, layer in caches_layers]
+        yield [_finite(_pool(c.features(layer)[start:stop], pooling), c, layer,
+                       range(start, stop)) for c, layer in caches_layers]
 
 
 def _constant_error(src: str, layer: str) -> AnalysisError:
@@ -260,7 +274,8 @@ def _full_features(ca, cb, la, lb, pooling, batch_size, dev) -> np.ndarray:
 
 
 def _load_pooled(c, layer, pooling, batch_size) -> np.ndarray:
-    parts = [_pool(b, pooling) for _, b in c.iter_features(layer, batch_size, np.float64)]
+    parts = [_finite(_pool(b, pooling), c, layer, range(s, s + len(b)))
+             for s, b in c.iter_features(layer, batch_size, np.float64)]
     return np.concatenate(parts, axis=0)
 
 
@@ -302,7 +317,8 @@ def _minibatch(ca, cb, la, lb, pooling, batch_size, m, seed, dev, max_memory) ->
         idx = np.sort(idx)  # h5py fancy indexing needs increasing indices; order is irrelevant
         grams = []
         for e, (c, layer) in enumerate(entries):
-            X = pooled[e][idx] if pooled is not None else _pool(c.features(layer)[idx], pooling)
+            X = (pooled[e][idx] if pooled is not None
+                 else _finite(_pool(c.features(layer)[idx], pooling), c, layer, idx))
             X = torch.as_tensor(X, device=dev)
             grams.append(X @ X.T)
         for e in range(len(entries)):

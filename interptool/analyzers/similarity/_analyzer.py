@@ -41,6 +41,7 @@ from interptool.analyzers.similarity._core import (
     weighted_class_sums,
     weighted_counts,
 )
+from interptool.common.jsonsafe import to_jsonable
 from interptool.common.stats import interval_from_resamples
 from interptool.errors import AnalysisError
 
@@ -193,29 +194,14 @@ def load_class_names(spec: str | os.PathLike | Sequence[str], k: int | None = No
 
 def _check_same_data(teacher: _Logits, other: _Logits) -> None:
     """Teacher and student must have been cached on the same images, in the same order."""
-    fix = ("Re-create both caches with the same --data spec (same images, same order) so the "
-           "comparison is per image.")
-    if teacher.logits.shape[0] != other.logits.shape[0]:
-        raise AnalysisError(
-            f"{other.path} has {other.logits.shape[0]} images but the teacher cache "
-            f"{teacher.path} has {teacher.logits.shape[0]}. {fix}"
-        )
-    if teacher.data_fingerprint != other.data_fingerprint:
-        raise AnalysisError(
-            f"data fingerprints differ: {teacher.path} has {teacher.data_fingerprint or '(none)'}"
-            f", {other.path} has {other.data_fingerprint or '(none)'}; the caches were made from "
-            f"different data. {fix}"
-        )
-    if teacher.ids != other.ids:
-        first = next(i for i, (a, b) in enumerate(zip(teacher.ids, other.ids)) if a != b)
-        raise AnalysisError(
-            f"image order differs between {teacher.path} and {other.path} (first at row "
-            f"{first}: {teacher.ids[first]!r} vs {other.ids[first]!r}). {fix}"
-        )
-    if not np.array_equal(teacher.labels, other.labels):
-        raise AnalysisError(
-            f"labels differ between {teacher.path} and {other.path} for the same images. {fix}"
-        )
+    from interptool.common.alignment import ImageSet, check_same_images
+
+    check_same_images(
+        ImageSet(f"the teacher cache {teacher.path}", teacher.ids, teacher.data_fingerprint,
+                 teacher.labels),
+        ImageSet(other.path, other.ids, other.data_fingerprint, other.labels),
+        fix="Re-create both caches with the same --data spec (same images, same order) so the "
+            "comparison is per image.")
     kt, ko = teacher.logits.shape[1], other.logits.shape[1]
     if kt != ko:
         raise AnalysisError(
@@ -229,24 +215,6 @@ def _check_same_data(teacher: _Logits, other: _Logits) -> None:
             f"class names differ between {teacher.path} and {other.path}; both models must "
             "use the same classes in the same order."
         )
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types; NaN / inf become null (strict JSON has no NaN)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if np.isfinite(x) else None
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    return x
 
 
 def _safe(name: str) -> str:
@@ -362,7 +330,7 @@ class SimilarityResult:
             out["matrices"] = {fmt_t(t): self.matrices[t] for t in self.temperatures}
             out["dark_knowledge"] = {fmt_t(t): self.dark_knowledge[t] for t in self.temperatures}
             out["cosine"] = self.cosine
-        return _jsonable(out)
+        return to_jsonable(out)
 
     def plot(self, temperature: float | None = None, matrix: str = "softmax",
              order: np.ndarray | None = None):
@@ -580,7 +548,7 @@ class TransferResult:
                     row[metric] = {"value": r["value"], "ci_low": r["ci_low"],
                                    "ci_high": r["ci_high"]}
             out["students"][m] = row
-        return _jsonable(out)
+        return to_jsonable(out)
 
     def to_frame(self) -> pd.DataFrame:
         return self.estimates.copy()
@@ -622,7 +590,7 @@ class TransferResult:
         """JSON-safe: settings, provenance and every scalar with its CI."""
         from interptool._provenance import provenance
 
-        return _jsonable({
+        return to_jsonable({
             "teacher": self.teacher,
             "students": self.students,
             "settings": {
