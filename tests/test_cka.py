@@ -174,3 +174,22 @@ def test_unbiased_hsic_equals_u_statistic_definition():
     c = np.mean([K[i, j] * L[i, q] for i, j, q in permutations(range(n), 3)])
     got = float(unbiased_hsic(torch.as_tensor(K), torch.as_tensor(L)))
     assert got == pytest.approx(a + b - 2 * c, rel=1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"minibatch": 16}, {"max_memory": 1}])
+def test_non_finite_features_refused_naming_file_layer_and_image(tmp_path, kwargs):
+    """NaN in one image's activations (a diverged model / float16 overflow) used to give a
+    CKA of NaN written as null; now an error names the file, the layer and the image."""
+    rng = np.random.default_rng(1)
+    n = 64
+    good = rng.normal(size=(n, 4, 2, 2))
+    bad = good.copy()
+    bad[37, 1, 0, 1] = np.nan
+    bad[50, 0, 0, 0] = np.inf
+    pa = make(tmp_path, "a", {"l1": good})
+    pb = make(tmp_path, "b", {"l1": bad})
+    if kwargs.get("max_memory") == 1 and "minibatch" not in kwargs:
+        kwargs = {"minibatch": 16, "max_memory": 1}  # streamed minibatch reads
+    # streamed minibatches read images in their random order: either bad row may come first
+    with pytest.raises(AnalysisError, match=r"b\.h5.*'l1'.*row (37|50)"):
+        cka(pa, pb, ["l1"], ["l1"], **kwargs)
