@@ -597,3 +597,28 @@ def test_stratified_sample_small_classes_and_unlabelled():
     assert counts[0] + counts[2] == 14 and abs(counts[0] - counts[2]) <= 1
     assert len(set(idx.tolist())) == 21 and np.all(np.diff(idx) > 0)
     np.testing.assert_array_equal(stratified_sample(labels, 500, 0), np.arange(len(labels)))
+
+
+# ------------------------------------------------------------------ non-finite (issue 11)
+def test_nan_model_refused_naming_the_image(tmp_path):
+    """A NaN weight used to give NaN maps, stored and scored with exit 0."""
+    net = _student()
+    with torch.no_grad():
+        net.fc.weight[3, 0] = float("nan")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = ["a.png", "b.png", "c.png", "d.png"]
+    with pytest.raises(AnalysisError, match=r"saliency.*'a\.png'.*NaN or inf"):
+        Attribution("saliency").run(net, x, ids=ids, target=1, out=tmp_path / "o")
+
+
+def test_scores_refuse_non_finite_maps(model, batch):
+    from interptool.analyzers.attribution import agreement, localisation
+
+    x, y = batch
+    res = Attribution("saliency").run(model, x, labels=y, batch_size=8)
+    other = Attribution("saliency").run(model, x, labels=y, batch_size=8)
+    other.maps[2, 5, 5] = np.nan
+    with pytest.raises(AnalysisError, match=r"res_b row 2 \(image '2'\) holds NaN"):
+        agreement(res, other)
+    with pytest.raises(AnalysisError, match="row 2"):
+        localisation(other, np.ones((5, 32, 32), bool))

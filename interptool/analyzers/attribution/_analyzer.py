@@ -565,6 +565,7 @@ class Attribution:
                     raise AnalysisError(f"{self.method} produced maps of size "
                                         f"{tuple(raw.shape[-2:])} for inputs {tuple(x.shape[-2:])}")
                 maps = _reduce(raw, self.reduce).float().cpu().numpy()
+                self._check_finite(maps, logits, src.ids[start:stop], store)
                 raw_np = raw.float().cpu().numpy() if self.keep_raw else None
                 tg = tgt.cpu().numpy().astype(np.int64)
                 pr = preds.cpu().numpy().astype(np.int64)
@@ -633,6 +634,24 @@ class Attribution:
             handle.remove()
         logits = seen[0] if seen else None
         return raw, logits, (width[0] if width else None)
+
+    def _check_finite(self, maps: np.ndarray, logits: torch.Tensor | None,
+                      ids: Sequence[str], store: Any) -> None:
+        """Refuse NaN / inf maps (or logits) before they are stored or scored."""
+        bad = ~np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+        what = "attribution map"
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            bad |= ~torch.isfinite(logits).all(dim=1).cpu().numpy()
+            what = "logits / attribution map"
+        if not bad.any():
+            return
+        i = int(np.flatnonzero(bad)[0])
+        where = f" (writing {store.path})" if store is not None else ""
+        raise AnalysisError(
+            f"{self.method}: the {what} of image {ids[i]!r} holds NaN or inf{where}; "
+            "expected finite values. The model produces non-finite outputs or gradients (NaN "
+            "weights, overflow): check the checkpoint (interptool layers / cache with "
+            "--dtype float32) before attributing.")
 
     @staticmethod
     def _targets(target, labels, preds, num_classes, ids) -> torch.Tensor:

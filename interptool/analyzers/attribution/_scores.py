@@ -40,16 +40,35 @@ def _map_source(x: Any, what: str = "maps") -> Any:
     return x
 
 
-def iter_blocks(x: Any, size: int = 256, what: str = "maps"):
+def iter_blocks(x: Any, size: int = 256, what: str = "maps", ids: Any = None):
     """Yield ``(start, block)`` float64 blocks of at most ``size`` maps, in order; lazy maps
-    (:class:`H5Maps`) are read block by block, so memory is bounded by ``size`` maps."""
+    (:class:`H5Maps`) are read block by block, so memory is bounded by ``size`` maps.
+    A map holding NaN or inf raises AnalysisError naming it (scores computed from it would
+    be meaningless numbers)."""
     src = _map_source(x, what)
+    ids = getattr(x, "ids", None) if ids is None else ids
     if hasattr(src, "blocks"):
-        for start, block in src.blocks(size):
-            yield start, np.asarray(block, dtype=np.float64)
+        blocks = src.blocks(size)
+    else:
+        blocks = ((s, src[s:s + size]) for s in range(0, src.shape[0], size))
+    for start, block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        _check_finite(block, start, what, ids, getattr(src, "path", None))
+        yield start, block
+
+
+def _check_finite(block: np.ndarray, start: int, what: str, ids: Any = None,
+                  path: Any = None) -> None:
+    bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    if not bad.any():
         return
-    for start in range(0, src.shape[0], size):
-        yield start, np.asarray(src[start:start + size], dtype=np.float64)
+    row = start + int(np.flatnonzero(bad)[0])
+    image = f" (image {ids[row]!r})" if ids is not None and row < len(ids) else ""
+    where = f"{path}: " if path is not None else ""
+    raise AnalysisError(
+        f"{where}{what} row {row}{image} holds NaN or inf; expected finite attribution maps. "
+        "The model or the method produced non-finite gradients (NaN weights, float16 "
+        "overflow): fix the model and recompute the maps.")
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -231,7 +250,8 @@ def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: i
     parts: dict[str, list[np.ndarray]] = {"spearman": [], "cosine": []}
     parts.update({f"iou{k}": [] for k in ks})
     # blocks of images: lazy (file-backed) maps are never all in memory
-    for (_, ba), (_, bb) in zip(iter_blocks(a, block), iter_blocks(b, block)):
+    for (_, ba), (_, bb) in zip(iter_blocks(a, block, "res_a", getattr(res_a, "ids", None)),
+                                iter_blocks(b, block, "res_b", getattr(res_b, "ids", None))):
         n = ba.shape[0]
         fa, fb = ba.reshape(n, -1), bb.reshape(n, -1)
         parts["spearman"].append(rowwise_spearman(fa, fb))
@@ -349,7 +369,7 @@ def localisation(res: Any, masks: Any, *, tolerance: int = 0, n_boot: int = 1000
             f"{tuple(maps.shape[1:])}; resize the masks first: "
             f"resize_masks(masks, {tuple(maps.shape[1:])}) (nearest neighbour)")
     parts: dict[str, list[np.ndarray]] = {"energy": [], "hit": [], "area": [], "empty": []}
-    for start, block in iter_blocks(maps, block_size):
+    for start, block in iter_blocks(maps, block_size, ids=getattr(res, "ids", None)):
         n = block.shape[0]
         mb = np.asarray(m[start:start + n]).astype(bool)
         flat = block.reshape(n, -1)
