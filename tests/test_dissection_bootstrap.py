@@ -343,6 +343,8 @@ def test_numba_and_numpy_paths_agree(tmp_path, probe, monkeypatch):
 
     if bmod._numba_kernel() is None:
         pytest.fail("numba is part of the test environment (the `fast` extra); install it")
+    monkeypatch.setattr(bmod, "NUMBA_MIN_WORK", 0)  # compiled kernel even for small work
+    assert bmod.use_compiled(_two_block_stats(), 1)
     r = _dissect(tmp_path, probe, _feats(14), "b.h5", bootstrap=300)
     st = r.block_stats
     for t in (0.0, 0.04, 0.2):

@@ -60,12 +60,15 @@ __all__ = ["BlockRecorder", "BlockStats", "bootstrap_table", "paired_table", "re
 # float64 entries per (resamples x pairs) work array in one chunk of resamples (16 MiB)
 _WORK_ENTRIES = 1 << 21
 CI_METHOD = "bc"
-# Use the compiled kernel (numba, parallel over resamples) when numba imports; tests turn it
-# off to check the numpy path gives the same numbers.
+# Use the compiled kernel (numba) when numba imports and the work (stored intersections x
+# resamples) is large enough to repay its one-time compilation (about 20 s, then cached on
+# disk); tests lower the bar or turn it off to check both paths give the same numbers. The
+# kernel is single-threaded: numba's parallel mode took 3.5x longer to compile.
 USE_NUMBA = True
+NUMBA_MIN_WORK = 2 * 10**8
 _NUMBA_KERNEL: Any = None
 _NUMBA_OK = importlib.util.find_spec("numba") is not None
-prange = range  # numba.prange once the kernel is compiled (numba is imported on first use)
+prange = range  # plain loops (kept as ``prange`` so a parallel build needs one change)
 
 
 def _evaluate_kernel(Wt, p_ptr, p_blk, p_val, uc_ptr, uc_blk, uc_val, la_ptr, la_blk, la_val,
@@ -74,7 +77,7 @@ def _evaluate_kernel(Wt, p_ptr, p_blk, p_val, uc_ptr, uc_blk, uc_val, la_ptr, la
     """For block weights ``Wt`` (blocks, R): weighted sums, IoU per active pair, NetDissect-Lite's
     best label (first on ties within a category) and best category (later on ties); counts of
     detectors, distinct labels and detectors per category per resample. The inner loops run
-    over the R resamples (contiguous: vectorised); units are spread over threads. Sums are of
+    over the R resamples (contiguous: vectorised). Sums are of
     integers times integer weights, exact in float64 in any order, so the result equals the
     numpy path's."""
     R = Wt.shape[1]
@@ -156,11 +159,9 @@ def _numba_kernel() -> Any:
     global _NUMBA_KERNEL, _NUMBA_OK
     if _NUMBA_KERNEL is None and _NUMBA_OK:
         try:
-            import numba
             from numba import njit
 
-            globals()["prange"] = numba.prange
-            _NUMBA_KERNEL = njit(cache=True, parallel=True, nogil=True)(_evaluate_kernel)
+            _NUMBA_KERNEL = njit(cache=True, nogil=True)(_evaluate_kernel)
         except ImportError:
             _NUMBA_OK = False
     return _NUMBA_KERNEL
@@ -377,7 +378,8 @@ class BlockStats:
                        for m in (self.intersect, self.unit_cat_area, self.label_area)))
 
     # ---------------------------------------------------------------- evaluate
-    def evaluate(self, weights: np.ndarray, iou_threshold: float) -> dict[str, np.ndarray]:
+    def evaluate(self, weights: np.ndarray, iou_threshold: float, *,
+                 compiled: bool | None = None) -> dict[str, np.ndarray]:
         """Measures for each row of block ``weights`` (R, n_blocks).
 
         Returns ``detectors`` (R,), ``unique_concepts`` (R,) and ``by_category`` (R, C), with
@@ -390,10 +392,12 @@ class BlockStats:
         if iou_threshold > 0 and not self._layout.get("is_pruned"):
             sub = self.pruned(iou_threshold)
             sub._layout["is_pruned"] = True
-            return sub.evaluate(W, iou_threshold)
+            return sub.evaluate(W, iou_threshold, compiled=compiled)
         R, C, U = W.shape[0], len(self.categories), self.units
         lay = self.layout()
-        kernel = _numba_kernel() if USE_NUMBA else None
+        if compiled is None:
+            compiled = use_compiled(self, R)
+        kernel = _numba_kernel() if compiled else None
         if kernel is not None:
             det = np.zeros(R, np.int64)
             uniq = np.zeros(R, np.int64)
@@ -483,6 +487,12 @@ class BlockStats:
                        ids_sha256=str(z["ids_sha256"]), **mats)
 
 
+def use_compiled(stats: BlockStats, n_resamples: int) -> bool:
+    """Whether the numba kernel runs: enabled, large enough work, and numba imports."""
+    return (USE_NUMBA and stats.intersect.nnz * int(n_resamples) >= NUMBA_MIN_WORK
+            and _numba_kernel() is not None)
+
+
 def measure_names(categories: list[str]) -> list[str]:
     """Columns of :func:`resample_measures`, in order."""
     return (["detectors", "detector_fraction", "unique_concepts"]
@@ -518,14 +528,15 @@ def resample_measures(stats: BlockStats, n_resamples: int, seed: int,
     rng = np.random.default_rng(int(seed))
     # per chunk: the numba kernel holds only the (resamples x blocks) weights; the numpy path
     # (resamples x pairs) work arrays
-    width = stats.n_blocks if (USE_NUMBA and _numba_kernel() is not None) else len(stats.pair_unit)
+    compiled = use_compiled(stats, int(n_resamples))
+    width = stats.n_blocks if compiled else len(stats.pair_unit)
     per = max(1, min(int(n_resamples), _WORK_ENTRIES // max(width, 1)))
     parts = []
     done = 0
     while done < n_resamples:
         r = min(per, int(n_resamples) - done)
         W = multinomial_weights(rng, stats.n_blocks, r)
-        parts.append(_frame(stats, stats.evaluate(W, iou_threshold)))
+        parts.append(_frame(stats, stats.evaluate(W, iou_threshold, compiled=compiled)))
         done += r
     return pd.concat(parts, ignore_index=True)
 
