@@ -52,7 +52,9 @@ DATA = {"n_train": 2000, "n_eval": 500, "size": 64, "seed": 0}
 
 
 def _spec(split: str, n: int) -> str:
-    return f"builtin:concept-world?n={n}&size={DATA['size']}&seed={DATA['seed']}&split={split}"
+    # version 1: the set these demo nets were trained on (docs/data.md, "Two versions")
+    return (f"builtin:concept-world?version=1&n={n}&size={DATA['size']}&seed={DATA['seed']}"
+            f"&split={split}")
 
 
 def load_tensors(spec: str, mean, std) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,19 +70,28 @@ def measure(runs: Path, out: Path, threads: int = 1) -> pd.DataFrame:
     from interptool.loading import load_model
 
     torch.set_num_threads(threads)
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from train import DATA, spec
+
     entries = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))
                if p.stem != "manifest"}
-    entries.update(untrained_students(out / "untrained", entries))
-    if "teacher" not in entries:
-        raise SystemExit(f"{runs}: no teacher.json; train first")
-    eval_spec = entries["teacher"]["eval_spec"]
-    probe_spec = eval_spec.replace("split=eval", "split=probe").replace(
-        "n=1000", f"n={PROBE_N}")
+    entries.update(untrained_students(out / "untrained"))
+    eval_spec, probe_spec = spec("eval", DATA["n_eval"]), spec("probe", PROBE_N)
     eval_ds, probe_ds = open_dataset(eval_spec), open_dataset(probe_spec)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     (out / "dissection").mkdir(parents=True, exist_ok=True)
     rows, cat_rows = [], []
     for name, e in entries.items():
+        done = out / "models" / f"{name}.json"
+        if done.is_file():
+            # measured before, on the same weights: reuse (re-running adds new runs only)
+            prev = json.loads(done.read_text())
+            if prev["row"]["sha256"] == e.get("sha256"):
+                rows.append(prev["row"])
+                cat_rows += prev["categories"]
+                continue
         lm = load_model(e["arch"], runs / e["file"])
         ev = cache_activations(lm, eval_ds, [], out / "cache" / f"{name}_eval.h5",
                                threads=threads, batch_size=250)
@@ -91,7 +100,7 @@ def measure(runs: Path, out: Path, threads: int = 1) -> pd.DataFrame:
         sim = ClassSimilarity(temperature=[1.0, 4.0]).run(ev)
         row: dict[str, Any] = {
             "model": name, "group": group_of(name), "recipe": e["recipe"], "T": e["T"],
-            "seed": e["seed"], "eval_accuracy": float(sim.accuracy),
+            "seed": e["seed"], "sha256": e.get("sha256"), "eval_accuracy": float(sim.accuracy),
             "manifest_eval_accuracy": e["eval_accuracy"],
             "entropy_T1": float(sim.entropy_overall[1.0]),
             "entropy_T4": float(sim.entropy_overall[4.0]),
@@ -112,6 +121,9 @@ def measure(runs: Path, out: Path, threads: int = 1) -> pd.DataFrame:
                                  "category": cat, "detectors": c["detectors"],
                                  "unique": c["unique"]})
         rows.append(row)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"row": row, "categories": [
+            c for c in cat_rows if c["model"] == name]}, indent=1, default=float) + "\n")
         print(f"{name}: acc {row['eval_accuracy']:.3f}, layer3 {row['layer3_detectors']}, "
               f"layer4 {row['layer4_detectors']}", flush=True)
     per_model = pd.DataFrame(rows)
@@ -119,19 +131,45 @@ def measure(runs: Path, out: Path, threads: int = 1) -> pd.DataFrame:
     return per_model
 
 
-def untrained_students(folder: Path, entries: dict[str, Any]) -> dict[str, Any]:
+def probe_bootstrap(out: Path, seed: int = 0, resamples: int = 200) -> pd.DataFrame:
+    """Intervals over probe images for one seed: paired bootstrap of KD - scratch and
+    LS - scratch detector measures (the same resampled probe images for both models)."""
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from train import spec
+
+    from interptool.analyzers import Dissection
+    from interptool.data import open_dataset
+
+    probe = open_dataset(spec("probe", PROBE_N))
+    rows = []
+    for layer in LAYERS:
+        res = {}
+        for g in ("scratch", "ls", "kd-T4"):
+            path = out / "cache" / f"{g}-s{seed}_probe.h5"
+            res[g] = Dissection(iou_threshold=IOU, bootstrap=resamples, seed=0).run(
+                path, layer, probe)
+        for a, b in (("kd-T4", "scratch"), ("ls", "scratch")):
+            t = res[a].paired_difference(res[b])
+            t.insert(0, "layer", layer)
+            t.insert(0, "comparison", f"{a}-s{seed} - {b}-s{seed}")
+            rows.append(t)
+    table = pd.concat(rows, ignore_index=True)
+    table.to_csv(out / f"probe_bootstrap_s{seed}.csv", index=False)
+    return table
+
+
+def untrained_students(folder: Path) -> dict[str, Any]:
     """Control: the student at its random initialisation (the init of seed s of train.py),
     so the counts of trained students can be read against what an untrained net scores."""
     import torch
     from safetensors.torch import save_file
 
+    from interptool._provenance import sha256_file
     from interptool.loading._zoo import cw2_resnet18
 
-    if not entries:
-        return {}
     folder.mkdir(parents=True, exist_ok=True)
-    base = next(e for e in entries.values() if e["recipe"] != "teacher") \
-        if any(e["recipe"] != "teacher" for e in entries.values()) else entries["teacher"]
     out = {}
     for s in UNTRAINED_SEEDS:
         name = f"untrained-s{s}"
@@ -140,7 +178,8 @@ def untrained_students(folder: Path, entries: dict[str, Any]) -> dict[str, Any]:
         if not path.is_file():
             save_file({k: v.contiguous() for k, v in cw2_resnet18(12).state_dict().items()},
                       str(path))
-        out[name] = {**base, "name": name, "file": str(path.resolve()), "recipe": "untrained",
+        out[name] = {"name": name, "file": str(path.resolve()), "recipe": "untrained",
+                     "sha256": sha256_file(path),
                      "arch": "interptool:cw2-resnet18", "T": None, "seed": s,
                      "eval_accuracy": float("nan")}
     return out
@@ -280,11 +319,19 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=HERE / "runs")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bootstrap", type=int, default=0,
+                    help="also: paired bootstrap over probe images for seed 0 (resamples)")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="cache and dissect the runs finished so far, no tables")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     per_model = measure(args.runs, args.out, args.threads)
+    if args.measure_only:
+        return
     est = transfer(args.runs, args.out, per_model)
     summarise(per_model, est, args.out)
+    if args.bootstrap:
+        print(probe_bootstrap(args.out, 0, args.bootstrap).to_string())
     print((args.out / "tables.md").read_text())
 
 
