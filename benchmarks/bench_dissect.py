@@ -1,49 +1,52 @@
-"""Benchmark: interptool's dissection tally vs a straightforward NetDissect-Lite-style loop.
+"""Benchmark: `interptool cache` + `interptool dissect` end to end, as a user meets them.
 
-Builds (or reuses) a concept-world probe, caches the layer3/layer4 features of a model on it
-(default: a randomly initialised torchvision resnet18; ``--arch interptool:cw-teacher
---checkpoint interptool/weights/teacher.safetensors`` for the trained demo teacher, whose units
-fire sparsely as trained nets do). The cache step is timed: it is the forward-pass cost
-dissection is compared with. Then for each layer:
+Default mode (end to end): for each ``--n`` it generates (or reuses) the probe
+``builtin:concept-world?n=N&size=224`` (Broden1_224's geometry: 224 px images, 112 px masks),
+runs ``interptool cache`` (random-init torchvision resnet18, ``--layers layer4``, float32) and
+then ``interptool dissect`` on that cache, each as a fresh child process; it prints the
+process wall time, CPU time and peak RSS of each, and their sum. ``--variant`` runs the
+dissect step under other settings (e.g. ``threads1`` or ``no-figures``) for paired
+comparisons; ``--repeat`` interleaves the variants and keeps the fastest run of each.
 
-* runs ``Dissection`` (exact quantiles + vectorised tally) and records time and peak memory;
-* runs a per-image, per-unit float64 reference loop (Pillow resize per map, ``np.bincount``
-  per unit, as NetDissect-Lite's ``tally_job`` with the stale accumulator fixed) over the
-  same thresholds, and checks that every count and IoU is identical.
+``--check-reference M``: also compares the tally on the first M images with a per-image,
+per-unit float64 loop written here (Pillow resize per map, ``np.bincount`` per unit, as
+NetDissect-Lite's ``tally_job`` with the stale accumulator fixed), and exits 1 unless every
+intersection, label area and IoU is identical.
 
 Usage::
 
-    python benchmarks/bench_dissect.py --n 2000 --size 64 [--ref-n 300] [--device cpu]
-
-The reference loop is slow, so by default it runs on the first ``--ref-n`` images only and
-interptool's tally is timed on the same subset for the speed ratio (and on all images). Both
-sides get decoded masks; interptool's time includes flattening them (``seg_item``). Times are
-wall clock and process CPU time (the CPU ratio is the one to trust on a shared, loaded
-machine); each side is timed ``--repeat`` times and the fastest run kept. On CPU the tally uses
-the compiled numba kernel when numba is installed (``--torch-tally``: the torch path, for a
-before/after comparison in one session); numba's one-time import and cached JIT load are
-timed apart, before the runs.
+    python benchmarks/bench_dissect.py --n 480 3000 [--variant default threads1] \
+        [--repeat 2] [--check-reference 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
+import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _child import cli_code, load_average, run_child  # noqa: E402
+
+# dissect variants: (python set-up run before the CLI, extra CLI arguments)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "default": ("", []),
+    # one torch thread, as the issue-13 "1 thread" baseline
+    "threads1": ("import torch; torch.set_num_threads(1)", []),
+    "no-figures": ("", ["--no-figures"]),
+}
 
 
-def reference_tally(feats: np.ndarray, probe, thresholds: np.ndarray, n: int,
-                    segs: list | None = None) -> dict:
+def reference_tally(feats: np.ndarray, probe, thresholds: np.ndarray, n: int) -> dict:
     """Per image, per unit; float64 accumulators; Pillow bilinear resize of each map."""
+    from PIL import Image
+
     units = feats.shape[1]
     L, C = probe.num_labels, len(probe.categories)
     labelcat = np.zeros((L, C))
@@ -54,7 +57,7 @@ def reference_tally(feats: np.ndarray, probe, thresholds: np.ndarray, n: int,
     labels = np.zeros(L)
     ucat = np.zeros((units, C))
     for i in range(n):
-        seg = segs[i] if segs is not None else probe.load_segmentation(i)
+        seg = probe.load_segmentation(i)
         sh, sw = seg.size
         scalars = [int(s) for c in probe.categories for s in seg.image.get(c, [])]
         planes = [p for c in probe.categories for p in seg.pixel.get(c, [])]
@@ -88,152 +91,175 @@ def reference_tally(feats: np.ndarray, probe, thresholds: np.ndarray, n: int,
     return {"iou": iou, "intersect": both, "label_area": labels}
 
 
-def tally_ours(feats: np.ndarray, raw: list, thresholds: np.ndarray, probe, batch_size: int,
-               device: torch.device) -> dict:
-    """interptool's tally from decoded masks: flattening (``seg_item``) + ``TallyAccumulator``."""
+def check_reference(cache_path: Path, layer: str, spec: str, m: int) -> bool:
+    """interptool's tally on the first ``m`` images against :func:`reference_tally`."""
+    import torch
+
+    from interptool.analyzers.dissection._analyzer import _score
     from interptool.analyzers.dissection._tally import TallyAccumulator, seg_item
+    from interptool.cache import ActivationCache
+    from interptool.data import open_dataset
 
+    probe = open_dataset(spec)
+    with ActivationCache(cache_path) as cache:
+        from interptool.analyzers.dissection import Dissection
+
+        res = Dissection(checksum=False).run(cache, layer, probe)
+        feats = np.asarray(cache.features(layer)[:m], dtype=np.float32)
     cats = list(probe.categories)
-    acc = TallyAccumulator(thresholds, np.asarray(probe.label_category), len(cats), device)
-    for s in range(0, len(raw), batch_size):
-        chunk = [seg_item(i, raw[i], cats) for i in range(s, min(s + batch_size, len(raw)))]
-        acc.add(torch.from_numpy(feats[s : s + len(chunk)]).to(device), chunk)
-    return acc.counts()  # copies to the host, so a GPU run is finished when it returns
+    t0 = time.process_time()
+    acc = TallyAccumulator(res.thresholds, np.asarray(probe.label_category), len(cats),
+                           torch.device("cpu"))
+    for s in range(0, m, 64):
+        items = [seg_item(i, probe.load_segmentation(i), cats) for i in range(s, min(s + 64, m))]
+        acc.add(torch.from_numpy(feats[s : s + len(items)]), items)
+    ours = acc.counts()
+    c_ours = time.process_time() - t0
+    t0 = time.process_time()
+    ref = reference_tally(feats, probe, res.thresholds, m)
+    c_ref = time.process_time() - t0
+    iou = _score(ours, np.asarray(probe.label_category), len(cats))["iou"]
+    same = (np.array_equal(ours["intersect"], ref["intersect"].astype(np.int64))
+            and np.array_equal(ours["label_area"], ref["label_area"].astype(np.int64))
+            and np.array_equal(iou, ref["iou"]))
+    print(f"  reference check, {layer}, first {m} images: tally {c_ours:.2f} s CPU (with mask "
+          f"decoding), reference loop {c_ref:.2f} s CPU; identical counts and IoUs: {same}")
+    return same
 
 
-def timed(fn, repeat: int):
-    """(result, fastest wall seconds, fastest process CPU seconds) over ``repeat`` runs."""
-    best_w = best_c = float("inf")
-    out = None
-    for _ in range(max(1, repeat)):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        best_w = min(best_w, time.perf_counter() - w0)
-        best_c = min(best_c, time.process_time() - c0)
-    return out, best_w, best_c
+ANALYSIS_CODE = """
+import sys, time
+{setup}
+import torch
+from interptool.analyzers.dissection import Dissection
+from interptool.cache import ActivationCache
+with ActivationCache({cache!r}) as cache:
+    d = Dissection(checksum=False)
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = d.run(cache, {layer!r})
+    w, c = time.perf_counter() - w0, time.process_time() - c0
+print(f"RESULT {{w:.3f}} {{c:.3f}} {{res.config.get('threads')}}")
+"""
+
+# in-process analysis settings: python run before Dissection.run
+ANALYSIS_SETTINGS = {"default": "", "threads1": "import torch; torch.set_num_threads(1)",
+                     "threads2": "import torch; torch.set_num_threads(2)"}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def analysis_times(cache_path: Path, layer: str, settings: list[str], repeat: int) -> None:
+    """Time ``Dissection.run`` alone (in a fresh process per run), interleaved settings."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in settings}
+    for _ in range(repeat):
+        for name in settings:
+            run = run_child(ANALYSIS_CODE.format(setup=ANALYSIS_SETTINGS[name],
+                                                 cache=str(cache_path), layer=layer))
+            line = [ln for ln in run.output.splitlines() if ln.startswith("RESULT")]
+            if run.returncode or not line:
+                print(run.output)
+                raise SystemExit(1)
+            w, c, threads = line[0].split()[1:]
+            times[name].append((float(w), float(c)))
+            print(f"  analysis [{name}] (threads used: {threads}): {float(w):.2f} s wall, "
+                  f"{float(c):.2f} s CPU (load {load_average()})")
+    for name, ts in times.items():
+        ws = sorted(w for w, _ in ts)
+        print(f"  analysis [{name}]: median {ws[len(ws) // 2]:.2f} s wall, min {ws[0]:.2f} s, "
+              f"max {ws[-1]:.2f} s over {len(ws)} runs")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=2000, help="probe images (concept-world)")
-    ap.add_argument("--size", type=int, default=64, help="image size (px)")
-    ap.add_argument("--ref-n", type=int, default=300, help="images for the reference loop")
-    ap.add_argument("--layers", default="layer3,layer4")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, nargs="+", default=[480, 3000], help="probe images")
+    ap.add_argument("--size", type=int, default=224, help="image side (masks: half)")
     ap.add_argument("--arch", default="torchvision:resnet18")
-    ap.add_argument("--checkpoint", default=None, help="weights (default: random init)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs per side (fastest kept)")
-    ap.add_argument("--torch-tally", action="store_true",
-                    help="use the torch tally path even when numba is installed (the compiled "
-                         "kernel is otherwise used on CPU)")
+    ap.add_argument("--layer", default="layer4")
+    ap.add_argument("--variant", nargs="*", default=["default"], choices=sorted(VARIANTS),
+                    help="dissect settings to time (none: only the cache and --analysis)")
+    ap.add_argument("--repeat", type=int, default=1, help="dissect runs per variant (fastest)")
+    ap.add_argument("--analysis", nargs="+", choices=sorted(ANALYSIS_SETTINGS),
+                    help="also time Dissection.run alone under these thread settings")
+    ap.add_argument("--busy-core", action="store_true",
+                    help="keep one core busy (python -c 'while 1: pass') during the dissect "
+                         "and analysis runs, as on a shared machine")
+    ap.add_argument("--check-reference", type=int, default=0, metavar="M",
+                    help="also check the tally against a reference loop on M images")
+    ap.add_argument("--reuse-cache", action="store_true",
+                    help="reuse a cache left in --workdir by an earlier run (not timed)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_dissect"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    from interptool.analyzers.dissection import Dissection
-    from interptool.analyzers.dissection import _numba as _dissection_numba
-    from interptool.analyzers.dissection import _tally as _dissection_tally
-
-    if args.torch_tally:
-        _dissection_tally.USE_NUMBA = False
-    t0 = time.perf_counter()
-    if _dissection_tally.USE_NUMBA and args.device == "cpu" and _dissection_numba.usable():
-        # one-time cost per process, reported apart: numba import + load of the kernel from
-        # numba's on-disk cache (a compile, several seconds, only on the very first run)
-        t_jit = _dissection_numba.warm_up() + time.perf_counter() - t0
-        kernel = f"numba kernel (import + JIT load {t_jit:.2f} s, not in the timings below)"
-    else:
-        kernel = "torch path"
-    from interptool.cache import ActivationCache, cache_activations, write_cache
-    from interptool.data import open_dataset
-    from interptool.loading import load_model
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("INTERPTOOL_DATA", str(work / "data"))
-    probe = open_dataset(f"builtin:concept-world?n={args.n}&size={args.size}")
-    layers = [s for s in args.layers.split(",") if s]
-    tag = args.arch.split(":")[-1] + ("-trained" if args.checkpoint else "")
-    cache_path = work / f"{tag}_n{args.n}_s{args.size}.h5"
-    cache_path.unlink(missing_ok=True)  # time real forward passes, not a cache hit
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    loaded = load_model(args.arch, args.checkpoint, num_classes=10,
-                        image_size=(args.size, args.size), device=args.device)
-    cache_activations(loaded, probe, layers, cache_path, batch_size=args.batch_size,
-                      dtype="float32", probe=True, device=args.device)
-    t_cache = time.perf_counter() - t0
-    print(f"machine: {os.cpu_count()} CPUs visible, torch threads {args.threads}, "
-          f"device {args.device}; torch {torch.__version__}")
-    print(f"probe: concept-world n={args.n} size={args.size} seg={probe.seg_size(0)} "
-          f"labels={probe.num_labels}; forward+cache ({tag}): {t_cache:.1f} s; load average "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; tally: {kernel}")
-
-    with ActivationCache(cache_path) as cache:
-        for layer in layers:
-            shape = cache.features(layer).shape
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = Dissection(batch_size=args.batch_size, device=args.device,
-                             checksum=False).run(cache, layer, probe)
-            t_full, c_full = time.perf_counter() - t0, time.process_time() - c0
-            print(f"\n{layer} {tuple(shape)}: interptool dissection (quantiles + tally), all "
-                  f"{args.n} images: {t_full:.2f} s wall ({c_full:.2f} s CPU) = {t_full / t_cache:.2f}x the forward+cache "
-                  f"time; {len(res.detectors())} detectors; peak RSS so far "
-                  f"{peak_rss_mb():.0f} MB")
-            # reference comparison on the first ref-n images, same thresholds
-            m = min(args.ref_n, args.n)
-            feats = cache.features(layer)[:m].astype(np.float32)
-            sub = work / f"sub_{layer}.h5"
-            write_cache(sub, logits=np.zeros((m, 1)), ids=probe.ids[:m],
-                        features={layer: feats},
-                        attrs={"data_fingerprint": "", "data_spec": probe.spec})
-
-            class Sub:  # the first m probe images
-                def __init__(self, p, m):
-                    self.__dict__.update({k: getattr(p, k) for k in (
-                        "categories", "label_names", "label_category", "num_labels", "spec")})
-                    self.ids, self.fingerprint, self._p, self._m = p.ids[:m], "", p, m
-
-                def __len__(self):
-                    return self._m
-
-                def load_segmentation(self, i):
-                    return self._p.load_segmentation(i)
-
-            # time the tally alone for both, on identical thresholds and pre-decoded masks
-            sp = Sub(probe, m)
-            raw = [probe.load_segmentation(i) for i in range(m)]
-            ours, t_ours, c_ours = timed(partial(tally_ours, feats, raw, res.thresholds, probe,
-                                                 args.batch_size, torch.device(args.device)),
-                                         args.repeat)
-            ref, t_ref, c_ref = timed(partial(reference_tally, feats, sp, res.thresholds, m, raw),
-                                      args.repeat)
-            peak = feats.reshape(m, feats.shape[1], -1).max(axis=2) > res.thresholds[None]
-            same_i = np.array_equal(ours["intersect"], ref["intersect"].astype(np.int64))
-            same_a = np.array_equal(ours["label_area"], ref["label_area"].astype(np.int64))
-            from interptool.analyzers.dissection._analyzer import _score
-
-            iou = _score(ours, np.asarray(probe.label_category), len(probe.categories))["iou"]
-            same_iou = np.array_equal(iou, ref["iou"])
-            print(f"  tally on {m} images ({peak.mean():.1%} of (image, unit) pairs fire, "
-                  f"{ours['unit_area'].sum() / max(peak.sum(), 1):.0f} masked px per firing "
-                  f"pair): interptool {t_ours:.3f} s wall / {c_ours:.3f} s CPU, reference loop "
-                  f"{t_ref:.3f} s / {c_ref:.3f} s -> {t_ref / t_ours:.1f}x faster (wall), "
-                  f"{c_ref / c_ours:.1f}x (CPU); identical intersections {same_i}, label areas "
-                  f"{same_a}, IoUs {same_iou}")
-            if not (same_i and same_a and same_iou):
-                print("  MISMATCH", file=sys.stderr)
+    print(f"machine: {os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))}; "
+          f"load average {load_average()}")
+    ok = True
+    for n in args.n:
+        spec = f"builtin:concept-world?n={n}&size={args.size}"
+        gen = run_child(f"from interptool.data import open_dataset; open_dataset({spec!r})")
+        if gen.returncode:
+            print(gen.output)
+            return 1
+        cache_path = work / f"n{n}_s{args.size}.h5"
+        if args.reuse_cache and cache_path.is_file():
+            print(f"\nn={n}: reusing {cache_path} (cache step not timed)")
+            cache = None
+        else:
+            cache_path.unlink(missing_ok=True)
+            cache = time_cache(args, n, spec, cache_path)
+            if cache is None:
                 return 1
-    print(f"\npeak RSS {peak_rss_mb():.0f} MB")
-    return 0
+        busy = (subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+                if args.busy_core else None)
+        try:
+            if args.analysis:
+                analysis_times(cache_path, args.layer, args.analysis, max(1, args.repeat))
+            best = dissect_runs(args, n, cache_path)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        if best is None:
+            return 1
+        for name, run in best.items():
+            if cache is not None:
+                print(f"  cache + dissect [{name}], fastest: {cache.wall + run.wall:.1f} s "
+                      f"wall, {cache.cpu + run.cpu:.1f} s CPU, peak "
+                      f"{max(cache.peak_mib, run.peak_mib):.0f} MiB")
+        if args.check_reference:
+            ok &= check_reference(cache_path, args.layer, spec, min(args.check_reference, n))
+    return 0 if ok else 1
 
+
+def time_cache(args: argparse.Namespace, n: int, spec: str, cache_path: Path):
+    """``interptool cache`` of the probe into ``cache_path``, timed (None on failure)."""
+    cache = run_child(cli_code(["cache", "--arch", args.arch, "--num-classes", "10",
+                                "--data", spec, "--layers", args.layer, "--out",
+                                str(cache_path), "--dtype", "float32", "--quiet"]))
+    if cache.returncode:
+        print(cache.output)
+        return None
+    print(f"\nn={n} ({spec}), {args.arch} {args.layer}: cache "
+          f"{cache.wall:.1f} s wall, {cache.cpu:.1f} s CPU, peak {cache.peak_mib:.0f} MiB "
+          f"(load {load_average()})")
+    return cache
+
+
+def dissect_runs(args: argparse.Namespace, n: int, cache_path: Path) -> dict | None:
+    """``interptool dissect`` per variant, ``--repeat`` times interleaved; the fastest of each."""
+    best: dict[str, object] = {}
+    for _ in range(max(1, args.repeat)):
+        for name in args.variant:
+            setup, extra = VARIANTS[name]
+            out = Path(args.workdir) / f"dissect_n{n}_{name}"
+            run = run_child(cli_code(["dissect", str(cache_path), "--layer", args.layer,
+                                      "--out", str(out), "--quiet", *extra], setup))
+            if run.returncode:
+                print(run.output)
+                return None
+            print(f"  dissect [{name}]: {run.wall:.2f} s wall, {run.cpu:.2f} s CPU, peak "
+                  f"{run.peak_mib:.0f} MiB (load {load_average()})")
+            if name not in best or run.wall < best[name].wall:
+                best[name] = run
+    return best
 
 if __name__ == "__main__":
     sys.exit(main())

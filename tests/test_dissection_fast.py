@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from interptool.analyzers.dissection import _resize as _dissection_resize
-from interptool.analyzers.dissection import _tally as _dissection_tally
 from interptool.analyzers.dissection._resize import (
     above_bound,
     masked_pixels,
@@ -39,8 +38,7 @@ def _thresholds_with_ties(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
                                    (16, 16, 16, 16), (3, 5, 3, 17),
                                    (12, 12, 6, 12), (13, 11, 5, 29)])  # last two shrink
 @pytest.mark.parametrize("relu", [True, False])
-def test_masked_pixels_equal_whole_map_threshold(shape, relu, monkeypatch):
-    monkeypatch.setattr(_dissection_resize, "TILE_MIN_PIXELS", 0)  # tiles at every size
+def test_masked_pixels_equal_whole_map_threshold(shape, relu):
     h, w, sh, sw = shape
     rng = np.random.default_rng(h * 1000 + sw + relu)
     x = rng.standard_normal((30, h, w)).astype(np.float32)
@@ -59,8 +57,8 @@ def test_masked_pixels_equal_whole_map_threshold(shape, relu, monkeypatch):
 
 def test_tile_path_chosen_by_geometry():
     assert tiles_apply((7, 7), (112, 112)) and tiles_apply((14, 14), (64, 64))
-    assert not tiles_apply((4, 4), (32, 32))  # small output: whole maps
-    assert not tiles_apply((12, 12), (64, 6))  # an axis shrinks: whole maps (Pillow order)
+    assert tiles_apply((4, 4), (32, 32)) and tiles_apply((5, 5), (5, 5))
+    assert not tiles_apply((12, 12), (64, 6))  # an axis shrinks: exact whole-map resize
 
 
 def test_masked_pixels_sparse_peaks_near_threshold():
@@ -154,17 +152,14 @@ def _reference_counts(feats, segs, thresholds, label_category, n_cat, mode):
 
 
 @pytest.mark.parametrize("mode", ["overlap", "image"])
-@pytest.mark.parametrize("tiles", [True, False])
-@pytest.mark.parametrize("per_pair", [True, False])
-def test_tally_equals_per_image_reference_with_ties(mode, tiles, per_pair, monkeypatch):
-    if tiles:
-        monkeypatch.setattr(_dissection_resize, "TILE_MIN_PIXELS", 0)
-    if not per_pair:  # large label sets count per unit: force that path
-        monkeypatch.setattr(_dissection_tally, "_PAIR_COUNTS", 0)
+@pytest.mark.parametrize("shrink", [False, True])
+def test_tally_equals_per_image_reference_with_ties(mode, shrink):
     rng = np.random.default_rng(11)
     n, U = 10, 6
     label_category = np.array([-1, 0, 0, 1, 1, 2, 2, 3, -1])  # 3: image-level, 8: unused
-    feats = rng.gamma(1.0, size=(n, U, 4, 4)).astype(np.float32)
+    # growing maps take the tile path; maps taller than the masks (height shrinks, width
+    # grows: Pillow's order is known there) the exact whole-map resize
+    feats = rng.gamma(1.0, size=(n, U, *((20, 8) if shrink else (4, 4)))).astype(np.float32)
     feats[:, 0] = np.maximum(feats[:, 0] - 1.0, 0)  # sparse unit with ReLU zeros
     segs = []
     for i in range(n):

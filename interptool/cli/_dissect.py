@@ -61,7 +61,6 @@ def register(subparsers: Any) -> None:
                    help="bootstrap seed (same seed and probe: the same resamples for every model)")
     g.add_argument("--bootstrap-block-size", type=int, default=1, metavar="K",
                    help="probe images per resampled block (default 1)")
-    g.add_argument("--quantile-method", choices=["exact", "sketch"], default="exact")
     g.add_argument("--category-area", choices=["overlap", "image"], default="overlap",
                    help="unit area per category: NetDissect-Lite's 'overlap' (default) or "
                    "'image' (every image carrying the category)")
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     dissection = Dissection(
         quantile=args.quantile, iou_threshold=args.iou_threshold, batch_size=args.batch_size,
         device=args.device, workers=args.workers, top_images=args.top_images,
-        quantile_method=args.quantile_method, category_area=args.category_area,
+        category_area=args.category_area,
         protocol=args.protocol, categories=args.categories, bootstrap=args.bootstrap,
         seed=args.seed, bootstrap_block_size=args.bootstrap_block_size)
     with ActivationCache(cache_path) as cache:

@@ -44,7 +44,7 @@ from interptool.analyzers.dissection._bootstrap import (
     resample_measures,
 )
 from interptool.analyzers.dissection._protocol import get_protocol, resolve_protocol
-from interptool.analyzers.dissection._quantile import ExactQuantile, HistogramQuantile
+from interptool.analyzers.dissection._quantile import ExactQuantile
 from interptool.analyzers.dissection._resize import is_square
 from interptool.analyzers.dissection._tally import (
     SegmentationSet,
@@ -494,9 +494,6 @@ class Dissection:
         device: torch device for the quantile merge, upsampling and counting.
         workers: DataLoader workers decoding segmentation masks.
         top_images: probe images kept per unit for the montages.
-        quantile_method: ``"exact"`` (numpy-identical; memory ``units x quantile x N x H x W``
-            values) or ``"sketch"`` (``sketch_bins`` bins per unit, two passes, within one
-            bin width of the exact value).
         category_area: ``"overlap"`` (NetDissect-Lite's code, default): a unit's mask in an
             image counts toward category c's denominator when it touches a pixel labelled
             with a c label, or the image has an image-level c label; ``"image"``: whenever
@@ -525,9 +522,7 @@ class Dissection:
         workers: int = 0,
         top_images: int = 8,
         *,
-        quantile_method: str = "exact",
         category_area: str = "overlap",
-        sketch_bins: int = 8192,
         checksum: bool = True,
         protocol: str = "netdissect-lite",
         categories: str | list[str] | tuple[str, ...] | None = None,
@@ -560,9 +555,6 @@ class Dissection:
         if batch_size < 1 or workers < 0 or top_images < 0:
             raise ConfigError("batch_size must be >= 1, workers >= 0 and top_images >= 0 "
                               f"(got {batch_size}, {workers}, {top_images})")
-        if quantile_method not in ("exact", "sketch"):
-            raise ConfigError(f"quantile_method={quantile_method!r}; expected 'exact' or "
-                              "'sketch'")
         if category_area not in ("overlap", "image"):
             raise ConfigError(f"category_area={category_area!r}; expected 'overlap' "
                               "(NetDissect-Lite) or 'image'")
@@ -572,15 +564,13 @@ class Dissection:
         self.device = str(device)
         self.workers = int(workers)
         self.top_images = int(top_images)
-        self.quantile_method = quantile_method
         self.category_area = category_area
-        self.sketch_bins = int(sketch_bins)
         self.checksum = bool(checksum)
 
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "quantile", "iou_threshold", "batch_size", "device", "workers", "top_images",
-            "quantile_method", "category_area", "sketch_bins", "protocol", "categories",
+            "category_area", "protocol", "categories",
             "bootstrap", "seed", "bootstrap_block_size", "ci_level")}
 
     # ------------------------------------------------------------------ run
@@ -649,15 +639,12 @@ class Dissection:
         p = 1.0 - self.quantile
         n_values = n_kept * H * W
 
-        # ---- pass 1: thresholds, finiteness, per-unit top images
-        if self.quantile_method == "exact":
-            quant: Any = ExactQuantile(U, n_values, p, device)
-        else:
-            quant = HistogramQuantile(U, n_values, p, self.sketch_bins, device)
+        # ---- pass 1: thresholds (exact), finiteness, per-unit top images
+        quant = ExactQuantile(U, n_values, p, device)
         k_top = min(self.top_images, n_kept)
         top_v = torch.empty((U, 0), dtype=torch.float32, device=device)
         top_i = torch.empty((U, 0), dtype=torch.int64, device=device)
-        bar = progress(total=N * (3 if self.quantile_method == "sketch" else 2),
+        bar = progress(total=N * 2,
                        desc=f"dissect {layer}", unit="img")
         with bar:
             for start, x in view.blocks(self.batch_size):
@@ -672,10 +659,7 @@ class Dissection:
                         bar.update(nb)
                         continue
                 vals = x.permute(1, 0, 2, 3).reshape(U, -1)
-                if self.quantile_method == "exact":
-                    quant.add(vals)
-                else:
-                    quant.observe_range(vals)
+                quant.add(vals)
                 if k_top:
                     peak = x.flatten(2).amax(dim=2).T  # (U, B)
                     idx = torch.as_tensor(img_idx, device=device).expand(U, -1)
@@ -684,15 +668,6 @@ class Dissection:
                     order = torch.sort(cv, dim=1, descending=True, stable=True).indices[:, :k_top]
                     top_v, top_i = cv.gather(1, order), ci.gather(1, order)
                 bar.update(nb)
-            if self.quantile_method == "sketch":
-                for start, x in view.blocks(self.batch_size):
-                    nb = x.shape[0]
-                    rows = kept_rows(start, nb)
-                    if rows is not None:
-                        x = x[torch.as_tensor(rows)]
-                    if x.shape[0]:
-                        quant.add(x.to(device).permute(1, 0, 2, 3).reshape(U, -1))
-                    bar.update(nb)
             thresholds = quant.result()
 
             # ---- pass 2: tally

@@ -15,8 +15,9 @@ rounding; the matrices also handle downsampling (the filter widens, as in Pillow
 
 The dissection tally only needs *where* the upsampled map exceeds the unit's threshold:
 :func:`iter_masked_pixels` finds those pixels, evaluating (exactly) only the tiles and boxes
-of the output that can exceed it (see the "Tile path" section below), or whole maps for small
-outputs (:func:`threshold_maps`).
+of the output that can exceed it (see the "Tile path" section below). This is the one tally
+code path, on CPU and CUDA: a compiled (numba) kernel, a whole-map float32 path and a
+histogram-sketch quantile were measured end to end and removed (docs/benchmarks_dissect.md).
 """
 
 from __future__ import annotations
@@ -74,11 +75,6 @@ def _pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndar
         idx[row, b - a :] = a
         wt[row, : b - a] = w[row, a:b]
     return idx, wt
-
-
-def resize_weights(in_size: int, out_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pillow-bilinear resampling matrix (out_size, in_size) as a float64 tensor on ``device``."""
-    return torch.tensor(_pil_bilinear_weights(int(in_size), int(out_size)), device=device)
 
 
 def _resample_axis(x: torch.Tensor, axis: int, out_size: int) -> torch.Tensor:
@@ -140,47 +136,9 @@ def is_square(n: int) -> bool:
     return n > 0 and r * r == n
 
 
-def _resize_fast(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Float32 matrix-product version of :func:`resize_maps` (BLAS; not bit-exact)."""
-    sh, sw = size
-    x = maps.to(torch.float32)
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    wh = resize_weights(w, sw, x.device).to(torch.float32)
-    wv = resize_weights(h, sh, x.device).to(torch.float32)
-    return torch.matmul(wv, torch.matmul(x, wh.T))
-
-
-# Half-width of the band around the threshold, relative to a map's largest magnitude, inside
-# which the float32 fast path is not trusted. Its error is a few float32 ulps of that
-# magnitude (convex weights, <= 2 rounded passes); 2**-16 is ~256 ulps.
+# Relative margin for the tile path's row bound: Pillow's float32 passes differ from real
+# arithmetic by a few float32 ulps of the window's largest magnitude; 2**-16 is ~256 ulps.
 _BAND = 2.0 ** -16
-
-
-def threshold_maps(maps: torch.Tensor, size: tuple[int, int],
-                   thresholds: torch.Tensor) -> torch.Tensor:
-    """``resize_maps(maps, size) > thresholds[:, None, None]`` as a (K, sh*sw) bool tensor.
-
-    Computed with a fast float32 matrix product; only maps with a pixel within a safe band
-    of their threshold are recomputed with the bit-exact Pillow emulation, so the result is
-    identical to thresholding :func:`resize_maps` (checked in tests/test_quantile.py).
-    """
-    k = maps.shape[0]
-    sh, sw = int(size[0]), int(size[1])
-    approx = _resize_fast(maps, (sh, sw)).reshape(k, sh * sw)
-    t = thresholds.to(torch.float64)[:, None]
-    band = maps.detach().abs().flatten(1).amax(dim=1).to(torch.float64)[:, None] * _BAND
-    band = band + t.abs() * _BAND
-    # float32 comparisons against [T - band, T + band] (rounding T to float32 moves it by
-    # 2**-24 relative, far inside the band): above the band -> in the mask, inside -> unsure
-    lo = (t - band).to(torch.float32)
-    hi = (t + band).to(torch.float32)
-    mask = approx > hi
-    unsure = ((approx >= lo) & ~mask).any(dim=1)
-    if bool(unsure.any()):
-        rows = torch.nonzero(unsure, as_tuple=True)[0]
-        exact = resize_maps(maps[rows], (sh, sw)).reshape(len(rows), sh * sw)
-        mask[rows] = exact.to(torch.float64) > t[rows]
-    return mask
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,17 +214,10 @@ def above_bound(thresholds: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(t32), torch.full_like(tau, math.inf), tau)
 
 
-# Outputs smaller than this are thresholded whole (float32 matrix product + exact recheck,
-# :func:`threshold_maps`): per-tile bookkeeping costs more than it saves on small maps
-# (measured: 32x32 outputs ~1.7x faster whole, 112x112 ~5x faster by tiles).
-TILE_MIN_PIXELS = 64 * 64
-
-
 def tiles_apply(in_size: tuple[int, int], size: tuple[int, int]) -> bool:
-    """Whether :func:`iter_masked_pixels` uses the tile path: neither axis shrinks and the
-    output has at least ``TILE_MIN_PIXELS`` pixels."""
-    sh, sw = int(size[0]), int(size[1])
-    return sh >= int(in_size[0]) and sw >= int(in_size[1]) and sh * sw >= TILE_MIN_PIXELS
+    """Whether :func:`iter_masked_pixels` uses the tile path: neither axis shrinks (every
+    dissection geometry: maps are upsampled to the segmentation size)."""
+    return int(size[0]) >= int(in_size[0]) and int(size[1]) >= int(in_size[1])
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -285,8 +236,9 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
     tensors on the maps' device. Over all chunks the
     positions are exactly those of ``torch.nonzero`` on the thresholded :func:`resize_maps`
     (each once, in no particular order). When neither axis shrinks only the tiles that can
-    exceed the threshold are evaluated, exactly (see above); otherwise whole maps go through
-    :func:`threshold_maps`. Each chunk works on at most ``max_elements`` pixels (at least one
+    exceed the threshold are evaluated, exactly (see above); a map larger than the output
+    (no dissection geometry; kept for completeness) is resized whole with
+    :func:`resize_maps`. Each chunk works on at most ``max_elements`` pixels (at least one
     tile or map), so memory does not depend on the number of maps.
     """
     sh, sw = int(size[0]), int(size[1])
@@ -298,8 +250,9 @@ def iter_masked_pixels(maps: torch.Tensor, size: tuple[int, int], thresholds: to
     if not tiles_apply((h, w), (sh, sw)):
         step = max(1, max_elements // (sh * sw))
         for s in range(0, k, step):
-            kk, px = torch.nonzero(threshold_maps(maps[s : s + step], (sh, sw),
-                                                  t64[s : s + step]), as_tuple=True)
+            up = resize_maps(maps[s : s + step], (sh, sw)).reshape(-1, sh * sw)
+            kk, px = torch.nonzero(up.to(torch.float64) > t64[s : s + step, None],
+                                   as_tuple=True)
             kk = kk + s
             yield kk, px if offsets is None else px + _take(offsets, kk)
         return

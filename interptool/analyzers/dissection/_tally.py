@@ -4,10 +4,9 @@ For one batch of images, the (image, unit) pairs whose map exceeds the unit's th
 somewhere go through :func:`iter_masked_pixels`, which upsamples (Pillow-bilinear, bit-exact)
 only the tiles of each map that can exceed the threshold and yields the masked pixels in
 bounded chunks. Every masked pixel's labels (all mask planes, stored pixel-major so one row
-gather reads them) are counted at once with ``bincount`` on ``pair * L + label`` when that
-(pairs x labels) table is small (it then also gives the mask areas and touched categories),
-else on ``unit * L + label``. Counts are int64, exact, and independent of batch size and
-image order.
+gather reads them) are counted at once with ``bincount`` on ``unit * L + label``. Counts are
+int64, exact, and independent of batch size and image order. This is the only tally path,
+on CPU and CUDA (the alternatives measured and removed: docs/benchmarks_dissect.md).
 """
 
 from __future__ import annotations
@@ -18,19 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from interptool.analyzers.dissection import _numba as _dissection_numba
 from interptool.analyzers.dissection._resize import _take, iter_masked_pixels
 from interptool.errors import DataError
 
 # Upsampled pixels evaluated per chunk (float64 work arrays of 4 MiB); bounds peak memory
 # whatever the number of images or units, and keeps the work in cache.
 _CHUNK_PIXELS = 1 << 19
-# Largest (firing pairs x labels) table counted per pair (int64: 16 MiB, a few such arrays
-# live at once); larger label sets count per unit (two bincounts per masked label, not one).
-_PAIR_COUNTS = 1 << 21
-# Use the compiled numba kernel (``_dissection_numba``) on CPU when numba imports; tests turn
-# it off to check the torch path, which CUDA and numba-less installs use.
-USE_NUMBA = True
 
 
 @dataclass
@@ -121,9 +113,6 @@ class TallyAccumulator:
         cat[cat < 0] = self.C
         cat[0] = self.C
         self.cat = torch.as_tensor(cat, device=device)
-        # (L, C + 1) one-hot primary category per label (dummy column C for label 0/unused)
-        self._onehot = torch.zeros((self.L, self.C + 1), dtype=torch.float64, device=device)
-        self._onehot[torch.arange(self.L, device=device), self.cat] = 1.0
         self.intersect = torch.zeros(self.U * self.L, dtype=torch.int64, device=device)
         self.label_area = torch.zeros(self.L, dtype=torch.int64, device=device)
         self.unit_area = torch.zeros(self.U, dtype=torch.int64, device=device)
@@ -199,20 +188,8 @@ class TallyAccumulator:
         scal_cat, img_cat = scal_cat[:, :C], img_cat[:, :C]
 
         key_base = u_idx * L
-        if USE_NUMBA and dev.type == "cpu" and _dissection_numba.usable():
-            # one fused compiled pass: exact upsampling, threshold and counting per pair
-            area_np, touched_np = _dissection_numba.tally_pairs(
-                maps.detach().numpy(), _take(self.T, u_idx).numpy(), g_idx.numpy(),
-                u_idx.numpy(), size, pix.numpy(), self.cat.numpy(), L, C,
-                self.intersect.numpy())  # CPU tensor's memory: updated in place
-            pair_area = torch.from_numpy(area_np)
-            touched = torch.from_numpy(touched_np[:, :C])
-        elif D and k * L <= _PAIR_COUNTS:
-            pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
-            touched = self._count_per_pair(maps, size, u_idx, g_idx, pix, pair_area)
-        else:
-            pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
-            touched = self._count_per_unit(maps, size, u_idx, g_idx, pix, pair_area)
+        pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
+        touched = self._count(maps, size, u_idx, g_idx, pix, pair_area)
         self.unit_area.index_add_(0, u_idx, pair_area)
         # image-level labels: the whole mask intersects them
         skeys = (key_base[:, None] + _take(scal, g_idx)).reshape(-1)
@@ -225,40 +202,11 @@ class TallyAccumulator:
             present = _take(img_cat, g_idx)
         self.unit_cat_area.index_add_(0, u_idx, pair_area[:, None] * present)
 
-    def _count_per_pair(self, maps: torch.Tensor, size: tuple[int, int], u_idx: torch.Tensor,
-                        g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor) -> torch.Tensor:
-        """Label counts per (image, unit) pair: one ``bincount`` on ``pair * L + label``.
-
-        Used when the (pairs x labels) table is small. The unit intersections, the pair's
-        mask area (every pixel row holds D labels, padding 0 included) and the categories the
-        mask touches all follow from that table, so each masked pixel is read once.
-        """
-        dev, L, C = self.device, self.L, self.C
-        k, D = u_idx.numel(), pix.shape[1]
-        sh, sw = size
-        kdt = torch.int32 if k * L < 2**31 else torch.int64
-        pair_lab = torch.zeros(k * L, dtype=torch.int64, device=dev)
-        for pp, rows in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS,
-                                           offsets=g_idx * (sh * sw)):
-            if pp.numel() == 0:
-                continue
-            labels = _take(pix, rows)  # (n, D) labels under the mask, rows = image * P + pixel
-            pair_lab += torch.bincount(((pp.to(kdt) * L)[:, None] + labels).reshape(-1),
-                                       minlength=k * L)
-        pl = pair_lab.reshape(k, L)
-        pair_area += pl.sum(dim=1) // D
-        self.intersect.view(self.U, L).index_add_(0, u_idx, pl)
-        if self.mode == "overlap":
-            # categories touched: any label of the category counted for the pair (float64
-            # product of 0/1 entries: exact)
-            return torch.matmul((pl > 0).to(torch.float64), self._onehot)[:, :C]
-        return pl[:, :0]
-
-    def _count_per_unit(self, maps: torch.Tensor, size: tuple[int, int], u_idx: torch.Tensor,
-                        g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor) -> torch.Tensor:
-        """Label counts straight into ``unit * L + label`` (large label sets: the per-pair
-        table would not fit); adds the pairs' mask areas into ``pair_area`` and returns the
-        (k, C) count of touched labels per category (overlap mode)."""
+    def _count(self, maps: torch.Tensor, size: tuple[int, int], u_idx: torch.Tensor,
+               g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor) -> torch.Tensor:
+        """Label counts straight into ``unit * L + label``; adds the pairs' mask areas into
+        ``pair_area`` and returns the (k, C) count of touched labels per category (overlap
+        mode)."""
         dev, L, C = self.device, self.L, self.C
         k, D = u_idx.numel(), pix.shape[1]
         sh, sw = size
