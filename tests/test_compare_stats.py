@@ -431,3 +431,52 @@ def test_group_rows_means_t_intervals_and_direction():
     # no groups in the config: no group rows
     plain = _groups_cfg(GROUPS.replace('group = "kd"\n', "").replace('group = "scratch"\n', ""))
     assert group_findings([row], plain) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's mechanism panel
+# --------------------------------------------------------------------------------------------
+def test_exact_spearman_known_answers():
+    from interptool.pipeline._mechanism import exact_spearman
+
+    r = exact_spearman([1, 2, 3, 4], [10, 20, 30, 40])
+    assert r["rho"] == pytest.approx(1.0)
+    assert r["p_value"] == pytest.approx(2 / 24)  # 4 models: never below 0.05
+    # d = (1, -1, 1, -1, 0): rho = 1 - 6 * 4 / (5 * 24) = 0.8; orderings with |rho| >= 0.8:
+    # identity, 4 adjacent swaps, 3 pairs of disjoint adjacent swaps, and their mirrors
+    r = exact_spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert r["rho"] == pytest.approx(0.8)
+    assert r["p_value"] == pytest.approx(16 / 120)
+    assert math.isnan(exact_spearman([1, 2], [3, 4])["rho"])
+
+
+def test_mechanism_panel_from_a_summary(tmp_path):
+    from interptool.pipeline._mechanism import mechanism_section
+    from interptool.report._figures import FigureSet
+
+    fr = {"teacher": 0.30, "kd": 0.25, "scratch": 0.20, "ls": 0.10, "random-init.x": 0.05}
+    ent = {"teacher": 0.9, "kd": 0.8, "scratch": 0.5, "ls": 0.2}
+    summary = {
+        "teacher": "teacher",
+        "dissection": {"roles": {"random-init.x": "baseline"},
+                       "per_model": {m: {"layer4": {"detector_fraction": v}}
+                                     for m, v in fr.items()}},
+        "similarity": {"temperatures": [1.0],
+                       "models": {m: {"temperatures": {"1": {"entropy": v}}}
+                                  for m, v in ent.items()},
+                       "estimates": [{"metric": "spearman", "role": "student", "model": m,
+                                      "temperature": 1.0, "value": v}
+                                     for m, v in (("kd", 0.9), ("scratch", 0.7), ("ls", 0.3))]},
+    }
+    figs = FigureSet(tmp_path)
+    mech = mechanism_section(summary, figs)
+    c = {r["x"]: r for r in mech["correlations"]}
+    ent_c = c["within-class entropy"]
+    assert ent_c["n"] == 4 and ent_c["rho"] == pytest.approx(1.0)  # the control is left out
+    assert "cannot reach p < 0.05" in ent_c["caveat"]
+    assert c["similarity transfer"]["n"] == 3 and c["similarity transfer"]["rho"] == pytest.approx(1.0)
+    assert c["similarity transfer"]["p_value"] == pytest.approx(2 / 6)
+    assert {r["model"] for r in mech["rows"]} == {"teacher", "kd", "scratch", "ls"}
+    assert (tmp_path / "mechanism.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rho = 1.00" in figs.entries["mechanism"]["caption"]
+    assert mechanism_section({"teacher": "t", "dissection": summary["dissection"]}, figs) is None

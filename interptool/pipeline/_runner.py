@@ -61,6 +61,11 @@ def _execute(run: RunContext, config_text: str | None, command: str | None,
     summary["paper_direction"] = paper_directions(summary["findings"])
     for d in summary["paper_direction"]:
         say(d["sentence"])
+    from interptool.pipeline._mechanism import mechanism_section
+
+    mech = mechanism_section(summary, run.figures)
+    if mech is not None:
+        summary["mechanism"] = mech
     run.timings["total"] = round(time.perf_counter() - t_all, 2)
     summary["figures"] = run.figures.entries
     summary["provenance"] = {
