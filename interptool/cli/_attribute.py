@@ -104,7 +104,7 @@ def _parse_models(args: argparse.Namespace) -> list[tuple[str | None, str, str |
 
 
 def _method_params(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    from interptool.analyzers.attribution._methods import METHODS
+    from interptool.analyzers.attribution import METHODS
 
     flags = {"steps": args.steps, "baseline": args.baseline,
              "internal_batch_size": args.internal_batch_size, "layer": args.layer,
@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
     from interptool._provenance import atomic_write_text, provenance
     from interptool.analyzers.attribution import (
         Attribution,
-        agreement,
+        ObjectMasks,
         folder_masks,
-        localisation,
+        get_method,
         randomisation_check,
+        score_maps,
     )
-    from interptool.analyzers.attribution._methods import get_method
     from interptool.common.jsonsafe import to_jsonable
 
     # validate everything cheap before loading models or data
@@ -178,53 +178,62 @@ def run(args: argparse.Namespace) -> int:
                               "data": args.data}
     n = min(args.n, len(dataset))
     display = None
-    masks_by_size: dict[tuple[int, int], Any] = {}
+    # masks must stay aligned with the pixels: no crop when masks are scored
+    with_masks = bool(broden or args.masks)
+    inputs_of = {}
     for name, loaded in loaded_models:
         folder = out if len(loaded_models) == 1 else out / name
         pre = loaded.preprocessing
-        # masks must stay aligned with the pixels: no crop when masks are scored
-        transform = pre.probe_transform() if (broden or args.masks) else pre.eval_transform()
+        transform = pre.probe_transform() if with_masks else pre.eval_transform()
         tds = dataset.torch_dataset(transform)
+        inputs_of[name] = tds
         results[name] = {}
-        model_scores: dict[str, Any] = {"model": loaded.to_dict(), "methods": {}}
         for m in methods:
             attr = Attribution(m, keep_raw=args.keep_raw, **_method_params(m, args))
-            res = attr.run(loaded, dataset, n=n, batch_size=args.batch_size, target=target,
-                           device=args.device, out=folder, overwrite=args.overwrite,
-                           transform=transform, keep_images=0)
-            results[name][m] = res
-            entry: dict[str, Any] = {"summary": res.to_dict()}
-            size = tuple(int(v) for v in res.maps.shape[1:])
-            if broden or args.masks:
-                if size not in masks_by_size:
-                    masks_by_size[size] = _Masks(dataset, args.masks, size)
-                entry["localisation"] = localisation(
-                    res, masks_by_size[size].get(n), seed=args.seed).to_dict()
-            if args.faithfulness_steps > 0:
-                entry["faithfulness"] = {
-                    mode: _faithfulness_chunked(loaded.model, tds, res, mode, args).to_dict()
-                    for mode in ("deletion", "insertion")}
+            results[name][m] = attr.run(loaded, dataset, n=n, batch_size=args.batch_size,
+                                        target=target, device=args.device, out=folder,
+                                        overwrite=args.overwrite, transform=transform,
+                                        keep_images=0)
+        if display is None:
+            display = _inputs(tds, 0, min(8, n))
+    # one scoring path with compare: agreement, localisation, deletion and insertion
+    masks_by_size: dict[tuple[int, int], ObjectMasks] = {}
+
+    def masks(size: tuple[int, int]) -> ObjectMasks:
+        if size not in masks_by_size:
+            masks_by_size[size] = ObjectMasks(dataset, size, n, folder=args.masks)
+        return masks_by_size[size]
+
+    teacher = names[0]
+    per_method = {m: score_maps(
+        {name: results[name][m] for name in names}, teacher=teacher,
+        models={name: lm.model for name, lm in loaded_models},
+        inputs=lambda name, s, e: _inputs(inputs_of[name], s, e),
+        masks=masks if with_masks else None, modes=("deletion", "insertion"),
+        patch=args.patch, steps=args.faithfulness_steps,
+        baseline=args.faithfulness_baseline, batch_size=max(args.batch_size, 32),
+        device=args.device, seed=args.seed, label=m) for m in methods}
+    for name, loaded in loaded_models:
+        model_scores: dict[str, Any] = {"model": loaded.to_dict(), "methods": {}}
+        for m in methods:
+            entry: dict[str, Any] = {"summary": results[name][m].to_dict()}
+            if name in per_method[m]["localisation"]:
+                entry["localisation"] = per_method[m]["localisation"][name]
+            if name in per_method[m]["faithfulness"]:
+                entry["faithfulness"] = per_method[m]["faithfulness"][name]
             model_scores["methods"][m] = entry
         if args.sanity_n > 0:
             k = min(args.sanity_n, n)
-            imgs = _inputs(tds, 0, k)
             first = results[name][methods[0]]
             attrs = [Attribution(m, **_method_params(m, args)) for m in methods]
             model_scores["randomisation"] = randomisation_check(
-                loaded.model, attrs, imgs, first.targets[:k], top_k=args.sanity_top_k,
-                threshold=args.sanity_threshold, seed=args.seed, device=args.device,
-                batch_size=args.batch_size).to_dict()
+                loaded.model, attrs, _inputs(inputs_of[name], 0, k), first.targets[:k],
+                top_k=args.sanity_top_k, threshold=args.sanity_threshold, seed=args.seed,
+                device=args.device, batch_size=args.batch_size).to_dict()
         scores["models"][name] = model_scores
-        if display is None:
-            display = _inputs(tds, 0, min(8, n))
-    teacher = names[0]
     for name in names[1:]:
-        pair = {}
-        for m in methods:
-            res = agreement(results[teacher][m], results[name][m], seed=args.seed)
-            res.names = (f"{teacher}:{m}", f"{name}:{m}")  # the --model names, not file stems
-            pair[m] = res.to_dict()
-        scores["agreement"][f"{teacher} vs {name}"] = pair
+        scores["agreement"][f"{teacher} vs {name}"] = {
+            m: per_method[m]["agreement"][name] for m in methods}
     scores["provenance"] = provenance(seed=args.seed)
     atomic_write_text(out / "scores.json", json.dumps(to_jsonable(scores), indent=2,
                                                       default=str))
@@ -252,61 +261,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-_CHUNK = 256  # images per chunk for inputs / masks held at once by the scores
-
-
 def _inputs(tds, start: int, stop: int):
     import torch
 
     return torch.stack([torch.as_tensor(tds[i][0]) for i in range(start, stop)])
 
 
-class _Masks:
-    """Object masks at one map size: the data set's own (Broden / concept-world) or a folder
-    given with --masks; read chunk by chunk (a lazy, sliceable (N, H, W) array)."""
-
-    def __init__(self, dataset, folder: str | None, size: tuple[int, int]) -> None:
-        self.dataset, self.folder, self.size = dataset, folder, size
-
-    def get(self, n: int) -> _Masks:
-        self.shape = (n, *self.size)
-        return self
-
-    def _read(self, rows):
-        from interptool.analyzers.attribution import class_object_masks, folder_masks
-
-        if self.folder:
-            return folder_masks(self.folder, self.dataset, rows, size=self.size)
-        return class_object_masks(self.dataset, rows, size=self.size)
-
-    def __getitem__(self, key: slice):
-        n = self.shape[0]
-        if n * self.size[0] * self.size[1] <= 64 * 2**20:
-            # small enough (<= 64 MB of booleans): read once, reused by every method/model
-            if getattr(self, "_all", None) is None or len(self._all) != n:
-                self._all = self._read(range(n))
-            return self._all[key]
-        return self._read(range(*key.indices(n)))
-
-
-def _faithfulness_chunked(model, tds, res, mode: str, args: argparse.Namespace):
-    """Deletion / insertion over all images, inputs loaded ``_CHUNK`` at a time (each
-    chunk is one batched ``faithfulness`` call; the summary covers all images)."""
-    from interptool.analyzers.attribution import FaithfulnessResult, faithfulness
-
-    parts = []
-    for s in range(0, res.n, _CHUNK):
-        e = min(res.n, s + _CHUNK)
-        parts.append(faithfulness(
-            model, _inputs(tds, s, e), res.maps[s:e], res.targets[s:e], mode=mode,
-            patch=args.patch, steps=args.faithfulness_steps,
-            baseline=args.faithfulness_baseline, batch_size=max(args.batch_size, 32),
-            device=args.device, ids=res.ids[s:e], seed=args.seed, n_boot=0))
-    return FaithfulnessResult.concat(parts, seed=args.seed)
-
-
 def _known() -> set[str]:
-    from interptool.analyzers.attribution._methods import METHODS
+    from interptool.analyzers.attribution import METHODS
 
     return set(METHODS)
 
@@ -320,9 +282,9 @@ def _grid(path: Path, images, results, names, methods, class_names=None) -> None
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from interptool.analyzers.attribution._analyzer import _display
+    from interptool.analyzers.attribution import display_images
 
-    shown = _display(images)
+    shown = display_images(images)
     k = len(shown)
     first = results[names[0]][methods[0]]
 

@@ -11,7 +11,7 @@ Public face of the loading stage (see docs/architecture.md "Loading" and docs/lo
 from __future__ import annotations
 
 from interptool.loading._checkpoint import read_state_dict
-from interptool.loading._layers import list_layers
+from interptool.loading._layers import layer_table, list_layers
 from interptool.loading._model import LoadedModel, LoadReport, load_model
 from interptool.loading._preprocess import Preprocessing
 
@@ -19,6 +19,7 @@ __all__ = [
     "LoadReport",
     "LoadedModel",
     "Preprocessing",
+    "layer_table",
     "list_layers",
     "load_model",
     "read_state_dict",

@@ -9,7 +9,7 @@ from typing import Any
 
 from interptool.pipeline._config import CompareConfig
 from interptool.pipeline._stage_cache import StageCache
-from interptool.report._figures import FigureSet
+from interptool.report import FigureSet
 
 
 class RunContext:

@@ -278,7 +278,7 @@ def _pairs_needed(run: RunContext, layer: str, have: dict[str, dict[str, Any]]) 
 # --------------------------------------------------------------------------------------------
 def dissection_stage(run: RunContext) -> dict[str, Any]:
     """Dissect every model's and every control's layers; paired differences; section."""
-    from interptool.report._sections import dissection_section
+    from interptool.report import dissection_section
 
     d = run.cfg.analysis.dissection
     assert d is not None and run.probe_ds is not None

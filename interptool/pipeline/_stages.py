@@ -26,11 +26,11 @@ from interptool.common.layers import lookup_layer
 from interptool.errors import AnalysisError, ConfigError, InterptoolError
 from interptool.pipeline._context import RunContext
 from interptool.pipeline._stage_cache import cache_identity
-from interptool.report import _figures as figs
-from interptool.report._sections import (
+from interptool.report import (
     attribution_section,
     similarity_section,
 )
+from interptool.report import figures as figs
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def _offdiag_nan(m: np.ndarray) -> np.ndarray:
 def _similarity_work(run: RunContext) -> dict[str, Any]:
     # the package attribute, looked up at call time (tests replace it to simulate a crash)
     from interptool.analyzers import similarity as similarity_pkg
-    from interptool.analyzers.similarity._plots import cluster_order
+    from interptool.analyzers.similarity import cluster_order
     from interptool.cache import ActivationCache
 
     s = run.cfg.analysis.similarity
@@ -317,46 +317,32 @@ def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
 def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n: int) -> dict:
     import pandas as pd
 
-    from interptool.analyzers.attribution import (
-        agreement,
-        class_object_masks,
-        faithfulness,
-        localisation,
-    )
+    from interptool.analyzers.attribution import ObjectMasks, score_maps
 
     a = run.cfg.analysis.attribution
     seed = run.cfg.run.seed
     teacher = run.cfg.teacher.name
     d = run.out / "attribution" / method
-    out: dict[str, Any] = {"agreement": {}, "localisation": {}, "faithfulness": {},
-                           "per_image": {}}
-    for name, res in results.items():
-        if name == teacher:
-            continue
-        ag = agreement(results[teacher], res, seed=seed)
-        ag.save(d / f"agreement_{name}")
-        out["agreement"][name] = ag.to_dict()
-        out["per_image"].setdefault("agreement_spearman", {})[name] = ag.spearman
-    masks = None
-    if hasattr(run.eval_ds, "load_segmentation"):
-        try:
-            h, w = results[teacher].maps.shape[1:]
-            masks = class_object_masks(run.eval_ds, list(range(n)), size=(h, w))
+    by_size: dict[tuple[int, int], ObjectMasks] = {}
+
+    def object_masks(size: tuple[int, int]) -> ObjectMasks:
+        if size not in by_size:
+            by_size[size] = ObjectMasks(run.eval_ds, size, n)
+        return by_size[size]
+
+    masks = object_masks if hasattr(run.eval_ds, "load_segmentation") else None
+    if masks is not None:
+        try:  # a data set without class objects: localisation is left out, said once
+            masks(tuple(int(v) for v in results[teacher].maps.shape[1:]))[0:1]
         except AnalysisError as exc:
             say(f"localisation skipped: {exc}")
-    for name, res in results.items():
-        if masks is not None:
-            loc = localisation(res, masks, seed=seed)
-            loc.save(d / f"localisation_{name}")
-            out["localisation"][name] = loc.to_dict()
-            out["per_image"].setdefault("localisation_energy", {})[name] = loc.energy
-        if a.faithfulness:
-            images = _model_inputs(run, name, n)
-            f = faithfulness(run.loaded[name].model, images, res.maps, res.targets,
-                             mode="deletion", device=run.device, seed=seed, ids=res.ids)
-            f.save(d / f"faithfulness_{name}")
-            out["faithfulness"][name] = f.to_dict()
-            out["per_image"].setdefault("deletion_auc", {})[name] = f.auc
+            masks = None
+    # the same scoring path as `interptool attribute`: deletion and insertion
+    out = score_maps(results, teacher=teacher,
+                     models={name: run.loaded[name].model for name in results},
+                     inputs=lambda name, s, e: _model_inputs(run, name, s, e),
+                     masks=masks, modes=("deletion", "insertion") if a.faithfulness else (),
+                     device=run.device, seed=seed, out=d)
     # image grid: the same images across models
     first = results[teacher]
     if first.images is not None:
@@ -374,13 +360,14 @@ def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n:
     return out
 
 
-def _model_inputs(run: RunContext, name: str, n: int):
+def _model_inputs(run: RunContext, name: str, start: int, stop: int):
+    """Model ``name``'s inputs for eval images ``start:stop`` (the transform its maps used)."""
     import torch
 
     pre = run.loaded[name].preprocessing
     tf = pre.probe_transform() if hasattr(run.eval_ds, "load_segmentation") \
         else pre.eval_transform()
-    return torch.stack([tf(run.eval_ds.load_image(i)) for i in range(n)])
+    return torch.stack([tf(run.eval_ds.load_image(i)) for i in range(start, stop)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +387,7 @@ def generic_stage(run: RunContext, name: str) -> dict[str, Any]:
     from interptool.analyzers import AnalysisInputs, get_analyzer
     from interptool.cache import ActivationCache
     from interptool.common.jsonsafe import to_jsonable
-    from interptool.report._sections import generic_section
+    from interptool.report import generic_section
 
     spec = get_analyzer(name)
     settings = getattr(run.cfg.analysis, name)

@@ -229,7 +229,10 @@ def _attribution_findings(att: dict[str, Any] | None, teacher: str, models: list
         for key, label, hib in (
                 ("agreement_spearman", f"{method}: map agreement with teacher", True),
                 ("localisation_energy", f"{method}: energy in class object", True),
-                ("deletion_auc", f"{method}: deletion AUC", False)):
+                ("deletion_auc", f"{method}: deletion AUC", False),
+                ("insertion_auc", f"{method}: insertion AUC", True),
+                ("deletion_normalised", f"{method}: deletion, normalised vs random", True),
+                ("insertion_normalised", f"{method}: insertion, normalised vs random", True)):
             arrays = {m: np.asarray(v, dtype=np.float64) for m, v in per.get(key, {}).items()}
             if not arrays:
                 continue

@@ -243,10 +243,12 @@ def attribution_section(per_method: Mapping[str, Mapping[str, Any]],
             if isinstance(d.get("area"), dict):
                 loc.append({"method": method, "model": m, "metric": "mask area (chance)",
                             "value": d["area"]["mean"], "ci_low": None, "ci_high": None})
-        for m, d in part["faithfulness"].items():
-            if isinstance(d.get("auc"), dict):
-                faith.append({"method": method, "model": m, "metric": "deletion AUC",
-                              **_interval(d["auc"])})
+        for m, by_mode in part["faithfulness"].items():
+            for mode, d in by_mode.items():
+                for key, what in (("auc", "AUC"), ("normalised", "normalised vs random")):
+                    if isinstance(d.get(key), dict):
+                        faith.append({"method": method, "model": m,
+                                      "metric": f"{mode} {what}", **_interval(d[key])})
         if part.get("grid"):
             fig_ids.append(figures.register(
                 f"attribution_grid_{method}", part["grid"],
@@ -258,9 +260,12 @@ def attribution_section(per_method: Mapping[str, Mapping[str, Any]],
         {"title": "Localisation (class object masks)", "rows": loc,
          "note": "Energy: share of positive attribution inside the class object's mask "
                  "(compare with the mask area, a uniform map's score); hit: pointing game."},
-        {"title": "Faithfulness (deletion)", "rows": faith,
-         "note": "Target probability as the most-attributed patches are blurred away; area "
-                 "under the curve, lower = more faithful."},
+        {"title": "Faithfulness (deletion and insertion)", "rows": faith,
+         "note": "Target probability as the most-attributed patches are blurred away "
+                 "(deletion: AUC lower = more faithful) or revealed on a blurred image "
+                 "(insertion: higher = more faithful); 'normalised' is the gain over the "
+                 "seeded random patch order divided by the unperturbed probability p0, so "
+                 "calibrated and over-confident models compare fairly (higher = better)."},
     ]
     return {"intro": "Attribution maps of the first eval images for every model.",
             "per_method": per_method, "tables": [t for t in tables if t["rows"]],

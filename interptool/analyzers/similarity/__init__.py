@@ -13,8 +13,9 @@ __getattr__, __dir__ = lazy_exports(__name__, {
                                  "SimilarityResult", "TransferResult",
                                  "bias_corrected_interval", "compare_similarity",
                                  "load_class_names")},
-    "run": "._entry", "analyze": "._entry"})
+    "run": "._entry", "analyze": "._entry", "cluster_order": "._plots"})
 
 __all__ = ["MATRIX_KINDS", "PAIR_METRICS", "ClassSimilarity", "Params", "SimilarityOptions",
            "SimilarityParams", "SimilarityResult", "TransferResult", "analyze",
-           "bias_corrected_interval", "compare_similarity", "load_class_names", "run"]
+           "bias_corrected_interval", "cluster_order", "compare_similarity", "load_class_names",
+           "run"]

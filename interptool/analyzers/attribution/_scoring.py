@@ -1,0 +1,149 @@
+"""One scoring path for attribution maps of several models, shared by ``interptool attribute``
+and the ``compare`` pipeline: agreement with the teacher's maps, localisation in object
+masks, and faithfulness by deletion and insertion, on the same images for every model.
+
+Inputs and masks are read ``chunk`` images at a time, so memory stays bounded at any N; the
+summaries (bootstrap intervals over images) cover all images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interptool.analyzers.attribution._scores import (
+    FaithfulnessResult,
+    agreement,
+    class_object_masks,
+    faithfulness,
+    folder_masks,
+    localisation,
+)
+
+__all__ = ["ObjectMasks", "display_images", "score_maps"]
+
+
+def display_images(images: Any) -> np.ndarray:
+    """(N, H, W, C) float images in [0, 1] for figures, from model inputs (N, C, H, W)."""
+    from interptool.analyzers.attribution._analyzer import _display
+
+    return _display(images)
+
+#: images per chunk of inputs / masks held at once
+CHUNK = 256
+
+
+class ObjectMasks:
+    """Object masks of the first ``n`` images at one map size, as a lazy sliceable
+    (n, H, W) bool array: the data set's own (Broden / concept-world class objects) or a
+    folder of masks given by the user. Small sets (<= 64 MB of booleans) are read once."""
+
+    def __init__(self, dataset: Any, size: tuple[int, int], n: int,
+                 folder: str | Path | None = None) -> None:
+        self.dataset, self.folder, self.size = dataset, folder, tuple(size)
+        self.shape = (int(n), *self.size)
+        self._all: np.ndarray | None = None
+
+    def _read(self, rows: Sequence[int]) -> np.ndarray:
+        if self.folder:
+            return folder_masks(self.folder, self.dataset, rows, size=self.size)
+        return class_object_masks(self.dataset, rows, size=self.size)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        n = self.shape[0]
+        if n * self.size[0] * self.size[1] <= 64 * 2**20:
+            if self._all is None:
+                self._all = self._read(range(n))
+            return self._all[key]
+        return self._read(range(*key.indices(n)))
+
+
+def _faithfulness(model: Any, inputs: Callable[[int, int], Any], res: Any, mode: str, *,
+                  patch: int, steps: int, baseline: str, batch_size: int, device: str,
+                  seed: int, chunk: int) -> FaithfulnessResult:
+    parts = []
+    for s in range(0, res.n, chunk):
+        e = min(res.n, s + chunk)
+        parts.append(faithfulness(
+            model, inputs(s, e), res.maps[s:e], res.targets[s:e], mode=mode, patch=patch,
+            steps=steps, baseline=baseline, batch_size=batch_size, device=device,
+            ids=res.ids[s:e], seed=seed, n_boot=0))
+    return FaithfulnessResult.concat(parts, seed=seed)
+
+
+def score_maps(
+    results: Mapping[str, Any],
+    *,
+    teacher: str,
+    models: Mapping[str, Any] | None = None,
+    inputs: Callable[[str, int, int], Any] | None = None,
+    masks: Callable[[tuple[int, int]], Any] | None = None,
+    modes: Sequence[str] = ("deletion", "insertion"),
+    patch: int = 8,
+    steps: int = 16,
+    baseline: str = "blur",
+    batch_size: int = 64,
+    device: str = "cpu",
+    seed: int = 0,
+    label: str | None = None,
+    out: str | Path | None = None,
+    chunk: int = CHUNK,
+) -> dict[str, Any]:
+    """Score one method's maps of every model (``results``: name -> AttributionResult, the
+    teacher among them, all on the same images).
+
+    ``models`` (name -> nn.Module) and ``inputs(name, start, stop)`` (that model's input
+    tensor for images ``start:stop``) enable faithfulness in ``modes``; ``masks(size)`` (an
+    (N, H, W) bool array or an :class:`ObjectMasks`) enables localisation. ``label`` is added
+    to the agreement's model names (e.g. the method). With ``out`` each score result is also
+    saved under ``out/<kind>_<model>[_<mode>]/``.
+
+    Returns ``{"agreement": {student: dict}, "localisation": {model: dict},
+    "faithfulness": {model: {mode: dict}}, "per_image": {measure: {model: values}}}`` where
+    the per-image measures are ``agreement_spearman``, ``localisation_energy`` and
+    ``<mode>_auc`` (and ``<mode>_normalised`` when the result has it), for paired findings.
+    """
+    base = Path(out) if out is not None else None
+    scores: dict[str, Any] = {"agreement": {}, "localisation": {}, "faithfulness": {},
+                              "per_image": {}}
+    per = scores["per_image"]
+
+    def keep(res: Any, folder: str) -> None:
+        if base is not None:
+            res.save(base / folder)
+
+    for name, res in results.items():
+        if name == teacher:
+            continue
+        ag = agreement(results[teacher], res, seed=seed)
+        if label:
+            ag.names = (f"{teacher}:{label}", f"{name}:{label}")
+        keep(ag, f"agreement_{name}")
+        scores["agreement"][name] = ag.to_dict()
+        per.setdefault("agreement_spearman", {})[name] = ag.spearman
+    for name, res in results.items():
+        if masks is not None:
+            size = tuple(int(v) for v in res.maps.shape[1:])
+            loc = localisation(res, masks(size), seed=seed)
+            keep(loc, f"localisation_{name}")
+            scores["localisation"][name] = loc.to_dict()
+            per.setdefault("localisation_energy", {})[name] = loc.energy
+        if models is not None and inputs is not None and modes and steps > 0:
+            scores["faithfulness"][name] = {}
+            for mode in modes:
+                f = _faithfulness(models[name], lambda s, e, name=name: inputs(name, s, e),
+                                  res, mode, patch=patch, steps=steps, baseline=baseline,
+                                  batch_size=batch_size, device=device, seed=seed,
+                                  chunk=chunk)
+                keep(f, f"faithfulness_{name}_{mode}")
+                scores["faithfulness"][name][mode] = f.to_dict()
+                per.setdefault(f"{mode}_auc", {})[name] = f.auc
+                if f.normalised is not None:
+                    per.setdefault(f"{mode}_normalised", {})[name] = f.normalised
+    return scores
