@@ -55,6 +55,9 @@ def _execute(run: RunContext, config_text: str | None, command: str | None,
         summary["similarity"] = run.timed("similarity", lambda: _stages.similarity(run))
     if an.attribution is not None:
         summary["attribution"] = run.timed("attribution", lambda: _stages.attribution(run))
+    for name in an.enabled():  # every other registered analysis: its generic stage
+        if name not in _stages.BUILTIN_STAGES:
+            summary[name] = run.timed(name, lambda name=name: _stages.generic_stage(run, name))
     summary["findings"] = build_findings(summary, cfg, run.eval_cache)
     from interptool.pipeline._verdicts import paper_directions
 
