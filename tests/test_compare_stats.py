@@ -480,3 +480,19 @@ def test_mechanism_panel_from_a_summary(tmp_path):
     assert (tmp_path / "mechanism.png").read_bytes()[:4] == b"\x89PNG"
     assert "rho = 1.00" in figs.entries["mechanism"]["caption"]
     assert mechanism_section({"teacher": "t", "dissection": summary["dissection"]}, figs) is None
+
+
+def test_demo_summary_line_states_the_direction_in_words():
+    from interptool.pipeline._verdicts import paper_summary_line
+    from interptool.pipeline.findings import make_finding
+
+    diffs = {("kd", "scratch"): (5, 2, 8), ("kd", "ls"): (6, 1, 9),
+             ("scratch", "ls"): (1, -3, 4)}
+    rows = [make_finding(f"detector units ({lay})", {"kd": 30, "scratch": 25, "ls": 24},
+                         lambda a, b: diffs[(a, b)], models=["kd", "scratch", "ls"])
+            for lay in ("layer3", "layer4")]
+    line = paper_summary_line(paper_directions(rows))
+    assert line.startswith("paper's direction (KD > scratch > LS in detectors, layer4): ")
+    assert "kd - scratch +5 [+2, +8] (agrees)" in line
+    assert "scratch - ls +1 [-3, +4] (interval includes 0: cannot tell)" in line
+    assert "not assessed" in paper_summary_line([])

@@ -30,4 +30,10 @@ def _run(args: argparse.Namespace) -> int:
         args.out, device=args.device, n=args.n, command=" ".join(["interptool", *sys.argv[1:]])
     )
     print(report)
+    import json
+
+    from interptool.pipeline._verdicts import paper_summary_line
+
+    summary = json.loads((report.parent / "summary.json").read_text())
+    print(paper_summary_line(summary.get("paper_direction") or []))
     return 0

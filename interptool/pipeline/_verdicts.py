@@ -18,7 +18,8 @@ from typing import Any
 
 from interptool.common.stats import holm_adjust
 
-__all__ = ["HOLM_ALPHA", "bc_p_value", "mark_holm", "p_from_interval", "paper_directions", "recipe_of"]
+__all__ = ["HOLM_ALPHA", "bc_p_value", "mark_holm", "p_from_interval", "paper_directions",
+           "paper_summary_line", "recipe_of"]
 
 HOLM_ALPHA = 0.05
 
@@ -184,3 +185,27 @@ def paper_directions(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if any(o["group"] for o in out):
         out = [o for o in out if o["group"]] + [o for o in out if not o["group"]]
     return out
+
+
+def paper_summary_line(directions: list[dict[str, Any]]) -> str:
+    """One line for the demo: the paper's two directions in the deepest dissected layer.
+
+    Uses the detector-count rows (fractions when that is all there is), group rows first when
+    the comparison has groups; says so when no model name matches the recipes.
+    """
+    if not directions:
+        return ("paper's direction (KD > scratch > LS in detectors): not assessed (no models "
+                "named kd / scratch / ls, or no dissection)")
+    rows = [d for d in directions if d["measure"].startswith("detector units")] or directions
+    rows = [d for d in rows if d["group"]] or rows
+    layer = rows[-1]["measure"].rsplit("(", 1)[-1].rstrip(")")
+    parts = []
+    for d in rows:
+        if not d["measure"].endswith(f"({layer})"):
+            continue
+        ci = (f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+              if d["ci_low"] is not None and d["ci_high"] is not None else "(no interval)")
+        word = {"agrees": "agrees", "disagrees": "opposite", "cannot tell":
+                "interval includes 0: cannot tell"}.get(d["verdict"], "no interval")
+        parts.append(f"{d['a']} - {d['b']} {d['difference']:+.3g} {ci} ({word})")
+    return f"paper's direction (KD > scratch > LS in detectors, {layer}): " + "; ".join(parts)
