@@ -178,3 +178,26 @@ def test_property_helper_catches_a_miss():
 def test_interval_to_dict_round_trip():
     iv = interval_from_resamples(np.arange(10.0), 4.0)
     assert Interval(**iv.to_dict()) == iv
+
+
+def test_bootstrap_interval_pairs_items_across_arrays():
+    rng = np.random.default_rng(2)
+    shared = rng.normal(scale=5.0, size=40)
+    a, b = shared + 0.5, shared  # item-wise difference exactly 0.5
+    iv = bootstrap_interval((a, b), lambda x, y: float(np.mean(x - y)), n_resamples=300,
+                            method="percentile", seed=0)
+    assert iv.estimate == pytest.approx(0.5)
+    assert iv.low == pytest.approx(0.5) and iv.high == pytest.approx(0.5)
+    with pytest.raises(AnalysisError, match="equal length"):
+        bootstrap_interval((a, b[:-1]), lambda x, y: 0.0)
+    with pytest.raises(AnalysisError, match="at least 2"):
+        bootstrap_interval(np.array([1.0]), np.mean)
+
+
+def test_poisson_weights_shape_and_mean():
+    from interptool.common.stats import poisson_weights
+
+    w = poisson_weights(np.random.default_rng(0), 50, 400)
+    assert w.shape == (400, 50) and abs(w.mean() - 1.0) < 0.05
+    with pytest.raises(AnalysisError, match="n >= 1"):
+        poisson_weights(np.random.default_rng(0), 0, 3)
