@@ -622,3 +622,55 @@ def test_scores_refuse_non_finite_maps(model, batch):
         agreement(res, other)
     with pytest.raises(AnalysisError, match="row 2"):
         localisation(other, np.ones((5, 32, 32), bool))
+
+
+# ------------------------------------------------------------------ Grad-CAM on tokens (issue 11)
+def _token_grad_cam_by_hand(model, layer, x, target, prefix, grid):
+    """Grad-CAM written out: activations A (N, T, D) of ``layer`` and their gradients G;
+    patch tokens only; weights = mean of G over patches; relu(sum_d w_d A_d) on the grid,
+    bilinearly upsampled (as captum's LayerAttribution.interpolate)."""
+    import torch.nn.functional as F
+
+    store = {}
+
+    def hook(_m, _i, out):
+        out.retain_grad()
+        store["a"] = out
+
+    h = layer.register_forward_hook(hook)
+    try:
+        xg = x.clone().requires_grad_(True)
+        out = model(xg)
+        out.gather(1, target[:, None]).sum().backward()
+    finally:
+        h.remove()
+    a, g = store["a"][:, prefix:], store["a"].grad[:, prefix:]
+    w = g.mean(dim=1, keepdim=True)  # (N, 1, D)
+    cam = torch.relu((w * a).sum(dim=2)).reshape(len(x), 1, *grid)
+    return F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear").detach()[:, 0]
+
+
+@pytest.mark.parametrize("arch, size, prefix", [
+    ("deit_tiny_distilled_patch16_224", 32, 2),   # class + distillation tokens
+    ("vit_small_patch14_reg4_dinov2", 28, 5),     # class + 4 registers
+])
+def test_grad_cam_on_token_layers(arch, size, prefix):
+    import timm
+    torch.manual_seed(0)
+    net = timm.create_model(arch, pretrained=False, img_size=size, num_classes=5).eval()
+    assert net.num_prefix_tokens == prefix
+    grid = tuple(net.patch_embed.grid_size)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 4])
+    res = Attribution("grad_cam", layer="blocks.5").run(net, x, labels=y, batch_size=3)
+    ref = copy.deepcopy(net)
+    want = _token_grad_cam_by_hand(ref, ref.blocks[5], x, y, prefix, grid)
+    assert res.maps.shape == (3, size, size)
+    np.testing.assert_allclose(res.maps, want.numpy(), rtol=1e-4, atol=1e-6)
+    assert float(np.abs(res.maps).sum()) > 0
+    # the user's model is unchanged (the view lives in the private copy)
+    assert type(net.blocks[5]).__name__ == "Block"
+    # a wrong explicit count is refused, naming the layer
+    with pytest.raises(AnalysisError, match="blocks.5"):
+        Attribution("grad_cam", layer="blocks.5", prefix_tokens=prefix + 1).run(
+            net, x, labels=y, batch_size=3)

@@ -484,6 +484,14 @@ class Attribution:
 
         self._known_classes = (int(model_or_loaded.num_classes) if _is_loaded(model_or_loaded)
                                and getattr(model_or_loaded, "num_classes", None) else None)
+        # token layout recorded by the loader (class / distillation / register tokens), used
+        # by Grad-CAM on transformer blocks; None where unknown (the model's own attributes)
+        prefix = getattr(model_or_loaded, "num_prefix_tokens", None)
+        grid = getattr(model_or_loaded, "token_grid", None)
+        self.adapter.loaded_layout = (
+            int(prefix) if isinstance(prefix, int) and not isinstance(prefix, bool) else None,
+            tuple(int(v) for v in grid) if isinstance(grid, (tuple, list)) and len(grid) == 2
+            else None)
         prepared = prepare_model(model, device)
         self.adapter.check_model(prepared)
         self.model_ = prepared

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -326,10 +327,20 @@ class GuidedBackpropMethod(AttributionMethod):
 
 class GradCamMethod(AttributionMethod):
     """captum ``LayerGradCam`` on ``layer`` with ``relu_attributions=True``, upsampled to the
-    input size with ``LayerAttribution.interpolate`` (``interpolate_mode``, default bilinear)."""
+    input size with ``LayerAttribution.interpolate`` (``interpolate_mode``, default bilinear).
+
+    Token layers (transformer blocks, output (N, T, D)): the leading tokens (class,
+    distillation, registers: ``prefix_tokens``, default the model's ``num_prefix_tokens``)
+    are dropped and the rest is reshaped to the patch grid (``grid``, default the model's
+    ``patch_embed.grid_size``, else square) as a (N, D, gh, gw) map, which is what captum
+    then attributes: the D features are the channels, the patches the positions. This is
+    done by a view module wrapped around the layer in the private copy of the model (the
+    user's model is untouched); the values flowing on are unchanged.
+    """
 
     name = "grad_cam"
-    defaults = {"layer": None, "interpolate_mode": "bilinear"}
+    defaults = {"layer": None, "interpolate_mode": "bilinear", "prefix_tokens": None,
+                "grid": None}
     single_channel = True
 
     def validate(self) -> None:
@@ -338,6 +349,11 @@ class GradCamMethod(AttributionMethod):
                 "grad_cam needs a layer: Attribution('grad_cam', layer='layer4') or "
                 "--layer layer4 (see `interptool layers` for the names)"
             )
+        p = self.params["prefix_tokens"]
+        if p is not None and (not isinstance(p, int) or p < 0):
+            raise AnalysisError(f"prefix_tokens must be an int >= 0, got {p!r}")
+        if self.params["grid"] is not None:
+            self.params["grid"] = _pair(self.params["grid"], "grid")
 
     def check_model(self, model: nn.Module) -> None:
         find_layer(model, self.params["layer"])
@@ -345,16 +361,102 @@ class GradCamMethod(AttributionMethod):
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import LayerAttribution, LayerGradCam
 
-        layer = find_layer(model, self.params["layer"])
-        cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+        # explicit settings, else what the LoadedModel says (set by Attribution.run), else
+        # the timm attributes of the model itself
+        loaded_prefix, loaded_grid = getattr(self, "loaded_layout", (None, None))
+        prefix = self.params["prefix_tokens"]
+        grid = self.params["grid"] or loaded_grid
+        view = _grid_view(model, self.params["layer"],
+                          loaded_prefix if prefix is None else prefix, grid)
+        cam = LayerGradCam(model, view.grid).attribute(x, target=target,
+                                                       relu_attributions=True)
         if cam.dim() != 4:
             raise AnalysisError(
                 f"grad_cam layer {self.params['layer']!r} gives {tuple(cam.shape)} maps; it "
-                "needs a convolutional (N, C, H, W) output. Pick a conv stage such as layer4."
+                "needs a convolutional (N, C, H, W) or token (N, T, D) output. Pick a conv "
+                "stage such as layer4 or a transformer block such as blocks.11."
             )
         return LayerAttribution.interpolate(
             cam, tuple(x.shape[-2:]), interpolate_mode=self.params["interpolate_mode"]
         )
+
+
+class _Grid(nn.Module):
+    """Identity: the module captum hooks, seeing the layer's output as (N, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _GridView(nn.Module):
+    """Wraps a layer of the private model copy so that its output passes through ``grid``
+    as a (N, C, H, W) map: conv outputs as they are; token outputs (N, T, D) without their
+    ``prefix`` leading tokens, reshaped to (N, D, gh, gw) and back (values unchanged)."""
+
+    def __init__(self, layer: nn.Module, name: str, prefix: int | None,
+                 grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.layer, self.name, self.prefix, self.grid_size = layer, name, prefix, grid
+        self.grid = _Grid()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.layer(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.dim() != 3:
+            return self.grid(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else out
+        n, t, d = out.shape
+        p, (gh, gw) = self._layout(t)
+        g = self.grid(out[:, p:].transpose(1, 2).reshape(n, d, gh, gw))
+        return torch.cat([out[:, :p], g.reshape(n, d, gh * gw).transpose(1, 2)], dim=1)
+
+    def _layout(self, t: int) -> tuple[int, tuple[int, int]]:
+        if self.prefix is not None and self.grid_size is not None:
+            p, (gh, gw) = self.prefix, self.grid_size
+        elif self.prefix is not None:
+            p = self.prefix
+            side = math.isqrt(max(t - p, 0))
+            gh = gw = side
+        else:  # no recorded count: the only p <= 8 leaving a square grid (else refuse)
+            fits = [q for q in range(min(t, 9)) if math.isqrt(t - q) ** 2 == t - q]
+            if self.grid_size is not None:
+                fits = [q for q in range(min(t, 9)) if t - q == self.grid_size[0] * self.grid_size[1]]
+            if len(fits) != 1:
+                raise AnalysisError(
+                    f"grad_cam layer {self.name!r}: {t} tokens; cannot tell how many are "
+                    "leading (class / distillation / register) tokens. Pass "
+                    "prefix_tokens=... (and grid=(h, w) for a non-square grid)")
+            p = fits[0]
+            if self.grid_size is not None:
+                gh, gw = self.grid_size
+            else:
+                gh = gw = math.isqrt(t - p)
+        if gh * gw != t - p:
+            raise AnalysisError(
+                f"grad_cam layer {self.name!r}: {t} tokens with {p} leading ones leave "
+                f"{t - p} patch tokens, which do not fill a {gh} x {gw} grid; pass "
+                "prefix_tokens=... and grid=(h, w)")
+        return p, (gh, gw)
+
+
+def _grid_view(model: nn.Module, name: str, prefix: int | None,
+               grid: tuple[int, int] | None) -> _GridView:
+    """The :class:`_GridView` around layer ``name`` of the (private) ``model``, installed on
+    first use. Leading tokens / grid default to timm's ``num_prefix_tokens`` and
+    ``patch_embed.grid_size`` of the model."""
+    layer = find_layer(model, name)
+    if isinstance(layer, _GridView):
+        return layer
+    if prefix is None:
+        prefix = getattr(model, "num_prefix_tokens", None)
+        prefix = int(prefix) if isinstance(prefix, int) else None
+    if grid is None:
+        size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            grid = (int(size[0]), int(size[1]))
+    view = _GridView(layer, name, prefix, grid)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, view)
+    return view
 
 
 class OcclusionMethod(AttributionMethod):
