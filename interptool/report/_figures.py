@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from interptool._provenance import atomic_savefig  # noqa: E402
+from interptool.common.theme import model_colors, theme  # noqa: E402
 
-_COLORS = plt.get_cmap("tab10").colors
+_COLORS = tuple(model_colors([str(i) for i in range(10)]).values())
 
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 90) -> Path:
@@ -36,31 +37,40 @@ def detector_bars(
     counts: Mapping[str, Mapping[str, Mapping[str, Mapping[str, int]]]],
     categories: Sequence[str],
 ) -> Figure:
-    """Grouped bars: detectors and unique concepts per category, one panel row per layer.
+    """Grouped bars (seaborn): detectors and unique concepts per category, one panel row per
+    layer, one colour per model.
 
     ``counts[model][layer][category] = {"detectors": int, "unique": int}``; the category
     ``"total"`` is drawn first when present.
     """
+    import pandas as pd
+    import seaborn as sns
+
     models = list(counts)
     layers = list(dict.fromkeys(lay for m in models for lay in counts[m]))
     cats = (["total"] if any("total" in counts[m][lay] for m in models for lay in counts[m])
             else []) + [c for c in categories if c != "total"]
-    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 2.8 * len(layers)), squeeze=False)
-    x = np.arange(len(cats))
-    width = 0.8 / max(len(models), 1)
-    for r, layer in enumerate(layers):
-        for c, (key, title) in enumerate((("detectors", "detector units"),
-                                          ("unique", "unique concepts"))):
-            ax = axes[r, c]
-            for i, m in enumerate(models):
-                vals = [counts[m].get(layer, {}).get(cat, {}).get(key, 0) for cat in cats]
-                ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m,
-                       color=_COLORS[i % 10])
-            ax.set_xticks(x, cats, rotation=30, ha="right")
-            ax.set_title(f"{layer}: {title}", fontsize=10)
-            ax.grid(axis="y", alpha=0.3)
-    axes[0, 1].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    rows = [{"model": m, "layer": lay, "category": cat, "measure": key,
+             "count": counts[m].get(lay, {}).get(cat, {}).get(key, 0)}
+            for m in models for lay in layers for cat in cats
+            for key in ("detectors", "unique")]
+    df = pd.DataFrame(rows)
+    with theme():
+        fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3.0 * len(layers)),
+                                 squeeze=False)
+        for r, layer in enumerate(layers):
+            for c, (key, title) in enumerate((("detectors", "detector units"),
+                                              ("unique", "unique concepts"))):
+                ax = axes[r, c]
+                sub = df[(df["layer"] == layer) & (df["measure"] == key)]
+                sns.barplot(sub, x="category", y="count", hue="model", order=cats,
+                            hue_order=models, palette=model_colors(models), ax=ax,
+                            legend=(r == 0 and c == 1))
+                ax.set_xlabel("")
+                ax.set_ylabel(title)
+                ax.set_title(f"{layer}: {title}")
+                ax.tick_params(axis="x", labelrotation=30)
+        fig.tight_layout()
     return fig
 
 
@@ -70,63 +80,35 @@ def detector_curve(
     chosen: float | None = None,
     dashed: Sequence[str] = (),
 ) -> Figure:
-    """Detector count vs IoU threshold, all models on one plot per layer.
+    """Detector count vs IoU threshold (seaborn lines), all models on one plot per layer.
 
     ``curves[model][layer]`` is aligned with ``thresholds``; models in ``dashed`` (the
-    random-init controls) are drawn as dashed grey-toned lines.
+    random-init controls) are drawn as dashed lines.
     """
+    import pandas as pd
+    import seaborn as sns
+
     models = list(curves)
     layers = list(dict.fromkeys(lay for m in models for lay in curves[m]))
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.2), squeeze=False)
-    for j, layer in enumerate(layers):
-        ax = axes[0, j]
-        for i, m in enumerate(models):
-            if layer in curves[m]:
-                ax.plot(thresholds, curves[m][layer], marker="o", ms=3, label=m,
-                        color=_COLORS[i % 10], ls="--" if m in dashed else "-",
-                        alpha=0.7 if m in dashed else 1.0)
-        if chosen is not None:
-            ax.axvline(chosen, color="grey", ls="--", lw=1)
-        ax.set_xlabel("IoU threshold")
-        ax.set_ylabel("detector units")
-        ax.set_title(layer, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=8)
-    fig.tight_layout()
+    df = pd.DataFrame([{"model": m, "layer": lay, "IoU threshold": t, "detector units": v,
+                        "kind": "control" if m in dashed else "model"}
+                       for m in models for lay in curves[m]
+                       for t, v in zip(thresholds, curves[m][lay])])
+    with theme():
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.8 * len(layers), 3.4),
+                                 squeeze=False)
+        for j, layer in enumerate(layers):
+            ax = axes[0, j]
+            sns.lineplot(df[df["layer"] == layer], x="IoU threshold", y="detector units",
+                         hue="model", hue_order=models, palette=model_colors(models),
+                         style="kind", style_order=["model", "control"], markers=True,
+                         dashes={"model": "", "control": (4, 2)}, ax=ax,
+                         legend=(j == len(layers) - 1))
+            if chosen is not None:
+                ax.axvline(chosen, color="grey", ls="--", lw=1)
+            ax.set_title(layer)
+        fig.tight_layout()
     return fig
-
-
-def unit_montage(rows: Sequence[tuple[str, Sequence[np.ndarray]]], title: str = "") -> Figure:
-    """One row per unit: a label and its top images (H, W, 3 float in [0, 1] or uint8)."""
-    n_cols = max((len(imgs) for _, imgs in rows), default=1)
-    fig, axes = plt.subplots(
-        max(len(rows), 1), n_cols, figsize=(1.3 * n_cols + 1.2, 1.35 * max(len(rows), 1)),
-        squeeze=False,
-    )
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(imgs):
-                ax.imshow(imgs[c])
-            else:
-                ax.axis("off")
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.2, 0.1)) -> np.ndarray:
-    """Dim the image outside ``mask`` (bool, same H, W) and tint the mask's border region."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.max() > 1.0:
-        img = img / 255.0
-    out = img * 0.35
-    out[mask] = img[mask] * 0.75 + np.asarray(color, np.float32) * 0.25
-    return np.clip(out, 0, 1)
 
 
 def heatmaps(
@@ -139,7 +121,12 @@ def heatmaps(
     title: str = "",
     cmap: str = "viridis",
 ) -> Figure:
-    """Side-by-side heatmaps sharing a colour scale, rows/columns permuted by ``order``."""
+    """Side-by-side seaborn heatmaps sharing one colour scale (one colour bar), rows/columns
+    permuted by ``order``. Panels grow with the number of classes so that class names (shown
+    up to 40 classes) stay readable at the report's size; NaN cells (e.g. a hidden diagonal)
+    are left blank."""
+    import seaborn as sns
+
     names = list(matrices)
     mats = [np.asarray(matrices[n], dtype=np.float64) for n in names]
     if order is not None:
@@ -148,41 +135,30 @@ def heatmaps(
         labels = [labels[i] for i in idx] if labels is not None else None
     lo = min(float(np.nanmin(m)) for m in mats) if vmin is None else vmin
     hi = max(float(np.nanmax(m)) for m in mats) if vmax is None else vmax
-    size = 3.4
-    fig, axes = plt.subplots(1, len(mats), figsize=(size * len(mats) + 0.8, size), squeeze=False)
-    im = None
     k = mats[0].shape[0] if mats else 0
-    for ax, name, m in zip(axes[0], names, mats):
-        im = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap)
-        ax.set_title(name, fontsize=10)
-        if labels is not None and k <= 30:
-            ax.set_xticks(range(k), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(k), labels, fontsize=6)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if im is not None:
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    show = labels is not None and k <= 40
+    size = max(3.4, 0.2 * k + 1.6) if show else 3.4
+    with theme():
+        fig, axes = plt.subplots(1, len(mats), figsize=(size * len(mats) + 1.0, size),
+                                 squeeze=False)
+        for i, (ax, name, m) in enumerate(zip(axes[0], names, mats)):
+            last = i == len(mats) - 1
+            sns.heatmap(m, vmin=lo, vmax=hi, cmap=cmap, square=True, ax=ax, cbar=last,
+                        cbar_kws={"shrink": 0.8}, xticklabels=list(labels) if show else False,
+                        yticklabels=list(labels) if show and i == 0 else False)
+            ax.set_title(name)
+            ax.grid(False)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
     return fig
 
 
 def cka_matrix(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str]) -> Figure:
-    """Annotated CKA matrix (values in [0, 1])."""
-    m = np.asarray(matrix, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(0.9 * len(col_labels) + 2.5, 0.6 * len(row_labels) + 1.5))
-    im = ax.imshow(m, vmin=0, vmax=1, cmap="magma")
-    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if m[i, j] < 0.6 else "black")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title("linear CKA", fontsize=10)
-    fig.tight_layout()
-    return fig
+    """Annotated CKA matrix, teacher layers (rows) against every student's (columns)."""
+    from interptool.analyzers.cka import cka_heatmap
+
+    return cka_heatmap(matrix, row_labels, col_labels)
 
 
 def attribution_grid(

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from interptool.common.theme import themed
 from interptool.report._figures import _COLORS, plt
 
 __all__ = ["detector_fraction_panel", "mechanism_scatter"]
 
 
+@themed
 def detector_fraction_panel(
     fractions: Mapping[str, Mapping[str, Mapping[str, Any]]],
     baselines: Sequence[str] = (),
@@ -54,6 +56,7 @@ def detector_fraction_panel(
     return fig
 
 
+@themed
 def mechanism_scatter(points: Sequence[Mapping[str, Any]], x_keys: Sequence[tuple[str, str]],
                       y_label: str) -> Figure:
     """Labelled scatter(s): detector fraction (y) against class-similarity measures (x).

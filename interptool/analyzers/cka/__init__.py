@@ -9,8 +9,10 @@ from interptool.analyzers.cka._params import CKAParams
 
 Params = CKAParams
 __getattr__, __dir__ = lazy_exports(__name__, {
-    **{n: "._analyzer" for n in ("CKAResult", "cka", "linear_cka", "unbiased_hsic")},
+    **{n: "._analyzer" for n in ("CKAResult", "cka", "cka_heatmap", "linear_cka",
+                                 "unbiased_hsic")},
     "run": "._entry", "analyze": "._entry"})
 
-__all__ = ["CKAParams", "CKAResult", "Params", "analyze", "cka", "linear_cka", "run",
+__all__ = ["CKAParams", "CKAResult", "Params", "analyze", "cka", "cka_heatmap", "linear_cka",
+           "run",
            "unbiased_hsic"]

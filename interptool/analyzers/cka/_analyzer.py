@@ -122,25 +122,10 @@ class CKAResult:
 
     def plot(self):
         """Heatmap of the CKA matrix (0..1) with values written in the cells."""
-        import matplotlib.pyplot as plt
-
-        M = self.matrix.to_numpy()
-        la, lb = len(self.matrix.index), len(self.matrix.columns)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * lb, 1.0 + 0.8 * la))
-        im = ax.imshow(M, vmin=0.0, vmax=1.0, cmap="magma")
-        ax.set_xticks(range(lb), list(self.matrix.columns), rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(la), list(self.matrix.index), fontsize=8)
-        ax.set_xlabel(self.name_b)
-        ax.set_ylabel(self.name_a)
-        if la * lb <= 400:
-            for i in range(la):
-                for j in range(lb):
-                    ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if M[i, j] < 0.6 else "black")
-        ax.set_title(f"linear CKA ({self.method}, {self.pooling})", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        return fig
+        return cka_heatmap(self.matrix.to_numpy(), list(self.matrix.index),
+                           list(self.matrix.columns),
+                           title=f"linear CKA ({self.method}, {self.pooling})",
+                           xlabel=self.name_b, ylabel=self.name_a)
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write ``cka.csv`` (long table), ``cka.json`` (``to_dict()``) and ``cka.png``
@@ -148,6 +133,27 @@ class CKAResult:
         from interptool.analyzers._base import save_result_files
 
         return save_result_files(self, directory)
+
+
+def cka_heatmap(matrix: Any, row_labels: Sequence[str], col_labels: Sequence[str], *,
+                title: str = "linear CKA", xlabel: str = "", ylabel: str = "") -> Any:
+    """Annotated seaborn heatmap of CKA values in [0, 1] (cells written up to 400 of them);
+    used by :meth:`CKAResult.plot` and the compare report."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from interptool.common.theme import theme
+
+    m = np.asarray(matrix, dtype=np.float64)
+    with theme():
+        fig, ax = plt.subplots(figsize=(0.9 * len(col_labels) + 2.8, 0.6 * len(row_labels) + 1.8))
+        sns.heatmap(m, vmin=0, vmax=1, cmap="magma", annot=m.size <= 400, fmt=".2f",
+                    annot_kws={"size": 8}, xticklabels=list(col_labels),
+                    yticklabels=list(row_labels), cbar_kws={"shrink": 0.8}, ax=ax)
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
