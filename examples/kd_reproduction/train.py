@@ -203,12 +203,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="run names (default: all, in order)")
     ap.add_argument("--collect", action="store_true", help="only write manifest.json")
+    ap.add_argument("--reevaluate", action="store_true",
+                    help="recompute train/eval accuracy of every finished run from its saved "
+                         "weights on the current data, and record that in its JSON")
     ap.add_argument("--pilot", action="store_true",
                     help="tiny smoke run (600 images, 1 epoch) into --out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.collect:
         collect(args.out)
+        return
+    if args.reevaluate:
+        reevaluate(args.out, args.threads)
         return
     if args.pilot:
         DATA.update(n_train=600, n_eval=200)
@@ -315,6 +321,39 @@ def claim_runs(out: Path, todo: list[str]):
         except FileExistsError:
             continue
         yield name
+
+
+def reevaluate(out: Path, threads: int = 1) -> None:
+    """Accuracy of every finished run recomputed from its ``.safetensors`` (as saved, float16).
+
+    Why: the first training processes evaluated on an eval set cached by an earlier draft of
+    concept-world v2 (same parameters, so the same cache folder); training data were current.
+    """
+    from safetensors.torch import load_file
+
+    from interptool.loading._zoo import cw2_resnet18, cw2_resnet34
+
+    torch.set_num_threads(threads)
+    x_tr, y_tr = (torch.from_numpy(a) for a in load_split("train", DATA["n_train"]))
+    x_ev, y_ev = (torch.from_numpy(a) for a in load_split("eval", DATA["n_eval"]))
+    for name in run_names():
+        path = out / f"{name}.json"
+        if not path.is_file():
+            continue
+        entry = json.loads(path.read_text())
+        model = (cw2_resnet34 if name == "teacher" else cw2_resnet18)(int(y_tr.max()) + 1)
+        model.load_state_dict(load_file(str(out / entry["file"])))
+        acc_tr = float((predict(model, x_tr).argmax(1) == y_tr).float().mean())
+        acc_ev = float((predict(model, x_ev).argmax(1) == y_ev).float().mean())
+        if (round(acc_ev, 4), round(acc_tr, 4)) != (entry["eval_accuracy"],
+                                                    entry["train_accuracy"]):
+            entry["accuracy_recomputed"] = {
+                "was": {"eval": entry["eval_accuracy"], "train": entry["train_accuracy"]},
+                "why": "evaluated during training on a stale cached eval set (earlier draft "
+                       "of concept-world v2); recomputed from the saved weights"}
+        entry["eval_accuracy"], entry["train_accuracy"] = round(acc_ev, 4), round(acc_tr, 4)
+        path.write_text(json.dumps(entry, indent=1) + "\n")
+        print(f"{name}: eval {acc_ev:.4f}, train {acc_tr:.4f}", flush=True)
 
 
 def collect(out: Path) -> dict[str, Any]:
