@@ -70,6 +70,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--montages", default="detectors",
                    help="'detectors' (default), 'all', 'none' or a number of top units")
     g.add_argument("--max-montages", type=int, default=64)
+    g.add_argument("--no-figures", action="store_true",
+                   help="write the tables only: no plots, no unit montages (faster; no "
+                   "plotting library is loaded)")
     add_model_args(p, required=False)
     g2 = p.add_argument_group("caching (with --arch)")
     g2.add_argument("--cache-dtype", choices=["float16", "float32"], default="float32")
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         summaries = []
         for layer in layers:
             result = dissection.run(cache, layer, probe)
-            result.save(out / layer, montages=montages, max_montages=args.max_montages)
+            result.save(out / layer, montages=montages, max_montages=args.max_montages,
+                        figures=not args.no_figures)
             s = result.summary()
             summaries.append(s)
             if not args.quiet:
@@ -157,5 +161,7 @@ def run(args: argparse.Namespace) -> int:
                       + f", {s['unique_concepts']} unique concepts"
                       f"{' (' + cats + ')' if cats else ''} -> {out / layer}")
     if len(layers) > 1:
-        (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+        from interptool._provenance import atomic_write_text
+
+        atomic_write_text(out / "summary.json", json.dumps(summaries, indent=2) + "\n")
     return 0

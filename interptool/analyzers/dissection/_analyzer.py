@@ -32,7 +32,13 @@ import pandas as pd
 import torch
 
 from interptool._progress import progress
-from interptool._provenance import atomic_savefig, atomic_write_text, provenance, sha256_file
+from interptool._provenance import (
+    atomic_path,
+    atomic_savefig,
+    atomic_write_text,
+    provenance,
+    sha256_file,
+)
 from interptool.analyzers.dissection._bootstrap import (
     BlockRecorder,
     BlockStats,
@@ -85,7 +91,15 @@ def _label_names(probe: Any) -> list[str]:
 
 
 class _LayerView:
-    """Reads one cached layer as (B, U, H, W) float32 blocks; tokens become a square grid."""
+    """Reads one cached layer as (B, U, H, W) float32 blocks; tokens become their patch grid.
+
+    A token layer (N, T, D) is laid out from what the cache records about its model:
+    ``num_prefix_tokens`` leading tokens without a position (class, distillation, register
+    tokens: 1 for a ViT, 2 for DeiT distilled, 1 + 4 with registers) are dropped and the
+    remaining ``T - prefix`` tokens fill ``token_grid`` (rows, cols) row by row. A cache made
+    before these were recorded falls back to guessing: a square T (no prefix) or a square
+    T - 1 (one class token).
+    """
 
     def __init__(self, cache: Any, layer: str) -> None:
         self.cache, self.layer = cache, layer
@@ -96,24 +110,13 @@ class _LayerView:
             self.kind = "spatial"
         elif len(shape) == 3:
             _, t, d = shape
-            if is_square(t):
-                self.token_start = 0
-            elif t > 1 and is_square(t - 1):
-                self.token_start = 1  # a leading class token has no position: dropped
-            else:
-                raise AnalysisError(
-                    f"{cache.path}: layer {layer!r} holds tokens (N, T={t}, D={d}); dissection "
-                    "needs a spatial map and T (or T-1 with a class token) is not a square "
-                    "number. Cache a convolutional layer, or a transformer block whose patch "
-                    "tokens form a square grid"
-                )
-            side = math.isqrt(t - self.token_start)
-            self.units, self.h, self.w = d, side, side
+            self.token_start, (self.h, self.w) = _token_layout(cache, layer, t, d)
+            self.units = d
             self.kind = "tokens"
         else:
             raise AnalysisError(
                 f"{cache.path}: layer {layer!r} has shape {shape}; dissection needs a spatial "
-                "feature map (N, C, H, W) (or square-grid tokens (N, T, D)); pooled or logit "
+                "feature map (N, C, H, W) (or patch tokens (N, T, D)); pooled or logit "
                 "layers carry no position to compare with masks"
             )
 
@@ -124,6 +127,48 @@ class _LayerView:
                 x = x[:, self.token_start :, :].transpose(1, 2)
                 x = x.reshape(x.shape[0], self.units, self.h, self.w)
             yield start, x
+
+
+def _token_layout(cache: Any, layer: str, t: int, d: int) -> tuple[int, tuple[int, int]]:
+    """``(prefix tokens, (rows, cols))`` of a cached token layer with ``t`` tokens.
+
+    Read from the cache's ``num_prefix_tokens`` and ``token_grid`` attributes (recorded from
+    the loaded model); without them a square ``t`` or ``t - 1`` is assumed (no prefix or one
+    class token). Raises AnalysisError when the tokens after the prefix do not fill the grid.
+    """
+    attrs = getattr(cache, "attrs", None) or {}
+    prefix = attrs.get("num_prefix_tokens")
+    grid = attrs.get("token_grid") or None
+    where = f"{cache.path}: layer {layer!r} holds tokens (N, T={t}, D={d})"
+    fix = ("Cache a convolutional layer or a transformer block whose outputs are the model's "
+           "token sequence (e.g. blocks.N of a ViT)")
+    if prefix is None:  # a cache from before the token layout was recorded: infer it
+        if is_square(t):
+            prefix = 0
+        elif t > 1 and is_square(t - 1):
+            prefix = 1  # a leading class token has no position: dropped
+        else:
+            raise AnalysisError(
+                f"{where}; the cache does not record the model's leading (class, "
+                "distillation, register) tokens and T (or T-1 after a class token) is not a "
+                "square number. "
+                f"Re-create the cache with this interptool version (it records them), or: {fix}")
+    prefix = int(prefix)
+    n = t - prefix
+    if grid is not None:
+        rows, cols = (int(g) for g in grid)
+        if n != rows * cols:
+            raise AnalysisError(
+                f"{where}; the model has {prefix} leading token(s) and a {rows}x{cols} patch "
+                f"grid, so T should be {prefix + rows * cols}, not {t}: this layer is not the "
+                f"model's token sequence. {fix}")
+        return prefix, (rows, cols)
+    if n < 1 or not is_square(n):
+        raise AnalysisError(
+            f"{where}; after the model's {prefix} leading token(s), {n} tokens do not form a "
+            f"square grid and the cache records no token grid. {fix}")
+    side = math.isqrt(n)
+    return prefix, (side, side)
 
 
 @dataclass
@@ -416,7 +461,7 @@ class DissectionResult:
         return montage_sheet(self, units)
 
     def save(self, out_dir: str | os.PathLike, *, montages: str | int = "detectors",
-             max_montages: int = 64) -> list[Path]:
+             max_montages: int = 64, figures: bool = True) -> list[Path]:
         """Write ``tally.csv``, ``summary.json``, ``iou.npz``, ``concepts.csv``, the two plots
         and montages; after a bootstrap also ``intervals.csv`` and ``block_stats.npz``.
 
@@ -424,8 +469,10 @@ class DissectionResult:
         ``montages``: ``"detectors"`` (default: detector units, best first, at most
         ``max_montages``), ``"all"`` (every unit, at most ``max_montages``), an int (the top
         that many units by IoU) or ``"none"``. Montages need the probe's images.
+        ``figures=False`` writes neither the two plots nor the montages (and imports no
+        plotting library). Every file is written atomically: an interrupted save leaves the
+        previous file or none, never a torn one, and no temporary file.
         """
-        import matplotlib.pyplot as plt
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -441,30 +488,44 @@ class DissectionResult:
         atomic_write_text(p, json.dumps(doc, indent=2, sort_keys=False) + "\n")
         paths.append(p)
         p = out / "iou.npz"
-        np.savez_compressed(p, iou=self.iou, intersect=self.intersect,
-                            label_area=self.label_area, unit_area=self.unit_area,
-                            unit_cat_area=self.unit_cat_area, thresholds=self.thresholds,
-                            label_names=np.array(self.label_names),
-                            categories=np.array(self.categories))
+        with atomic_path(p) as tmp:
+            np.savez_compressed(tmp, iou=self.iou, intersect=self.intersect,
+                                label_area=self.label_area, unit_area=self.unit_area,
+                                unit_cat_area=self.unit_cat_area, thresholds=self.thresholds,
+                                label_names=np.array(self.label_names),
+                                categories=np.array(self.categories))
         paths.append(p)
         p = out / "concepts.csv"
         atomic_write_text(p, self.concept_table().to_csv(index=False))
         paths.append(p)
         if self.block_stats is not None:
-            paths.append(self.block_stats.save(out / "block_stats.npz"))
+            with atomic_path(out / "block_stats.npz") as tmp:
+                self.block_stats.save(tmp)
+            paths.append(out / "block_stats.npz")
         if self.bootstrap_samples is not None:
             p = out / "intervals.csv"
             atomic_write_text(p, self.intervals().to_csv(index=False))
             paths.append(p)
+        if figures:
+            paths += self._save_figures(out, montages, max_montages)
+        return paths
+
+    def _save_figures(self, out: Path, montages: str | int, max_montages: int) -> list[Path]:
+        """The two plots and the unit montages (all units' montages rendered in one pass)."""
+        import matplotlib.pyplot as plt
+
+        from interptool.analyzers.dissection._plots import render_montages
+
+        paths = []
         for name, fig in (("detectors_by_category.png", self.plot()),
                           ("thresholds_curve.png", self.plot_thresholds_curve())):
             atomic_savefig(fig, out / name, dpi=100, bbox_inches="tight")
             plt.close(fig)
             paths.append(out / name)
-        for unit in self._montage_units(montages, max_montages):
-            (out / "units").mkdir(exist_ok=True)
+        for unit, image in render_montages(self, self._montage_units(montages, max_montages)):
             p = out / "units" / f"unit_{unit + 1:04d}.png"
-            self.montage(unit).save(p)
+            with atomic_path(p) as tmp:  # creates units/
+                image.save(tmp, format="PNG", compress_level=1)  # fast; PNG stays lossless
             paths.append(p)
         return paths
 
@@ -699,7 +760,8 @@ class Dissection:
         counts = tally.counts()
         scores = _score(counts, label_category, len(categories))
         config = {**self.get_params(), "layer": layer, "layer_kind": view.kind,
-                  "map_size": [H, W], "dropped_class_token": bool(view.token_start)}
+                  "map_size": [H, W], "dropped_class_token": bool(view.token_start),
+                  "prefix_tokens": int(view.token_start)}
         prov = provenance(
             cache=str(cache.path),
             cache_sha256=sha256_file(cache.path) if self.checksum else None,
