@@ -244,7 +244,7 @@ def _probe_timing(args: argparse.Namespace) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min), torch {torch.__version__}, "
           f"device {device}; data generated/opened in {gen_s:.1f} s")
-    print(f"plan: {plan.to_dict()}")
+    print(f"plan: {plan.to_dict()}", flush=True)
     # the same images, decoded beforehand (same transform, same batches)
     tf = loaded.preprocessing.probe_transform()
     t0 = time.perf_counter()
@@ -261,6 +261,8 @@ def _probe_timing(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         bw, bc = time.perf_counter() - t0, time.process_time() - c0
     del batches
+    print(f"  bare forward done: {bw:.2f} s wall, {bc:.2f} s CPU (decoding beforehand: "
+          f"{dec_s:.1f} s)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "probe.h5"
         t0, c0 = time.perf_counter(), time.process_time()

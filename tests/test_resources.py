@@ -113,9 +113,16 @@ def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
     before = torch.get_num_threads()
     from interptool.cache import ActivationCache, run_cache
 
-    run = run_cache(FakeLoaded(model), FakeDataset(8), ["layer4"], tmp_path / "t.h5",
+    decoding: list[int] = []
+
+    class Recording(FakeDataset):
+        def on_item(self, i):
+            decoding.append(torch.get_num_threads())
+
+    run = run_cache(FakeLoaded(model), Recording(8), ["layer4"], tmp_path / "t.h5",
                     batch_size=4, threads=2, workers=0)
-    assert seen == [2, 2]  # the forward pass ran with the planned threads ...
+    assert decoding == [1] * 8  # images were decoded on one thread (idle ones would spin) ...
+    assert seen == [2, 2]  # ... the forward pass ran with the planned threads ...
     assert torch.get_num_threads() == before  # ... and the caller's setting is back
     with ActivationCache(run.path) as c:
         assert c.attrs["threads"] == {"available": 2, "requested": 2, "total": 2,
