@@ -26,9 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="write a commented config template to PATH (default interptool.toml) and exit",
     )
+    from interptool.pipeline._config import analysis_names
+
     p.add_argument(
         "--only",
-        help="comma-separated subset of the configured analyses: dissection,similarity,attribution",
+        help="comma-separated subset of the configured analyses: "
+        + ",".join(analysis_names()),
     )
     p.add_argument(
         "--overwrite",
