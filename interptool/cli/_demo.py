@@ -29,11 +29,12 @@ def _run(args: argparse.Namespace) -> int:
     report = run_demo(
         args.out, device=args.device, n=args.n, command=" ".join(["interptool", *sys.argv[1:]])
     )
-    print(report)
     import json
 
     from interptool.pipeline._verdicts import paper_summary_line
 
+    # the summary line first: the last line on stdout stays the report's path
     summary = json.loads((report.parent / "summary.json").read_text())
     print(paper_summary_line(summary.get("paper_direction") or []))
+    print(report)
     return 0
