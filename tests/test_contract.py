@@ -341,3 +341,47 @@ def test_existing_entry_points_validate_through_params():
     d = Dissection(quantile=0.01, iou_threshold=0.05)
     assert (d.quantile, d.iou_threshold) == (0.01, 0.05)
     assert d.params.quantile == 0.01 and not math.isnan(d.params.ci_level)
+
+
+def test_generated_command_runs_a_builtin_analyzer(world, tmp_path):
+    """`interptool cka` exists only through its registration; it equals cka() directly."""
+    from interptool.analyzers.cka import cka
+    from interptool.cli import main
+
+    out = tmp_path / "cka"
+    assert main(["cka", str(world["a_eval"]), str(world["b_eval"]), "--layer", "layer4",
+                 "--names", "a,b", "--out", str(out), "--quiet"]) == 0
+    doc = json.loads((out / "cka.json").read_text())
+    direct = cka(world["a_eval"], world["b_eval"], ["layer4"], names=["a", "b"])
+    assert (doc["model_a"], doc["model_b"]) == ("a", "b")
+    assert doc["cka"][0][0] == pytest.approx(float(direct.matrix.iloc[0, 0]), abs=1e-12)
+    assert main(["cka", str(world["a_eval"]), str(world["b_eval"]), "--layer", "layer4",
+                 "--out", str(out), "--pooling", "max", "--quiet"]) == 2
+
+
+def test_to_jsonable_gives_strict_json():
+    doc = to_jsonable({1: np.float32(0.5), "nan": float("nan"), "inf": np.inf,
+                       "arr": np.arange(3), "b": np.bool_(True), "t": (np.int64(2), None),
+                       "p": Path("a/b"), "dtype": np.dtype("float32")})
+    assert doc == {"1": 0.5, "nan": None, "inf": None, "arr": [0, 1, 2], "b": True,
+                   "t": [2, None], "p": "a/b", "dtype": "float32"}
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+
+
+def test_same_images_check_names_the_first_difference():
+    from interptool.common.alignment import ImageSet, check_same_images
+    from interptool.errors import CacheError
+
+    check_same_images(ImageSet("a", ["x", "y"], "fp"), ImageSet("b", ["x", "y"], "fp"), fix="")
+    with pytest.raises(CacheError, match=r"first difference at row 1 .*'y' vs 'z'"):
+        check_same_images(ImageSet("a", ["x", "y"]), ImageSet("b", ["x", "z"]), fix="",
+                          error=CacheError)
+    with pytest.raises(ConfigError, match="data fingerprints differ"):
+        check_same_images(ImageSet("a", ["x"], "f1"), ImageSet("b", ["x"], "f2"), fix="",
+                          error=ConfigError)
+    # an unknown fingerprint passes only when allowed
+    check_same_images(ImageSet("a", ["x"], ""), ImageSet("b", ["x"], "f2"), fix="",
+                      unknown_fingerprint_ok=True)
+    with pytest.raises(Exception, match="labels differ"):
+        check_same_images(ImageSet("a", ["x"], labels=[1]), ImageSet("b", ["x"], labels=[2]),
+                          fix="")

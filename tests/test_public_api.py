@@ -195,3 +195,17 @@ def test_every_module_imports_first_in_a_fresh_state():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=600)
     assert out.stdout.strip() == ""
+
+
+def test_messages_honour_quiet(capsys):
+    from interptool._progress import is_quiet, say, set_quiet
+
+    try:
+        set_quiet(True)
+        say("hidden")
+        assert is_quiet() and capsys.readouterr().err == ""
+        set_quiet(False)
+        say("shown")
+        assert capsys.readouterr().err == "[interptool] shown\n"
+    finally:
+        set_quiet(False)
