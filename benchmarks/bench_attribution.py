@@ -8,7 +8,15 @@ equal (allclose); the best-of-``--repeat`` wall times and the overhead ratio are
 
     .venv/bin/python benchmarks/bench_attribution.py [--size 112] [--n 16] [--steps 8]
         [--repeat 5] [--threads 2] [--device cpu]
-        [--only integrated_gradients|grad_cam|faithfulness] [--faith-n 200]
+        [--only integrated_gradients|grad_cam|faithfulness|memory] [--faith-n 200]
+
+``--only memory``: peak RSS (``ru_maxrss`` of a fresh child process per case) of integrated
+gradients with the default internal batching: six 224 px inputs through timm
+``efficientnet_lite0`` (random init, 32 steps), and 64 vs 512 images of a small model
+(``--mem-arch``, default the demo student, ``--mem-size`` px, ``--mem-steps`` steps) written
+to ``attributions.h5`` (flat memory wanted).
+``--mem-unbatched`` also runs the Lite0 case with everything in one captum pass (the old
+default; ~16 GB, so off by default).
 """
 
 from __future__ import annotations
@@ -51,8 +59,15 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", choices=["integrated_gradients", "grad_cam", "faithfulness"],
-                    help="time one part only")
+    ap.add_argument("--only", choices=["integrated_gradients", "grad_cam", "faithfulness",
+                                       "memory"], help="time / measure one part only")
+    ap.add_argument("--mem-arch", default="interptool:cw-student",
+                    help="model of the 64-vs-512-image flatness case")
+    ap.add_argument("--mem-size", type=int, default=64, help="image size of that case")
+    ap.add_argument("--mem-steps", type=int, default=8, help="IG steps of that case")
+    ap.add_argument("--mem-skip-lite0", action="store_true", help="flatness case only")
+    ap.add_argument("--mem-unbatched", action="store_true",
+                    help="also measure the Lite0 case with no internal batching (~16 GB)")
     ap.add_argument("--faith-n", type=int, default=200,
                     help="images for the faithfulness timing (demo teacher, concept-world)")
     ap.add_argument("--faith-loop-n", type=int, default=10,
@@ -62,6 +77,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.only == "faithfulness":
         return _faithfulness(args)
+    if args.only == "memory":
+        return _memory(args)
 
     import torchvision
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
@@ -163,6 +180,109 @@ def _faithfulness(args) -> int:
           f"per-(image, step) loop {t_loop:.1f} s (extrapolated from {k} images); "
           f"speed-up {t_loop / t_batched:.1f}x; curves equal")
     return 0
+
+
+_LITE0 = """
+import json, time, warnings, torch, timm
+warnings.filterwarnings("ignore")
+torch.set_num_threads({threads})
+from interptool._progress import set_quiet
+from interptool.analyzers.attribution import Attribution
+set_quiet(True)
+torch.manual_seed(0)
+model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+x = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+y = torch.arange(6)
+kw = {{}} if {internal!r} == "default" else {{"internal_batch_size": 10**9}}
+t0 = time.perf_counter()
+res = Attribution("integrated_gradients", steps=32, **kw).run(model, x, labels=y,
+                                                              keep_images=0)
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0,
+                               "params": res.params}}))
+"""
+
+_FLAT = """
+import json, sys, time, warnings, numpy as np, torch
+warnings.filterwarnings("ignore")
+torch.set_num_threads({threads})
+from interptool._progress import set_quiet
+from interptool.analyzers.attribution import Attribution
+from interptool.loading import load_model
+set_quiet(True)
+
+class Synthetic:
+    # an ImageDataset stand-in that makes each image on demand (nothing of size N in memory)
+    def __init__(self, n, size):
+        self.n, self.size = n, size
+        self.labels = np.arange(n, dtype=np.int64) % 10
+        self.ids = [f"img{{i}}" for i in range(n)]
+        self.spec, self.fingerprint = f"synthetic:{{n}}", f"synthetic-{{n}}"
+    def __len__(self):
+        return self.n
+    def torch_dataset(self, transform):
+        outer = self
+        class D(torch.utils.data.Dataset):
+            def __len__(self):
+                return outer.n
+            def __getitem__(self, i):
+                g = torch.Generator().manual_seed(i)
+                return torch.randn(3, outer.size, outer.size, generator=g), int(outer.labels[i]), i
+        return D()
+
+loaded = load_model({arch!r}, num_classes=10)
+ds = Synthetic({n}, {size})
+t0 = time.perf_counter()
+res = Attribution("integrated_gradients", steps={steps}).run(
+    loaded, ds, batch_size=16, out={out!r}, overwrite=True, keep_images=0, transform=lambda im: im)
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "n": res.n}}))
+"""
+
+
+def _child(code: str) -> tuple[float, dict]:
+    """Run ``code`` in a fresh interpreter; (peak RSS MiB, its RESULT json)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child failed:\n{out}")
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    return usage.ru_maxrss / 1024, json.loads(line[7:])
+
+
+def _memory(args) -> int:
+    import os
+    import tempfile
+
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+          f"threads {args.threads}")
+    cases = ([] if args.mem_skip_lite0 else ["default"]) + (
+        ["unbatched"] if args.mem_unbatched else [])
+    for internal in cases:
+        peak, r = _child(_LITE0.format(threads=args.threads, internal=internal))
+        print(f"integrated gradients, efficientnet_lite0 (timm, random init), 6 x 224 px, "
+              f"32 steps, {internal} internal batching "
+              f"(internal_batch_size={r['params']['internal_batch_size']}): "
+              f"peak RSS {peak / 1024:.2f} GiB, {r['seconds']:.1f} s")
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (64, 512):
+            peak, r = _child(_FLAT.format(threads=args.threads, arch=args.mem_arch, n=n,
+                                          out=f"{tmp}/run{n}", size=args.mem_size,
+                                          steps=args.mem_steps))
+            peaks[n] = peak
+            print(f"integrated gradients, {args.mem_arch} (random init), {n} images "
+                  f"{args.mem_size} px, {args.mem_steps} steps, batch 16, maps to "
+                  f"attributions.h5: peak RSS {peak:.0f} MiB, {r['seconds']:.1f} s")
+    ratio = peaks[512] / peaks[64]
+    print(f"peak RSS 512 / 64 images: {ratio:.3f} (flat: <= 1.2)")
+    return 0 if ratio <= 1.2 else 1
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class AttributionStore:
         self.method = method
         self.keep_raw = keep_raw
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = h5py.File(self.path, "a")
+        self.f = _open_for_append(self.path, overwrite)
         try:
             self._setup(params, reduce, batch_size, model_info, data_spec, data_fingerprint,
                         target_mode, input_shape, overwrite)
@@ -230,6 +230,30 @@ class AttributionStore:
             self.f.close()
 
 
+def _open_for_append(path: Path, overwrite: bool) -> h5py.File:
+    """Open (or create) the store; a file that HDF5 cannot open (killed in the middle of a
+    write, truncated) is refused with the fix, or replaced when ``overwrite``."""
+    try:
+        return h5py.File(path, "a")
+    except OSError as exc:
+        if not overwrite or not path.exists():
+            raise CacheError(
+                f"{path} cannot be opened as HDF5 ({exc}); it was probably cut short by a "
+                "killed run. Remove it, choose another output folder, or pass overwrite=True "
+                "/ --overwrite to start it again") from None
+        path.unlink()
+        return h5py.File(path, "a")
+
+
+def _open_for_read(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise CacheError(
+            f"{path} cannot be opened as HDF5 ({exc}); it was probably cut short by a killed "
+            "run: re-run the same command with --overwrite to recompute it") from None
+
+
 def read_attributions(path: str | Path, method: str | None = None, *,
                       lazy: bool = False) -> dict[str, Any]:
     """Read one method's maps and metadata from ``attributions.h5`` (CacheError when absent).
@@ -241,7 +265,7 @@ def read_attributions(path: str | Path, method: str | None = None, *,
         path = path / "attributions.h5"
     if not path.exists():
         raise CacheError(f"attribution file {path} does not exist; run `interptool attribute`")
-    with h5py.File(path, "r") as f:
+    with _open_for_read(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise CacheError(f"{path} is not an interptool attribution file")
         group = f["attributions"]

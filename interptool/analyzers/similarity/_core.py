@@ -523,7 +523,8 @@ class RankGrid:
     Exact ranks need a sort of the K (K - 1) off-diagonal entries per resample (~40 ms at K =
     1,000, most of the old bootstrap's time). Above :data:`EXACT_K` classes the replicates use
     *rank groups* instead: cells between the :data:`RANK_BINS`-quantiles of the point
-    estimate's entries (resolved on a float32 key grid of relative width <= 2^-13); entries in
+    estimate's entries (resolved on a float32 key grid of at most 2^16 keys: relative width
+    <= 2^-7 over the full float32 range, ~2^-11 for typical probabilities); entries in
     one cell share their average rank, as ties do. The Spearman correlation then differs from
     the exact one by far less than its bootstrap spread (at K = 1,000, ~30 of 10^6 entries
     per cell: |difference| < 1e-4, tested). The point estimate itself always uses exact ranks.
