@@ -496,8 +496,9 @@ class TransferResult:
     ``estimates`` is a long table, one row per (model, temperature, metric): columns ``model``,
     ``role`` (teacher / student / difference), ``reference`` (what it is compared with),
     ``temperature`` (NaN for temperature-free metrics), ``metric``, ``value`` (on all images),
-    ``ci_low``, ``ci_high`` (bias-corrected percentile bootstrap), ``bias`` (mean of the
-    resamples minus the estimate). ``similarity`` maps model name to its
+    ``ci_low``, ``ci_high`` (bias-corrected percentile bootstrap, always containing the value),
+    ``bias`` (mean of the resamples minus the estimate), ``ci_widened`` (True where BC alone
+    missed the value and the nearer bound was moved to it), ``n_boot``. ``similarity`` maps model name to its
     :class:`SimilarityResult`; ``bootstrap`` maps "model|T|metric" to the resampled values.
     """
 
