@@ -674,3 +674,87 @@ def test_grad_cam_on_token_layers(arch, size, prefix):
     with pytest.raises(AnalysisError, match="blocks.5"):
         Attribution("grad_cam", layer="blocks.5", prefix_tokens=prefix + 1).run(
             net, x, labels=y, batch_size=3)
+
+
+# ------------------------------------------------------------------ kill during writes (issue 11)
+_KILL_CHILD = r"""
+import sys, torch
+from interptool._progress import set_quiet
+from interptool._provenance import atomic_savefig
+from interptool.analyzers.attribution import Attribution
+from interptool.loading._zoo import ZOO
+set_quiet(True)
+torch.manual_seed(0)
+net = ZOO["cw-student"](num_classes=10).eval()
+x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+out = sys.argv[1]
+print("START", flush=True)
+res = Attribution("integrated_gradients", steps=4).run(net, x, target="predicted",
+                                                       batch_size=4, out=out, keep_images=8)
+print("MAPS", flush=True)
+for _ in range(int(sys.argv[2])):
+    res.save(out)  # attribution.csv / .json / .png, atomically
+    fig = res.plot()
+    atomic_savefig(fig, f"{out}/attributions.png", dpi=150)
+print("DONE", flush=True)
+"""
+
+
+def _check_no_torn_files(folder):
+    """Every output either reads back whole or is refused as incomplete."""
+    import json as _json
+
+    from PIL import Image
+
+    from interptool.errors import CacheError
+
+    h5 = folder / "attributions.h5"
+    if h5.exists():
+        try:
+            res = AttributionResult.load(folder)
+        except CacheError:
+            pass  # incomplete or cut short: refused, never read as whole
+        else:
+            assert res.n == 12 and np.isfinite(np.asarray(res.maps)).all()
+    for png in folder.glob("*.png"):
+        with Image.open(png) as im:
+            im.load()  # a truncated PNG raises here
+    for js in folder.glob("*.json"):
+        _json.loads(js.read_text())
+    for csv in folder.glob("*.csv"):
+        lines = csv.read_text().splitlines()
+        assert len(lines) == 13  # header + 12 rows
+
+
+@pytest.mark.slow
+def test_sigkill_during_writes_leaves_no_torn_file(tmp_path):
+    """SIGKILL a process while it writes attributions.h5, attribution.csv/.json/.png and
+    attributions.png (maps, then the outputs in a loop), at two moments: every file left
+    either reads back whole or is refused as incomplete, and the same command again gives
+    the maps of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ref = None
+    for trial, delay in enumerate((0.5, 3.0)):
+        folder = tmp_path / f"run{trial}"
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(folder), "50"],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "START"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _check_no_torn_files(folder)
+        # the same command again resumes (or restarts, with overwrite, a damaged file)
+        done = subprocess.run([sys.executable, "-c", _KILL_CHILD.replace(
+            "out=out, keep_images=8", "out=out, keep_images=8, overwrite=True"), str(folder),
+            "1"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        res = AttributionResult.load(folder)
+        _check_no_torn_files(folder)
+        maps = np.asarray(res.maps)
+        if ref is None:
+            ref = maps
+        np.testing.assert_array_equal(maps, ref)  # identical to every other run
