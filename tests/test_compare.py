@@ -23,11 +23,8 @@ def synthetic_summary(tmp_path):
                           "object": {"detectors": 20, "unique": 6}}},
     }
     figs.save_png(figs.detector_bars(counts, ["object"]), tmp_path / "dissection" / "bars.png")
-    figs.save_png(
-        figs.heatmaps({"teacher": np.eye(3), "kd": np.full((3, 3), 0.5)}, ["a", "b", "c"],
-                      order=[2, 0, 1]),
-        tmp_path / "similarity" / "heat.png",
-    )
+    figs.save_png(figs.cka_matrix(np.eye(2), ["teacher.l3", "teacher.l4"], ["kd.l3", "kd.l4"]),
+                  tmp_path / "similarity" / "heat.png")
     return {
         "title": "Synthetic <comparison>",
         "teacher": "teacher",

@@ -192,19 +192,16 @@ def similarity(run: RunContext) -> dict[str, Any]:
     return similarity_section(part, run.figures)
 
 
-def _offdiag_nan(m: np.ndarray) -> np.ndarray:
-    m = np.array(m, dtype=np.float64)
-    np.fill_diagonal(m, np.nan)
-    return m
-
-
 def _similarity_work(run: RunContext) -> dict[str, Any]:
     # the package attribute, looked up at call time (tests replace it to simulate a crash)
+    from interptool.analyzers import get_analyzer
     from interptool.analyzers import similarity as similarity_pkg
     from interptool.analyzers.similarity import cluster_order
     from interptool.cache import ActivationCache
 
     s = run.cfg.analysis.similarity
+    p = get_analyzer("similarity").params_from_config(s, device=run.device,
+                                                      seed=run.cfg.run.seed)
     teacher = run.cfg.teacher.name
     students = [m.name for m in run.cfg.students]
     say("class similarity")
@@ -213,10 +210,10 @@ def _similarity_work(run: RunContext) -> dict[str, Any]:
         if not students:
             raise AnalysisError("class similarity transfer needs at least one student")
         res = similarity_pkg.compare_similarity(
-            caches[0], *caches[1:], names=[teacher, *students], temperature=s.temperatures,
-            n_boot=s.n_boot, seed=run.cfg.run.seed,
-            k=min(5, max(1, caches[0].logits.shape[1] - 1)), device=run.device)
-        res.save(run.out / "similarity")
+            caches[0], *caches[1:], names=[teacher, *students], temperature=p.temperatures,
+            n_boot=p.n_boot, seed=p.seed, matrix=p.matrix, ci=p.ci, device=p.device,
+            k=p.k if p.k is not None else min(5, max(1, caches[0].logits.shape[1] - 1)))
+        written = res.save(run.out / "similarity")
         t0 = res.temperatures[0]
         names = res.similarity[teacher].class_names
         order = cluster_order(res.similarity[teacher].matrices[t0])
@@ -228,14 +225,11 @@ def _similarity_work(run: RunContext) -> dict[str, Any]:
             "order": order,
             "heatmaps": [],
         }
-        for t in res.temperatures:
-            rel = f"similarity/report_heatmaps_T{t:g}.png"
-            fig = figs.heatmaps({m: _offdiag_nan(res.similarity[m].matrices[t])
-                                 for m in res.models}, names, order=order,
-                                title=f"class similarity S (T={t:g}), "
-                                "teacher's clustered order, diagonal hidden")
-            figs.save_png(fig, run.out / rel)
-            part["heatmaps"].append({"T": t, "path": rel})
+        # the analyzer's own figures (one per temperature, in order): every model's S in the
+        # teacher's clustered class order, one colour scale, diagonal hidden
+        heat = [q for q in written if q.name.startswith("heatmaps_T")]
+        for t, q in zip(res.temperatures, heat):
+            part["heatmaps"].append({"T": t, "path": str(q.relative_to(run.out))})
         # CKA needs layers: models without any (TorchScript) are left out of it
         if s.cka and run.cfg.teacher.layers and any(m.layers for m in run.cfg.students):
             part["cka"] = _cka(run, caches)

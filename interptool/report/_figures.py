@@ -111,49 +111,6 @@ def detector_curve(
     return fig
 
 
-def heatmaps(
-    matrices: Mapping[str, np.ndarray],
-    labels: Sequence[str] | None = None,
-    *,
-    order: Sequence[int] | None = None,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    title: str = "",
-    cmap: str = "viridis",
-) -> Figure:
-    """Side-by-side seaborn heatmaps sharing one colour scale (one colour bar), rows/columns
-    permuted by ``order``. Panels grow with the number of classes so that class names (shown
-    up to 40 classes) stay readable at the report's size; NaN cells (e.g. a hidden diagonal)
-    are left blank."""
-    import seaborn as sns
-
-    names = list(matrices)
-    mats = [np.asarray(matrices[n], dtype=np.float64) for n in names]
-    if order is not None:
-        idx = np.asarray(order)
-        mats = [m[np.ix_(idx, idx)] for m in mats]
-        labels = [labels[i] for i in idx] if labels is not None else None
-    lo = min(float(np.nanmin(m)) for m in mats) if vmin is None else vmin
-    hi = max(float(np.nanmax(m)) for m in mats) if vmax is None else vmax
-    k = mats[0].shape[0] if mats else 0
-    show = labels is not None and k <= 40
-    size = max(3.4, 0.2 * k + 1.6) if show else 3.4
-    with theme():
-        fig, axes = plt.subplots(1, len(mats), figsize=(size * len(mats) + 1.0, size),
-                                 squeeze=False)
-        for i, (ax, name, m) in enumerate(zip(axes[0], names, mats)):
-            last = i == len(mats) - 1
-            sns.heatmap(m, vmin=lo, vmax=hi, cmap=cmap, square=True, ax=ax, cbar=last,
-                        cbar_kws={"shrink": 0.8}, xticklabels=list(labels) if show else False,
-                        yticklabels=list(labels) if show and i == 0 else False)
-            ax.set_title(name)
-            ax.grid(False)
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-    return fig
-
-
 def cka_matrix(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str]) -> Figure:
     """Annotated CKA matrix, teacher layers (rows) against every student's (columns)."""
     from interptool.analyzers.cka import cka_heatmap

@@ -43,6 +43,7 @@ from interptool.analyzers.similarity._core import (
 )
 from interptool.common.jsonsafe import to_jsonable
 from interptool.common.stats import interval_from_resamples
+from interptool.common.theme import themed
 from interptool.errors import AnalysisError
 
 __all__ = [
@@ -332,6 +333,7 @@ class SimilarityResult:
             out["cosine"] = self.cosine
         return to_jsonable(out)
 
+    @themed
     def plot(self, temperature: float | None = None, matrix: str = "softmax",
              order: np.ndarray | None = None):
         """Heatmap of S (diagonal hidden; clustered order; block-averaged beyond 100 classes)."""
@@ -611,6 +613,7 @@ class TransferResult:
             "provenance": self.provenance or provenance(),
         })
 
+    @themed
     def plot(self, temperature: float | None = None) -> list:
         """[heatmaps of every model's S in the teacher's clustered class order,
         teacher-vs-student scatter of off-diagonal entries]."""
