@@ -1,6 +1,7 @@
 """interptool: how interpretable is a classifier, and how does a distilled student compare?
 
-Pipeline: loading -> data -> cache -> analyzers -> pipeline (+ report) -> cli (see docs/architecture.md).
+Pipeline: loading -> data -> cache -> analyzers -> report -> pipeline -> cli (see
+docs/architecture.md; the pipeline runs the analyzers and calls the report to render).
 The most used names are available from the top level::
 
     import interptool as it
