@@ -31,8 +31,7 @@ def _fmt_shape(shape) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from interptool.errors import ConfigError
-    from interptool.loading import load_model
-    from interptool.loading import layer_table
+    from interptool.loading import layer_table, load_model
 
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be at least 1, got {args.depth}")
