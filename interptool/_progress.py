@@ -1,7 +1,8 @@
 """The one channel for what interptool tells its user while it works.
 
 Progress bars (:func:`progress`) and one-line status messages (:func:`say`) both honour
-``--quiet`` (:func:`set_quiet`); no other module prints progress or reads the quiet flag.
+``--quiet`` (:func:`set_quiet`); :func:`warn` is for the few lines that must be seen even
+then. No other module prints to the user or reads the quiet flag.
 Results (a report's path, a table) are printed by the CLI commands themselves.
 """
 
@@ -38,6 +39,12 @@ def say(message: str) -> None:
     """One status line on stderr (``[interptool] message``), silenced by ``--quiet``."""
     if not _QUIET:
         print(f"[interptool] {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A line the user must see even with ``--quiet`` (``interptool: message`` on stderr):
+    a guess interptool made for them, a result that needs care."""
+    print(f"interptool: {message}", file=sys.stderr, flush=True)
 
 
 def progress(

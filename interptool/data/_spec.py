@@ -125,7 +125,6 @@ def _path(spec: str, text: str) -> Path:
 
 def _note_inferred(spec: str, kind: str) -> None:
     """Say on stderr which kind a bare path was taken as: a wrong guess must not be silent."""
-    import sys
+    from interptool._progress import warn
 
-    print(f"interptool: data spec {spec!r} read as {kind}:{spec} (write the prefix to choose)",
-          file=sys.stderr)
+    warn(f"data spec {spec!r} read as {kind}:{spec} (write the prefix to choose)")
