@@ -209,3 +209,16 @@ def test_messages_honour_quiet(capsys):
         assert capsys.readouterr().err == "[interptool] shown\n"
     finally:
         set_quiet(False)
+
+
+def test_only_the_message_channel_and_the_cli_print():
+    """User messages go through interptool._progress (say/warn/progress), which honours
+    --quiet; the CLI prints results. No other module calls print()."""
+    bad = []
+    for module, path in _modules():
+        if module.startswith("interptool.cli") or module == "interptool._progress":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    assert not bad, "print() outside the message channel:\n" + "\n".join(bad)
