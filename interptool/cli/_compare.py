@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="write a commented config template to PATH (default interptool.toml) and exit",
     )
-    from interptool.pipeline._config import analysis_names
+    from interptool.pipeline import analysis_names
 
     p.add_argument(
         "--only",

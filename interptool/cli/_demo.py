@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     import json
 
-    from interptool.pipeline._verdicts import paper_summary_line
+    from interptool.pipeline import paper_summary_line
 
     # the summary line first: the last line on stdout stays the report's path
     summary = json.loads((report.parent / "summary.json").read_text())

@@ -18,6 +18,7 @@ from interptool.pipeline._config import (
     ModelConfig,
     RunConfig,
     SimilarityConfig,
+    analysis_names,
     load_config,
     parse_config,
     write_template,
@@ -32,7 +33,9 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "SimilarityConfig",
+    "analysis_names",
     "load_config",
+    "paper_summary_line",
     "parse_config",
     "run_compare",
     "run_demo",
@@ -51,4 +54,8 @@ def __getattr__(name: str) -> Any:
         from interptool.pipeline._demo import run_demo
 
         return run_demo
+    if name == "paper_summary_line":
+        from interptool.pipeline._verdicts import paper_summary_line
+
+        return paper_summary_line
     raise AttributeError(f"module 'interptool.pipeline' has no attribute {name!r}")
