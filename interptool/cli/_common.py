@@ -18,8 +18,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     g.add_argument(
         "--arch",
         required=required,
-        help="timm:NAME, torchvision:NAME, interptool:NAME (built-in demo nets) "
-        "or the path of a TorchScript file",
+        help="timm:NAME, torchvision:NAME, interptool:NAME (built-in demo nets), "
+        "hf:FOLDER (Hugging Face save_pretrained folder) or the path of a TorchScript file",
     )
     g.add_argument("--checkpoint", help="weight file: .pth/.pt/.bin state_dict, .safetensors, "
                    "or a training checkpoint wrapping the weights; FILE#NAME picks one weight "

@@ -315,12 +315,18 @@ def _arch(ctx: _Ctx, value: Any, fld: str) -> str:
         if not rest:
             raise ctx.error(fld, f"missing model name after {scheme!r}:, e.g. '{scheme}:resnet18'")
         return arch
+    if sep and scheme == "hf":
+        # a save_pretrained folder: relative to the config's folder, like checkpoints
+        if not rest:
+            raise ctx.error(fld, "missing folder after 'hf:', e.g. 'hf:models/vit-student'")
+        return f"hf:{ctx.path(rest, fld, kind='folder')}"
     if Path(arch).suffix in (".pt", ".pth", ".ts", ".torchscript"):
         return ctx.path(arch, fld)
     raise ctx.error(
         fld,
-        f"expected 'timm:NAME', 'torchvision:NAME', 'interptool:NAME' or the path of a "
-        f"TorchScript file (.pt/.pth/.ts), got {arch!r}",
+        f"expected 'timm:NAME', 'torchvision:NAME', 'interptool:NAME', 'hf:FOLDER' (a Hugging "
+        f"Face save_pretrained folder) or the path of a TorchScript file (.pt/.pth/.ts), "
+        f"got {arch!r}",
     )
 
 
@@ -543,7 +549,7 @@ probe = "builtin:concept-world?n=200&size=64&seed=0&split=probe"
 
 # One table per model. The model with role = "teacher" (or else the first) is the reference.
 [models.teacher]
-arch = "interptool:cw-teacher"   # timm:NAME, torchvision:NAME, interptool:NAME or a TorchScript file
+arch = "interptool:cw-teacher"   # timm:NAME, torchvision:NAME, interptool:NAME, hf:FOLDER or a TorchScript file
 # checkpoint = "ckpt/teacher.pth" # .pth/.pt/.bin/.safetensors; omit for random weights
 layers = ["layer3", "layer4"]    # `interptool layers --arch ...` lists the names
 role = "teacher"
