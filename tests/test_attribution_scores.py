@@ -227,16 +227,26 @@ def test_faithfulness_is_batched_and_chunking_invariant():
     t = np.zeros(5, int)
     BoxNet.calls.clear()
     a = faithfulness(BoxNet(), x, maps, t, patch=8, steps=6, baseline="blur", batch_size=8,
-                     n_boot=0)
+                     n_boot=0, reference=None)
     assert len(BoxNet.calls) == math.ceil(5 * 7 / 8)  # no per-image model call
     assert max(BoxNet.calls) == 8
+    # the default also runs the random-order reference: twice the batched calls
+    BoxNet.calls.clear()
+    ref = faithfulness(BoxNet(), x, maps, t, patch=8, steps=6, baseline="blur", batch_size=8,
+                       n_boot=0)
+    assert len(BoxNet.calls) == 2 * math.ceil(5 * 7 / 8) and max(BoxNet.calls) == 8
+    np.testing.assert_allclose(ref.curves, a.curves)
     b = faithfulness(BoxNet(), x, maps, t, patch=8, steps=6, baseline="blur", batch_size=1000,
                      n_boot=0)
     np.testing.assert_allclose(a.curves, b.curves, rtol=1e-6)
+    np.testing.assert_allclose(ref.normalised, b.normalised, rtol=1e-6)
     assert a.curves.shape == (5, 7)
     frame = a.to_frame()
     assert list(frame.columns) == ["id", "mode", "auc", "p_start", "p_end"]
+    assert list(ref.to_frame().columns) == ["id", "mode", "auc", "p_start", "p_end", "p0",
+                                            "auc_random", "normalised"]
     json.dumps(a.to_dict())
+    json.dumps(ref.to_dict())
 
 
 def test_faithfulness_errors():
