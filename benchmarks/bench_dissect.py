@@ -138,12 +138,19 @@ with ActivationCache({cache!r}) as cache:
     w0, c0 = time.perf_counter(), time.process_time()
     res = d.run(cache, {layer!r})
     w, c = time.perf_counter() - w0, time.process_time() - c0
-print(f"RESULT {{w:.3f}} {{c:.3f}} {{res.config.get('threads')}}")
+threads = (res.config.get("threads") or {{}}).get("torch_threads")
+print(f"RESULT {{w:.3f}} {{c:.3f}} {{threads}}")
 """
 
 # in-process analysis settings: python run before Dissection.run
-ANALYSIS_SETTINGS = {"default": "", "threads1": "import torch; torch.set_num_threads(1)",
-                     "threads2": "import torch; torch.set_num_threads(2)"}
+ANALYSIS_SETTINGS = {
+    "default": "",  # threads chosen by the analysis (free cores now, see _threads.py)
+    "threads1": "import torch; torch.set_num_threads(1)",
+    # two threads whatever the load (torch's own default on 2 cores, the old behaviour)
+    "threads2": "import torch; torch.set_num_threads(2)\n"
+                "import interptool.analyzers.dissection._analyzer as a\n"
+                "a.analysis_threads = lambda workers=0: {'torch_threads': 2}",
+}
 
 
 def analysis_times(cache_path: Path, layer: str, settings: list[str], repeat: int) -> None:

@@ -199,3 +199,82 @@ def test_seg_item_counts_and_label_range():
     bad = SimpleNamespace(size=(1, 2), pixel={"a": np.array([[[0, -3]]])}, image={})
     with pytest.raises(DataError, match="label number -3"):
         acc.add(torch.zeros((1, 1, 2, 2)), [seg_item(0, bad, ["a"])])
+
+
+# ------------------------------------------------------------------------------ threads
+def _stat(rows: dict[int, tuple[int, int]]) -> str:
+    """A /proc/stat text: per CPU (busy user jiffies, idle jiffies)."""
+    lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]
+    lines += [f"cpu{c} {busy} 0 0 {idle} 0 0 0 0 0 0" for c, (busy, idle) in rows.items()]
+    return "\n".join(lines + ["intr 1 2 3"]) + "\n"
+
+
+def test_idle_cores_from_proc_stat(tmp_path, monkeypatch):
+    from interptool.analyzers.dissection import _threads
+
+    stat = tmp_path / "stat"
+    snapshots = iter([_stat({0: (100, 100), 1: (100, 100), 2: (0, 0)}),
+                      # cpu0 fully busy, cpu1 idle 3/4 of the time, cpu2 not ours
+                      _stat({0: (200, 100), 1: (125, 175), 2: (0, 100)})])
+    stat.write_text(next(snapshots))
+    monkeypatch.setattr(_threads.time, "sleep", lambda s: stat.write_text(next(snapshots)))
+    idle = _threads.idle_cores({0, 1}, stat_path=stat)
+    assert idle == pytest.approx(0.75)
+    assert _threads.idle_cores({0}, stat_path=tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("idle,want", [(2.0, 2), (1.6, 2), (1.4, 1), (1.0, 1), (0.0, 1),
+                                       (None, 2)])
+def test_analysis_threads_keep_only_free_cores(idle, want, monkeypatch):
+    from interptool.analyzers.dissection import _threads
+
+    monkeypatch.setattr(_threads, "plan_threads", lambda *a, **k: SimpleNamespace(
+        torch_threads=2, available=2, source="affinity"))
+    got = _threads.analysis_threads(idle=idle)
+    assert got["torch_threads"] == want and got["available_cores"] == 2
+
+
+class _OneLabelProbe:
+    """Two images, every pixel labelled 1 ("x", category object)."""
+
+    ids = ["a", "b"]
+    spec, fingerprint = "t:p", "fp"
+    categories = ["object"]
+    label_names = np.array(["-", "x"])
+    label_category = np.array([-1, 0])
+    num_labels = 2
+
+    def __len__(self):
+        return 2
+
+    def load_segmentation(self, i):
+        return SimpleNamespace(size=(4, 4), pixel={"object": np.ones((1, 4, 4), np.int64)},
+                               image={})
+
+
+def test_dissection_records_threads_and_restores_torch(tmp_path, monkeypatch):
+    from interptool.analyzers.dissection import Dissection
+    from interptool.analyzers.dissection import _analyzer as an
+    from interptool.cache import write_cache
+
+    seen = []
+    monkeypatch.setattr(an, "analysis_threads", lambda workers=0: {"torch_threads": 1})
+    real = an.Dissection._run
+
+    def spy(self, *a, **k):
+        seen.append(torch.get_num_threads())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(an.Dissection, "_run", spy)
+    probe = _OneLabelProbe()
+    feats = np.random.default_rng(0).random((2, 3, 2, 2), dtype=np.float32)
+    path = write_cache(tmp_path / "c.h5", logits=np.zeros((2, 2)), ids=probe.ids,
+                       features={"l": feats}, attrs={"data_fingerprint": "fp", "data_spec": "t:p"})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = Dissection(quantile=0.25, checksum=False, top_images=0).run(path, "l", probe)
+        assert seen == [1] and torch.get_num_threads() == 2  # set for the run, then restored
+        assert r.config["threads"] == {"torch_threads": 1}
+    finally:
+        torch.set_num_threads(before)

@@ -39,6 +39,7 @@ from interptool._provenance import (
     provenance,
     sha256_file,
 )
+from interptool._resources import torch_threads
 from interptool.analyzers.dissection._bootstrap import (
     BlockRecorder,
     BlockStats,
@@ -57,6 +58,7 @@ from interptool.analyzers.dissection._tally import (
     TallyAccumulator,
     collate_list,
 )
+from interptool.analyzers.dissection._threads import analysis_threads
 from interptool.errors import AnalysisError, CacheError, ConfigError
 
 __all__ = ["Dissection", "DissectionResult"]
@@ -653,7 +655,12 @@ class Dissection:
                 probe = cache.data_spec
             probe = _open_probe(probe)
             self._check_alignment(cache, probe)
-            return self._run(cache, layer, probe)
+            # torch threads from the cores that are free now (docs/benchmarks_dissect.md)
+            threads = analysis_threads(self.workers)
+            with torch_threads(threads["torch_threads"]):
+                result = self._run(cache, layer, probe)
+            result.config["threads"] = threads
+            return result
         finally:
             if own:
                 cache.close()
