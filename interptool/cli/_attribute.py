@@ -125,16 +125,7 @@ def _target(value: str) -> str | int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interptool._provenance import atomic_write_text, provenance
-    from interptool.analyzers.attribution import (
-        Attribution,
-        ObjectMasks,
-        folder_masks,
-        get_method,
-        randomisation_check,
-        score_maps,
-    )
-    from interptool.common.jsonsafe import to_jsonable
+    from interptool.analyzers.attribution import get_method
 
     # validate everything cheap before loading models or data
     methods = args.method or ["integrated_gradients"]
@@ -153,11 +144,31 @@ def run(args: argparse.Namespace) -> int:
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
 
+    from interptool._provenance import output_lock
     from interptool.data import open_dataset
-    from interptool.loading import load_model
 
     dataset = open_dataset(args.data)
     out = Path(args.out)
+    # held for the whole run, before anything under OUT is opened, resumed or replaced;
+    # resolved so that `--out .` has a name to lock
+    with output_lock(out.resolve(), fix="choose another --out"):
+        return _run_locked(args, dataset, out, models, methods, target)
+
+
+def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
+                models: list[tuple[str | None, str, str | None]], methods: list[str],
+                target: str | int) -> int:
+    from interptool._provenance import atomic_write_text, provenance
+    from interptool.analyzers.attribution import (
+        Attribution,
+        ObjectMasks,
+        folder_masks,
+        randomisation_check,
+        score_maps,
+    )
+    from interptool.common.jsonsafe import to_jsonable
+    from interptool.loading import load_model
+
     out.mkdir(parents=True, exist_ok=True)
     kw = model_kwargs(args)
     loaded_models = []
@@ -247,11 +258,11 @@ def run(args: argparse.Namespace) -> int:
                 e = scores["models"][name]["methods"][m]
                 parts = [f"{name:>14s} {m:<22s}"]
                 if "localisation" in e:
-                    parts.append(f"energy-in-mask {e['localisation']['energy']['mean']:.3f}")
+                    parts.append(f"energy-in-mask {_num(e['localisation']['energy']['mean'])}")
                 if "faithfulness" in e:
-                    parts.append(f"deletion AUC {e['faithfulness']['deletion']['auc']['mean']:.3f}"
+                    parts.append(f"deletion AUC {_num(e['faithfulness']['deletion']['auc']['mean'])}"
                                  f" insertion AUC "
-                                 f"{e['faithfulness']['insertion']['auc']['mean']:.3f}")
+                                 f"{_num(e['faithfulness']['insertion']['auc']['mean'])}")
                 print("  ".join(parts))
             if "randomisation" in scores["models"][name]:
                 flagged = [m for m, f in scores["models"][name]["randomisation"]["flagged"]
@@ -259,6 +270,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:>14s} sanity check (top {args.sanity_top_k} layers randomised): "
                       f"{'flagged ' + ', '.join(flagged) if flagged else 'all methods pass'}")
     return 0
+
+
+def _num(value: float | None) -> str:
+    # a score is None when no row could be scored, e.g. every map is zero (Grad-CAM on a
+    # token model's last block, whose patch tokens never reach the head)
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _inputs(tds, start: int, stop: int):

@@ -102,8 +102,6 @@ def _montages(value: str) -> str | int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interptool.analyzers.dissection import Dissection
-    from interptool.cache import ActivationCache
     from interptool.errors import ConfigError
 
     layers = _layers(args)
@@ -114,6 +112,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.cache and not args.arch:
         raise ConfigError("give an activation cache (interptool dissect ACTS.h5 ...) or a "
                           "model (--arch ... --checkpoint ...) to cache first")
+    from interptool._provenance import output_lock
+
+    # held until every file is written; resolved so that `--out .` has a name to lock
+    with output_lock(out.resolve(), fix="choose another --out"):
+        return _run_locked(args, layers, out, montages)
+
+
+def _run_locked(args: argparse.Namespace, layers: list[str], out: Path,
+                montages: str | int) -> int:
+    from interptool.analyzers.dissection import Dissection
+    from interptool.cache import ActivationCache
+    from interptool.errors import ConfigError
+
     probe: Any = args.probe
     cache_path = args.cache
     if args.arch:

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from interptool._progress import say
-from interptool._provenance import atomic_write_text, now_iso, seed_everything, versions
+from interptool._provenance import (
+    atomic_write_text,
+    now_iso,
+    output_lock,
+    seed_everything,
+    versions,
+)
 from interptool.common.jsonsafe import to_jsonable
 from interptool.pipeline import _stages
 from interptool.pipeline._config import CompareConfig
@@ -115,6 +121,12 @@ def run_compare(
     settings is kept and a new one written beside it, unless ``overwrite`` (the user's
     ``--overwrite``) replaces it; any other cache fault stops the run and keeps the partial
     cache for the next run to resume (:mod:`interptool.pipeline._caches`).
+
+    The whole run holds interptool's lock on ``DIR`` (``DIR.lock`` beside it): a second run
+    writing the same ``DIR`` stops at once with :class:`interptool._locks.OutputLockedError`
+    (exit 2 on the command line), before it looks at, resumes or replaces anything there.
     """
-    return _execute(RunContext(config, Path(out), overwrite=overwrite), config_text, command,
-                    title)
+    out = Path(out)
+    with output_lock(out.resolve(), fix="choose another --out"):
+        return _execute(RunContext(config, out, overwrite=overwrite), config_text, command,
+                        title)
