@@ -155,3 +155,40 @@ def test_dissect_after_the_holder_ends_runs(tmp_path, capsys):
                  DATA, "--layer", "layer4", "--out", str(out), "--no-figures", "--quiet"]) == 0
     assert (out / "layer4" / "summary.json").exists()
     assert not lock_path(out).exists()
+
+
+def test_attribution_store_is_locked_on_its_own(tmp_path, capsys):
+    """The HDF5 store holds its own lock too, so a writer that reaches the same
+    ``attributions.h5`` through another --out (or through the Python API) is stopped."""
+    import torch
+
+    from interptool._locks import OutputLockedError
+    from interptool.analyzers.attribution import Attribution
+    from interptool.loading._zoo import ZOO
+
+    out = tmp_path / "att"
+    store = out / "attributions.h5"
+    first = _holder(store)
+    try:
+        rc = main(["attribute", "--arch", "interptool:cw-student", "--image-size", "32",
+                   "--data", DATA, "--method", "saliency", "--n", "2", "--sanity-n", "0",
+                   "--faithfulness-steps", "0", "--out", str(out), "--overwrite", "--quiet"])
+        err = capsys.readouterr().err.strip()
+        net = ZOO["cw-student"](num_classes=10).eval()
+        with pytest.raises(OutputLockedError, match=rf"\(pid {first.pid} on .* is writing "
+                                                    rf"{re.escape(str(store))}; wait for it"):
+            Attribution("saliency").run(net, torch.zeros(2, 3, 32, 32), target=0, out=out,
+                                        overwrite=True)
+    finally:
+        _stop(first)
+    assert rc == 2, err
+    assert re.fullmatch(
+        rf"interptool attribute: error: another interptool process \(pid {first.pid} on \S+, "
+        rf"started at [0-9T:+-]+\) is writing {re.escape(str(store))}; wait for it or "
+        r"choose another --out", err), err
+    assert not store.exists()  # nothing was created behind the holder's back
+    # once the holder is gone the same call writes the store and lets go of it
+    res = Attribution("saliency").run(ZOO["cw-student"](num_classes=10).eval(),
+                                      torch.zeros(2, 3, 32, 32), target=0, out=out)
+    assert res.maps.shape == (2, 32, 32) and store.exists()
+    assert not lock_path(store).exists()

@@ -23,13 +23,14 @@ uninterrupted run (stochastic methods seed each batch from ``(seed, batch start)
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from interptool._provenance import now_iso, versions
+from interptool._provenance import now_iso, output_lock, versions
 from interptool.errors import AnalysisError, CacheError
 
 FORMAT = "interptool-attributions/1"
@@ -67,12 +68,21 @@ class AttributionStore:
         self.method = method
         self.keep_raw = keep_raw
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = _open_for_append(self.path, overwrite)
+        # interptool's own lock (HDF5's may be off on NFS), held until close(), taken before
+        # the file is looked at: a second writer stops before it resumes or replaces anything
+        self._lock = ExitStack()
+        self._lock.enter_context(output_lock(self.path, fix="choose another --out"))
+        try:
+            self.f = _open_for_append(self.path, overwrite)
+        except BaseException:
+            self._lock.close()
+            raise
         try:
             self._setup(params, reduce, batch_size, model_info, data_spec, data_fingerprint,
                         target_mode, input_shape, overwrite)
-        except Exception:
+        except BaseException:
             self.f.close()
+            self._lock.close()
             raise
 
     # ------------------------------------------------------------------ setup
@@ -228,6 +238,7 @@ class AttributionStore:
     def close(self) -> None:
         if self.f.id.valid:
             self.f.close()
+        self._lock.close()  # after the file: nobody may open it while we still write
 
 
 def _open_for_append(path: Path, overwrite: bool) -> h5py.File:
