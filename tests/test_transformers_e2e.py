@@ -197,3 +197,24 @@ batch_size = 8
         est = row["cosine"]
         assert est["ci_low"] <= est["mean"] <= est["ci_high"]
     assert re.search(r"<html", (out / "report.html").read_text(), re.I)
+
+
+def test_hf_arch_in_a_config_resolves_against_its_folder(tmp_path):
+    from interptool.errors import ConfigError
+    from interptool.pipeline import load_config
+
+    (tmp_path / "sub" / "student").mkdir(parents=True)
+    base = (f'[data]\neval = "{EVAL}"\n[models.t]\narch = "interptool:cw-student"\n'
+            'layers = ["layer4"]\n[models.s]\narch = "ARCH"\nlayers = ["vit.layers.0"]\n'
+            '[analysis]\ndissection = false\n')
+    toml = tmp_path / "sub" / "c.toml"
+    toml.write_text(base.replace("ARCH", "hf:student"))
+    cfg = load_config(toml)
+    assert cfg.models["s"].arch == f"hf:{(tmp_path / 'sub' / 'student').resolve()}"
+    toml.write_text(base.replace("ARCH", "hf:missing"))
+    with pytest.raises(ConfigError, match=r"c.toml: models.s.arch: folder not found: .*missing "
+                                          r"\(paths are relative to the config's folder\)"):
+        load_config(toml)
+    toml.write_text(base.replace("ARCH", "hf:"))
+    with pytest.raises(ConfigError, match=r"models.s.arch: missing folder after 'hf:'"):
+        load_config(toml)
