@@ -218,3 +218,17 @@ def test_hf_arch_in_a_config_resolves_against_its_folder(tmp_path):
     toml.write_text(base.replace("ARCH", "hf:"))
     with pytest.raises(ConfigError, match=r"models.s.arch: missing folder after 'hf:'"):
         load_config(toml)
+
+
+def test_the_real_deit_distilled_name_through_cache(tmp_path):
+    """The named timm model itself (224 px, 12 blocks: what the loader builds for it), on two
+    images: the cache records its class + distillation tokens and the 14 x 14 grid."""
+    out = tmp_path / "deit224.h5"
+    assert main(["cache", "--arch", "timm:deit_tiny_distilled_patch16_224", "--num-classes", "10",
+                 "--data", "builtin:concept-world?n=2&size=32", "--layers", "blocks.11",
+                 "--probe", "yes", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["num_prefix_tokens"]) == 2
+        assert json.loads(f.attrs["token_grid"]) == [14, 14]
+        assert json.loads(f.attrs["layer_shapes"])["blocks.11"] == [2 + 14 * 14, 192]
+        assert f["features/blocks.11"].shape == (2, 2 + 14 * 14, 192)
