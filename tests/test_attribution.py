@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -418,7 +419,11 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
     assert set(ag) >= {"cosine", "top5_iou", "top10_iou", "top20_iou"}
     assert (ag["a"], ag["b"]) == ("teacher:saliency", "student:saliency")
     ds = open_dataset("builtin:concept-world?n=12&size=64&seed=0")
-    masks = class_object_masks(ds, range(4), size=(64, 64))
+    # --n 4 of 12: a stratified sample (the default), not rows 0..3; masks at its rows
+    sample = scores["sample"]
+    assert sample["method"] == "stratified" and sample["seed"] == 0
+    assert sample["ids"] == s.ids == [ds.ids[r] for r in sample["rows"]]
+    masks = class_object_masks(ds, sample["rows"], size=(64, 64))
     m = scores["models"]["student"]["methods"]["saliency"]
     assert m["localisation"]["energy"]["mean"] == pytest.approx(
         float(np.nanmean(localisation(s, masks).energy)))
@@ -597,6 +602,81 @@ def test_stratified_sample_small_classes_and_unlabelled():
     assert counts[0] + counts[2] == 14 and abs(counts[0] - counts[2]) <= 1
     assert len(set(idx.tolist())) == 21 and np.all(np.diff(idx) > 0)
     np.testing.assert_array_equal(stratified_sample(labels, 500, 0), np.arange(len(labels)))
+
+
+_CW40 = "builtin:concept-world?n=40&size=32"
+_WEIGHTS = Path(__file__).resolve().parents[1] / "interptool" / "weights" / "kd.safetensors"
+
+
+def _attribute_cli(out, *extra):
+    from interptool.cli import main
+
+    rc = main(["attribute", "--arch", "interptool:cw-student", "--checkpoint", str(_WEIGHTS),
+               "--num-classes", "10", "--data", _CW40, "--method", "saliency", "--n", "10",
+               "--batch-size", "10", "--faithfulness-steps", "4", "--sanity-n", "0",
+               "--out", str(out), "--quiet", *extra])
+    assert rc == 0
+    return json.loads((out / "scores.json").read_text())
+
+
+def test_cli_scores_a_stratified_sample_at_its_own_rows(tmp_path):
+    """`interptool attribute --n 10` on 40 concept-world images: the first ten rows hold
+    7 of the 10 classes; the default sample holds every class once, is recorded by data-set
+    id, and localisation / deletion are scored on those images (they used to be scored on
+    rows 0..9 whatever was attributed)."""
+    load_model, open_dataset = _real_loaders()
+    from interptool.analyzers.attribution import class_object_masks, faithfulness, localisation
+
+    ds = open_dataset(_CW40)
+    labels = np.asarray(ds.labels)
+    assert len(set(labels[:10].tolist())) < 10  # the fault: first-n misses classes
+    scores = _attribute_cli(tmp_path / "a")
+    sample = scores["sample"]
+    assert (sample["method"], sample["seed"], sample["n"], sample["of"]) == (
+        "stratified", 0, 10, 40)
+    row_of = {str(i): r for r, i in enumerate(ds.ids)}
+    rows = [row_of[i] for i in sample["ids"]]
+    assert rows == sample["rows"]
+    # every class of the data set, once each (10 images, 10 classes)
+    assert sorted(labels[rows].tolist()) == sorted(set(labels.tolist())) == list(range(10))
+    entry = scores["models"]["kd"]["methods"]["saliency"] if "kd" in scores["models"] else \
+        next(iter(scores["models"].values()))["methods"]["saliency"]
+    assert entry["per_image"]["ids"] == sample["ids"]
+
+    # hand check: one recorded image that is not at its position (row != index), loaded
+    # and scored here directly
+    j = next(k for k, r in enumerate(rows) if r != k)
+    loaded = load_model("interptool:cw-student", checkpoint=str(_WEIGHTS), num_classes=10)
+    x = loaded.preprocessing.probe_transform()(ds.load_image(rows[j]))[None]
+    y = torch.tensor([int(labels[rows[j]])])
+    direct = Attribution("saliency").run(loaded.model, x, labels=y, batch_size=1)
+    size = tuple(direct.maps.shape[1:])  # the model's input size (64: its probe transform)
+    mask = class_object_masks(ds, [rows[j]], size=size)
+    energy = float(localisation(direct, mask, n_boot=0).energy[0])
+    assert entry["per_image"]["localisation_energy"][j] == pytest.approx(energy, rel=1e-5)
+    dele = faithfulness(loaded.model, x, direct.maps, direct.targets, mode="deletion",
+                        patch=8, steps=4, baseline="blur", n_boot=0)
+    assert entry["per_image"]["deletion_auc"][j] == pytest.approx(float(dele.auc[0]),
+                                                                   rel=1e-5)
+    # and those are not the scores of the image at row j (what first-n scoring read)
+    other = class_object_masks(ds, [j], size=size)
+    assert not np.array_equal(other, mask)
+
+
+def test_cli_sample_seed_chooses_the_ids(tmp_path):
+    """The same --seed chooses the same ids (and scores); another seed other ids."""
+    _real_loaders()
+    a = _attribute_cli(tmp_path / "a", "--seed", "4", "--faithfulness-steps", "0")
+    b = _attribute_cli(tmp_path / "b", "--seed", "4", "--faithfulness-steps", "0")
+    c = _attribute_cli(tmp_path / "c", "--seed", "5", "--faithfulness-steps", "0")
+    assert a["sample"]["seed"] == 4 and c["sample"]["seed"] == 5
+    assert a["sample"]["ids"] == b["sample"]["ids"]
+    assert a["sample"]["ids"] != c["sample"]["ids"]
+    (ma,), (mb,) = a["models"].values(), b["models"].values()
+    assert ma["methods"]["saliency"]["per_image"] == mb["methods"]["saliency"]["per_image"]
+    # --sample first keeps rows 0..N-1 on request, recorded as such
+    f = _attribute_cli(tmp_path / "f", "--sample", "first", "--faithfulness-steps", "0")
+    assert f["sample"]["method"] == "first" and f["sample"]["rows"] == list(range(10))
 
 
 # ------------------------------------------------------------------ non-finite (issue 11)

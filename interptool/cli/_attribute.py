@@ -9,6 +9,9 @@ Writes to ``--out DIR``: ``attributions.h5`` (one model) or ``<name>/attribution
 folder per model), ``scores.json`` (per model and method: map summary, localisation when the
 data set has segmentations, deletion/insertion faithfulness; agreement of every other model
 with the first) and ``attributions.png`` (image, then one overlay per model x method).
+
+The ``--n`` images are a seeded class-stratified sample of the data set (``--sample first``:
+rows 0..N-1); ``scores.json`` records it under ``sample`` (method, seed, data-set ids, rows).
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: integrated_gradients)")
     p.add_argument("--layer", help="layer for grad_cam, e.g. layer4")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=64, help="first N images (default 64)")
+    p.add_argument("--n", type=int, default=64,
+                   help="images attributed (default 64): a seeded class-stratified sample "
+                   "of the data set when it has more (see --sample)")
+    p.add_argument("--sample", choices=["stratified", "first"], default="stratified",
+                   help="how the N images are chosen: stratified (default; equal shares per "
+                   "class, seeded by --seed, ids recorded in scores.json) or first (rows "
+                   "0..N-1)")
     p.add_argument("--target", default="label",
                    help="label (default), predicted, or a class index")
     p.add_argument("--steps", type=int, help="integrated gradients steps (default 32)")
@@ -55,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stdevs", type=float, help="smoothgrad noise std, input units (0.15)")
     p.add_argument("--window", type=int, help="occlusion window in pixels (default 8)")
     p.add_argument("--stride", type=int, help="occlusion stride in pixels (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed for smoothgrad and bootstraps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the image sample, smoothgrad and bootstraps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--keep-raw", action="store_true", help="also store (N, C, H, W) maps")
     p.add_argument("--faithfulness-steps", type=int, default=16,
@@ -158,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
                 models: list[tuple[str | None, str, str | None]], methods: list[str],
                 target: str | int) -> int:
+    import numpy as np
+
     from interptool._provenance import atomic_write_text, provenance
     from interptool.analyzers.attribution import (
         Attribution,
@@ -166,6 +178,7 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
         randomisation_check,
         score_maps,
     )
+    from interptool.analyzers.attribution._analyzer import stratified_sample
     from interptool.common.jsonsafe import to_jsonable
     from interptool.loading import load_model
 
@@ -181,13 +194,16 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
                           "--model NAME=ARCH[,CHECKPOINT]")
 
     broden = hasattr(dataset, "load_segmentation")
+    n = min(args.n, len(dataset))
+    # the rows Attribution.run will attribute (the same for every model and method)
+    rows = (stratified_sample(dataset.labels, n, args.seed)
+            if args.sample == "stratified" and n < len(dataset) else np.arange(n))
     if args.masks:  # every mask present and of its image's size, before any model runs
-        folder_masks(args.masks, dataset, range(min(args.n, len(dataset))), size=(1, 1))
+        folder_masks(args.masks, dataset, [int(r) for r in rows], size=(1, 1))
     results: dict[str, dict[str, Any]] = {}
     scores: dict[str, Any] = {"models": {}, "agreement": {},
                               "teacher": names[0], "methods": methods, "target": target,
                               "data": args.data}
-    n = min(args.n, len(dataset))
     display = None
     # masks must stay aligned with the pixels: no crop when masks are scored
     with_masks = bool(broden or args.masks)
@@ -204,22 +220,25 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
             results[name][m] = attr.run(loaded, dataset, n=n, batch_size=args.batch_size,
                                         target=target, device=args.device, out=folder,
                                         overwrite=args.overwrite, transform=transform,
-                                        keep_images=0)
+                                        keep_images=0, sample=args.sample,
+                                        sample_seed=args.seed)
+            if not np.array_equal(results[name][m].indices, rows):  # one sample for all
+                raise AssertionError("attribution sample differs from the planned rows")
         if display is None:
-            display = _inputs(tds, 0, min(8, n))
+            display = _inputs(tds, rows[:8])
     # one scoring path with compare: agreement, localisation, deletion and insertion
     masks_by_size: dict[tuple[int, int], ObjectMasks] = {}
 
-    def masks(size: tuple[int, int]) -> ObjectMasks:
+    def masks(size: tuple[int, int], scored: np.ndarray) -> ObjectMasks:
         if size not in masks_by_size:
-            masks_by_size[size] = ObjectMasks(dataset, size, n, folder=args.masks)
+            masks_by_size[size] = ObjectMasks(dataset, size, scored, folder=args.masks)
         return masks_by_size[size]
 
     teacher = names[0]
     per_method = {m: score_maps(
         {name: results[name][m] for name in names}, teacher=teacher,
         models={name: lm.model for name, lm in loaded_models},
-        inputs=lambda name, s, e: _inputs(inputs_of[name], s, e),
+        inputs=lambda name, r: _inputs(inputs_of[name], r),
         masks=masks if with_masks else None, modes=("deletion", "insertion"),
         patch=args.patch, steps=args.faithfulness_steps,
         baseline=args.faithfulness_baseline, batch_size=max(args.batch_size, 32),
@@ -232,16 +251,22 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
                 entry["localisation"] = per_method[m]["localisation"][name]
             if name in per_method[m]["faithfulness"]:
                 entry["faithfulness"] = per_method[m]["faithfulness"][name]
+            # per-image scores by data-set id (the images of scores["sample"], in order)
+            entry["per_image"] = {"ids": list(results[name][m].ids), **{
+                measure: by_model[name] for measure, by_model in
+                per_method[m]["per_image"].items() if name in by_model}}
             model_scores["methods"][m] = entry
         if args.sanity_n > 0:
             k = min(args.sanity_n, n)
             first = results[name][methods[0]]
             attrs = [Attribution(m, **_method_params(m, args)) for m in methods]
             model_scores["randomisation"] = randomisation_check(
-                loaded.model, attrs, _inputs(inputs_of[name], 0, k), first.targets[:k],
+                loaded.model, attrs, _inputs(inputs_of[name], rows[:k]), first.targets[:k],
                 top_k=args.sanity_top_k, threshold=args.sanity_threshold, seed=args.seed,
                 device=args.device, batch_size=args.batch_size).to_dict()
         scores["models"][name] = model_scores
+    # how the images were chosen, with the data-set ids scored (issue 10)
+    scores["sample"] = per_method[methods[0]]["sample"]
     for name in names[1:]:
         scores["agreement"][f"{teacher} vs {name}"] = {
             m: per_method[m]["agreement"][name] for m in methods}
@@ -278,10 +303,11 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _inputs(tds, start: int, stop: int):
+def _inputs(tds, rows):
+    """Model inputs of the data-set ``rows`` (the rows the maps were computed on)."""
     import torch
 
-    return torch.stack([torch.as_tensor(tds[i][0]) for i in range(start, stop)])
+    return torch.stack([torch.as_tensor(tds[int(i)][0]) for i in rows])
 
 
 def _known() -> set[str]:
@@ -299,6 +325,7 @@ def _grid(path: Path, images, results, names, methods, class_names=None) -> None
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from interptool._provenance import atomic_savefig
     from interptool.analyzers.attribution import display_images
 
     shown = display_images(images)
@@ -338,5 +365,6 @@ def _grid(path: Path, images, results, names, methods, class_names=None) -> None
     for ax in axes.ravel():
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # atomic: a run killed while writing never leaves a torn attributions.png
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)

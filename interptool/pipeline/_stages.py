@@ -283,7 +283,12 @@ def attribution(run: RunContext) -> dict[str, Any]:
         if reused:
             say(f"attribution {method}: done earlier, reused")
         per_method[method] = part
-    return attribution_section(per_method, run.figures)
+    section = attribution_section(per_method, run.figures)
+    # how the images were chosen (seed, data-set ids): the same for every method and model
+    first = next(iter(per_method.values()), {})
+    if first.get("sample"):
+        section["sample"] = first["sample"]
+    return section
 
 
 def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
@@ -301,10 +306,12 @@ def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
         elif method == "integrated_gradients":
             params["steps"] = a.n_steps
         seed_everything(run.cfg.run.seed)
+        # a seeded class-stratified sample (issue 10), the same rows for every model
         results[name] = Attribution(method, **params).run(
             run.loaded[name], run.eval_ds, n=n, batch_size=min(16, n),
             device=run.device, out=run.out / "attribution" / method / name,
-            keep_images=min(n, 8), overwrite=True)
+            keep_images=min(n, 8), overwrite=True, sample=a.sample,
+            sample_seed=run.cfg.run.seed)
     return _score_attribution(run, method, results, n)
 
 
@@ -319,22 +326,23 @@ def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n:
     d = run.out / "attribution" / method
     by_size: dict[tuple[int, int], ObjectMasks] = {}
 
-    def object_masks(size: tuple[int, int]) -> ObjectMasks:
+    def object_masks(size: tuple[int, int], rows: Any) -> ObjectMasks:
         if size not in by_size:
-            by_size[size] = ObjectMasks(run.eval_ds, size, n)
+            by_size[size] = ObjectMasks(run.eval_ds, size, rows)
         return by_size[size]
 
     masks = object_masks if hasattr(run.eval_ds, "load_segmentation") else None
     if masks is not None:
         try:  # a data set without class objects: localisation is left out, said once
-            masks(tuple(int(v) for v in results[teacher].maps.shape[1:]))[0:1]
+            masks(tuple(int(v) for v in results[teacher].maps.shape[1:]),
+                  results[teacher].indices)[0:1]
         except AnalysisError as exc:
             say(f"localisation skipped: {exc}")
             masks = None
     # the same scoring path as `interptool attribute`: deletion and insertion
     out = score_maps(results, teacher=teacher,
                      models={name: run.loaded[name].model for name in results},
-                     inputs=lambda name, s, e: _model_inputs(run, name, s, e),
+                     inputs=lambda name, rows: _model_inputs(run, name, rows),
                      masks=masks, modes=("deletion", "insertion") if a.faithfulness else (),
                      device=run.device, seed=seed, out=d)
     # image grid: the same images across models
@@ -354,14 +362,14 @@ def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n:
     return out
 
 
-def _model_inputs(run: RunContext, name: str, start: int, stop: int):
-    """Model ``name``'s inputs for eval images ``start:stop`` (the transform its maps used)."""
+def _model_inputs(run: RunContext, name: str, rows: Any):
+    """Model ``name``'s inputs for the eval data-set ``rows`` (the transform its maps used)."""
     import torch
 
     pre = run.loaded[name].preprocessing
     tf = pre.probe_transform() if hasattr(run.eval_ds, "load_segmentation") \
         else pre.eval_transform()
-    return torch.stack([tf(run.eval_ds.load_image(i)) for i in range(start, stop)])
+    return torch.stack([tf(run.eval_ds.load_image(int(i))) for i in rows])
 
 
 # --------------------------------------------------------------------------------------------

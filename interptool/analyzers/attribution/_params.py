@@ -46,3 +46,9 @@ class AttributionParams(Params):
                         config=False)
     layer: str | None = param(None, "Grad-CAM layer (default: each model's last listed layer)")
     n_steps: int = param(32, "integrated-gradients steps", ge=1)
+    # issue 10: the first n rows of an image folder are one or two classes only
+    sample: str = param("stratified", "how the images are chosen when there are more than "
+                        "n: stratified (seeded, equal shares per class) or first (rows 0..n-1)",
+                        choices=("stratified", "first"))
+    seed: int = param(0, "seed of the stratified image sample (compare: the run's seed)",
+                      ge=0, config=False)

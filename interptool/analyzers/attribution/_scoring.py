@@ -22,8 +22,9 @@ from interptool.analyzers.attribution._scores import (
     folder_masks,
     localisation,
 )
+from interptool.errors import AnalysisError
 
-__all__ = ["ObjectMasks", "display_images", "score_maps"]
+__all__ = ["ObjectMasks", "display_images", "sample_record", "sample_rows", "score_maps"]
 
 
 def display_images(images: Any) -> np.ndarray:
@@ -37,17 +38,21 @@ CHUNK = 256
 
 
 class ObjectMasks:
-    """Object masks of the first ``n`` images at one map size, as a lazy sliceable
-    (n, H, W) bool array: the data set's own (Broden / concept-world class objects) or a
-    folder of masks given by the user. Small sets (<= 64 MB of booleans) are read once."""
+    """Object masks of the images at data-set ``rows`` at one map size, as a lazy sliceable
+    (len(rows), H, W) bool array (position ``i`` is row ``rows[i]``; an int ``rows`` means
+    rows 0..rows-1): the data set's own (Broden / concept-world class objects) or a folder
+    of masks given by the user. Small sets (<= 64 MB of booleans) are read once."""
 
-    def __init__(self, dataset: Any, size: tuple[int, int], n: int,
+    def __init__(self, dataset: Any, size: tuple[int, int], rows: int | Sequence[int],
                  folder: str | Path | None = None) -> None:
         self.dataset, self.folder, self.size = dataset, folder, tuple(size)
-        self.shape = (int(n), *self.size)
+        self.rows = (np.arange(int(rows), dtype=np.int64) if isinstance(rows, (int, np.integer))
+                     else np.asarray(rows, dtype=np.int64).reshape(-1))
+        self.shape = (int(self.rows.size), *self.size)
         self._all: np.ndarray | None = None
 
     def _read(self, rows: Sequence[int]) -> np.ndarray:
+        rows = [int(r) for r in rows]
         if self.folder:
             return folder_masks(self.folder, self.dataset, rows, size=self.size)
         return class_object_masks(self.dataset, rows, size=self.size)
@@ -59,19 +64,49 @@ class ObjectMasks:
         n = self.shape[0]
         if n * self.size[0] * self.size[1] <= 64 * 2**20:
             if self._all is None:
-                self._all = self._read(range(n))
+                self._all = self._read(self.rows)
             return self._all[key]
-        return self._read(range(*key.indices(n)))
+        return self._read(self.rows[key])
 
 
-def _faithfulness(model: Any, inputs: Callable[[int, int], Any], res: Any, mode: str, *,
-                  patch: int, steps: int, baseline: str, batch_size: int, device: str,
-                  seed: int, chunk: int) -> FaithfulnessResult:
+def sample_rows(results: Mapping[str, Any], teacher: str) -> np.ndarray:
+    """The data-set rows the maps of ``results`` were computed on (``result.indices``; rows
+    0..n-1 for a result without them), checked to be the same for every model: scores pair
+    images across models, so a model attributed on other images is refused."""
+    def rows_of(res: Any) -> np.ndarray:
+        idx = getattr(res, "indices", None)
+        return (np.arange(res.n, dtype=np.int64) if idx is None
+                else np.asarray(idx, dtype=np.int64).reshape(-1))
+
+    rows = rows_of(results[teacher])
+    for name, res in results.items():
+        if not np.array_equal(rows_of(res), rows):
+            raise AnalysisError(
+                f"attribution of {name!r} covers other images than {teacher!r}'s "
+                f"({len(rows_of(res))} vs {len(rows)} rows, or another sample); expected the "
+                "same data-set rows for every model: run every model with the same n, sample "
+                "and seed")
+    return rows
+
+
+def sample_record(res: Any, rows: np.ndarray) -> dict[str, Any]:
+    """How the scored images were chosen (``res.params["sample"]``: method, seed, n, of)
+    with their data-set ``ids`` and ``rows``, for scores.json and summary.json."""
+    rec = dict(res.params.get("sample") or {"method": "first", "seed": None,
+                                             "n": int(res.n), "of": None})
+    rec["ids"] = [str(i) for i in res.ids]
+    rec["rows"] = [int(r) for r in rows]
+    return rec
+
+
+def _faithfulness(model: Any, inputs: Callable[[np.ndarray], Any], rows: np.ndarray,
+                  res: Any, mode: str, *, patch: int, steps: int, baseline: str,
+                  batch_size: int, device: str, seed: int, chunk: int) -> FaithfulnessResult:
     parts = []
     for s in range(0, res.n, chunk):
         e = min(res.n, s + chunk)
         parts.append(faithfulness(
-            model, inputs(s, e), res.maps[s:e], res.targets[s:e], mode=mode, patch=patch,
+            model, inputs(rows[s:e]), res.maps[s:e], res.targets[s:e], mode=mode, patch=patch,
             steps=steps, baseline=baseline, batch_size=batch_size, device=device,
             ids=res.ids[s:e], seed=seed, n_boot=0))
     return FaithfulnessResult.concat(parts, seed=seed)
@@ -82,8 +117,8 @@ def score_maps(
     *,
     teacher: str,
     models: Mapping[str, Any] | None = None,
-    inputs: Callable[[str, int, int], Any] | None = None,
-    masks: Callable[[tuple[int, int]], Any] | None = None,
+    inputs: Callable[[str, np.ndarray], Any] | None = None,
+    masks: Callable[[tuple[int, int], np.ndarray], Any] | None = None,
     modes: Sequence[str] = ("deletion", "insertion"),
     patch: int = 8,
     steps: int = 16,
@@ -96,21 +131,27 @@ def score_maps(
     chunk: int = CHUNK,
 ) -> dict[str, Any]:
     """Score one method's maps of every model (``results``: name -> AttributionResult, the
-    teacher among them, all on the same images).
+    teacher among them, all on the same images: the data-set rows ``result.indices``, e.g. a
+    stratified sample; checked by :func:`sample_rows`).
 
-    ``models`` (name -> nn.Module) and ``inputs(name, start, stop)`` (that model's input
-    tensor for images ``start:stop``) enable faithfulness in ``modes``; ``masks(size)`` (an
-    (N, H, W) bool array or an :class:`ObjectMasks`) enables localisation. ``label`` is added
+    ``models`` (name -> nn.Module) and ``inputs(name, rows)`` (that model's input tensor for
+    the data-set ``rows``, an int array) enable faithfulness in ``modes``;
+    ``masks(size, rows)`` (an (len(rows), H, W) bool array or an :class:`ObjectMasks` of
+    those rows) enables localisation. Inputs and masks are always read at the rows the maps
+    were computed on, never at positions 0..n-1. ``label`` is added
     to the agreement's model names (e.g. the method). With ``out`` each score result is also
     saved under ``out/<kind>_<model>[_<mode>]/``.
 
-    Returns ``{"agreement": {student: dict}, "localisation": {model: dict},
+    Returns ``{"sample": dict, "agreement": {student: dict}, "localisation": {model: dict},
     "faithfulness": {model: {mode: dict}}, "per_image": {measure: {model: values}}}`` where
+    ``sample`` is :func:`sample_record` (method, seed, data-set ids and rows scored) and
     the per-image measures are ``agreement_spearman``, ``localisation_energy`` and
     ``<mode>_auc`` (and ``<mode>_normalised`` when the result has it), for paired findings.
     """
     base = Path(out) if out is not None else None
-    scores: dict[str, Any] = {"agreement": {}, "localisation": {}, "faithfulness": {},
+    rows = sample_rows(results, teacher)
+    scores: dict[str, Any] = {"sample": sample_record(results[teacher], rows),
+                              "agreement": {}, "localisation": {}, "faithfulness": {},
                               "per_image": {}}
     per = scores["per_image"]
 
@@ -130,15 +171,15 @@ def score_maps(
     for name, res in results.items():
         if masks is not None:
             size = tuple(int(v) for v in res.maps.shape[1:])
-            loc = localisation(res, masks(size), seed=seed)
+            loc = localisation(res, masks(size, rows), seed=seed)
             keep(loc, f"localisation_{name}")
             scores["localisation"][name] = loc.to_dict()
             per.setdefault("localisation_energy", {})[name] = loc.energy
         if models is not None and inputs is not None and modes and steps > 0:
             scores["faithfulness"][name] = {}
             for mode in modes:
-                f = _faithfulness(models[name], lambda s, e, name=name: inputs(name, s, e),
-                                  res, mode, patch=patch, steps=steps, baseline=baseline,
+                f = _faithfulness(models[name], lambda r, name=name: inputs(name, r),
+                                  rows, res, mode, patch=patch, steps=steps, baseline=baseline,
                                   batch_size=batch_size, device=device, seed=seed,
                                   chunk=chunk)
                 keep(f, f"faithfulness_{name}_{mode}")
