@@ -76,6 +76,13 @@ COMMANDS = {
                   "attributions.h5"),
     "compare": (lambda tmp: ["compare", str(_compare_config(tmp)), "--overwrite"],
                 "cache/teacher_eval.h5"),
+    # the lock comes before the caches are opened: they need not exist (without the lock the
+    # error would be a missing cache, not the holder's line)
+    "similarity": (lambda tmp: ["similarity", str(tmp / "teacher.h5"), str(tmp / "student.h5")],
+                   "similarity.json"),
+    "cka": (lambda tmp: ["cka", str(tmp / "teacher.h5"), str(tmp / "student.h5"),
+                         "--layer", "layer4"],
+            "cka.json"),
 }
 
 

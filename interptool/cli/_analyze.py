@@ -41,14 +41,25 @@ def _model_name(cache: Any) -> str:
 
 
 def run(name: str, args: argparse.Namespace) -> int:
-    from interptool.analyzers import AnalysisInputs, get_analyzer
-    from interptool.cache import ActivationCache
-    from interptool.errors import ConfigError
+    from interptool._provenance import output_lock
+    from interptool.analyzers import get_analyzer
 
     spec = get_analyzer(name)
     params = params_from_args(args, spec.params, device=args.device)
     layers = [s.strip() for item in (getattr(args, "layers", None) or [])
               for s in item.split(",") if s.strip()]
+    # held for the whole run, before any cache is read or anything under OUT written, as
+    # `dissect` / `attribute` do: a second writer of the same --out stops with exit 2
+    with output_lock(Path(args.out).resolve(), fix="choose another --out"):
+        return _run_locked(name, args, spec, params, layers)
+
+
+def _run_locked(name: str, args: argparse.Namespace, spec: Any, params: Any,
+                layers: list[str]) -> int:
+    from interptool.analyzers import AnalysisInputs
+    from interptool.cache import ActivationCache
+    from interptool.errors import ConfigError
+
     caches = []
     try:
         for path in args.caches:

@@ -77,15 +77,25 @@ def _pair_folder(a: str, b: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interptool._provenance import atomic_write_text, sha256_file
-    from interptool.analyzers.cka import run as run_cka
-    from interptool.analyzers.similarity import run as run_similarity
-    from interptool.cache import ActivationCache
+    from interptool._provenance import output_lock
 
     params = params_from_args(args, SimilarityParams, device=args.device)
     cka_params = params_from_args(args, CKAParams, device=args.device, seed=params.seed)
 
     out = Path(args.out)
+    # held until similarity.json is rewritten, before anything under OUT is opened (a second
+    # writer of the same --out stops with exit 2); resolved so that `--out .` has a name
+    with output_lock(out.resolve(), fix="choose another --out"):
+        return _run_locked(args, params, cka_params, out)
+
+
+def _run_locked(args: argparse.Namespace, params: SimilarityParams, cka_params: CKAParams,
+                out: Path) -> int:
+    from interptool._provenance import atomic_write_text, sha256_file
+    from interptool.analyzers.cka import run as run_cka
+    from interptool.analyzers.similarity import run as run_similarity
+    from interptool.cache import ActivationCache
+
     paths = [args.teacher, *args.students]
     caches = []
     try:
