@@ -663,6 +663,50 @@ def test_cli_scores_a_stratified_sample_at_its_own_rows(tmp_path):
     assert not np.array_equal(other, mask)
 
 
+def test_score_maps_reads_inputs_and_masks_at_the_attributed_rows(model):
+    """The shared scoring path of `attribute` and `compare` asks for inputs and masks at
+    result.indices, records the sample, and refuses models attributed on other rows."""
+    from interptool.analyzers.attribution import score_maps
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 3, 32, 32, generator=g)
+    y = torch.tensor([0] * 6 + [1] * 6)
+    ids = [f"img{i:02d}" for i in range(12)]
+    kw = dict(labels=y, ids=ids, n=4, batch_size=4, sample="stratified", sample_seed=1)
+    t = Attribution("saliency").run(model, x, **kw)
+    s = Attribution("saliency").run(_student(1), x, **kw)
+    assert sorted(y[torch.as_tensor(t.indices)].tolist()) == [0, 0, 1, 1]
+    asked: dict[str, list] = {"inputs": [], "masks": []}
+    mask = np.zeros((12, 32, 32), bool)
+    mask[:, 8:24, 8:24] = True
+
+    def inputs(name, rows):
+        asked["inputs"].append(list(rows))
+        return x[torch.as_tensor(rows)]
+
+    def masks(size, rows):
+        asked["masks"].append(list(rows))
+        return mask[np.asarray(rows)]
+
+    out = score_maps({"t": t, "s": s}, teacher="t", models={"t": model, "s": _student(1)},
+                     inputs=inputs, masks=masks, modes=("deletion",), steps=2, patch=16)
+    rows = t.indices.tolist()
+    assert rows != [0, 1, 2, 3]
+    assert all(r == rows for r in asked["inputs"]) and len(asked["inputs"]) == 2
+    assert all(r == rows for r in asked["masks"])
+    assert out["sample"] == {"method": "stratified", "seed": 1, "n": 4, "of": 12,
+                             "ids": [ids[r] for r in rows], "rows": rows}
+    # deletion AUC of the teacher equals faithfulness on those images, called directly
+    from interptool.analyzers.attribution import faithfulness
+
+    direct = faithfulness(model, x[torch.as_tensor(rows)], t.maps, t.targets,
+                          mode="deletion", steps=2, patch=16, n_boot=0)
+    np.testing.assert_allclose(out["per_image"]["deletion_auc"]["t"], direct.auc, rtol=1e-6)
+    other = Attribution("saliency").run(_student(1), x, **{**kw, "sample_seed": 2})
+    with pytest.raises(AnalysisError, match="covers other images than 't'"):
+        score_maps({"t": t, "s": other}, teacher="t")
+
+
 def test_cli_sample_seed_chooses_the_ids(tmp_path):
     """The same --seed chooses the same ids (and scores); another seed other ids."""
     _real_loaders()
