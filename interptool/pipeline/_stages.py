@@ -287,7 +287,12 @@ def attribution(run: RunContext) -> dict[str, Any]:
     # how the images were chosen (seed, data-set ids): the same for every method and model
     first = next(iter(per_method.values()), {})
     if first.get("sample"):
-        section["sample"] = first["sample"]
+        smp = section["sample"] = first["sample"]
+        how = {"stratified": f"a class-stratified sample (seed {smp['seed']}) of",
+               "first": "the first", "all": "all"}.get(smp["method"], "")
+        section["intro"] = (f"Attribution maps of {how} {smp['n']} of {smp['of']} eval images "
+                            "for every model (the same images for every model; ids in "
+                            "summary.json, attribution.sample).")
     return section
 
 
