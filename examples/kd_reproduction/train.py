@@ -17,7 +17,9 @@ every training image, so KD needs no teacher forward pass while training.
 Every finished run writes ``<out>/<run>.safetensors`` (float16) and ``<out>/<run>.json``
 (recipe, seed, epochs, lr, T, alpha, data specs, train/eval accuracy of the float16 weights
 as saved, sha256, CPU seconds from ``resource.getrusage``); runs already done are skipped, so
-the script can be stopped and restarted. ``collect`` gathers them into ``manifest.json``.
+the script can be stopped and restarted (delete the ``<run>.claim`` of a run that was stopped
+or blocked to let it run again). ``collect`` gathers them into ``manifest.json``, listing the
+planned runs not yet done under ``missing``.
 
     nice -n 5 python examples/kd_reproduction/train.py --out examples/kd_reproduction/runs
     python examples/kd_reproduction/train.py --out examples/kd_reproduction/runs --collect
@@ -372,6 +374,8 @@ def collect(out: Path) -> dict[str, Any]:
                  "eval_spec": spec("eval", DATA["n_eval"])},
         "recipe": RECIPE, "teacher_arch": TEACHER_ARCH, "student_arch": STUDENT_ARCH,
         "runs": runs,
+        # planned runs that did not finish (the shared machine's load; train.py resumes them)
+        "missing": [n for n in run_names() if n not in runs],
         "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in runs.values()), 1),
         "versions": versions(),
     }
