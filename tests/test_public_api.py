@@ -49,8 +49,6 @@ STAGE_ORDER = {"common": 0, "errors": 0, "_progress": 0, "_provenance": 0, "_loc
                "report": 5, "pipeline": 6, "cli": 7, "__main__": 8}
 #: private imports across stages still to be removed by the owner of the importing module
 PRIVATE_IMPORT_EXCEPTIONS = {
-    # cli/_cache.py belongs to the cache engineer: interptool.cache should export rank_info
-    ("interptool/cli/_cache.py", "interptool.cache._distributed"),
 }
 
 

@@ -6,7 +6,9 @@
 * :func:`write_cache` writes a cache from arrays you already have;
 * ``Cache*Error`` tell apart the kinds of :class:`~interptool.errors.CacheError` (a file made
   with other settings, a lock held by another process, a failed forward pass, a full disk,
-  non-finite activations, a file that is not a cache).
+  non-finite activations, a file that is not a cache);
+* :func:`launched` / :func:`rank_info` tell whether this process is one of several started by
+  torchrun, and which.
 
 The file layout is described in docs/cache-format.md.
 """
@@ -19,6 +21,7 @@ from interptool.cache._errors import (
     CacheMismatchError,
     CacheNonFiniteError,
 )
+from interptool.cache._distributed import launched, rank_info
 from interptool.cache._format import write_cache
 from interptool.cache._hooks import capture_layers
 from interptool.cache._reader import ActivationCache
@@ -34,6 +37,8 @@ __all__ = [
     "CacheNonFiniteError",
     "CacheRun",
     "cache_activations",
+    "launched",
+    "rank_info",
     "capture_layers",
     "run_cache",
     "write_cache",

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    from interptool.cache._distributed import rank_info
+    from interptool.cache import rank_info
 
     if rank_info()[0] == 0:  # under torchrun, one process reports for all
         print(result.path)

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from interptool.cli._common import add_common_args, add_model_args, model_kwargs
+from interptool.analyzers.dissection import DissectionParams
+from interptool.cli._common import (
+    add_common_args,
+    add_model_args,
+    add_params_arguments,
+    model_kwargs,
+    params_from_args,
+)
 
 _EPILOG = """\
 examples:
@@ -42,31 +49,8 @@ def register(subparsers: Any) -> None:
                    "default: the data spec recorded in the cache")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per layer)")
     g = p.add_argument_group("dissection")
-    g.add_argument("--protocol", default="netdissect-lite",
-                   help="settings preset: 'netdissect-lite' (default: object, part, scene, "
-                   "texture, color; IoU 0.04; quantile 0.005) or 'han2023' (the KD paper's fork: "
-                   "six categories incl. material; IoU 0.05)")
-    g.add_argument("--categories", metavar="CAT,CAT",
-                   help="categories to dissect against (default: the protocol's); images with "
-                   "no label of these take no part")
-    g.add_argument("--quantile", type=float, default=None,
-                   help="top activation fraction defining the threshold (default: the "
-                   "protocol's, 0.005)")
-    g.add_argument("--iou-threshold", type=float, default=None,
-                   help="detector when best IoU >= this (default: the protocol's, 0.04 or 0.05)")
-    g.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="N bootstrap resamples of the probe images for 95%% intervals of the "
-                   "detector counts (thresholds held at full-probe values); 0: none")
-    g.add_argument("--seed", type=int, default=0,
-                   help="bootstrap seed (same seed and probe: the same resamples for every model)")
-    g.add_argument("--bootstrap-block-size", type=int, default=1, metavar="K",
-                   help="probe images per resampled block (default 1)")
-    g.add_argument("--category-area", choices=["overlap", "image"], default="overlap",
-                   help="unit area per category: NetDissect-Lite's 'overlap' (default) or "
-                   "'image' (every image carrying the category)")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for the masks")
-    g.add_argument("--top-images", type=int, default=8, help="images per unit montage")
+    # every analyzer setting, its default and its help come from DissectionParams
+    add_params_arguments(g, DissectionParams)
     g.add_argument("--montages", default="detectors",
                    help="'detectors' (default), 'all', 'none' or a number of top units")
     g.add_argument("--max-montages", type=int, default=64)
@@ -105,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from interptool.errors import ConfigError
 
     layers = _layers(args)
+    params = params_from_args(args, DissectionParams, device=args.device)  # checked first
     out = Path(args.out)
     montages = _montages(args.montages)
     if args.cache and args.arch:
@@ -116,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
     # held until every file is written; resolved so that `--out .` has a name to lock
     with output_lock(out.resolve(), fix="choose another --out"):
-        return _run_locked(args, layers, out, montages)
+        return _run_locked(args, layers, params, out, montages)
 
 
-def _run_locked(args: argparse.Namespace, layers: list[str], out: Path,
-                montages: str | int) -> int:
+def _run_locked(args: argparse.Namespace, layers: list[str], params: DissectionParams,
+                out: Path, montages: str | int) -> int:
     from interptool.analyzers.dissection import Dissection
     from interptool.cache import ActivationCache
     from interptool.errors import ConfigError
@@ -137,16 +122,11 @@ def _run_locked(args: argparse.Namespace, layers: list[str], out: Path,
         probe = open_dataset(probe)
         loaded = load_model(args.arch, **model_kwargs(args))
         cache_path = cache_activations(
-            loaded, probe, layers, out / "activations.h5", batch_size=args.batch_size,
-            workers=args.workers, dtype=args.cache_dtype, overwrite=args.overwrite,
+            loaded, probe, layers, out / "activations.h5", batch_size=params.batch_size,
+            workers=params.workers, dtype=args.cache_dtype, overwrite=args.overwrite,
             probe=True, device=args.device)
 
-    dissection = Dissection(
-        quantile=args.quantile, iou_threshold=args.iou_threshold, batch_size=args.batch_size,
-        device=args.device, workers=args.workers, top_images=args.top_images,
-        category_area=args.category_area,
-        protocol=args.protocol, categories=args.categories, bootstrap=args.bootstrap,
-        seed=args.seed, bootstrap_block_size=args.bootstrap_block_size)
+    dissection = Dissection.from_params(params)
     with ActivationCache(cache_path) as cache:
         if probe is None:
             if not cache.data_spec:

@@ -21,6 +21,7 @@ from interptool._provenance import (
     seed_everything,
     versions,
 )
+from interptool.cache import rank_info
 from interptool.common.jsonsafe import to_jsonable
 from interptool.pipeline import _stages
 from interptool.pipeline._config import CompareConfig
@@ -37,13 +38,7 @@ def _execute(run: RunContext, config_text: str | None, command: str | None,
     cfg = run.cfg
     t_all = time.perf_counter()
     run.out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.run.seed)
-    run.timed("load", lambda: _stages.load_models(run))
-    run.timed("cache", lambda: _stages.build_caches(run))
-    if cfg.analysis.dissection is not None:
-        from interptool.pipeline._dissect import cache_baselines
-
-        run.timed("baseline", lambda: cache_baselines(run))
+    _cache_stages(run)
     summary: dict[str, Any] = {
         "format": FORMAT,
         "title": title or f"interptool comparison: {cfg.teacher.name} and "
@@ -127,6 +122,29 @@ def run_compare(
     (exit 2 on the command line), before it looks at, resumes or replaces anything there.
     """
     out = Path(out)
+    rank, world = rank_info()[:2]
+    if world > 1 and rank != 0:
+        # Under torchrun every rank takes its shard of each cache (the cache stage is
+        # collective: rank 0 decides hit/build/variant and joins the shards); the analyses
+        # read the joined files and run on rank 0 alone, which holds the lock on DIR.
+        _cache_stages(RunContext(config, out, overwrite=overwrite))
+        return out / "report.html"
     with output_lock(out.resolve(), fix="choose another --out"):
         return _execute(RunContext(config, out, overwrite=overwrite), config_text, command,
                         title)
+
+
+def _cache_stages(run: RunContext) -> None:
+    """Load the models and build every cache of the run (logits, layers, random-init controls).
+
+    The same calls in the same order on every torchrun rank, so the ranks meet in each
+    collective cache build.
+    """
+    (run.out / "cache").mkdir(parents=True, exist_ok=True)
+    seed_everything(run.cfg.run.seed)
+    run.timed("load", lambda: _stages.load_models(run))
+    run.timed("cache", lambda: _stages.build_caches(run))
+    if run.cfg.analysis.dissection is not None:
+        from interptool.pipeline._dissect import cache_baselines
+
+        run.timed("baseline", lambda: cache_baselines(run))

@@ -50,6 +50,7 @@ from interptool.analyzers.dissection._bootstrap import (
     point_measures,
     resample_measures,
 )
+from interptool.analyzers.dissection._params import DissectionParams
 from interptool.analyzers.dissection._protocol import get_protocol, resolve_protocol
 from interptool.analyzers.dissection._quantile import ExactQuantile
 from interptool.analyzers.dissection._resize import is_square
@@ -82,6 +83,14 @@ def _open_probe(probe: Any) -> Any:
             "'builtin:concept-world?n=..&size=..', and a cache made on that probe set"
         )
     return probe
+
+
+def _model_name(cache: Any) -> str:
+    """The model's name a cache records (``LoadedModel.name``), else the file's stem."""
+    info = getattr(cache, "model_info", None)
+    if isinstance(info, dict) and info.get("name"):
+        return str(info["name"])
+    return Path(str(getattr(cache, "path", "model"))).stem
 
 
 def _label_names(probe: Any) -> list[str]:
@@ -226,6 +235,11 @@ class DissectionResult:
     block_stats: BlockStats | None = field(default=None, repr=False)
     #: measures on each bootstrap resample (rows) when a bootstrap was run
     bootstrap_samples: pd.DataFrame | None = field(default=None, repr=False)
+    #: the model dissected (one name; ``Dissection.run(..., name=)``, default from the cache)
+    names: tuple[str, ...] = ()
+
+    #: stem of the standard files written by :meth:`save` (see docs/extending.md)
+    file_stem = "dissection"
 
     # ------------------------------------------------------------------ queries
     def detectors(self, iou_threshold: float | None = None) -> np.ndarray:
@@ -238,8 +252,9 @@ class DissectionResult:
         return int(len(np.unique(self.best_label[self.detectors(iou_threshold)])))
 
     def thresholds_curve(self) -> list[dict[str, float]]:
-        """Detectors and unique concepts at IoU thresholds 0.01 .. 0.20."""
+        """Detectors (count and fraction of units) and unique concepts at IoU 0.01 .. 0.20."""
         return [{"iou_threshold": t, "detectors": int(len(self.detectors(t))),
+                 "detector_fraction": float(self.detector_fraction(t)),
                  "unique_concepts": self.unique_concepts(t)} for t in CURVE_THRESHOLDS]
 
     def by_category(self, iou_threshold: float | None = None) -> dict[str, int]:
@@ -384,6 +399,8 @@ class DissectionResult:
             "detector_fraction": float(self.detector_fraction()),
             "unique_concepts": self.unique_concepts(),
             "by_category": self.by_category(),
+            "by_category_fraction": {c: v / self.units if self.units else float("nan")
+                                     for c, v in self.by_category().items()},
             "iou_threshold": float(self.iou_threshold),
             "quantile": float(self.quantile),
             "thresholds_curve": self.thresholds_curve(),
@@ -430,6 +447,7 @@ class DissectionResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: summary, settings, provenance and the per-unit table (no full matrix)."""
         return {
+            "names": list(self.names),
             "summary": self.summary(),
             "config": self.config,
             "provenance": self.provenance,
@@ -462,10 +480,13 @@ class DissectionResult:
 
         return montage_sheet(self, units)
 
-    def save(self, out_dir: str | os.PathLike, *, montages: str | int = "detectors",
+    def save(self, directory: str | os.PathLike, *, montages: str | int = "detectors",
              max_montages: int = 64, figures: bool = True) -> list[Path]:
-        """Write ``tally.csv``, ``summary.json``, ``iou.npz``, ``concepts.csv``, the two plots
-        and montages; after a bootstrap also ``intervals.csv`` and ``block_stats.npz``.
+        """Write the standard files (``dissection.csv`` = ``to_frame()``, ``dissection.json``
+        = ``to_dict()``; :func:`~interptool.analyzers._base.save_result_files`), then
+        NetDissect-Lite's ``tally.csv`` and ``summary.json``, ``iou.npz``, ``concepts.csv``,
+        the two plots and montages; after a bootstrap also ``intervals.csv`` and
+        ``block_stats.npz``.
 
         ``tally.csv`` rows are ordered by score, highest first, as NetDissect-Lite writes them.
         ``montages``: ``"detectors"`` (default: detector units, best first, at most
@@ -475,10 +496,10 @@ class DissectionResult:
         plotting library). Every file is written atomically: an interrupted save leaves the
         previous file or none, never a torn one, and no temporary file.
         """
+        from interptool.analyzers._base import save_result_files
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths: list[Path] = []
+        out = Path(directory)
+        paths: list[Path] = save_result_files(self, out, figures=False)
         frame = self.to_frame()
         order = np.lexsort((frame["unit"].to_numpy(), -self.best_iou))
         p = out / "tally.csv"
@@ -594,41 +615,38 @@ class Dissection:
         bootstrap_block_size: int = 1,
         ci_level: float = 0.95,
     ) -> None:
-        preset = get_protocol(protocol)
-        self._given = {"quantile": quantile, "iou_threshold": iou_threshold}
-        quantile = preset.quantile if quantile is None else quantile
-        iou_threshold = preset.iou_threshold if iou_threshold is None else iou_threshold
-        if not 0.0 < quantile < 1.0:
-            raise ConfigError(f"quantile={quantile}: expected a fraction in (0, 1), e.g. 0.005")
-        if not 0.0 <= iou_threshold <= 1.0:
-            raise ConfigError(f"iou_threshold={iou_threshold}: expected a value in [0, 1]")
-        if int(bootstrap) < 0 or int(bootstrap_block_size) < 1:
-            raise ConfigError(f"bootstrap={bootstrap}, bootstrap_block_size={bootstrap_block_size}: "
-                              "expected bootstrap >= 0 resamples (e.g. 1000) and a block size >= 1")
-        if not 0.0 < float(ci_level) < 1.0:
-            raise ConfigError(f"ci_level={ci_level}: expected a level in (0, 1), e.g. 0.95")
+        # every check lives in DissectionParams (ParamsError naming the field)
+        self.params = DissectionParams(
+            protocol=protocol, categories=categories, quantile=quantile,
+            iou_threshold=iou_threshold, batch_size=batch_size, device=str(device),
+            workers=workers, top_images=top_images,
+            category_area=category_area, checksum=checksum,
+            bootstrap=bootstrap, seed=seed, bootstrap_block_size=bootstrap_block_size,
+            ci_level=ci_level)
         from interptool.analyzers.dissection._protocol import parse_categories
 
+        preset = get_protocol(protocol)
+        self._given = {"quantile": quantile, "iou_threshold": iou_threshold}
         self.protocol = preset.name
         self.categories = parse_categories(categories)
         self.bootstrap = int(bootstrap)
         self.seed = int(seed)
         self.bootstrap_block_size = int(bootstrap_block_size)
         self.ci_level = float(ci_level)
-        if batch_size < 1 or workers < 0 or top_images < 0:
-            raise ConfigError("batch_size must be >= 1, workers >= 0 and top_images >= 0 "
-                              f"(got {batch_size}, {workers}, {top_images})")
-        if category_area not in ("overlap", "image"):
-            raise ConfigError(f"category_area={category_area!r}; expected 'overlap' "
-                              "(NetDissect-Lite) or 'image'")
-        self.quantile = float(quantile)
-        self.iou_threshold = float(iou_threshold)
+        self.quantile = float(preset.quantile if quantile is None else quantile)
+        self.iou_threshold = float(preset.iou_threshold if iou_threshold is None
+                                   else iou_threshold)
         self.batch_size = int(batch_size)
         self.device = str(device)
         self.workers = int(workers)
         self.top_images = int(top_images)
         self.category_area = category_area
         self.checksum = bool(checksum)
+
+    @classmethod
+    def from_params(cls, params: DissectionParams) -> Dissection:
+        """The analyzer configured by a :class:`DissectionParams`."""
+        return cls(**{k: getattr(params, k) for k in params.field_names()})
 
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
@@ -637,10 +655,13 @@ class Dissection:
             "bootstrap", "seed", "bootstrap_block_size", "ci_level")}
 
     # ------------------------------------------------------------------ run
-    def run(self, cache: Any, layer: str, probe: Any = None) -> DissectionResult:
+    def run(self, cache: Any, layer: str, probe: Any = None, *,
+            name: str | None = None) -> DissectionResult:
         """Dissect ``layer`` of ``cache`` (path or ActivationCache) against ``probe``.
 
         ``probe``: a spec string or a BrodenDataset; default: the cache's ``data_spec``.
+        ``name``: the model's name in the result (``result.names``); default: the name the
+        cache records for its model, else the cache file's stem.
         """
         from interptool.cache import ActivationCache
 
@@ -660,6 +681,7 @@ class Dissection:
             with torch_threads(threads["torch_threads"]):
                 result = self._run(cache, layer, probe)
             result.config["threads"] = threads
+            result.names = (name or _model_name(cache),)
             return result
         finally:
             if own:
@@ -668,21 +690,25 @@ class Dissection:
     def _check_alignment(self, cache: Any, probe: Any) -> None:
         fp = cache.data_fingerprint
         spec = getattr(probe, "spec", "probe")
-        if fp and fp != probe.fingerprint:
+        # A centre-cropped (eval) cache has features that no longer cover the whole image, so
+        # they cannot be compared with the full-image masks: refuse rather than report detectors.
+        transform = getattr(cache, "attrs", {}).get("transform")
+        if transform is not None and transform != "probe":
             raise CacheError(
-                f"{cache.path}: cache was made on a different data set (data_fingerprint "
-                f"{fp[:12]}.. != {spec} fingerprint {probe.fingerprint[:12]}..); re-create the "
-                f"cache on the probe set: interptool cache ... --data {spec}"
+                f"{cache.path}: field 'transform' is {transform!r}, but dissection needs the probe "
+                "transform (whole image resized, no crop) so features line up with the masks; "
+                f"re-create the cache with: interptool cache ... --data {spec} --probe yes "
+                "(or let `interptool dissect --arch ...` cache the probe set itself)"
             )
-        if cache.n != len(probe) or list(cache.ids) != list(probe.ids):
-            first = next((i for i, (a, b) in enumerate(zip(cache.ids, probe.ids)) if a != b),
-                         min(cache.n, len(probe)))
-            raise CacheError(
-                f"{cache.path}: cache rows do not match the probe images ({cache.n} cached vs "
-                f"{len(probe)} in {spec}; first difference at row {first}). Images skipped "
-                "while caching or another probe set break the alignment; re-create the cache "
-                f"with --data {spec} and without --skip-bad"
-            )
+        from interptool.common.alignment import ImageSet, check_same_images
+
+        check_same_images(
+            ImageSet(str(cache.path), list(cache.ids), fp), ImageSet(spec, list(probe.ids),
+                                                                     probe.fingerprint),
+            error=CacheError, unknown_fingerprint_ok=True,
+            fix=f"Images skipped while caching or another probe set break the alignment; "
+                f"re-create the cache on the probe set: interptool cache ... --data {spec} "
+                "(without --skip-bad)")
 
     def _run(self, cache: Any, layer: str, probe: Any) -> DissectionResult:
         device = torch.device(self.device)
