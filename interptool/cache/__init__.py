@@ -13,6 +13,7 @@
 The file layout is described in docs/cache-format.md.
 """
 
+from interptool.cache._distributed import launched, rank_info
 from interptool.cache._errors import (
     CacheDiskFullError,
     CacheForeignError,
@@ -21,7 +22,6 @@ from interptool.cache._errors import (
     CacheMismatchError,
     CacheNonFiniteError,
 )
-from interptool.cache._distributed import launched, rank_info
 from interptool.cache._format import write_cache
 from interptool.cache._hooks import capture_layers
 from interptool.cache._reader import ActivationCache
