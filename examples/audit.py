@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="audit_out")
     ap.add_argument("--n", type=int, default=200, help="concept-world images per split")
-    ap.add_argument("--arch", default="interptool:cw-teacher")
+    ap.add_argument("--arch", default="interptool:cw2-resnet34")
     ap.add_argument("--checkpoint", default=None,
                     help="weight file (default: the shipped demo teacher with its default arch)")
     ap.add_argument("--image-size", type=int, default=None)
@@ -41,11 +41,11 @@ def main() -> None:
     layer = args.layer
 
     checkpoint = args.checkpoint
-    if checkpoint is None and args.arch == "interptool:cw-teacher":
-        checkpoint = WEIGHTS_DIR / "teacher.safetensors"
+    if checkpoint is None and args.arch == "interptool:cw2-resnet34":
+        checkpoint = WEIGHTS_DIR / "cw2-teacher.safetensors"
     model = load_model(args.arch, checkpoint, image_size=args.image_size)
-    probe = open_dataset(args.probe or f"builtin:concept-world?n={args.n}&size=64&seed=0&split=probe")
-    evals = open_dataset(args.eval or f"builtin:concept-world?n={args.n}&size=64&seed=0&split=eval")
+    probe = open_dataset(args.probe or f"builtin:concept-world?n={args.n}&size=48&seed=0&split=probe&version=2")
+    evals = open_dataset(args.eval or f"builtin:concept-world?n={args.n}&size=48&seed=0&split=eval&version=2")
 
     # 1. activations -> HDF5 (re-running with the same model and data reuses the files)
     probe_h5 = cache_activations(model, probe, [layer], out / "probe.h5")
