@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -605,7 +606,24 @@ def test_stratified_sample_small_classes_and_unlabelled():
 
 
 _CW40 = "builtin:concept-world?n=40&size=32"
-_WEIGHTS = Path(__file__).resolve().parents[1] / "interptool" / "weights" / "kd.safetensors"
+
+def _student_checkpoint() -> Path:
+    """A seeded, randomly initialised cw-student saved once per process (any fixed weights
+    do: the tests compare the CLI's scores with the same model scored directly)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from interptool.loading._zoo import ZOO
+
+    path = Path(tempfile.gettempdir()) / f"interptool-test-cw-student-{os.getpid()}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(0)
+        save_file(ZOO["cw-student"](num_classes=10).state_dict(), str(path))
+    return path
+
+
+_WEIGHTS = _student_checkpoint()
 
 
 def _attribute_cli(out, *extra):

@@ -137,6 +137,7 @@ def test_layers_cache_dissect_attribute(tmp_path, capsys, models, name):
     out = tmp_path / "att"
     assert main(["attribute", *flags, "--data", PROBE, "--method", "grad_cam", "--layer", layer,
                  "--n", str(n), "--sanity-n", "0", "--faithfulness-steps", "0",
+                 "--sample", "first",  # the hand-written Grad-CAM below reads rows 0..n-1
                  "--out", str(out), "--quiet"]) == 0
     with h5py.File(out / "attributions.h5", "r") as f:
         maps = f["attributions/grad_cam"][:]

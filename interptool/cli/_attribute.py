@@ -177,8 +177,8 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
         folder_masks,
         randomisation_check,
         score_maps,
+        stratified_sample,
     )
-    from interptool.analyzers.attribution._analyzer import stratified_sample
     from interptool.common.jsonsafe import to_jsonable
     from interptool.loading import load_model
 

@@ -17,7 +17,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
         "METHODS", "AgreementResult", "Attribution", "AttributionResult", "FaithfulnessResult",
         "H5Maps", "LocalisationResult", "RandomisationResult", "agreement",
         "class_object_masks", "faithfulness", "folder_masks", "hook_count", "localisation",
-        "randomisation_check", "resize_masks")},
+        "randomisation_check", "resize_masks", "stratified_sample")},
     "run": "._entry", "attribution_for": "._entry", "get_method": "._methods",
     "ObjectMasks": "._scoring", "display_images": "._scoring", "score_maps": "._scoring"})
 
@@ -26,4 +26,4 @@ __all__ = ["ATTRIBUTION_METHODS", "AgreementResult", "Attribution", "Attribution
            "LocalisationResult", "Params", "RandomisationResult", "agreement",
            "class_object_masks", "faithfulness", "folder_masks", "hook_count", "localisation",
            "randomisation_check", "resize_masks", "run", "attribution_for", "get_method",
-           "ObjectMasks", "display_images", "score_maps"]
+           "ObjectMasks", "display_images", "score_maps", "stratified_sample"]
