@@ -140,6 +140,60 @@ def test_images_folder_may_link_to_other_storage(cw, tmp_path):
     assert check_dataset("concept_world", cw).ok
 
 
+def test_every_escape_is_refused_while_folders_are_resolved_once(cw, tmp_path, monkeypatch):
+    """The cheap check (one realpath per folder, one lstat per file) refuses what resolving
+    every path refused: a mask linking outside, a folder linking outside, an absolute path
+    and a `..` path; and it resolves each folder once, not each of its files."""
+    import os
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (1, 0, 0)).save(outside / "mask.png")
+    probe = cw / "images" / "concept-world" / "probe"
+    # 1. a mask file that is a symlink out of the root
+    (probe / "00000_color.png").unlink()
+    (probe / "00000_color.png").symlink_to(outside / "mask.png")
+    # 2. a folder that is a symlink out of the root: a regular file inside it still escapes
+    shutil.copytree(probe, outside / "copy")
+    (cw / "images" / "linked").symlink_to(outside / "copy", target_is_directory=True)
+    _edit_index(cw, 3, "color", "linked/00001_color.png")
+    # a folder linking elsewhere inside the root is fine
+    (cw / "images" / "alias").symlink_to(probe, target_is_directory=True)
+    _edit_index(cw, 4, "color", "alias/00002_color.png")
+    ds = BrodenDataset(cw)
+    with pytest.raises(DataError, match=r"line 2, column 'color'.*resolves to .*outside/mask"):
+        ds.load_segmentation(0)
+    with pytest.raises(DataError, match=r"line 3, column 'color'.*resolves to .*outside/copy/"):
+        ds.load_segmentation(1)
+    assert ds.load_segmentation(2).pixel["color"].shape == (1, 8, 8)
+    assert ds.resolve_escape(cw / "images" / "linked" / "00001_color.png") == str(
+        (outside / "copy" / "00001_color.png").resolve())
+    # a folder reached through `..` from a linked folder is resolved as the kernel would
+    assert ds.resolve_escape(cw / "images" / "linked" / ".." / "concept-world" / "x.png") \
+        == str((outside / "concept-world" / "x.png").resolve())
+    # 3. an absolute path and 4. a `..` path are refused from the text of index.csv
+    for value, why in (("/etc/passwd", "is an absolute path"),
+                       ("../../secret.png", "climbs out of the data set root")):
+        _edit_index(cw, 2, "object", value)
+        with pytest.raises(UnsafePathError, match=f"line 2, column 'object': '{value}' {why}"):
+            BrodenDataset(cw)
+    _edit_index(cw, 2, "object", "concept-world/probe/00000_object.png")
+    _edit_index(cw, 2, "color", "concept-world/probe/00000_object.png")
+    _edit_index(cw, 3, "color", "concept-world/probe/00001_color.png")
+
+    calls: list[str] = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, **k: calls.append(str(p)) or real(p, **k))
+    ds = BrodenDataset(cw)
+    for i in range(len(ds)):
+        ds.load_segmentation(i)
+    n_masks = sum(len(fs) for i in range(len(ds)) for fs in ds.mask_files(i).values())
+    # root, images/, and each folder once (probe/ and alias/): not once per mask file
+    assert n_masks >= 9
+    assert sorted(calls) == sorted(str(p) for p in (cw, cw / "images", probe,
+                                                      cw / "images" / "alias"))
+
+
 # ------------------------------------------------------------------ empty class folders
 def _png(path: Path, value: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,11 +475,41 @@ class BrodenDataset(ImageDataset):
                 os.path.realpath(p) for p in (self.root, self.root / "images")))
         return self._bases
 
-    def resolve_escape(self, path: Path) -> str | None:
+    def _real_dir(self, folder: str) -> str:
+        """``os.path.realpath(folder)``, remembered per folder: a probe set names thousands of
+        files in a handful of folders, and resolving a path costs one ``lstat`` per component.
+        A folder swapped for a symbolic link after its first use is not seen again."""
+        cache = self.__dict__.setdefault("_real_dirs", {})
+        real = cache.get(folder)
+        if real is None:
+            real = cache[folder] = os.path.realpath(folder)
+        return real
+
+    def resolve_escape(self, path: Path | str) -> str | None:
         """Where ``path`` really leads when that is outside the data set root (a symlink to
-        elsewhere), else ``None``. ``images/`` itself may link to other storage."""
+        elsewhere, or a folder on its way that is one), else ``None``. ``images/`` itself may
+        link to other storage.
+
+        As strict as ``os.path.realpath`` on every path, at one ``lstat`` per file: the folder
+        part is resolved once per folder (:meth:`_real_dir`), the file itself is resolved only
+        when it is a symbolic link. A missing file is not an escape (the caller reports it).
+        """
+        folder, name = os.path.split(os.fspath(path))
+        bases = self._real_bases()
+        if name in ("", ".", ".."):  # not a file name: resolve the whole path
+            real = os.path.realpath(path)
+            return None if _within(real, bases) else real
+        real_folder = self._real_dir(folder)
+        if not _within(real_folder, bases):
+            return os.path.realpath(path)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            return None
+        if not is_link:
+            return None
         real = os.path.realpath(path)
-        return None if _within(real, self._real_bases()) else real
+        return None if _within(real, bases) else real
 
     def _safe_file(self, path: Path, line: int, column: str) -> Path:
         real = self.resolve_escape(path)
