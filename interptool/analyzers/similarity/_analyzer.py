@@ -28,17 +28,17 @@ import pandas as pd
 from interptool._progress import progress
 from interptool.analyzers.similarity._core import (
     BootstrapEvaluator,
-    PerSample,
     Reference,
     SortedLabels,
+    StackedSamples,
     as_temperatures,
+    bootstrap_dtype,
     bootstrap_weights,
     fmt_t,
     normalise_rows,
     semantic_spearman,
     softmax_stats,
     topk_neighbours,
-    weighted_class_sums,
     weighted_counts,
 )
 from interptool.common.jsonsafe import to_jsonable
@@ -429,22 +429,30 @@ class ClassSimilarity:
         return _similarity_of(d, temps, k, self.device)
 
 
-def _similarity_of(d: _Logits, temps: list[float], k: int, device: str) -> SimilarityResult:
+def _similarity_of(d: _Logits, temps: list[float], k: int, device: str,
+                   class_sums: dict[float, np.ndarray] | None = None) -> SimilarityResult:
+    """One model's :class:`SimilarityResult`. ``class_sums`` (per temperature, (K, 2 K + 2)
+    as :meth:`StackedSamples.point_sums` gives them for one model) skips the softmax pass
+    when the caller has already made it."""
     sl = SortedLabels.build(d.labels, k)
     counts = sl.counts.astype(np.float64)
     matrices, dks, ent, ent_all, nte, nte_all = {}, {}, {}, {}, {}, {}
     valid = counts > 0
     for t in temps:
-        # one class at a time (bounded memory); float64 sums; empty classes stay NaN
-        sums = np.full((k, k), np.nan)
-        dsums = np.full((k, k), np.nan)
-        hs = np.full(k, np.nan)
-        hqs = np.full(k, np.nan)
-        for i in np.flatnonzero(valid):
-            z = d.logits[sl.order[sl.starts[i]:sl.stops[i]]].astype(np.float64) / t
-            p, h = softmax_stats(z)
-            q, hq = softmax_stats(z, np.full(z.shape[0], i))
-            sums[i], dsums[i], hs[i], hqs[i] = p.sum(0), q.sum(0), h.sum(), hq.sum()
+        if class_sums is not None:
+            cs = class_sums[t]
+            sums, dsums, hs, hqs = cs[:, :k], cs[:, k:2 * k], cs[:, 2 * k], cs[:, 2 * k + 1]
+        else:
+            # one class at a time (bounded memory); float64 sums; empty classes stay NaN
+            sums = np.full((k, k), np.nan)
+            dsums = np.full((k, k), np.nan)
+            hs = np.full(k, np.nan)
+            hqs = np.full(k, np.nan)
+            for i in np.flatnonzero(valid):
+                z = d.logits[sl.order[sl.starts[i]:sl.stops[i]]].astype(np.float64) / t
+                p, h = softmax_stats(z)
+                q, hq = softmax_stats(z, np.full(z.shape[0], i))
+                sums[i], dsums[i], hs[i], hqs[i] = p.sum(0), q.sum(0), h.sum(), hq.sum()
         with np.errstate(invalid="ignore", divide="ignore"):
             matrices[t] = sums / counts[:, None]
             dks[t] = dsums / counts[:, None]
@@ -800,11 +808,20 @@ def compare_similarity(
     preds = [d.logits.argmax(1) for d in data]
     correct = [((p == labels) & (labels >= 0)).astype(np.float64) for p in preds]
     agree = [(p == preds[0]).astype(np.float64) for p in preds[1:]]
-    # used once, for the point estimate (the bootstrap has its own stacked samples)
-    per = {t: [PerSample(d.logits, sl, t, matrix, cache=False) for d in data] for t in temps}
+    # one softmax pass per model and temperature: it gives the point estimate's exact float64
+    # class sums and each model's SimilarityResult, and (kept when they fit) the per-sample
+    # statistics the bootstrap's weighted sums reuse
+    from interptool.analyzers.similarity import _kernels
+
+    use_kernels = _kernels.usable()
+    stacked = [StackedSamples([d.logits for d in data], sl, t, matrix,
+                              bootstrap_dtype(kk) if use_kernels else np.dtype(np.float64),
+                              device, keep=bool(n_boot)) for t in temps]
+    point_sums = {t: st.point_sums() for t, st in zip(temps, stacked)}
     log_k, log_k1 = np.log(kk), np.log(kk - 1) if kk > 2 else np.nan
 
     def evaluate(W: np.ndarray) -> dict[tuple[str, float | None, str], np.ndarray]:
+        """The point estimate (``W`` one row of ones: the unweighted class sums above)."""
         counts = weighted_counts(W, sl)
         valid = counts > 0
         out: dict[tuple[str, float | None, str], np.ndarray] = {}
@@ -816,8 +833,10 @@ def compare_similarity(
                 out[(m, None, "top1_agreement")] = W @ a / W.sum(1)
         for t in temps:
             mats = []
-            for m, ps in zip(names, per[t]):
-                sums, hs, hqs = weighted_class_sums(W, ps, device)
+            for mi, m in enumerate(names):
+                cs = np.nan_to_num(point_sums[t][mi])[None]  # empty classes: 0 (masked below)
+                sums = cs[:, :, kk:2 * kk] if matrix == "dark_knowledge" else cs[:, :, :kk]
+                hs, hqs = cs[:, :, 2 * kk], cs[:, :, 2 * kk + 1]
                 S = normalise_rows(sums, counts)
                 mats.append(S)
                 with np.errstate(invalid="ignore", divide="ignore"):
@@ -836,7 +855,9 @@ def compare_similarity(
         return out
 
     point = {key: float(v[0]) for key, v in evaluate(np.ones((1, n))).items()}
-    similarity = {nm: _similarity_of(d, temps, kk, device) for nm, d in zip(names, data)}
+    similarity = {nm: _similarity_of(d, temps, kk, device,
+                                     {t: point_sums[t][mi] for t in temps})
+                  for mi, (nm, d) in enumerate(zip(names, data))}
 
     n_boot = int(n_boot)
     boots: dict[tuple[str, float | None, str], list[np.ndarray]] = {key: [] for key in point}
@@ -846,7 +867,7 @@ def compare_similarity(
             [d.logits for d in data], names, sl, labelled, correct, agree, temps, matrix, k,
             [[similarity[nm].dark_knowledge[t] if matrix == "dark_knowledge"
               else similarity[nm].matrices[t] for nm in names] for t in temps],
-            sem, device, n_boot)
+            sem, device, n_boot, use_kernels=use_kernels, stacked=stacked)
         with progress(total=n_boot, desc="bootstrap", unit="resample") as bar:
             done = 0
             while done < n_boot:

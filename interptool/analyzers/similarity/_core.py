@@ -441,14 +441,20 @@ class StackedSamples:
     entropy, so one matmul of a block of resample weights gives every model's class sums."""
 
     def __init__(self, logits: Sequence[np.ndarray], sl: SortedLabels, T: float, kind: str,
-                 dtype: np.dtype, device: str | torch.device = "cpu") -> None:
+                 dtype: np.dtype, device: str | torch.device = "cpu", keep: bool = True) -> None:
         self.logits, self.sl, self.T, self.kind = list(logits), sl, float(T), kind
         self.dtype = np.dtype(dtype)
         self.device = torch.device(device)
         k = sl.num_classes
         self.width = k + 2
         nbytes = len(sl.order) * len(self.logits) * self.width * self.dtype.itemsize
-        self._cache: dict[int, torch.Tensor] | None = {} if nbytes <= STACKED_CACHE_BYTES else None
+        self._cache: dict[int, torch.Tensor] | None = (
+            {} if keep and nbytes <= STACKED_CACHE_BYTES else None)
+        # float64 class sums (exact, unweighted) recorded while the segments are built: the
+        # point estimate and each model's SimilarityResult come from the same softmax pass
+        # as the bootstrap's per-sample statistics (it was computed three times: ~1 s CPU
+        # per model at 50,000 x 1,000)
+        self._point: dict[int, np.ndarray] = {}
 
     @property
     def num_models(self) -> int:
@@ -459,14 +465,32 @@ class StackedSamples:
             return self._cache[i]
         idx = self.sl.order[self.sl.starts[i]:self.sl.stops[i]]
         parts = []
+        point = []
         for z0 in self.logits:
             z = z0[idx].astype(np.float64) / self.T
             p, h = softmax_stats(z)
             q, hq = softmax_stats(z, np.full(len(idx), i))
             parts += [q if self.kind == "dark_knowledge" else p, h[:, None], hq[:, None]]
+            point.append(np.concatenate([p.sum(0), q.sum(0), [h.sum(), hq.sum()]]))
+        self._point[i] = np.stack(point)
         out = torch.from_numpy(np.concatenate(parts, axis=1).astype(self.dtype)).to(self.device)
         if self._cache is not None:
             self._cache[i] = out
+        return out
+
+    def point_sums(self) -> np.ndarray:
+        """Unweighted float64 class sums of every model, (M, K, 2 K + 2): per class the sum of
+        the softmax, of the non-target (dark-knowledge) distribution, of the entropy and of
+        the non-target entropy; NaN for empty classes. Builds (and, when they fit, keeps)
+        every segment once."""
+        k = self.sl.num_classes
+        out = np.full((self.num_models, k, 2 * k + 2), np.nan)
+        for i in range(k):
+            if self.sl.starts[i] == self.sl.stops[i]:
+                continue
+            if i not in self._point:
+                self.segment(i)
+            out[:, i] = self._point[i]
         return out
 
 
@@ -705,14 +729,17 @@ class BootstrapEvaluator:
     the block); the metrics of each resample from the fused kernels of
     :mod:`interptool.analyzers.similarity._kernels`, spread over threads. Without numba the
     metrics come from :class:`Reference` (exact ranks, float64; ~10x slower at K = 1,000).
-    ``block`` is the number of resamples a call should get (memory bound).
+    ``block`` is the number of resamples a call should get (memory bound). ``stacked``: the
+    per-sample statistics (one :class:`StackedSamples` per temperature) when the caller
+    already built them for the point estimate.
     """
 
     def __init__(self, logits: Sequence[np.ndarray], names: Sequence[str], sl: SortedLabels,
                  labelled: np.ndarray, correct: Sequence[np.ndarray],
                  agree: Sequence[np.ndarray], temps: Sequence[float], matrix: str, k: int,
                  point_matrices: Sequence[Sequence[np.ndarray]], sem: np.ndarray | None,
-                 device: str, n_boot: int, *, use_kernels: bool | None = None) -> None:
+                 device: str, n_boot: int, *, use_kernels: bool | None = None,
+                 stacked: Sequence[StackedSamples] | None = None) -> None:
         from interptool.analyzers.similarity import _kernels
 
         self.names, self.sl, self.k, self.sem = list(names), sl, int(k), sem
@@ -721,7 +748,9 @@ class BootstrapEvaluator:
         kk = sl.num_classes
         self.fast = _kernels.usable() if use_kernels is None else bool(use_kernels)
         dtype = bootstrap_dtype(kk) if self.fast else np.dtype(np.float64)
-        self.stacked = [StackedSamples(logits, sl, t, matrix, dtype, device) for t in self.temps]
+        if stacked is None or any(st.dtype != dtype for st in stacked):
+            stacked = [StackedSamples(logits, sl, t, matrix, dtype, device) for t in self.temps]
+        self.stacked = list(stacked)
         self.block = block_size(kk, len(self.names), dtype.itemsize, n_boot)
         if not self.fast:
             per_resample = kk * kk * 8 * (len(self.names) + 12)
