@@ -136,6 +136,47 @@ def test_a_resample_equals_a_retally_of_the_resampled_images(tmp_path, probe):
             assert got["by_category"][0].tolist() == list(retally.by_category(t).values())
 
 
+@pytest.mark.parametrize("category_area", ["overlap", "image"])
+def test_counts_are_identical_with_and_without_bootstrap_statistics(tmp_path, probe,
+                                                                    category_area):
+    # the statistics are recorded inside the tally's counting pass: the tally must not change
+    feats = _feats(15)
+    plain = _dissect(tmp_path, probe, feats, "p.h5", bootstrap=0, category_area=category_area)
+    for block_size in (1, 3):
+        boot = _dissect(tmp_path, probe, feats, f"b{block_size}.h5", bootstrap=20,
+                        bootstrap_block_size=block_size, category_area=category_area)
+        assert plain.block_stats is None and boot.block_stats is not None
+        for name in ("intersect", "label_area", "unit_area", "unit_cat_area", "iou",
+                     "cat_label", "cat_iou", "best_category", "best_label", "best_iou"):
+            np.testing.assert_array_equal(getattr(boot, name), getattr(plain, name), name)
+
+
+def test_each_block_equals_a_separate_tally_of_its_images(tmp_path, probe, monkeypatch):
+    import interptool.analyzers.dissection._tally as tmod
+
+    feats = _feats(16)
+    r = _dissect(tmp_path, probe, feats, "a.h5", bootstrap_block_size=2, batch_size=5)
+    # pairs counted one at a time (the memory bound's slices) give the same statistics
+    monkeypatch.setattr(tmod, "_PAIR_LABEL_ENTRIES", 1)
+    sliced = _dissect(tmp_path, probe, feats, "b.h5", bootstrap_block_size=2, batch_size=5)
+    st = r.block_stats
+    for name in ("intersect", "unit_cat_area", "label_area"):
+        assert (getattr(st, name) != getattr(sliced.block_stats, name)).nnz == 0, name
+    cats = r.categories
+    assert st.n_blocks == 7  # 13 kept images (the last is unlabelled) in blocks of 2
+    for b in range(st.n_blocks):
+        tally = TallyAccumulator(r.thresholds, r.label_category, len(cats), torch.device("cpu"))
+        for i in range(2 * b, min(2 * b + 2, N - 1)):
+            tally.add(torch.from_numpy(feats[i : i + 1]),
+                      [seg_item(i, probe.load_segmentation(i), cats)])
+        c = tally.counts()
+        np.testing.assert_array_equal(st.intersect[b].toarray().ravel(),
+                                      c["intersect"][st.pair_unit, st.pair_label])
+        np.testing.assert_array_equal(st.unit_cat_area[b].toarray().reshape(r.units, len(cats)),
+                                      c["unit_cat_area"])
+        np.testing.assert_array_equal(st.label_area[b].toarray().ravel(), c["label_area"])
+
+
 # ------------------------------------------------------------------ known distributions
 def test_single_block_every_resample_equals_the_estimate(tmp_path, probe):
     r = _dissect(tmp_path, probe, _feats(3), bootstrap_block_size=100)

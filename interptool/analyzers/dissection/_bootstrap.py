@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 
 from interptool.common.stats import (
-    bootstrap_p_value,
+    bc_p_value,
     interval_from_resamples,
     multinomial_weights,
     paired_difference,
@@ -177,11 +177,14 @@ def ids_digest(ids: list[str]) -> str:
 
 
 class BlockRecorder:
-    """Wraps a ``TallyAccumulator``: adds images block by block and keeps each block's counts.
+    """Keeps a ``TallyAccumulator``'s counts per block of images, from its counting pass.
 
+    The recorder installs itself as the tally's pair hook (:data:`PairHook` in ``_tally``):
+    while the tally counts a batch, every (image, unit) pair's intersections, category areas
+    and every image's label areas come to :meth:`_record` with the image they belong to, and
+    are kept under that image's block. So the statistics cost no second tally of any image.
     ``add(feats, items, ranks)``: ``ranks`` are the images' positions among the kept images
-    (block = rank // block_size). Only the columns of labels present in a block can change, so
-    the snapshot before and after each block reads (units x present labels) entries.
+    (block = rank // block_size).
     """
 
     def __init__(self, tally: Any, block_size: int) -> None:
@@ -190,37 +193,24 @@ class BlockRecorder:
         self._parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
             "intersect": [], "unit_cat_area": [], "label_area": []}
         self.n_images = 0
+        self._block_of: dict[int, int] = {}
+        tally.hook = self._record
 
     def add(self, feats: torch.Tensor, items: list, ranks: np.ndarray) -> None:
-        t = self.tally
-        U, L, C = t.U, t.L, t.C
-        blocks = np.asarray(ranks) // self.block_size
+        blocks = np.asarray(ranks, dtype=np.int64) // self.block_size
+        self._block_of = {int(it.index): int(b) for it, b in zip(items, blocks)}
         self.n_images += len(items)
-        for b in np.unique(blocks):
-            rows = np.flatnonzero(blocks == b)
-            sub = [items[r] for r in rows]
-            present = np.unique(np.concatenate(
-                [np.flatnonzero(it.label_counts) for it in sub] + [it.scalars for it in sub]))
-            present = present[(present > 0) & (present < L)].astype(np.int64)
-            pres = torch.as_tensor(present, device=t.device)
-            inter = t.intersect.view(U, L)
-            before_i = inter.index_select(1, pres).clone()
-            before_uc = t.unit_cat_area.clone()
-            before_la = t.label_area.index_select(0, pres).clone()
-            t.add(feats if len(rows) == len(items) else feats[torch.as_tensor(rows)], sub)
-            d_i = (inter.index_select(1, pres) - before_i).cpu().numpy()
-            u, j = np.nonzero(d_i)
-            self._keep("intersect", b, u * L + present[j], d_i[u, j])
-            d_uc = (t.unit_cat_area - before_uc).cpu().numpy()
-            u, c = np.nonzero(d_uc)
-            self._keep("unit_cat_area", b, u * C + c, d_uc[u, c])
-            d_la = (t.label_area.index_select(0, pres) - before_la).cpu().numpy()
-            j = np.flatnonzero(d_la)
-            self._keep("label_area", b, present[j], d_la[j])
+        self.tally.add(feats, items)
 
-    def _keep(self, name: str, block: int, cols: np.ndarray, vals: np.ndarray) -> None:
+    def _record(self, name: str, items: list, image: np.ndarray, cols: np.ndarray,
+                vals: np.ndarray) -> None:
+        """The tally's pair hook: ``image`` indexes ``items`` (one group of the batch)."""
+        group_blocks = np.array([self._block_of[int(it.index)] for it in items], np.int64)
+        self._keep(name, group_blocks[image], cols, vals)
+
+    def _keep(self, name: str, blocks: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
         if len(cols):
-            self._parts[name].append((np.full(len(cols), block, np.int64),
+            self._parts[name].append((np.asarray(blocks, np.int64),
                                       np.asarray(cols, np.int64), np.asarray(vals, np.int64)))
 
     def finish(self, label_category: np.ndarray, categories: list[str], *,
@@ -578,14 +568,18 @@ def check_pairable(a: BlockStats, b: BlockStats) -> None:
 
 def paired_table(est_a: pd.Series, samples_a: pd.DataFrame, est_b: pd.Series,
                  samples_b: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
-    """Per measure: a, b, difference a - b with its paired interval, bias and bootstrap p."""
+    """Per measure: a, b, difference a - b with its paired BC interval, bias and the p-value
+    that inverts that interval (:func:`~interptool.common.stats.bc_p_value`)."""
     rows = []
     for m in samples_a.columns:
         sa, sb = samples_a[m].to_numpy(float), samples_b[m].to_numpy(float)
         iv = paired_difference(sa, sb, float(est_a[m]), float(est_b[m]), level=level, method=CI_METHOD)
         rows.append({"measure": m, "a": float(est_a[m]), "b": float(est_b[m]),
                      "difference": iv.estimate, "ci_low": iv.low, "ci_high": iv.high,
-                     "bias": iv.bias, "se": iv.se, "p_value": bootstrap_p_value(sa - sb),
+                     "bias": iv.bias, "se": iv.se,
+                     # the p that inverts the same BC interval, so p < 1 - level exactly
+                     # when the interval excludes 0 (a percentile p could contradict it)
+                     "p_value": bc_p_value(sa - sb, iv.estimate),
                      "method": f"paired {iv.method}", "level": iv.level, "resamples": iv.n,
                      "widened": iv.widened})
     return pd.DataFrame(rows)

@@ -11,6 +11,7 @@ on CPU and CUDA (the alternatives measured and removed: docs/benchmarks_dissect.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,15 @@ from interptool.errors import DataError
 # Upsampled pixels evaluated per chunk (float64 work arrays of 4 MiB); bounds peak memory
 # whatever the number of images or units, and keeps the work in cache.
 _CHUNK_PIXELS = 1 << 19
+# With a pair hook, (pairs x labels) int64 counts per slice of pairs (32 MiB): pairs are
+# counted in slices small enough for this, whatever the number of labels (Broden: 1,198).
+_PAIR_LABEL_ENTRIES = 1 << 22
+
+#: ``hook(name, items, image, cols, values)``: one group's contribution to one of the sums
+#: (``"intersect"``: cols ``unit * L + label``; ``"unit_cat_area"``: ``unit * C + category``;
+#: ``"label_area"``: ``label``), split by image: ``image`` (int64 array) indexes ``items``.
+#: Values are positive int64 counts; entries may repeat (their sum is the contribution).
+PairHook = Callable[[str, list, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass
@@ -98,10 +108,15 @@ class TallyAccumulator:
             for category c when the mask touches a pixel labelled with a c label, or the
             image has an image-level c label) or ``"image"`` (when the image carries any c
             label, pixel or image-level).
+        hook: optional :data:`PairHook` called from the counting pass with each group's
+            contributions split by image (the bootstrap's per-block statistics come from it,
+            so keeping them costs no second tally). The totals are the same with or without.
     """
 
     def __init__(self, thresholds: np.ndarray, label_category: np.ndarray, num_categories: int,
-                 device: torch.device, category_area: str = "overlap") -> None:
+                 device: torch.device, category_area: str = "overlap",
+                 hook: PairHook | None = None) -> None:
+        self.hook = hook
         self.device = device
         self.U = len(thresholds)
         self.L = len(label_category)
@@ -150,6 +165,8 @@ class TallyAccumulator:
             np.add.at(area, it.scalars, P)
         area[0] = 0
         self.label_area += torch.from_numpy(area).to(dev)
+        if self.hook is not None:
+            self._hook_label_areas(items, P)
 
         S = max(len(it.scalars) for it in items)
         scal = torch.zeros((G, max(S, 1)), dtype=torch.int64)
@@ -189,32 +206,74 @@ class TallyAccumulator:
 
         key_base = u_idx * L
         pair_area = torch.zeros(k, dtype=torch.int64, device=dev)
-        touched = self._count(maps, size, u_idx, g_idx, pix, pair_area)
+        if self.hook is None:
+            touched = self._count(maps, size, u_idx, g_idx, pix, pair_area)
+        else:  # per-pair label counts, in slices of pairs that bound their memory
+            step = max(1, _PAIR_LABEL_ENTRIES // max(L, 1))
+            touched = torch.cat([
+                self._count(maps[s : s + step], size, u_idx[s : s + step],
+                            g_idx[s : s + step], pix, pair_area[s : s + step], items=items)
+                for s in range(0, k, step)])
         self.unit_area.index_add_(0, u_idx, pair_area)
         # image-level labels: the whole mask intersects them
         skeys = (key_base[:, None] + _take(scal, g_idx)).reshape(-1)
-        self.intersect.index_add_(0, skeys, pair_area[:, None].expand(-1, scal.shape[1])
-                                  .reshape(-1))
+        svals = pair_area[:, None].expand(-1, scal.shape[1]).reshape(-1)
+        self.intersect.index_add_(0, skeys, svals)
         if self.mode == "overlap":
             present = touched > 0
             present |= _take(scal_cat, g_idx)
         else:
             present = _take(img_cat, g_idx)
-        self.unit_cat_area.index_add_(0, u_idx, pair_area[:, None] * present)
+        cat_area = pair_area[:, None] * present
+        self.unit_cat_area.index_add_(0, u_idx, cat_area)
+        if self.hook is not None:
+            # label 0 (padding of the image-level labels, "unlabelled") is never scored
+            ok = (_take(scal, g_idx).reshape(-1) > 0) & (svals > 0)
+            self._emit("intersect", items, g_idx.repeat_interleave(scal.shape[1])[ok],
+                       skeys[ok], svals[ok])
+            pi, ci = torch.nonzero(cat_area, as_tuple=True)
+            self._emit("unit_cat_area", items, _take(g_idx, pi), _take(u_idx, pi) * C + ci,
+                       cat_area[pi, ci])
+
+    def _emit(self, name: str, items: list[SegItem], image: torch.Tensor, cols: torch.Tensor,
+              vals: torch.Tensor) -> None:
+        assert self.hook is not None
+        if image.numel():
+            self.hook(name, items, image.cpu().numpy(), cols.cpu().numpy().astype(np.int64),
+                      vals.cpu().numpy().astype(np.int64))
+
+    def _hook_label_areas(self, items: list[SegItem], P: int) -> None:
+        """Each image's label areas (pixel planes, and ``P`` per image-level label)."""
+        assert self.hook is not None
+        parts = []
+        for g, it in enumerate(items):
+            a = np.zeros(max(len(it.label_counts), int(it.scalars.max(initial=0)) + 1), np.int64)
+            a[: len(it.label_counts)] += it.label_counts
+            np.add.at(a, it.scalars, P)
+            a[0] = 0
+            lab = np.flatnonzero(a)
+            parts.append((np.full(len(lab), g, np.int64), lab, a[lab]))
+        if parts:
+            self.hook("label_area", items, *(np.concatenate(x) for x in zip(*parts)))
 
     def _count(self, maps: torch.Tensor, size: tuple[int, int], u_idx: torch.Tensor,
-               g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor) -> torch.Tensor:
+               g_idx: torch.Tensor, pix: torch.Tensor, pair_area: torch.Tensor, *,
+               items: list[SegItem] | None = None) -> torch.Tensor:
         """Label counts straight into ``unit * L + label``; adds the pairs' mask areas into
         ``pair_area`` and returns the (k, C) count of touched labels per category (overlap
-        mode)."""
+        mode). With a hook (``items`` given), the labels are counted per pair instead
+        (``pair * L + label``, k x L entries), added to the totals and passed to the hook
+        split by image: the same counts, in the same pass."""
         dev, L, C = self.device, self.L, self.C
         k, D = u_idx.numel(), pix.shape[1]
         sh, sw = size
+        per_pair = items is not None and self.hook is not None
         touched = torch.zeros(k * (C + 1), dtype=torch.int64, device=dev)
         # int32 keys when they fit (they do for any real probe): less memory traffic
-        kdt = torch.int32 if max(self.U * L, k * (C + 1)) < 2**31 else torch.int64
+        kdt = torch.int32 if max(self.U * L, k * (C + 1), k * L) < 2**31 else torch.int64
         key32 = (u_idx * L).to(kdt)
         cat32 = self.cat.to(kdt)
+        pair_labels = torch.zeros(k * L if per_pair and D else 0, dtype=torch.int64, device=dev)
         for pp, rows in iter_masked_pixels(maps, (sh, sw), _take(self.T, u_idx), _CHUNK_PIXELS,
                                            offsets=g_idx * (sh * sw)):
             if pp.numel() == 0:
@@ -223,12 +282,24 @@ class TallyAccumulator:
             if D == 0:
                 continue
             labels = _take(pix, rows)  # (n, D) labels under the mask, rows = image * P + pixel
-            self.intersect += torch.bincount(
-                (_take(key32, pp)[:, None] + labels).reshape(-1), minlength=self.U * L)
+            if per_pair:
+                pair_labels += torch.bincount(
+                    (pp.to(kdt)[:, None] * L + labels).reshape(-1), minlength=k * L)
+            else:
+                self.intersect += torch.bincount(
+                    (_take(key32, pp)[:, None] + labels).reshape(-1), minlength=self.U * L)
             if self.mode == "overlap":
                 touched += torch.bincount(
                     (pp.to(kdt)[:, None] * (C + 1) + _take(cat32, labels)).reshape(-1),
                     minlength=k * (C + 1))
+        if per_pair and pair_labels.numel():
+            nz = torch.nonzero(pair_labels, as_tuple=True)[0]
+            pi, lab = nz // L, nz % L
+            keys, vals = _take(u_idx, pi) * L + lab, pair_labels[nz]
+            self.intersect.index_add_(0, keys, vals)
+            ok = lab > 0  # label 0 ("unlabelled") is never scored
+            assert items is not None
+            self._emit("intersect", items, _take(g_idx, pi)[ok], keys[ok], vals[ok])
         return touched.reshape(k, C + 1)[:, :C]
 
     def counts(self) -> dict[str, np.ndarray]:
