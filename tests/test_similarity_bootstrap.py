@@ -163,3 +163,26 @@ def test_non_finite_logits_refused_naming_file_and_first_image():
     bad[40, 0] = np.inf
     with pytest.raises(AnalysisError, match=r"s\.h5.*img17"):
         compare_similarity(mem(z, y, "t"), mem(bad, y, "s"), n_boot=0, k=1)
+
+
+def test_row_blocks_do_not_change_the_replicates(monkeypatch):
+    """Replicates computed in blocks of rows (several blocks, a last partial one) equal those
+    computed on whole matrices, and both equal the exact NumPy path within the float32 /
+    rank-grid precision."""
+    k = _core.EXACT_K + 20
+    z, y = structured(3 * k, k, seed=11, noise=1.0)
+    s1, _ = structured(3 * k, k, seed=12, noise=2.0)
+    s2, _ = structured(3 * k, k, seed=13, noise=1.0, structure_seed=4)
+    models = [(z, y), (s1, y), (s2, y)]
+    W = _core.bootstrap_weights(np.random.default_rng(2), 3 * k, 3)
+    monkeypatch.setattr(_core, "CHUNK_ROWS", 50)  # 6 blocks, the last one 26 rows
+    blocks = evaluators(models, 4, True)(W)
+    monkeypatch.setattr(_core, "CHUNK_ROWS", 10 * k)
+    whole = evaluators(models, 4, True)(W)
+    ref = evaluators(models, 4, False)(W)
+    assert blocks.keys() == whole.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_allclose(blocks[key], whole[key], rtol=1e-10, atol=1e-13,
+                                   err_msg=str(key))
+        tol = 2e-4 if key[2] == "spearman" else 2e-5
+        np.testing.assert_allclose(blocks[key], ref[key], rtol=tol, atol=1e-6, err_msg=str(key))
