@@ -8,8 +8,10 @@ intervals that resample images (seeded). Each function returns a result object w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -592,6 +594,30 @@ class FaithfulnessResult(_ScoreResult):
         return fig
 
 
+#: random-order reference curves already computed (content-addressed key -> curves), so
+#: that scoring several attribution methods of one model on the same images runs the
+#: random order once: it does not depend on the maps. Least recently used dropped first.
+_REFERENCE_CURVES: OrderedDict[str, np.ndarray] = OrderedDict()
+_REFERENCE_CURVES_MAX = 64
+
+
+def _reference_key(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                   settings: tuple) -> str:
+    """sha256 of everything the random-order curves depend on: the model's weights and
+    buffers, the images, the targets and the settings (mode, patch, steps, baseline, seed,
+    batch size, device, torch threads)."""
+    h = hashlib.sha256(repr((type(model).__qualname__, settings,
+                             torch.get_num_threads())).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for t in (images, targets):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def faithfulness(
     model: nn.Module,
     images: torch.Tensor,
@@ -609,6 +635,7 @@ def faithfulness(
     n_boot: int = 1000,
     seed: int = 0,
     reference: str | None = "random",
+    reuse_reference: bool = False,
 ) -> FaithfulnessResult:
     """Deletion / insertion test (Petsiuk et al. 2018, RISE) on ``patch`` x ``patch`` patches.
 
@@ -625,7 +652,13 @@ def faithfulness(
     ``(AUC_random - AUC_deletion) / p0`` (deletion) or ``(AUC_insertion - AUC_random) / p0``
     (insertion): 0 for a map no better than chance, higher is more faithful, and a model
     that is merely more confident does not score higher (docs/attribution.md). It doubles
-    the forward passes; ``reference=None`` skips it.
+    the forward passes; ``reference=None`` skips it. ``reuse_reference=True`` keeps the
+    random-order curves in a small process-wide memo keyed by a sha256 of the model's
+    weights and buffers, the images, the targets and the settings, and reuses them on an
+    identical call: the reference does not depend on the maps, so scoring a second
+    attribution method of the same model on the same images costs no second reference
+    (:func:`~interptool.analyzers.attribution.score_maps` does this). Reused curves are
+    the same numbers as a fresh computation.
 
     Complexity: N * (steps + 1) perturbed forward passes, evaluated ``batch_size`` at a time
     in ceil(N * (steps + 1) / batch_size) model calls with no per-image Python loop (every
@@ -709,7 +742,25 @@ def faithfulness(
     summary = {"auc": _summary(auc, n_boot, seed)}
     extra: dict[str, Any] = {}
     if reference == "random" and order == "attribution":
-        curves_random = curves_of(random_perm, f"{mode} (random order)")
+        # the random order does not depend on the maps: computed once per model, images,
+        # targets and settings (e.g. shared by every attribution method scored on them)
+        key: str | None = None
+        try:
+            if reuse_reference:
+                key = _reference_key(
+                    model, images, tgt, (mode, patch, steps, baseline, int(seed),
+                                         int(batch_size), str(device)))
+        except (RuntimeError, TypeError, ValueError):  # e.g. tensors without a byte view
+            key = None
+        if key is not None and key in _REFERENCE_CURVES:
+            _REFERENCE_CURVES.move_to_end(key)
+            curves_random = _REFERENCE_CURVES[key].copy()
+        else:
+            curves_random = curves_of(random_perm, f"{mode} (random order)")
+            if key is not None:
+                _REFERENCE_CURVES[key] = curves_random.copy()
+                while len(_REFERENCE_CURVES) > _REFERENCE_CURVES_MAX:
+                    _REFERENCE_CURVES.popitem(last=False)
         auc_random = area(curves_random)
         # the unperturbed image: nothing removed (deletion) / everything added (insertion)
         p0 = curves[:, 0] if mode == "deletion" else curves[:, -1]

@@ -108,7 +108,7 @@ def _faithfulness(model: Any, inputs: Callable[[np.ndarray], Any], rows: np.ndar
         parts.append(faithfulness(
             model, inputs(rows[s:e]), res.maps[s:e], res.targets[s:e], mode=mode, patch=patch,
             steps=steps, baseline=baseline, batch_size=batch_size, device=device,
-            ids=res.ids[s:e], seed=seed, n_boot=0))
+            ids=res.ids[s:e], seed=seed, n_boot=0, reuse_reference=True))
     return FaithfulnessResult.concat(parts, seed=seed)
 
 
