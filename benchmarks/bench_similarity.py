@@ -11,7 +11,12 @@ replicates are compared value by value. Each path runs in its own child process,
 RSS (``ru_maxrss``) is reported with its wall and CPU seconds.
 
     .venv/bin/python benchmarks/bench_similarity.py [--n 50000] [--k 1000] [--students 2]
-        [--n-boot 1000] [--old-n-boot 20] [--device cpu]
+        [--n-boot 1000] [--old-n-boot 20] [--device cpu] [--threads N]
+
+``--threads N`` sets torch's threads and ``NUMBA_NUM_THREADS`` in the children (default: the
+library's own choice). The numba kernels' compile time (an empty ``NUMBA_CACHE_DIR``) and their
+load time from the on-disk cache (``cache=True``, what every later process pays) are measured
+in two more children and reported separately; neither is in the bootstrap's time.
 """
 
 from __future__ import annotations
@@ -87,19 +92,49 @@ def old_bootstrap(models, n_boot: int, seed: int, k_near: int = 5, temperature: 
     return {key: np.concatenate(v) for key, v in out.items()}
 
 
+def warm_kernels() -> float:
+    """Seconds to make the numba kernels callable: compile, or load from the disk cache."""
+    from interptool.analyzers.similarity import _core, _kernels
+
+    t0 = time.perf_counter()
+    _kernels.usable()
+    k = _core.EXACT_K + 4  # rank-grid path: every kernel runs once
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2 * k, k)).astype(np.float32)
+    y = np.arange(2 * k) % k
+    sl = _core.SortedLabels.build(y, k)
+    st = _core.StackedSamples([z, z], sl, 1.0, "softmax", np.dtype(np.float32))
+    point = st.point_sums()[0, :, :k] / sl.counts[:, None]
+    valid = sl.counts > 0
+    grids = [_core.RankGrid(point, valid, True)] * 2
+    W = np.ones((1, 2 * k))
+    _core.replicate_metrics(_core.stacked_class_sums(W, st), _core.weighted_counts(W, sl), 2, 3,
+                            grids)
+    return time.perf_counter() - t0
+
+
 def child(args) -> None:
     import torch
 
     from interptool._progress import set_quiet
     from interptool.analyzers.similarity import compare_similarity
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child == "compile":
+        print("RESULT " + json.dumps({"kernels_s": warm_kernels()}))
+        return
     set_quiet(True)
     models = make_models(args.n, args.k, 1 + args.students)
     result: dict = {"threads": torch.get_num_threads()}
     if args.child == "new":
         from interptool.analyzers.similarity import _kernels
 
-        result["numba"] = _kernels.usable()  # includes loading the compiled kernels
+        result["numba"] = _kernels.usable()
+        result["kernels_load_s"] = warm_kernels()
+        # imports (scipy.stats, pandas paths) and first-call costs outside the timings: the
+        # bootstrap's time is the n_boot run minus the n_boot=0 run
+        compare_similarity(*make_models(200, 10, 1 + args.students), n_boot=2)
         t0, c0 = time.perf_counter(), time.process_time()
         compare_similarity(*models, n_boot=0, device=args.device)
         t1, c1 = time.perf_counter(), time.process_time()
@@ -125,12 +160,16 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run(args, which: str) -> dict:
+def run(args, which: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--n", str(args.n), "--k", str(args.k),
            "--students", str(args.students), "--n-boot", str(args.n_boot),
-           "--old-n-boot", str(args.old_n_boot), "--device", args.device]
+           "--old-n-boot", str(args.old_n_boot), "--device", args.device,
+           "--threads", str(args.threads)]
+    env = dict(os.environ if env is None else env)
+    if args.threads:
+        env["NUMBA_NUM_THREADS"] = str(args.threads)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -149,17 +188,27 @@ def main() -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--old-n-boot", type=int, default=20)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--child", choices=["new", "old"], help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch and numba threads in the children (0: the library's default)")
+    ap.add_argument("--child", choices=["new", "old", "compile"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return 0
     print(f"{args.n} x {args.k} logits, teacher + {args.students} students; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        comp = run(args, "compile", dict(os.environ, NUMBA_CACHE_DIR=cache_dir))
+    print(f"numba kernels: compile {comp['kernels_s']:.1f} s (empty cache, once per install); "
+          "load from the cache: see below")
     new = run(args, "new")
     print(f"new: {args.n_boot} resamples: bootstrap {new['boot_wall']:.1f} s wall, "
           f"{new['boot_cpu']:.1f} s CPU ({new['threads']} threads, numba {new['numba']}); "
-          f"point estimate {new['point_wall']:.1f} s; peak RSS {new['peak_mib']:.0f} MiB")
+          f"point estimate {new['point_wall']:.1f} s wall, {new['point_cpu']:.1f} s CPU; "
+          f"kernels loaded in {new['kernels_load_s']:.2f} s; peak RSS {new['peak_mib']:.0f} MiB; "
+          f"load average now {os.getloadavg()[0]:.1f}")
     old = run(args, "old")
     per = old["boot_wall"] / args.old_n_boot
     per_cpu = old["boot_cpu"] / args.old_n_boot
