@@ -151,7 +151,7 @@ def _faithfulness(args) -> int:
     weights = Path(__file__).resolve().parents[1] / "interptool" / "weights"
     loaded = load_model("interptool:cw-teacher", weights / "teacher.safetensors",
                         device=args.device)
-    ds = open_dataset(f"builtin:concept-world?n={args.faith_n}&size=64&split=eval")
+    ds = open_dataset(f"builtin:concept-world?version=1&n={args.faith_n}&size=64&split=eval")
     tf = loaded.preprocessing.probe_transform()
     tds = ds.torch_dataset(tf)
     x = torch.stack([tds[i][0] for i in range(len(ds))])

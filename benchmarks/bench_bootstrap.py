@@ -110,7 +110,7 @@ def part_tally(n: int) -> None:
     from interptool.data import make_concept_world, open_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_concept_world(Path(tmp) / "cw", n=n, size=224, seed=0)
+        root = make_concept_world(Path(tmp) / "cw", n=n, size=224, seed=0, version=1)
         probe = open_dataset(f"broden:{root}")
         rng = np.random.default_rng(0)
         feats = rng.gamma(1.0, 1.0, (len(probe), U, 7, 7)).astype(np.float32)

@@ -1,7 +1,7 @@
 """Broden scale: time and peak memory of `cache` + `dissect` as the probe set grows.
 
 For each ``--n`` (default 480, 3,000 and 12,000) it generates (untimed) the probe
-``builtin:concept-world?n=N&size=224`` (224 px images, 112 px masks: Broden1_224's geometry),
+``builtin:concept-world?version=1&n=N&size=224`` (224 px images, 112 px masks: Broden1_224's geometry),
 then runs ``interptool cache`` (random-init torchvision resnet18, ``layer4``, ``--dtype``:
 the CLI's default float16 features, or float32) and ``interptool dissect`` (default
 settings) as fresh child processes and reports each one's wall time, CPU time and peak RSS
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {load_average()}")
     rows = []
     for n in args.n:
-        spec = f"builtin:concept-world?n={n}&size=224"
+        spec = f"builtin:concept-world?version=1&n={n}&size=224"
         gen = run_child(f"from interptool.data import open_dataset; open_dataset({spec!r})")
         if gen.returncode:
             print(gen.output)

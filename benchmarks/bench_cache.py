@@ -12,7 +12,7 @@ so the numbers isolate model + hooks + HDF5 writing, and nothing is held for the
     python benchmarks/bench_cache.py --n 64 --size 96 --mem-sizes 64,256 --mem-px 64   # quick
 
 ``--probe N`` instead measures the whole extraction on real image files: generated Broden-style
-probe images (``builtin:concept-world?n=N&size=224``, PNG files decoded and resized by the
+probe images (``builtin:concept-world?version=1&n=N&size=224``, PNG files decoded and resized by the
 probe transform) cached with resnet18 layer4, against a bare ``model(x)`` loop over the same
 images decoded beforehand, with the same batches and the same torch threads as the cache's
 forward pass (``--threads``/``--workers`` as in ``interptool cache``):
@@ -234,7 +234,7 @@ def _probe_timing(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    ds = open_dataset(f"builtin:concept-world?n={args.probe}&size=224&split=probe")
+    ds = open_dataset(f"builtin:concept-world?version=1&n={args.probe}&size=224&split=probe")
     gen_s = time.perf_counter() - t0
     loaded = _loaded(args.arch, 224)
     loaded.model.to(device)

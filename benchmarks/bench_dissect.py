@@ -1,7 +1,7 @@
 """Benchmark: `interptool cache` + `interptool dissect` end to end, as a user meets them.
 
 Default mode (end to end): for each ``--n`` it generates (or reuses) the probe
-``builtin:concept-world?n=N&size=224`` (Broden1_224's geometry: 224 px images, 112 px masks),
+``builtin:concept-world?version=1&n=N&size=224`` (Broden1_224's geometry: 224 px images, 112 px masks),
 runs ``interptool cache`` (random-init torchvision resnet18, ``--layers layer4``, float32) and
 then ``interptool dissect`` on that cache, each as a fresh child process; it prints the
 process wall time, CPU time and peak RSS of each, and their sum. ``--variant`` runs the
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {load_average()}")
     ok = True
     for n in args.n:
-        spec = f"builtin:concept-world?n={n}&size={args.size}"
+        spec = f"builtin:concept-world?version=1&n={n}&size={args.size}"
         gen = run_child(f"from interptool.data import open_dataset; open_dataset({spec!r})")
         if gen.returncode:
             print(gen.output)

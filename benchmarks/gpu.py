@@ -1,6 +1,6 @@
 """GPU benchmark: images/s of `cache` on CUDA and the dissection analysis's share of it.
 
-On a CUDA device it (1) generates (or reuses) ``builtin:concept-world?n=N&size=224``
+On a CUDA device it (1) generates (or reuses) ``builtin:concept-world?version=1&n=N&size=224``
 (Broden1_224's geometry), (2) times a bare forward loop of the model over the already decoded
 probe tensors (the floor), (3) times ``cache_activations`` (decoding, forward, HDF5 writes)
 and (4) times ``Dissection(device="cuda").run`` (thresholds + tally) on that cache, then prints
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    probe = open_dataset(f"builtin:concept-world?n={args.n}&size={args.size}")
+    probe = open_dataset(f"builtin:concept-world?version=1&n={args.n}&size={args.size}")
     loaded = load_model(args.arch, num_classes=10, image_size=(args.size, args.size),
                         device="cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "

@@ -6,7 +6,7 @@ The most used names are available from the top level::
 
     import interptool as it
     loaded = it.load_model("timm:resnet18", "student.pth")
-    probe = it.open_dataset("builtin:concept-world?n=500&size=64")
+    probe = it.open_dataset("builtin:concept-world?version=2&n=500&size=64")
     it.cache_activations(loaded, probe, ["layer4"], "student_probe.h5")
     res = it.Dissection(iou_threshold=0.05).run("student_probe.h5", "layer4", probe)
 

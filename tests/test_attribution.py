@@ -357,7 +357,7 @@ def _real_loaders():
 def test_loaded_model_with_concept_world(tmp_path):
     load_model, open_dataset = _real_loaders()
     loaded = load_model("interptool:cw-student", num_classes=10)
-    ds = open_dataset("builtin:concept-world?n=12&size=64&seed=0")
+    ds = open_dataset("builtin:concept-world?version=1&n=12&size=64&seed=0")
     res = Attribution("grad_cam", layer="layer4").run(loaded, ds, n=6, batch_size=4,
                                                       out=tmp_path)
     assert res.maps.shape == (6, 64, 64)
@@ -396,7 +396,7 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["attribute", "--model", "teacher=interptool:cw-teacher",
                "--model", "student=interptool:cw-student", "--num-classes", "10",
-               "--data", "builtin:concept-world?n=12&size=64&seed=0", "--method", "grad_cam",
+               "--data", "builtin:concept-world?version=1&n=12&size=64&seed=0", "--method", "grad_cam",
                "--method", "saliency", "--layer", "layer4", "--n", "4", "--batch-size", "4",
                "--faithfulness-steps", "4", "--sanity-n", "2", "--sanity-top-k", "1",
                "--out", str(out), "--quiet"])
@@ -419,7 +419,7 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
     assert ag["spearman"]["ci_low"] <= ag["spearman"]["mean"] <= ag["spearman"]["ci_high"]
     assert set(ag) >= {"cosine", "top5_iou", "top10_iou", "top20_iou"}
     assert (ag["a"], ag["b"]) == ("teacher:saliency", "student:saliency")
-    ds = open_dataset("builtin:concept-world?n=12&size=64&seed=0")
+    ds = open_dataset("builtin:concept-world?version=1&n=12&size=64&seed=0")
     # --n 4 of 12: a stratified sample (the default), not rows 0..3; masks at its rows
     sample = scores["sample"]
     assert sample["method"] == "stratified" and sample["seed"] == 0
@@ -440,7 +440,7 @@ def test_cli_two_models_concept_world(tmp_path, capsys):
     assert [r["step"] for r in rnd["steps"] if r["method"] == "saliency"] == [0, 1]
     assert (out / "attributions.png").stat().st_size > 0
     rc = main(["attribute", "--arch", "interptool:cw-student", "--num-classes", "10",
-               "--data", "builtin:concept-world?n=12&size=64&seed=0", "--method", "grad_cam",
+               "--data", "builtin:concept-world?version=1&n=12&size=64&seed=0", "--method", "grad_cam",
                "--layer", "layer9", "--n", "2", "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert rc == 2 and "layer9" in err and "Traceback" not in err
@@ -605,7 +605,7 @@ def test_stratified_sample_small_classes_and_unlabelled():
     np.testing.assert_array_equal(stratified_sample(labels, 500, 0), np.arange(len(labels)))
 
 
-_CW40 = "builtin:concept-world?n=40&size=32"
+_CW40 = "builtin:concept-world?version=1&n=40&size=32"
 
 def _student_checkpoint() -> Path:
     """A seeded, randomly initialised cw-student saved once per process (any fixed weights

@@ -539,7 +539,7 @@ def test_real_model_and_concept_world(tmp_path, capsys):
     from interptool.loading import load_model
 
     loaded = load_model("interptool:cw-student")
-    ds = open_dataset("builtin:concept-world?n=40&size=64")
+    ds = open_dataset("builtin:concept-world?version=1&n=40&size=64")
     path = run_cache(loaded, ds, ["layer3", "layer4"], tmp_path / "cw.h5", batch_size=16,
                      dtype="float32").path
     # concept-world is Broden-style: the probe (no crop) transform is the default
@@ -562,7 +562,7 @@ def test_real_model_and_concept_world(tmp_path, capsys):
         assert c.attrs["model"] == json.loads(json.dumps(loaded.to_dict(), default=str))
     proc = subprocess.run(
         [sys.executable, "-m", "interptool", "cache", "--arch", "interptool:cw-student",
-         "--data", "builtin:concept-world?n=40&size=64", "--layers", "layer4",
+         "--data", "builtin:concept-world?version=1&n=40&size=64", "--layers", "layer4",
          "--out", str(tmp_path / "cli.h5"), "--quiet"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -571,7 +571,7 @@ def test_real_model_and_concept_world(tmp_path, capsys):
     from interptool.cli import main
 
     rc = main(["cache", "--arch", "interptool:cw-student", "--data",
-               "builtin:concept-world?n=40&size=64", "--layers", "layer9",
+               "builtin:concept-world?version=1&n=40&size=64", "--layers", "layer9",
                "--out", str(tmp_path / "bad.h5"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "'layer9'" in err and "layer4" in err

@@ -111,8 +111,8 @@ def test_missing_figure_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------------------------
 SMALL = """
 [data]
-eval = "builtin:concept-world?n=40&size=32&seed=3&split=eval"
-probe = "builtin:concept-world?n=40&size=32&seed=3&split=probe"
+eval = "builtin:concept-world?version=1&n=40&size=32&seed=3&split=eval"
+probe = "builtin:concept-world?version=1&n=40&size=32&seed=3&split=probe"
 [models.big]
 arch = "interptool:cw-student"
 layers = ["layer3", "layer4"]
@@ -223,7 +223,7 @@ def test_summary_numbers_equal_direct_analyzer_results(compared):
 
     out, _ = compared
     s = json.loads((out / "summary.json").read_text())
-    probe = open_dataset("builtin:concept-world?n=40&size=32&seed=3&split=probe")
+    probe = open_dataset("builtin:concept-world?version=1&n=40&size=32&seed=3&split=probe")
     # dissection: counts per layer and category, and the IoU-threshold curve
     with ActivationCache(out / "cache" / "small_probe.h5") as c:
         res = Dissection(quantile=0.005, iou_threshold=0.04).run(c, "layer4", probe)

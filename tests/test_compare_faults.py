@@ -16,7 +16,7 @@ from interptool.cli import main
 
 CONFIG = """
 [data]
-eval = "builtin:concept-world?n=48&size=32&seed=11&split=eval"
+eval = "builtin:concept-world?version=1&n=48&size=32&seed=11&split=eval"
 [models.teacher]
 arch = "interptool:cw-student"
 layers = ["layer4"]

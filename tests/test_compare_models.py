@@ -13,8 +13,8 @@ import torch
 
 from interptool.errors import ConfigError
 
-EVAL = "builtin:concept-world?n=16&size=32&seed=6&split=eval"
-PROBE = "builtin:concept-world?n=16&size=32&seed=6&split=probe"
+EVAL = "builtin:concept-world?version=1&n=16&size=32&seed=6&split=eval"
+PROBE = "builtin:concept-world?version=1&n=16&size=32&seed=6&split=probe"
 
 
 def _cfg(tmp_path, text: str, name: str = "c.toml"):

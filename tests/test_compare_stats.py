@@ -158,7 +158,7 @@ def test_concepts_gained_lost_from_stored_tables_hand_built():
 # --------------------------------------------------------------------------------------------
 CONFIG = """
 [data]
-probe = "builtin:concept-world?n=48&size=32&seed=4&split=probe"
+probe = "builtin:concept-world?version=1&n=48&size=32&seed=4&split=probe"
 [models.teacher]
 arch = "interptool:cw-teacher"
 checkpoint = "teacher.safetensors"
@@ -258,7 +258,7 @@ def test_detector_findings_carry_intervals_and_paired_differences(run_dir):
             assert c["significant"] is not None and c["ci_low"] <= c["difference"] <= c["ci_high"]
             assert c["p_value"] is not None and c["holm"] is not None
     # the paired difference equals the analyzer's own, dissected again here
-    probe = open_dataset("builtin:concept-world?n=48&size=32&seed=4&split=probe")
+    probe = open_dataset("builtin:concept-world?version=1&n=48&size=32&seed=4&split=probe")
     res = {}
     for m in ("kd", "scratch"):
         with ActivationCache(run_dir / "out" / "cache" / f"{m}_probe.h5") as c:
@@ -294,7 +294,7 @@ def test_baseline_dissection_is_the_random_init_model(run_dir):
     from interptool.data import open_dataset
     from interptool.pipeline._dissect import random_init_model
 
-    probe = open_dataset("builtin:concept-world?n=48&size=32&seed=4&split=probe")
+    probe = open_dataset("builtin:concept-world?version=1&n=48&size=32&seed=4&split=probe")
     lm = random_init_model("interptool:cw-student", 9, num_classes=10, image_size=(32, 32))
     path = cache_activations(lm, probe, ["layer4"], run_dir / "base.h5", batch_size=24,
                              probe=True)

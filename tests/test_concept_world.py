@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from interptool.data import BrodenDataset, make_concept_world, open_dataset
+from interptool.data import (
+    BrodenDataset,
+    canonical_spec,
+    make_concept_world,
+    open_dataset,
+    recorded_spec,
+)
 from interptool.data import _concept_world as cw
 from interptool.errors import DataError
 
@@ -18,7 +24,8 @@ N, SIZE = 24, 32
 
 @pytest.fixture(scope="module")
 def cw_root(tmp_path_factory) -> Path:
-    return make_concept_world(tmp_path_factory.mktemp("cw") / "set", n=N, size=SIZE, seed=3)
+    return make_concept_world(tmp_path_factory.mktemp("cw") / "set", n=N, size=SIZE, seed=3,
+                              version=1)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -27,7 +34,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_same_parameters_give_byte_identical_files(cw_root, tmp_path):
-    again = make_concept_world(tmp_path / "again", n=N, size=SIZE, seed=3)
+    again = make_concept_world(tmp_path / "again", n=N, size=SIZE, seed=3, version=1)
     a, b = _files(cw_root), _files(again)
     assert a.keys() == b.keys()
     assert len(a) == N * 6 + 11  # image + 5 masks per image; 11 metadata files
@@ -35,11 +42,11 @@ def test_same_parameters_give_byte_identical_files(cw_root, tmp_path):
 
 
 def test_seed_split_and_prefix(cw_root, tmp_path):
-    other = make_concept_world(tmp_path / "seed4", n=4, size=SIZE, seed=4)
+    other = make_concept_world(tmp_path / "seed4", n=4, size=SIZE, seed=4, version=1)
     img = "images/concept-world/probe/00000.png"
     assert (other / img).read_bytes() != (cw_root / img).read_bytes()
     # a smaller n is a prefix of a larger one (per-image seeds)
-    small = make_concept_world(tmp_path / "small", n=5, size=SIZE, seed=3)
+    small = make_concept_world(tmp_path / "small", n=5, size=SIZE, seed=3, version=1)
     for i in range(5):
         rel = f"images/concept-world/probe/{i:05d}.png"
         assert (small / rel).read_bytes() == (cw_root / rel).read_bytes()
@@ -53,7 +60,7 @@ def test_seed_split_and_prefix(cw_root, tmp_path):
 def test_no_temporary_folders_left_and_reuse(cw_root):
     assert not [p for p in cw_root.parent.iterdir() if p.name.startswith(".")]
     mtime = (cw_root / "index.csv").stat().st_mtime_ns
-    assert make_concept_world(cw_root, n=N, size=SIZE, seed=3) == cw_root
+    assert make_concept_world(cw_root, n=N, size=SIZE, seed=3, version=1) == cw_root
     assert (cw_root / "index.csv").stat().st_mtime_ns == mtime  # reused, not regenerated
 
 
@@ -241,7 +248,7 @@ def test_generator_version_1_is_frozen():
     never changing. Reference values recorded from version 1; pixel counts and sums get a
     small tolerance for last-bit differences of floating-point math between machines (a real
     change moves them far more)."""
-    assert cw.DEFAULT_VERSION == 1 and cw.LATEST_VERSION == 2 and cw.VERSIONS == (1, 2)
+    assert cw.DEFAULT_VERSION == 2 and cw.LATEST_VERSION == 2 and cw.VERSIONS == (1, 2)
     golden = [  # index: (label, scene, object pixels, sum of uint8 image values)
         (5, "sand", 832, 1987122),
         (6, "grass", 495, 1156709),
@@ -281,15 +288,99 @@ def test_version_1_reproduces_the_sets_made_before_version_2(tmp_path, monkeypat
     assert cw.params_hash(12, 32, 7, "eval", 1) == "1bd35b8abbf68d6e"
     assert cw.params_hash(1000, 64, 0, "probe", 1) == "9609c8f3ffe5f0be"
     monkeypatch.setenv("INTERPTOOL_DATA", str(tmp_path / "cache"))
-    old = open_dataset("builtin:concept-world?n=5&size=32&seed=1&split=eval")
+    # an unversioned spec read back from an old cache opens version 1's cache folder
+    old = open_dataset(recorded_spec("builtin:concept-world?n=5&size=32&seed=1&split=eval"))
     v1 = open_dataset("builtin:concept-world?version=1&n=5&size=32&seed=1&split=eval")
     v2 = open_dataset("builtin:concept-world?version=2&n=5&size=32&seed=1&split=eval")
     assert old.root == v1.root and old.fingerprint == v1.fingerprint
     assert v2.root != v1.root and v2.fingerprint != v1.fingerprint
+    # a spec typed today without a version is version 2 (the default)
+    new = open_dataset("builtin:concept-world?n=5&size=32&seed=1&split=eval")
+    assert new.root == v2.root and new.fingerprint == v2.fingerprint
     assert v1.root.name == cw.params_hash(5, 32, 1, "eval", 1)
     assert len(v1.class_names) == 10 and len(v2.class_names) == 12
     with pytest.raises(DataError, match="version=3"):
         open_dataset("builtin:concept-world?version=3&n=5")
+
+
+def test_version_2_digest_is_recorded(tmp_path):
+    """Known answer: version 2 (the default) is as deterministic as version 1; a change to its
+    drawing must come with a new version. Digest recorded when version 2 became the default."""
+    root = make_concept_world(tmp_path / "v2", n=12, size=32, seed=7, split="eval", version=2)
+    assert _content_digest(root) == \
+        "8f128a631dbfe66ef86ae268faca65abe0a9779ab41fd6c9c89742e7aefbc711"
+    assert cw.params_hash(12, 32, 7, "eval", 2) == "8b520cdc7262d70d"
+    # the default (no version) is this same set
+    assert _content_digest(make_concept_world(tmp_path / "default", n=12, size=32, seed=7,
+                                              split="eval")) == _content_digest(root)
+
+
+def test_canonical_and_recorded_specs(tmp_path, monkeypatch):
+    """Data sets record their spec with the version written out; an unversioned
+    concept-world spec read back from a file (made before version 2 was the default) is
+    version 1."""
+    assert canonical_spec("builtin:concept-world?n=200&size=64") == \
+        "builtin:concept-world?version=2&n=200&size=64&seed=0&split=probe"
+    assert canonical_spec(" builtin:concept-world?split=eval&version=1&n=07 ") == \
+        "builtin:concept-world?version=1&n=7&size=64&seed=0&split=eval"
+    assert canonical_spec("builtin:concept-world") == \
+        "builtin:concept-world?version=2&n=1000&size=64&seed=0&split=probe"
+    assert canonical_spec("broden:/x?split=a") == "broden:/x?split=a"
+    with pytest.raises(DataError, match=r"data spec .*version=3.*expected one of 1, 2"):
+        canonical_spec("builtin:concept-world?version=3")
+    assert recorded_spec("builtin:concept-world?n=200&size=64") == \
+        "builtin:concept-world?version=1&n=200&size=64"
+    assert recorded_spec("builtin:concept-world") == "builtin:concept-world?version=1"
+    for unchanged in ("builtin:concept-world?n=5&version=2", "imagefolder:/a?b", "",
+                      "builtin:concept-world?n=5&&=", "builtin:other?n=1"):
+        assert recorded_spec(unchanged) == unchanged
+    monkeypatch.setenv("INTERPTOOL_DATA", str(tmp_path))
+    ds = open_dataset("builtin:concept-world?seed=5&size=32&n=4")
+    assert ds.spec == "builtin:concept-world?version=2&n=4&size=32&seed=5&split=probe"
+    # round trip: the recorded spec reopens the very same set, also as read back from a file
+    again = open_dataset(recorded_spec(ds.spec))
+    assert again.root == ds.root and again.fingerprint == ds.fingerprint
+    assert open_dataset("builtin:concept-world?version=1&n=4&size=32&seed=5").spec == \
+        "builtin:concept-world?version=1&n=4&size=32&seed=5&split=probe"
+
+
+def test_old_cache_with_an_unversioned_spec_is_read_as_version_1(tmp_path, monkeypatch):
+    """The fault: a cache made before the flip records ``builtin:concept-world?n=..`` meaning
+    version 1; reopened naively it would now draw version 2. The cache reader reports it as
+    version 1, dissection's default probe matches it, and a version 2 request for the same
+    file takes the ordinary mismatch path."""
+    import h5py
+    import torch
+
+    from interptool.analyzers.dissection import Dissection
+    from interptool.cache import ActivationCache, cache_activations
+    from interptool.errors import CacheError
+    from interptool.loading import load_model
+
+    monkeypatch.setenv("INTERPTOOL_DATA", str(tmp_path / "data"))
+    torch.manual_seed(0)
+    loaded = load_model("interptool:cw-student", num_classes=10, image_size=(32, 32))
+    v1 = open_dataset("builtin:concept-world?version=1&n=6&size=32&seed=1")
+    path = cache_activations(loaded, v1, ["layer4"], tmp_path / "old.h5", batch_size=6)
+    old_spec = "builtin:concept-world?n=6&size=32&seed=1"  # what the writer recorded then
+    with h5py.File(path, "r+") as f:
+        assert f.attrs["data_spec"] == "builtin:concept-world?version=1&n=6&size=32&seed=1&split=probe"
+        f.attrs["data_spec"] = old_spec
+    with ActivationCache(path) as c:
+        assert c.attrs["data_spec"] == old_spec  # the raw record is kept
+        assert c.data_spec == "builtin:concept-world?version=1&n=6&size=32&seed=1"
+        reopened = open_dataset(c.data_spec)
+        assert reopened.fingerprint == c.data_fingerprint and reopened.num_classes == 10
+        # without the rule the same text means version 2 now: other images and labels
+        assert open_dataset(old_spec).fingerprint != c.data_fingerprint
+    # dissection's default probe is the cache's spec: it opens version 1 and aligns
+    result = Dissection(quantile=0.05, checksum=False).run(path, "layer4")
+    assert result.provenance["probe_fingerprint"] == v1.fingerprint
+    assert result.provenance["probe_spec"] == v1.spec
+    v2 = open_dataset("builtin:concept-world?n=6&size=32&seed=1")
+    assert v2.spec.startswith("builtin:concept-world?version=2&")
+    with pytest.raises(CacheError, match="data_fingerprint differs"):
+        cache_activations(loaded, v2, ["layer4"], path, batch_size=6)
 
 
 # ------------------------------------------------------------------------------ version 2

@@ -20,8 +20,8 @@ def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
 
 BASE = """
 [data]
-eval = "builtin:concept-world?n=40&size=32&seed=0&split=eval"
-probe = "builtin:concept-world?n=40&size=32&seed=0&split=probe"
+eval = "builtin:concept-world?version=1&n=40&size=32&seed=0&split=eval"
+probe = "builtin:concept-world?version=1&n=40&size=32&seed=0&split=probe"
 [models.teacher]
 arch = "interptool:cw-teacher"
 layers = ["layer3", "layer4"]
@@ -65,7 +65,7 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
     (sub / "val").mkdir()
     (sub / "rules.toml").write_text("")
     text = BASE.replace(
-        'eval = "builtin:concept-world?n=40&size=32&seed=0&split=eval"', 'eval = "imagefolder:val"'
+        'eval = "builtin:concept-world?version=1&n=40&size=32&seed=0&split=eval"', 'eval = "imagefolder:val"'
     ).replace(
         '[models.kd]\narch = "interptool:cw-student"',
         '[models.kd]\narch = "interptool:cw-student"\ncheckpoint = "ckpt/kd.pth"\n'
@@ -148,7 +148,7 @@ def test_two_teachers_is_an_error(tmp_path):
 
 
 def test_analysis_needs_its_data(tmp_path):
-    text = BASE.replace('probe = "builtin:concept-world?n=40&size=32&seed=0&split=probe"\n', "")
+    text = BASE.replace('probe = "builtin:concept-world?version=1&n=40&size=32&seed=0&split=probe"\n', "")
     with pytest.raises(ConfigError, match="config.toml: data.probe: missing; dissection needs"):
         load_config(_write(tmp_path, text))
     # switching dissection off makes the same config valid

@@ -38,8 +38,8 @@ from interptool.analyzers import (
 from interptool.common.jsonsafe import to_jsonable
 from interptool.errors import ConfigError, ParamsError
 
-EVAL = "builtin:concept-world?n=24&size=32&seed=7&split=eval"
-PROBE = "builtin:concept-world?n=24&size=32&seed=7&split=probe"
+EVAL = "builtin:concept-world?version=1&n=24&size=32&seed=7&split=eval"
+PROBE = "builtin:concept-world?version=1&n=24&size=32&seed=7&split=probe"
 
 
 # --------------------------------------------------------------------------------------------

@@ -271,6 +271,48 @@ def test_cli_make_and_info(tmp_path, capsys):
         _cli("data", "make", "concept-world", "--out", str(out), "--n", "4", "--size", "32")
 
 
+@pytest.mark.parametrize("flag, version, classes", [(None, 2, 12), ("1", 1, 10), ("2", 2, 12)])
+def test_cli_make_version(tmp_path, capsys, flag, version, classes):
+    """`interptool data make --version`: default 2; the version made is the one recorded in
+    concept_world.json (as 'generator') and said on stdout, with its own class list."""
+    import json
+
+    from interptool.cli import main
+
+    out = tmp_path / "made"
+    argv = ["data", "make", "concept-world", "--out", str(out), "--n", "3", "--size", "32"]
+    assert main(argv + ([] if flag is None else ["--version", flag])) == 0
+    assert f"concept-world version {version} " in capsys.readouterr().out
+    meta = json.loads((out / "concept_world.json").read_text())
+    assert meta["generator"] == version and meta["complete"] is True
+    assert len((out / "classes.txt").read_text().split()) == classes
+    assert len(list((out / "images" / "concept-world" / "probe").glob("*.png"))) == 3 * 6
+    # the files are those of the library call with that version
+    ref = make_concept_world(tmp_path / "ref", n=3, size=32, version=version)
+    assert (out / "index.csv").read_bytes() == (ref / "index.csv").read_bytes()
+    assert (out / "label.csv").read_bytes() == (ref / "label.csv").read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["3", "0", "two"])
+def test_cli_make_bad_version(tmp_path, capsys, bad):
+    from interptool.cli import main
+
+    rc = main(["data", "make", "concept-world", "--out", str(tmp_path / "x"), "--n", "2",
+               "--version", bad])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("interptool data: error: concept-world: version"), err
+    assert f"version={bad}" in err or f"version='{bad}'" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_help_default_version_is_the_library_default():
+    from interptool.cli import _data
+    from interptool.data import _concept_world as cw
+
+    assert _data.HELP_DEFAULT_VERSION == cw.DEFAULT_VERSION
+
+
 def test_csv_accepts_concept_world_labels_csv(tmp_path):
     from interptool.data import make_concept_world, open_dataset
 

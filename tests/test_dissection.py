@@ -238,7 +238,7 @@ def _reference(feats, probe, thresholds, stale=False):
 def world():
     from interptool.data import open_dataset
 
-    return open_dataset("builtin:concept-world?n=48&size=32")
+    return open_dataset("builtin:concept-world?version=1&n=48&size=32")
 
 
 def _world_feats(n, units=6, hw=4, seed=0):

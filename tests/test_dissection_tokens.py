@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def probe():
-    return open_dataset("builtin:concept-world?n=12&size=32")
+    return open_dataset("builtin:concept-world?version=1&n=12&size=32")
 
 
 def _loaded(name: str, size: int, **kw) -> LoadedModel:

@@ -20,7 +20,7 @@ import pytest
 from interptool._locks import lock_path, read_lock_holder
 from interptool.cli import main
 
-DATA = "builtin:concept-world?n=8&size=32&seed=0"
+DATA = "builtin:concept-world?version=1&n=8&size=32&seed=0"
 _HOLDER = """
 import sys, time
 from interptool._provenance import output_lock

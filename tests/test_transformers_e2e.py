@@ -33,9 +33,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from interptool.cli import main
 
-PROBE = "builtin:concept-world?n=24&size=32"
-EVAL = "builtin:concept-world?n=16&size=32&seed=6&split=eval"
-CW_PROBE = "builtin:concept-world?n=16&size=32&seed=6&split=probe"
+PROBE = "builtin:concept-world?version=1&n=24&size=32"
+EVAL = "builtin:concept-world?version=1&n=16&size=32&seed=6&split=eval"
+CW_PROBE = "builtin:concept-world?version=1&n=16&size=32&seed=6&split=probe"
 GRID = (4, 4)  # 32 px / patch 8
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # create_model extras
 
@@ -226,7 +226,7 @@ def test_the_real_deit_distilled_name_through_cache(tmp_path):
     images: the cache records its class + distillation tokens and the 14 x 14 grid."""
     out = tmp_path / "deit224.h5"
     assert main(["cache", "--arch", "timm:deit_tiny_distilled_patch16_224", "--num-classes", "10",
-                 "--data", "builtin:concept-world?n=2&size=32", "--layers", "blocks.11",
+                 "--data", "builtin:concept-world?version=1&n=2&size=32", "--layers", "blocks.11",
                  "--probe", "yes", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     with h5py.File(out, "r") as f:
         assert int(f.attrs["num_prefix_tokens"]) == 2

@@ -74,7 +74,12 @@ class ActivationCache:
 
     @property
     def data_spec(self) -> str:
-        return str(self.attrs.get("data_spec", ""))
+        """The data spec the cache was made from, as reopening it must read it: an
+        unversioned concept-world spec predates version 2 becoming the default and means
+        version 1 (``interptool.data.recorded_spec``); ``attrs["data_spec"]`` keeps the raw text."""
+        from interptool.data import recorded_spec
+
+        return recorded_spec(str(self.attrs.get("data_spec", "")))
 
     @property
     def preprocessing(self) -> dict[str, Any] | None:

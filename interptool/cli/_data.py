@@ -8,12 +8,16 @@ import json
 
 from interptool.cli._common import add_common_args
 
+# Shown in --help only (importing interptool.data here would load torch on every CLI start);
+# tests/test_data.py checks it equals interptool.data's DEFAULT_VERSION.
+HELP_DEFAULT_VERSION = 2
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data", help="data sets: make concept-world, check a copy, describe a spec",
         description="Data-set utilities. Specs: imagefolder:PATH, csv:FILE, broden:PATH, "
-        "builtin:concept-world?n=..&size=..&seed=..&split=..",
+        "builtin:concept-world?version=..&n=..&size=..&seed=..&split=..",
     )
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
 
@@ -26,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mk.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     mk.add_argument("--split", default="probe", choices=["train", "eval", "probe"],
                     help="split: disjoint derived seeds (default probe)")
+    mk.add_argument("--version", dest="cw_version", metavar="{1,2}", default=None,
+                    help=f"concept-world generator version (default {HELP_DEFAULT_VERSION}); 1 is the "
+                    "original 10-class set, for caches and models made with it; recorded in "
+                    "concept_world.json as 'generator'")
     mk.add_argument("--overwrite", action="store_true", help="replace a different set in --out")
     add_common_args(mk)
     mk.set_defaults(func=_make)
@@ -54,10 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _make(args: argparse.Namespace) -> int:
     from interptool.data import make_concept_world
 
+    # the version is validated by make_concept_world (a DataError: one line, exit 2), not
+    # by argparse, whose usage dump would bury the message
+    extra = {} if args.cw_version is None else {"version": args.cw_version}
     root = make_concept_world(args.out, n=args.n, size=args.size, seed=args.seed,
-                              split=args.split, overwrite=args.overwrite)
-    print(f"concept-world ({args.split}, n={args.n}, size={args.size}, seed={args.seed}) "
-          f"written to {root}; open it with broden:{root}")
+                              split=args.split, overwrite=args.overwrite, **extra)
+    version = json.loads((root / "concept_world.json").read_text())["generator"]
+    print(f"concept-world version {version} ({args.split}, n={args.n}, size={args.size}, "
+          f"seed={args.seed}) written to {root}; open it with broden:{root}")
     return 0
 
 

@@ -3,6 +3,7 @@
 Public face (see docs/architecture.md "Data" and docs/data.md)::
 
     open_dataset(spec) -> ImageDataset
+    canonical_spec(spec), recorded_spec(spec)   (concept-world version written out)
     ImageDataset, BrodenDataset, Segmentation
     make_concept_world(root, n, size, seed, split) -> Path
     check_dataset(name, path) -> CheckReport
@@ -22,10 +23,12 @@ from interptool.data._broden import (
 from interptool.data._check import CheckReport, check_dataset, list_manifests, load_manifest
 from interptool.data._concept_world import make_concept_world
 from interptool.data._folder import CsvDataset, ImageFolderDataset
-from interptool.data._spec import open_dataset
+from interptool.data._spec import canonical_spec, open_dataset, recorded_spec
 
 __all__ = [
     "open_dataset",
+    "canonical_spec",
+    "recorded_spec",
     "ImageDataset",
     "BrodenDataset",
     "Segmentation",

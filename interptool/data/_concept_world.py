@@ -28,11 +28,12 @@ from interptool.errors import DataError
 
 # Generator versions: 1 (the original 10-class set, byte-identical to what it always was, so
 # old caches and the weights trained on it stay reachable with ``version=1``) and 2 (12
-# classes in 4 superclasses, texture regions, 16 scenes; docs/data.md). The default stays 1
-# until every built-in consumer (the demo, the config template, tests with the version 1
-# demo nets) names its version explicitly: flipping it silently changes what an unversioned
-# spec means.
-DEFAULT_VERSION = 1
+# classes in 4 superclasses, texture regions, 16 scenes; docs/data.md). The default (what a
+# spec or call without a version gets) is 2. Before it was, caches recorded unversioned specs
+# meaning version 1; data sets now record their spec with the version written out
+# (``interptool.data._spec.canonical_spec``), and an unversioned spec read back from a file is
+# taken as version 1 (``recorded_spec``), so no old cache is silently reread as version 2.
+DEFAULT_VERSION = 2
 LATEST_VERSION = 2
 GENERATOR_VERSION = LATEST_VERSION  # the newest version (name kept for old imports)
 
@@ -371,7 +372,7 @@ def seg_indices(size: int, seg: int) -> np.ndarray:
 
 
 # ====================================================================== version 2
-# Version 2 (the default for new specs) keeps version 1's painting rules and Broden layout but
+# Version 2 (the default) keeps version 1's painting rules and Broden layout but
 # redefines the classes by concepts with a graded similarity structure, adds pixel-level
 # texture regions (no texture label on plain objects) and 16 scenes. Its tables and drawing
 # code are separate from version 1's so that version 1 stays byte-identical for old caches.
@@ -851,8 +852,9 @@ def make_concept_world(
             is reused; any other non-empty folder is an error unless ``overwrite``.
         n: number of images. size: image side in pixels (segmentation side is ``size // 2``).
         seed: base seed. split: ``train``, ``eval`` or ``probe`` (disjoint derived seeds).
-        version: generator version: 1 (default for now; the original set, byte-identical
-            to what it always was: same files, same cache folder) or 2.
+        version: generator version: 2 (default; 12 classes, docs/data.md) or 1 (the
+            original 10-class set, byte-identical to what it always was: same files, same
+            cache folder).
 
     The set is written to a temporary sibling folder and renamed into place, so an
     interrupted or concurrent run never leaves a half-written set that looks whole.

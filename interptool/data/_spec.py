@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 from interptool.data._base import ImageDataset
@@ -11,7 +12,7 @@ from interptool.errors import DataError
 SPEC_HELP = (
     "imagefolder:PATH[?allow_empty=1] (one sub-folder per class), csv:FILE (columns path,label), "
     "broden:PATH[?split=NAME] (Broden folder with index.csv), or "
-    "builtin:concept-world?n=1000&size=64&seed=0&split=probe"
+    "builtin:concept-world?version=2&n=1000&size=64&seed=0&split=probe"
 )
 BUILTINS = ("concept-world",)
 
@@ -45,8 +46,10 @@ def open_dataset(spec: str) -> ImageDataset:
       labels are integers or class names (optional).
     * ``broden:PATH``: a Broden-format folder (``index.csv``, ``label.csv``, ``category.csv``,
       ``images/``); optional ``?split=train`` keeps one split of ``index.csv``.
-    * ``builtin:concept-world?n=1000&size=64&seed=0&split=probe``: the generated concept set
-      (written once to ``$INTERPTOOL_DATA`` or ``~/.cache/interptool``), opened as Broden.
+    * ``builtin:concept-world?version=2&n=1000&size=64&seed=0&split=probe``: the generated
+      concept set (written once to ``$INTERPTOOL_DATA`` or ``~/.cache/interptool``), opened
+      as Broden; ``version`` defaults to 2 (``version=1`` is the original set). The data set's
+      ``spec`` is the canonical form (:func:`canonical_spec`, the version written out).
 
     A bare path is accepted too: a folder with ``index.csv`` opens as Broden, any other folder
     as an image folder, a ``.csv`` file as a CSV list.
@@ -90,21 +93,87 @@ def open_dataset(spec: str) -> ImageDataset:
         return BrodenDataset(_path(spec, path), spec=spec, split=params.get("split"),
                              primary_category=params.get("primary", "auto"))
     if kind == "builtin":
-        name, _, q = rest.partition("?")
-        if name != "concept-world":
-            raise DataError(f"data spec {spec!r}: unknown built-in set {name!r}; available: "
-                            f"{', '.join(BUILTINS)}")
-        from interptool.data._concept_world import DEFAULTS, make_concept_world
+        from interptool.data._concept_world import make_concept_world
 
-        params = _query(spec, q, {"n": "number of images", "size": "image side in px",
-                                  "seed": "base seed", "split": "train, eval or probe",
-                                  "version": "generator version, 1 (default) or 2"}) \
-            if q else {}
-        merged = {**DEFAULTS, **params}
+        merged = _concept_world_params(spec, rest)
         root = make_concept_world(None, merged["n"], merged["size"], merged["seed"],
                                   merged["split"], version=merged["version"])
-        return BrodenDataset(root, spec=spec)
+        # The data set carries the canonical spec (every parameter, the version included), so
+        # caches and results record what was drawn, not what the default meant that day.
+        return BrodenDataset(root, spec=_concept_world_spec(merged))
     raise DataError(f"data spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
+
+
+# Parameters of builtin:concept-world, in the order a canonical spec writes them.
+_CONCEPT_WORLD_KEYS = {"version": "generator version, 1 or 2 (default 2)",
+                       "n": "number of images", "size": "image side in px",
+                       "seed": "base seed", "split": "train, eval or probe"}
+# What an unversioned concept-world spec *read back from a file* means (see recorded_spec).
+RECORDED_UNVERSIONED_VERSION = 1
+
+
+def _concept_world_params(spec: str, rest: str) -> dict[str, Any]:
+    """Validated parameters of ``builtin:concept-world?...`` (``rest`` is after the colon)."""
+    from interptool.data._concept_world import DEFAULTS, validate_params
+
+    name, _, q = rest.partition("?")
+    if name != "concept-world":
+        raise DataError(f"data spec {spec!r}: unknown built-in set {name!r}; available: "
+                        f"{', '.join(BUILTINS)}")
+    params = _query(spec, q, _CONCEPT_WORLD_KEYS) if q else {}
+    merged = {**DEFAULTS, **params}
+    try:
+        n, size, seed, split, version = validate_params(
+            merged["n"], merged["size"], merged["seed"], merged["split"], merged["version"])
+    except DataError as exc:
+        raise DataError(f"data spec {spec!r}: {exc}") from None
+    return {"version": version, "n": n, "size": size, "seed": seed, "split": split}
+
+
+def _concept_world_spec(params: dict[str, Any]) -> str:
+    return "builtin:concept-world?" + "&".join(f"{k}={params[k]}" for k in _CONCEPT_WORLD_KEYS)
+
+
+def canonical_spec(spec: str) -> str:
+    """``spec`` as a data set opened from it records it: a concept-world spec with every
+    parameter written out in a fixed order, the version included
+    (``builtin:concept-world?n=200`` -> ``builtin:concept-world?version=2&n=200&size=64&seed=0&split=probe``
+    while the default version is 2); any other spec is returned stripped but unchanged.
+
+    Raises :class:`DataError` for a malformed concept-world spec.
+    """
+    spec = spec.strip()
+    kind, sep, rest = spec.partition(":")
+    if sep and kind.lower() == "builtin":
+        return _concept_world_spec(_concept_world_params(spec, rest))
+    return spec
+
+
+def recorded_spec(spec: str) -> str:
+    """The spec a cache or result recorded, with its concept-world version made explicit.
+
+    Version 2 became the default of an unversioned ``builtin:concept-world`` spec after
+    caches had recorded such specs meaning version 1; since then every data set opened from
+    a spec records its canonical form (version written out, :func:`canonical_spec`). So an
+    unversioned concept-world spec found in a file can only predate the change and means
+    version 1: this returns it with ``version=1`` added (other specs, and specs that already
+    name a version, unchanged), so reopening an old cache's probe set never silently draws
+    version 2. Use it on every spec read back from a file, never on one a user just typed.
+    """
+    text = spec.strip()
+    kind, sep, rest = text.partition(":")
+    if not sep or kind.lower() != "builtin":
+        return spec
+    name, _, q = rest.partition("?")
+    try:
+        keys = [k for k, _ in parse_qsl(q, keep_blank_values=True, strict_parsing=True)] \
+            if q else []
+    except ValueError:
+        return spec  # malformed: opening it raises the usual error naming it
+    if name != "concept-world" or "version" in keys:
+        return spec
+    version = f"version={RECORDED_UNVERSIONED_VERSION}"
+    return f"{kind}:{name}?{version}&{q}" if q else f"{kind}:{name}?{version}"
 
 
 def _flag(spec: str, key: str, value: str) -> bool:

@@ -541,11 +541,13 @@ _TEMPLATE_HEAD = '''\
 [data]
 # Labelled images: accuracy, class similarity (logits), CKA and attribution.
 # Specs: "imagefolder:PATH" (class sub-folders), "csv:FILE" (path,label columns),
-#        "builtin:concept-world?n=500&size=64&seed=0&split=eval" (generated, no download).
-eval = "builtin:concept-world?n=200&size=64&seed=0&split=eval"
+#        "builtin:concept-world?version=2&n=500&size=48&seed=0&split=eval" (generated, no
+#        download; version 2, 12 classes, is the default; version=1 is the original 10-class set).
+# version=1 here: interptool:cw-teacher / cw-student below are 10-class version 1 nets.
+eval = "builtin:concept-world?version=1&n=200&size=64&seed=0&split=eval"
 # Concept-annotated images in Broden format for network dissection
 # (e.g. "broden:/data/broden1_224").
-probe = "builtin:concept-world?n=200&size=64&seed=0&split=probe"
+probe = "builtin:concept-world?version=1&n=200&size=64&seed=0&split=probe"
 
 # One table per model. The model with role = "teacher" (or else the first) is the reference.
 [models.teacher]

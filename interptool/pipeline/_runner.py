@@ -79,9 +79,10 @@ def _execute(run: RunContext, config_text: str | None, command: str | None,
         "timings": run.timings,
         "reused_stages": list(run.stages.reused),
         "data": {k: v for k, v in (
-            ("eval", cfg.data.eval),
+            # the opened set's own spec: canonical, e.g. concept-world's version written out
+            ("eval", getattr(run.eval_ds, "spec", None) or cfg.data.eval),
             ("eval fingerprint", getattr(run.eval_ds, "fingerprint", None)),
-            ("probe", cfg.data.probe),
+            ("probe", getattr(run.probe_ds, "spec", None) or cfg.data.probe),
             ("probe fingerprint", getattr(run.probe_ds, "fingerprint", None))) if v},
         "command": command or "run_compare()",
         "config_file": cfg.source,
