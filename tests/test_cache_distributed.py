@@ -21,7 +21,7 @@ from interptool.cache import ActivationCache, cache_activations  # noqa: E402
 from interptool.cache._distributed import shard_path, shard_range  # noqa: E402
 
 TESTS = str(Path(__file__).parent)
-SPEC = "builtin:concept-world?n=24&size=32"
+SPEC = "builtin:concept-world?version=1&n=24&size=32"
 # attributes that describe the run rather than the content
 RUN_ATTRS = {"created", "versions", "threads", "distributed"}
 
