@@ -11,6 +11,7 @@ from scipy.stats import norm
 from interptool.common.stats import (
     Interval,
     assert_intervals_contain_estimates,
+    bc_p_value,
     bootstrap_interval,
     bootstrap_p_value,
     holm_adjust,
@@ -123,6 +124,84 @@ def test_bootstrap_p_value_known_counts():
     d = np.array([-1.0, 1.0, 2.0, 3.0])  # 1 <= 0, 3 >= 0 -> 2 * (1 + 1) / 5
     assert bootstrap_p_value(d) == pytest.approx(0.8)
     assert bootstrap_p_value(np.arange(1.0, 100.0)) == pytest.approx(2 / 100)
+
+
+def test_bc_p_value_hand_computed():
+    """d = [-1, 1, 2, 3], estimate 2: P(d < 2) = (2 + 0.5) / 4 = 0.625 (the tie counts half),
+    P(d < 0) = 1 / 4; z0 = Phi^-1(0.625) = 0.3186394, zq = Phi^-1(0.25) = -0.6744898;
+    p = 2 Phi(-|zq - 2 z0|) = 2 Phi(-1.3117686) = 0.1895983."""
+    from statistics import NormalDist
+
+    phi = NormalDist()
+    z0, zq = phi.inv_cdf(0.625), phi.inv_cdf(0.25)
+    assert (z0, zq) == (pytest.approx(0.3186394), pytest.approx(-0.6744898))
+    want = 2 * phi.cdf(-abs(zq - 2 * z0))
+    assert want == pytest.approx(0.1895983, abs=1e-7)
+    assert bc_p_value(np.array([-1.0, 1.0, 2.0, 3.0]), 2.0) == pytest.approx(want, rel=1e-12)
+    # the percentile p of the same resamples: 1 <= 0, 3 >= 0 -> 2 (1 + 1) / 5
+    assert bootstrap_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.8)
+    # 0 outside every resample: the smallest p B resamples resolve, 2 / (B + 1)
+    assert bc_p_value(np.arange(1.0, 100.0), 50.0) == pytest.approx(2 / 100)
+    assert bc_p_value(-np.arange(1.0, 100.0), -50.0) == pytest.approx(2 / 100)
+    assert bc_p_value(np.zeros(50), 0.0) == 1.0
+    assert math.isnan(bc_p_value([np.nan, np.inf], 1.0))
+    assert math.isnan(bc_p_value([1.0, -1.0], np.nan))
+
+
+@pytest.mark.parametrize("level", [0.8, 0.9, 0.95, 0.99])
+def test_bc_p_value_agrees_with_the_bc_interval(level):
+    """For biased bootstrap distributions (resamples centred away from the estimate),
+    bc_p_value < 1 - level exactly when interval_from_resamples(..., method="bc") at that
+    level excludes 0, on both sides of 0; cases built with a margin from the knife edge,
+    where which of two neighbouring resamples np.quantile interpolates decides."""
+    alpha = 1.0 - level
+    seen = {"above 0": 0, "below 0": 0, "holds 0": 0}
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal(4001)
+    for estimate in np.linspace(-4.0, 4.0, 17):
+        for bias in (-3.0, -1.5, 0.0, 1.5, 3.0):
+            d = estimate + bias + 1.3 * base  # bootstrap distribution shifted by `bias`
+            iv = interval_from_resamples(d, estimate, level=level, method="bc")
+            p = bc_p_value(d, estimate)
+            if iv.widened or abs(p - alpha) < 0.1 * alpha:
+                continue
+            side = "above 0" if iv.low > 0 else "below 0" if iv.high < 0 else "holds 0"
+            seen[side] += 1
+            assert (p < alpha) == (side != "holds 0"), (estimate, bias, iv, p)
+    assert min(seen.values()) >= 5, seen
+
+
+def test_bc_p_value_does_not_contradict_a_biased_interval():
+    """The fault: resamples centred near 0 while the estimate is +3 (a strongly biased
+    statistic). The BC interval excludes 0, the percentile p says 0.93; bc_p_value agrees
+    with the interval."""
+    d = np.random.default_rng(0).normal(0.0, 2.5, 1000)
+    iv = interval_from_resamples(d, 3.0, method="bc")
+    assert iv.low > 0 and not iv.widened
+    assert bootstrap_p_value(d) > 0.9
+    assert bc_p_value(d, 3.0) < 0.05
+
+
+def test_dissection_paired_table_p_agrees_with_its_interval():
+    """paired_table (dissection's paired comparison) reports the p that inverts its own BC
+    interval: on the biased case above the interval excludes 0 and p < 0.05, where the
+    percentile p it used to report was 0.93 (the user's "+3 [-1, 9], p = 0.985" contradiction)."""
+    import pandas as pd
+
+    from interptool.analyzers.dissection._bootstrap import paired_table
+
+    rng = np.random.default_rng(0)
+    sb = pd.DataFrame({"detectors": rng.normal(10.0, 3.0, 1000), "same": np.full(1000, 4.0)})
+    sa = pd.DataFrame({"detectors": sb["detectors"] + rng.normal(0.0, 2.5, 1000),
+                       "same": np.full(1000, 4.0)})
+    t = paired_table(pd.Series({"detectors": 13.0, "same": 4.0}), sa,
+                     pd.Series({"detectors": 10.0, "same": 4.0}), sb).set_index("measure")
+    row = t.loc["detectors"]
+    d = (sa["detectors"] - sb["detectors"]).to_numpy()
+    assert row["difference"] == 3.0 and row["ci_low"] > 0 and not row["widened"]
+    assert row["p_value"] == pytest.approx(bc_p_value(d, 3.0)) and row["p_value"] < 0.05
+    assert bootstrap_p_value(d) > 0.5  # what was reported before
+    assert t.loc["same", "p_value"] == 1.0 and t.loc["same", "ci_low"] == 0.0
 
 
 def test_wilson_matches_formula():

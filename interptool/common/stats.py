@@ -30,7 +30,9 @@ Functions
 * :func:`bootstrap_interval` -- ``scipy.stats.bootstrap`` (BCa by default) on raw data.
 * :func:`paired_difference` -- interval of ``a - b`` from paired resamples (same resampled
   items for both).
-* :func:`bootstrap_p_value` -- two-sided bootstrap p-value of "no difference".
+* :func:`bootstrap_p_value` -- two-sided bootstrap p-value of "no difference" (percentile).
+* :func:`bc_p_value` -- the p-value that agrees with the BC interval (p < 1 - level exactly
+  when the BC interval excludes 0); report it beside a BC interval.
 * :func:`wilson_interval` -- Wilson score interval of a proportion ``k / n``.
 * :func:`t_interval` -- mean of group members (e.g. seeds) with a Student-t interval.
 * :func:`holm_adjust` / :func:`holm_reject` -- Holm step-down correction over a family.
@@ -51,6 +53,7 @@ __all__ = [
     "Interval",
     "assert_intervals_contain_estimates",
     "bootstrap_interval",
+    "bc_p_value",
     "bootstrap_p_value",
     "holm_adjust",
     "holm_reject",
@@ -281,6 +284,36 @@ def bootstrap_p_value(resampled_differences: np.ndarray, null: float = 0.0) -> f
     lo = np.count_nonzero(d <= null) + 1
     hi = np.count_nonzero(d >= null) + 1
     return float(min(1.0, 2.0 * min(lo, hi) / (d.size + 1)))
+
+
+def bc_p_value(resampled_differences: Sequence[float] | np.ndarray, estimate: float) -> float:
+    """Two-sided p of "no difference" that agrees with the bias-corrected (BC) interval.
+
+    Inverting Efron's BC interval: with ``z0 = Phi^-1(P(d < estimate))`` and
+    ``zq = Phi^-1(P(d < 0))`` over the resampled differences ``d`` (ties count half, both
+    proportions kept inside ``(0.5/B, 1 - 0.5/B)``), 0 is a bound of the BC interval at level
+    ``1 - p`` for ``p = 2 Phi(-|zq - 2 z0|)``. So ``p < 1 - level`` exactly when the BC
+    interval at ``level`` excludes 0 (before any widening to hold the estimate; up to the
+    interpolation between neighbouring resamples that ``np.quantile`` does, which only matters
+    when 0 sits on a bound), which the plain percentile p (:func:`bootstrap_p_value`) does not
+    promise when the bootstrap distribution is biased. When 0 lies outside the range of the
+    resamples (every interval excludes it) the result is ``2 / (B + 1)``, the smallest p the
+    resamples resolve. NaN without finite resamples.
+    """
+    from scipy.stats import norm
+
+    d = np.asarray(resampled_differences, dtype=np.float64).ravel()
+    d = d[np.isfinite(d)]
+    if d.size == 0 or not math.isfinite(float(estimate)):
+        return _NAN
+    if (d > 0).all() or (d < 0).all():
+        # 0 lies outside every resample: every BC interval (its bounds are quantiles of d)
+        # excludes it; the smallest p the resamples can resolve, as a bootstrap p is reported
+        return float(min(1.0, 2.0 / (d.size + 1)))
+    # the same proportions (ties half, clipped) as interval_from_resamples uses for z0
+    z0 = float(norm.ppf(_proportion_below(d, float(estimate))))
+    zq = float(norm.ppf(_proportion_below(d, 0.0)))
+    return float(min(1.0, 2.0 * norm.sf(abs(zq - 2.0 * z0))))
 
 
 def wilson_interval(k: int, n: int, *, level: float = 0.95) -> Interval:

@@ -16,7 +16,9 @@ import math
 import re
 from typing import Any
 
-from interptool.common.stats import holm_adjust
+# bc_p_value lives in interptool.common.stats (analyzers use it too); re-exported here for
+# the callers that import it from this module.
+from interptool.common.stats import bc_p_value, holm_adjust
 
 __all__ = ["HOLM_ALPHA", "bc_p_value", "mark_holm", "p_from_interval", "paper_directions",
            "paper_summary_line", "recipe_of"]
@@ -41,41 +43,6 @@ def p_from_interval(estimate: Any, low: Any, high: Any, level: float = 0.95) -> 
         return None
     se = (hi - lo) / (2 * float(norm.ppf(0.5 + level / 2)))
     return float(2 * norm.sf(abs(est) / se))
-
-
-def bc_p_value(resampled_differences: Any, estimate: float) -> float:
-    """Two-sided p of "no difference" that agrees with the bias-corrected (BC) interval.
-
-    Inverting Efron's BC interval: with ``z0 = Phi^-1(P(d < estimate))`` and
-    ``zq = Phi^-1(P(d < 0))`` over the resampled differences ``d`` (ties count half, both
-    proportions kept inside ``(0.5/B, 1 - 0.5/B)``), 0 is a bound of the BC interval at level
-    ``1 - p`` for ``p = 2 Phi(-|zq - 2 z0|)``. So ``p < 1 - level`` exactly when the BC
-    interval at ``level`` excludes 0 (before any widening to hold the estimate), which the
-    plain percentile p (:func:`interptool.common.stats.bootstrap_p_value`) does not promise
-    when the bootstrap distribution is biased. When 0 lies outside the range of the resamples
-    (every interval excludes it) the result is ``2 / (B + 1)``, the smallest p the resamples
-    resolve. NaN without finite resamples.
-    """
-    import numpy as np
-    from scipy.stats import norm
-
-    d = np.asarray(resampled_differences, dtype=np.float64).ravel()
-    d = d[np.isfinite(d)]
-    if d.size == 0 or not math.isfinite(float(estimate)):
-        return float("nan")
-
-    def below(x: float) -> float:
-        b = d.size
-        p = (np.count_nonzero(d < x) + 0.5 * np.count_nonzero(d == x)) / b
-        return min(max(p, 0.5 / b), 1.0 - 0.5 / b)
-
-    if (d > 0).all() or (d < 0).all():
-        # 0 lies outside every resample: every BC interval (its bounds are quantiles of d)
-        # excludes it; the smallest p the resamples can resolve, as a bootstrap p is reported
-        return float(min(1.0, 2.0 / (d.size + 1)))
-    z0 = float(norm.ppf(below(float(estimate))))
-    zq = float(norm.ppf(below(0.0)))
-    return float(min(1.0, 2.0 * norm.sf(abs(zq - 2.0 * z0))))
 
 
 def mark_holm(rows: list[dict[str, Any]], alpha: float = HOLM_ALPHA) -> list[dict[str, Any]]:
