@@ -186,3 +186,33 @@ def test_row_blocks_do_not_change_the_replicates(monkeypatch):
                                    err_msg=str(key))
         tol = 2e-4 if key[2] == "spearman" else 2e-5
         np.testing.assert_allclose(blocks[key], ref[key], rtol=tol, atol=1e-6, err_msg=str(key))
+
+
+@pytest.mark.parametrize("k", [7, _core.EXACT_K + 4])
+def test_shared_softmax_pass_gives_exact_point_estimates(k):
+    """compare_similarity takes the point estimate and each model's SimilarityResult from the
+    softmax pass that also feeds the bootstrap (float32 above EXACT_K): they still equal the
+    separate float64 computation of ClassSimilarity, empty class included, both matrices."""
+    from interptool.analyzers.similarity import ClassSimilarity
+
+    z, y = structured(3 * k, k, seed=21, noise=1.5)
+    s, _ = structured(3 * k, k, seed=22, noise=2.0)
+    y = y.copy()
+    y[y == 2] = 3  # class 2 has no images
+    for n_boot in (0, 3):
+        res = compare_similarity(mem(z, y, "t"), mem(s, y, "s"), k=2, n_boot=n_boot,
+                                 temperature=[1.0, 3.0], matrix="dark_knowledge")
+        for name, logits in (("t", z), ("s", s)):
+            alone = ClassSimilarity(temperature=[1.0, 3.0]).run(mem(logits, y, name))
+            got = res.similarity[name]
+            assert got.empty_classes == alone.empty_classes == [2]
+            for t in (1.0, 3.0):
+                for field in ("matrices", "dark_knowledge", "entropy", "nontarget_entropy"):
+                    np.testing.assert_allclose(getattr(got, field)[t], getattr(alone, field)[t],
+                                               rtol=1e-12, atol=1e-15, err_msg=field)
+        A = res.similarity["t"].dark_knowledge[3.0]
+        B = res.similarity["s"].dark_knowledge[3.0]
+        rows = [i for i in range(k) if i != 2]
+        kl = np.mean([sum(A[i, j] * np.log(A[i, j] / B[i, j]) for j in range(k) if j != i)
+                      for i in rows])
+        assert res.value("s", "kl", 3.0)["value"] == pytest.approx(kl, rel=1e-9)
