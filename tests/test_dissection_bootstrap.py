@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -399,3 +400,38 @@ def test_numba_and_numpy_paths_agree(tmp_path, probe, monkeypatch):
     slow2 = resample_measures(two, 500, 5, 0.3)
     monkeypatch.setattr(bmod, "USE_NUMBA", True)
     pd.testing.assert_frame_equal(resample_measures(two, 500, 5, 0.3), slow2)
+
+
+def test_segmentations_decoded_once_per_probe_and_results_unchanged(tmp_path, probe,
+                                                                     monkeypatch):
+    import interptool.analyzers.dissection._analyzer as amod
+    from interptool.data import open_dataset
+
+    calls = []
+    real = probe.load_segmentation
+    monkeypatch.setattr(probe, "load_segmentation", lambda i: (calls.append(i), real(i))[1])
+    feats_a, feats_b = _feats(17), _feats(18)
+    a = _dissect(tmp_path, probe, feats_a, "a.h5")
+    assert len(calls) == N
+    b = _dissect(tmp_path, probe, feats_b, "b.h5", batch_size=4)  # other batches: same items
+    assert len(calls) == N  # reused
+    _dissect(tmp_path, probe, feats_b, "c.h5", categories="object,scene")
+    assert len(calls) == 2 * N  # other categories: decoded again
+    mask = next(iter(probe.mask_files(0).values()))[0]
+    st = mask.stat()
+    os.utime(mask, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a mask changed on disk
+    _dissect(tmp_path, probe, feats_b, "c2.h5", categories="object,scene")
+    assert len(calls) == 3 * N
+    # the same numbers as a run on a fresh probe object (nothing reused)
+    fresh = open_dataset(probe.spec)
+    b2 = _dissect(tmp_path, fresh, feats_b, "d.h5")
+    for name in ("intersect", "label_area", "unit_cat_area", "best_iou", "best_label"):
+        np.testing.assert_array_equal(getattr(b, name), getattr(b2, name), name)
+    pd.testing.assert_frame_equal(b.bootstrap_samples, b2.bootstrap_samples)
+    assert a.block_stats.n_blocks == b.block_stats.n_blocks
+    # a probe over the memory bound is decoded on every run
+    monkeypatch.setattr(amod, "SEGMENTATION_MEMO_BYTES", 0)
+    calls.clear()
+    _dissect(tmp_path, probe, feats_a, "e.h5", categories="color,object")
+    _dissect(tmp_path, probe, feats_a, "f.h5", categories="color,object")
+    assert len(calls) == 2 * N

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from interptool.analyzers.dissection._protocol import get_protocol, resolve_prot
 from interptool.analyzers.dissection._quantile import ExactQuantile
 from interptool.analyzers.dissection._resize import is_square
 from interptool.analyzers.dissection._tally import (
+    SegItem,
     SegmentationSet,
     TallyAccumulator,
     collate_list,
@@ -855,6 +857,44 @@ class Dissection:
         )
 
     def _segmentations(self, probe: Any, categories: list[str]):
+        """Batches of decoded segmentations (:class:`SegItem`) in probe order.
+
+        A probe small enough (:data:`SEGMENTATION_MEMO_BYTES`) is decoded once per process
+        and categories: dissecting several layers and models (``compare``: every model, both
+        layers and the random-init controls) on it reuses the items, which the tally only
+        reads."""
+        state = _mask_files_state(probe)
+        key = (getattr(probe, "fingerprint", None), len(probe), tuple(categories), state)
+        if state is None:  # unknown or unreadable mask files: decode (errors name the file)
+            yield from self._decode_segmentations(probe, categories)
+            return
+        try:
+            memo = _SEGMENTATION_MEMO.setdefault(probe, {})
+        except TypeError:  # not weak-referenceable: decode every time
+            memo = {}
+        cached = memo.get(key)
+        if cached is not None:
+            for s in range(0, len(cached), self.batch_size):
+                yield cached[s : s + self.batch_size]
+            return
+        kept: list[SegItem] | None = []
+        size = 0
+        for batch in self._decode_segmentations(probe, categories):
+            if kept is not None:
+                size += sum(it.pixel.nbytes + it.label_counts.nbytes + it.scalars.nbytes
+                            for it in batch)
+                if size <= SEGMENTATION_MEMO_BYTES:
+                    kept.extend(batch)
+                else:
+                    kept = None
+            # stored before the last batch is handed over: the caller's zip() never resumes
+            # this generator after its last item
+            if kept is not None and len(kept) == len(probe):
+                memo.clear()  # one entry per probe: the latest categories
+                memo[key] = kept
+            yield batch
+
+    def _decode_segmentations(self, probe: Any, categories: list[str]):
         ds = SegmentationSet(probe, categories)
         if self.workers == 0:
             for s in range(0, len(ds), self.batch_size):
@@ -863,6 +903,32 @@ class Dissection:
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
                                              num_workers=self.workers, collate_fn=collate_list)
         yield from loader
+
+
+def _mask_files_state(probe: Any) -> str | None:
+    """sha256 of every mask file's path, size and modification time (a probe changed on
+    disk is decoded again); None when the probe does not list its files or one is missing."""
+    import hashlib
+
+    if not hasattr(probe, "mask_files"):
+        return None
+    h = hashlib.sha256()
+    try:
+        for i in range(len(probe)):
+            for files in probe.mask_files(i).values():
+                for f in files:
+                    st = os.stat(f)
+                    h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    except (OSError, TypeError, ValueError, KeyError, IndexError):
+        return None
+    return h.hexdigest()
+
+
+#: decoded segmentations kept per probe object (weakly: dropped with the probe), when all of
+#: them fit in this many bytes (label arrays); a larger probe is decoded on every run
+SEGMENTATION_MEMO_BYTES = 256 * 2**20
+_SEGMENTATION_MEMO: weakref.WeakKeyDictionary[Any, dict[tuple, list[SegItem]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _score(counts: dict[str, np.ndarray], label_category: np.ndarray,
