@@ -86,3 +86,28 @@ def test_changed_weights_images_or_settings_recompute_the_reference(setup):
     CountingNet.seen = 0
     _run(net, images, maps_a, targets, reuse_reference=False)  # the default: no memo
     assert CountingNet.seen == 2 * 25
+
+
+@pytest.mark.parametrize("baseline", ["blur", "mean", "zeros"])
+def test_curves_equal_a_per_image_reference_implementation(setup, baseline):
+    # the baseline is made once per distinct image of a batch: the curves must equal those
+    # of a plain loop that builds every perturbed image on its own
+    from interptool.analyzers.attribution._methods import make_baseline
+
+    net, images, maps_a, _, targets = setup
+    res = faithfulness(net, images, maps_a, targets, patch=4, steps=4, n_boot=0,
+                       baseline=baseline, batch_size=7, reference=None)
+    p = 16  # 4 x 4 patches of 4 px
+    expect = np.zeros((5, 5))
+    for i in range(5):
+        score = torch.from_numpy(maps_a[i]).reshape(4, 4, 4, 4).sum(dim=(1, 3)).reshape(-1)
+        order = torch.argsort(-score.float(), stable=True)
+        base = make_baseline(images[i : i + 1], baseline)
+        for s in range(5):
+            sel = torch.zeros(p)
+            sel[order[: round(s / 4 * p)]] = 1
+            sel = sel.reshape(4, 4).repeat_interleave(4, 0).repeat_interleave(4, 1)
+            x = images[i : i + 1] * (1 - sel) + base * sel
+            with torch.no_grad():
+                expect[i, s] = torch.softmax(net(x), dim=1)[0, targets[i]].item()
+    np.testing.assert_allclose(res.curves, expect, rtol=1e-5, atol=1e-7)
