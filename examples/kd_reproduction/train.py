@@ -3,7 +3,8 @@
 Han et al. (ICML 2023) in miniature, on concept-world version 2 (48 px, 12 classes in 4
 superclasses; docs/data.md):
 
-* ``teacher``: ``interptool:cw2-resnet34`` (BasicBlock [3, 4, 6, 3], base width 16), CE.
+* ``teacher``: ``interptool:cw2-resnet34`` (BasicBlock [3, 4, 6, 3], base width 16), CE,
+  20 epochs on the first 10,000 training images (``--only teacher``: it has its own data).
 * students ``interptool:cw2-resnet18`` (BasicBlock [2, 2, 2, 2], base width 16), from scratch:
   ``scratch`` (CE), ``ls`` (CE with label smoothing 0.1), ``kd-T{1,2,4,8}`` (torchdistill
   ``KDLoss``: alpha * CE(y) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)),
@@ -21,6 +22,8 @@ the script can be stopped and restarted (delete the ``<run>.claim`` of a run tha
 or blocked to let it run again). ``collect`` gathers them into ``manifest.json``, listing the
 planned runs not yet done under ``missing``.
 
+    nice -n 5 python examples/kd_reproduction/train.py --out examples/kd_reproduction/runs --only teacher
+    nice -n 5 python examples/kd_reproduction/train.py --out examples/kd_reproduction/runs &
     nice -n 5 python examples/kd_reproduction/train.py --out examples/kd_reproduction/runs
     python examples/kd_reproduction/train.py --out examples/kd_reproduction/runs --collect
 """
@@ -40,7 +43,12 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-DATA: dict[str, Any] = {"version": 2, "size": 48, "seed": 0, "n_train": 5000, "n_eval": 1000}
+# The teacher trains on the first 10,000 training images, the students on the first 5,000 of
+# the same stream (concept-world draws image i from its own seed, so the students' set is a
+# subset of the teacher's): 8 epochs on 5,000 left the teacher under-fitted (train 78.2 %,
+# eval 76.8 %), below the issue's 85 % goal.
+DATA: dict[str, Any] = {"version": 2, "size": 48, "seed": 0, "n_train": 5000,
+                        "n_train_teacher": 10000, "n_eval": 1000}
 RECIPE: dict[str, Any] = {
     "optimizer": "SGD (Nesterov)",
     "lr": 0.05,
@@ -49,7 +57,7 @@ RECIPE: dict[str, Any] = {
     "batch_size": 32,
     "schedule": "linear warm-up for 1/2 epoch, then cosine to 0, per step",
     "augmentation": "random horizontal flip (p=0.5)",
-    "epochs_teacher": 8,
+    "epochs_teacher": 20,
     "epochs_student": 4,
     "label_smoothing": 0.1,
     "kd_alpha": 0.5,
@@ -210,7 +218,11 @@ def main() -> None:
                          "weights on the current data, and record that in its JSON")
     ap.add_argument("--pilot", action="store_true",
                     help="tiny smoke run (600 images, 1 epoch) into --out")
+    ap.add_argument("--teacher-images", type=int, default=DATA["n_train_teacher"],
+                    help="training images of the teacher (the first N of the train split)")
+    ap.add_argument("--teacher-epochs", type=int, default=RECIPE["epochs_teacher"])
     args = ap.parse_args()
+    DATA["n_train_teacher"], RECIPE["epochs_teacher"] = args.teacher_images, args.teacher_epochs
     args.out.mkdir(parents=True, exist_ok=True)
     if args.collect:
         collect(args.out)
@@ -219,7 +231,7 @@ def main() -> None:
         reevaluate(args.out, args.threads)
         return
     if args.pilot:
-        DATA.update(n_train=600, n_eval=200)
+        DATA.update(n_train=600, n_train_teacher=600, n_eval=200)
         RECIPE.update(epochs_teacher=1, epochs_student=1)
 
     from safetensors.torch import save_file
@@ -229,7 +241,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     c0, t0 = cpu_seconds(), time.time()
-    x_tr_np, y_tr_np = load_split("train", DATA["n_train"])
+    teacher_only = set(args.only or run_names()) == {"teacher"}
+    n_train = DATA["n_train_teacher"] if teacher_only else DATA["n_train"]
+    x_tr_np, y_tr_np = load_split("train", n_train)
     x_ev_np, y_ev_np = load_split("eval", DATA["n_eval"])
     x_tr, y_tr = torch.from_numpy(x_tr_np), torch.from_numpy(y_tr_np)
     x_ev, y_ev = torch.from_numpy(x_ev_np), torch.from_numpy(y_ev_np)
@@ -250,7 +264,8 @@ def main() -> None:
                 raise SystemExit(f"{path} missing: train the teacher first")
             t = cw2_resnet34(num_classes)
             t.load_state_dict(load_file(str(path)))
-            teacher_logits = (predict(t, x_tr), predict(t, x_tr.flip(3)))
+            n = DATA["n_train"]  # the students' images: the first n of the teacher's
+            teacher_logits = (predict(t, x_tr[:n]), predict(t, x_tr[:n].flip(3)))
         return teacher_logits
 
     for name in claim_runs(args.out, todo):
@@ -263,11 +278,15 @@ def main() -> None:
         c_start = cpu_seconds()
         w_start = time.time()
         if recipe == "teacher":
+            if len(x_tr) != DATA["n_train_teacher"]:
+                raise SystemExit("train the teacher alone: --only teacher (it has its own data)")
             torch.manual_seed(seed)
             model, arch, epochs = cw2_resnet34(num_classes), TEACHER_ARCH, RECIPE["epochs_teacher"]
         else:
             torch.manual_seed(100 + seed)  # same init for every recipe of one seed
             model, arch, epochs = cw2_resnet18(num_classes), STUDENT_ARCH, RECIPE["epochs_student"]
+            if len(x_tr) != DATA["n_train"]:
+                raise SystemExit("students train on n_train images: run them without the teacher")
         teacher_views = (z_plain, z_flip) if z_plain is not None else None
         loss_fn, loss_desc = make_loss(recipe, T, alpha, eps, teacher_views)
         train(model, x_tr, y_tr, epochs, loss_fn, seed, name,
@@ -285,7 +304,7 @@ def main() -> None:
             "epochs": epochs, "lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"],
             "T": T, "alpha": alpha if recipe == "kd" else None,
             "label_smoothing": eps if recipe == "ls" else None, "loss": loss_desc,
-            "train_spec": spec("train", DATA["n_train"]), "eval_spec": spec("eval", DATA["n_eval"]),
+            "train_spec": spec("train", len(x_tr)), "eval_spec": spec("eval", DATA["n_eval"]),
             "params": sum(p.numel() for p in model.parameters()),
             "train_accuracy": round(acc_tr, 4), "eval_accuracy": round(acc_ev, 4),
             "sha256": sha256_file(path), "cpu_seconds": round(cpu, 1),
@@ -336,9 +355,11 @@ def reevaluate(out: Path, threads: int = 1) -> None:
     from interptool.loading._zoo import cw2_resnet18, cw2_resnet34
 
     torch.set_num_threads(threads)
-    x_tr, y_tr = (torch.from_numpy(a) for a in load_split("train", DATA["n_train"]))
+    x_tt, y_tt = (torch.from_numpy(a) for a in load_split("train", DATA["n_train_teacher"]))
     x_ev, y_ev = (torch.from_numpy(a) for a in load_split("eval", DATA["n_eval"]))
     for name in run_names():
+        n = DATA["n_train_teacher"] if name == "teacher" else DATA["n_train"]
+        x_tr, y_tr = x_tt[:n], y_tt[:n]
         path = out / f"{name}.json"
         if not path.is_file():
             continue
