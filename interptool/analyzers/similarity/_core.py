@@ -728,12 +728,11 @@ def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
     cinv[valid] = 1.0 / c[valid]
     res: dict[tuple[int, str], float] = {}
     for m in range(num_models):
-        o = m * width
-        ent = X[:, o + kk].astype(np.float64) * cinv
-        nte = X[:, o + kk + 1].astype(np.float64) * cinv
-        res[(m, "entropy")] = ent[valid].sum() / nvalid
-        res[(m, "nontarget_entropy")] = nte[valid].sum() / nvalid
         buf["hist"][m][:grids[m].nbins] = 0
+    # summed entropy and non-target entropy of the valid classes, per model: read block by
+    # block right after the probabilities of the same rows (a column read on its own misses
+    # the cache on every row: ~5 ms per resample at K = 1,000)
+    ent_sums = np.zeros((num_models, 2))
     rows_kernel, pair = kernel("rows"), kernel("pair")
     acc = np.zeros((num_models, 10))  # per student: the sums _pair_pass returns
     for r0 in range(0, kk, rows):
@@ -742,6 +741,8 @@ def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
         for m in range(num_models):
             o = m * width
             S = np.multiply(X[r0:r1, o:o + kk], cinv[r0:r1, None], out=buf["S"][m][:r1 - r0])
+            ent = X[r0:r1, o + kk:o + kk + 2].astype(np.float64) * cinv[r0:r1, None]
+            ent_sums[m] += ent[valid[r0:r1]].sum(0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 L = np.log(S, out=buf["L"][m][:r1 - r0])
             g = grids[m]
@@ -761,6 +762,8 @@ def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
     # rank groups of the whole matrices; with one block the matrices are still in the buffers
     ranks = []
     for m in range(num_models):
+        res[(m, "entropy")] = ent_sums[m, 0] / nvalid
+        res[(m, "nontarget_entropy")] = ent_sums[m, 1] / nvalid
         if grids[m].binned:
             ranks.append(RankGrid.average_ranks(buf["hist"][m][:grids[m].nbins]))
         else:
