@@ -149,9 +149,10 @@ def _faithfulness(args) -> int:
 
     set_quiet(True)
     weights = Path(__file__).resolve().parents[1] / "interptool" / "weights"
-    loaded = load_model("interptool:cw-teacher", weights / "teacher.safetensors",
+    # the demo's teacher (the reproduction study's cw2-resnet34) on its own data, 48 px
+    loaded = load_model("interptool:cw2-resnet34", weights / "cw2-teacher.safetensors",
                         device=args.device)
-    ds = open_dataset(f"builtin:concept-world?version=1&n={args.faith_n}&size=64&split=eval")
+    ds = open_dataset(f"builtin:concept-world?version=2&n={args.faith_n}&size=48&split=eval")
     tf = loaded.preprocessing.probe_transform()
     tds = ds.torch_dataset(tf)
     x = torch.stack([tds[i][0] for i in range(len(ds))])
