@@ -28,12 +28,15 @@ RUN_ATTRS = {"created", "versions", "threads", "distributed"}
 
 def _env() -> dict[str, str]:
     # torchrun sets OMP_NUM_THREADS=1 per process; the one-process reference uses --threads 1
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    # ranks that never meet fail within two minutes instead of hanging the test run
+    return {**os.environ, "OMP_NUM_THREADS": "1", "INTERPTOOL_DIST_INIT_TIMEOUT": "120"}
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # One torchrun job at a time across pytest-xdist workers: two gloo jobs started together
-    # on this machine were seen to wait forever in init_process_group.
+    # One torchrun job at a time across pytest-xdist workers, so that four ranks do not share
+    # two cores. (The hang once blamed on two jobs side by side was interptool's own: a second
+    # process group made in one job, see the compare test. --standalone gives each job its own
+    # free rendezvous port.)
     import fcntl
     import tempfile
 
@@ -153,3 +156,126 @@ def test_a_failed_rank_stops_all_and_the_shards_resume(tmp_path):
     _same_content(out, ref)
     assert not s0.exists() and not s1.exists()
 
+
+
+COMPARE_CONFIG = """
+[data]
+eval = "builtin:concept-world?version=1&n=24&size=32&seed=3&split=eval"
+
+[models.teacher]
+arch = "interptool:cw-student"
+layers = ["layer4"]
+image_size = 32
+role = "teacher"
+
+[models.small]
+arch = "interptool:cw-teacher"
+layers = ["layer4"]
+image_size = 32
+
+[analysis]
+dissection = false
+attribution = false
+similarity = { temperatures = [1], n_boot = 20, cka = false }
+
+[run]
+batch_size = 4
+seed = 1
+"""
+
+
+def _without_run_details(obj):
+    """A saved JSON result without what names the run (output folder, creation time)."""
+    if isinstance(obj, dict):
+        return {k: _without_run_details(v) for k, v in obj.items() if k not in ("path", "created")}
+    if isinstance(obj, list):
+        return [_without_run_details(v) for v in obj]
+    return obj
+
+
+def test_compare_cache_stage_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun -m interptool compare`: every rank shards the caches, rank 0 alone analyses,
+    holds the lock and writes the report; the joined caches equal a one-process run's.
+
+    Two models mean two sharded caches in one torchrun job: this hung in gloo's
+    init_process_group when the process group was destroyed after the first cache and made
+    again for the second (torch restarts group names at 0, so the second rendezvous read the
+    first one's stale keys in torchrun's store). The group is now made once per process."""
+    (tmp_path / "c.toml").write_text(COMPARE_CONFIG)
+    proc = _torchrun(["-m", "interptool", "compare", "c.toml", "--out", "dist", "--quiet"],
+                     tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "interptool", "compare", "c.toml", "--out",
+                             "one", "--quiet"], capture_output=True, text=True,
+                            env=_env(), cwd=tmp_path, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for name in ("teacher_eval.h5", "small_eval.h5"):
+        dist = tmp_path / "dist" / "cache" / name
+        with h5py.File(dist, "r") as f:
+            shards = json.loads(f.attrs["distributed"])
+        assert shards["world_size"] == 2
+        assert [(s["start"], s["stop"]) for s in shards["shards"]] == [(0, 12), (12, 24)]
+        _same_content(dist, tmp_path / "one" / "cache" / name)  # every dataset bitwise
+    # no shard or lock files left; one summary, written by rank 0
+    leftovers = [p.name for p in (tmp_path / "dist").rglob("*") if "rank" in p.name
+                 or p.suffix == ".lock"]
+    assert leftovers == []
+    a = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    b = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert a["similarity"] == b["similarity"]
+    # the analysis outputs: every table byte for byte, the JSON result but for its paths
+    sim_a, sim_b = tmp_path / "dist" / "similarity", tmp_path / "one" / "similarity"
+    tables = sorted(p.relative_to(sim_b) for p in sim_b.rglob("*.csv"))
+    assert len(tables) >= 10 and Path("transfer.csv") in tables
+    assert sorted(p.relative_to(sim_a) for p in sim_a.rglob("*.csv")) == tables
+    for rel in tables:
+        assert (sim_a / rel).read_bytes() == (sim_b / rel).read_bytes(), rel
+    res_a = json.loads((sim_a / "similarity.json").read_text())
+    res_b = json.loads((sim_b / "similarity.json").read_text())
+    assert _without_run_details(res_a) == _without_run_details(res_b)
+
+
+GROUP_DRIVER = """
+import os, socket, sys, time
+from interptool.cache import _distributed
+from interptool.errors import CacheError
+with socket.socket() as s:  # a free port: rank 0 serves the store there, rank 1 never comes
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                  INTERPTOOL_DIST_INIT_TIMEOUT="3")
+t0 = time.monotonic()
+try:
+    _distributed._shard_group("gloo", 0)
+except CacheError as exc:
+    print("ERROR", round(time.monotonic() - t0), exc, flush=True)
+    sys.exit(2)
+print("NO ERROR")
+"""
+
+
+def test_ranks_that_never_meet_are_an_error_not_a_hang(tmp_path):
+    """Rank 0 of a two-rank job whose rank 1 never starts: a CacheError after the init
+    timeout (3 s here), naming the rank, the backend and the setting to raise."""
+    proc = subprocess.run([sys.executable, "-c", GROUP_DRIVER], capture_output=True,
+                          text=True, env={**_env(), "INTERPTOOL_DIST_INIT_TIMEOUT": "3"},
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("ERROR ")
+    assert "rank 0: the torchrun processes did not form a gloo process group within 3 s" in line
+    assert "INTERPTOOL_DIST_INIT_TIMEOUT" in line
+
+
+def test_init_timeout_setting_is_checked(monkeypatch):
+    from interptool.cache import _distributed
+    from interptool.errors import ConfigError
+
+    monkeypatch.setenv("INTERPTOOL_DIST_INIT_TIMEOUT", "45")
+    assert _distributed._init_timeout().total_seconds() == 45
+    monkeypatch.delenv("INTERPTOOL_DIST_INIT_TIMEOUT")
+    assert _distributed._init_timeout().total_seconds() == 600
+    monkeypatch.setenv("INTERPTOOL_DIST_INIT_TIMEOUT", "ten minutes")
+    with pytest.raises(ConfigError, match="INTERPTOOL_DIST_INIT_TIMEOUT='ten minutes': "
+                                          "expected a number of seconds"):
+        _distributed._init_timeout()

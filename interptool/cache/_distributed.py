@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 
 # Collectives wait for the slowest rank's whole shard: allow a long one (gloo's default is 30 min).
 _TIMEOUT = _dt.timedelta(hours=24)
+# Meeting the other ranks when the process group is made must not take long: a rank that never
+# comes (another command, a crashed start) is an error after this many seconds, not a hang.
+INIT_TIMEOUT_ENV = "INTERPTOOL_DIST_INIT_TIMEOUT"
+_INIT_TIMEOUT_S = 600.0
+# The groups this module made, kept for the life of the process (see _shard_group).
+_GROUPS: dict[str, Any] = {}
 # Rows copied per block while merging (bounded memory: about 64 MiB for the widest layer).
 _MERGE_BYTES = 64 << 20
 
@@ -189,9 +195,7 @@ def run_sharded(
 
     rank, world, local_rank, local_world = rank_info()
     dev = _device(loaded, kw.pop("device", None), local_rank)
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=_TIMEOUT)
+    group = _shard_group("nccl" if dev.type == "cuda" else "gloo", rank)
     if rank != 0:
         set_quiet(True)  # one progress bar (rank 0's shard) is enough
     path = Path(path)
@@ -201,82 +205,134 @@ def run_sharded(
 
     def gather(obj: Any) -> list[Any]:
         out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
-    try:
-        with ExitStack() as stack:
-            # 1. rank 0 locks OUT and decides: hit, or build from shards
-            decision: dict[str, Any] = {}
-            err: BaseException | None = None
-            final_job = None
-            if rank == 0:
-                try:
-                    stack.enter_context(output_lock(path, fix="choose another --out",
-                                                    error=CacheLockedError))
-                    final_job = _make_job(loaded, dataset, layers, path, probe=probe,
-                                          device=dev, local_ranks=local_world, **kw)
-                    status, have = final_job._decide(overwrite)
-                    if status == "resumed":
-                        raise CacheError(
-                            f"{path}: an incomplete one-process cache is there; finish it "
-                            "with the same command without torchrun, or pass --overwrite")
-                    decision = {"status": status, "have": have}
-                except Exception as exc:  # noqa: BLE001 - every rank must hear of it
-                    err = exc
-            outcomes = gather(_outcome(err, **decision))
-            _raise_first_failure(outcomes[:1], rank, err)
-            if outcomes[0]["status"] == "hit":
-                have = outcomes[0]["have"]
-                return CacheRun(path, "hit", int(have.get("n_done", 0)), len(dataset),
-                                list(have.get("layers") or []), list(have.get("skipped") or []))
-
-            # 2. every rank writes its shard
-            start, stop = shard_range(len(dataset), kw["batch_size"], rank, world)
-            spath = shard_path(path, rank, world)
-            run = None
-            err = None
+    with ExitStack() as stack:
+        # 1. rank 0 locks OUT and decides: hit, or build from shards
+        decision: dict[str, Any] = {}
+        err: BaseException | None = None
+        final_job = None
+        if rank == 0:
             try:
-                if stop > start:
-                    run = _run_local(
-                        loaded, ShardView(dataset, start, stop), layers, spath,
-                        probe=probe, device=dev, overwrite=overwrite, local_ranks=local_world,
-                        extra_attrs={"shard": {"rank": rank, "world_size": world,
-                                               "start": start, "stop": stop,
-                                               "of": str(path.name)}},
-                        **kw)
+                stack.enter_context(output_lock(path, fix="choose another --out",
+                                                error=CacheLockedError))
+                final_job = _make_job(loaded, dataset, layers, path, probe=probe,
+                                      device=dev, local_ranks=local_world, **kw)
+                status, have = final_job._decide(overwrite)
+                if status == "resumed":
+                    raise CacheError(
+                        f"{path}: an incomplete one-process cache is there; finish it "
+                        "with the same command without torchrun, or pass --overwrite")
+                decision = {"status": status, "have": have}
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it
                 err = exc
-            info = {"rank": rank, "start": start, "stop": stop,
-                    "file": spath.name if stop > start else "",
-                    "n_done": run.n_done if run else 0,
-                    "computed": run.images_computed if run else 0,
-                    "skipped": run.skipped if run else [], "status": run.status if run else ""}
-            # 3. all shards complete, or everyone stops
-            outcomes = gather(_outcome(err, info=info))
-            _raise_first_failure(outcomes, rank, err)
-            shards = [o["info"] for o in outcomes]
+        outcomes = gather(_outcome(err, **decision))
+        _raise_first_failure(outcomes[:1], rank, err)
+        if outcomes[0]["status"] == "hit":
+            have = outcomes[0]["have"]
+            return CacheRun(path, "hit", int(have.get("n_done", 0)), len(dataset),
+                            list(have.get("layers") or []), list(have.get("skipped") or []))
 
-            # 4. rank 0 joins them into OUT
-            err = None
-            if rank == 0:
-                try:
-                    assert final_job is not None
-                    _merge(final_job, shards, path)
-                except Exception as exc:  # noqa: BLE001
-                    err = exc
-            outcomes = gather(_outcome(err))
-            _raise_first_failure(outcomes[:1], rank, err)
-            n_done = sum(s["n_done"] for s in shards)
-            skipped = [i for s in shards for i in s["skipped"]]
-            computed = sum(s["computed"] for s in shards)
-            status = "resumed" if any(s["status"] in ("resumed", "hit") for s in shards) \
-                else "created"
-            return CacheRun(path, status, n_done, len(dataset), list(layers or []), skipped,
-                            time.perf_counter() - t0, computed)
-    finally:
-        if own_group and dist.is_initialized():
+        # 2. every rank writes its shard
+        start, stop = shard_range(len(dataset), kw["batch_size"], rank, world)
+        spath = shard_path(path, rank, world)
+        run = None
+        err = None
+        try:
+            if stop > start:
+                run = _run_local(
+                    loaded, ShardView(dataset, start, stop), layers, spath,
+                    probe=probe, device=dev, overwrite=overwrite, local_ranks=local_world,
+                    extra_attrs={"shard": {"rank": rank, "world_size": world,
+                                           "start": start, "stop": stop,
+                                           "of": str(path.name)}},
+                    **kw)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+            err = exc
+        info = {"rank": rank, "start": start, "stop": stop,
+                "file": spath.name if stop > start else "",
+                "n_done": run.n_done if run else 0,
+                "computed": run.images_computed if run else 0,
+                "skipped": run.skipped if run else [], "status": run.status if run else ""}
+        # 3. all shards complete, or everyone stops
+        outcomes = gather(_outcome(err, info=info))
+        _raise_first_failure(outcomes, rank, err)
+        shards = [o["info"] for o in outcomes]
+
+        # 4. rank 0 joins them into OUT
+        err = None
+        if rank == 0:
+            try:
+                assert final_job is not None
+                _merge(final_job, shards, path)
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+        outcomes = gather(_outcome(err))
+        _raise_first_failure(outcomes[:1], rank, err)
+        n_done = sum(s["n_done"] for s in shards)
+        skipped = [i for s in shards for i in s["skipped"]]
+        computed = sum(s["computed"] for s in shards)
+        status = "resumed" if any(s["status"] in ("resumed", "hit") for s in shards) \
+            else "created"
+        return CacheRun(path, status, n_done, len(dataset), list(layers or []), skipped,
+                        time.perf_counter() - t0, computed)
+
+
+def _init_timeout() -> _dt.timedelta:
+    raw = os.environ.get(INIT_TIMEOUT_ENV, "")
+    try:
+        secs = float(raw) if raw else _INIT_TIMEOUT_S
+    except ValueError:
+        from interptool.errors import ConfigError
+
+        raise ConfigError(f"{INIT_TIMEOUT_ENV}={raw!r}: expected a number of seconds, e.g. "
+                          "600") from None
+    return _dt.timedelta(seconds=max(1.0, secs))
+
+
+def _shard_group(backend: str, rank: int) -> Any:
+    """The process group the ranks meet in, made once per process and kept until it exits.
+
+    Making the default group, destroying it and making it again in the same torchrun job (one
+    sharded cache after another, as ``compare`` does for each model) hangs: torch restarts its
+    group numbering at 0, so the second group's gloo rendezvous reads the first one's stale keys
+    in torchrun's store and waits for peers that have moved on. So the group is made on the
+    first call and reused by every later one. It is made with a short timeout
+    (``INTERPTOOL_DIST_INIT_TIMEOUT`` seconds, default 600), so ranks that never meet raise an
+    error instead of waiting forever; the collectives that wait for the slowest rank's shard
+    use a second group with a long timeout (24 h). If the program made the default group
+    itself, the shards meet in it (with its timeout) and it is left to the program.
+    """
+    import atexit
+
+    import torch.distributed as dist
+
+    if "shards" in _GROUPS:
+        return _GROUPS["shards"]
+    if dist.is_initialized():
+        return None  # the program's own default group
+    timeout = _init_timeout()
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+        _GROUPS["shards"] = dist.new_group(backend=backend, timeout=_TIMEOUT)
+    except (RuntimeError, dist.DistError) as exc:
+        if dist.is_initialized():
             dist.destroy_process_group()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CacheError(
+            f"rank {rank}: the torchrun processes did not form a {backend} process group within "
+            f"{timeout.total_seconds():g} s ({first}); check that every rank runs the same "
+            f"command and can reach MASTER_ADDR, or raise {INIT_TIMEOUT_ENV}") from None
+    atexit.register(_destroy_groups)
+    return _GROUPS["shards"]
+
+
+def _destroy_groups() -> None:
+    import torch.distributed as dist
+
+    if _GROUPS.pop("shards", None) is not None and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _merge(job: Any, shards: list[dict[str, Any]], path: Path) -> None:
