@@ -13,19 +13,58 @@
 The file layout is described in docs/cache-format.md.
 """
 
-from interptool.cache._distributed import launched, rank_info
-from interptool.cache._errors import (
-    CacheDiskFullError,
-    CacheForeignError,
-    CacheForwardError,
-    CacheLockedError,
-    CacheMismatchError,
-    CacheNonFiniteError,
-)
-from interptool.cache._format import write_cache
-from interptool.cache._hooks import capture_layers
-from interptool.cache._reader import ActivationCache
-from interptool.cache._writer import CacheRun, cache_activations, run_cache
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> private module that defines it. Imported on first use, so a command that only
+# reads caches (dissect, similarity) does not load the writer and the torchrun code.
+_EXPORTS = {
+    "launched": "_distributed",
+    "rank_info": "_distributed",
+    "CacheDiskFullError": "_errors",
+    "CacheForeignError": "_errors",
+    "CacheForwardError": "_errors",
+    "CacheLockedError": "_errors",
+    "CacheMismatchError": "_errors",
+    "CacheNonFiniteError": "_errors",
+    "write_cache": "_format",
+    "capture_layers": "_hooks",
+    "ActivationCache": "_reader",
+    "CacheRun": "_writer",
+    "cache_activations": "_writer",
+    "run_cache": "_writer",
+}
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from interptool.cache._distributed import launched, rank_info
+    from interptool.cache._errors import (
+        CacheDiskFullError,
+        CacheForeignError,
+        CacheForwardError,
+        CacheLockedError,
+        CacheMismatchError,
+        CacheNonFiniteError,
+    )
+    from interptool.cache._format import write_cache
+    from interptool.cache._hooks import capture_layers
+    from interptool.cache._reader import ActivationCache
+    from interptool.cache._writer import CacheRun, cache_activations, run_cache
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interptool.cache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"interptool.cache.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ActivationCache",
