@@ -47,3 +47,36 @@ def cli_code(argv: list[str], setup: str = "") -> str:
 
 def load_average() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def machine_line() -> str:
+    """The first line both benchmarks print: cores, affinity and load."""
+    return (f"machine: {os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))}; "
+            f"load average {load_average()}")
+
+
+def probe_spec(n: int, size: int = 224) -> str:
+    """The generated probe both benchmarks time: concept-world at Broden1_224's geometry
+    (``size`` px images, ``size // 2`` px masks). Pinned to version 1: version 2 (the default
+    since it was added) has the same image and mask sizes but 12 classes instead of 10, pixel
+    texture regions and 16 scenes, so its tally differs; version 1 keeps the recorded figures
+    comparable (and matches ``--num-classes 10``)."""
+    return f"builtin:concept-world?version=1&n={n}&size={size}"
+
+
+def generate_probe(spec: str) -> bool:
+    """Write the probe set to disk in a child (untimed); prints the output and returns False
+    on failure."""
+    gen = run_child(f"from interptool.data import open_dataset; open_dataset({spec!r})")
+    if gen.returncode:
+        print(gen.output)
+    return gen.returncode == 0
+
+
+def cache_child(arch: str, spec: str, layer: str, out: str | os.PathLike,
+                dtype: str) -> ChildRun:
+    """``interptool cache`` of one layer into ``out`` as a timed child (random-init weights,
+    10 classes, quiet)."""
+    return run_child(cli_code(["cache", "--arch", arch, "--num-classes", "10", "--data", spec,
+                               "--layers", layer, "--out", str(out), "--dtype", dtype,
+                               "--quiet"]))

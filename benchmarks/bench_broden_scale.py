@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _child import cli_code, load_average, run_child  # noqa: E402
+from _child import (  # noqa: E402
+    cache_child,
+    cli_code,
+    generate_probe,
+    load_average,
+    machine_line,
+    probe_spec,
+    run_child,
+)
 
 BRODEN_IMAGES = 63_305  # broden1_224 index.csv rows
 
@@ -51,20 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))}; "
-          f"load average {load_average()}")
+    print(machine_line())
     rows = []
     for n in args.n:
-        spec = f"builtin:concept-world?version=1&n={n}&size=224"
-        gen = run_child(f"from interptool.data import open_dataset; open_dataset({spec!r})")
-        if gen.returncode:
-            print(gen.output)
+        spec = probe_spec(n)
+        if not generate_probe(spec):
             return 1
         cache_path = work / f"n{n}.h5"
         cache_path.unlink(missing_ok=True)
-        cache = run_child(cli_code(["cache", "--arch", args.arch, "--num-classes", "10",
-                                    "--data", spec, "--layers", args.layer, "--out",
-                                    str(cache_path), "--dtype", args.dtype, "--quiet"]))
+        cache = cache_child(args.arch, spec, args.layer, cache_path, args.dtype)
         if cache.returncode:
             print(cache.output)
             return 1

@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _child import cli_code, load_average, run_child  # noqa: E402
+from _child import (  # noqa: E402
+    cache_child,
+    cli_code,
+    generate_probe,
+    load_average,
+    machine_line,
+    probe_spec,
+    run_child,
+)
 
 # dissect variants: (python set-up run before the CLI, extra CLI arguments)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -196,14 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))}; "
-          f"load average {load_average()}")
+    print(machine_line())
     ok = True
     for n in args.n:
-        spec = f"builtin:concept-world?version=1&n={n}&size={args.size}"
-        gen = run_child(f"from interptool.data import open_dataset; open_dataset({spec!r})")
-        if gen.returncode:
-            print(gen.output)
+        spec = probe_spec(n, args.size)
+        if not generate_probe(spec):
             return 1
         cache_path = work / f"n{n}_s{args.size}.h5"
         if args.reuse_cache and cache_path.is_file():
@@ -238,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def time_cache(args: argparse.Namespace, n: int, spec: str, cache_path: Path):
     """``interptool cache`` of the probe into ``cache_path``, timed (None on failure)."""
-    cache = run_child(cli_code(["cache", "--arch", args.arch, "--num-classes", "10",
-                                "--data", spec, "--layers", args.layer, "--out",
-                                str(cache_path), "--dtype", "float32", "--quiet"]))
+    cache = cache_child(args.arch, spec, args.layer, cache_path, "float32")
     if cache.returncode:
         print(cache.output)
         return None
