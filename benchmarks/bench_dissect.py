@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                          "and analysis runs, as on a shared machine")
     ap.add_argument("--check-reference", type=int, default=0, metavar="M",
                     help="also check the tally against a reference loop on M images")
+    ap.add_argument("--import-floor", action="store_true",
+                    help="also time a child that only imports what dissect cannot do without "
+                         "(torch, pandas, h5py, PIL), to tell interptool's own overhead from "
+                         "theirs on a loaded machine")
     ap.add_argument("--reuse-cache", action="store_true",
                     help="reuse a cache left in --workdir by an earlier run (not timed)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_dissect"))
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.analysis:
                 analysis_times(cache_path, args.layer, args.analysis, max(1, args.repeat))
             best = dissect_runs(args, n, cache_path)
+            if args.import_floor:
+                import_floor()
         finally:
             if busy is not None:
                 busy.kill()
@@ -239,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_reference:
             ok &= check_reference(cache_path, args.layer, spec, min(args.check_reference, n))
     return 0 if ok else 1
+
+
+FLOOR_IMPORTS = "import torch, pandas, h5py, PIL.Image"
+
+
+def import_floor() -> None:
+    """A child importing only the libraries the dissect process needs: the part of its
+    overhead interptool cannot remove (CPU time grows with the machine's load)."""
+    run = run_child(FLOOR_IMPORTS)
+    print(f"  import floor ({FLOOR_IMPORTS}): {run.wall:.2f} s wall, {run.cpu:.2f} s CPU "
+          f"(load {load_average()})")
 
 
 def time_cache(args: argparse.Namespace, n: int, spec: str, cache_path: Path):
