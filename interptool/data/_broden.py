@@ -34,6 +34,7 @@ INDEX_META = ("image", "split", "ih", "iw", "sh", "sw")
 _MAX_UNSAFE_LISTED = 20  # escaping paths named one by one in UnsafePathError.problems
 _CAT_FIELD = re.compile(r"^([^()]+)\((\d+)\)$")
 _DIGITS = re.compile(r"^\d+$")
+_ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 @dataclass
@@ -129,8 +130,10 @@ def lexical_escape(item: str) -> str | None:
     (``../x.png`` stays inside the root, ``../../x.png`` does not).
     """
     text = item.replace("\\", "/")
-    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+    if text.startswith("/") or (text[1:2] == ":" and text[:1] in _ASCII_LETTERS):
         return "is an absolute path"
+    if ".." not in text:  # the common case, checked for every cell: no way up
+        return None
     depth = 1  # below ROOT/images
     for part in text.split("/"):
         if part == "..":
