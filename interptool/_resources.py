@@ -6,21 +6,33 @@ may use: its CPU affinity (``taskset``, Slurm's ``--cpus-per-task``) and its cgr
 visible CPU then makes threads fight each other and run slower than fewer threads would.
 :func:`available_cpus` reads both limits; :func:`plan_threads` turns a core budget into
 torch intra-op threads + DataLoader workers that never exceed it in total.
+:func:`free_core_threads` goes one step further for analyses made of many small tensor
+operations (dissection's tally, attribution's forward/backward passes): it keeps only as many
+threads as there are cores idle right now, and :func:`thread_scope` holds that choice for a
+whole stage.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from interptool.errors import ConfigError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+#: per-CPU time counters (Linux); tests point it at a fake file
+PROC_STAT = Path("/proc/stat")
+#: how long the idle-core sample lasts (s): long enough for the kernel's jiffy counters
+#: (100 per second) to say something, short against any analysis worth threading
+IDLE_SAMPLE_SECONDS = 0.05
 
 
 def _affinity_cpus() -> int:
@@ -198,4 +210,151 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-__all__ = ["ThreadPlan", "available_cpus", "cgroup_cpu_limit", "plan_threads", "torch_threads"]
+# ------------------------------------------------------------------ threads from idle cores
+# Why: torch's intra-op threads help analyses made of many small operations a little on idle
+# cores and hurt them badly on busy ones. A parallel region waits at its barrier for the
+# thread that another process's job has pushed off its core, so on a 2-core machine with one
+# core busy, 2 threads run 3-4x slower than 1 (dissection's analysis step, issue 13) and a
+# teacher forward pass of 64 images at 48 px took 658 ms wall / 508 ms CPU with 2 threads
+# against 110 ms / 67 ms with 1 (load ~4). So those analyses use only the cores idle now.
+
+
+def _cpu_times(stat_path: Path, cpus: set[int]) -> dict[int, tuple[int, int]] | None:
+    """``{cpu: (idle jiffies, total jiffies)}`` for ``cpus`` from a ``/proc/stat`` file."""
+    try:
+        lines = stat_path.read_text().splitlines()
+    except OSError:
+        return None
+    out: dict[int, tuple[int, int]] = {}
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        try:
+            cpu = int(name[3:])
+            fields = [int(v) for v in rest.split()]
+        except ValueError:
+            continue
+        if cpu in cpus and len(fields) >= 4:
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+            out[cpu] = (idle, sum(fields[:8]))  # user .. steal (guest time is inside user)
+    return out
+
+
+def idle_cores(cpus: set[int] | None = None, interval: float = IDLE_SAMPLE_SECONDS,
+               stat_path: str | os.PathLike | None = None) -> float | None:
+    """Idle cores among ``cpus`` (default: this process's affinity) over ``interval`` s.
+
+    The sum over the CPUs of their idle fraction (``idle + iowait`` jiffies over all jiffies,
+    read from ``/proc/stat`` before and after sleeping ``interval``); this process sleeps
+    meanwhile, so the figure is what the other jobs leave free. ``None`` where ``/proc/stat``
+    cannot be read (not Linux) or no time passed.
+    """
+    if cpus is None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return None
+    path = Path(stat_path) if stat_path is not None else PROC_STAT
+    before = _cpu_times(path, cpus)
+    if not before:
+        return None
+    time.sleep(interval)
+    after = _cpu_times(path, cpus)
+    if not after:
+        return None
+    idle = 0.0
+    seen = False
+    for cpu, (i0, t0) in before.items():
+        if cpu not in after:
+            continue
+        i1, t1 = after[cpu]
+        if t1 > t0:
+            idle += min(1.0, max(0.0, (i1 - i0) / (t1 - t0)))
+            seen = True
+    return idle if seen else None
+
+
+def free_core_threads(
+    requested: int | None = None,
+    *,
+    workers: int = 0,
+    cap: int | None = None,
+    idle: float | None | str = "measure",
+    plan: ThreadPlan | None = None,
+    cgroup_root: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Torch intra-op threads for an analysis of many small tensor operations, and why.
+
+    Starts from :func:`plan_threads` (affinity, cgroup quota, ``requested``, ``cap``; or the
+    given ``plan``) and, unless the user asked for a number of threads, keeps only as many
+    threads as there are idle cores (rounded half up: 1.5 idle cores keep 2 threads), never
+    fewer than one.
+
+    Args:
+        requested: ``--threads``: an explicit number always wins (capped by the available
+            cores only); ``None`` or 0 chooses.
+        workers: DataLoader workers running beside the analysis (they take cores).
+        cap: upper bound of the default (the caller's ``torch.get_num_threads()``).
+        idle: idle cores: ``"measure"`` samples them now with :func:`idle_cores` (only when
+            more than one thread is possible); ``None`` means unknown (the plan is kept).
+        plan: a plan made by the caller (``requested`` and ``cap`` then unused).
+        cgroup_root: the cgroup file system (tests point it at a fake one).
+
+    Returns:
+        A JSON-safe record: ``torch_threads`` (the choice), ``requested``,
+        ``available_cores``, ``planned_threads``, ``workers``, ``idle_cores`` (rounded,
+        ``None`` when not measured) and ``source`` (where the core count came from).
+
+    Raises:
+        ConfigError: ``requested`` or ``workers`` is negative (from :func:`plan_threads`).
+    """
+    if plan is None:
+        plan = plan_threads(requested, workers=int(workers), cap=cap, cgroup_root=cgroup_root)
+    threads = int(plan.torch_threads)
+    if requested:
+        idle = None  # the user's number is kept as planned, whatever the load
+    elif idle == "measure":
+        idle = idle_cores() if threads > 1 else None
+    if idle is not None:
+        threads = max(1, min(threads, math.floor(float(idle) + 0.5)))
+    return {"torch_threads": threads, "requested": int(requested) if requested else None,
+            "available_cores": int(plan.available), "planned_threads": int(plan.torch_threads),
+            "workers": int(workers),
+            "idle_cores": None if idle is None else round(float(idle), 2),
+            "source": plan.source}
+
+
+#: the choice of the innermost :func:`thread_scope` in effect, or None
+_ACTIVE_CHOICE: ContextVar[dict[str, Any] | None] = ContextVar("interptool_thread_choice",
+                                                               default=None)
+
+
+@contextmanager
+def thread_scope(requested: int | None = None) -> Iterator[dict[str, Any]]:
+    """Run a block on :func:`free_core_threads`' choice and yield its record.
+
+    Inside an enclosing scope, a block that asks for nothing reuses the enclosing choice
+    without sampling again, so a stage that chooses once keeps one thread count for all it
+    runs (faithfulness's memo of reference curves is keyed by the thread count). An explicit
+    ``requested`` always makes its own choice. Torch's previous setting is restored after.
+    The default is capped by ``torch.get_num_threads()``, so a program that limited torch's
+    threads is not overridden.
+    """
+    active = _ACTIVE_CHOICE.get()
+    if active is not None and not requested:
+        yield active
+        return
+    import torch
+
+    choice = free_core_threads(requested, cap=torch.get_num_threads())
+    token = _ACTIVE_CHOICE.set(choice)
+    try:
+        with torch_threads(choice["torch_threads"]):
+            yield choice
+    finally:
+        _ACTIVE_CHOICE.reset(token)
+
+
+__all__ = ["IDLE_SAMPLE_SECONDS", "ThreadPlan", "available_cpus", "cgroup_cpu_limit",
+           "free_core_threads", "idle_cores", "plan_threads", "thread_scope", "torch_threads"]

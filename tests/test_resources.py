@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,153 @@ def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
         assert c.attrs["threads"] == {"available": 2, "requested": 2, "total": 2,
                                       "torch_threads": 2, "loader_workers": 0,
                                       "source": "affinity"}
+
+
+# ------------------------------------------------------------------ threads from idle cores
+def _stat_text(busy: dict[int, int], idle: dict[int, int]) -> str:
+    """A /proc/stat text with per-CPU user (busy) and idle jiffies, other fields zero."""
+    lines = ["cpu  9 9 9 9 9 9 9 9 0 0"]
+    lines += [f"cpu{c} {busy[c]} 0 0 {idle[c]} 0 0 0 0 0 0" for c in sorted(busy)]
+    return "\n".join(lines + ["intr 1 2 3", "ctxt 4"]) + "\n"
+
+
+@pytest.fixture
+def load(tmp_path, monkeypatch):
+    """``load.busy({cpu: fraction})``: the next idle-core sample sees each CPU busy that
+    fraction of the time (another job's load); ``load.samples`` counts the samples taken."""
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(res, "PROC_STAT", stat)
+
+    class Load:
+        samples = 0
+        after = ""
+
+        def busy(self, fractions: dict[int, float]) -> None:
+            zero = {c: 0 for c in fractions}
+            stat.write_text(_stat_text(zero, zero))
+            self.after = _stat_text({c: round(100 * f) for c, f in fractions.items()},
+                                    {c: round(100 * (1 - f)) for c, f in fractions.items()})
+
+        def sleep(self, seconds: float) -> None:  # the sample's wait: the other jobs run
+            self.samples += 1
+            stat.write_text(self.after)
+
+    state = Load()
+    monkeypatch.setattr(res.time, "sleep", state.sleep)
+    return state
+
+
+def test_idle_cores_sums_idle_fractions_of_own_cpus(tmp_path, monkeypatch, load):
+    load.busy({0: 1.0, 1: 0.25, 2: 0.0})
+    # cpu0 busy all the time, cpu1 idle 3/4 of it; cpu2 (idle) is not one of ours
+    assert res.idle_cores({0, 1}) == pytest.approx(0.75)
+    load.busy({0: 0.5, 1: 0.5})
+    assert res.idle_cores({0, 1}) == pytest.approx(1.0)
+    assert res.idle_cores({0}, stat_path=tmp_path / "missing") is None  # not Linux
+    assert res.idle_cores({7}) is None  # none of our CPUs listed
+
+
+@pytest.mark.parametrize("busy,want", [({0: 0.0, 1: 0.0}, 2),  # idle machine: both cores
+                                       ({0: 1.0, 1: 0.0}, 1),  # a training job holds one
+                                       ({0: 1.0, 1: 1.0}, 1),  # load ~4: still one thread
+                                       ({0: 0.4, 1: 0.2}, 1),  # 1.4 idle cores: 1
+                                       ({0: 0.3, 1: 0.1}, 2)])  # 1.6 idle cores: 2
+def test_threads_follow_idle_cores_on_two_cores(machine, load, busy, want):
+    machine.cores(2)
+    load.busy(busy)
+    got = res.free_core_threads()
+    assert got["torch_threads"] == want and load.samples == 1
+    assert got["idle_cores"] == pytest.approx(2 - sum(busy.values()))
+    assert (got["available_cores"], got["planned_threads"], got["requested"]) == (2, 2, None)
+
+
+def test_explicit_threads_win_over_the_load(machine, load):
+    machine.cores(2)
+    load.busy({0: 1.0, 1: 1.0})
+    got = res.free_core_threads(2)
+    assert got["torch_threads"] == 2 and got["requested"] == 2
+    assert got["idle_cores"] is None and load.samples == 0  # not even measured
+    load.busy({0: 0.0, 1: 0.0})
+    assert res.free_core_threads(1)["torch_threads"] == 1  # 1 on an idle machine too
+    with pytest.raises(ConfigError, match="--threads must be a positive integer"):
+        res.free_core_threads(-1)
+
+
+def test_threads_never_exceed_the_available_cores(machine, load):
+    machine.cores(2)
+    load.busy({c: 0.0 for c in range(8)})  # 8 idle CPUs listed, 2 of them ours
+    assert res.free_core_threads()["torch_threads"] == 2
+    assert res.free_core_threads(16)["torch_threads"] == 2  # a request above them: capped
+    assert res.free_core_threads(cap=1)["torch_threads"] == 1  # torch limited by the caller
+    assert load.samples == 1  # one thread at most: nothing to measure
+    machine.cores(4)
+    machine.write("cpu.max", "100000 100000")  # a 1-core quota, idle or not
+    assert res.free_core_threads()["torch_threads"] == 1
+    machine.write("cpu.max", "max 100000")
+    assert res.free_core_threads(workers=1)["torch_threads"] == 3  # workers take a core
+    # with no /proc/stat (not Linux) the plan is kept
+    res.PROC_STAT.unlink()
+    assert res.free_core_threads()["torch_threads"] == 4
+
+
+def test_thread_scope_sets_reuses_and_restores(machine, load):
+    machine.cores(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        load.busy({0: 1.0, 1: 0.0})
+        with res.thread_scope() as outer:
+            assert outer["torch_threads"] == 1 and torch.get_num_threads() == 1
+            load.busy({0: 0.0, 1: 0.0})  # the load changes: an inner scope keeps the choice
+            with res.thread_scope() as inner:
+                assert inner is outer and torch.get_num_threads() == 1
+            with res.thread_scope(2) as explicit:  # an explicit number still wins
+                assert explicit["torch_threads"] == 2 and torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2 and load.samples == 1
+        with res.thread_scope() as fresh:  # outside any scope: measured again, now idle
+            assert fresh["torch_threads"] == 2
+        assert load.samples == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+class _SeenThreads(torch.nn.Module):
+    """A linear classifier that records torch's thread count at every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, 3)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("busy,threads,want", [({0: 1.0, 1: 0.0}, None, 1),
+                                               ({0: 0.0, 1: 0.0}, None, 2),
+                                               ({0: 1.0, 1: 1.0}, 2, 2)])
+def test_attribution_runs_on_the_choice_and_records_it(machine, load, busy, threads, want):
+    from interptool.analyzers.attribution import Attribution
+
+    machine.cores(2)
+    load.busy(busy)
+    net = _SeenThreads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        attr = Attribution("saliency")
+        r = attr.run(net, x, labels=[0, 1, 2, 0], batch_size=2, threads=threads,
+                     keep_images=0)
+        seen = attr.model_.seen  # the analyzer's prepared copy ran the passes
+        assert seen and set(seen) == {want}
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+        assert r.threads["torch_threads"] == want and r.threads["requested"] == threads
+        assert r.provenance["threads"] == r.threads == r.to_dict()["threads"]
+        # the maps do not depend on the choice: saliency of a linear model is |W[target]|
+        w = net.fc.weight.detach().abs().reshape(3, 3, 4, 4).sum(dim=1)
+        np.testing.assert_allclose(r.maps, w[[0, 1, 2, 0]].numpy(), rtol=1e-6)
+    finally:
+        torch.set_num_threads(before)

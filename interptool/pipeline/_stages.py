@@ -274,15 +274,21 @@ def attribution(run: RunContext) -> dict[str, Any]:
     assert a is not None and run.eval_ds is not None
     n = min(a.n_images, len(run.eval_ds))
     per_method: dict[str, Any] = {}
-    for method in a.methods:
-        inputs = {"settings": asdict(a), "method": method, "n": n, "seed": run.cfg.run.seed,
-                  "models": {k: v.checkpoint_sha256 or k for k, v in run.loaded.items()},
-                  "data": run.eval_ds.fingerprint}
-        part, reused = run.stages.run(f"attribution-{method}", inputs,
-                                      lambda method=method: _attribute(run, method, n))
-        if reused:
-            say(f"attribution {method}: done earlier, reused")
-        per_method[method] = part
+    from interptool._resources import thread_scope
+
+    # one torch-thread choice (only the cores idle now) for every method, model and score of
+    # the stage: many small forward/backward passes, slower on threads that wait for busy cores
+    with thread_scope():
+        for method in a.methods:
+            inputs = {"settings": asdict(a), "method": method, "n": n,
+                      "seed": run.cfg.run.seed,
+                      "models": {k: v.checkpoint_sha256 or k for k, v in run.loaded.items()},
+                      "data": run.eval_ds.fingerprint}
+            part, reused = run.stages.run(f"attribution-{method}", inputs,
+                                          lambda method=method: _attribute(run, method, n))
+            if reused:
+                say(f"attribution {method}: done earlier, reused")
+            per_method[method] = part
     section = attribution_section(per_method, run.figures)
     # how the images were chosen (seed, data-set ids): the same for every method and model
     first = next(iter(per_method.values()), {})

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from interptool._progress import progress
+from interptool._resources import thread_scope
 from interptool.analyzers.attribution._methods import (
     METHODS,
     REDUCTIONS,
@@ -255,6 +256,9 @@ class AttributionResult:
     names: tuple[str, ...] = ()
     #: data set row of each map (``run(sample=...)``; rows 0..N-1 for ``sample="first"``)
     indices: np.ndarray | None = None
+    #: how the torch threads of the run were chosen
+    #: (:func:`interptool._resources.free_core_threads`' record); None when loaded from a file
+    threads: dict[str, Any] | None = None
 
     #: stem of the standard files written by :meth:`save` (see docs/extending.md)
     file_stem = "attribution"
@@ -265,9 +269,10 @@ class AttributionResult:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        """What produced the maps: method, settings, reduction, model and file."""
+        """What produced the maps: method, settings, reduction, model, file and torch threads."""
         return {"method": self.method, "params": self.params, "reduce": self.reduce,
-                "model": self.model_info, "path": str(self.path) if self.path else None}
+                "model": self.model_info, "path": str(self.path) if self.path else None,
+                "threads": self.threads}
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers: images, accuracy on them and the mean top-10% mass of the maps."""
@@ -329,6 +334,7 @@ class AttributionResult:
                          if labelled.any() else None),
             "mean_top10_mass": float(np.nanmean(frame["top10_mass"])) if self.n else None,
             "path": str(self.path) if self.path else None,
+            "threads": self.threads,
         }
 
     def plot(self, n: int = 8, images: np.ndarray | None = None, cmap: str = "jet",
@@ -430,6 +436,7 @@ class Attribution:
         internal_batch_size: int | None = None,
         sample: str = "first",
         sample_seed: int = 0,
+        threads: int | None = None,
     ) -> AttributionResult:
         """Attribute ``n`` images (a sample of the data set, or all) in batches.
 
@@ -452,6 +459,11 @@ class Attribution:
                 ``"stratified"`` (:func:`stratified_sample`: equal shares per class, seeded
                 by ``sample_seed``). The rows are ``result.indices``, the setting
                 ``result.params["sample"]``.
+            threads: torch intra-op threads (``--threads``): an explicit number wins (capped
+                by the cores this process may use); ``None`` keeps only the cores idle now
+                (:func:`interptool._resources.thread_scope`; the choice of an enclosing
+                scope, e.g. the compare stage's, is reused). Recorded in
+                ``result.threads`` / ``provenance``; torch's setting is restored after.
         """
         if _is_loaded(model_or_loaded):
             model = model_or_loaded.model
@@ -512,11 +524,15 @@ class Attribution:
                 target_mode=target if isinstance(target, str) else int(target),
                 input_shape=shape, keep_raw=self.keep_raw, overwrite=overwrite)
         try:
-            res = self._run(prepared, src, store, batch_size, target, device, info,
-                            keep_images, rows, params)
+            # many small forward/backward passes: threads that wait for busy cores cost more
+            # than they bring, so only idle cores get one (interptool._resources)
+            with thread_scope(threads) as chosen:
+                res = self._run(prepared, src, store, batch_size, target, device, info,
+                                keep_images, rows, params)
         finally:
             if store is not None:
                 store.close()
+        res.threads = dict(chosen)
         if store is not None:
             # maps written to the file are read back lazily: memory stays bounded for any N
             res.maps = H5Maps(store.path, f"attributions/{self.method}", src.n)

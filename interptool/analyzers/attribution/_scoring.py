@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from interptool._resources import thread_scope
 from interptool.analyzers.attribution._scores import (
     FaithfulnessResult,
     agreement,
@@ -129,6 +130,7 @@ def score_maps(
     label: str | None = None,
     out: str | Path | None = None,
     chunk: int = CHUNK,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Score one method's maps of every model (``results``: name -> AttributionResult, the
     teacher among them, all on the same images: the data-set rows ``result.indices``, e.g. a
@@ -147,7 +149,26 @@ def score_maps(
     ``sample`` is :func:`sample_record` (method, seed, data-set ids and rows scored) and
     the per-image measures are ``agreement_spearman``, ``localisation_energy`` and
     ``<mode>_auc`` (and ``<mode>_normalised`` when the result has it), for paired findings.
+
+    ``threads``: torch threads of the faithfulness passes, as in :meth:`Attribution.run`
+    (``None``: the enclosing scope's choice, else only the cores idle now; one choice for
+    the whole call, so the random-order reference memo stays valid across models).
     """
+    # many small forward passes: threads on busy cores cost more than they bring
+    with thread_scope(threads):
+        return _score_maps(results, teacher=teacher, models=models, inputs=inputs,
+                           masks=masks, modes=modes, patch=patch, steps=steps,
+                           baseline=baseline, batch_size=batch_size, device=device, seed=seed,
+                           label=label, out=out, chunk=chunk)
+
+
+def _score_maps(results: Mapping[str, Any], *, teacher: str, models: Mapping[str, Any] | None,
+                inputs: Callable[[str, np.ndarray], Any] | None,
+                masks: Callable[[tuple[int, int], np.ndarray], Any] | None,
+                modes: Sequence[str], patch: int, steps: int, baseline: str, batch_size: int,
+                device: str, seed: int, label: str | None, out: str | Path | None,
+                chunk: int) -> dict[str, Any]:
+    """:func:`score_maps` inside its thread scope."""
     base = Path(out) if out is not None else None
     rows = sample_rows(results, teacher)
     scores: dict[str, Any] = {"sample": sample_record(results[teacher], rows),
