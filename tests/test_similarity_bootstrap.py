@@ -165,19 +165,18 @@ def test_non_finite_logits_refused_naming_file_and_first_image():
         compare_similarity(mem(z, y, "t"), mem(bad, y, "s"), n_boot=0, k=1)
 
 
-def test_row_blocks_do_not_change_the_replicates(monkeypatch):
-    """Replicates computed in blocks of rows (several blocks, a last partial one) equal those
-    computed on whole matrices, and both equal the exact NumPy path within the float32 /
-    rank-grid precision."""
+def test_row_by_row_pass_equals_whole_matrices(monkeypatch):
+    """Replicates computed row by row (one reused row buffer per model) equal those computed
+    with the whole normalised matrices kept, and both equal the exact NumPy path within the
+    float32 / rank-grid precision."""
     k = _core.EXACT_K + 20
     z, y = structured(3 * k, k, seed=11, noise=1.0)
     s1, _ = structured(3 * k, k, seed=12, noise=2.0)
     s2, _ = structured(3 * k, k, seed=13, noise=1.0, structure_seed=4)
     models = [(z, y), (s1, y), (s2, y)]
     W = _core.bootstrap_weights(np.random.default_rng(2), 3 * k, 3)
-    monkeypatch.setattr(_core, "CHUNK_ROWS", 50)  # 6 blocks, the last one 26 rows
     blocks = evaluators(models, 4, True)(W)
-    monkeypatch.setattr(_core, "CHUNK_ROWS", 10 * k)
+    monkeypatch.setattr(_core, "KEEP_WHOLE_MATRICES", True)
     whole = evaluators(models, 4, True)(W)
     ref = evaluators(models, 4, False)(W)
     assert blocks.keys() == whole.keys() == ref.keys()
@@ -216,3 +215,41 @@ def test_shared_softmax_pass_gives_exact_point_estimates(k):
         kl = np.mean([sum(A[i, j] * np.log(A[i, j] / B[i, j]) for j in range(k) if j != i)
                       for i in rows])
         assert res.value("s", "kl", 3.0)["value"] == pytest.approx(kl, rel=1e-9)
+
+
+def _special_values(dtype):
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(5)
+    v = np.concatenate([rng.dirichlet(np.full(997, 0.3)), rng.uniform(0, 1, 500),
+                        [0.0, info.tiny, info.tiny / 8, info.smallest_subnormal, 1.0,
+                         np.sqrt(2.0), np.nextafter(np.sqrt(2.0), 0), 0.5, 3.0, 1e30]])
+    return v.astype(dtype)
+
+
+def test_float64_log_kernel_equals_numpy_log():
+    """The vectorised float64 logarithm (exponent and mantissa from the bit patterns):
+    within 4 ulp of np.log, -inf at 0, subnormals exact."""
+    v = _special_values(np.float64)
+    out, mt, et = np.empty_like(v), np.empty_like(v), np.empty_like(v)
+    _kernels.kernel("log")(v, v.view(np.int64), mt, mt.view(np.int64), et, et.view(np.int64), out)
+    with np.errstate(divide="ignore"):
+        ref = np.log(v)
+    assert out[v == 0][0] == -np.inf
+    fin = v > 0
+    np.testing.assert_array_less(np.abs(out[fin] - ref[fin]),
+                                 4 * np.spacing(np.maximum(np.abs(ref[fin]), 1e-300)) + 1e-300)
+
+
+def test_float32_log_kernel_equals_numpy_log():
+    """The float32 logarithm of the K > EXACT_K path: within 2 float32 ulp of the float64 log
+    (np.log on float32 is within 1), -inf at 0, subnormals handled."""
+    v = _special_values(np.float32)
+    out, mt = np.empty_like(v), np.empty_like(v)
+    _kernels.kernel("log32")(v.view(np.int32), mt, mt.view(np.int32), out)
+    with np.errstate(divide="ignore"):
+        ref = np.log(v.astype(np.float64))
+    assert out[v == 0][0] == -np.inf
+    fin = v > 0
+    err = np.abs(out[fin].astype(np.float64) - ref[fin])
+    np.testing.assert_array_less(err, 2 * np.spacing(np.abs(ref[fin]).astype(np.float32))
+                                 .astype(np.float64) + 1e-45)

@@ -657,8 +657,11 @@ def replicate_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: 
             for name in _PAIR_NAMES:
                 out[(m, name)] = np.empty(b)
 
+    tables = _GridTables(grids)
+
     def one(r: int) -> None:
-        for key, v in _one_replicate(sums[:, r, :], counts[r], num_models, k, grids, sem).items():
+        for key, v in _one_replicate(sums, r, counts[r], num_models, k, grids, sem,
+                                     tables).items():
             out[key][r] = v
 
     if workers > 1 and b > 1:
@@ -676,96 +679,87 @@ _PAIR_NAMES = ("pearson", "spearman", "kl", "js_distance", "topk_overlap")
 
 
 _WORKSPACE = threading.local()
-# Rows of the K x K matrices processed at a time in a replicate (normalise, logs, rank cells,
-# top-k and pair sums block by block; Spearman cross-products once the cells are counted).
-# Measured at K = 1,000: 32 rows 29 ms per resample, 256 rows 23 ms, the whole matrix 24 ms
-# (the passes are not bound by memory bandwidth as expected); 256 keeps the work buffers
-# at a quarter of the whole-matrix ones.
-CHUNK_ROWS = 256
 
 
-def _buffers(kk: int, rows: int, k: int, num_models: int, nbins: int,
-             dtype: np.dtype) -> dict[str, list[np.ndarray]]:
+def _buffers(kk: int, full: bool, k: int, num_models: int, nbins: int,
+             dtype: np.dtype) -> dict[str, np.ndarray]:
     """Per-thread work arrays, reused from one resample to the next: allocating fresh arrays
     per resample cost more in page faults than the arithmetic."""
-    key = (kk, rows, k, num_models, nbins, np.dtype(dtype).str)
+    key = (kk, full, k, num_models, nbins, np.dtype(dtype).str)
     ws = getattr(_WORKSPACE, "buffers", None)
     if ws is None or ws[0] != key:
-        block = (rows, kk)
-        ws = (key, {"S": [np.empty(block, dtype) for _ in range(num_models)],
-                    "L": [np.empty(block, dtype) for _ in range(num_models)],
-                    "M": [np.empty(block, dtype)],
+        # one slot more than models: its row 0 holds the midpoint of a student and the teacher
+        S = np.empty((num_models + 1, kk if full else 1, kk), dtype)
+        ws = (key, {"S": S,
+                    "SK": (S.view(np.int32) if S.dtype == np.float32
+                           else np.empty((num_models + 1, S.shape[1], 0), np.int32)),
+                    "V": np.empty((num_models + 1, kk)), "L": np.empty((num_models + 1, kk)),
+                    "MT": np.empty(kk), "ET": np.empty(kk),
+                    "M32": np.empty(kk, np.float32),
+                    "L32": np.empty((num_models + 1, kk), np.float32),
                     # zeroed once: the diagonal is never written and must be a valid cell id
-                    "G": [np.zeros((kk, kk), np.int32) for _ in range(num_models)],
-                    "top": [np.zeros((kk, k), np.int32) for _ in range(num_models)],
-                    "hist": [np.zeros(nbins, np.int64) for _ in range(num_models)]})
+                    "G": np.zeros((num_models, kk, kk), np.int32),
+                    "top": np.zeros((num_models, kk, k), np.int32),
+                    "hist": np.zeros((num_models, nbins), np.int64)})
         _WORKSPACE.buffers = ws
     return ws[1]
 
 
-def _one_replicate(X: np.ndarray, c: np.ndarray, num_models: int, k: int,
-                   grids: Sequence[RankGrid], sem: np.ndarray | None,
-                   ) -> dict[tuple[int, str], float]:
-    """Metrics of one resample from its class sums ``X`` (K, M (K + 2)) and class sizes ``c``.
+class _GridTables:
+    """Every model's rank-cell table in the arrays :func:`_kernels._replicate` takes."""
 
-    Two phases: blocks of :data:`CHUNK_ROWS` rows (normalise, logs, rank cells, top-k and the
-    pair sums of every student, all in cache), then the Spearman cross-products over the cell
-    ids of the whole matrix. With exact ranks (K <= EXACT_K) or a hierarchy (which needs whole
-    matrices) the block is the whole matrix.
+    def __init__(self, grids: Sequence[RankGrid]) -> None:
+        self.binned = all(g.binned for g in grids)
+        self.nbins = max(g.nbins for g in grids)
+        self.shifts = np.array([g.shift for g in grids], np.int64)
+        self.kmins = np.array([g.kmin for g in grids], np.int64)
+        self.lens = np.array([g.lut.shape[0] for g in grids], np.int64)
+        self.luts = np.zeros((len(grids), max(1, int(self.lens.max()))), np.int32)
+        for m, g in enumerate(grids):
+            self.luts[m, :g.lut.shape[0]] = g.lut
+
+
+# Keep whole K x K matrices in the work buffers instead of one row (only needed for exact
+# ranks and the hierarchy; tests set it to check that the rows give the same numbers).
+KEEP_WHOLE_MATRICES = False
+
+
+def _one_replicate(sums: np.ndarray, r: int, c: np.ndarray, num_models: int, k: int,
+                   grids: Sequence[RankGrid], sem: np.ndarray | None,
+                   tables: _GridTables | None = None) -> dict[tuple[int, str], float]:
+    """Metrics of resample ``r`` from the block's class sums ``sums`` (K, B, M (K + 2)) and its
+    class sizes ``c``.
+
+    One compiled pass over the rows (:func:`_kernels._replicate`: normalise, logs, rank
+    cells, top-k and the pair sums of every student, one row at a time, in cache), then the
+    Spearman cross-products over the cell ids of the whole matrix. With exact ranks
+    (K <= EXACT_K) or a hierarchy the whole normalised matrices are kept.
     """
     from interptool.analyzers.similarity._kernels import kernel
 
-    kk = X.shape[0]
+    kk = sums.shape[0]
     width = kk + 2
-    dtype = X.dtype
-    binned = all(g.binned for g in grids)
-    rows = CHUNK_ROWS if binned and sem is None else kk
-    nbins = max(g.nbins for g in grids)
-    buf = _buffers(kk, min(rows, kk), k, num_models, nbins, dtype)
+    dtype = sums.dtype
+    tables = tables or _GridTables(grids)
+    full = KEEP_WHOLE_MATRICES or not tables.binned or sem is not None
+    buf = _buffers(kk, full, k, num_models, tables.nbins, dtype)
     valid = c > 0
     nvalid = valid.sum()
     cinv = np.zeros(kk, dtype=dtype)
     cinv[valid] = 1.0 / c[valid]
     res: dict[tuple[int, str], float] = {}
-    for m in range(num_models):
-        buf["hist"][m][:grids[m].nbins] = 0
-    # summed entropy and non-target entropy of the valid classes, per model: read block by
-    # block right after the probabilities of the same rows (a column read on its own misses
-    # the cache on every row: ~5 ms per resample at K = 1,000)
-    ent_sums = np.zeros((num_models, 2))
-    rows_kernel, pair = kernel("rows"), kernel("pair")
-    acc = np.zeros((num_models, 10))  # per student: the sums _pair_pass returns
-    for r0 in range(0, kk, rows):
-        r1 = min(kk, r0 + rows)
-        mats, logs = [], []
-        for m in range(num_models):
-            o = m * width
-            S = np.multiply(X[r0:r1, o:o + kk], cinv[r0:r1, None], out=buf["S"][m][:r1 - r0])
-            ent = X[r0:r1, o + kk:o + kk + 2].astype(np.float64) * cinv[r0:r1, None]
-            ent_sums[m] += ent[valid[r0:r1]].sum(0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                L = np.log(S, out=buf["L"][m][:r1 - r0])
-            g = grids[m]
-            keys = S.view(np.int32) if g.binned else np.empty((0, 0), dtype=np.int32)
-            rows_kernel(S, keys, valid, r0, g.shift, g.kmin, g.lut, k, buf["G"][m][r0:r1],
-                        buf["hist"][m][:g.nbins], buf["top"][m][r0:r1])
-            mats.append(S)
-            logs.append(L)
-        for m in range(1, num_models):
-            # log of the midpoint itself (not log(T + S) - log 2): exactly log T when S == T
-            LM = np.add(mats[0], mats[m], out=buf["M"][0][:r1 - r0])
-            LM *= 0.5
-            with np.errstate(divide="ignore", invalid="ignore"):
-                np.log(LM, out=LM)
-            acc[m] += pair(mats[0], mats[m], logs[0], logs[m], LM, valid, r0,
-                           buf["top"][0][r0:r1], buf["top"][m][r0:r1], k)
-    # rank groups of the whole matrices; with one block the matrices are still in the buffers
+    buf["hist"][:] = 0
+    acc, ent_sums = kernel("replicate")(
+        sums, r, cinv, valid, k, width, tables.shifts, tables.kmins, tables.luts, tables.lens,
+        buf["hist"], buf["G"], buf["top"], buf["S"], buf["SK"], full, buf["V"], buf["L"],
+        buf["MT"], buf["ET"], buf["M32"], buf["L32"])
+    # rank groups of the whole matrices
     ranks = []
     for m in range(num_models):
         res[(m, "entropy")] = ent_sums[m, 0] / nvalid
         res[(m, "nontarget_entropy")] = ent_sums[m, 1] / nvalid
         if grids[m].binned:
-            ranks.append(RankGrid.average_ranks(buf["hist"][m][:grids[m].nbins]))
+            ranks.append(RankGrid.average_ranks(buf["hist"][m, :grids[m].nbins]))
         else:
             ranks.append(RankGrid.exact_groups(buf["S"][m], valid, buf["G"][m])[1])
         if sem is not None:

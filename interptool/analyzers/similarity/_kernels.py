@@ -1,12 +1,13 @@
 """Compiled (numba) kernels for the batched similarity bootstrap.
 
-Per resample, the K x K class-similarity matrices are processed in blocks of rows small enough
-to stay in the CPU's L2 cache (at K = 1,000 the work is bound by memory traffic, not
-arithmetic): for each block, every model's rank cells and top-k sets (:func:`_row_pass`) and
-each student's Pearson sums, KL and Jensen-Shannon rows and top-k overlap against the teacher
-(:func:`_pair_pass`); once the rank cells of the whole matrix are counted, the Spearman
-cross-products (:func:`_rank_cross`). The logarithms are taken beforehand by NumPy, block by
-block (vectorised, ~1 ns per value; a scalar ``math.log`` in numba costs ~8 ns without SVML).
+Per resample, one call of :func:`_replicate` walks the K x K class-similarity matrices of every
+model row by row: it normalises the row's class sums (class size), takes the logarithms it
+needs (each model's row and each student's midpoint with the teacher, by :func:`_log_row`, a
+vectorisable float64 logarithm: a scalar ``math.log`` costs ~8 ns without SVML), counts every
+model's rank cells and top-k set (:func:`_row_pass`) and adds each student's Pearson sums, KL
+and Jensen-Shannon rows and top-k overlap against the teacher (:func:`_pair_pass`); everything
+one row needs stays in the L1 cache. Once the rank cells of the whole matrix are counted, the
+Spearman cross-products (:func:`_rank_cross`).
 
 numba is optional (``pip install interptool[fast]``); :func:`usable` is False when it is
 missing, and :mod:`interptool.analyzers.similarity._core` then uses its NumPy path (exact,
@@ -51,6 +52,17 @@ def _compile() -> None:
     # and 0 * -inf occur in the unused lanes of the selects below and must stay IEEE.
     _COMPILED["pair"] = njit(cache=True, nogil=True, fastmath=_FASTMATH)(_pair_pass)
     _COMPILED["cross"] = njit(cache=True, nogil=True, fastmath=_FASTMATH)(_rank_cross)
+    # _replicate calls these through module globals (numba resolves them when it compiles)
+    global _row_jit, _pair_jit, _log_jit
+    _row_jit, _pair_jit = _COMPILED["rows"], _COMPILED["pair"]
+    # no "reassoc" here: the polynomial is evaluated in the order written; error_model
+    # "numpy": no ZeroDivisionError check on the division, which kept the loop scalar
+    _log_jit = njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")(_log_row)
+    _COMPILED["log"] = _log_jit
+    global _log32_jit
+    _log32_jit = njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")(_log_row32)
+    _COMPILED["log32"] = _log32_jit
+    _COMPILED["replicate"] = njit(cache=True, nogil=True)(_replicate)
 
 
 def kernel(name: str):
@@ -190,3 +202,193 @@ def _rank_cross(valid, tb, tG, sb, sG):  # pragma: no cover - numba
             ryy += gs * gs
             rxy += gt * gs
     return rx, ry, rxx, ryy, rxy
+
+
+# float64 bit patterns used by _log_row
+_MANT = (1 << 52) - 1
+_ONE_BITS = 0x3FF0000000000000  # 1.0
+_EXP_MAGIC = 0x4330000000000000  # 2^52: OR-ing a small integer into its mantissa adds it
+_EXP_BIAS = 4503599627370496.0 + 1023.0  # 2^52 + the exponent bias
+_SQRT2 = math.sqrt(2.0)
+# 2 atanh(s) = 2 s + 2 s^3 / 3 + 2 s^5 / 5 + ...; |s| <= 0.1716 after the range reduction,
+# so terms to s^23 leave a truncation error below 2^-60 relative
+_ATANH = tuple(2.0 / (2 * n + 1) for n in range(1, 12))
+_row_jit = _pair_jit = _log_jit = _log32_jit = None
+
+
+def _log_row(vals, vbits, mant, mbits, expo, ebits, out):  # pragma: no cover - numba
+    """``out[j] = log(vals[j])`` (float64, within a few ulp of ``math.log``; measured <= 2.3e-16
+    relative) for finite ``vals``. ``vbits``/``mbits``/``ebits`` are int64 views of
+    ``vals``/``mant``/``expo`` (scratch rows): the exponent and mantissa are taken apart by
+    integer operations on the bit patterns and the polynomial has no branch, so both loops
+    vectorise. Zeros, subnormals and negative values (no IEEE exponent, or a sign) are rare
+    and redone by ``np.log`` afterwards (0 -> -inf)."""
+    n = vals.shape[0]
+    special = 0
+    for j in range(n):
+        b = vbits[j]
+        mbits[j] = (b & _MANT) | _ONE_BITS
+        ebits[j] = (b >> 52) | _EXP_MAGIC
+        special += 1 if (b >> 52) <= 0 else 0
+    c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 = _ATANH
+    for j in range(n):
+        m = mant[j]
+        big = np.float64(m > _SQRT2)  # reduce the mantissa to [sqrt(1/2), sqrt(2))
+        m = m - 0.5 * big * m
+        e = expo[j] - _EXP_BIAS + big
+        f = m - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        p = c11
+        p = p * z + c10
+        p = p * z + c9
+        p = p * z + c8
+        p = p * z + c7
+        p = p * z + c6
+        p = p * z + c5
+        p = p * z + c4
+        p = p * z + c3
+        p = p * z + c2
+        p = p * z + c1
+        out[j] = e * _LN2 + (2.0 * s + s * z * p)
+    if special:
+        for j in range(n):
+            if (vbits[j] >> 52) <= 0:
+                out[j] = np.log(vals[j]) if vals[j] != 0.0 else -np.inf
+
+
+_MANT32 = (1 << 23) - 1
+_ONE32 = 0x3F800000  # 1.0f
+_SQRT2_32 = np.float32(_SQRT2)
+_LN2_32 = np.float32(_LN2)
+_ATANH32 = tuple(np.float32(c) for c in _ATANH[:5])
+
+
+def _log_row32(vbits, mant, mbits, out):  # pragma: no cover - numba
+    """``out[j] = log(v[j])`` in float32 (within ~1 ulp of ``np.log`` on float32, as the
+    matrices' logs were taken before) from ``vbits``, the int32 bit patterns of non-negative
+    finite float32 values ``v``; ``mant``/``mbits``: a float32 scratch row and its int32 view.
+    Terms to s^11 of 2 atanh(s) (truncation < 2^-28 relative); branch-free, so it
+    vectorises. Zeros and subnormals are redone afterwards (0 -> -inf)."""
+    n = vbits.shape[0]
+    special = 0
+    for j in range(n):
+        b = vbits[j]
+        mbits[j] = (b & _MANT32) | _ONE32
+        special += 1 if (b >> 23) <= 0 else 0
+    c1, c2, c3, c4, c5 = _ATANH32
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    two = np.float32(2.0)
+    for j in range(n):
+        m = mant[j]
+        big = np.float32(m > _SQRT2_32)
+        m = m - half * big * m
+        e = np.float32((vbits[j] >> 23) - 127) + big
+        f = m - one
+        s = f / (two + f)
+        z = s * s
+        p = c5
+        p = p * z + c4
+        p = p * z + c3
+        p = p * z + c2
+        p = p * z + c1
+        out[j] = e * _LN2_32 + (two * s + s * z * p)
+    if special:
+        for j in range(n):
+            b = vbits[j]
+            if (b >> 23) <= 0:
+                if b == 0:
+                    out[j] = -np.inf
+                else:  # a subnormal, or a sign bit
+                    mant[j] = np.float32(0.0)
+                    mbits[j] = b
+                    out[j] = np.log(mant[j])
+
+
+def _replicate(X, r, cinv, valid, k, width, shifts, kmins, luts, lutlens, hist, G, top, S,
+               SK, full, V, L, MT, ET, M32, L32):  # pragma: no cover - numba
+    """Every per-row statistic of resample ``r`` in one pass over its rows.
+
+    ``X`` (K, B, M width) are the weighted class sums of a block of resamples
+    (:func:`interptool.analyzers.similarity._core.stacked_class_sums`), ``cinv`` (K,) the
+    inverse class sizes of resample ``r`` (0 for empty classes), in ``X``'s dtype. For each
+    valid row ``i`` and model ``m``: the normalised row ``S[m, i or 0] = X[i, r, m width + j]
+    * cinv[i]`` (rounded to ``X``'s dtype, as the matrices the metrics are defined on), its
+    logarithm, its rank cells / top-k (:func:`_row_pass`, model ``m``'s cell table
+    ``luts[m, :lutlens[m]]``, counts into ``hist[m]``, cells into ``G[m]``, sets into
+    ``top[m]``), and, for students, the pair sums against the teacher (:func:`_pair_pass`;
+    the midpoint rounded to ``X``'s dtype before its logarithm). ``full``: keep every row of
+    ``S`` (exact ranks and the hierarchy need whole matrices), else row 0 is reused.
+    ``V``/``L`` (M + 1, K) float64 scratch: values and their logs; ``LM`` its int64 view;
+    ``MT``/``ET`` (2, K): float64 rows [0] with int64 views [1]... see :func:`_log_row`.
+
+    Returns (acc (M, 10), ent (M, 2)): per student the sums of :func:`_pair_pass`; per model
+    the summed entropy and non-target entropy of the valid classes.
+    """
+    kk = X.shape[0]
+    nm = S.shape[0] - 1  # the last slot holds the midpoint row
+    acc = np.zeros((nm, 10))
+    ent = np.zeros((nm, 2))
+    VI = V.view(np.int64)
+    MI = MT.view(np.int64)
+    EI = ET.view(np.int64)
+    M32I = M32.view(np.int32)
+    is32 = SK.shape[2] > 0
+    empty_keys = np.empty((0, 0), dtype=np.int32)
+    for i in range(kk):
+        if not valid[i]:
+            continue
+        ci = cinv[i]
+        cd = np.float64(ci)
+        sr = i if full else 0
+        for m in range(nm):
+            o = m * width
+            srow = S[m, sr]
+            for j in range(kk):
+                srow[j] = X[i, r, o + j] * ci
+            ent[m, 0] += np.float64(X[i, r, o + kk]) * cd
+            ent[m, 1] += np.float64(X[i, r, o + kk + 1]) * cd
+            if is32:
+                _log32_jit(SK[m, sr], M32, M32I, L32[m])
+            else:
+                vrow = V[m]
+                for j in range(kk):
+                    vrow[j] = np.float64(srow[j])
+                _log_jit(vrow, VI[m], MT, MI, ET, EI, L[m])
+            nl = lutlens[m]
+            keys = SK[m, sr:sr + 1] if nl > 0 else empty_keys
+            _row_jit(S[m, sr:sr + 1], keys, valid, i, shifts[m], kmins[m], luts[m, :nl], k,
+                     G[m, i:i + 1], hist[m], top[m, i:i + 1])
+        t0 = S[0, sr]
+        for m in range(1, nm):
+            sm = S[m, sr]
+            # the midpoint in X's dtype (as a NumPy (T + S) * 0.5 on the matrices), then its
+            # log: exactly log T where S == T
+            if is32:
+                mrow32 = S[nm, 0]
+                for j in range(kk):
+                    mrow32[j] = (t0[j] + sm[j]) * np.float32(0.5)
+                _log32_jit(SK[nm, 0], M32, M32I, L32[nm])
+                n, sx, sy, sxx, syy, sxy, kl, jsd, ov, nv = _pair_jit(
+                    S[0, sr:sr + 1], S[m, sr:sr + 1], L32[0:1], L32[m:m + 1],
+                    L32[nm:nm + 1], valid, i, top[0, i:i + 1], top[m, i:i + 1], k)
+            else:
+                mrow = V[nm]
+                for j in range(kk):
+                    mrow[j] = np.float64((t0[j] + sm[j]) * 0.5)
+                _log_jit(mrow, VI[nm], MT, MI, ET, EI, L[nm])
+                n, sx, sy, sxx, syy, sxy, kl, jsd, ov, nv = _pair_jit(
+                    S[0, sr:sr + 1], S[m, sr:sr + 1], L[0:1], L[m:m + 1], L[nm:nm + 1],
+                    valid, i, top[0, i:i + 1], top[m, i:i + 1], k)
+            acc[m, 0] += n
+            acc[m, 1] += sx
+            acc[m, 2] += sy
+            acc[m, 3] += sxx
+            acc[m, 4] += syy
+            acc[m, 5] += sxy
+            acc[m, 6] += kl
+            acc[m, 7] += jsd
+            acc[m, 8] += ov
+            acc[m, 9] += nv
+    return acc, ent
