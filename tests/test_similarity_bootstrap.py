@@ -37,7 +37,7 @@ def structured(n, k, seed, noise, structure_seed=0):
     return z.astype(np.float32), y
 
 
-def evaluators(models, k_near, use):
+def evaluators(models, k_near, use, workers=None):
     """A BootstrapEvaluator over ``models`` (logits list) with kernels on / off."""
     labels = models[0][1]
     kk = models[0][0].shape[1]
@@ -55,7 +55,8 @@ def evaluators(models, k_near, use):
     agree = [(p == preds[0]).astype(float) for p in preds[1:]]
     names = [f"m{i}" for i in range(len(models))]
     return _core.BootstrapEvaluator(logits, names, sl, lab, correct, agree, [1.0], "softmax",
-                                    k_near, [points], None, "cpu", 64, use_kernels=use)
+                                    k_near, [points], None, "cpu", 64, use_kernels=use,
+                                    workers=workers)
 
 
 def test_kernels_equal_reference_metrics_for_the_same_resamples():
@@ -253,3 +254,40 @@ def test_float32_log_kernel_equals_numpy_log():
     err = np.abs(out[fin].astype(np.float64) - ref[fin])
     np.testing.assert_array_less(err, 2 * np.spacing(np.abs(ref[fin]).astype(np.float32))
                                  .astype(np.float64) + 1e-45)
+
+
+@pytest.mark.parametrize("k", [12, _core.EXACT_K + 20])
+def test_replicates_do_not_depend_on_the_thread_count(k):
+    """One thread and two threads (resamples of a block and classes of the matmuls spread
+    over them) give bit-identical replicates, for float64 / exact ranks and float32 / grid
+    ranks."""
+    z, y = structured(3 * k, k, seed=21, noise=1.0)
+    s1, _ = structured(3 * k, k, seed=22, noise=2.0)
+    s2, _ = structured(3 * k, k, seed=23, noise=1.0, structure_seed=4)
+    models = [(z, y), (s1, y), (s2, y)]
+    W = _core.bootstrap_weights(np.random.default_rng(3), 3 * k, 6)
+    one = evaluators(models, 4, True, workers=1)
+    two = evaluators(models, 4, True, workers=2)
+    assert (one.workers, two.workers) == (1, 2)
+    a, b = one(W), two(W)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_default_threads_follow_the_resource_plan(monkeypatch):
+    """Without an explicit count the evaluator takes interptool._resources' choice (cores
+    from affinity / cgroup, capped by torch's threads, idle cores), at most 8."""
+    import interptool._resources as res
+
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return {"torch_threads": 12, "source": "fake"}
+
+    monkeypatch.setattr(res, "free_core_threads", fake)
+    z, y = structured(60, 4, seed=1, noise=1.0)
+    ev = evaluators([(z, y), (z, y)], 2, True)
+    assert ev.workers == 8 and ev.threads["source"] == "fake"
+    assert seen["cap"] == _core.torch.get_num_threads()

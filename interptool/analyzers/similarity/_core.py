@@ -630,10 +630,17 @@ class RankGrid:
         return groups, starts + 0.5 * (counts + 1)
 
 
-def _workers() -> int:
-    """Threads for the per-resample work: torch's intra-op budget (set from the machine's
-    cores / cgroup quota and --threads), at most 8."""
-    return int(max(1, min(8, torch.get_num_threads())))
+def _workers() -> dict:
+    """Threads for the bootstrap (the class-sum matmuls and the per-resample work), chosen by
+    :func:`interptool._resources.free_core_threads`: the cores this process may use (affinity,
+    cgroup quota), capped by torch's intra-op budget (which ``--threads`` sets), and, unless
+    the user asked for a number, only as many as are idle now (on a loaded 2-core machine two
+    threads were slower than one); at most 8. Returns its record (``torch_threads``)."""
+    from interptool._resources import free_core_threads
+
+    choice = free_core_threads(cap=torch.get_num_threads())
+    choice["torch_threads"] = int(max(1, min(8, choice["torch_threads"])))
+    return choice
 
 
 def replicate_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: int,
@@ -802,7 +809,9 @@ class BootstrapEvaluator:
     metrics come from :class:`Reference` (exact ranks, float64; ~10x slower at K = 1,000).
     ``block`` is the number of resamples a call should get (memory bound). ``stacked``: the
     per-sample statistics (one :class:`StackedSamples` per temperature) when the caller
-    already built them for the point estimate.
+    already built them for the point estimate. ``workers``: threads (default: :func:`_workers`,
+    recorded in ``threads``); each resample is computed by one thread from its own class sums,
+    so the replicates do not depend on the number of threads.
     """
 
     def __init__(self, logits: Sequence[np.ndarray], names: Sequence[str], sl: SortedLabels,
@@ -810,7 +819,8 @@ class BootstrapEvaluator:
                  agree: Sequence[np.ndarray], temps: Sequence[float], matrix: str, k: int,
                  point_matrices: Sequence[Sequence[np.ndarray]], sem: np.ndarray | None,
                  device: str, n_boot: int, *, use_kernels: bool | None = None,
-                 stacked: Sequence[StackedSamples] | None = None) -> None:
+                 stacked: Sequence[StackedSamples] | None = None,
+                 workers: int | None = None) -> None:
         from interptool.analyzers.similarity import _kernels
 
         self.names, self.sl, self.k, self.sem = list(names), sl, int(k), sem
@@ -832,7 +842,12 @@ class BootstrapEvaluator:
                        for P in mats] for mats in point_matrices]
         self.log_k = np.log(kk)
         self.log_k1 = np.log(kk - 1) if kk > 2 else np.nan
-        self.workers = _workers()
+        if workers is None:
+            self.threads = _workers()
+            self.workers = self.threads["torch_threads"]
+        else:
+            self.workers = int(max(1, workers))
+            self.threads = {"torch_threads": self.workers, "source": "caller"}
         self._acc: torch.Tensor | None = None  # the block of class sums, reused
 
     def __call__(self, W: np.ndarray) -> dict[tuple[str, float | None, str], np.ndarray]:
