@@ -106,9 +106,10 @@ def test_manifest_is_complete(manifest, train_mod):
             assert r["label_smoothing"] == 0.1
         want_arch = "interptool:cw2-resnet34" if name == "teacher" else "interptool:cw2-resnet18"
         assert r["arch"] == want_arch
-    # as recorded (0.768): below the 85 % target within the CPU budget; the check
-    # guards against a teacher near chance (1/12), not a claim that the target was met
-    assert runs["teacher"]["eval_accuracy"] >= 0.7
+    # the goal: a teacher of at least 85 % eval accuracy (recorded: 0.879)
+    assert runs["teacher"]["eval_accuracy"] >= 0.85
+    assert runs["teacher"]["train_spec"].endswith("&split=train") and "n=10000" in \
+        runs["teacher"]["train_spec"]
     total = sum(r["cpu_seconds"] for r in runs.values())
     assert manifest["total_cpu_seconds"] == pytest.approx(total, abs=0.5)
     assert total <= 3600  # the study's budget: 60 CPU-minutes
@@ -150,5 +151,5 @@ def test_shipped_models_load_and_reach_their_recorded_accuracy(manifest):
             acc = float((lm.model(x).argmax(1).numpy() == np.asarray(ds.labels)).mean())
         # one image of slack: float rounding may flip a near-tie between library versions
         assert abs(acc - s["check_accuracy"]) <= 1.0 / n + 1e-9, role
-    # far above chance (1/12); the study's teacher missed the 85 % target (docs/reproduction.md)
-    assert shipped["teacher"]["check_accuracy"] >= 0.7
+    # the shipped teacher is the study's (>= 85 % on the whole eval split; here its first images)
+    assert shipped["teacher"]["check_accuracy"] >= 0.8
