@@ -16,7 +16,9 @@ For every trained run in ``--runs`` (``train.py``'s ``<run>.json`` + ``.safetens
    student's initialisation and batch order).
 
 Writes ``<out>/per_model.csv``, ``<out>/per_recipe.csv``, ``<out>/paired.csv``,
-``<out>/categories.csv``, ``<out>/results.json`` and ``<out>/tables.md``.
+``<out>/categories.csv``, ``<out>/results.json`` and ``<out>/tables.md``, then the figures
+``docs/img/reproduction_{detectors,temperature,mechanism}.png`` from those CSVs
+(``--figures-only`` redraws just the figures).
 
     python examples/kd_reproduction/analyze.py --runs examples/kd_reproduction/runs \\
         --out examples/kd_reproduction/results
@@ -314,6 +316,126 @@ def tables_md(pm: pd.DataFrame, per_recipe: pd.DataFrame, paired: pd.DataFrame,
     return "\n".join(lines) + "\n"
 
 
+DOCS_IMG = HERE.parents[1] / "docs" / "img"
+PALETTE = {"teacher": "black", "scratch": "#4c72b0", "ls": "#dd8452", "kd-T1": "#c7e9c0",
+           "kd-T2": "#74c476", "kd-T4": "#238b45", "kd-T8": "#00441b", "untrained": "#8c8c8c"}
+
+
+def _recipe_stats(per_recipe: pd.DataFrame, group: str, metric: str) -> tuple[float, float, float]:
+    """(mean, lo, hi) of one recipe's metric from ``per_recipe.csv`` (t-interval over seeds)."""
+    r = per_recipe[(per_recipe["group"] == group) & (per_recipe["metric"] == metric)]
+    if r.empty:
+        return float("nan"), float("nan"), float("nan")
+    return tuple(float(x) for x in r[["mean", "lo", "hi"]].iloc[0])  # type: ignore[return-value]
+
+
+def figures(out: Path, docs_img: Path = DOCS_IMG) -> list[Path]:
+    """The three figures of docs/reproduction.md, drawn from the CSVs ``summarise`` wrote
+    (``per_model.csv``, ``per_recipe.csv``), so they can be redrawn without re-measuring.
+
+    * ``reproduction_detectors.png``: detectors in layer3 / layer4 per recipe, one point per
+      seed, mean and 95 % t-interval over seeds, the teacher as a reference line;
+    * ``reproduction_temperature.png``: the KD temperature sweep (T 1, 2, 4, 8): Pearson
+      with the teacher's class similarity (T 4) and layer4 detectors, mean and t-interval
+      over seeds, scratch as a reference band (its mean and t-interval);
+    * ``reproduction_mechanism.png``: per trained student, layer4 detector fraction against
+      similarity transfer (Pearson with the teacher, T 4), Spearman correlation and p
+      (``scipy.stats.spearmanr``) in the title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from scipy import stats
+
+    pm = pd.read_csv(out / "per_model.csv")
+    pr = pd.read_csv(out / "per_recipe.csv")
+    docs_img.mkdir(parents=True, exist_ok=True)
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85)
+    written = []
+
+    # (a) detectors per recipe
+    order = ["scratch", "ls", "kd-T4", "untrained"]
+    units = {layer: int(pm[f"{layer}_units"].iloc[0]) for layer in LAYERS}
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), sharey=False)
+    for ax, layer in zip(axes, LAYERS):
+        metric = f"{layer}_detectors"
+        sub = pm[pm["group"].isin(order)]
+        sns.stripplot(data=sub, x="group", y=metric, order=order, hue="group",
+                      palette=PALETTE, ax=ax, size=6, jitter=0.12, alpha=0.8, legend=False)
+        for i, g in enumerate(order):
+            m, lo, hi = _recipe_stats(pr, g, metric)
+            ax.errorbar(i + 0.28, m, yerr=[[m - lo], [hi - m]], fmt="D", color="black",
+                        ms=5, capsize=3, lw=1.2)
+        t = float(pm.loc[pm["group"] == "teacher", metric].iloc[0])
+        ax.axhline(t, ls="--", color="black", lw=1)
+        ax.text(len(order) - 0.55, t, f"teacher {t:.0f}", ha="right", va="bottom", fontsize=8)
+        ax.set_title(f"{layer} detectors (of {units[layer]} units)")
+        ax.set_xlabel("")
+        ax.set_ylabel("detectors (IoU >= 0.04)")
+        ax.set_ylim(-1, max(ax.get_ylim()[1], t) * 1.1)
+    fig.suptitle("points: seeds; diamond: mean, 95 % t-interval over 3 seeds", fontsize=8,
+                 y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    written.append(docs_img / "reproduction_detectors.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    # (b) the temperature sweep
+    temps = [1, 2, 4, 8]
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
+    for ax, metric, label in zip(axes, ("pearson_T4", "layer4_detectors"),
+                                 ("Pearson with the teacher's class similarity (T 4)",
+                                  "layer4 detectors (of 128)")):
+        m, lo, hi = _recipe_stats(pr, "scratch", metric)
+        ax.axhspan(lo, hi, color=PALETTE["scratch"], alpha=0.15, lw=0)
+        ax.axhline(m, color=PALETTE["scratch"], lw=1, label="scratch (mean, t-interval)")
+        ms, los, his = zip(*[_recipe_stats(pr, f"kd-T{t}", metric) for t in temps])
+        ax.errorbar(temps, ms, yerr=[np.subtract(ms, los), np.subtract(his, ms)], fmt="-o",
+                    color=PALETTE["kd-T4"], capsize=3, label="KD (mean, t-interval)")
+        for t in temps:
+            v = pm.loc[pm["group"] == f"kd-T{t}", metric].to_numpy()
+            ax.scatter(np.full(len(v), t * 1.08), v, s=12, color="grey", zorder=3)
+        if metric == "layer4_detectors":
+            tv = float(pm.loc[pm["group"] == "teacher", metric].iloc[0])
+            ax.axhline(tv, ls="--", color="black", lw=1, label=f"teacher ({tv:.0f})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(temps, [str(t) for t in temps])
+        ax.set_xlabel("KD temperature T")
+        ax.set_title(label)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    written.append(docs_img / "reproduction_temperature.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    # (c) mechanism: similarity transfer vs detectors, trained students
+    # (untrained controls are left out: they sit at (0, 0) and would make any
+    # correlation look strong)
+    st = pm[~pm["group"].isin(["teacher", "untrained"])].copy()
+    rho, p = stats.spearmanr(st["pearson_T4"], st["layer4_fraction"])
+    fig, ax = plt.subplots(figsize=(5.8, 3.6))
+    hue_order = [g for g in RECIPE_ORDER if g in set(st["group"])]
+    sns.scatterplot(data=st, x="pearson_T4", y="layer4_fraction", hue="group",
+                    hue_order=hue_order, palette=PALETTE, s=45, ax=ax)
+    tf = float(pm.loc[pm["group"] == "teacher", "layer4_fraction"].iloc[0])
+    ax.axhline(tf, ls="--", color="black", lw=1)
+    ax.text(st["pearson_T4"].max(), tf, "teacher", ha="right", va="bottom", fontsize=8)
+    ax.set_ylim(top=tf * 1.1)
+    ax.set_xlabel("similarity transfer: Pearson with the teacher (T 4)")
+    ax.set_ylabel("layer4 detector fraction")
+    ax.set_title(f"{len(st)} trained students: Spearman rho = {rho:.2f} (p = {p:.2g})",
+                 fontsize=9)
+    ax.legend(fontsize=7, title=None, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    written.append(docs_img / "reproduction_mechanism.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=HERE / "runs")
@@ -323,7 +445,14 @@ def main() -> None:
                     help="also: paired bootstrap over probe images for seed 0 (resamples)")
     ap.add_argument("--measure-only", action="store_true",
                     help="cache and dissect the runs finished so far, no tables")
+    ap.add_argument("--figures-only", action="store_true",
+                    help="only redraw docs/img/reproduction_*.png from the CSVs in --out")
+    ap.add_argument("--docs-img", type=Path, default=DOCS_IMG)
     args = ap.parse_args()
+    if args.figures_only:
+        for path in figures(args.out, args.docs_img):
+            print(path)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     per_model = measure(args.runs, args.out, args.threads)
     if args.measure_only:
@@ -333,6 +462,8 @@ def main() -> None:
     if args.bootstrap:
         print(probe_bootstrap(args.out, 0, args.bootstrap).to_string())
     print((args.out / "tables.md").read_text())
+    for path in figures(args.out, args.docs_img):
+        print(path)
 
 
 if __name__ == "__main__":
