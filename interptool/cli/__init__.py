@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from interptool.errors import InterptoolError
+from interptool.errors import ConfigError, InterptoolError
 
 # Sub-command modules, in the order they appear in --help. Each defines
 # ``register(subparsers)`` which adds its parser and sets ``func=<callable(args) -> int>``.
@@ -33,7 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in analyzer_specs():
         if spec.command and spec.name not in sub.choices:
             register_generated(sub, spec)
+    # every command takes --threads; `cache` defines its own (torch threads + DataLoader workers)
+    for command in sub.choices.values():
+        if "--threads" not in command._option_string_actions:
+            command.add_argument(
+                "--threads", type=int, default=None, metavar="N",
+                help="most torch (and numba) threads to use (default: the cores this process "
+                "may use, from its CPU affinity and cgroup quota; analyses then take only the "
+                "cores idle at the time)")
     return parser
+
+
+@contextmanager
+def _thread_limit(args: argparse.Namespace) -> Iterator[None]:
+    """Cap torch's intra-op threads (and numba's, if not yet loaded) at ``--threads``.
+
+    Analyses choose their threads under ``torch.get_num_threads()``
+    (:func:`interptool._resources.free_core_threads`), so the cap set here bounds all of
+    them; ``cache`` handles its own ``--threads`` (it splits it with DataLoader workers).
+    """
+    threads = getattr(args, "threads", None)
+    if threads is None or args.command == "cache":
+        yield
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads: expected a whole number >= 1, got {threads}; "
+                          "omit it to use the cores available")
+    from interptool._resources import available_cpus, torch_threads
+
+    n = min(int(threads), available_cpus())
+    if "numba" not in sys.modules:
+        # numba reads its thread count once, when it is first imported
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
+    with torch_threads(n):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     set_quiet(getattr(args, "quiet", False))
     try:
-        return int(args.func(args) or 0)
+        with _thread_limit(args):
+            return int(args.func(args) or 0)
     except InterptoolError as exc:
         print(f"interptool {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
