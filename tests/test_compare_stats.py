@@ -402,6 +402,11 @@ def test_welch_difference_hand_computed():
     # two single models: no interval
     d, lo, hi, p = welch_difference([1.0], [2.0])
     assert d == -1.0 and math.isnan(lo) and math.isnan(p)
+    # seeds that all agree (13, 13, 13 detectors) against one model or another such group:
+    # a sample SD of 0 is not certainty, so no interval and no p (was [d, d] with p = 0)
+    for other in ([27.0], [12.0, 12.0, 12.0]):
+        d, lo, hi, p = welch_difference([13.0, 13.0, 13.0], other)
+        assert d == 13.0 - other[0] and math.isnan(lo) and math.isnan(hi) and math.isnan(p)
 
 
 def test_group_rows_means_t_intervals_and_direction():

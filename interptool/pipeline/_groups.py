@@ -9,7 +9,7 @@
   a model in no group stands for itself (no interval);
 * two groups are compared by the difference of their means with Welch's t interval and
   p-value (``scipy.stats.ttest_ind(..., equal_var=False)``), each needing two or more
-  members; a group against a single model (e.g. the teacher) by a one-sample t-test of the
+  members (members that all agree give no interval: a sample SD of 0 is not certainty); a group against a single model (e.g. the teacher) by a one-sample t-test of the
   members minus that model's value; two single models have no group-level interval (their
   comparison is in the single-model row).
 
@@ -56,17 +56,20 @@ def welch_difference(a: list[float], b: list[float], level: float = 0.95
     if x.size == 0 or y.size == 0:
         return (math.nan,) * 4
     d = float(x.mean() - y.mean())
+    # Members that all agree (e.g. three seeds with 13 detectors each) have a sample SD of 0,
+    # which does not make the difference exact: the t interval is undefined, so none is given
+    # (NaN: the verdict is "cannot tell") rather than a zero-width interval with p = 0.
     if x.size >= 2 and y.size >= 2:
-        if np.ptp(x) == 0 and np.ptp(y) == 0:  # no spread at all: the difference is exact
-            return d, d, d, (1.0 if d == 0 else 0.0)
+        if np.ptp(x) == 0 and np.ptp(y) == 0:
+            return d, math.nan, math.nan, math.nan
         res = stats.ttest_ind(x, y, equal_var=False)
     elif x.size >= 2:
         if np.ptp(x) == 0:
-            return d, d, d, (1.0 if d == 0 else 0.0)
+            return d, math.nan, math.nan, math.nan
         res = stats.ttest_1samp(x - y[0], 0.0)
     elif y.size >= 2:
         if np.ptp(y) == 0:
-            return d, d, d, (1.0 if d == 0 else 0.0)
+            return d, math.nan, math.nan, math.nan
         res = stats.ttest_1samp(x[0] - y, 0.0)
     else:
         return d, math.nan, math.nan, math.nan
@@ -104,7 +107,8 @@ def group_findings(rows: list[dict[str, Any]], cfg: CompareConfig) -> list[dict[
         for e, v in members.items():
             iv = t_interval(v)
             values[e] = iv.estimate
-            if iv.defined:
+            # no interval from members without spread (see welch_difference)
+            if iv.defined and np.ptp(v) > 0:
                 cis[e] = (iv.low, iv.high)
         grp = make_finding(
             group_measure_name(row["measure"]), values,

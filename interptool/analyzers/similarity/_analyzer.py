@@ -35,6 +35,7 @@ from interptool.analyzers.similarity._core import (
     bootstrap_dtype,
     bootstrap_weights,
     fmt_t,
+    kernels_pay_off,
     normalise_rows,
     semantic_spearman,
     softmax_stats,
@@ -811,9 +812,7 @@ def compare_similarity(
     # one softmax pass per model and temperature: it gives the point estimate's exact float64
     # class sums and each model's SimilarityResult, and (kept when they fit) the per-sample
     # statistics the bootstrap's weighted sums reuse
-    from interptool.analyzers.similarity import _kernels
-
-    use_kernels = _kernels.usable()
+    use_kernels = kernels_pay_off(kk)
     stacked = [StackedSamples([d.logits for d in data], sl, t, matrix,
                               bootstrap_dtype(kk) if use_kernels else np.dtype(np.float64),
                               device, keep=bool(n_boot)) for t in temps]

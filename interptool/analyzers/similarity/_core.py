@@ -427,6 +427,20 @@ SUMS_BLOCK_BYTES = 512 * 1024 * 1024
 STACKED_CACHE_BYTES = 1024 * 1024 * 1024
 # Bytes of K x K work arrays one block of the NumPy (no numba) bootstrap may hold.
 _FALLBACK_BLOCK_BYTES = 256 * 1024 * 1024
+# Up to this K the NumPy path is used even with numba installed: its K x K passes are cheap
+# there, and compiling the kernels the first time after installation (7-40 s measured) would
+# cost more than the whole bootstrap (the demo's 12 classes: `make demo` right after install).
+KERNEL_MIN_K = 64
+
+
+def kernels_pay_off(num_classes: int) -> bool:
+    """Whether the bootstrap uses the compiled kernels for ``num_classes`` classes: above
+    :data:`KERNEL_MIN_K` and when numba is usable (checked, so compiled, only then)."""
+    if num_classes <= KERNEL_MIN_K:
+        return False
+    from interptool.analyzers.similarity import _kernels
+
+    return _kernels.usable()
 
 
 def bootstrap_dtype(num_classes: int) -> np.dtype:
@@ -821,13 +835,11 @@ class BootstrapEvaluator:
                  device: str, n_boot: int, *, use_kernels: bool | None = None,
                  stacked: Sequence[StackedSamples] | None = None,
                  workers: int | None = None) -> None:
-        from interptool.analyzers.similarity import _kernels
-
         self.names, self.sl, self.k, self.sem = list(names), sl, int(k), sem
         self.labelled, self.correct, self.agree = labelled, list(correct), list(agree)
         self.temps = list(temps)
         kk = sl.num_classes
-        self.fast = _kernels.usable() if use_kernels is None else bool(use_kernels)
+        self.fast = kernels_pay_off(kk) if use_kernels is None else bool(use_kernels)
         dtype = bootstrap_dtype(kk) if self.fast else np.dtype(np.float64)
         if stacked is None or any(st.dtype != dtype for st in stacked):
             stacked = [StackedSamples(logits, sl, t, matrix, dtype, device) for t in self.temps]
