@@ -312,6 +312,13 @@ def test_score_results_save(tmp_path):
     for res in (agreement(maps, maps, n_boot=0), localisation(maps, mask, n_boot=0)):
         paths = res.save(tmp_path / res.kind)
         assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+        assert {p.suffix for p in paths} == {".csv", ".json", ".png"}
+        # figures=False (compare: the report draws the scores): the same tables, no plot
+        bare = res.save(tmp_path / "bare" / res.kind, figures=False)
+        assert [p.name for p in bare] == [p.name for p in paths if p.suffix != ".png"]
+        assert not list((tmp_path / "bare" / res.kind).glob("*.png"))
+        for a, b in zip(bare, paths):
+            assert a.read_bytes() == b.read_bytes()
 
 
 def test_agreement_block_invariant_and_concat_results_equal_whole():

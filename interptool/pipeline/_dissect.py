@@ -169,7 +169,9 @@ def _dissect_one(run: RunContext, name: str, layer: str) -> dict[str, Any]:
     folder = run.out / "dissection" / name / layer
     with ActivationCache(run.probe_cache[name]) as cache:
         res = Dissection.from_params(_params(run)).run(cache, layer, run.probe_ds, name=name)
-        res.save(folder, montages=top_k or "none")
+        # tables only: the report draws the detector plots and the top units' sheet itself
+        # (below), so the per-result plots and montages would be drawn for no page
+        res.save(folder, montages="none", figures=False)
     part: dict[str, Any] = {
         "units": int(res.units),
         "detectors": int(len(res.detectors())),

@@ -355,7 +355,10 @@ def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n:
                      models={name: run.loaded[name].model for name in results},
                      inputs=lambda name, rows: _model_inputs(run, name, rows),
                      masks=masks, modes=("deletion", "insertion") if a.faithfulness else (),
-                     device=run.device, seed=seed, out=d)
+                     device=run.device, seed=seed, out=d,
+                     # the report draws these scores itself; a PNG per score result cost the
+                     # demo ~20 s of matplotlib for files no page shows (CSV and JSON stay)
+                     figures=False)
     # image grid: the same images across models
     first = results[teacher]
     if first.images is not None:

@@ -147,19 +147,23 @@ class _ScoreResult:
     def plot(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def save(self, dir: str | Path) -> list[Path]:
-        import matplotlib.pyplot as plt
-
+    def save(self, dir: str | Path, *, figures: bool = True) -> list[Path]:
+        """``<kind>.csv`` (``to_frame()``), ``<kind>.json`` (``to_dict()``) and, with
+        ``figures``, ``<kind>.png`` (``plot()``); each written atomically."""
         from interptool._provenance import atomic_savefig, atomic_write_text
 
         d = Path(dir)
         d.mkdir(parents=True, exist_ok=True)
-        paths = [d / f"{self.kind}.csv", d / f"{self.kind}.json", d / f"{self.kind}.png"]
+        paths = [d / f"{self.kind}.csv", d / f"{self.kind}.json"]
         atomic_write_text(paths[0], self.to_frame().to_csv(index=False))
         atomic_write_text(paths[1], json.dumps(to_jsonable(self.to_dict()), indent=2))
-        fig = self.plot()
-        atomic_savefig(fig, paths[2], dpi=110)
-        plt.close(fig)
+        if figures:
+            import matplotlib.pyplot as plt
+
+            paths.append(d / f"{self.kind}.png")
+            fig = self.plot()
+            atomic_savefig(fig, paths[2], dpi=110)
+            plt.close(fig)
         return paths
 
 

@@ -131,6 +131,7 @@ def score_maps(
     out: str | Path | None = None,
     chunk: int = CHUNK,
     threads: int | None = None,
+    figures: bool = True,
 ) -> dict[str, Any]:
     """Score one method's maps of every model (``results``: name -> AttributionResult, the
     teacher among them, all on the same images: the data-set rows ``result.indices``, e.g. a
@@ -153,13 +154,14 @@ def score_maps(
     ``threads``: torch threads of the faithfulness passes, as in :meth:`Attribution.run`
     (``None``: the enclosing scope's choice, else only the cores idle now; one choice for
     the whole call, so the random-order reference memo stays valid across models).
+    ``figures=False``: the saved score results get no ``.png`` (their CSV and JSON only).
     """
     # many small forward passes: threads on busy cores cost more than they bring
     with thread_scope(threads):
         return _score_maps(results, teacher=teacher, models=models, inputs=inputs,
                            masks=masks, modes=modes, patch=patch, steps=steps,
                            baseline=baseline, batch_size=batch_size, device=device, seed=seed,
-                           label=label, out=out, chunk=chunk)
+                           label=label, out=out, chunk=chunk, figures=figures)
 
 
 def _score_maps(results: Mapping[str, Any], *, teacher: str, models: Mapping[str, Any] | None,
@@ -167,6 +169,7 @@ def _score_maps(results: Mapping[str, Any], *, teacher: str, models: Mapping[str
                 masks: Callable[[tuple[int, int], np.ndarray], Any] | None,
                 modes: Sequence[str], patch: int, steps: int, baseline: str, batch_size: int,
                 device: str, seed: int, label: str | None, out: str | Path | None,
+                figures: bool = True,
                 chunk: int) -> dict[str, Any]:
     """:func:`score_maps` inside its thread scope."""
     base = Path(out) if out is not None else None
@@ -178,7 +181,7 @@ def _score_maps(results: Mapping[str, Any], *, teacher: str, models: Mapping[str
 
     def keep(res: Any, folder: str) -> None:
         if base is not None:
-            res.save(base / folder)
+            res.save(base / folder, figures=figures)
 
     for name, res in results.items():
         if name == teacher:
