@@ -291,3 +291,24 @@ def test_default_threads_follow_the_resource_plan(monkeypatch):
     ev = evaluators([(z, y), (z, y)], 2, True)
     assert ev.workers == 8 and ev.threads["source"] == "fake"
     assert seen["cap"] == _core.torch.get_num_threads()
+
+
+def test_rank_cell_ids_fit_their_compact_dtype_at_the_exact_rank_limit():
+    """The replicate pass stores rank-cell ids as uint16 where they fit (grid cells; exact tie
+    groups up to K (K - 1) = 65,536 ids) and counts cells in int32. At K = EXACT_K, with
+    65,280 distinct exact groups, the replicates still equal the exact NumPy path: an id
+    that wrapped around would merge rank groups and move Spearman."""
+    k = _core.EXACT_K
+    assert _core._cell_dtype(k, 1, False) == np.uint16
+    assert _core._cell_dtype(k + 1, 1, False) == np.int32  # 65,792 groups: no longer fits
+    assert _core._cell_dtype(1000, _core.RANK_BINS, True) == np.uint16
+    z, y = structured(3 * k, k, seed=31, noise=1.0)
+    s1, _ = structured(3 * k, k, seed=32, noise=2.0)
+    models = [(z, y), (s1, y)]
+    W = _core.bootstrap_weights(np.random.default_rng(4), 3 * k, 2)
+    fast_eval = evaluators(models, 4, True)
+    fast = fast_eval(W)
+    assert fast_eval.grids[0][0].binned is False  # exact groups at this K
+    ref = evaluators(models, 4, False)(W)
+    for key in ref:
+        np.testing.assert_allclose(fast[key], ref[key], rtol=1e-9, atol=1e-12, err_msg=str(key))
