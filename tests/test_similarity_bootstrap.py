@@ -312,3 +312,14 @@ def test_rank_cell_ids_fit_their_compact_dtype_at_the_exact_rank_limit():
     ref = evaluators(models, 4, False)(W)
     for key in ref:
         np.testing.assert_allclose(fast[key], ref[key], rtol=1e-9, atol=1e-12, err_msg=str(key))
+
+
+def test_weighted_counts_sum_each_class_weights_ignoring_unlabelled_samples():
+    """Known answer: classes 1 and 3 have no samples, sample 1 is unlabelled (its weight 5
+    and 1 must not count anywhere), fractional weights add exactly."""
+    labels = np.array([2, -1, 0, 2, 0, 2])
+    sl = _core.SortedLabels.build(labels, 4)
+    W = np.array([[1.0, 5.0, 2.0, 0.0, 3.0, 1.0],
+                  [0.5, 1.0, 1.0, 1.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(_core.weighted_counts(W, sl),
+                                  [[5.0, 0.0, 2.0, 0.0], [1.0, 0.0, 3.5, 0.0]])
