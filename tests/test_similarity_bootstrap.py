@@ -323,3 +323,28 @@ def test_weighted_counts_sum_each_class_weights_ignoring_unlabelled_samples():
                   [0.5, 1.0, 1.0, 1.0, 0.0, 2.0]])
     np.testing.assert_array_equal(_core.weighted_counts(W, sl),
                                   [[5.0, 0.0, 2.0, 0.0], [1.0, 0.0, 3.5, 0.0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_stacked_class_sums_equal_a_direct_weighted_sum(dtype):
+    """Every model's weighted class sums (probabilities, entropy, non-target entropy) for a
+    block of resamples equal sum_n W[b, n] * row_n over each class's samples, computed here
+    sample by sample from the softmax (shuffled labels, an unlabelled sample)."""
+    rng = np.random.default_rng(8)
+    k, n = 5, 40
+    labels = rng.permutation(np.arange(n) % k)
+    labels[3] = -1
+    logits = [rng.normal(size=(n, k)).astype(np.float32) for _ in range(2)]
+    sl = _core.SortedLabels.build(labels, k)
+    st = _core.StackedSamples(logits, sl, 2.0, "softmax", np.dtype(dtype))
+    W = _core.bootstrap_weights(rng, n, 3)
+    got = _core.stacked_class_sums(W, st)
+    for m, z in enumerate(logits):
+        p, h = _core.softmax_stats(z / 2.0)
+        q, hq = _core.softmax_stats(z / 2.0, np.maximum(labels, 0))
+        rows = np.concatenate([p, h[:, None], hq[:, None]], axis=1)
+        for b in range(3):
+            for i in range(k):
+                want = (W[b, labels == i, None] * rows[labels == i]).sum(0)
+                np.testing.assert_allclose(got[i, b, m * (k + 2):(m + 1) * (k + 2)], want,
+                                           rtol=1e-5 if dtype == np.float32 else 1e-12)
