@@ -900,3 +900,22 @@ def test_sigkill_during_writes_leaves_no_torn_file(tmp_path):
         if ref is None:
             ref = maps
         np.testing.assert_array_equal(maps, ref)  # identical to every other run
+
+
+def test_grad_cam_on_a_vit_block_whose_patches_never_reach_the_head_is_an_error():
+    """A class-token ViT: the last block's patch tokens do not reach the output, so Grad-CAM
+    there is exactly 0 everywhere; that is refused with the fix, not returned as maps."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2,
+                            num_classes=5, global_pool="token").eval()
+    x = torch.randn(3, 3, 32, 32)
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(AnalysisError, match=r"'blocks\.1'.*every map of the batch is zero.*"
+                                            r"earlier block"):
+        Attribution("grad_cam", layer="blocks.1").run(vit, x, labels=y)
+    # the block before it reaches the head through the last block's attention: real maps
+    res = Attribution("grad_cam", layer="blocks.0").run(vit, x, labels=y)
+    assert np.asarray(res.maps).shape == (3, 32, 32)
+    assert np.abs(np.asarray(res.maps)).sum(axis=(1, 2)).min() > 0

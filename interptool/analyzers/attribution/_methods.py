@@ -376,6 +376,14 @@ class GradCamMethod(AttributionMethod):
                 "needs a convolutional (N, C, H, W) or token (N, T, D) output. Pick a conv "
                 "stage such as layer4 or a transformer block such as blocks.11."
             )
+        if view.saw_tokens and not bool(cam.detach().abs().amax() > 0):
+            # A ViT whose head reads the class (or distillation) token: the last block's patch
+            # tokens never reach the output, so their gradient, and every map, is exactly 0.
+            raise AnalysisError(
+                f"grad_cam layer {self.params['layer']!r}: every map of the batch is zero: "
+                "this block's patch tokens do not reach the model's output (its head reads "
+                "the class/distillation token after this block). Pick an earlier block, e.g. "
+                "the one before it, or set attribution_layer to it")
         return LayerAttribution.interpolate(
             cam, tuple(x.shape[-2:]), interpolate_mode=self.params["interpolate_mode"]
         )
@@ -398,11 +406,13 @@ class _GridView(nn.Module):
         super().__init__()
         self.layer, self.name, self.prefix, self.grid_size = layer, name, prefix, grid
         self.grid = _Grid()
+        self.saw_tokens = False  # set once a token (N, T, D) output passed through
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.layer(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or out.dim() != 3:
             return self.grid(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else out
+        self.saw_tokens = True
         n, t, d = out.shape
         p, (gh, gw) = self._layout(t)
         g = self.grid(out[:, p:].transpose(1, 2).reshape(n, d, gh, gw))
