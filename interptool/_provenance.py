@@ -151,10 +151,14 @@ def free_bytes(path: str | os.PathLike) -> int:
 # -- atomic writes ---------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    # The suffix stays last so writers that pick a format from it (numpy's savez appends
-    # ".npz" otherwise; matplotlib) write what the target's name says.
-    return path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+def _tmp_name(path: Path, keep_suffix: bool = True) -> Path:
+    # keep_suffix: the suffix stays last for writers that pick a format from it (numpy's
+    # savez appends ".npz" otherwise). Writers that do not (raw bytes, savefig with an
+    # explicit format) get "NAME.SUFFIX.tmpPID", so the file a SIGKILL leaves behind does not
+    # pass for an output of that type (e.g. "*.png").
+    if keep_suffix:
+        return path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -180,7 +184,7 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to ``path``.
 
     Any exception inside the block (or while fsyncing / renaming) removes the temporary file
@@ -196,7 +200,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if is_no_space(exc):
             raise NoSpaceError(no_space_message(path)) from None
         raise
-    tmp = _tmp_name(path)
+    tmp = _tmp_name(path, keep_suffix)
     try:
         yield tmp
         _fsync_file(tmp)
@@ -214,7 +218,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, keep_suffix=False) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
 
 
@@ -230,7 +234,7 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """``fig.savefig`` through a temporary file, so an interrupted run leaves no torn image."""
     path = Path(path)
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=False) as tmp:
         fig.savefig(tmp, **kwargs)
 
 

@@ -205,7 +205,8 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temporary(tmp_path, monk
     real = _provenance._fsync_file
 
     def failing_fsync(path):
-        if Path(path).name.startswith(stem + ".tmp"):
+        name = Path(path).name  # "STEM.tmpPID.SUFFIX" or "NAME.tmpPID" (_provenance._tmp_name)
+        if name.startswith(stem + ".tmp") or name.startswith(Path(target).name + ".tmp"):
             raise OSError(5, "Input/output error (injected)")
         real(path)
 
