@@ -171,7 +171,7 @@ def _dissect_one(run: RunContext, name: str, layer: str) -> dict[str, Any]:
         res = Dissection.from_params(_params(run)).run(cache, layer, run.probe_ds, name=name)
         # tables only: the report draws the detector plots and the top units' sheet itself
         # (below), so the per-result plots and montages would be drawn for no page
-        res.save(folder, montages="none", figures=False)
+        res.save(folder, figures=False)
     part: dict[str, Any] = {
         "units": int(res.units),
         "detectors": int(len(res.detectors())),

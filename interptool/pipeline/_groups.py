@@ -56,23 +56,19 @@ def welch_difference(a: list[float], b: list[float], level: float = 0.95
     if x.size == 0 or y.size == 0:
         return (math.nan,) * 4
     d = float(x.mean() - y.mean())
+    if x.size < 2 and y.size < 2:
+        return d, math.nan, math.nan, math.nan
     # Members that all agree (e.g. three seeds with 13 detectors each) have a sample SD of 0,
     # which does not make the difference exact: the t interval is undefined, so none is given
     # (NaN: the verdict is "cannot tell") rather than a zero-width interval with p = 0.
+    if all(np.ptp(v) == 0 for v in (x, y) if v.size >= 2):
+        return d, math.nan, math.nan, math.nan
     if x.size >= 2 and y.size >= 2:
-        if np.ptp(x) == 0 and np.ptp(y) == 0:
-            return d, math.nan, math.nan, math.nan
         res = stats.ttest_ind(x, y, equal_var=False)
     elif x.size >= 2:
-        if np.ptp(x) == 0:
-            return d, math.nan, math.nan, math.nan
         res = stats.ttest_1samp(x - y[0], 0.0)
-    elif y.size >= 2:
-        if np.ptp(y) == 0:
-            return d, math.nan, math.nan, math.nan
-        res = stats.ttest_1samp(x[0] - y, 0.0)
     else:
-        return d, math.nan, math.nan, math.nan
+        res = stats.ttest_1samp(x[0] - y, 0.0)
     ci = res.confidence_interval(confidence_level=level)
     lo, hi = float(ci.low), float(ci.high)
     return d, min(lo, d), max(hi, d), float(res.pvalue)
