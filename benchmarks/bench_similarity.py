@@ -108,8 +108,11 @@ def warm_kernels() -> float:
     valid = sl.counts > 0
     grids = [_core.RankGrid(point, valid, True)] * 2
     W = np.ones((1, 2 * k))
-    _core.replicate_metrics(_core.stacked_class_sums(W, st), _core.weighted_counts(W, sl), 2, 3,
-                            grids)
+    counts = _core.weighted_counts(W, sl)
+    # the class-major path (what compare_similarity runs at this size) and the row path
+    _core.class_major_metrics(W, st, counts, 3, _core._GridTables(grids),
+                              np.empty((1, 2, k, k), np.uint16))
+    _core.replicate_metrics(_core.stacked_class_sums(W, st), counts, 2, 3, grids)
     return time.perf_counter() - t0
 
 

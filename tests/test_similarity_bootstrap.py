@@ -166,19 +166,25 @@ def test_non_finite_logits_refused_naming_file_and_first_image():
         compare_similarity(mem(z, y, "t"), mem(bad, y, "s"), n_boot=0, k=1)
 
 
-def test_row_by_row_pass_equals_whole_matrices(monkeypatch):
-    """Replicates computed row by row (one reused row buffer per model) equal those computed
+def test_class_major_pass_equals_the_row_pass_with_whole_matrices(monkeypatch):
+    """Replicates computed class by class (the K > EXACT_K path: each class's sums of every
+    resample, then one rank pass per resample) equal those of the resample-major row pass
     with the whole normalised matrices kept, and both equal the exact NumPy path within the
-    float32 / rank-grid precision."""
+    float32 / rank-grid precision. Classes with 3 images: some resamples have empty ones."""
     k = _core.EXACT_K + 20
     z, y = structured(3 * k, k, seed=11, noise=1.0)
     s1, _ = structured(3 * k, k, seed=12, noise=2.0)
     s2, _ = structured(3 * k, k, seed=13, noise=1.0, structure_seed=4)
     models = [(z, y), (s1, y), (s2, y)]
     W = _core.bootstrap_weights(np.random.default_rng(2), 3 * k, 3)
-    blocks = evaluators(models, 4, True)(W)
+    assert (_core.weighted_counts(W, _core.SortedLabels.build(y, k)) == 0).any()
+    class_major = evaluators(models, 4, True)
+    assert class_major.class_major
+    blocks = class_major(W)
     monkeypatch.setattr(_core, "KEEP_WHOLE_MATRICES", True)
-    whole = evaluators(models, 4, True)(W)
+    row_pass = evaluators(models, 4, True)
+    assert not row_pass.class_major
+    whole = row_pass(W)
     ref = evaluators(models, 4, False)(W)
     assert blocks.keys() == whole.keys() == ref.keys()
     for key in ref:
@@ -348,3 +354,82 @@ def test_stacked_class_sums_equal_a_direct_weighted_sum(dtype):
                 want = (W[b, labels == i, None] * rows[labels == i]).sum(0)
                 np.testing.assert_allclose(got[i, b, m * (k + 2):(m + 1) * (k + 2)], want,
                                            rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def _class_major_inputs(k: int, n_boot: int, seed: int):
+    z, y = structured(3 * k, k, seed=seed, noise=1.0)
+    s1, _ = structured(3 * k, k, seed=seed + 1, noise=2.0)
+    sl = _core.SortedLabels.build(y, k)
+    st = _core.StackedSamples([z, s1], sl, 1.0, "softmax", np.dtype(np.float32))
+    point = st.point_sums()
+    valid = sl.counts > 0
+    grids = [_core.RankGrid(point[m, :, :k] / sl.counts[:, None], valid, True) for m in range(2)]
+    W = _core.bootstrap_weights(np.random.default_rng(seed), 3 * k, n_boot)
+    return st, _core._GridTables(grids), W, _core.weighted_counts(W, sl)
+
+
+def test_class_major_sums_from_a_prior_block_equal_the_fused_matmuls():
+    """The accelerator's order (every class's sums of a sub-block first, by
+    stacked_class_sums) and the CPU's (each class's matmul right before its rows) give the
+    same replicates; sub-blocks smaller than the block (the memory bound) change nothing."""
+    k = _core.EXACT_K + 8
+    st, tables, W, counts = _class_major_inputs(k, 5, 41)
+    keys = np.empty((5, 2, k, k), np.uint16)
+    fused = _core.class_major_metrics(W, st, counts, 3, tables, keys, fuse=True)
+    per_class = _core.class_major_metrics(W, st, counts, 3, tables, keys, fuse=False)
+    old = _core.SUMS_BLOCK_BYTES
+    try:  # two resamples per sub-block
+        _core.SUMS_BLOCK_BYTES = 2 * k * 2 * (k + 2) * 4
+        assert _core.block_size(k, 2, 4, 5) == 2
+        sub_blocks = _core.class_major_metrics(W, st, counts, 3, tables, keys, fuse=False)
+    finally:
+        _core.SUMS_BLOCK_BYTES = old
+    for key in fused:
+        np.testing.assert_allclose(per_class[key], fused[key], rtol=1e-6, atol=1e-9,
+                                   err_msg=str(key))
+        np.testing.assert_array_equal(sub_blocks[key], per_class[key], err_msg=str(key))
+
+
+def test_class_major_block_keeps_grid_keys_within_the_memory_bound():
+    """Grid keys of a block, B x M x K x K uint16, stay within SUMS_BLOCK_BYTES (ImageNet:
+    85 resamples of three models' 1,000 x 1,000 keys in 512 MiB); at least one resample."""
+    b = _core.class_major_block_size(1000, 3, 1000)
+    assert b * 3 * 1000 * 1000 * 2 <= _core.SUMS_BLOCK_BYTES < (b + 1) * 3 * 1000 * 1000 * 2
+    assert _core.class_major_block_size(1000, 3, 7) == 7
+    assert _core.class_major_block_size(100_000, 3, 1000) == 1
+
+
+@pytest.mark.parametrize("n,k,skip", [(100, 5, 0), (100, 5, 99), (257, 8, 40), (6, 5, 2),
+                                      (70, 1, 3)])
+def test_chunked_top_k_equals_a_stable_sort(n, k, skip):
+    """The top-k of one row (chunks counted against the current k-th value, then walked):
+    the k largest entries other than ``skip``, descending, ties in index order, as a stable
+    sort gives; rows with many ties, the largest value at ``skip``, chunk edges crossed."""
+    rng = np.random.default_rng(n + k + skip)
+    for trial in range(20):
+        row = rng.integers(0, 6 if trial % 2 else 1000, size=n).astype(np.float32)
+        row[skip] = row.max() + 1.0
+        out = np.full(k, -1, np.int32)
+        _kernels.kernel("topk")(row, skip, k, np.empty(k), out)
+        order = [j for j in np.argsort(-row.astype(np.float64), kind="stable") if j != skip]
+        np.testing.assert_array_equal(out, order[:k])
+
+
+def test_cell_ranks_count_keys_into_cells_and_give_average_ranks():
+    """Known answer: 3 x 3 matrices of grid keys, key -> cell table [0, 0, 1, 2]; the
+    off-diagonal keys of valid rows counted per cell, each key's rank the average rank of its
+    cell (ties share it), the diagonal and the invalid row ignored."""
+    U = np.array([[[3, 0, 1],   # diagonal key 3 ignored
+                   [2, 0, 3],   # row 1 invalid: ignored
+                   [0, 2, 3]]], np.uint16)  # diagonal key 3 ignored
+    valid = np.array([True, False, True])
+    luts = np.array([[0, 0, 1, 2]], np.uint16)
+    counts = np.zeros((1, 4), np.int32)
+    cells = np.zeros(3)
+    table = np.zeros((1, 4))
+    _kernels.kernel("cell_ranks")(U, valid, luts, np.array([4]), np.array([3]), counts, cells,
+                                  table)
+    # off-diagonal keys of rows 0 and 2: 0, 1, 0, 2 -> cells 0, 0, 0, 1: ranks 1-3 share 2,
+    # rank 4 alone; cell 2 is empty
+    np.testing.assert_array_equal(counts[0], [2, 1, 1, 0])
+    np.testing.assert_array_equal(table[0, :3], [2.0, 2.0, 4.0])

@@ -757,6 +757,7 @@ class _GridTables:
     def __init__(self, grids: Sequence[RankGrid]) -> None:
         self.binned = all(g.binned for g in grids)
         self.nbins = max(g.nbins for g in grids)
+        self.model_nbins = np.array([g.nbins for g in grids], np.int64)
         self.shifts = np.array([g.shift for g in grids], np.int64)
         self.kmins = np.array([g.kmin for g in grids], np.int64)
         self.lens = np.array([g.lut.shape[0] for g in grids], np.int64)
@@ -826,6 +827,141 @@ def _one_replicate(sums: np.ndarray, r: int, c: np.ndarray, num_models: int, k: 
     return res
 
 
+def class_major_block_size(num_classes: int, num_models: int, n_boot: int) -> int:
+    """Resamples per block of :func:`class_major_metrics`: its (B, M, K, K) uint16 grid keys
+    stay within SUMS_BLOCK_BYTES."""
+    per = num_models * num_classes * num_classes * 2
+    return int(max(1, min(256, SUMS_BLOCK_BYTES // per, n_boot)))
+
+
+_RANK_WORKSPACE = threading.local()
+
+
+def _rank_buffers(num_models: int, lut_len: int, nbins: int) -> tuple[np.ndarray, ...]:
+    """Per-thread scratch of :func:`_kernels._cell_ranks` (key counts, cell ranks, key ->
+    rank tables), reused from one resample to the next."""
+    key = (num_models, lut_len, nbins)
+    ws = getattr(_RANK_WORKSPACE, "buffers", None)
+    if ws is None or ws[0] != key:
+        ws = (key, (np.zeros((num_models, lut_len), np.int32), np.zeros(nbins),
+                    np.zeros((num_models, lut_len))))
+        _RANK_WORKSPACE.buffers = ws
+    return ws[1]
+
+
+def class_major_metrics(W: np.ndarray, st: StackedSamples, counts: np.ndarray, k: int,
+                        tables: _GridTables, keys: np.ndarray, workers: int = 1,
+                        fuse: bool | None = None) -> dict[tuple[int, str], np.ndarray]:
+    """Every bootstrap metric of one block of resamples, class by class (rank grids, float32,
+    no hierarchy: the path at ImageNet scale). Same metrics as :func:`replicate_metrics`.
+
+    Why class-major: the resample-major path wrote every model's (K, B, M (K + 2)) class sums
+    to memory and read them back row by row (~36 MB of memory traffic per resample at K =
+    1,000; the matmuls ran at a fifth of their in-cache speed). Here one class's sums of all
+    B resamples, ``W[:, seg] @ P[seg]`` (B, M (K + 2)), stay in the L2 cache while
+    :func:`_kernels._class_rows` takes that row of every resample: normalise, logs, rank-grid
+    keys (into ``keys`` (>= B, M, K, K) uint16), top-k and each student's pair sums. Then per
+    resample :func:`_kernels._cell_ranks` counts the keys into the grid's cells and
+    :func:`_kernels._rank_cross` gives the Spearman sums. Classes, then resamples, are shared
+    among ``workers`` threads; every (resample, row) is computed by one thread and summed
+    over rows in a fixed order, so the numbers do not depend on the number of threads.
+    ``fuse``: each class's matmul right before its rows (default on the CPU); otherwise the
+    class sums of a sub-block of resamples come from :func:`stacked_class_sums` first (on an
+    accelerator: one batched reduction there, one copy to the host).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from interptool.analyzers.similarity._kernels import kernel
+
+    sl = st.sl
+    kk = sl.num_classes
+    b = W.shape[0]
+    nm = st.num_models
+    valid = counts > 0
+    cinv = np.zeros((b, kk), dtype=st.dtype)
+    cinv[valid] = 1.0 / counts[valid]
+    U = keys[:b]
+    rowacc = np.zeros((b, kk, nm, 10))
+    rowent = np.zeros((b, kk, nm, 2))
+    rows = kernel("class_rows")
+    args = (k, st.width, tables.shifts, tables.kmins, tables.lens)
+    step = max(1, -(-kk // (8 * workers)))  # small chunks: a stalled thread is caught up
+    chunks = [range(a, min(kk, a + step)) for a in range(0, kk, step)]
+    fuse = st.device.type == "cpu" if fuse is None else bool(fuse)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+
+    def each(fn, items) -> None:
+        if pool is None:
+            for x in items:
+                fn(x)
+        else:
+            list(pool.map(fn, items))
+
+    try:
+        if fuse:
+            Wt = torch.from_numpy(np.take(W.astype(st.dtype), sl.order, axis=1))
+
+            def cpu_classes(classes: range) -> None:
+                Y = np.empty((b, nm * st.width), dtype=st.dtype)
+                Yt = torch.from_numpy(Y)
+                for i in classes:
+                    a, z = int(sl.starts[i]), int(sl.stops[i])
+                    if a != z:
+                        torch.matmul(Wt[:, a:z], st.segment(i), out=Yt)
+                        rows(Y, i, cinv, valid, *args, U, rowacc, rowent)
+
+            with _cpu_single_thread(st.device):
+                each(cpu_classes, chunks)
+        else:
+            # sub-blocks of resamples bound the (K, B, M (K + 2)) sums as in the row path
+            sub = block_size(kk, nm, st.dtype.itemsize, b)
+            for s0 in range(0, b, sub):
+                s1 = min(b, s0 + sub)
+                sums = stacked_class_sums(W[s0:s1], st, workers)
+
+                def device_classes(classes: range, sums=sums, s0=s0, s1=s1) -> None:
+                    for i in classes:
+                        if sl.starts[i] != sl.stops[i]:
+                            rows(sums[i], i, cinv[s0:s1], valid[s0:s1], *args, U[s0:s1],
+                                 rowacc[s0:s1], rowent[s0:s1])
+
+                each(device_classes, chunks)
+
+        cell_ranks, cross = kernel("cell_ranks"), kernel("cross")
+        spear = np.zeros((b, nm, 5))
+
+        def rank(r: int) -> None:
+            hcounts, cells, table = _rank_buffers(nm, tables.luts.shape[1], tables.nbins)
+            cell_ranks(U[r], valid[r], tables.luts, tables.lens, tables.model_nbins, hcounts,
+                       cells, table)
+            for m in range(1, nm):
+                spear[r, m] = cross(valid[r], U[r, 0], table[0], U[r, m], table[m])
+
+        each(rank, range(b))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    nvalid = valid.sum(1)
+    acc = rowacc.sum(axis=1)
+    ent = rowent.sum(axis=1)
+    out: dict[tuple[int, str], np.ndarray] = {}
+    nan = float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for m in range(nm):
+            out[(m, "entropy")] = ent[:, m, 0] / nvalid
+            out[(m, "nontarget_entropy")] = ent[:, m, 1] / nvalid
+        for m in range(1, nm):
+            a = acc[:, m]
+            nv = a[:, 9]
+            out[(m, "pearson")] = np.array([_corr(*a[r, :6]) for r in range(b)])
+            out[(m, "spearman")] = np.array([_corr(a[r, 0], *spear[r, m]) for r in range(b)])
+            out[(m, "kl")] = np.where(nv > 0, a[:, 6] / nv, nan)
+            out[(m, "js_distance")] = np.where(nv > 0, a[:, 7] / nv, nan)
+            out[(m, "topk_overlap")] = np.where(nv > 0, a[:, 8] / (k * nv), nan)
+    return out
+
+
 def _corr(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float:
     """Pearson correlation from its sums (NaN below 3 entries or with no variance)."""
     if n < 3:
@@ -878,6 +1014,14 @@ class BootstrapEvaluator:
         self.grids = [[RankGrid(np.asarray(P, dtype=np.float64), valid,
                                 binned=self.fast and kk > EXACT_K)
                        for P in mats] for mats in point_matrices]
+        # the class-major path (:func:`class_major_metrics`) wherever rank grids are used and
+        # whole matrices are not needed; it sets the block size by its grid-key block
+        self.class_major = (self.fast and sem is None and not KEEP_WHOLE_MATRICES
+                            and all(g.binned for mats in self.grids for g in mats))
+        self._keys: np.ndarray | None = None
+        if self.class_major:
+            self.block = class_major_block_size(kk, len(self.names), n_boot)
+            self.tables = [_GridTables(grids) for grids in self.grids]
         self.log_k = np.log(kk)
         self.log_k1 = np.log(kk - 1) if kk > 2 else np.nan
         if workers is None:
@@ -898,7 +1042,15 @@ class BootstrapEvaluator:
             for m, a in zip(students, self.agree):
                 out[(m, None, "top1_agreement")] = W @ a / W.sum(1)
         counts = weighted_counts(W, self.sl)
-        for t, st, grids in zip(self.temps, self.stacked, self.grids):
+        for ti, (t, st, grids) in enumerate(zip(self.temps, self.stacked, self.grids)):
+            if self.class_major:
+                if self._keys is None:
+                    kk = self.sl.num_classes
+                    self._keys = np.empty((self.block, len(names), kk, kk), np.uint16)
+                res = class_major_metrics(W, st, counts, self.k, self.tables[ti], self._keys,
+                                          self.workers)
+                self._store(out, t, res)
+                continue
             if self._acc is None:
                 tdtype = torch.float64 if st.dtype == np.float64 else torch.float32
                 self._acc = torch.zeros((self.sl.num_classes, self.block, st.num_models * st.width),
@@ -909,13 +1061,16 @@ class BootstrapEvaluator:
                                         self.workers)
             else:
                 res = _reference_metrics(sums, counts, len(names), self.k, self.sem)
-            for (mi, metric), v in res.items():
-                out[(names[mi], t, metric)] = v
-                if metric == "entropy":
-                    out[(names[mi], t, "entropy_norm")] = v / self.log_k
-                elif metric == "nontarget_entropy":
-                    out[(names[mi], t, "nontarget_entropy_norm")] = v / self.log_k1
+            self._store(out, t, res)
         return out
+
+    def _store(self, out: dict, t: float, res: dict[tuple[int, str], np.ndarray]) -> None:
+        for (mi, metric), v in res.items():
+            out[(self.names[mi], t, metric)] = v
+            if metric == "entropy":
+                out[(self.names[mi], t, "entropy_norm")] = v / self.log_k
+            elif metric == "nontarget_entropy":
+                out[(self.names[mi], t, "nontarget_entropy_norm")] = v / self.log_k1
 
 
 def _reference_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: int,

@@ -63,6 +63,11 @@ def _compile() -> None:
     _log32_jit = njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")(_log_row32)
     _COMPILED["log32"] = _log32_jit
     _COMPILED["replicate"] = njit(cache=True, nogil=True)(_replicate)
+    global _topk_jit
+    _topk_jit = njit(cache=True, nogil=True)(_topk_row)
+    _COMPILED["topk"] = _topk_jit
+    _COMPILED["class_rows"] = njit(cache=True, nogil=True)(_class_rows)
+    _COMPILED["cell_ranks"] = njit(cache=True, nogil=True)(_cell_ranks)
 
 
 def kernel(name: str):
@@ -213,7 +218,7 @@ _SQRT2 = math.sqrt(2.0)
 # 2 atanh(s) = 2 s + 2 s^3 / 3 + 2 s^5 / 5 + ...; |s| <= 0.1716 after the range reduction,
 # so terms to s^23 leave a truncation error below 2^-60 relative
 _ATANH = tuple(2.0 / (2 * n + 1) for n in range(1, 12))
-_row_jit = _pair_jit = _log_jit = _log32_jit = None
+_row_jit = _pair_jit = _log_jit = _log32_jit = _topk_jit = None
 
 
 def _log_row(vals, vbits, mant, mbits, expo, ebits, out):  # pragma: no cover - numba
@@ -392,3 +397,163 @@ def _replicate(X, r, cinv, valid, k, width, shifts, kmins, luts, lutlens, hist, 
             acc[m, 8] += ov
             acc[m, 9] += nv
     return acc, ent
+
+
+# --------------------------------------------------------------------------------------------
+# class-major bootstrap (rank grids, no hierarchy): one class's rows of every resample of a
+# block while that class's sums are in the L2 cache, then one rank pass per resample
+# --------------------------------------------------------------------------------------------
+_TOPK_CHUNK = 32
+
+
+def _topk_row(row, skip, k, tv, out):  # pragma: no cover - numba
+    """Indices of the ``k`` largest entries of ``row`` other than ``row[skip]`` into ``out``
+    (descending; ties keep the lower index, as :func:`_row_pass`). ``tv``: float64 scratch
+    (k,). Once ``k`` entries are held, chunks of the row are first counted against the
+    current k-th value by a vectorised comparison; only a chunk with a larger entry is walked
+    one entry at a time (few are, once the threshold is near the top)."""
+    n = row.shape[0]
+    filled = 0
+    j = 0
+    while j < n and filled < k:
+        if j != skip:
+            v = np.float64(row[j])
+            p = filled
+            filled += 1
+            while p > 0 and tv[p - 1] < v:
+                tv[p] = tv[p - 1]
+                out[p] = out[p - 1]
+                p -= 1
+            tv[p] = v
+            out[p] = j
+        j += 1
+    while j < n:
+        e = min(j + _TOPK_CHUNK, n)
+        thr = tv[k - 1]
+        larger = 0
+        for q in range(j, e):
+            larger += 1 if np.float64(row[q]) > thr else 0
+        if larger:
+            for q in range(j, e):
+                v = np.float64(row[q])
+                if q == skip or not v > tv[k - 1]:
+                    continue
+                p = k - 1
+                while p > 0 and tv[p - 1] < v:
+                    tv[p] = tv[p - 1]
+                    out[p] = out[p - 1]
+                    p -= 1
+                tv[p] = v
+                out[p] = q
+        j = e
+
+
+def _class_rows(Y, i, cinv, valid, k, width, shifts, kmins, lutlens, U, rowacc,
+                rowent):  # pragma: no cover - numba
+    """Row ``i`` of every resample of a block, from that class's weighted sums.
+
+    ``Y`` (B, M width): class ``i``'s sums of every model (:func:`_replicate`'s ``X[i]``);
+    ``cinv`` (B, K) inverse class sizes (0 for empty classes) in ``Y``'s dtype (float32);
+    ``valid`` (B, K) non-empty classes. For each resample ``r`` with ``valid[r, i]`` and
+    each model ``m``: the normalised row (rounded to float32, as in :func:`_replicate`), its
+    entropy sums into ``rowent[r, i, m]``, each entry's rank-grid key (the index into model
+    m's cell table, clamped to ``0 .. lutlens[m] - 1``: no table lookup here, so the loop
+    vectorises; :func:`_cell_ranks` maps keys to cells) into ``U[r, m, i]`` (the diagonal
+    entry too; it is never counted), its top-k set, and per student the sums of
+    :func:`_pair_pass` against the teacher into ``rowacc[r, i, m]``.
+    """
+    nb = Y.shape[0]
+    nm = U.shape[1]
+    kk = U.shape[3]
+    S = np.empty((nm + 1, kk), dtype=np.float32)  # the last row: a student's midpoint
+    SK = S.view(np.int32)
+    L32 = np.empty((nm + 1, kk), dtype=np.float32)
+    M32 = np.empty(kk, dtype=np.float32)
+    M32I = M32.view(np.int32)
+    tops = np.zeros((nm, 1, k), dtype=np.int32)
+    tv = np.empty(k, dtype=np.float64)
+    half = np.float32(0.5)
+    for r in range(nb):
+        if not valid[r, i]:
+            continue
+        ci = cinv[r, i]
+        cd = np.float64(ci)
+        for m in range(nm):
+            o = m * width
+            srow = S[m]
+            for j in range(kk):
+                srow[j] = Y[r, o + j] * ci
+            rowent[r, i, m, 0] = np.float64(Y[r, o + kk]) * cd
+            rowent[r, i, m, 1] = np.float64(Y[r, o + kk + 1]) * cd
+            _log32_jit(SK[m], M32, M32I, L32[m])
+            keys = SK[m]
+            urow = U[r, m, i]
+            shift = shifts[m]
+            kmin = kmins[m]
+            top_key = lutlens[m] - 1
+            for j in range(kk):
+                b = np.int64(keys[j])
+                b = b ^ 0x7FFFFFFF if b < 0 else b
+                u = (b >> shift) - kmin
+                u = 0 if u < 0 else u
+                u = top_key if u > top_key else u
+                urow[j] = u
+            _topk_jit(srow, i, k, tv, tops[m, 0])
+        t0 = S[0]
+        mid = S[nm]
+        for m in range(1, nm):
+            sm = S[m]
+            for j in range(kk):
+                mid[j] = (t0[j] + sm[j]) * half
+            _log32_jit(SK[nm], M32, M32I, L32[nm])
+            n, sx, sy, sxx, syy, sxy, kl, jsd, ov, nv = _pair_jit(
+                S[0:1], S[m:m + 1], L32[0:1], L32[m:m + 1], L32[nm:nm + 1], valid[r], i,
+                tops[0], tops[m], k)
+            a = rowacc[r, i, m]
+            a[0] = n
+            a[1] = sx
+            a[2] = sy
+            a[3] = sxx
+            a[4] = syy
+            a[5] = sxy
+            a[6] = kl
+            a[7] = jsd
+            a[8] = ov
+            a[9] = nv
+
+
+def _cell_ranks(U, valid, luts, lutlens, nbins, counts, cells, table):  # pragma: no cover
+    """Average 1-based rank of every grid key of one resample's matrices.
+
+    ``U`` (M, K, K): grid keys from :func:`_class_rows`; counted over the off-diagonal
+    entries of ``valid`` rows into ``counts`` (M, >= max lutlens) int32, gathered into each
+    model's cells (``luts[m]`` maps key -> cell, ``nbins[m]`` cells; ``cells`` float64
+    scratch) and turned into ``table[m, key]``: the average rank of the key's cell (ties
+    share their average rank), ready for :func:`_rank_cross`."""
+    nm = U.shape[0]
+    kk = U.shape[1]
+    for m in range(nm):
+        nl = lutlens[m]
+        h = counts[m]
+        h[:nl] = 0
+        for i in range(kk):
+            if not valid[i]:
+                continue
+            row = U[m, i]
+            for j in range(kk):
+                h[row[j]] += 1
+            h[row[i]] -= 1
+        nb = nbins[m]
+        c = cells[:nb]
+        c[:] = 0.0
+        lut = luts[m]
+        for u in range(nl):
+            c[lut[u]] += h[u]
+        before = 0.0
+        for g in range(nb):
+            n = c[g]
+            c[g] = before + 0.5 * (n + 1.0)
+            before += n
+        t = table[m]
+        for u in range(nl):
+            t[u] = c[lut[u]]
