@@ -429,7 +429,8 @@ EXACT_K = 256
 # Rank grid: quantile cells of the point estimate's entries, and the largest key table.
 RANK_BINS = 1 << 15
 _LUT_MAX = 1 << 16
-# Bytes of the (K, B, models x (K + 2)) block of weighted class sums: sets B.
+# Bytes of the (K, B, models x (K + 2)) block of weighted class sums (resample-major pass), or
+# of the (B, models, K, K) uint16 grid keys (class-major pass): sets B.
 SUMS_BLOCK_BYTES = 512 * 1024 * 1024
 # Per-sample statistics of all models are kept in memory up to this size (float32 at scale);
 # beyond it they are recomputed class by class for every block (bounded memory).

@@ -1,6 +1,10 @@
 """Compiled (numba) kernels for the batched similarity bootstrap.
 
-Per resample, one call of :func:`_replicate` walks the K x K class-similarity matrices of every
+Two orders over the blocks of weighted class sums. *Class-major* (rank grids, the ImageNet
+case): :func:`_class_rows` takes one class's row of every resample of a block while that
+class's sums are in the L2 cache, then :func:`_cell_ranks` and :func:`_rank_cross` give each
+resample's Spearman sums. *Resample-major* (exact ranks and hierarchies, which need whole
+matrices): per resample, one call of :func:`_replicate` walks the K x K class-similarity matrices of every
 model row by row: it normalises the row's class sums (class size), takes the logarithms it
 needs (each model's row and each student's midpoint with the teacher, by :func:`_log_row`, a
 vectorisable float64 logarithm: a scalar ``math.log`` costs ~8 ns without SVML), counts every
