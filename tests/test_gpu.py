@@ -1,5 +1,6 @@
 """CUDA results equal CPU results, within a documented tolerance per area (run only where a
-GPU is present; every test compares the device ``CUDA`` against ``CPU``).
+GPU is present; the device under test is the module constant ``CUDA``: set it to the CPU in a
+copy of this file to dry-run the tests' use of the API without a GPU).
 
 Float32 work on the two devices rounds differently (cuDNN/cuBLAS pick other algorithms and
 summation orders than the CPU kernels), so it is compared against a tolerance scaled by the
@@ -12,31 +13,43 @@ Tolerances, and why:
   in Pillow's order, one elementwise kernel per operation on both devices (no fused
   multiply-add across them), and the counts are int64. A difference would be a bug, not noise.
 * **cache** (logits and layer outputs of a small ResNet, float32 storage): ``rtol 1e-4`` plus
-  ``atol 1e-5 x`` the largest magnitude of that array, with TF32 off (``torch.backends.cudnn``
-  and ``.cuda.matmul`` ``allow_tf32 = False``): convolutions then differ by float32 rounding
-  of other summation orders only (measured on the CPU, float32 against float64: below
-  ``1e-6 x`` scale). PyTorch's default turns TF32 on for cuDNN convolutions (inputs rounded to
-  10 mantissa bits, unit roundoff ~5e-4); under that default the tolerance is ``2e-2 x``
-  scale (:func:`test_cache_on_cuda_with_torch_default_tf32`). Ids, labels and the cache's
-  identity attributes are equal exactly, and ``feature_max`` equals the maxima of the stored
-  features exactly on each device (both are rounded on the device the same way).
+  ``atol 3e-5 x`` the largest magnitude of that array, with TF32 off (cuDNN and cuBLAS
+  ``allow_tf32 = False``): convolutions then differ by float32 rounding of other summation
+  orders only. Measured on the CPU for this net and these images, float32 against float64:
+  at most 4.6e-7 x scale per layer, so the tolerance has a margin of ~60 for the other
+  device's rounding (and cuDNN's Winograd/FFT algorithms). PyTorch's default turns TF32 on for
+  cuDNN convolutions (inputs rounded to 10 mantissa bits, unit roundoff ~5e-4): emulated on
+  the CPU (inputs and weights truncated) it moved the layers by up to 3.1e-3 x scale, so
+  under that default the tolerance is ``2e-2 x`` scale
+  (:func:`test_cache_on_cuda_with_torch_default_tf32`). Ids, labels and the cache's identity
+  attributes are equal exactly, and ``feature_max`` equals the maxima of the stored features
+  exactly on each device (both rounded on the device the same way).
 * **similarity bootstrap**: (a) K <= ``EXACT_K`` keeps float64 class sums (the device does
-  the matmuls, the host the metrics): estimates, intervals and replicates within ``rtol
-  1e-9`` (float64 summation order). (b) K > ``EXACT_K`` with the compiled kernels: float32
-  class sums (``stacked_class_sums`` on the device, then the same host kernels; the CPU fuses
-  the matmul into the kernel pass) differ by float32 rounding (~1e-7 relative), which moves
-  the replicates: ``1e-4`` absolute on Pearson, entropies, KL and JS, ``2e-4`` on the
-  rank-grid Spearman (an entry can cross a grid cell), one top-k swap per row
-  (``2 / (k K)``) on the top-k overlap. Without numba (K > EXACT_K then also runs in
-  float64) the tolerances of (a) apply.
-* **attribution** (captum through the adapter; integrated gradients, saliency, occlusion,
-  Grad-CAM; TF32 off): raw maps within ``1e-4 x`` their largest magnitude per image in the
-  relative Frobenius norm, and elementwise within ``1e-3 x`` it: a gradient is discontinuous
-  where a ReLU's input is 0, so float32 rounding can flip a gate and move a few pixels (rare;
-  the norm stays tight). Occlusion (forward passes only) is compared elementwise at
-  ``1e-4 x`` scale. Targets and predictions are equal exactly (the logits' top-two gap is
-  checked to be far above rounding). captum called directly on CUDA equals the adapter on
-  CUDA to ``rtol 1e-5`` (same kernels; cuDNN set deterministic).
+  the matmuls, the host the metrics): point estimates, intervals and replicates within
+  ``rtol 1e-9`` (float64 summation order). (b) K > ``EXACT_K`` with the compiled kernels:
+  float32 class sums (``stacked_class_sums`` on the device, then the same host kernels, where
+  the CPU fuses each class's matmul into the kernel pass) differ by float32 rounding (~1e-7
+  relative), which moves the replicates: ``1e-4`` absolute on Pearson, entropies, KL and JS,
+  ``2e-4`` on the rank-grid Spearman (an entry may cross a grid cell), one top-k swap per
+  row (``2 / (k K)``) on the top-k overlap; accuracy and top-1 agreement come from the
+  weights alone (1e-12). Emulated on the CPU (the device path, ``fuse=False``, fed exact
+  sums rounded once to float32) the replicates moved by at most 1.4e-8 and no top-k set
+  changed. Without numba, K > EXACT_K also runs in float64 and (a)'s tolerance applies.
+  Point estimates are host float64 on both devices (1e-12).
+* **attribution** (captum through the adapter: integrated gradients, saliency, occlusion,
+  Grad-CAM; TF32 off): per image, the relative Frobenius error of the raw map (and of the
+  channel-reduced map) at most ``1e-3`` and every pixel within ``5e-3 x`` the image's largest
+  magnitude. Why that loose: a gradient is discontinuous where a ReLU's input is 0, and
+  rounding can flip such a gate. Measured on the CPU, float32 against float64 over 75
+  images: typically 2e-7 (Frobenius), but one integrated-gradients image reached 2.0e-4
+  (4.6e-4 x scale at one pixel); occlusion, a difference of nearly equal logits of this
+  random net, up to 3e-5. Targets and predictions are equal exactly (the logits' top-two gap
+  is checked to be far above rounding). captum called directly on CUDA equals the adapter on
+  CUDA to ``rtol 1e-5`` (same kernels, same batches; cuDNN set deterministic). Faithfulness
+  curves (softmax probabilities) within ``1e-6`` absolute, the normalised score within
+  ``2e-6 / min p0`` (CPU float32 against float64: 1.5e-8 and 2e-8). SmoothGrad draws its
+  noise from the input device's generator, so CUDA maps differ from CPU maps by design; on
+  CUDA they are reproducible for a seed (``rtol 1e-6``, deterministic cuDNN).
 * **CKA** (float64 throughout: streamed covariances, Gram matrices, the minibatch unbiased
   HSIC): the matrix within ``1e-10`` absolute; float64 summation order only.
 """
@@ -178,12 +191,12 @@ def test_dissection_on_cuda_equals_cpu(tmp_path):
 
 
 @contextmanager
-def _cuda_flags(*, tf32: bool, deterministic: bool = False):
-    """TF32 (cuDNN convolutions and cuBLAS matmuls) on or off, and cuDNN's deterministic
-    algorithms, restored afterwards. No effect on the CPU."""
+def _cuda_flags(*, conv_tf32: bool, matmul_tf32: bool = False, deterministic: bool = False):
+    """TF32 for cuDNN convolutions and for cuBLAS float32 matmuls on or off, and cuDNN's
+    deterministic algorithms, restored afterwards. No effect on the CPU."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic)
-    cudnn.allow_tf32 = matmul.allow_tf32 = tf32
+    cudnn.allow_tf32, matmul.allow_tf32 = conv_tf32, matmul_tf32
     cudnn.deterministic = deterministic
     try:
         yield
@@ -194,7 +207,7 @@ def _cuda_flags(*, tf32: bool, deterministic: bool = False):
 @pytest.fixture
 def ieee_fp32():
     """Float32 convolutions and matmuls in full float32 on CUDA (TF32 off)."""
-    with _cuda_flags(tf32=False):
+    with _cuda_flags(conv_tf32=False):
         yield
 
 
@@ -251,13 +264,15 @@ def _compare_caches(gpu_path, cpu_path, ds, rtol: float, atol_scale: float) -> N
 def test_cache_on_cuda_equals_cpu(tmp_path, ieee_fp32):
     gpu, ds = _cache_on(CUDA, tmp_path / "gpu.h5")
     cpu, _ = _cache_on(CPU, tmp_path / "cpu.h5")
-    _compare_caches(gpu, cpu, ds, rtol=1e-4, atol_scale=1e-5)
+    _compare_caches(gpu, cpu, ds, rtol=1e-4, atol_scale=3e-5)
 
 
 def test_cache_on_cuda_with_torch_default_tf32(tmp_path):
-    """Under PyTorch's default (TF32 convolutions on Ampere and later) the cache still agrees
-    with the CPU to TF32 precision: no row, layer or image mixed up."""
-    with _cuda_flags(tf32=True):
+    """Under PyTorch's defaults (TF32 for cuDNN convolutions on Ampere and later, not for
+    matmuls) the cache agrees with the CPU to TF32 precision: no row, layer or image mixed up.
+    (On the CPU, emulating TF32 by truncating every convolution's inputs and weights to 10
+    mantissa bits moved this net's layers by at most 3.1e-3 x scale.)"""
+    with _cuda_flags(conv_tf32=True, matmul_tf32=False):
         gpu, ds = _cache_on(CUDA, tmp_path / "gpu.h5")
     cpu, _ = _cache_on(CPU, tmp_path / "cpu.h5")
     _compare_caches(gpu, cpu, ds, rtol=0.0, atol_scale=2e-2)
@@ -419,15 +434,12 @@ def test_attribution_on_cuda_equals_cpu(method, ieee_fp32):
     for name, got, want in (("raw", gpu.raw, cpu.raw), ("maps", gpu.maps, cpu.maps)):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
         assert got.shape == want.shape and got.shape[0] == 3, name
-        if method == "occlusion":  # differences of forward passes: continuous in the input
-            _assert_scaled_close(got, want, rtol=0.0, atol_scale=1e-4, what=f"{method} {name}")
-            continue
-        for i in range(3):  # per image: its own scale
+        for i in range(3):  # per image, on its own scale (see the module docstring)
             scale = float(np.abs(want[i]).max())
             assert scale > 0, f"{method} {name} image {i}: all zero"
             err = np.linalg.norm(got[i] - want[i]) / np.linalg.norm(want[i])
-            assert err <= 1e-4, f"{method} {name} image {i}: relative error {err:.2e}"
-            np.testing.assert_allclose(got[i], want[i], rtol=0, atol=1e-3 * scale,
+            assert err <= 1e-3, f"{method} {name} image {i}: relative error {err:.2e}"
+            np.testing.assert_allclose(got[i], want[i], rtol=0, atol=5e-3 * scale,
                                        err_msg=f"{method} {name} image {i}")
 
 
@@ -447,7 +459,7 @@ def test_captum_direct_on_cuda_equals_the_adapter_on_cuda():
             m.inplace = False
     direct_model = direct_model.to(CUDA).eval()
     xc, yc = x.to(CUDA), y.to(CUDA)
-    with _cuda_flags(tf32=False, deterministic=True):
+    with _cuda_flags(conv_tf32=False, deterministic=True):
         ig = Attribution("integrated_gradients", keep_raw=True, steps=8).run(
             model, x, labels=y, batch_size=4, device=str(CUDA))
         ibs = ig.params["internal_batch_size"]
@@ -465,6 +477,60 @@ def test_captum_direct_on_cuda_equals_the_adapter_on_cuda():
                                    err_msg=name)
         np.testing.assert_allclose(res.maps, np.abs(ref).sum(axis=1), rtol=1e-5,
                                    atol=1e-7 * float(np.abs(ref).sum(axis=1).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_faithfulness_on_cuda_equals_cpu(mode, ieee_fp32):
+    """Deletion / insertion curves: the patch order comes from the same maps on the host,
+    the perturbed forward passes (and the blur baseline) run on the device."""
+    from interptool.analyzers.attribution import Attribution, faithfulness
+
+    model = _attribution_model()
+    x, y = _attribution_batch()
+    maps = Attribution("saliency").run(model, x, labels=y, batch_size=4).maps
+
+    def run(device):
+        return faithfulness(model, x, maps, y.numpy(), mode=mode, patch=8, steps=8,
+                            baseline="blur", batch_size=10, n_boot=200, seed=1,
+                            device=str(device))
+
+    gpu, cpu = run(CUDA), run(CPU)
+    assert gpu.params == cpu.params
+    np.testing.assert_array_equal(gpu.fractions, cpu.fractions)
+    # softmax probabilities in float32: rounding of other summation orders (CPU float32
+    # against float64 here: at most 1.5e-8)
+    for name in ("curves", "auc", "curves_random", "auc_random", "p0"):
+        np.testing.assert_allclose(getattr(gpu, name), getattr(cpu, name), rtol=0, atol=1e-6,
+                                   err_msg=name)
+    assert float(np.ptp(cpu.curves)) > 1e-3  # the perturbations change the probabilities
+    # the normalised score divides a difference of two areas by p0: twice their error over p0
+    atol = 2e-6 / float(cpu.p0.min())
+    np.testing.assert_allclose(gpu.normalised, cpu.normalised, rtol=0, atol=atol)
+    for key in ("auc", "normalised"):
+        g, c = gpu.summary[key], cpu.summary[key]
+        assert g.keys() == c.keys()
+        for field_name, want in c.items():
+            if isinstance(want, (float, np.floating)):
+                assert abs(g[field_name] - want) <= atol, (key, field_name)
+
+
+def test_smoothgrad_on_cuda_is_seeded():
+    """SmoothGrad draws its noise with torch's generator of the input's device: on CUDA that
+    is CUDA's generator, so maps are reproducible there for a seed (not equal to the CPU's,
+    whose stream differs), and another seed gives other maps."""
+    from interptool.analyzers.attribution import Attribution
+
+    model = _attribution_model()
+    x, y = _attribution_batch()
+
+    def run(seed):
+        with _cuda_flags(conv_tf32=False, deterministic=True):
+            return Attribution("smoothgrad", nt_samples=4, stdevs=0.2, seed=seed).run(
+                model, x, labels=y, batch_size=4, device=str(CUDA)).maps
+
+    first, again, other = run(3), run(3), run(4)
+    np.testing.assert_allclose(again, first, rtol=1e-6, atol=0)
+    assert float(np.abs(other - first).max()) > 1e-3 * float(np.abs(first).max())
 
 
 # -- CKA ----------------------------------------------------------------------------------------
