@@ -444,6 +444,34 @@ def test_interrupted_run_is_refused_then_resumed(tmp_path):
     assert_same_content(path, one)
 
 
+def test_resume_with_other_numerics_is_refused_and_files_record_them(tmp_path):
+    """A file records how its rows were rounded (device type; on CUDA the TF32 switches). An
+    incomplete file started on a GPU (numerics edited to say so) is not resumed on the CPU:
+    the rows would mix two roundings; the error names the field and both fixes. A file from
+    before numerics were recorded resumes as before."""
+    from interptool.cache import CacheMismatchError
+    from interptool.cache._format import encode_attr
+
+    model = make_student()
+    path = tmp_path / "r.h5"
+    with pytest.raises(DataError):
+        run_cache(FakeLoaded(model), FakeDataset(12, bad={9}), ["layer4"], path, batch_size=4)
+    with h5py.File(path, "r") as f:
+        assert json.loads(f.attrs["numerics"]) == {"device_type": "cpu"}
+    gpu = {"device_type": "cuda", "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+    with h5py.File(path, "r+") as f:
+        f.attrs["numerics"] = encode_attr("numerics", gpu)
+    with pytest.raises(CacheMismatchError, match=r"numerics.*cuda.*same device.*--overwrite") as e:
+        run_cache(FakeLoaded(model), FakeDataset(12), ["layer4"], path, batch_size=4)
+    assert e.value.fields == ["numerics"]
+    with h5py.File(path, "r+") as f:  # as written before numerics were recorded
+        del f.attrs["numerics"]
+    run = run_cache(FakeLoaded(model), FakeDataset(12), ["layer4"], path, batch_size=4)
+    assert run.status == "resumed"
+    with ActivationCache(path) as c:  # its first rows' numerics are unknown: not claimed
+        assert c.n == 12 and "numerics" not in c.attrs
+
+
 def test_skip_bad_lists_files_and_shrinks(tmp_path):
     model = make_student()
     bad = {2, 8, 9, 10, 11, 17}  # 8..11 is one whole batch

@@ -32,6 +32,7 @@ JSON_ATTRS = (
     "token_grid",
     "distributed",
     "shard",
+    "numerics",
 )
 
 

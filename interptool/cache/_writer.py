@@ -537,6 +537,17 @@ class _Job:
     def name(self) -> str:
         return getattr(self.loaded, "name", "") or str(self.loaded.arch)
 
+    @property
+    def numerics(self) -> dict[str, Any]:
+        """How this run's forward pass rounds: the device type and, on CUDA, torch's TF32
+        switches (on by default for cuDNN convolutions). Recorded in the file; a resume
+        must match it, so a file never mixes rows computed two ways."""
+        out: dict[str, Any] = {"device_type": self.dev.type}
+        if self.dev.type == "cuda":
+            out["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+            out["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        return out
+
     # -- decide: fresh, resume or hit -------------------------------------------------------
     def _decide(self, overwrite: bool) -> tuple[str, dict[str, Any] | None]:
         path = self.path
@@ -569,6 +580,14 @@ class _Job:
                 f"{path}: incomplete cache was started for {have.get('n_total')} images but the "
                 f"data set has {self.n_items}; pass --overwrite to start again",
                 path=path, fields=["n_total"])
+        started = have.get("numerics")  # absent in caches from before it was recorded
+        if started is not None and started != self.numerics:
+            raise CacheMismatchError(
+                f"{path}: this incomplete cache was started with numerics {started} and this "
+                f"run computes with {self.numerics}; resuming would mix rows rounded two ways "
+                "(a GPU's TF32 convolutions differ from the CPU by up to ~1e-3 relative). "
+                "Resume it on the same device with the same TF32 settings, or pass "
+                "--overwrite to start again", path=path, fields=["numerics"])
         return "resumed", have
 
     def hit(self, have: dict[str, Any]) -> CacheRun:
@@ -722,6 +741,7 @@ class _Job:
             # class names travel with the logits so analyzers can label matrices and tables
             "class_names": list(getattr(self.dataset, "class_names", None) or []),
             "threads": self.plan.to_dict(),
+            "numerics": self.numerics,
         }
         # leading (class / distillation / register) tokens of transformer models, when the
         # loader knows them: dissection must drop exactly these before the patch grid
