@@ -276,6 +276,14 @@ def test_cache_on_cuda_with_torch_default_tf32(tmp_path):
         gpu, ds = _cache_on(CUDA, tmp_path / "gpu.h5")
     cpu, _ = _cache_on(CPU, tmp_path / "cpu.h5")
     _compare_caches(gpu, cpu, ds, rtol=0.0, atol_scale=2e-2)
+    from interptool.cache import ActivationCache
+
+    # each file records how it was rounded (a resume must match it)
+    with ActivationCache(gpu) as g, ActivationCache(cpu) as c:
+        tf32 = {"cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+        assert g.attrs["numerics"] == {"device_type": CUDA.type,
+                                       **(tf32 if CUDA.type == "cuda" else {})}
+        assert c.attrs["numerics"] == {"device_type": "cpu"}
 
 
 # -- similarity bootstrap ---------------------------------------------------------------------
