@@ -311,6 +311,22 @@ def test_resume_after_interruption_identical(tmp_path, model):
         np.testing.assert_array_equal(f["targets"][:], y.numpy())
 
 
+def test_store_refuses_to_resume_maps_made_on_another_device(tmp_path, model, batch):
+    """The device type is part of a method's recorded settings: a file whose SmoothGrad maps
+    were computed on CUDA (edited here to say so; torch draws the noise per device) is not
+    resumed or reused on the CPU, which would mix two noise streams."""
+    x, y = batch
+    first = Attribution("smoothgrad", nt_samples=2, seed=3).run(model, x, labels=y, out=tmp_path)
+    assert first.params["device_type"] == "cpu"
+    path = tmp_path / "attributions.h5"
+    with h5py.File(path, "r+") as f:
+        ds = f["attributions/smoothgrad"]
+        params = json.loads(ds.attrs["params"])
+        ds.attrs["params"] = json.dumps({**params, "device_type": "cuda"}, sort_keys=True)
+    with pytest.raises(AnalysisError, match="other settings.*cuda.*overwrite"):
+        Attribution("smoothgrad", nt_samples=2, seed=3).run(model, x, labels=y, out=tmp_path)
+
+
 def test_store_rejects_other_settings_and_several_methods(tmp_path, model, batch):
     x, y = batch
     Attribution("integrated_gradients", steps=4).run(model, x, labels=y, out=tmp_path)

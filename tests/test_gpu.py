@@ -438,7 +438,9 @@ def test_attribution_on_cuda_equals_cpu(method, ieee_fp32):
     np.testing.assert_array_equal(cpu.targets, y.numpy())
     np.testing.assert_array_equal(gpu.predictions, cpu.predictions)
     np.testing.assert_array_equal(cpu.predictions, logits.argmax(1).numpy())
-    assert gpu.params == cpu.params
+    # the same settings; each records the device type it ran on
+    assert {**gpu.params, "device_type": "cpu"} == cpu.params
+    assert (gpu.params["device_type"], cpu.params["device_type"]) == (CUDA.type, "cpu")
     for name, got, want in (("raw", gpu.raw, cpu.raw), ("maps", gpu.maps, cpu.maps)):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
         assert got.shape == want.shape and got.shape[0] == 3, name

@@ -510,7 +510,10 @@ class Attribution:
         shape = src.input_shape()
         info = _model_info(model_or_loaded, model, weights_hash=out is not None)
         # what was actually run: the resolved internal batching and the image sample
-        params = {**self.adapter.effective_params(rows, batch_size), "sample": src.sample}
+        # the device type too: a resumed file must not mix maps computed two ways (rounding,
+        # and SmoothGrad's noise, which torch draws per device from the same seed)
+        params = {**self.adapter.effective_params(rows, batch_size), "sample": src.sample,
+                  "device_type": torch.device(device).type}
 
         store = None
         if out is not None:
