@@ -979,16 +979,18 @@ class BootstrapEvaluator:
 
     Called with resample weights ``W`` (B, N) (how often each image is drawn), it returns
     {(model, temperature or None, metric): (B,)} with the keys of the point estimate. Every
-    model's weighted class sums come from one matmul per class and block
-    (:func:`stacked_class_sums`, on ``device``: one weighted reduction for all resamples of
-    the block); the metrics of each resample from the fused kernels of
-    :mod:`interptool.analyzers.similarity._kernels`, spread over threads. Without numba the
-    metrics come from :class:`Reference` (exact ranks, float64; ~10x slower at K = 1,000).
-    ``block`` is the number of resamples a call should get (memory bound). ``stacked``: the
-    per-sample statistics (one :class:`StackedSamples` per temperature) when the caller
-    already built them for the point estimate. ``workers``: threads (default: :func:`_workers`,
-    recorded in ``threads``); each resample is computed by one thread from its own class sums,
-    so the replicates do not depend on the number of threads.
+    model's weighted class sums come from one matmul per class and block (on ``device``: one
+    weighted reduction for all resamples of the block), the metrics from the fused kernels of
+    :mod:`interptool.analyzers.similarity._kernels`, spread over threads: class by class
+    (:func:`class_major_metrics`, ``class_major``) where rank grids are used and no hierarchy
+    needs whole matrices, else resample by resample (:func:`stacked_class_sums` then
+    :func:`replicate_metrics`). Without numba the metrics come from :class:`Reference` (exact
+    ranks, float64; ~10x slower at K = 1,000). ``block`` is the number of resamples a call
+    should get (memory bound). ``stacked``: the per-sample statistics (one
+    :class:`StackedSamples` per temperature) when the caller already built them for the point
+    estimate. ``workers``: threads (default: :func:`_workers`, recorded in ``threads``); each
+    (resample, row) is computed by one thread, so the replicates do not depend on the number
+    of threads.
     """
 
     def __init__(self, logits: Sequence[np.ndarray], names: Sequence[str], sl: SortedLabels,
