@@ -472,6 +472,54 @@ def test_resume_with_other_numerics_is_refused_and_files_record_them(tmp_path):
         assert c.n == 12 and "numerics" not in c.attrs
 
 
+def test_prefetch_keeps_order_raises_in_place_and_stops():
+    """The decoding thread's iterator: items in order, the source's error raised after the
+    items before it (not earlier), and close() ends a thread blocked on a full queue."""
+    import threading
+
+    from interptool.cache._writer import _Prefetch
+
+    def failing():
+        yield from range(3)
+        raise DataError("img_003.png: cannot decode")
+
+    got = []
+    it = _Prefetch(failing(), depth=1)
+    with pytest.raises(DataError, match="img_003"):
+        for item in it:
+            got.append(item)
+    assert got == [0, 1, 2]
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield len(produced)
+
+    it = _Prefetch(endless(), depth=2)
+    assert [next(it), next(it)] == [1, 2]
+    it.close()
+    assert not any(t.name == "interptool-cache-decode" and t.is_alive()
+                   for t in threading.enumerate())
+    assert len(produced) <= 5  # bounded: two queued, one waiting to be put
+
+
+def test_run_stopped_before_its_first_batch_opens_empty_and_resumes(tmp_path):
+    """The first image fails: the file has its attributes but no datasets yet (they are made
+    with the first batch). Opened with allow_incomplete it holds 0 images (no KeyError);
+    fixed, the same command resumes it to the full cache."""
+    model = make_student()
+    path = tmp_path / "first.h5"
+    with pytest.raises(DataError, match=r"img_000"):
+        run_cache(FakeLoaded(model), FakeDataset(8, bad={0}), ["layer4"], path, batch_size=4)
+    with h5py.File(path, "r") as f:
+        assert "logits" not in f
+    with ActivationCache(path, allow_incomplete=True) as c:
+        assert c.n == 0 and c.ids == [] and c.logits.shape[0] == 0
+    run = run_cache(FakeLoaded(model), FakeDataset(8), ["layer4"], path, batch_size=4)
+    assert run.status == "resumed" and run.images_computed == 8
+
+
 def test_skip_bad_lists_files_and_shrinks(tmp_path):
     model = make_student()
     bad = {2, 8, 9, 10, 11, 17}  # 8..11 is one whole batch

@@ -51,6 +51,17 @@ class ActivationCache:
                 f"{self.path}: incomplete cache ({done} images written; the run that made it "
                 "was interrupted). Re-run the same `interptool cache` command to resume it."
             )
+        if "logits" not in self._file:
+            if self.attrs.get("complete", False) or int(self.attrs.get("n_done", 0)):
+                self.close()
+                raise CacheError(f"{self.path}: the cache has no 'logits' dataset (damaged); "
+                                 "re-create it with `interptool cache ... --overwrite`")
+            # interrupted before its first batch was written: datasets are made with it
+            self.n = 0
+            self.logits = np.zeros((0, 0), np.float32)
+            self.labels = np.zeros(0, np.int64)
+            self.ids = []
+            return
         self.n: int = int(self.attrs.get("n_done", self._file["logits"].shape[0]))
         self.logits: np.ndarray = self._file["logits"][: self.n].astype(np.float32)
         self.labels: np.ndarray = self._file["labels"][: self.n].astype(np.int64)

@@ -25,8 +25,8 @@ Faults (docs/cache-format.md, "Faults"):
   (``CacheDiskFullError``);
 * every batch's maxima and logits are checked for NaN / Inf (``CacheNonFiniteError``).
 
-Throughput: images are decoded by DataLoader workers (sized by :mod:`interptool._resources`)
-while the model runs, and rows are written to HDF5 by a writer thread fed through a bounded
+Throughput: images are decoded by DataLoader workers (sized by :mod:`interptool._resources`),
+or without workers by a thread of this process, while the model runs, and rows are written to HDF5 by a writer thread fed through a bounded
 queue, so the forward pass rarely waits for either.
 """
 
@@ -766,8 +766,6 @@ class _Job:
         if start:
             tds = Subset(tds, range(start, self.n_items))
         w = self.plan.loader_workers
-        if w == 0 and self.plan.torch_threads > 1:
-            tds = _DecodeOnOneThread(tds, self.plan.torch_threads)
         return DataLoader(
             tds,
             batch_size=self.batch_size,
@@ -813,7 +811,10 @@ class _Job:
         bar = progress(total=n_items, desc=f"cache {self.name}", unit="img")
         bar.initial = bar.n = start  # the rate counts only this run's images
         loader = self._loader(start)
-        it = iter(loader)
+        # without workers, a thread decodes the next batches while the model runs (PIL and
+        # torch release the GIL): decoding between batches cost 28 % over a bare forward loop
+        # on 2 quiet cores, against 1-6 % with this thread (benchmarks/bench_cache.py --probe)
+        it = _Prefetch(loader) if self.plan.loader_workers == 0 else iter(loader)
         try:
             with torch_threads(self.plan.torch_threads), torch.inference_mode(), \
                     capture_layers(model, layers, grab) as acts:
@@ -864,6 +865,8 @@ class _Job:
                     item = stop
         finally:
             bar.close()
+            if isinstance(it, _Prefetch):
+                it.close()
             del it, loader
         return computed
 
@@ -902,26 +905,64 @@ class _Job:
             f"likely cause: {cause}{kept}", layer=layer, image=image)
 
 
-class _DecodeOnOneThread(torch.utils.data.Dataset):
-    """Decode (and transform) each image with one torch thread, in the main process.
+class _Prefetch:
+    """Iterate ``source`` in a background thread, ``depth`` items ahead (bounded memory).
 
-    The transform's small tensor ops gain nothing from several intra-op threads, and the idle
-    ones spin: measured on 2 shared cores, a 224 px probe image cost 42-45 ms of CPU with 2
-    threads against 3.5-5 ms with 1. DataLoader workers already use one thread each.
+    Items come out in order; an exception raised by ``source`` is raised again by
+    :meth:`__next__` at its place in the sequence (after the items before it), so errors
+    about a bad image keep their meaning. :meth:`close` stops the thread (also when the
+    consumer stops early: an error in the forward pass, an interrupt).
     """
 
-    def __init__(self, base: Any, threads: int) -> None:
-        self.base, self.threads = base, threads
+    _END = object()
 
-    def __len__(self) -> int:
-        return len(self.base)
+    def __init__(self, source: Any, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True,
+                                        name="interptool-cache-decode")
+        self._thread.start()
 
-    def __getitem__(self, i: int) -> Any:
-        torch.set_num_threads(1)
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, source: Any) -> None:
         try:
-            return self.base[i]
-        finally:
-            torch.set_num_threads(self.threads)
+            for item in source:
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((None, exc))
+            return
+        self._put((self._END, None))
+
+    def __iter__(self) -> _Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        item, exc = self._queue.get()
+        if exc is not None:
+            self.close()
+            raise exc
+        if item is self._END:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a put waiting for room
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)
 
 
 def _finite(feat: torch.Tensor, mx: torch.Tensor) -> bool:
