@@ -811,10 +811,19 @@ class _Job:
         bar = progress(total=n_items, desc=f"cache {self.name}", unit="img")
         bar.initial = bar.n = start  # the rate counts only this run's images
         loader = self._loader(start)
-        # without workers, a thread decodes the next batches while the model runs (PIL and
-        # torch release the GIL): decoding between batches cost 28 % over a bare forward loop
-        # on 2 quiet cores, against 1-6 % with this thread (benchmarks/bench_cache.py --probe)
-        it = _Prefetch(loader) if self.plan.loader_workers == 0 else iter(loader)
+        if self.plan.loader_workers:
+            it = iter(loader)
+        else:
+            # a thread decodes the next batches while the model runs (PIL and torch release
+            # the GIL): decoding between batches took the cache to 1.04-1.35x a bare forward
+            # loop on 2 quiet cores, 0.89-1.00x with this thread (alternating runs,
+            # benchmarks/bench_cache.py --probe 480). Pinning happens in that thread, so it
+            # gets this process's GPU (torchrun), not GPU 0.
+            gpu = None
+            if cuda:
+                gpu = dev.index if dev.index is not None else torch.cuda.current_device()
+            it = _Prefetch(loader, init=None if gpu is None else
+                           (lambda: torch.cuda.set_device(gpu)))
         try:
             with torch_threads(self.plan.torch_threads), torch.inference_mode(), \
                     capture_layers(model, layers, grab) as acts:
@@ -911,14 +920,16 @@ class _Prefetch:
     Items come out in order; an exception raised by ``source`` is raised again by
     :meth:`__next__` at its place in the sequence (after the items before it), so errors
     about a bad image keep their meaning. :meth:`close` stops the thread (also when the
-    consumer stops early: an error in the forward pass, an interrupt).
+    consumer stops early: an error in the forward pass, an interrupt). ``init`` runs first in
+    the thread.
     """
 
     _END = object()
 
-    def __init__(self, source: Any, depth: int = 2) -> None:
+    def __init__(self, source: Any, depth: int = 2, init: Any = None) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._init = init
         self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True,
                                         name="interptool-cache-decode")
         self._thread.start()
@@ -934,6 +945,8 @@ class _Prefetch:
 
     def _fill(self, source: Any) -> None:
         try:
+            if self._init is not None:  # e.g. the CUDA device, which is per thread
+                self._init()
             for item in source:
                 if not self._put((item, None)):
                     return
