@@ -28,12 +28,14 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -252,36 +254,44 @@ def _probe_timing(args: argparse.Namespace) -> None:
                             for i in range(s, min(s + args.batch_size, len(ds)))])
                for s in range(0, len(ds), args.batch_size)]
     dec_s = time.perf_counter() - t0
+    def bare() -> tuple[float, float]:
+        with torch_threads(plan.torch_threads), torch.inference_mode():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for x in batches:
+                loaded.model(x.to(device, non_blocking=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0, time.process_time() - c0
+
+    def cache() -> tuple[float, float, Any, float]:
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "probe.h5"
+            t0, c0 = time.perf_counter(), time.process_time()
+            run = run_cache(loaded, ds, layers, out, batch_size=args.batch_size,
+                            dtype=args.dtype, device=device, threads=args.threads,
+                            workers=args.workers)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            return wall, cpu, run, out.stat().st_size / 2**20
+
     with torch_threads(plan.torch_threads), torch.inference_mode():
         loaded.model(batches[0][:8].to(device))  # warm-up (allocator, oneDNN kernels)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for x in batches:
-            loaded.model(x.to(device, non_blocking=True))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        bw, bc = time.perf_counter() - t0, time.process_time() - c0
-    del batches
-    print(f"  bare forward done: {bw:.2f} s wall, {bc:.2f} s CPU (decoding beforehand: "
-          f"{dec_s:.1f} s)", flush=True)
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "probe.h5"
-        t0, c0 = time.perf_counter(), time.process_time()
-        run = run_cache(loaded, ds, layers, out, batch_size=args.batch_size, dtype=args.dtype,
-                        device=device, threads=args.threads, workers=args.workers)
-        cw, cc = time.perf_counter() - t0, time.process_time() - c0
-        file_mib = out.stat().st_size / 2**20
     n = len(ds)
-    load = os.getloadavg()
     print(f"probe timing: {args.arch} 224px, N={n}, batch {args.batch_size}, layers "
-          f"{args.layers} {args.dtype}, one round; decoding alone took {dec_s:.1f} s "
-          f"({n / dec_s:.1f} img/s, 1 thread)")
-    print(f"  bare forward ({plan.torch_threads} torch threads, pre-decoded): {bw:7.2f} s wall "
-          f"({n / bw:6.1f} img/s), {bc:7.2f} s CPU")
-    print(f"  cache (decode + forward + HDF5, {plan.torch_threads} threads + "
-          f"{plan.loader_workers} workers): {cw:7.2f} s wall ({n / cw:6.1f} img/s), "
-          f"{cc:7.2f} s CPU (this process); {run.summary()}")
-    print(f"  ratio cache/bare: wall {cw / bw:.3f}; file {file_mib:.1f} MiB; load average "
-          f"after {load[0]:.1f}")
+          f"{args.layers} {args.dtype}, {args.repeats} alternating rounds; decoding alone took "
+          f"{dec_s:.1f} s ({n / dec_s:.1f} img/s, 1 thread)", flush=True)
+    ratios = []
+    for r in range(args.repeats):
+        bw, bc = bare()
+        cw, cc, run, file_mib = cache()
+        ratios.append(cw / bw)
+        print(f"  round {r + 1}: bare forward ({plan.torch_threads} torch threads, "
+              f"pre-decoded) {bw:7.2f} s wall ({n / bw:6.1f} img/s), {bc:7.2f} s CPU; cache "
+              f"(decode + forward + HDF5, {plan.torch_threads} threads + "
+              f"{plan.loader_workers} workers) {cw:7.2f} s wall ({n / cw:6.1f} img/s), "
+              f"{cc:7.2f} s CPU; ratio {cw / bw:.3f}; load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"  {run.summary()}; file {file_mib:.1f} MiB")
+    print(f"  ratio cache/bare (wall): median {statistics.median(ratios):.3f}, rounds "
+          + ", ".join(f"{x:.3f}" for x in ratios))
 
 
 if __name__ == "__main__":
