@@ -4,6 +4,7 @@ what the cache records and restores."""
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -114,15 +115,17 @@ def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
     before = torch.get_num_threads()
     from interptool.cache import ActivationCache, run_cache
 
-    decoding: list[int] = []
+    decoding: list[str] = []
 
     class Recording(FakeDataset):
         def on_item(self, i):
-            decoding.append(torch.get_num_threads())
+            decoding.append(threading.current_thread().name)
 
     run = run_cache(FakeLoaded(model), Recording(8), ["layer4"], tmp_path / "t.h5",
                     batch_size=4, threads=2, workers=0)
-    assert decoding == [1] * 8  # images were decoded on one thread (idle ones would spin) ...
+    # without workers, images are decoded by the cache's decode thread, not between batches
+    # on the thread that runs the model ...
+    assert decoding == ["interptool-cache-decode"] * 8
     assert seen == [2, 2]  # ... the forward pass ran with the planned threads ...
     assert torch.get_num_threads() == before  # ... and the caller's setting is back
     with ActivationCache(run.path) as c:
