@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import rankdata
 
 from interptool.analyzers.similarity import (
@@ -433,3 +434,32 @@ def test_cell_ranks_count_keys_into_cells_and_give_average_ranks():
     # rank 4 alone; cell 2 is empty
     np.testing.assert_array_equal(counts[0], [2, 1, 1, 0])
     np.testing.assert_array_equal(table[0, :3], [2.0, 2.0, 4.0])
+
+
+def test_class_sum_products_do_not_depend_on_rows_or_thread():
+    """The class-sum matmuls give each resample's row the same bits whatever the number of
+    rows in its block (MKL sums products of 1-3 rows in another order on some CPUs) and
+    whichever thread runs them: pool threads run torch and MKL on one core, as the calling
+    thread inside _cpu_single_thread (torch.set_num_threads is per thread for MKL; pool
+    threads otherwise used every core and summed some shapes differently)."""
+    rng = np.random.default_rng(5)
+    for n, m in ((3, 7), (8, 6), (50, 5), (300, 13)):
+        Z = torch.from_numpy(rng.standard_normal((n, 894)).astype(np.float32))
+        W = torch.from_numpy(rng.poisson(1.0, (m, n)).astype(np.float32))
+        with _core._cpu_single_thread(torch.device("cpu")):
+            whole = torch.empty(m, 894)
+            _core.rows_matmul(W, Z, whole)
+            for rows in (1, 2, 3):
+                part = torch.empty(rows, 894)
+                _core.rows_matmul(W[:rows], Z, part)
+                assert torch.equal(part, whole[:rows]), (n, m, rows)
+
+            def in_pool(w, z):
+                out = torch.empty(w.shape[0], z.shape[1])
+                _core.rows_matmul(w, z, out)
+                return torch.get_num_threads(), out
+
+            with _core.single_thread_pool(2) as pool:
+                for threads, out in pool.map(in_pool, [W] * 4, [Z] * 4):
+                    assert threads == 1
+                    assert torch.equal(out, whole), (n, m)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -113,6 +114,36 @@ class PerSample:
         return out
 
 
+# MKL's gemm takes another kernel, with another summation order, for products of fewer than
+# 4 rows on some CPUs (AMD EPYC Zen 4, MKL 2024.2: the rows of a 1-3 row product differ in the
+# last bit from the same rows of a larger product; 4 rows and more agree). A resample's sums
+# must not depend on how many resamples share its block (the thread count, the memory bound),
+# so smaller products are padded with zero rows.
+_MIN_GEMM_ROWS = 4
+
+
+def rows_matmul(w: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = w @ m``, each row the same to the bit whatever the number of rows of ``w``."""
+    n = w.shape[0]
+    if n >= _MIN_GEMM_ROWS:
+        torch.matmul(w, m, out=out)
+        return
+    padded = w.new_zeros((_MIN_GEMM_ROWS, w.shape[1]))
+    padded[:n] = w
+    out.copy_(torch.matmul(padded, m)[:n])
+
+
+def single_thread_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads whose torch (and MKL) calls each run on one core.
+
+    torch.set_num_threads sets MKL's thread count for the calling thread only
+    (mkl_set_num_threads_local), so a matmul in a plain pool thread ran on MKL's default of
+    every core: oversubscribed, and on some shapes summed in another order than the same
+    matmul on the calling thread (replicates then depended on the thread count)."""
+    return ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads,
+                              initargs=(1,), thread_name_prefix="interptool-bootstrap")
+
+
 @contextmanager
 def _cpu_single_thread(dev: torch.device) -> Iterator[None]:
     """Run the per-class matmuls on one CPU thread: they are small (B x n_i x K), and a
@@ -152,7 +183,7 @@ def weighted_class_sums(
             a, z = int(sl.starts[i]), int(sl.stops[i])
             if a == z:
                 continue
-            torch.matmul(Wt[:, a:z], per.segment(i).to(dev), out=acc[i])
+            rows_matmul(Wt[:, a:z], per.segment(i).to(dev), acc[i])
     out = acc.transpose(0, 1).cpu().numpy()
     return out[:, :, :k], out[:, :, k], out[:, :, k + 1]
 
@@ -553,14 +584,12 @@ def stacked_class_sums(W: np.ndarray, st: StackedSamples, workers: int = 1,
         for i in classes:
             a, z = int(sl.starts[i]), int(sl.stops[i])
             if a != z:
-                torch.matmul(Wt[:, a:z], st.segment(i), out=acc[i])
+                rows_matmul(Wt[:, a:z], st.segment(i), acc[i])
 
     with _cpu_single_thread(dev):
         if dev.type == "cpu" and workers > 1 and k > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             step = -(-k // workers)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with single_thread_pool(workers) as pool:
                 list(pool.map(run, [range(a, min(k, a + step)) for a in range(0, k, step)]))
         else:
             run(range(k))
@@ -698,8 +727,6 @@ def replicate_metrics(sums: np.ndarray, counts: np.ndarray, num_models: int, k: 
             out[key][r] = v
 
     if workers > 1 and b > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=min(workers, b)) as pool:
             list(pool.map(one, range(b)))
     else:
@@ -870,7 +897,6 @@ def class_major_metrics(W: np.ndarray, st: StackedSamples, counts: np.ndarray, k
     class sums of a sub-block of resamples come from :func:`stacked_class_sums` first (on an
     accelerator: one batched reduction there, one copy to the host).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     from interptool.analyzers.similarity._kernels import kernel
 
@@ -889,7 +915,7 @@ def class_major_metrics(W: np.ndarray, st: StackedSamples, counts: np.ndarray, k
     step = max(1, -(-kk // (8 * workers)))  # small chunks: a stalled thread is caught up
     chunks = [range(a, min(kk, a + step)) for a in range(0, kk, step)]
     fuse = st.device.type == "cpu" if fuse is None else bool(fuse)
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    pool = single_thread_pool(workers) if workers > 1 else None
 
     def each(fn, items) -> None:
         if pool is None:
@@ -908,7 +934,7 @@ def class_major_metrics(W: np.ndarray, st: StackedSamples, counts: np.ndarray, k
                 for i in classes:
                     a, z = int(sl.starts[i]), int(sl.stops[i])
                     if a != z:
-                        torch.matmul(Wt[:, a:z], st.segment(i), out=Yt)
+                        rows_matmul(Wt[:, a:z], st.segment(i), Yt)
                         rows(Y, i, cinv, valid, *args, U, rowacc, rowent)
 
             with _cpu_single_thread(st.device):

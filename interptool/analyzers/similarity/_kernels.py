@@ -67,7 +67,8 @@ def _compile() -> None:
     _log32_jit = njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")(_log_row32)
     _COMPILED["log32"] = _log32_jit
     _COMPILED["replicate"] = njit(cache=True, nogil=True)(_replicate)
-    global _topk_jit
+    global _topk_jit, _insert_jit
+    _insert_jit = njit(cache=True, nogil=True, inline="always")(_insert_sorted)
     _topk_jit = njit(cache=True, nogil=True)(_topk_row)
     _COMPILED["topk"] = _topk_jit
     _COMPILED["class_rows"] = njit(cache=True, nogil=True)(_class_rows)
@@ -222,7 +223,7 @@ _SQRT2 = math.sqrt(2.0)
 # 2 atanh(s) = 2 s + 2 s^3 / 3 + 2 s^5 / 5 + ...; |s| <= 0.1716 after the range reduction,
 # so terms to s^23 leave a truncation error below 2^-60 relative
 _ATANH = tuple(2.0 / (2 * n + 1) for n in range(1, 12))
-_row_jit = _pair_jit = _log_jit = _log32_jit = _topk_jit = None
+_row_jit = _pair_jit = _log_jit = _log32_jit = _topk_jit = _insert_jit = None
 
 
 def _log_row(vals, vbits, mant, mbits, expo, ebits, out):  # pragma: no cover - numba
@@ -410,6 +411,17 @@ def _replicate(X, r, cinv, valid, k, width, shifts, kmins, luts, lutlens, hist, 
 _TOPK_CHUNK = 32
 
 
+def _insert_sorted(tv, out, p, v, j):  # pragma: no cover - numba
+    """Put value ``v`` (column ``j``) into the descending list ``tv``/``out`` at slot ``p``
+    or above, shifting the smaller entries down one (the entry at ``p`` is dropped)."""
+    while p > 0 and tv[p - 1] < v:
+        tv[p] = tv[p - 1]
+        out[p] = out[p - 1]
+        p -= 1
+    tv[p] = v
+    out[p] = j
+
+
 def _topk_row(row, skip, k, tv, out):  # pragma: no cover - numba
     """Indices of the ``k`` largest entries of ``row`` other than ``row[skip]`` into ``out``
     (descending; ties keep the lower index, as :func:`_row_pass`). ``tv``: float64 scratch
@@ -421,15 +433,8 @@ def _topk_row(row, skip, k, tv, out):  # pragma: no cover - numba
     j = 0
     while j < n and filled < k:
         if j != skip:
-            v = np.float64(row[j])
-            p = filled
+            _insert_jit(tv, out, filled, np.float64(row[j]), j)
             filled += 1
-            while p > 0 and tv[p - 1] < v:
-                tv[p] = tv[p - 1]
-                out[p] = out[p - 1]
-                p -= 1
-            tv[p] = v
-            out[p] = j
         j += 1
     while j < n:
         e = min(j + _TOPK_CHUNK, n)
@@ -442,13 +447,7 @@ def _topk_row(row, skip, k, tv, out):  # pragma: no cover - numba
                 v = np.float64(row[q])
                 if q == skip or not v > tv[k - 1]:
                     continue
-                p = k - 1
-                while p > 0 and tv[p - 1] < v:
-                    tv[p] = tv[p - 1]
-                    out[p] = out[p - 1]
-                    p -= 1
-                tv[p] = v
-                out[p] = q
+                _insert_jit(tv, out, k - 1, v, q)
         j = e
 
 
