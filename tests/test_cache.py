@@ -134,8 +134,11 @@ class FakeDataset:
         return _TorchDS(self, transform, skip_bad)
 
 
-def direct_outputs(model, ds, layers, batch_size, transform=None, keep=None):
-    """Logits and layer outputs computed here with our own hooks, batch by batch."""
+def direct_outputs(model, ds, layers, batch_size, transform=None, keep=None,
+                   channels_last=True):
+    """Logits and layer outputs computed here with our own hooks, batch by batch; by default
+    from channels-last input, as the cache feeds convolutional models on the CPU (the
+    default layout rounds differently in the last bits)."""
     transform = transform or FakePre().eval_transform()
     modules = dict(model.named_modules())
     store: dict[str, list] = {k: [] for k in layers}
@@ -149,6 +152,8 @@ def direct_outputs(model, ds, layers, batch_size, transform=None, keep=None):
         with torch.no_grad():
             for s in range(0, len(idx), batch_size):
                 x = torch.stack([transform(ds.load_image(i)) for i in idx[s : s + batch_size]])
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 logits.append(model(x))
     finally:
         for h in handles:
@@ -457,7 +462,8 @@ def test_resume_with_other_numerics_is_refused_and_files_record_them(tmp_path):
     with pytest.raises(DataError):
         run_cache(FakeLoaded(model), FakeDataset(12, bad={9}), ["layer4"], path, batch_size=4)
     with h5py.File(path, "r") as f:
-        assert json.loads(f.attrs["numerics"]) == {"device_type": "cpu"}
+        assert json.loads(f.attrs["numerics"]) == {"device_type": "cpu",
+                                                   "memory_format": "channels_last"}
     gpu = {"device_type": "cuda", "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
     with h5py.File(path, "r+") as f:
         f.attrs["numerics"] = encode_attr("numerics", gpu)
@@ -470,6 +476,64 @@ def test_resume_with_other_numerics_is_refused_and_files_record_them(tmp_path):
     assert run.status == "resumed"
     with ActivationCache(path) as c:  # its first rows' numerics are unknown: not claimed
         assert c.n == 12 and "numerics" not in c.attrs
+
+
+class _FlattensWithView(torch.nn.Module):
+    """A conv model whose head assumes default strides (``view``), as older code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 32 * 32, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_channels_last_input_by_default_on_cpu_else_the_default_layout(tmp_path):
+    """Conv models get channels-last input on the CPU (faster oneDNN convolutions), recorded
+    in numerics; their values equal a direct channels-last forward to the bit and a
+    default-layout forward to float rounding. ``channels_last=False`` gives the default
+    layout's values to the bit. A model that cannot take channels-last input (a ``view`` on
+    a conv output) keeps the default layout by itself, and demanding it is a clear error."""
+    from interptool.cache._errors import CacheError
+
+    model = make_student()
+    ds = FakeDataset(12)
+    layers = ["layer3", "layer4"]
+    cl_logits, cl_feats = direct_outputs(model, ds, layers, 4)
+    plain_logits, plain_feats = direct_outputs(model, ds, layers, 4, channels_last=False)
+    assert not np.array_equal(cl_feats["layer3"], plain_feats["layer3"])  # rounding differs
+    np.testing.assert_allclose(cl_logits, plain_logits, rtol=1e-4, atol=1e-6)
+    auto = cache_activations(FakeLoaded(model), ds, layers, tmp_path / "auto.h5", batch_size=4,
+                             dtype="float32")
+    off = cache_activations(FakeLoaded(model), ds, layers, tmp_path / "off.h5", batch_size=4,
+                            dtype="float32", channels_last=False)
+    for path, (want_logits, want_feats), numerics in (
+            (auto, (cl_logits, cl_feats), {"device_type": "cpu",
+                                           "memory_format": "channels_last"}),
+            (off, (plain_logits, plain_feats), {"device_type": "cpu"})):
+        with ActivationCache(path) as c:
+            assert c.attrs["numerics"] == numerics
+            np.testing.assert_array_equal(c.logits, want_logits)
+            for k in layers:
+                np.testing.assert_array_equal(c.features(k)[:], want_feats[k])
+
+    viewer = _FlattensWithView().eval()
+    with pytest.raises(RuntimeError, match="view"):  # the fault is real
+        viewer(torch.zeros(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    path = cache_activations(FakeLoaded(viewer), ds, ["conv"], tmp_path / "v.h5", batch_size=4,
+                             dtype="float32")
+    logits, feats = direct_outputs(viewer, ds, ["conv"], 4, channels_last=False)
+    with ActivationCache(path) as c:
+        assert c.attrs["numerics"] == {"device_type": "cpu"}
+        np.testing.assert_array_equal(c.logits, logits)
+        np.testing.assert_array_equal(c.features("conv")[:], feats["conv"])
+    with pytest.raises(CacheError, match="channels-last.*channels_last=None or False"):
+        cache_activations(FakeLoaded(viewer), ds, ["conv"], tmp_path / "v2.h5", batch_size=4,
+                          channels_last=True)
 
 
 def test_prefetch_keeps_order_raises_in_place_and_stops():
@@ -626,7 +690,8 @@ def test_real_model_and_concept_world(tmp_path, capsys):
     try:
         with torch.no_grad():
             x = torch.stack([tf(ds.load_image(i)) for i in range(16)])
-            logits = loaded.model(x)
+            # the cache feeds conv models channels-last on the CPU (same values to the bit)
+            logits = loaded.model(x.contiguous(memory_format=torch.channels_last))
     finally:
         h.remove()
     with ActivationCache(path) as c:

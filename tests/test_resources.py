@@ -126,7 +126,9 @@ def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
     # without workers, images are decoded by the cache's decode thread, not between batches
     # on the thread that runs the model ...
     assert decoding == ["interptool-cache-decode"] * 8
-    assert seen == [2, 2]  # ... the forward pass ran with the planned threads ...
+    # ... the forward pass ran with the planned threads (the input-layout check on one blank
+    # image, then two batches) ...
+    assert seen == [2, 2, 2]
     assert torch.get_num_threads() == before  # ... and the caller's setting is back
     with ActivationCache(run.path) as c:
         assert c.attrs["threads"] == {"available": 2, "requested": 2, "total": 2,
