@@ -580,7 +580,7 @@ class _Job:
         if wanted is None and (self.dev.type != "cpu" or not any(
                 isinstance(m, torch.nn.Conv2d) for m in model.modules())):
             return False
-        x = torch.zeros((1, *pre.input_size), device=self.dev, dtype=_input_dtype(model))
+        x = _blank_input(model, pre, self.dev)
         try:
             with torch_threads(self.plan.torch_threads), torch.inference_mode():
                 model(x.contiguous(memory_format=torch.channels_last))
@@ -1369,6 +1369,11 @@ def _shrink(f: h5py.File, n: int) -> None:
         ds.resize(n, axis=0)
 
 
+def _blank_input(model: torch.nn.Module, pre: Any, dev: torch.device) -> torch.Tensor:
+    """One zero image of the model's input size, dtype and device (shape and layout probes)."""
+    return torch.zeros((1, *pre.input_size), device=dev, dtype=_input_dtype(model))
+
+
 def _create_from_dummy(
     f: h5py.File,
     model: torch.nn.Module,
@@ -1381,7 +1386,7 @@ def _create_from_dummy(
     ids: list[str],
 ) -> None:
     """Learn output shapes from one zero input when no image could be read at all."""
-    x = torch.zeros((1, *pre.input_size), device=dev, dtype=_input_dtype(model))
+    x = _blank_input(model, pre, dev)
     with torch.inference_mode(), capture_layers(model, layers) as acts:
         logits = model(x)
     feats = {k: (tuple(v.shape[1:]), tuple(_maxima(v).shape[1:])) for k, v in acts.items()}

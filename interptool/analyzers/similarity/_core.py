@@ -897,7 +897,6 @@ def class_major_metrics(W: np.ndarray, st: StackedSamples, counts: np.ndarray, k
     class sums of a sub-block of resamples come from :func:`stacked_class_sums` first (on an
     accelerator: one batched reduction there, one copy to the host).
     """
-
     from interptool.analyzers.similarity._kernels import kernel
 
     sl = st.sl
