@@ -5,7 +5,8 @@ On a CUDA device it (1) generates (or reuses) ``builtin:concept-world?version=1&
 probe tensors (the floor), (3) times ``cache_activations`` (decoding, forward, HDF5 writes)
 and (4) times ``Dissection(device="cuda").run`` (thresholds + tally) on that cache, then prints
 images/s for each and the analysis time as a share of the forward time (target: at most
-10 %). Exits 2 with "needs a GPU" where CUDA is not available.
+10 %). Exits 2 with "needs a GPU" where CUDA is not available. ``--device cpu`` runs the same
+steps on the CPU (a smoke check of the script, which the test suite runs on a few images).
 
 Usage::
 
@@ -24,25 +25,26 @@ from pathlib import Path
 import torch
 
 
-def _sync() -> None:
-    torch.cuda.synchronize()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def bare_forward(loaded, probe, batch_size: int) -> tuple[float, int]:
+def bare_forward(loaded, probe, batch_size: int, device: torch.device) -> tuple[float, int]:
     """Seconds for the model alone over the probe's images, decoded and on the GPU first."""
     tds = probe.torch_dataset(loaded.preprocessing.probe_transform(), skip_bad=False)
     batches = []
     for s in range(0, len(tds), batch_size):
         xs = [tds[i][0] for i in range(s, min(s + batch_size, len(tds)))]
-        batches.append(torch.stack(xs).cuda(non_blocking=True))
+        batches.append(torch.stack(xs).to(device, non_blocking=True))
     model = loaded.model
     with torch.inference_mode():
         model(batches[0])  # warm-up (cuDNN autotune, allocations)
-        _sync()
+        _sync(device)
         t0 = time.perf_counter()
         for x in batches:
             model(x)
-        _sync()
+        _sync(device)
     return time.perf_counter() - t0, sum(len(x) for x in batches)
 
 
@@ -54,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", default="layer4")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_gpu"))
+    ap.add_argument("--device", default="cuda", help="cpu: smoke check of the script")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py: needs a GPU (torch.cuda.is_available() is False)")
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     probe = open_dataset(f"builtin:concept-world?version=1&n={args.n}&size={args.size}")
     loaded = load_model(args.arch, num_classes=10, image_size=(args.size, args.size),
-                        device="cuda")
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+                        device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; "
           f"{os.cpu_count()} CPUs; probe {probe.spec}; {args.arch} {args.layer}")
 
-    t_bare, n_bare = bare_forward(loaded, probe, args.batch_size)
+    t_bare, n_bare = bare_forward(loaded, probe, args.batch_size, device)
     print(f"bare forward (decoded tensors already on the GPU): {n_bare / t_bare:.0f} images/s "
           f"({t_bare:.2f} s)")
 
@@ -80,23 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     cache_activations(loaded, probe, [args.layer], path, batch_size=args.batch_size,
-                      dtype="float16", probe=True, device="cuda")
-    _sync()
+                      dtype="float16", probe=True, device=device)
+    _sync(device)
     t_cache = time.perf_counter() - t0
     print(f"cache (decode + forward + write): {args.n / t_cache:.0f} images/s ({t_cache:.2f} s; "
           f"{t_cache / t_bare:.2f}x the bare forward)")
 
     for run in range(2):  # the first run includes CUDA context and kernel warm-up
         t0 = time.perf_counter()
-        res = Dissection(device="cuda", batch_size=args.batch_size, checksum=False).run(
+        res = Dissection(device=device, batch_size=args.batch_size, checksum=False).run(
             path, args.layer, probe)
-        _sync()
+        _sync(device)
         t_an = time.perf_counter() - t0
-        print(f"dissection analysis, run {run + 1} (thresholds + tally on cuda): {t_an:.2f} s, "
+        print(f"dissection analysis, run {run + 1} (thresholds + tally on {device.type}): {t_an:.2f} s, "
               f"{args.n / t_an:.0f} images/s; {100 * t_an / t_bare:.1f} % of the bare forward "
               f"time, {100 * t_an / t_cache:.1f} % of the cache time; "
               f"{len(res.detectors())} detectors")
-    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     return 0
 
 
