@@ -72,11 +72,45 @@ def _own_cgroup_dirs(root: Path) -> list[Path]:
     return dirs
 
 
+def _own_v1_cpu_dirs(root: Path) -> list[Path]:
+    """cgroup v1: the ``cpu`` controller's folders of this process, innermost first.
+
+    ``/proc/self/cgroup`` names the group per controller (``5:cpu,cpuacct:/slurm/job1``); the
+    controller is mounted at ``root/cpu`` (or ``root/cpu,cpuacct``). A host path that does not
+    exist under the mount (a container whose group is mounted as the root) is skipped: the
+    mount's root is then this process's group.
+    """
+    bases = [b for b in (root / "cpu", root / "cpu,cpuacct") if b.is_dir()] or [root / "cpu"]
+    base = bases[0]
+    dirs: list[Path] = []
+    for line in (_read(PROC_CGROUP) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "cpu" in parts[1].split(","):
+            rel = parts[2].strip("/")
+            p = base / rel if rel else base
+            while p != base and base in p.parents:
+                dirs.append(p)
+                p = p.parent
+    dirs.append(base)
+    dirs.append(root)  # a v1 controller mounted directly at the root (some containers)
+    return dirs
+
+
+def _v1_quota(d: Path) -> float | None:
+    quota_s, period_s = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+    try:
+        quota, period = float(quota_s or -1), float(period_s or -1)
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None  # -1: v1's "no limit"
+
+
 def cgroup_cpu_limit(root: str | os.PathLike | None = None) -> float | None:
     """The cgroup CPU quota in cores (e.g. 1.5), or ``None`` when there is none.
 
-    cgroup v2: ``cpu.max`` (``"QUOTA PERIOD"`` or ``"max PERIOD"``), the tightest along our
-    group and its parents; cgroup v1: ``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+    cgroup v2: ``cpu.max`` (``"QUOTA PERIOD"`` or ``"max PERIOD"``); cgroup v1:
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``. Either way the tightest along our group and
+    its parents (a Slurm job's or a systemd slice's limit is set on a parent).
     """
     base = Path(root) if root is not None else CGROUP_ROOT
     limits: list[float] = []
@@ -93,15 +127,8 @@ def cgroup_cpu_limit(root: str | os.PathLike | None = None) -> float | None:
                     limits.append(quota / period)
     if limits:
         return min(limits)
-    quota_s = _read(base / "cpu" / "cpu.cfs_quota_us") or _read(base / "cpu.cfs_quota_us")
-    period_s = _read(base / "cpu" / "cpu.cfs_period_us") or _read(base / "cpu.cfs_period_us")
-    try:
-        quota, period = float(quota_s or -1), float(period_s or -1)
-    except ValueError:
-        return None
-    if quota > 0 and period > 0:
-        return quota / period
-    return None
+    v1 = [q for q in map(_v1_quota, _own_v1_cpu_dirs(base)) if q is not None]
+    return min(v1) if v1 else None
 
 
 def available_cpus(cgroup_root: str | os.PathLike | None = None) -> int:
@@ -165,7 +192,8 @@ def plan_threads(
     none below 3 cores, where a decoding process would take a whole core from the forward
     pass (costlier than decoding in between batches); otherwise about one in six cores,
     since decoding a probe image costs a small fraction of its forward pass. Explicit workers
-    are kept (up to the available cores less one) and the forward pass gets the rest.
+    are kept (up to the budget less one core) and the forward pass gets the rest: with
+    ``requested`` the two together stay within it.
 
     Raises:
         ConfigError: ``requested`` or ``workers`` is negative, or ``local_ranks`` < 1.
@@ -189,6 +217,9 @@ def plan_threads(
     if workers is None:
         workers = 0 if budget < 3 else max(1, round(budget / 6))
         threads = max(1, budget - workers)
+    elif requested:  # --threads is the total: explicit workers come out of it
+        workers = min(workers, budget - 1)
+        threads = budget - workers
     else:
         workers = min(workers, cores - 1)
         threads = max(1, min(budget, cores - workers))

@@ -80,6 +80,63 @@ def test_cgroup_v1_quota(machine):
     assert available_cpus() == 8
 
 
+def test_cgroup_v1_quota_of_own_group_and_parents(machine):
+    """A Slurm job or systemd slice sets the v1 quota on the process's own group (or a
+    parent), not on the controller's root."""
+    machine.cores(16)
+    machine.own_group("")  # v2 entry at the root: no v2 limit
+    (Path(res.PROC_CGROUP)).write_text("12:cpu,cpuacct:/slurm/job1/step0\n0::/\n")
+    machine.write("cpu/cpu.cfs_quota_us", "-1")
+    machine.write("cpu/cpu.cfs_period_us", "100000")
+    machine.write("cpu/slurm/job1/cpu.cfs_quota_us", "150000")  # the job: 1.5 cores
+    machine.write("cpu/slurm/job1/cpu.cfs_period_us", "100000")
+    machine.write("cpu/slurm/job1/step0/cpu.cfs_quota_us", "-1")
+    machine.write("cpu/slurm/job1/step0/cpu.cfs_period_us", "100000")
+    assert cgroup_cpu_limit() == pytest.approx(1.5) and available_cpus() == 1
+    machine.write("cpu/slurm/job1/step0/cpu.cfs_quota_us", "50000")  # tighter still
+    assert cgroup_cpu_limit() == pytest.approx(0.5) and available_cpus() == 1
+    # a host path that is not under the mount (a container's own group mounted as the root)
+    Path(res.PROC_CGROUP).write_text("12:cpu,cpuacct:/docker/abc\n")
+    machine.write("cpu/cpu.cfs_quota_us", "300000")
+    assert available_cpus() == 3
+
+
+def test_explicit_threads_and_workers_stay_within_the_threads(machine):
+    machine.cores(8)
+    p = plan_threads(2, workers=2)  # --threads 2 --workers 2: 2 cores in total, not 4
+    assert (p.total, p.torch_threads, p.loader_workers) == (2, 1, 1)
+    p = plan_threads(1, workers=3)
+    assert (p.total, p.torch_threads, p.loader_workers) == (1, 1, 0)
+    p = plan_threads(6, workers=2)
+    assert (p.total, p.torch_threads, p.loader_workers) == (6, 4, 2)
+
+
+@pytest.mark.parametrize("omp,want", [("1", (4, 3, 1)), ("2", (2, 2, 0)), (None, (2, 2, 0))])
+def test_torchruns_omp_default_is_not_a_thread_limit(tmp_path, machine, monkeypatch, omp, want):
+    """torchrun sets OMP_NUM_THREADS=1 for every rank when it starts several per node; each
+    rank still gets its share of the cores (8 cores / 2 local ranks here). A caller's own
+    torch limit (2 threads here) is kept otherwise."""
+    from interptool.cache._writer import _make_job
+
+    machine.cores(8)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if omp != "1" else 1)
+    try:
+        job = _make_job(FakeLoaded(make_student()), FakeDataset(4), ["layer4"], tmp_path / "t.h5",
+                        batch_size=4, workers=None, threads=None, dtype="float32",
+                        compression=None, skip_bad=False, probe=None, seed=0, device="cpu",
+                        local_ranks=2)
+    finally:
+        torch.set_num_threads(before)
+    plan = job.plan
+    assert (plan.total, plan.torch_threads, plan.loader_workers) == want
+    assert plan.available == 4 and plan.source == "affinity/ranks"
+
+
 def test_plan_never_exceeds_the_cores(machine):
     machine.cores(8)
     p = plan_threads()

@@ -502,8 +502,14 @@ def _make_job(
     transform = pre.probe_transform() if use_probe else pre.eval_transform()
     # Without --threads, a caller that limited torch's threads keeps its limit (and its
     # numbers: float reductions may round differently with another thread count).
-    plan = plan_threads(threads, workers=workers, cap=torch.get_num_threads(),
-                        local_ranks=local_ranks)
+    cap: int | None = torch.get_num_threads()
+    if local_ranks > 1 and os.environ.get("OMP_NUM_THREADS") == "1":
+        # torchrun sets OMP_NUM_THREADS=1 in every process when it starts several per node
+        # (unless it was set already): taken as a limit, it would leave each rank one core of
+        # its share and no decoding workers. The ranks already divide the cores between them
+        # (local_ranks); --threads is how to ask for fewer.
+        cap = None
+    plan = plan_threads(threads, workers=workers, cap=cap, local_ranks=local_ranks)
 
     want: dict[str, Any] = {
         "arch": str(loaded.arch),
