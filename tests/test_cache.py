@@ -478,6 +478,45 @@ def test_resume_with_other_numerics_is_refused_and_files_record_them(tmp_path):
         assert c.n == 12 and "numerics" not in c.attrs
 
 
+_PRECISION_PROBE = """
+import json, torch
+from interptool.cache._writer import fp32_precision
+b = torch.backends
+seen = [fp32_precision()]                      # torch's defaults
+b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = False, True  # the legacy switches
+seen.append(fp32_precision())
+b.cudnn.conv.fp32_precision = "tf32"           # the per-operation settings: reading the
+torch.set_float32_matmul_precision("highest")  # legacy switches now raises
+seen.append(fp32_precision())
+b.cudnn.conv.fp32_precision = "none"           # inherits from its parents
+b.cudnn.fp32_precision = "ieee"
+seen.append(fp32_precision())
+print(json.dumps(seen))
+"""
+
+
+def test_cuda_numerics_are_read_through_torchs_precision_settings():
+    """Since torch 2.9, reading the legacy allow_tf32 switches raises once a program used the
+    per-operation precision settings: the cache reads the effective setting of each instead
+    (in a child process: these are process-wide switches). Old files' booleans compare the
+    same way."""
+    import subprocess
+    import sys
+
+    from interptool.cache._writer import canonical_numerics
+
+    run = subprocess.run([sys.executable, "-c", _PRECISION_PROBE], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    pairs = [(d["conv_fp32_precision"], d["matmul_fp32_precision"]) for d in seen]
+    assert pairs == [("tf32", "ieee"), ("ieee", "tf32"), ("tf32", "ieee"), ("ieee", "ieee")]
+    legacy = {"device_type": "cuda", "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+    assert canonical_numerics(legacy) == {"device_type": "cuda", "conv_fp32_precision": "tf32",
+                                          "matmul_fp32_precision": "ieee"}
+    assert canonical_numerics({"device_type": "cpu"}) == {"device_type": "cpu"}
+
+
 class _FlattensWithView(torch.nn.Module):
     """A conv model whose head assumes default strides (``view``), as older code does."""
 

@@ -286,7 +286,7 @@ def test_cache_on_cuda_with_torch_default_tf32(tmp_path):
 
     # each file records how it was rounded (a resume must match it)
     with ActivationCache(gpu) as g, ActivationCache(cpu) as c:
-        tf32 = {"cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+        tf32 = {"conv_fp32_precision": "tf32", "matmul_fp32_precision": "ieee"}
         # a conv net on the CPU is fed channels-last input (oneDNN); CUDA keeps the default
         on_cpu = {"device_type": "cpu", "memory_format": "channels_last"}
         assert g.attrs["numerics"] == ({"device_type": "cuda", **tf32}

@@ -527,6 +527,42 @@ def _make_job(
                 channels_last_wanted=channels_last)
 
 
+def _first_set(*levels: str) -> str:
+    """torch's precision settings inherit from their parent where they say ``"none"``; the
+    root's ``"none"`` is full float32."""
+    return next((v for v in levels if v != "none"), "ieee")
+
+
+def fp32_precision() -> dict[str, str]:
+    """How CUDA rounds float32 convolutions and matmuls now: ``"tf32"`` or ``"ieee"`` each.
+
+    Read through torch's per-operation settings (``torch.backends.cudnn.conv.fp32_precision``
+    and ``torch.backends.cuda.matmul.fp32_precision``, each inheriting from its parents):
+    once a program has used them, reading the legacy ``allow_tf32`` switches raises. Torch
+    versions without them (before 2.9) are read through the legacy switches.
+    """
+    b = torch.backends
+    try:
+        root = b.fp32_precision
+        conv = _first_set(b.cudnn.conv.fp32_precision, b.cudnn.fp32_precision, root)
+        matmul = _first_set(b.cuda.matmul.fp32_precision, root)
+    except AttributeError:  # torch < 2.9
+        conv = "tf32" if b.cudnn.allow_tf32 else "ieee"
+        matmul = "tf32" if b.cuda.matmul.allow_tf32 else "ieee"
+    return {"conv_fp32_precision": conv, "matmul_fp32_precision": matmul}
+
+
+def canonical_numerics(numerics: dict[str, Any]) -> dict[str, Any]:
+    """``numerics`` as this version records them: files written before the per-operation
+    settings recorded TF32 as ``cudnn_allow_tf32`` / ``matmul_allow_tf32`` booleans."""
+    out = dict(numerics)
+    for old, new in (("cudnn_allow_tf32", "conv_fp32_precision"),
+                     ("matmul_allow_tf32", "matmul_fp32_precision")):
+        if old in out:
+            out[new] = "tf32" if out.pop(old) else "ieee"
+    return out
+
+
 @dataclass
 class _Job:
     """Everything one file's run needs; :meth:`run` is called with the output lock held."""
@@ -563,8 +599,7 @@ class _Job:
         must match it, so a file never mixes rows computed two ways."""
         out: dict[str, Any] = {"device_type": self.dev.type}
         if self.dev.type == "cuda":
-            out["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
-            out["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+            out.update(fp32_precision())
         if self.channels_last:  # absent for the default layout: older files still resume
             out["memory_format"] = "channels_last"
         return out
@@ -633,7 +668,7 @@ class _Job:
                 f"data set has {self.n_items}; pass --overwrite to start again",
                 path=path, fields=["n_total"])
         started = have.get("numerics")  # absent in caches from before it was recorded
-        if started is not None and started != self.numerics:
+        if started is not None and canonical_numerics(started) != self.numerics:
             raise CacheMismatchError(
                 f"{path}: this incomplete cache was started with numerics {started} and this "
                 f"run computes with {self.numerics}; resuming would mix rows rounded two ways "
