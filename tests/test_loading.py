@@ -579,6 +579,9 @@ def test_no_checkpoint_init_is_seeded_and_leaves_global_rng_alone():
 def test_device_errors():
     with pytest.raises(ConfigError, match="not a torch device"):
         load_model(ARCH, device="gpu0")
+    for other in ("mps", "meta", "xpu:0"):  # torch devices interptool does not run on
+        with pytest.raises(ConfigError, match=r"not supported: interptool runs on cpu or cuda"):
+            load_model(ARCH, device=other)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             load_model(ARCH, device="cuda")

@@ -440,13 +440,13 @@ def test_class_sum_products_do_not_depend_on_rows_or_thread():
     """The class-sum matmuls give each resample's row the same bits whatever the number of
     rows in its block (MKL sums products of 1-3 rows in another order on some CPUs) and
     whichever thread runs them: pool threads run torch and MKL on one core, as the calling
-    thread inside _cpu_single_thread (torch.set_num_threads is per thread for MKL; pool
+    thread inside _class_sum_matmuls (torch.set_num_threads is per thread for MKL; pool
     threads otherwise used every core and summed some shapes differently)."""
     rng = np.random.default_rng(5)
     for n, m in ((3, 7), (8, 6), (50, 5), (300, 13)):
         Z = torch.from_numpy(rng.standard_normal((n, 894)).astype(np.float32))
         W = torch.from_numpy(rng.poisson(1.0, (m, n)).astype(np.float32))
-        with _core._cpu_single_thread(torch.device("cpu")):
+        with _core._class_sum_matmuls(torch.device("cpu")):
             whole = torch.empty(m, 894)
             _core.rows_matmul(W, Z, whole)
             for rows in (1, 2, 3):
@@ -463,3 +463,26 @@ def test_class_sum_products_do_not_depend_on_rows_or_thread():
                 for threads, out in pool.map(in_pool, [W] * 4, [Z] * 4):
                     assert threads == 1
                     assert torch.equal(out, whole), (n, m)
+
+
+def test_class_sums_on_cuda_run_in_full_float32_whatever_the_caller_allowed():
+    """A program that allowed TF32 matmuls (set_float32_matmul_precision("high")) must not
+    get class sums rounded to 10 mantissa bits on a GPU: the per-class matmuls run under
+    "highest" there, and the caller's setting is back afterwards. (Only the setting is
+    checked here; tests/test_gpu.py runs the sums on CUDA.) On the CPU they run on one
+    thread and the setting is left alone."""
+    from interptool.analyzers.similarity._core import _class_sum_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    threads = torch.get_num_threads()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with _class_sum_matmuls(torch.device("cuda")):  # no CUDA call: only the setting
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        with _class_sum_matmuls(torch.device("cpu")):
+            assert torch.get_float32_matmul_precision() == "high"
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_float32_matmul_precision(before)

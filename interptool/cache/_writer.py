@@ -32,6 +32,7 @@ queue, so the forward pass rarely waits for either.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -901,7 +902,10 @@ class _Job:
         bar.initial = bar.n = start  # the rate counts only this run's images
         loader = self._loader(start)
         if self.plan.loader_workers:
-            it = iter(loader)
+            # the DataLoader's pin-memory thread takes the current CUDA device when the
+            # iterator starts: make it this run's (cuda:1, a torchrun rank's), not GPU 0
+            with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+                it = iter(loader)
         else:
             # a thread decodes the next batches while the model runs (PIL and torch release
             # the GIL): decoding between batches took the cache to 1.04-1.35x a bare forward

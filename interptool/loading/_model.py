@@ -159,6 +159,11 @@ def _check_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from exc
+    if dev.type not in ("cpu", "cuda"):
+        # the cache's device-to-host copies and the analyses' float64 work (dissection, CKA,
+        # the similarity bootstrap) are written and tested for these two (MPS has no float64)
+        raise ConfigError(f"device {device!r} is not supported: interptool runs on cpu or "
+                          "cuda[:N]; use --device cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
     return dev

@@ -145,12 +145,19 @@ def single_thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 @contextmanager
-def _cpu_single_thread(dev: torch.device) -> Iterator[None]:
+def _class_sum_matmuls(dev: torch.device) -> Iterator[None]:
     """Run the per-class matmuls on one CPU thread: they are small (B x n_i x K), and a
     thread pool on a busy machine made them ~15x slower (measured: 1.2 s vs 0.075 s for
-    128 resamples of 10k x 100)."""
+    128 resamples of 10k x 100). On CUDA, run them in full float32: a program that allowed
+    TF32 matmuls (``torch.set_float32_matmul_precision("high")``, common in training code)
+    would otherwise round every per-sample statistic to 10 mantissa bits (~1e-3 relative)."""
     if dev.type != "cpu":
-        yield
+        prev_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(prev_precision)
         return
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -178,7 +185,7 @@ def weighted_class_sums(
     # straight into its (contiguous) slot: at K = 1,000 the per-class overhead, not the
     # flops, dominates
     acc = torch.zeros((k, b, k + 2), dtype=torch.float64, device=dev)
-    with _cpu_single_thread(dev):
+    with _class_sum_matmuls(dev):
         for i in range(k):
             a, z = int(sl.starts[i]), int(sl.stops[i])
             if a == z:
@@ -586,7 +593,7 @@ def stacked_class_sums(W: np.ndarray, st: StackedSamples, workers: int = 1,
             if a != z:
                 rows_matmul(Wt[:, a:z], st.segment(i), acc[i])
 
-    with _cpu_single_thread(dev):
+    with _class_sum_matmuls(dev):
         if dev.type == "cpu" and workers > 1 and k > 1:
             step = -(-k // workers)
             with single_thread_pool(workers) as pool:
@@ -936,7 +943,7 @@ def class_major_metrics(W: np.ndarray, st: StackedSamples, counts: np.ndarray, k
                         rows_matmul(Wt[:, a:z], st.segment(i), Yt)
                         rows(Y, i, cinv, valid, *args, U, rowacc, rowent)
 
-            with _cpu_single_thread(st.device):
+            with _class_sum_matmuls(st.device):
                 each(cpu_classes, chunks)
         else:
             # sub-blocks of resamples bound the (K, B, M (K + 2)) sums as in the row path
