@@ -267,6 +267,47 @@ def test_float16_overflow_names_layer_image_and_fix(tmp_path):
         np.testing.assert_array_equal(c.features("amp")[:], feats["amp"])
 
 
+def test_deferred_fault_test_on_cuda_finds_what_the_immediate_one_finds():
+    """On CUDA the hook queues its finiteness test and reads it after the batch (no host wait
+    inside the forward pass); on the same outputs it must name the same layer, row, kind and
+    cause as the immediate test the CPU runs. Checked here with CPU tensors (the logic has no
+    device-specific step)."""
+    from interptool.cache._writer import _HookFault
+
+    def outputs():
+        clean = torch.ones(4, 3, 2, 2)
+        nan = torch.ones(4, 3, 2, 2)
+        nan[2, 1, 0, 1] = float("nan")
+        neg_inf = torch.ones(4, 3, 2, 2)
+        neg_inf[3, 0, 1, 1] = float("-inf")
+        big = torch.ones(4, 3, 2, 2)
+        big[1, 2, 0, 0] = -70000.0  # finite in float32, -inf in float16
+        return clean, nan, neg_inf, big
+
+    cases = [  # (layers as (name, output, copy dtype), expected slot)
+        ([("a", 0, torch.float32), ("b", 1, torch.float32)], ("b", 2, "NaN", False)),
+        ([("a", 2, torch.float32), ("b", 1, torch.float32)], ("a", 3, "Inf", False)),
+        ([("a", 0, torch.float16), ("b", 3, torch.float16)], ("b", 1, "Inf", True)),
+        ([("a", 2, torch.float16), ("b", 3, torch.float16)], ("a", 3, "Inf", False)),
+        ([("a", 0, torch.float16)], None),
+    ]
+    for layers, want in cases:
+        outs = outputs()
+        for deferred in (False, True):
+            _HookFault.clear()
+            for name, k, dtype in layers:
+                out = outs[k]
+                feat = out.to(dtype, copy=True)
+                if deferred:
+                    _HookFault.defer(name, out, feat)
+                elif not bool(torch.isfinite(feat).all()):
+                    _HookFault.record(name, out, feat)
+            if deferred:
+                _HookFault.resolve()
+            assert _HookFault.first() == want, (layers, deferred)
+    _HookFault.clear()
+
+
 def test_nan_weight_names_first_layer_image_and_parameter(tmp_path, monkeypatch, capsys):
     model = make_student()
     with torch.no_grad():

@@ -890,10 +890,14 @@ class _Job:
             feat = out.to(feat_dtype, copy=True, memory_format=torch.contiguous_format)
             # (N, C) outputs are their own maxima: take them from the copy, never alias ``out``.
             mx = feat.float() if out.ndim == 2 else _maxima(out).to(feat_dtype).float()
+            if cuda:
+                # reading a GPU value here would make the host wait in the middle of every
+                # forward pass (twice per cached layer): queue the test, read it after the
+                # batch's synchronize
+                _HookFault.defer(name, out, feat)
+                return feat.to("cpu", non_blocking=True), mx.to("cpu", non_blocking=True)
             if not _finite(feat, mx):
                 _HookFault.record(name, out, feat)
-            if cuda:
-                return feat.to("cpu", non_blocking=True), mx.to("cpu", non_blocking=True)
             return feat, mx
 
         item = start
@@ -975,6 +979,7 @@ class _Job:
     # -- non-finite values ----------------------------------------------------------------------
     def _check_finite(self, acts: dict[str, Any], logits: torch.Tensor, idx: np.ndarray,
                       n_before: int) -> None:
+        _HookFault.resolve()
         fault = _HookFault.first()
         if fault is None and bool(torch.isfinite(logits).all()):
             return
@@ -1094,10 +1099,39 @@ class _HookFault:
     """
 
     _slot: tuple[str, int, str, bool] | None = None
+    # deferred tests (CUDA): (layer, finite rows of the copy, finite rows of the unrounded
+    # output or None when the copy is not narrower, the copy)
+    _pending: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
     @classmethod
     def clear(cls) -> None:
         cls._slot = None
+        cls._pending = []
+
+    @classmethod
+    def defer(cls, name: str, out: torch.Tensor, feat: torch.Tensor) -> None:
+        """Queue the exact per-row test on the device without reading it (one elementwise
+        pass, cheap on a GPU); :meth:`resolve` reads it once the batch is done. The unrounded
+        rows are tested now, before a later in-place op can change ``out``."""
+        rows_ok = torch.isfinite(feat.reshape(feat.shape[0], -1)).all(dim=1)
+        out_ok = (torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+                  if feat.dtype != out.dtype else None)
+        cls._pending.append((name, rows_ok, out_ok, feat))
+
+    @classmethod
+    def resolve(cls) -> None:
+        """Read the deferred tests in hook order (after the device finished the batch)."""
+        pending, cls._pending = cls._pending, []
+        for name, rows_ok, out_ok, feat in pending:
+            if cls._slot is not None:
+                return
+            if bool(rows_ok.all()):
+                continue
+            row = int(torch.nonzero(~rows_ok)[0, 0])
+            kind = "NaN" if bool(torch.isnan(feat[row]).any()) else "Inf"
+            # the unrounded values were finite: the (float16) copy overflowed
+            overflow = bool(out_ok[row]) if out_ok is not None else False
+            cls._slot = (name, row, kind, overflow)
 
     @classmethod
     def record(cls, name: str, out: torch.Tensor, feat: torch.Tensor) -> None:
