@@ -345,6 +345,59 @@ def test_store_rejects_other_settings_and_several_methods(tmp_path, model, batch
         assert f.attrs["complete"]
 
 
+def test_overwrite_with_another_sample_starts_the_file_again(tmp_path, model):
+    """issue 13 review: --overwrite with another --seed used to fail ("image ids from row 0
+    differ ... ('x' vs 'x')"): only the method's maps were dropped, the shared rows stayed.
+    Now the file starts again and holds the new sample only (other methods' maps of the
+    old rows are dropped, they no longer match the index)."""
+    x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = np.arange(20) % 10
+    run = dict(labels=labels, n=8, sample="stratified", out=tmp_path, batch_size=4)
+    old = Attribution("saliency").run(model, x, sample_seed=0, **run)
+    Attribution("input_x_gradient").run(model, x, sample_seed=0, **run)
+    new = Attribution("saliency").run(model, x, sample_seed=1, overwrite=True, **run)
+    assert new.ids != old.ids
+    with h5py.File(tmp_path / "attributions.h5", "r") as f:
+        assert [s.decode() for s in f["index"][:]] == new.ids
+        assert set(f["attributions"]) == {"saliency"} and f.attrs["complete"]
+    fresh = Attribution("saliency").run(model, x, labels=labels, n=8, sample="stratified",
+                                        sample_seed=1, batch_size=4)
+    loaded = AttributionResult.load(tmp_path, "saliency")
+    assert loaded.ids == fresh.ids
+    np.testing.assert_array_equal(np.asarray(loaded.maps), fresh.maps)
+    np.testing.assert_array_equal(loaded.labels, fresh.labels)
+
+
+def test_other_rows_refused_naming_the_first_differing_image(tmp_path, model, batch):
+    """The message names the first row whose id differs (it used to name row 0's, equal)."""
+    x, y = batch
+    Attribution("saliency").run(model, x, labels=y, ids=["a0", "a1", "a2", "a3", "a4"],
+                                out=tmp_path)
+    other = ["a0", "a1", "a2", "z3", "a4"]
+    with pytest.raises(AnalysisError, match=r"row 3 holds image 'a3' but this run attributes "
+                                            r"'z3'.*another output folder.*--overwrite"):
+        Attribution("input_x_gradient").run(model, x, labels=y, ids=other, out=tmp_path)
+    # the store's own check while appending says the same
+    from interptool.analyzers.attribution._store import AttributionStore
+
+    path = tmp_path / "attributions.h5"
+    with h5py.File(path, "r") as f:
+        root = {k: f.attrs[k] for k in ("model", "data_spec", "data_fingerprint",
+                                        "target_mode", "input_shape")}
+    store = AttributionStore(
+        path, method="guided_backprop", params={}, reduce="abs_sum", batch_size=5,
+        model_info=json.loads(root["model"]), data_spec=root["data_spec"],
+        data_fingerprint=root["data_fingerprint"], target_mode=json.loads(root["target_mode"]),
+        input_shape=tuple(json.loads(root["input_shape"])), keep_raw=False)
+    try:
+        with pytest.raises(AnalysisError, match=r"row 3 holds image 'a3' but this run "
+                                                r"attributes 'z3'"):
+            store.append(0, np.zeros((5, 32, 32), np.float32), None, other, y.numpy(),
+                         y.numpy(), y.numpy())
+    finally:
+        store.close()
+
+
 def test_result_frame_dict_save(tmp_path, model, batch):
     x, y = batch
     r = Attribution("saliency").run(model, x, labels=y, ids=list("abcde"))
@@ -755,6 +808,65 @@ def test_cli_sample_seed_chooses_the_ids(tmp_path):
     # --sample first keeps rows 0..N-1 on request, recorded as such
     f = _attribute_cli(tmp_path / "f", "--sample", "first", "--faithfulness-steps", "0")
     assert f["sample"]["method"] == "first" and f["sample"]["rows"] == list(range(10))
+
+
+def test_cli_overwrite_with_another_seed(tmp_path):
+    """`attribute ... --overwrite` with another --seed (another sample) used to exit 2."""
+    _real_loaders()
+    out = tmp_path / "a"
+    _attribute_cli(out, "--seed", "0", "--faithfulness-steps", "0")
+    again = _attribute_cli(out, "--seed", "1", "--faithfulness-steps", "0", "--overwrite")
+    with h5py.File(out / "attributions.h5", "r") as f:
+        assert [s.decode() for s in f["index"][:]] == again["sample"]["ids"]
+
+
+def test_cli_internal_batch_size_reaches_occlusion_and_faithfulness(tmp_path, monkeypatch,
+                                                                      capsys):
+    """--internal-batch-size used to reach integrated gradients only: occlusion ran
+    batch_size // images windows per pass whatever it said. Occlusion is exact under
+    batching, so the maps equal the default run's; a value < 1 is a one-line error."""
+    _real_loaders()
+    from captum.attr import Occlusion
+
+    import interptool.analyzers.attribution as attribution_pkg
+    from interptool.cli import main
+
+    per_eval: list[int] = []
+    original = Occlusion.attribute
+
+    def spy_occlusion(self, *args, **kwargs):
+        per_eval.append(kwargs["perturbations_per_eval"])
+        return original(self, *args, **kwargs)
+
+    faithfulness_rows: list[int] = []
+    original_score = attribution_pkg.score_maps
+
+    def spy_score(*args, **kwargs):
+        faithfulness_rows.append(kwargs["batch_size"])
+        return original_score(*args, **kwargs)
+
+    monkeypatch.setattr(Occlusion, "attribute", spy_occlusion)
+    monkeypatch.setattr(attribution_pkg, "score_maps", spy_score)
+    base = ["attribute", "--arch", "interptool:cw-student", "--checkpoint", str(_WEIGHTS),
+            "--num-classes", "10", "--data", _CW40, "--method", "occlusion", "--window", "16",
+            "--stride", "16", "--n", "4", "--batch-size", "4", "--faithfulness-steps", "2",
+            "--sanity-n", "0", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "default")]) == 0
+    assert per_eval == [1] and faithfulness_rows == [32]  # 4 rows / 4 images; max(4, 32)
+    per_eval.clear()
+    faithfulness_rows.clear()
+    assert main(base + ["--internal-batch-size", "12", "--out", str(tmp_path / "set")]) == 0
+    assert per_eval == [3] and faithfulness_rows == [12]  # 12 rows / 4 images
+    default = AttributionResult.load(tmp_path / "default", "occlusion")
+    explicit = AttributionResult.load(tmp_path / "set", "occlusion")
+    assert explicit.params["perturbations_per_eval"] == 3
+    np.testing.assert_allclose(np.asarray(explicit.maps), np.asarray(default.maps),
+                               rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    rc = main(base + ["--internal-batch-size", "0", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "internal_batch_size: expected an integer >= 1, got 0" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------ non-finite (issue 11)

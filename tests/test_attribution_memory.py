@@ -152,3 +152,75 @@ def test_maps_stream_to_the_store_not_memory(tmp_path, model):
     assert type(res.maps).__name__ == "H5Maps"
     direct = Attribution("saliency").run(model, x, batch_size=8, target="predicted")
     np.testing.assert_array_equal(np.asarray(res.maps), direct.maps)
+
+
+def test_large_run_without_out_streams_to_a_temporary_file(monkeypatch, model):
+    """Without out=, maps above MAX_IN_MEMORY_MAPS_BYTES go to a temporary attributions.h5
+    (they used to be gathered in memory whatever N: ~10 GB for ImageNet val at 224 px); the
+    file lives as long as a view of it does."""
+    import gc
+
+    from interptool.analyzers.attribution import H5Maps, _analyzer
+
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    in_memory = Attribution("saliency", keep_raw=True).run(model, x, batch_size=4,
+                                                          target="predicted")
+    assert isinstance(in_memory.maps, np.ndarray)  # 12 x 32 x 32 x 4 x 4 bytes: under 1 GiB
+    monkeypatch.setattr(_analyzer, "MAX_IN_MEMORY_MAPS_BYTES", 12 * 32 * 32 * 4 - 1)
+    res = Attribution("saliency", keep_raw=True).run(model, x, batch_size=4,
+                                                     target="predicted")
+    assert isinstance(res.maps, H5Maps) and isinstance(res.raw, H5Maps)
+    assert res.path is None  # a private file: nothing to reopen later
+    np.testing.assert_array_equal(np.asarray(res.maps), in_memory.maps)
+    np.testing.assert_array_equal(np.asarray(res.raw), in_memory.raw)
+    np.testing.assert_array_equal(res.predictions, in_memory.predictions)
+    folder = res.maps.path.parent
+    maps, raw = res.maps, res.raw
+    del res
+    gc.collect()
+    assert folder.is_dir()  # the views still read it
+    np.testing.assert_array_equal(maps[3:5], in_memory.maps[3:5])
+    del maps, raw
+    gc.collect()
+    assert not folder.exists()
+    # just under the limit: in memory as before
+    monkeypatch.setattr(_analyzer, "MAX_IN_MEMORY_MAPS_BYTES", 12 * 32 * 32 * 4)
+    assert isinstance(Attribution("saliency").run(model, x, batch_size=4,
+                                                  target="predicted").maps, np.ndarray)
+
+
+def test_compare_stage_passes_the_configs_internal_batch(tmp_path, monkeypatch):
+    """`[analysis.attribution] internal_batch_size` reaches Attribution.run and the
+    faithfulness curves of the compare stage (it used to have no such key)."""
+    from types import SimpleNamespace
+
+    import interptool.analyzers.attribution as attribution_pkg
+    from interptool.pipeline import _stages, parse_config
+
+    cfg = parse_config({
+        "data": {"eval": "builtin:concept-world?version=1&n=40&size=32&seed=0&split=eval"},
+        "models": {"t": {"arch": "interptool:cw-teacher", "layers": ["layer4"]},
+                   "s": {"arch": "interptool:cw-student", "layers": ["layer4"]}},
+        "analysis": {"dissection": False, "similarity": False,
+                     "attribution": {"methods": ["saliency"], "n_images": 4,
+                                     "internal_batch_size": 5}}})
+    assert cfg.analysis.attribution.internal_batch_size == 5
+    runs: list[dict] = []
+
+    def fake_run(self, loaded, data, **kwargs):
+        runs.append(kwargs)
+        return SimpleNamespace(maps=np.zeros((4, 8, 8), np.float32), images=None,
+                               predictions=np.zeros(4, np.int64))
+
+    scored: list[dict] = []
+    monkeypatch.setattr(Attribution, "run", fake_run)
+    monkeypatch.setattr(attribution_pkg, "score_maps",
+                        lambda results, **kwargs: scored.append(kwargs) or {})
+    (tmp_path / "attribution" / "saliency").mkdir(parents=True)
+    loaded = {name: SimpleNamespace(model=None) for name in ("t", "s")}
+    ctx = SimpleNamespace(cfg=cfg, loaded=loaded, eval_ds=object(),
+                          device="cpu", out=tmp_path)
+    _stages._attribute(ctx, "saliency", 4)
+    assert [r["internal_batch_size"] for r in runs] == [5, 5]
+    assert [r["batch_size"] for r in runs] == [4, 4]
+    assert [k["batch_size"] for k in scored] == [5]

@@ -121,6 +121,8 @@ def test_missing_checkpoint_names_field_file_and_abs_path(tmp_path):
          "analysis.similarity.temperatures[1]", "expected a number > 0.0"),
         ("", "[analysis]\nattribution = { methods = [\"gradcam\"] }",
          "analysis.attribution.methods[0]", "did you mean 'grad_cam'?"),
+        ("", "[analysis]\nattribution = { internal_batch_size = 0 }",
+         "analysis.attribution.internal_batch_size", "expected an integer >= 1, got 0"),
         ("", "[analysis]\ndissection = { quantil = 0.01 }", "analysis.dissection.quantil",
          "did you mean 'quantile'?"),
         ("", "[analysis]\ndissection = { quantile = 1.5 }", "analysis.dissection.quantile",
@@ -135,6 +137,15 @@ def test_field_errors(tmp_path, old, new, field, fragment):
     msg = str(e.value)
     assert msg.startswith(f"config.toml: {field}: "), msg
     assert fragment in msg, msg
+
+
+def test_attribution_internal_batch_size_key(tmp_path):
+    """issue 13: the internal batch is settable in the config (unset: derived from the batch
+    size, None here)."""
+    assert load_config(_write(tmp_path, BASE)).analysis.attribution.internal_batch_size is None
+    cfg = load_config(_write(tmp_path, BASE + "\n[analysis]\nattribution = "
+                                              "{ internal_batch_size = 24 }\n"))
+    assert cfg.analysis.attribution.internal_batch_size == 24
 
 
 def test_two_teachers_is_an_error(tmp_path):

@@ -22,7 +22,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from interptool.cli._common import add_common_args, add_model_args, model_kwargs
+from interptool.analyzers.attribution import AttributionParams
+from interptool.cli._common import (
+    add_common_args,
+    add_model_args,
+    add_params_arguments,
+    model_kwargs,
+)
 from interptool.errors import ConfigError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -59,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="integrated gradients steps (default 32)")
     p.add_argument("--baseline", choices=["zeros", "mean", "blur"],
                    help="IG / occlusion reference input (default zeros)")
-    p.add_argument("--internal-batch-size", type=int, help="IG inputs per forward pass")
+    # from the registry's AttributionParams, like the compare config's key of the same name;
+    # its other fields have flags of their own here (repeatable --method, --steps, ...)
+    add_params_arguments(p, AttributionParams, exclude=tuple(
+        name for name in AttributionParams.field_names() if name != "internal_batch_size"))
     p.add_argument("--nt-samples", type=int, help="smoothgrad noisy samples (default 10)")
     p.add_argument("--stdevs", type=float, help="smoothgrad noise std, input units (0.15)")
     p.add_argument("--window", type=int, help="occlusion window in pixels (default 8)")
@@ -116,8 +125,9 @@ def _parse_models(args: argparse.Namespace) -> list[tuple[str | None, str, str |
 def _method_params(method: str, args: argparse.Namespace) -> dict[str, Any]:
     from interptool.analyzers.attribution import METHODS
 
-    flags = {"steps": args.steps, "baseline": args.baseline,
-             "internal_batch_size": args.internal_batch_size, "layer": args.layer,
+    # --internal-batch-size is not a method parameter: it goes to Attribution.run, which
+    # applies it to every method that expands its inputs (occlusion and SmoothGrad too)
+    flags = {"steps": args.steps, "baseline": args.baseline, "layer": args.layer,
              "nt_samples": args.nt_samples, "stdevs": args.stdevs, "window": args.window,
              "stride": args.stride, "seed": args.seed}
     defaults = METHODS[method].defaults
@@ -153,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
                              ("--faithfulness-steps", args.faithfulness_steps, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    # checked by its Params field (>= 1), as the compare config's key is
+    internal_batch_size = AttributionParams(
+        internal_batch_size=args.internal_batch_size).internal_batch_size
 
     from interptool._provenance import output_lock
     from interptool.data import open_dataset
@@ -162,12 +175,12 @@ def run(args: argparse.Namespace) -> int:
     # held for the whole run, before anything under OUT is opened, resumed or replaced;
     # resolved so that `--out .` has a name to lock
     with output_lock(out.resolve(), fix="choose another --out"):
-        return _run_locked(args, dataset, out, models, methods, target)
+        return _run_locked(args, dataset, out, models, methods, target, internal_batch_size)
 
 
 def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
                 models: list[tuple[str | None, str, str | None]], methods: list[str],
-                target: str | int) -> int:
+                target: str | int, internal_batch_size: int | None) -> int:
     import numpy as np
 
     from interptool._provenance import atomic_write_text, provenance
@@ -221,7 +234,8 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
                                         target=target, device=args.device, out=folder,
                                         overwrite=args.overwrite, transform=transform,
                                         keep_images=0, sample=args.sample,
-                                        sample_seed=args.seed)
+                                        sample_seed=args.seed,
+                                        internal_batch_size=internal_batch_size)
             if not np.array_equal(results[name][m].indices, rows):  # one sample for all
                 raise AssertionError("attribution sample differs from the planned rows")
         if display is None:
@@ -241,7 +255,8 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
         inputs=lambda name, r: _inputs(inputs_of[name], r),
         masks=masks if with_masks else None, modes=("deletion", "insertion"),
         patch=args.patch, steps=args.faithfulness_steps,
-        baseline=args.faithfulness_baseline, batch_size=max(args.batch_size, 32),
+        baseline=args.faithfulness_baseline,
+        batch_size=internal_batch_size or max(args.batch_size, 32),
         device=args.device, seed=args.seed, label=m) for m in methods}
     for name, loaded in loaded_models:
         model_scores: dict[str, Any] = {"model": loaded.to_dict(), "methods": {}}
@@ -263,7 +278,8 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
             model_scores["randomisation"] = randomisation_check(
                 loaded.model, attrs, _inputs(inputs_of[name], rows[:k]), first.targets[:k],
                 top_k=args.sanity_top_k, threshold=args.sanity_threshold, seed=args.seed,
-                device=args.device, batch_size=args.batch_size).to_dict()
+                device=args.device, batch_size=args.batch_size,
+                internal_batch_size=internal_batch_size).to_dict()
         scores["models"][name] = model_scores
     # how the images were chosen, with the data-set ids scored (issue 10)
     scores["sample"] = per_method[methods[0]]["sample"]

@@ -322,7 +322,9 @@ def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
             run.loaded[name], run.eval_ds, n=n, batch_size=min(16, n),
             device=run.device, out=run.out / "attribution" / method / name,
             keep_images=min(n, 8), overwrite=True, sample=a.sample,
-            sample_seed=run.cfg.run.seed)
+            sample_seed=run.cfg.run.seed,
+            # None: batch_size rows per pass (Attribution.run's default bound)
+            internal_batch_size=a.internal_batch_size)
     return _score_attribution(run, method, results, n)
 
 
@@ -355,6 +357,9 @@ def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n:
                      models={name: run.loaded[name].model for name in results},
                      inputs=lambda name, rows: _model_inputs(run, name, rows),
                      masks=masks, modes=("deletion", "insertion") if a.faithfulness else (),
+                     # rows per model call of the curves: the config's internal batch, else
+                     # score_maps' default of 64
+                     batch_size=a.internal_batch_size or 64,
                      device=run.device, seed=seed, out=d,
                      # the report draws these scores itself; a PNG per score result cost the
                      # demo ~20 s of matplotlib for files no page shows (CSV and JSON stay)

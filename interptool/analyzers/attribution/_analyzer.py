@@ -56,6 +56,7 @@ from interptool.analyzers.attribution._scores import (
 from interptool.analyzers.attribution._store import (
     AttributionStore,
     H5Maps,
+    TemporaryFolder,
     read_attributions,
 )
 from interptool.errors import AnalysisError
@@ -184,6 +185,11 @@ class _TensorSource:
 #: how ``Attribution.run(n=...)`` picks its images when ``n`` is below the data set's size
 SAMPLES = ("first", "stratified")
 
+#: most bytes of maps (plus raw maps with ``keep_raw``) that ``Attribution.run(out=None)``
+#: keeps in memory; a larger run streams them to a temporary ``attributions.h5`` and returns
+#: lazy :class:`H5Maps` views, as with ``out=`` (ImageNet val at 224 px: ~10 GB of maps)
+MAX_IN_MEMORY_MAPS_BYTES = 1 << 30
+
 
 def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` row indices, sorted, drawn class by class: every class (label; -1 unlabelled
@@ -235,7 +241,9 @@ class AttributionResult:
     ``maps`` (N, H, W) float32 at input resolution; ``raw`` (N, C, H, W) or None. When the
     run wrote ``attributions.h5`` (``out=``) both are :class:`H5Maps`: array-like views read
     from the file on access (``res.maps[i]``, ``res.maps[a:b]``, ``np.asarray(res.maps)``),
-    so that memory stays bounded for large N; otherwise they are numpy arrays.
+    so that memory stays bounded for large N; so are they, on a temporary file, when a run
+    without ``out=`` has more maps than :data:`MAX_IN_MEMORY_MAPS_BYTES`; otherwise they are
+    numpy arrays.
     ``targets``/``predictions``/``labels`` (N,) int64; ``ids`` data set ids;
     ``images`` (k, H, W, C) display copies of the first k inputs (for ``plot``) or None.
     """
@@ -448,6 +456,10 @@ class Attribution:
             target: ``"label"`` (class label; error on unlabelled images), ``"predicted"``
                 (arg-max of the logits) or a class index.
             out: folder (or ``.h5`` file) for ``attributions.h5``; a re-run resumes there.
+                Without it the maps are numpy arrays in memory up to
+                :data:`MAX_IN_MEMORY_MAPS_BYTES` (1 GiB); above, they stream to a temporary
+                ``attributions.h5`` (removed once no :class:`H5Maps` view of it is left) and
+                ``result.maps`` / ``raw`` are such views, ``result.path`` None.
             keep_images: how many display copies of the inputs the result keeps for plots.
             internal_batch_size: most model rows in one forward/backward pass of methods
                 that expand each input (integrated gradients' steps, SmoothGrad's noise
@@ -516,31 +528,49 @@ class Attribution:
                   "device_type": torch.device(device).type}
 
         store = None
+        path = None
+        temporary = None
         if out is not None:
             path = Path(out)
             if path.suffix not in (".h5", ".hdf5"):
                 path = path / "attributions.h5"
-            store = AttributionStore(
-                path, method=self.method, params=params, reduce=self.reduce,
-                batch_size=batch_size, model_info=info, data_spec=src.spec,
-                data_fingerprint=src.fingerprint,
-                target_mode=target if isinstance(target, str) else int(target),
-                input_shape=shape, keep_raw=self.keep_raw, overwrite=overwrite)
+        elif _maps_nbytes(src.n, shape, self.keep_raw) > MAX_IN_MEMORY_MAPS_BYTES:
+            # memory bounded by default (issue 13): maps that would not fit the in-memory
+            # limit go to a private file that lives as long as the views returned on it
+            temporary = TemporaryFolder()
+            path = temporary.path / "attributions.h5"
         try:
-            # many small forward/backward passes: threads that wait for busy cores cost more
-            # than they bring, so only idle cores get one (interptool._resources)
-            with thread_scope(threads) as chosen:
-                res = self._run(prepared, src, store, batch_size, target, device, info,
-                                keep_images, rows, params)
-        finally:
-            if store is not None:
-                store.close()
+            if path is not None:
+                store = AttributionStore(
+                    path, method=self.method, params=params, reduce=self.reduce,
+                    batch_size=batch_size, model_info=info, data_spec=src.spec,
+                    data_fingerprint=src.fingerprint,
+                    target_mode=target if isinstance(target, str) else int(target),
+                    input_shape=shape, keep_raw=self.keep_raw, overwrite=overwrite,
+                    ids=src.ids)
+            try:
+                # many small forward/backward passes: threads that wait for busy cores cost
+                # more than they bring, so only idle cores get one (interptool._resources)
+                with thread_scope(threads) as chosen:
+                    res = self._run(prepared, src, store, batch_size, target, device, info,
+                                    keep_images, rows, params)
+            finally:
+                if store is not None:
+                    store.close()
+        except BaseException:
+            if temporary is not None:  # nothing will read it: do not wait for the GC
+                temporary.cleanup()
+            raise
         res.threads = dict(chosen)
         if store is not None:
             # maps written to the file are read back lazily: memory stays bounded for any N
-            res.maps = H5Maps(store.path, f"attributions/{self.method}", src.n)
+            res.maps = H5Maps(store.path, f"attributions/{self.method}", src.n,
+                              keep_alive=temporary)
             if self.keep_raw:
-                res.raw = H5Maps(store.path, f"attributions/{self.method}_raw", src.n)
+                res.raw = H5Maps(store.path, f"attributions/{self.method}_raw", src.n,
+                                 keep_alive=temporary)
+        if temporary is not None:
+            res.path = None  # a private file, gone with its views: nothing to reopen
         return res
 
     def _run(self, model, src, store, batch_size, target, device, info, keep_images, rows,
@@ -698,6 +728,12 @@ class Attribution:
                 f"{num_classes} outputs (valid 0..{num_classes - 1}); check --num-classes "
                 "or the target")
         return t
+
+
+def _maps_nbytes(n: int, input_shape: tuple[int, int, int], keep_raw: bool) -> int:
+    """Bytes of ``n`` float32 maps (N, H, W), plus raw maps (N, C, H, W) with ``keep_raw``."""
+    c, h, w = input_shape
+    return 4 * int(n) * h * w * (1 + (c if keep_raw else 0))
 
 
 def _reduce(raw: torch.Tensor, how: str) -> torch.Tensor:

@@ -25,10 +25,12 @@ def run(model: Any, data: Any, params: AttributionParams | None = None, *,
         name: str | None = None, **run_kwargs: Any) -> AttributionResult:
     """Attribute ``data`` with ``model`` (a LoadedModel or nn.Module) under ``params``;
     ``run_kwargs`` go to :meth:`Attribution.run` (``n``, ``batch_size``, ``out``, ...); the
-    image sample is ``params.sample`` seeded by ``params.seed`` unless given there."""
+    image sample is ``params.sample`` seeded by ``params.seed`` and the internal batch
+    ``params.internal_batch_size`` unless given there."""
     params = params if params is not None else AttributionParams()
     run_kwargs.setdefault("sample", params.sample)
     run_kwargs.setdefault("sample_seed", params.seed)
+    run_kwargs.setdefault("internal_batch_size", params.internal_batch_size)
     result = attribution_for(params).run(model, data, **run_kwargs)
     model_name = name or getattr(model, "name", None) or result.model_info.get("name")
     result.names = (str(model_name),) if model_name else ()

@@ -52,3 +52,9 @@ class AttributionParams(Params):
                         choices=("stratified", "first"))
     seed: int = param(0, "seed of the stratified image sample (compare: the run's seed)",
                       ge=0, config=False)
+    # issue 13: one bound for every pass that runs the model on many rows per image, set
+    # by `attribute --internal-batch-size` and `[analysis.attribution] internal_batch_size`
+    internal_batch_size: int | None = param(
+        None, "most model rows per forward/backward pass of integrated gradients, SmoothGrad, "
+        "occlusion and the faithfulness curves (default: derived from the batch size, see "
+        "docs/attribution.md)", ge=1)

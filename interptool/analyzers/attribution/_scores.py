@@ -867,6 +867,7 @@ def randomisation_check(
     batch_size: int = 16,
     device: str = "cpu",
     n_boot: int = 200,
+    internal_batch_size: int | None = None,
     **method_params: Any,
 ) -> RandomisationResult:
     """Model-parameter randomisation test: do the maps change when the weights do?
@@ -877,7 +878,9 @@ def randomisation_check(
     re-initialised with ``reset_parameters()`` on a copy (seeded from ``(seed, step)``; the
     user's model is untouched). After each step the maps of the same ``targets`` are compared
     to the trained model's by per-image Spearman correlation. A method is flagged when the
-    correlation is still above ``threshold`` after the last step.
+    correlation is still above ``threshold`` after the last step. ``internal_batch_size``:
+    most model rows per pass of the methods that expand inputs, as in :meth:`Attribution.run`
+    (default ``batch_size``).
     """
     from interptool.analyzers.attribution import Attribution
     from interptool.analyzers.attribution._methods import (
@@ -906,7 +909,8 @@ def randomisation_check(
         out = []
         for s in range(0, len(images), batch_size):
             x = images[s:s + batch_size].to(device=device, dtype=torch.float32)
-            raw = attr.attribute_batch(net, x, tgt[s:s + batch_size].to(device), start=s)
+            raw = attr.attribute_batch(net, x, tgt[s:s + batch_size].to(device), start=s,
+                                       rows=internal_batch_size)
             out.append(reduce_channels(raw, attr.reduce).float().cpu().numpy())
         return np.concatenate(out).reshape(len(images), -1)
 

@@ -23,6 +23,10 @@ uninterrupted run (stochastic methods seed each batch from ``(seed, batch start)
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,8 @@ class AttributionStore:
 
     Parameters mirror what must match for a resume: model info, data identity, target mode,
     input shape and the method's params. A mismatch raises AnalysisError with the fix.
+    ``ids``: the data-set ids of this run's rows, in order; when the file's shared rows
+    (``/index``) hold other images, the file is refused, or started again with ``overwrite``.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class AttributionStore:
         input_shape: tuple[int, int, int],
         keep_raw: bool,
         overwrite: bool = False,
+        ids: Sequence[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.method = method
@@ -79,7 +86,7 @@ class AttributionStore:
             raise
         try:
             self._setup(params, reduce, batch_size, model_info, data_spec, data_fingerprint,
-                        target_mode, input_shape, overwrite)
+                        target_mode, input_shape, overwrite, ids)
         except BaseException:
             self.f.close()
             self._lock.close()
@@ -87,7 +94,7 @@ class AttributionStore:
 
     # ------------------------------------------------------------------ setup
     def _setup(self, params, reduce, batch_size, model_info, data_spec, data_fingerprint,
-               target_mode, input_shape, overwrite) -> None:
+               target_mode, input_shape, overwrite, ids) -> None:
         f = self.f
         root = {
             "model": _json(model_info),
@@ -103,13 +110,25 @@ class AttributionStore:
             for key in ("model", "data_fingerprint", "target_mode", "input_shape"):
                 if f.attrs.get(key) != root[key]:
                     if overwrite:
-                        self._wipe()
+                        f = self._wipe()
                         break
                     raise AnalysisError(
                         f"{self.path} holds attributions for a different {key.replace('_', ' ')} "
                         f"({f.attrs.get(key)} vs {root[key]}); use another output folder or "
                         "overwrite=True / --overwrite"
                     )
+        if "index" in f and ids is not None:
+            differ = _first_difference(self.stored_ids(0, len(ids)), ids)
+            if differ is not None:
+                if not overwrite:
+                    raise AnalysisError(_other_rows_message(self.path, *differ))
+                # /index, /labels, /targets and /predictions are shared by every method of
+                # the file, so they can hold one image sample only: the maps of the other
+                # methods describe the old rows and would be mislabelled under the new ones.
+                # --overwrite means "this run's result replaces what is there", so the file
+                # starts again (other methods' maps dropped) rather than refusing a run the
+                # user explicitly asked to replace the old one
+                f = self._wipe()
         if "format" not in f.attrs:
             f.attrs["format"] = FORMAT
             f.attrs["created"] = now_iso()
@@ -167,11 +186,14 @@ class AttributionStore:
         self.ds.attrs["complete"] = False
         f.flush()
 
-    def _wipe(self) -> None:
-        for key in list(self.f.keys()):
-            del self.f[key]
-        for key in list(self.f.attrs.keys()):
-            del self.f.attrs[key]
+    def _wipe(self) -> h5py.File:
+        """Start the file again, empty (under the lock we hold); returns the new handle.
+        A new file rather than deleting its datasets: HDF5 never gives the space of deleted
+        datasets back, so overwriting large runs in place would grow the file each time."""
+        self.f.close()
+        self.path.unlink()
+        self.f = h5py.File(self.path, "a")
+        return self.f
 
     # ------------------------------------------------------------------ rows
     @property
@@ -192,12 +214,9 @@ class AttributionStore:
         stop = start + len(maps)
         if start != self.n_done:
             raise AnalysisError(f"internal: append at {start} but n_done is {self.n_done}")
-        old = self.stored_ids(start, stop)
-        if old and old != list(ids[: len(old)]):
-            raise AnalysisError(
-                f"{self.path}: image ids from row {start} differ from the stored ones "
-                f"({old[0]!r} vs {ids[0]!r}); the data set changed. Use another output folder."
-            )
+        differ = _first_difference(self.stored_ids(start, stop), ids, offset=start)
+        if differ is not None:
+            raise AnalysisError(_other_rows_message(self.path, *differ))
         for name, values in (("index", np.asarray(ids, dtype=object)), ("labels", labels),
                              ("targets", targets), ("predictions", predictions)):
             d = self.f[name]
@@ -239,6 +258,23 @@ class AttributionStore:
         if self.f.id.valid:
             self.f.close()
         self._lock.close()  # after the file: nobody may open it while we still write
+
+
+def _first_difference(stored: Sequence[str], ids: Sequence[str],
+                      offset: int = 0) -> tuple[int, str, str] | None:
+    """``(row, stored id, new id)`` of the first row where ``stored`` and ``ids`` disagree
+    (rows counted from ``offset``), or None when one is a prefix of the other."""
+    for i, (old, new) in enumerate(zip(stored, ids)):
+        if old != str(new):
+            return offset + i, old, str(new)
+    return None
+
+
+def _other_rows_message(path: Path, row: int, stored: str, new: str) -> str:
+    return (f"{path}: row {row} holds image {stored!r} but this run attributes {new!r} "
+            "there; the file's maps are of another image sample (n, sample, seed) or data "
+            "set. Use another output folder, or overwrite=True / --overwrite to start the "
+            "file again (the maps of its other methods are dropped)")
 
 
 def _open_for_append(path: Path, overwrite: bool) -> h5py.File:
@@ -322,12 +358,16 @@ class H5Maps:
     run over many images never keeps all maps in memory. Supports ``shape``, ``dtype``,
     ``ndim``, ``len()``, indexing/slicing (each access opens the file, reads those rows and
     closes it again: no handle is kept open, so the file can be resumed or copied), ``blocks``
-    and ``np.asarray`` (reads everything: only for small N).
+    and ``np.asarray`` (reads everything: only for small N). ``keep_alive``: an object kept
+    as long as the view (the :class:`TemporaryFolder` of a file written without ``out=``).
     """
 
-    def __init__(self, path: str | Path, name: str, n: int) -> None:
+    def __init__(self, path: str | Path, name: str, n: int, *,
+                 keep_alive: Any = None) -> None:
         self.path = Path(path)
         self.name = name
+        # e.g. the TemporaryFolder holding the file: removed only once no view needs it
+        self._keep_alive = keep_alive
         with h5py.File(self.path, "r") as f:
             ds = f[name]
             if ds.shape[0] < n:
@@ -384,3 +424,36 @@ class H5Maps:
             ds = f[self.name]
             for s in range(0, self.shape[0], size):
                 yield s, ds[s:min(self.shape[0], s + size)]
+
+
+class TemporaryFolder:
+    """A private folder under the system's temporary directory (``TMPDIR``), removed with
+    everything in it when the last object referring to it is garbage-collected, at
+    interpreter exit, or on :meth:`cleanup`.
+
+    Holds the ``attributions.h5`` that ``Attribution.run(out=None)`` streams large runs to;
+    every :class:`H5Maps` view of that file refers to it, so the file lives exactly as long
+    as some view can still read it (tied to the views rather than the result: ``maps =
+    res.maps; del res`` must keep working). ``weakref.finalize`` rather than
+    ``tempfile.TemporaryDirectory``, whose implicit clean-up warns (ResourceWarning) on
+    every normal end of life here.
+    """
+
+    def __init__(self, prefix: str = "interptool-attributions-") -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path),
+                                           ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+    # one folder, one owner: a copy of a view (copy.deepcopy of a result) must keep this
+    # folder alive, not hold an unowned path that vanishes with the original
+    def __copy__(self) -> TemporaryFolder:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TemporaryFolder:
+        return self
+
+    def __repr__(self) -> str:
+        return f"TemporaryFolder({str(self.path)!r})"
