@@ -1047,3 +1047,18 @@ def test_grad_cam_on_a_vit_block_whose_patches_never_reach_the_head_is_an_error(
     res = Attribution("grad_cam", layer="blocks.0").run(vit, x, labels=y)
     assert np.asarray(res.maps).shape == (3, 32, 32)
     assert np.abs(np.asarray(res.maps)).sum(axis=(1, 2)).min() > 0
+
+
+def test_seeded_rng_draws_as_manual_seed_and_restores_the_generator():
+    """SmoothGrad's noise and the randomisation check's re-initialisation draw from generators
+    seeded for the call only: the same values as after torch.manual_seed, and the caller's
+    generator state untouched afterwards (on CUDA only the listed devices are reseeded)."""
+    from interptool.analyzers.attribution._methods import seeded_rng
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with seeded_rng(7, [torch.device("cpu")]):
+        drawn = torch.rand(5)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(5))

@@ -480,7 +480,7 @@ def test_resume_with_other_numerics_is_refused_and_files_record_them(tmp_path):
 
 _PRECISION_PROBE = """
 import json, torch
-from interptool.cache._writer import fp32_precision
+from interptool.common.numerics import fp32_precision
 b = torch.backends
 seen = [fp32_precision()]                      # torch's defaults
 b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = False, True  # the legacy switches

@@ -446,9 +446,12 @@ def test_attribution_on_cuda_equals_cpu(method, ieee_fp32):
     np.testing.assert_array_equal(cpu.targets, y.numpy())
     np.testing.assert_array_equal(gpu.predictions, cpu.predictions)
     np.testing.assert_array_equal(cpu.predictions, logits.argmax(1).numpy())
-    # the same settings; each records the device type it ran on
-    assert {**gpu.params, "device_type": "cpu"} == cpu.params
-    assert (gpu.params["device_type"], cpu.params["device_type"]) == (CUDA.type, "cpu")
+    # the same settings; each records the device type it ran on and, on CUDA, how float32
+    # convolutions and matmuls rounded (full float32 here: the ieee_fp32 fixture)
+    on_cuda = ({"conv_fp32_precision": "ieee", "matmul_fp32_precision": "ieee"}
+               if CUDA.type == "cuda" else {})
+    assert gpu.params == {**cpu.params, "device_type": CUDA.type, **on_cuda}
+    assert cpu.params["device_type"] == "cpu"
     for name, got, want in (("raw", gpu.raw, cpu.raw), ("maps", gpu.maps, cpu.maps)):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
         assert got.shape == want.shape and got.shape[0] == 3, name
@@ -459,6 +462,22 @@ def test_attribution_on_cuda_equals_cpu(method, ieee_fp32):
             assert err <= 1e-3, f"{method} {name} image {i}: relative error {err:.2e}"
             np.testing.assert_allclose(got[i], want[i], rtol=0, atol=5e-3 * scale,
                                        err_msg=f"{method} {name} image {i}")
+
+
+def test_out_of_range_label_on_cuda_is_the_error_naming_the_image():
+    """A plain nn.Module does not say how many classes it has; a label beyond its outputs
+    must give the AnalysisError naming the image on CUDA too, where captum's gather would
+    otherwise trip a device-side assert (reported later, and the CUDA context lost)."""
+    from interptool.analyzers.attribution import Attribution
+    from interptool.errors import AnalysisError
+
+    model = _attribution_model()
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 99, 2])
+    with pytest.raises(AnalysisError, match=r"label 99 of image '2' is out of range"):
+        Attribution("saliency").run(model, x, labels=y, batch_size=4, device=str(CUDA))
+    if CUDA.type == "cuda":  # the context still works
+        assert float(torch.ones(2, device=CUDA).sum()) == 2.0
 
 
 @pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")

@@ -59,6 +59,7 @@ from interptool.analyzers.attribution._store import (
     TemporaryFolder,
     read_attributions,
 )
+from interptool.common.numerics import fp32_precision
 from interptool.errors import AnalysisError
 
 __all__ = [
@@ -526,6 +527,8 @@ class Attribution:
         # and SmoothGrad's noise, which torch draws per device from the same seed)
         params = {**self.adapter.effective_params(rows, batch_size), "sample": src.sample,
                   "device_type": torch.device(device).type}
+        if torch.device(device).type == "cuda":  # TF32 convolutions move maps by ~1e-3
+            params.update(fp32_precision())
 
         store = None
         path = None
@@ -596,6 +599,12 @@ class Attribution:
                 # batches stay aligned to multiples of batch_size (seeds depend on starts)
                 stop = min(n, (start // batch_size + 1) * batch_size)
                 x = src.batch(start, stop).to(device=device, dtype=torch.float32)
+                if num_classes is None and x.device.type != "cpu" and target != "predicted":
+                    # an out-of-range target makes captum's gather a device-side assert on a
+                    # GPU (reported later, outside any handler, and the CUDA context is lost),
+                    # not the IndexError the CPU raises: learn the width first (one image)
+                    with torch.no_grad():
+                        num_classes = _output_width(model(x[:1]))
                 preds = None
                 if target == "predicted":
                     with torch.no_grad():
@@ -728,6 +737,14 @@ class Attribution:
                 f"{num_classes} outputs (valid 0..{num_classes - 1}); check --num-classes "
                 "or the target")
         return t
+
+
+def _output_width(logits: Any) -> int:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise AnalysisError(f"model output must be (N, classes) logits, got "
+                            f"{tuple(getattr(logits, 'shape', ()))}; attribution needs a "
+                            "classifier")
+    return int(logits.shape[1])
 
 
 def _maps_nbytes(n: int, input_shape: tuple[int, int, int], keep_raw: bool) -> int:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -129,6 +130,20 @@ def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
         return gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
     raise AnalysisError(f"baseline must be one of zeros, mean, blur; got {kind!r}")
 
+
+
+@contextmanager
+def seeded_rng(seed: int, devices: Sequence[torch.device]) -> Iterator[None]:
+    """Draw from generators seeded with ``seed`` (the CPU's and those of the CUDA
+    ``devices``), restoring every generator's state afterwards. ``torch.manual_seed`` would
+    reseed every visible GPU while ``fork_rng`` restores only the listed ones."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
 
 class AttributionMethod:
     """Base adapter. Subclasses set ``name``, ``defaults`` and implement :meth:`attribute`."""
@@ -298,9 +313,7 @@ class SmoothGradMethod(AttributionMethod):
             inner = IntegratedGradients(model)
             kwargs = dict(baselines=make_baseline(x, p["baseline"]), n_steps=p["steps"],
                           internal_batch_size=p["internal_batch_size"])
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(seed, [x.device]):
             return NoiseTunnel(inner).attribute(
                 x, nt_type=p["nt_type"], nt_samples=p["nt_samples"],
                 nt_samples_batch_size=p["nt_samples_batch_size"], stdevs=p["stdevs"],

@@ -845,10 +845,11 @@ def _default_layers(model: nn.Module) -> list[str]:
 
 
 def _reinit(module: nn.Module, seed: int) -> None:
+    from interptool.analyzers.attribution._methods import seeded_rng
+
     devices = sorted({p.device for p in module.parameters() if p.device.type == "cuda"},
                      key=str)
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, devices):
         for sub in module.modules():
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
