@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_cache  # noqa: E402
 from test_cache import FakeDataset, FakeLoaded, make_student  # noqa: E402
 
-from interptool.cache import ActivationCache, cache_activations  # noqa: E402
-from interptool.cache._distributed import shard_path, shard_range  # noqa: E402
+from interptool.cache import ActivationCache, _distributed, cache_activations  # noqa: E402
+from interptool.cache._distributed import ShardView, shard_path, shard_range  # noqa: E402
+from interptool.cache._errors import CacheDiskFullError, CacheMismatchError  # noqa: E402
+from interptool.errors import CacheError  # noqa: E402
 
 TESTS = str(Path(__file__).parent)
 SPEC = "builtin:concept-world?version=1&n=24&size=32"
@@ -74,6 +77,9 @@ def test_shards_are_contiguous_whole_batches(n, batch, world):
 
 def test_torchrun_two_processes_equal_one_process_bitwise(tmp_path):
     out, ref = tmp_path / "joined.h5", tmp_path / "single.h5"
+    # a join into the same OUT killed earlier (SIGKILL, or torchrun's SIGTERM) left its
+    # temporary file, as large as the cache: the next run removes it under OUT's lock
+    (tmp_path / "joined.merging4242.h5").write_bytes(b"partial join")
     common = ["--arch", "interptool:cw-student", "--data", SPEC, "--layers", "layer3,layer4",
               "--batch-size", "4", "--quiet"]
     proc = _torchrun(["-m", "interptool", "cache", *common, "--out", str(out)], tmp_path)
@@ -86,7 +92,7 @@ def test_torchrun_two_processes_equal_one_process_bitwise(tmp_path):
     assert single.returncode == 0, single.stderr
     _same_content(out, ref)  # every dataset bitwise, every content attribute
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".h5") == [
-        "joined.h5", "single.h5"]  # shard files are gone, no lock file left
+        "joined.h5", "single.h5"]  # shard and stale join files are gone, no lock file left
     assert not list(tmp_path.glob("*.lock"))
     with h5py.File(out, "r") as f:
         dist = json.loads(f.attrs["distributed"])
@@ -119,13 +125,14 @@ from test_cache import FakeDataset, FakeLoaded, make_student
 from interptool.cache import run_cache
 from interptool.errors import InterptoolError
 bad = set(json.loads(sys.argv[2]))
+batch = int(sys.argv[3]) if len(sys.argv) > 3 else 4
 try:
     run = run_cache(FakeLoaded(make_student()), FakeDataset(20, bad=bad), ["layer4"], sys.argv[1],
-                    batch_size=4)
+                    batch_size=batch)
 except InterptoolError as exc:
-    print("ERROR", type(exc).__name__, exc, flush=True)
+    sys.stdout.write(f"ERROR {{type(exc).__name__}} {{exc}}\\n")
     sys.exit(2)
-print("STATUS", run.status, run.n_done, run.images_computed, flush=True)
+sys.stdout.write(f"STATUS {{run.status}} {{run.n_done}} {{run.images_computed}}\\n")
 """
 
 
@@ -156,6 +163,216 @@ def test_a_failed_rank_stops_all_and_the_shards_resume(tmp_path):
     _same_content(out, ref)
     assert not s0.exists() and not s1.exists()
 
+
+MISMATCH_DRIVER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_cache import FakeDataset, FakeLoaded, make_student
+from interptool.cache import run_cache
+from interptool.errors import InterptoolError
+rank, mode = int(os.environ["RANK"]), sys.argv[2]
+model = make_student(rank if mode == "weights" else 0)
+data = FakeDataset(20 + (rank if mode == "length" else 0))
+try:
+    run = run_cache(FakeLoaded(model), data, ["layer4"], sys.argv[1], batch_size=4)
+except InterptoolError as exc:
+    # one write per line: the ranks share the pipe, and with PYTHONUNBUFFERED print() writes
+    # its pieces one by one, so two ranks' lines could interleave
+    sys.stdout.write(f"ERROR {{rank}} {{type(exc).__name__}} {{exc}}\\n")
+    sys.exit(2)
+sys.stdout.write(f"STATUS {{rank}} {{run.status}} {{run.n_done}}\\n")
+"""
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("weights", "rank 1's model weights differ from rank 0's (weights_sha256 "),
+    ("length", "rank 1's data set has 21 images, rank 0's 20: every rank must see the same "
+               "data (a stale copy on a node's local disk?)"),
+])
+def test_ranks_with_another_model_or_data_set_stop_before_writing(tmp_path, mode, message):
+    """Rank 1 with other weights, or seeing 21 images where rank 0 sees 20: each rank cut its
+    shard from its own data set and checked it against its own model, so the join used to
+    write a complete file with rank 0's weights_sha256 and rows of the other model, or with
+    images missing. Now every rank stops with the same error before any file is written."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(MISMATCH_DRIVER.format(tests=TESTS))
+    out = tmp_path / "m.h5"
+    proc = _torchrun([str(driver), str(out), mode], tmp_path)
+    assert proc.returncode != 0, proc.stdout + proc.stderr[-3000:]
+    for rank in (0, 1):  # the same one-line error on both ranks
+        assert f"ERROR {rank} CacheError {out}: {message}" in proc.stdout, proc.stdout
+    assert "STATUS" not in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driver.py"]  # nothing written
+
+
+def _write_shard(out: Path, rank: int, world: int, batch: int, data=None, model_seed: int = 0):
+    """The shard file rank ``rank`` of ``world`` writes in a torchrun run, written here in
+    one process (the same writer and attributes as run_sharded's step 3)."""
+    from interptool.cache._writer import _run_local
+
+    data = data if data is not None else FakeDataset(20)
+    start, stop = shard_range(len(data), batch, rank, world)
+    run = _run_local(FakeLoaded(make_student(model_seed)), ShardView(data, start, stop),
+                     ["layer4"], shard_path(out, rank, world), batch_size=batch, workers=0,
+                     threads=1, dtype="float16", compression=None, overwrite=True,
+                     skip_bad=False, probe=None, seed=0, device=None,
+                     extra_attrs={"shard": {"rank": rank, "world_size": world, "start": start,
+                                            "stop": stop, "of": out.name}})
+    return {"rank": rank, "start": start, "stop": stop, "file": shard_path(out, rank, world).name,
+            "n_done": run.n_done, "computed": run.images_computed, "skipped": run.skipped,
+            "status": run.status}
+
+
+def _final_job(out: Path, batch: int = 4):
+    from interptool.cache._writer import _make_job
+
+    return _make_job(FakeLoaded(make_student()), FakeDataset(20), ["layer4"], out,
+                     batch_size=batch, workers=0, threads=1, dtype="float16", compression=None,
+                     skip_bad=False, probe=False, seed=0, device=None)
+
+
+def _spoil_incomplete(folder: Path, out: Path, shards: list) -> None:
+    with h5py.File(shard_path(out, 1, 2), "a") as f:
+        f.attrs["complete"] = False
+
+
+def _spoil_row_count(folder: Path, out: Path, shards: list) -> None:
+    shards[1]["n_done"] = 11  # rank 1 said it wrote 11 rows; the file holds 12
+
+
+def _spoil_range(folder: Path, out: Path, shards: list) -> None:
+    _write_shard(out, 1, 2, batch=6)  # items 12:20 (batch 6), where batch 4 cuts 8:20
+
+
+def _spoil_weights(folder: Path, out: Path, shards: list) -> None:
+    _write_shard(out, 1, 2, batch=4, model_seed=1)
+
+
+def _spoil_data(folder: Path, out: Path, shards: list) -> None:
+    other = FakeDataset(20)
+    other.fingerprint = "another data set"
+    _write_shard(out, 1, 2, batch=4, data=other)
+
+
+def _spoil_missing(folder: Path, out: Path, shards: list) -> None:
+    shard_path(out, 1, 2).unlink()
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (_spoil_incomplete, "complete is False, expected True"),
+    (_spoil_row_count, "n_done is 12, but rank 1 reported 11 rows"),
+    (_spoil_range, 'shard is {"of": "j.h5", "rank": 1, "start": 12, "stop": 20, "world_size": '
+                   '2}, expected {"of": "j.h5", "rank": 1, "start": 8, "stop": 20, "world_size": '
+                   '2} (items 8:20 of 20 with --batch-size 4)'),
+    (_spoil_weights, "weights_sha256 differs: the model's weights are not those that made"),
+    (_spoil_data, "data_fingerprint differs"),
+    (_spoil_missing, "rank 1 wrote this shard file but rank 0 does not see it: --out must be "
+                     "on a file system every node shares"),
+])
+def test_the_join_refuses_a_stale_incomplete_or_foreign_shard_file(tmp_path, spoil, message):
+    """_merge checks each shard file against what its rank reported and what rank 0 expects
+    (it used to read only n_done): a stale OUT.rankK-of-N.h5 is never joined."""
+    good = tmp_path / "good"
+    good.mkdir()
+    shards = [_write_shard(good / "j.h5", k, 2, batch=4) for k in range(2)]
+    case = tmp_path / "case"
+    shutil.copytree(good, case)
+    out = case / "j.h5"
+    reported = [dict(s) for s in shards]
+    spoil(case, out, reported)
+    with pytest.raises(CacheError) as err:
+        _distributed._merge(_final_job(out), reported, out)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+    if spoil is not _spoil_missing:
+        assert text.startswith(f"{shard_path(out, 1, 2)}: will not join this shard file into "
+                               "j.h5: ")
+        assert text.endswith("delete it and re-run the same command")
+    assert not out.exists() and not list(case.glob("*merging*"))
+    assert shard_path(out, 0, 2).exists()  # nothing deleted
+    # the untouched shards do join (the checks refuse only what is wrong)
+    joined = good / "j.h5"
+    _distributed._merge(_final_job(joined), shards, joined)
+    ref = cache_activations(FakeLoaded(make_student()), FakeDataset(20), ["layer4"],
+                            tmp_path / "one.h5", batch_size=4, threads=1)
+    _same_content(joined, ref)
+    assert sorted(p.name for p in good.iterdir()) == ["j.h5"]
+
+
+def test_the_join_checks_free_space_before_writing(tmp_path, monkeypatch):
+    """The join writes a second copy of every row before it deletes the shards: without room
+    for it, a one-line error before anything is written, and the shards are kept."""
+    out = tmp_path / "j.h5"
+    shards = [_write_shard(out, k, 2, batch=4) for k in range(2)]
+    monkeypatch.setattr(_distributed, "free_bytes", lambda path: 1000)
+    with pytest.raises(CacheDiskFullError, match=r"^not enough free space on .* to join the 2 "
+                       rf"shard files into {out}: the join writes a copy as large as the "
+                       r"shards \(0\.02 GiB with margin\) before deleting them, and 0\.00 GiB "
+                       r"are free; the shard files are complete and kept; free space and re-run "
+                       r"the same command$"):
+        _distributed._merge(_final_job(out), shards, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.rank0-of-2.h5", "j.rank1-of-2.h5"]
+
+
+def test_stale_join_files_are_removed_whatever_their_pid(tmp_path):
+    """Only the temporary files of joins into this OUT; the caller holds OUT's lock, so no
+    live join can own one (its pid may be another node's, or reused: not asked)."""
+    out = tmp_path / "c.h5"
+    stale = ["c.merging1.h5", f"c.merging{os.getpid()}.h5"]
+    kept = ["c.h5", "c2.merging1.h5", "d.merging1.h5", "c.mergingX.h5", "c.rank0-of-2.h5"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x" * 10)
+    assert sorted(p.name for p in _distributed._remove_stale_joins(out)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert _distributed._remove_stale_joins(tmp_path / "missing" / "c.h5") == []
+
+
+def test_shards_cut_by_another_batch_size_or_world_size_are_named(tmp_path):
+    """A resume with another --batch-size or world size moves the shard boundaries: the error
+    says so (it used to say data_fingerprint differs and suggest --overwrite)."""
+    out = tmp_path / "s.h5"
+    for k in range(2):
+        _write_shard(out, k, 2, batch=4)  # items 0:8 and 8:20
+    _distributed._check_leftover_shards(out, 20, 4, 2, overwrite=False)  # the same cut: fine
+    with pytest.raises(CacheMismatchError) as err:
+        _distributed._check_leftover_shards(out, 20, 6, 2, overwrite=False)
+    assert str(err.value) == (
+        f"{shard_path(out, 0, 2)}: shard range changed (was items 0:8 with --batch-size 4 and 2 "
+        "ranks, now items 0:12 with --batch-size 6 and 2 ranks): resume with the original "
+        "--batch-size and world size, or pass --overwrite to start again")
+    assert err.value.fields == ["shard"]
+    with pytest.raises(CacheMismatchError, match=r"s\.rank0-of-2\.h5: shard range changed \(was "
+                       r"items 0:8 with --batch-size 4 and 2 ranks, now items 0:4 with "
+                       r"--batch-size 4 and 3 ranks\)"):
+        _distributed._check_leftover_shards(out, 20, 4, 3, overwrite=False)
+    with pytest.raises(CacheMismatchError, match=r"s\.rank1-of-2\.h5: shard range changed \(was "
+                       r"items 8:20 with --batch-size 4 and 2 ranks, now 1 ranks, so no rank 1"):
+        (tmp_path / "s.rank0-of-2.h5").rename(tmp_path / "kept.h5")
+        _distributed._check_leftover_shards(out, 20, 4, 1, overwrite=False)
+    (tmp_path / "kept.h5").rename(shard_path(out, 0, 2))
+    # --overwrite starts again: the shards of the other cut are deleted
+    _distributed._check_leftover_shards(out, 20, 4, 3, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_torchrun_resume_with_another_batch_size_says_the_shard_range_changed(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(tests=TESTS))
+    out = tmp_path / "r.h5"
+    for k in range(2):  # what a run with --batch-size 4 left (its join never ran)
+        _write_shard(out, k, 2, batch=4)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("r.*")}
+    proc = _torchrun([str(driver), str(out), "[]", "6"], tmp_path)
+    assert proc.returncode != 0
+    assert (f"ERROR CacheMismatchError {shard_path(out, 0, 2)}: shard range changed (was items "
+            "0:8 with --batch-size 4 and 2 ranks, now items 0:12 with --batch-size 6 and 2 "
+            "ranks): resume with the original --batch-size and world size, or pass --overwrite "
+            "to start again") in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "rank 0 of 2 failed: " in proc.stdout  # what rank 1 says
+    assert "data_fingerprint" not in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("r.*")} == before  # untouched
 
 
 COMPARE_CONFIG = """
