@@ -496,3 +496,33 @@ def test_init_timeout_setting_is_checked(monkeypatch):
     with pytest.raises(ConfigError, match="INTERPTOOL_DIST_INIT_TIMEOUT='ten minutes': "
                                           "expected a number of seconds"):
         _distributed._init_timeout()
+
+
+def test_each_torchrun_rank_gets_its_own_gpu_before_loading(monkeypatch):
+    """Under torchrun with --device cuda, a rank makes GPU LOCAL_RANK current before any model
+    is loaded ("cuda" would otherwise put every rank's weights and CUDA context on GPU 0);
+    more processes per node than GPUs is a clear error up front, not NCCL's "Duplicate GPU"
+    after every rank loaded its model. (CUDA's calls are faked: no GPU is needed.)"""
+    import torch
+
+    from interptool.cache import use_rank_gpu
+    from interptool.errors import ConfigError
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+                       "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    use_rank_gpu("cuda")
+    use_rank_gpu("cuda:0")  # whatever index the command names: the rank's own
+    use_rank_gpu("cpu")
+    assert current == [torch.device("cuda", 1)] * 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"4 processes per node but this node has 2 GPU\(s\)"
+                                          r".*--nproc_per_node=2"):
+        use_rank_gpu("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not under torchrun: nothing changes
+    use_rank_gpu("cuda")
+    assert len(current) == 2

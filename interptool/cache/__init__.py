@@ -8,7 +8,7 @@
   with other settings, a lock held by another process, a failed forward pass, a full disk,
   non-finite activations, a file that is not a cache);
 * :func:`launched` / :func:`rank_info` tell whether this process is one of several started by
-  torchrun, and which.
+  torchrun, and which; :func:`use_rank_gpu` makes its GPU current before models are loaded.
 
 The file layout is described in docs/cache-format.md.
 """
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "launched": "_distributed",
     "rank_info": "_distributed",
+    "use_rank_gpu": "_distributed",
     "CacheDiskFullError": "_errors",
     "CacheForeignError": "_errors",
     "CacheForwardError": "_errors",
@@ -38,7 +39,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
-    from interptool.cache._distributed import launched, rank_info
+    from interptool.cache._distributed import launched, rank_info, use_rank_gpu
     from interptool.cache._errors import (
         CacheDiskFullError,
         CacheForeignError,
@@ -80,5 +81,6 @@ __all__ = [
     "rank_info",
     "capture_layers",
     "run_cache",
+    "use_rank_gpu",
     "write_cache",
 ]

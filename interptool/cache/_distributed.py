@@ -169,19 +169,36 @@ class ShardView:
                           self.start, self.stop)
 
 
-def _device(loaded: Any, device: Any, local_rank: int) -> torch.device:
+def _device(loaded: Any, device: Any, local_rank: int, local_world: int) -> torch.device:
     dev = torch.device(device if device is not None else getattr(loaded, "device", None)
                        or "cpu")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            from interptool.errors import ConfigError
+        from interptool.errors import ConfigError
 
+        if not torch.cuda.is_available():
             raise ConfigError(f"device {str(dev)!r} was asked for but torch sees no CUDA GPU; "
                               "use --device cpu")
+        count = torch.cuda.device_count()
+        if local_world > count:
+            # two ranks on one GPU: NCCL refuses them at the first collective ("Duplicate GPU
+            # detected"), after every rank has loaded its model
+            raise ConfigError(f"{local_world} processes per node but this node has {count} "
+                              f"GPU(s): each rank needs its own; use --nproc_per_node={count} "
+                              "(or --device cpu)")
         # one GPU per local rank, whatever index the command named
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     return dev
+
+
+def use_rank_gpu(device: Any) -> None:
+    """Under torchrun with a CUDA ``device``: make this rank's GPU (``LOCAL_RANK``) the current
+    one before any model is loaded, so that ``"cuda"`` puts its weights and CUDA context
+    there, not every rank's on GPU 0. Does nothing outside torchrun or on the CPU."""
+    if not launched() or device is None or torch.device(device).type != "cuda":
+        return
+    _, _, local_rank, local_world = rank_info()
+    _device(None, device, local_rank, local_world)
 
 
 def _outcome(exc: BaseException | None, **extra: Any) -> dict[str, Any]:
@@ -274,7 +291,7 @@ def run_sharded(
     from interptool.cache._writer import CacheRun, _choose_probe, _make_job, _run_local
 
     rank, world, local_rank, local_world = rank_info()
-    dev = _device(loaded, kw.pop("device", None), local_rank)
+    dev = _device(loaded, kw.pop("device", None), local_rank, local_world)
     group = _shard_group("nccl" if dev.type == "cuda" else "gloo", rank)
     if rank != 0:
         set_quiet(True)  # one progress bar (rank 0's shard) is enough

@@ -83,7 +83,7 @@ def _open_dataset(spec: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interptool.cache import run_cache
+    from interptool.cache import run_cache, use_rank_gpu
     from interptool.errors import ConfigError
 
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    use_rank_gpu(args.device)  # under torchrun: load onto this rank's GPU, not GPU 0
     loaded = _load_model(args)
     dataset = _open_dataset(args.data)
     result = run_cache(
