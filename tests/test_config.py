@@ -117,6 +117,7 @@ def test_missing_checkpoint_names_field_file_and_abs_path(tmp_path):
         ('probe = "builtin', 'probe = "brodn:/x"\n#', "data.probe", "did you mean 'broden'?"),
         ("", "[run]\nbatch_size = 0", "run.batch_size", "expected an integer >= 1, got 0"),
         ("", "[run]\ndevice = \"gpu\"", "run.device", "expected 'cpu', 'cuda'"),
+        ("", "[run]\ndevice = \"mps\"", "run.device", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("", "[analysis]\nsimilarity = { temperatures = [1, -4] }",
          "analysis.similarity.temperatures[1]", "expected a number > 0.0"),
         ("", "[analysis]\nattribution = { methods = [\"gradcam\"] }",

@@ -446,8 +446,8 @@ def _run(ctx: _Ctx, table: Any) -> RunConfig:
     ctx.check_keys(table, "run", tuple(vars(r)))
     if "device" in table:
         dev = _str(ctx, table["device"], "run.device")
-        if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", dev):
-            raise ctx.error("run.device", f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
+        if not re.match(r"^(cpu|cuda(:\d+)?)$", dev):
+            raise ctx.error("run.device", f"expected 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
         r.device = dev
     if "batch_size" in table:
         r.batch_size = _int(ctx, table["batch_size"], "run.batch_size", lo=1)
