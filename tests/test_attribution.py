@@ -1053,7 +1053,7 @@ def test_seeded_rng_draws_as_manual_seed_and_restores_the_generator():
     """SmoothGrad's noise and the randomisation check's re-initialisation draw from generators
     seeded for the call only: the same values as after torch.manual_seed, and the caller's
     generator state untouched afterwards (on CUDA only the listed devices are reseeded)."""
-    from interptool.analyzers.attribution._methods import seeded_rng
+    from interptool.common.numerics import seeded_rng
 
     torch.manual_seed(123)
     before = torch.get_rng_state()

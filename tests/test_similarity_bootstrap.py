@@ -465,24 +465,35 @@ def test_class_sum_products_do_not_depend_on_rows_or_thread():
                     assert torch.equal(out, whole), (n, m)
 
 
-def test_class_sums_on_cuda_run_in_full_float32_whatever_the_caller_allowed():
-    """A program that allowed TF32 matmuls (set_float32_matmul_precision("high")) must not
-    get class sums rounded to 10 mantissa bits on a GPU: the per-class matmuls run under
-    "highest" there, and the caller's setting is back afterwards. (Only the setting is
-    checked here; tests/test_gpu.py runs the sums on CUDA.) On the CPU they run on one
-    thread and the setting is left alone."""
-    from interptool.analyzers.similarity._core import _class_sum_matmuls
+_MATMUL_PRECISION_PROBE = """
+import torch
+from interptool.analyzers.similarity._core import _class_sum_matmuls
+m = torch.backends.cuda.matmul
+seen = []
+for set_it in (lambda: torch.set_float32_matmul_precision("high"),   # the legacy API
+               lambda: setattr(m, "fp32_precision", "tf32")):         # the per-operation one
+    set_it()
+    with _class_sum_matmuls(torch.device("cuda")):  # no CUDA call: only the setting
+        seen.append(m.fp32_precision)
+    seen.append(m.fp32_precision)
+    with _class_sum_matmuls(torch.device("cpu")):
+        seen.append((m.fp32_precision, torch.get_num_threads()))
+print(seen)
+"""
 
-    before = torch.get_float32_matmul_precision()
-    threads = torch.get_num_threads()
-    torch.set_float32_matmul_precision("high")
-    try:
-        with _class_sum_matmuls(torch.device("cuda")):  # no CUDA call: only the setting
-            assert torch.get_float32_matmul_precision() == "highest"
-        assert torch.get_float32_matmul_precision() == "high"
-        with _class_sum_matmuls(torch.device("cpu")):
-            assert torch.get_float32_matmul_precision() == "high"
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == threads
-    finally:
-        torch.set_float32_matmul_precision(before)
+
+def test_class_sums_on_cuda_run_in_full_float32_whatever_the_caller_allowed():
+    """A program that allowed TF32 matmuls, through either of torch's APIs, must not get class
+    sums rounded to 10 mantissa bits on a GPU: the per-class matmuls run in full float32
+    there and the caller's setting is back afterwards (once the per-operation settings were
+    used, torch.get_float32_matmul_precision raises, so the setting is read through them).
+    On the CPU they run on one thread and the setting is left alone. In a child process:
+    these are process-wide switches. (Only the setting is checked; tests/test_gpu.py runs the
+    sums on CUDA.)"""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _MATMUL_PRECISION_PROBE], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == str(["ieee", "tf32", ("tf32", 1)] * 2)

@@ -3,9 +3,12 @@ rows or maps computed two ways)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["fp32_precision"]
+__all__ = ["fp32_precision", "full_fp32_matmuls", "seeded_rng"]
 
 
 def _first_set(*levels: str) -> str:
@@ -31,3 +34,43 @@ def fp32_precision() -> dict[str, str]:
         conv = "tf32" if b.cudnn.allow_tf32 else "ieee"
         matmul = "tf32" if b.cuda.matmul.allow_tf32 else "ieee"
     return {"conv_fp32_precision": conv, "matmul_fp32_precision": matmul}
+
+
+@contextmanager
+def full_fp32_matmuls() -> Iterator[None]:
+    """CUDA float32 matmuls in full float32 inside the block, whatever the program allowed
+    (``torch.set_float32_matmul_precision("high")`` is common in training code: TF32 rounds
+    inputs to 10 mantissa bits, ~1e-3 relative); the setting is restored afterwards.
+
+    Through ``torch.backends.cuda.matmul.fp32_precision``, which can be read and set whichever
+    API the program used (``torch.get_float32_matmul_precision`` raises once the per-operation
+    settings were used); the legacy ``allow_tf32`` switch before torch 2.9.
+    """
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "ieee"
+    else:  # torch < 2.9
+        matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
+@contextmanager
+def seeded_rng(seed: int, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Draw from generators seeded with ``seed`` (the CPU's and those of the CUDA
+    ``devices``), restoring every generator's state afterwards. ``torch.manual_seed`` would
+    reseed every visible GPU while ``fork_rng`` restores only the listed ones."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield

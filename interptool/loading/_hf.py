@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from interptool.common.numerics import seeded_rng
 from interptool.errors import CheckpointError
 
 CONFIG = "config.json"
@@ -240,8 +241,7 @@ def load_pretrained(
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # keys the file lacks (strict=False) get a fixed init
+        with seeded_rng(0):  # keys the file lacks (strict=False) get a fixed init
             model, loading = transformers.AutoModelForImageClassification.from_pretrained(
                 str(folder), local_files_only=True, use_safetensors=use_safetensors,
                 output_loading_info=True, **kwargs,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from interptool._provenance import sha256_file
+from interptool.common.numerics import seeded_rng
 from interptool.errors import CheckpointError, ConfigError
 from interptool.loading._builder import (
     ArchSpec,
@@ -438,9 +439,8 @@ def load_model(
             # No weight file: a random initialisation, drawn from a fixed seed so that the
             # same command gives the same model (reproducible caches, resumable runs, cache
             # hits); the caller's global RNG state is left untouched.
-            with torch.random.fork_rng(devices=[]):
-                seed = INIT_SEED if init_seed is None else int(init_seed)
-                torch.manual_seed(seed)
+            seed = INIT_SEED if init_seed is None else int(init_seed)
+            with seeded_rng(seed):  # the CPU's generator only (GPUs' left alone)
                 model = build(spec, num_classes)
             report.notes.append(f"no checkpoint: random initialisation with seed {seed}")
         else:

@@ -16,14 +16,14 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from interptool.common.numerics import seeded_rng
 from interptool.errors import AnalysisError
 
 # How a (N, C, H, W) attribution becomes a (N, H, W) map.
@@ -130,20 +130,6 @@ def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
         return gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
     raise AnalysisError(f"baseline must be one of zeros, mean, blur; got {kind!r}")
 
-
-
-@contextmanager
-def seeded_rng(seed: int, devices: Sequence[torch.device]) -> Iterator[None]:
-    """Draw from generators seeded with ``seed`` (the CPU's and those of the CUDA
-    ``devices``), restoring every generator's state afterwards. ``torch.manual_seed`` would
-    reseed every visible GPU while ``fork_rng`` restores only the listed ones."""
-    cuda = [d for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        for d in cuda:
-            with torch.cuda.device(d):
-                torch.cuda.manual_seed(seed)
-        yield
 
 class AttributionMethod:
     """Base adapter. Subclasses set ``name``, ``defaults`` and implement :meth:`attribute`."""

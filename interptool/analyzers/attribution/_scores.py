@@ -845,7 +845,7 @@ def _default_layers(model: nn.Module) -> list[str]:
 
 
 def _reinit(module: nn.Module, seed: int) -> None:
-    from interptool.analyzers.attribution._methods import seeded_rng
+    from interptool.common.numerics import seeded_rng
 
     devices = sorted({p.device for p in module.parameters() if p.device.type == "cuda"},
                      key=str)
