@@ -1062,3 +1062,20 @@ def test_seeded_rng_draws_as_manual_seed_and_restores_the_generator():
     assert torch.equal(torch.get_rng_state(), before)
     torch.manual_seed(7)
     assert torch.equal(drawn, torch.rand(5))
+
+
+def test_cuda_files_from_before_the_precision_was_recorded_still_match():
+    """Since 2026-12 a CUDA run records how float32 convolutions and matmuls rounded; a file
+    written on CUDA before that (its params without those keys) is resumed and reused as
+    before, while a file that records another precision, device or setting is not."""
+    from interptool.analyzers.attribution._store import _json, params_match
+
+    run = {"steps": 8, "device_type": "cuda", "conv_fp32_precision": "tf32",
+           "matmul_fp32_precision": "ieee"}
+    legacy = {"steps": 8, "device_type": "cuda"}
+    assert params_match(_json(run), run)
+    assert params_match(_json(legacy), run)
+    assert not params_match(_json({**run, "conv_fp32_precision": "ieee"}), run)
+    assert not params_match(_json({**legacy, "steps": 9}), run)
+    assert not params_match(_json({**legacy, "device_type": "cpu"}), run)
+    assert not params_match(None, run) and not params_match("not json", run)

@@ -224,3 +224,19 @@ def test_compare_stage_passes_the_configs_internal_batch(tmp_path, monkeypatch):
     assert [r["internal_batch_size"] for r in runs] == [5, 5]
     assert [r["batch_size"] for r in runs] == [4, 4]
     assert [k["batch_size"] for k in scored] == [5]
+
+
+def test_attribution_stage_key_leaves_out_the_internal_batch_at_its_default():
+    """internal_batch_size came after runs were made: at its default (None) it is left out
+    of the stage's settings, so compare reuses the attribution stages of those runs; a set
+    value is part of the key (other batches give other SmoothGrad noise streams)."""
+    from dataclasses import asdict, replace
+
+    from interptool.pipeline._config import AnalysisConfig
+    from interptool.pipeline._stages import attribution_settings
+
+    a = AnalysisConfig().attribution
+    before = {k: v for k, v in asdict(a).items() if k != "internal_batch_size"}
+    assert attribution_settings(a) == before  # the settings runs made before it hashed
+    assert attribution_settings(replace(a, internal_batch_size=8)) == {
+        **before, "internal_batch_size": 8}

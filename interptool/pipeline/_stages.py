@@ -268,6 +268,15 @@ def _cka(run: RunContext, caches: list[Any]) -> dict[str, Any]:
             "figure": rel}
 
 
+def attribution_settings(a: Any) -> dict[str, Any]:
+    """The attribution config as its stage key sees it. Settings added later are left out at
+    their default, so the stages of runs made before them are still reused."""
+    settings = asdict(a)
+    if settings.get("internal_batch_size") is None:
+        settings.pop("internal_batch_size", None)
+    return settings
+
+
 def attribution(run: RunContext) -> dict[str, Any]:
     """Attribution maps per method and model, scored against the teacher's."""
     a = run.cfg.analysis.attribution
@@ -280,7 +289,7 @@ def attribution(run: RunContext) -> dict[str, Any]:
     # the stage: many small forward/backward passes, slower on threads that wait for busy cores
     with thread_scope():
         for method in a.methods:
-            inputs = {"settings": asdict(a), "method": method, "n": n,
+            inputs = {"settings": attribution_settings(a), "method": method, "n": n,
                       "seed": run.cfg.run.seed,
                       "models": {k: v.checkpoint_sha256 or k for k, v in run.loaded.items()},
                       "data": run.eval_ds.fingerprint}

@@ -141,7 +141,8 @@ class AttributionStore:
         meta = {"params": _json(params), "reduce": reduce, "batch_size": int(batch_size)}
         if self.method in group:
             ds = group[self.method]
-            same = all(ds.attrs.get(k) == v for k, v in meta.items())
+            same = (params_match(ds.attrs.get("params"), params)
+                    and all(ds.attrs.get(k) == v for k, v in meta.items() if k != "params"))
             if not same or overwrite:
                 if not overwrite:
                     raise AnalysisError(
@@ -258,6 +259,25 @@ class AttributionStore:
         if self.f.id.valid:
             self.f.close()
         self._lock.close()  # after the file: nobody may open it while we still write
+
+
+#: recorded for CUDA runs since 2026-12 (how float32 convolutions and matmuls rounded)
+_PRECISION_KEYS = ("conv_fp32_precision", "matmul_fp32_precision")
+
+
+def params_match(stored: Any, params: dict[str, Any]) -> bool:
+    """Whether a method's stored ``params`` (JSON) are this run's. A CUDA file from before the
+    float32 precision was recorded matches without it: how its maps rounded is unknown, as
+    for caches from before ``numerics`` (it resumes as before and does not gain the keys)."""
+    if stored == _json(params):
+        return True
+    try:
+        old = json.loads(stored)
+    except (TypeError, ValueError):
+        return False
+    if not isinstance(old, dict) or any(k in old for k in _PRECISION_KEYS):
+        return False
+    return stored == _json({k: v for k, v in params.items() if k not in _PRECISION_KEYS})
 
 
 def _first_difference(stored: Sequence[str], ids: Sequence[str],
