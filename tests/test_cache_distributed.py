@@ -21,6 +21,7 @@ from test_cache import FakeDataset, FakeLoaded, make_student  # noqa: E402
 from interptool.cache import ActivationCache, _distributed, cache_activations  # noqa: E402
 from interptool.cache._distributed import ShardView, shard_path, shard_range  # noqa: E402
 from interptool.cache._errors import CacheDiskFullError, CacheMismatchError  # noqa: E402
+from interptool.cache._format import encode_attr  # noqa: E402
 from interptool.errors import CacheError  # noqa: E402
 
 TESTS = str(Path(__file__).parent)
@@ -260,6 +261,12 @@ def _spoil_missing(folder: Path, out: Path, shards: list) -> None:
     shard_path(out, 1, 2).unlink()
 
 
+def _spoil_numerics(folder: Path, out: Path, shards: list) -> None:
+    # a shard finished earlier with rows rounded another way (here: the default input layout)
+    with h5py.File(shard_path(out, 1, 2), "r+") as f:
+        f.attrs["numerics"] = encode_attr("numerics", {"device_type": "cpu"})
+
+
 @pytest.mark.parametrize("spoil,message", [
     (_spoil_incomplete, "complete is False, expected True"),
     (_spoil_row_count, "n_done is 12, but rank 1 reported 11 rows"),
@@ -270,6 +277,8 @@ def _spoil_missing(folder: Path, out: Path, shards: list) -> None:
     (_spoil_data, "data_fingerprint differs"),
     (_spoil_missing, "rank 1 wrote this shard file but rank 0 does not see it: --out must be "
                      "on a file system every node shares"),
+    (_spoil_numerics, "numerics is {'device_type': 'cpu'}, expected {'device_type': 'cpu', "
+                      "'memory_format': 'channels_last'}"),
 ])
 def test_the_join_refuses_a_stale_incomplete_or_foreign_shard_file(tmp_path, spoil, message):
     """_merge checks each shard file against what its rank reported and what rank 0 expects
@@ -352,6 +361,15 @@ def test_shards_cut_by_another_batch_size_or_world_size_are_named(tmp_path):
         (tmp_path / "s.rank0-of-2.h5").rename(tmp_path / "kept.h5")
         _distributed._check_leftover_shards(out, 20, 4, 1, overwrite=False)
     (tmp_path / "kept.h5").rename(shard_path(out, 0, 2))
+    # the same --batch-size and world size cutting other items: the data set changed length,
+    # which the original options cannot resume
+    with pytest.raises(CacheMismatchError) as err:
+        _distributed._check_leftover_shards(out, 24, 4, 2, overwrite=False)
+    assert str(err.value) == (
+        f"{shard_path(out, 0, 2)}: shard range changed (was items 0:8 with --batch-size 4 and 2 "
+        "ranks, now items 0:12 with --batch-size 4 and 2 ranks): the data set now has 24 "
+        "images, so this shard was cut from another data set; pass --overwrite to start again "
+        "(or point --data at the data it was made from)")
     # --overwrite starts again: the shards of the other cut are deleted
     _distributed._check_leftover_shards(out, 20, 4, 3, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -515,14 +533,13 @@ def test_each_torchrun_rank_gets_its_own_gpu_before_loading(monkeypatch):
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
                        "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    use_rank_gpu("cuda")
-    use_rank_gpu("cuda:0")  # whatever index the command names: the rank's own
-    use_rank_gpu("cpu")
+    # whatever index the command names: the rank's own, made current and loaded onto
+    assert [use_rank_gpu("cuda"), use_rank_gpu("cuda:0"), use_rank_gpu("cpu")] == [
+        "cuda:1", "cuda:1", "cpu"]
     assert current == [torch.device("cuda", 1)] * 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match=r"4 processes per node but this node has 2 GPU\(s\)"
                                           r".*--nproc_per_node=2"):
         use_rank_gpu("cuda")
     monkeypatch.setenv("WORLD_SIZE", "1")  # not under torchrun: nothing changes
-    use_rank_gpu("cuda")
-    assert len(current) == 2
+    assert use_rank_gpu("cuda:0") == "cuda:0" and len(current) == 2

@@ -191,14 +191,15 @@ def _device(loaded: Any, device: Any, local_rank: int, local_world: int) -> torc
     return dev
 
 
-def use_rank_gpu(device: Any) -> None:
-    """Under torchrun with a CUDA ``device``: make this rank's GPU (``LOCAL_RANK``) the current
-    one before any model is loaded, so that ``"cuda"`` puts its weights and CUDA context
-    there, not every rank's on GPU 0. Does nothing outside torchrun or on the CPU."""
+def use_rank_gpu(device: Any) -> Any:
+    """The device this process should load its models on: under torchrun with a CUDA
+    ``device``, this rank's GPU (``cuda:LOCAL_RANK``, made current), so that no rank puts its
+    weights and CUDA context on GPU 0 (a bare ``"cuda"`` or an index like ``"cuda:0"`` would);
+    ``device`` itself outside torchrun or on the CPU."""
     if not launched() or device is None or torch.device(device).type != "cuda":
-        return
+        return device
     _, _, local_rank, local_world = rank_info()
-    _device(None, device, local_rank, local_world)
+    return str(_device(None, device, local_rank, local_world))
 
 
 def _outcome(exc: BaseException | None, **extra: Any) -> dict[str, Any]:
@@ -533,6 +534,14 @@ def _check_leftover_shards(path: Path, n_items: int, batch_size: int, world: int
         else:
             now_text = (f"now items {now[0]}:{now[1]} with --batch-size {batch_size} and "
                         f"{world} ranks")
+        if (recorded is not None and was_world == world
+                and int(recorded["batch_size"]) == batch_size):
+            # same cut, other items: the data set itself changed length
+            raise CacheMismatchError(
+                f"{spath}: shard range changed ({was}, {now_text}): the data set now has "
+                f"{n_items} images, so this shard was cut from another data set; pass "
+                "--overwrite to start again (or point --data at the data it was made from)",
+                path=spath, fields=["shard", "n_total"])
         raise CacheMismatchError(
             f"{spath}: shard range changed ({was}, {now_text}): resume with the original "
             "--batch-size and world size, or pass --overwrite to start again",
@@ -547,7 +556,7 @@ def _check_shard_file(job: Any, shard: dict[str, Any], have: dict[str, Any], spa
     the file again against what it expects itself, so a stale ``OUT.rankK-of-N.h5`` (another
     run's, or one left on a disk that is not shared by every node) is never joined.
     """
-    from interptool.cache._writer import _mismatches
+    from interptool.cache._writer import _mismatches, canonical_numerics
 
     rank = int(shard["rank"])
     start, stop = shard_range(job.n_items, job.batch_size, rank, world)
@@ -571,6 +580,11 @@ def _check_shard_file(job: Any, shard: dict[str, Any], have: dict[str, Any], spa
         want = {**job.want, "data_fingerprint": shard_fingerprint(
             job.want["data_fingerprint"], start, stop)}
         bad = _mismatches(want, have, subset_layers=True)
+        # rows rounded another way (another device, TF32 setting or input layout) must not
+        # be joined with these: a shard finished by an earlier run is a hit without this check
+        started = have.get("numerics")
+        if started is not None and canonical_numerics(started) != job.numerics:
+            bad.append(f"numerics is {started}, expected {job.numerics}")
         if bad:
             problem = "; ".join(bad)
     if problem:

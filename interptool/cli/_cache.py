@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    use_rank_gpu(args.device)  # under torchrun: load onto this rank's GPU, not GPU 0
+    args.device = use_rank_gpu(args.device)  # under torchrun: this rank's GPU, not GPU 0
     loaded = _load_model(args)
     dataset = _open_dataset(args.data)
     result = run_cache(

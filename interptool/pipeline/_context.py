@@ -25,7 +25,10 @@ class RunContext:
         #: the user's --overwrite: caches made with other settings are replaced in place
         self.overwrite = bool(overwrite)
         self.out = Path(out)
-        self.device = cfg.run.device
+        from interptool.cache import use_rank_gpu
+
+        # under torchrun, this rank's GPU: its models load there, not every rank's on GPU 0
+        self.device = use_rank_gpu(cfg.run.device)
         self.stages = StageCache(self.out)
         self.figures = FigureSet(self.out)
         self.timings: dict[str, float] = {}

@@ -21,7 +21,7 @@ from interptool._provenance import (
     seed_everything,
     versions,
 )
-from interptool.cache import rank_info, use_rank_gpu
+from interptool.cache import rank_info
 from interptool.common.jsonsafe import to_jsonable
 from interptool.pipeline import _stages
 from interptool.pipeline._config import CompareConfig
@@ -124,7 +124,6 @@ def run_compare(
     """
     out = Path(out)
     rank, world = rank_info()[:2]
-    use_rank_gpu(config.run.device)  # under torchrun: models load onto this rank's GPU
     if world > 1 and rank != 0:
         # Under torchrun every rank takes its shard of each cache (the cache stage is
         # collective: rank 0 decides hit/build/variant and joins the shards); the analyses
