@@ -295,15 +295,16 @@ def test_deferred_fault_test_on_cuda_finds_what_the_immediate_one_finds():
         outs = outputs()
         for deferred in (False, True):
             _HookFault.clear()
+            copies = {}
             for name, k, dtype in layers:
                 out = outs[k]
-                feat = out.to(dtype, copy=True)
+                feat = copies[name] = out.to(dtype, copy=True)
                 if deferred:
                     _HookFault.defer(name, out, feat)
                 elif not bool(torch.isfinite(feat).all()):
                     _HookFault.record(name, out, feat)
             if deferred:
-                _HookFault.resolve()
+                _HookFault.resolve(copies)
             assert _HookFault.first() == want, (layers, deferred)
     _HookFault.clear()
 

@@ -955,7 +955,7 @@ class _Job:
     # -- non-finite values ----------------------------------------------------------------------
     def _check_finite(self, acts: dict[str, Any], logits: torch.Tensor, idx: np.ndarray,
                       n_before: int) -> None:
-        _HookFault.resolve()
+        _HookFault.resolve({name: feat for name, (feat, _) in acts.items()})
         fault = _HookFault.first()
         if fault is None and bool(torch.isfinite(logits).all()):
             return
@@ -1076,8 +1076,9 @@ class _HookFault:
 
     _slot: tuple[str, int, str, bool] | None = None
     # deferred tests (CUDA): (layer, finite rows of the copy, finite rows of the unrounded
-    # output or None when the copy is not narrower, the copy)
-    _pending: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+    # output or None when the copy is not narrower); small per-row flags only, so no layer's
+    # device copy outlives its hook
+    _pending: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
 
     @classmethod
     def clear(cls) -> None:
@@ -1092,19 +1093,20 @@ class _HookFault:
         rows_ok = torch.isfinite(feat.reshape(feat.shape[0], -1)).all(dim=1)
         out_ok = (torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
                   if feat.dtype != out.dtype else None)
-        cls._pending.append((name, rows_ok, out_ok, feat))
+        cls._pending.append((name, rows_ok, out_ok))
 
     @classmethod
-    def resolve(cls) -> None:
-        """Read the deferred tests in hook order (after the device finished the batch)."""
+    def resolve(cls, feats: dict[str, torch.Tensor]) -> None:
+        """Read the deferred tests in hook order (after the device finished the batch);
+        ``feats``: each layer's copy as handed to the file (on the host)."""
         pending, cls._pending = cls._pending, []
-        for name, rows_ok, out_ok, feat in pending:
+        for name, rows_ok, out_ok in pending:
             if cls._slot is not None:
                 return
             if bool(rows_ok.all()):
                 continue
             row = int(torch.nonzero(~rows_ok)[0, 0])
-            kind = "NaN" if bool(torch.isnan(feat[row]).any()) else "Inf"
+            kind = "NaN" if bool(torch.isnan(feats[name][row]).any()) else "Inf"
             # the unrounded values were finite: the (float16) copy overflowed
             overflow = bool(out_ok[row]) if out_ok is not None else False
             cls._slot = (name, row, kind, overflow)
