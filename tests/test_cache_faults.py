@@ -290,21 +290,23 @@ def test_deferred_fault_test_on_cuda_finds_what_the_immediate_one_finds():
         ([("a", 0, torch.float16), ("b", 3, torch.float16)], ("b", 1, "Inf", True)),
         ([("a", 2, torch.float16), ("b", 3, torch.float16)], ("a", 3, "Inf", False)),
         ([("a", 0, torch.float16)], None),
+        # a module whose hook fires twice per forward pass (a shared ReLU): the first call's
+        # NaN is the fault, whatever the second call's copy holds in that row
+        ([("relu", 1, torch.float32), ("relu", 2, torch.float32)], ("relu", 2, "NaN", False)),
     ]
     for layers, want in cases:
         outs = outputs()
         for deferred in (False, True):
             _HookFault.clear()
-            copies = {}
             for name, k, dtype in layers:
                 out = outs[k]
-                feat = copies[name] = out.to(dtype, copy=True)
+                feat = out.to(dtype, copy=True)
                 if deferred:
                     _HookFault.defer(name, out, feat)
                 elif not bool(torch.isfinite(feat).all()):
                     _HookFault.record(name, out, feat)
             if deferred:
-                _HookFault.resolve(copies)
+                _HookFault.resolve()
             assert _HookFault.first() == want, (layers, deferred)
     _HookFault.clear()
 

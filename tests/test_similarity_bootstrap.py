@@ -478,6 +478,12 @@ for set_it in (lambda: torch.set_float32_matmul_precision("high"),   # the legac
     seen.append(m.fp32_precision)
     with _class_sum_matmuls(torch.device("cpu")):
         seen.append((m.fp32_precision, torch.get_num_threads()))
+m.fp32_precision = "none"  # inherit again: the root setting reaches matmuls ...
+torch.backends.fp32_precision = "tf32"
+with _class_sum_matmuls(torch.device("cuda")):
+    pass
+torch.backends.fp32_precision = "ieee"  # ... and still does after the block
+seen.append(m.fp32_precision)
 print(seen)
 """
 
@@ -496,4 +502,5 @@ def test_class_sums_on_cuda_run_in_full_float32_whatever_the_caller_allowed():
     run = subprocess.run([sys.executable, "-c", _MATMUL_PRECISION_PROBE], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == str(["ieee", "tf32", ("tf32", 1)] * 2)
+    assert run.stdout.strip().splitlines()[-1] == str(["ieee", "tf32", ("tf32", 1)] * 2
+                                                      + ["ieee"])

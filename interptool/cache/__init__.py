@@ -8,7 +8,8 @@
   with other settings, a lock held by another process, a failed forward pass, a full disk,
   non-finite activations, a file that is not a cache);
 * :func:`launched` / :func:`rank_info` tell whether this process is one of several started by
-  torchrun, and which; :func:`use_rank_gpu` makes its GPU current before models are loaded.
+  torchrun, and which; :func:`use_rank_gpu` makes its GPU current and returns the device to
+  load models on.
 
 The file layout is described in docs/cache-format.md.
 """

@@ -496,7 +496,8 @@ def _recorded_shard(spath: Path) -> dict[str, Any] | None:
 def _check_leftover_shards(path: Path, n_items: int, batch_size: int, world: int,
                            overwrite: bool) -> None:
     """Refuse (or, with ``overwrite``, delete) shard files of ``path`` that this run would cut
-    at other items: written with another ``--batch-size`` or world size.
+    at other items: written with another ``--batch-size`` or world size, or from a data set
+    of another length.
 
     Without this, a shard whose range moved fails later with "data_fingerprint differs" and a
     hint to pass --overwrite, which throws away complete shards that the original batch size
@@ -521,8 +522,8 @@ def _check_leftover_shards(path: Path, n_items: int, batch_size: int, world: int
             continue
         if overwrite:
             spath.unlink(missing_ok=True)
-            log.info("removed %s, a shard of another --batch-size or world size (--overwrite)",
-                     spath)
+            log.info("removed %s, a shard cut at other items (another --batch-size, world "
+                     "size or data set; --overwrite)", spath)
             continue
         if recorded is None:
             was = f"was rank {rank} of {was_world}"

@@ -955,7 +955,7 @@ class _Job:
     # -- non-finite values ----------------------------------------------------------------------
     def _check_finite(self, acts: dict[str, Any], logits: torch.Tensor, idx: np.ndarray,
                       n_before: int) -> None:
-        _HookFault.resolve({name: feat for name, (feat, _) in acts.items()})
+        _HookFault.resolve()
         fault = _HookFault.first()
         if fault is None and bool(torch.isfinite(logits).all()):
             return
@@ -1075,10 +1075,10 @@ class _HookFault:
     """
 
     _slot: tuple[str, int, str, bool] | None = None
-    # deferred tests (CUDA): (layer, finite rows of the copy, finite rows of the unrounded
-    # output or None when the copy is not narrower); small per-row flags only, so no layer's
-    # device copy outlives its hook
-    _pending: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    # deferred tests (CUDA), one per hook call: (layer, finite rows of the copy, rows of the
+    # copy holding NaN, finite rows of the unrounded output or None when the copy is not
+    # narrower); small per-row flags only, so no device copy outlives its hook
+    _pending: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     @classmethod
     def clear(cls) -> None:
@@ -1090,23 +1090,24 @@ class _HookFault:
         """Queue the exact per-row test on the device without reading it (one elementwise
         pass, cheap on a GPU); :meth:`resolve` reads it once the batch is done. The unrounded
         rows are tested now, before a later in-place op can change ``out``."""
-        rows_ok = torch.isfinite(feat.reshape(feat.shape[0], -1)).all(dim=1)
+        flat = feat.reshape(feat.shape[0], -1)
+        rows_ok = torch.isfinite(flat).all(dim=1)
+        rows_nan = torch.isnan(flat).any(dim=1)
         out_ok = (torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
                   if feat.dtype != out.dtype else None)
-        cls._pending.append((name, rows_ok, out_ok))
+        cls._pending.append((name, rows_ok, rows_nan, out_ok))
 
     @classmethod
-    def resolve(cls, feats: dict[str, torch.Tensor]) -> None:
-        """Read the deferred tests in hook order (after the device finished the batch);
-        ``feats``: each layer's copy as handed to the file (on the host)."""
+    def resolve(cls) -> None:
+        """Read the deferred tests in hook order (after the device finished the batch)."""
         pending, cls._pending = cls._pending, []
-        for name, rows_ok, out_ok in pending:
+        for name, rows_ok, rows_nan, out_ok in pending:
             if cls._slot is not None:
                 return
             if bool(rows_ok.all()):
                 continue
             row = int(torch.nonzero(~rows_ok)[0, 0])
-            kind = "NaN" if bool(torch.isnan(feats[name][row]).any()) else "Inf"
+            kind = "NaN" if bool(rows_nan[row]) else "Inf"
             # the unrounded values were finite: the (float16) copy overflowed
             overflow = bool(out_ok[row]) if out_ok is not None else False
             cls._slot = (name, row, kind, overflow)

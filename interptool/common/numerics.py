@@ -49,6 +49,9 @@ def full_fp32_matmuls() -> Iterator[None]:
     matmul = torch.backends.cuda.matmul
     new_api = hasattr(matmul, "fp32_precision")
     before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    # a setting that inherits reads as its parent's value; writing that value back would pin
+    # it, so a later change of torch.backends.fp32_precision would no longer reach matmuls
+    inherited = new_api and before == torch.backends.fp32_precision
     if new_api:
         matmul.fp32_precision = "ieee"
     else:  # torch < 2.9
@@ -57,7 +60,7 @@ def full_fp32_matmuls() -> Iterator[None]:
         yield
     finally:
         if new_api:
-            matmul.fp32_precision = before
+            matmul.fp32_precision = "none" if inherited else before
         else:
             matmul.allow_tf32 = before
 
