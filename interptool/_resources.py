@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -49,51 +49,45 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _own_cgroup_dirs(root: Path) -> list[Path]:
-    """The cgroup folders of this process, innermost first, ending at ``root``.
+def _group_and_parents(base: Path, entry: Callable[[str, str], bool]) -> list[Path]:
+    """This process's groups under ``base``, each with its parents, innermost first: one per
+    ``/proc/self/cgroup`` line ``HIERARCHY:CONTROLLERS:PATH`` for which
+    ``entry(HIERARCHY, CONTROLLERS)`` holds.
 
-    ``/proc/self/cgroup`` names our group relative to the hierarchy; inside a container with
-    its own cgroup namespace that is ``/`` and ``root`` itself is our group.
+    The line names the group relative to the hierarchy; inside a container with its own cgroup
+    namespace that is ``/`` and ``base`` itself is the group. A host path that does not exist
+    under the mount is harmless: its files read as absent.
     """
     dirs: list[Path] = []
-    text = _read(PROC_CGROUP) or ""
-    for line in text.splitlines():
+    for line in (_read(PROC_CGROUP) or "").splitlines():
         parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] == "0" and parts[1] == "":  # the cgroup v2 entry
+        if len(parts) == 3 and entry(parts[0], parts[1]):
             rel = parts[2].strip("/")
-            p = root / rel if rel else root
-            while True:
-                dirs.append(p)
-                if p == root or root not in p.parents:
-                    break
+            p = base / rel if rel else base
+            dirs.append(p)
+            while p != base and base in p.parents:
                 p = p.parent
-    if root not in dirs:
-        dirs.append(root)
+                dirs.append(p)
     return dirs
+
+
+def _own_cgroup_dirs(root: Path) -> list[Path]:
+    """cgroup v2: the folders of this process's group, innermost first, ending at ``root``."""
+    dirs = _group_and_parents(root, lambda hierarchy, controllers: hierarchy == "0"
+                              and controllers == "")  # the v2 entry: "0::/path"
+    return dirs if root in dirs else [*dirs, root]
 
 
 def _own_v1_cpu_dirs(root: Path) -> list[Path]:
     """cgroup v1: the ``cpu`` controller's folders of this process, innermost first.
 
-    ``/proc/self/cgroup`` names the group per controller (``5:cpu,cpuacct:/slurm/job1``); the
-    controller is mounted at ``root/cpu`` (or ``root/cpu,cpuacct``). A host path that does not
-    exist under the mount (a container whose group is mounted as the root) is skipped: the
-    mount's root is then this process's group.
+    The controller is mounted at ``root/cpu`` (or ``root/cpu,cpuacct``) and named per line
+    (``5:cpu,cpuacct:/slurm/job1``); the mount's root, and ``root`` itself (a controller
+    mounted there, as in some containers), end the list.
     """
-    bases = [b for b in (root / "cpu", root / "cpu,cpuacct") if b.is_dir()] or [root / "cpu"]
-    base = bases[0]
-    dirs: list[Path] = []
-    for line in (_read(PROC_CGROUP) or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and "cpu" in parts[1].split(","):
-            rel = parts[2].strip("/")
-            p = base / rel if rel else base
-            while p != base and base in p.parents:
-                dirs.append(p)
-                p = p.parent
-    dirs.append(base)
-    dirs.append(root)  # a v1 controller mounted directly at the root (some containers)
-    return dirs
+    base = next((b for b in (root / "cpu", root / "cpu,cpuacct") if b.is_dir()), root / "cpu")
+    in_cpu = _group_and_parents(base, lambda _, controllers: "cpu" in controllers.split(","))
+    return [*in_cpu, base, root]
 
 
 def _v1_quota(d: Path) -> float | None:
