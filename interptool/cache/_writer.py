@@ -1114,15 +1114,11 @@ class _HookFault:
 
     @classmethod
     def record(cls, name: str, out: torch.Tensor, feat: torch.Tensor) -> None:
-        if cls._slot is not None:
-            return
-        flat = feat.reshape(feat.shape[0], -1)
-        bad = ~torch.isfinite(flat).all(dim=1)
-        row = int(torch.nonzero(bad)[0, 0]) if bool(bad.any()) else 0
-        kind = "NaN" if bool(torch.isnan(flat[row]).any()) else "Inf"
-        # the unrounded values were finite: the float16 copy overflowed
-        overflow = bool(torch.isfinite(out.reshape(out.shape[0], -1)[row]).all())
-        cls._slot = (name, row, kind, overflow)
+        """The immediate test (the CPU's, once the cheap check failed): the deferred one,
+        read at once."""
+        if cls._slot is None:
+            cls.defer(name, out, feat)
+            cls.resolve()
 
     @classmethod
     def first(cls) -> tuple[str, int, str, bool] | None:
