@@ -175,7 +175,8 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """``fsync`` a written file, so that a rename of it never exposes lost data."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -203,7 +204,7 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = True) -> Iterato
     tmp = _tmp_name(path, keep_suffix)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         try:

@@ -465,7 +465,7 @@ def test_atomic_text_on_a_full_disk_raises_and_leaves_no_tmp(tmp_path, monkeypat
             def full(path):  # what NFS answers at fsync when the server's disk is full
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            monkeypatch.setattr(prov, "_fsync_file", full)
+            monkeypatch.setattr(prov, "fsync_file", full)
         with pytest.raises(NoSpaceError, match=rf"no space left on .+ while writing "
                                                rf"{re.escape(str(target))}; free space"):
             atomic_write_text(target, "x" * (1 << 20))

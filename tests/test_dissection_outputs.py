@@ -202,7 +202,7 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temporary(tmp_path, monk
     # a second result with other numbers (so a torn write would change the bytes)
     second = _result(tmp_path, seed=1)
     stem = Path(target).stem
-    real = _provenance._fsync_file
+    real = _provenance.fsync_file
 
     def failing_fsync(path):
         name = Path(path).name  # "STEM.tmpPID.SUFFIX" or "NAME.tmpPID" (_provenance._tmp_name)
@@ -210,7 +210,7 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temporary(tmp_path, monk
             raise OSError(5, "Input/output error (injected)")
         real(path)
 
-    monkeypatch.setattr(_provenance, "_fsync_file", failing_fsync)
+    monkeypatch.setattr(_provenance, "fsync_file", failing_fsync)
     with pytest.raises(OSError, match="injected"):
         second.save(out)
     after = _snapshot(out)

@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import Dataset
 
 from interptool._locks import output_lock
-from interptool._provenance import device_of, free_bytes, fsync_dir, is_no_space
+from interptool._provenance import device_of, free_bytes, fsync_dir, fsync_file, is_no_space
 from interptool.cache._errors import (
     CacheDiskFullError,
     CacheForeignError,
@@ -450,6 +450,18 @@ def _destroy_groups() -> None:
         dist.destroy_process_group()
 
 
+def _files_beside(path: Path, infix: str) -> list[tuple[Path, re.Match[str]]]:
+    """The files named ``STEM.INFIX.SUFFIX`` in ``path``'s folder (``infix`` a regular
+    expression: shard files, join temporaries), sorted, with their matches; none when the
+    folder does not exist yet."""
+    pattern = re.compile(rf"{re.escape(path.stem)}\.{infix}{re.escape(path.suffix)}")
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:
+        return []
+    return [(path.parent / name, m) for name in names if (m := pattern.fullmatch(name))]
+
+
 def _remove_stale_joins(path: Path) -> list[Path]:
     """Delete the temporary files of joins into ``path`` that were killed; return them.
 
@@ -460,16 +472,8 @@ def _remove_stale_joins(path: Path) -> list[Path]:
     the pid is alive would be wrong: on a shared file system the pid may name a process of
     another node, and a live process of that number here proves nothing (pids are reused).
     """
-    pattern = re.compile(rf"{re.escape(path.stem)}\.merging\d+{re.escape(path.suffix)}")
     removed = []
-    try:
-        names = sorted(os.listdir(path.parent))
-    except OSError:  # no folder yet: nothing to clean
-        return removed
-    for name in names:
-        if not pattern.fullmatch(name):
-            continue
-        stale = path.parent / name
+    for stale, _ in _files_beside(path, r"merging\d+"):
         try:
             size = stale.stat().st_size
             stale.unlink()
@@ -504,16 +508,7 @@ def _check_leftover_shards(path: Path, n_items: int, batch_size: int, world: int
     and world size would resume; and shard files of another world size would be left behind
     (as large as their share of the cache) while new ones are written.
     """
-    pattern = re.compile(rf"{re.escape(path.stem)}\.rank(\d+)-of-(\d+){re.escape(path.suffix)}")
-    try:
-        names = sorted(os.listdir(path.parent))
-    except OSError:
-        return
-    for name in names:
-        match = pattern.fullmatch(name)
-        if not match:
-            continue
-        spath = path.parent / name
+    for spath, match in _files_beside(path, r"rank(\d+)-of-(\d+)"):
         rank, was_world = int(match[1]), int(match[2])
         recorded = _recorded_shard(spath)
         now = shard_range(n_items, batch_size, rank, world) if rank < world else None
@@ -644,11 +639,7 @@ def _merge(job: Any, shards: list[dict[str, Any]], path: Path) -> None:
         _check_join_space(path, files)
         try:
             _write_joined(job, shards, srcs, tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
             os.replace(tmp, path)
             fsync_dir(folder)
         except BaseException as exc:
