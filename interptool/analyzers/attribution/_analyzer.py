@@ -679,11 +679,7 @@ class Attribution:
             if not isinstance(output, torch.Tensor):
                 return
             if not width:
-                if output.dim() != 2:
-                    raise AnalysisError(
-                        f"model output must be (N, classes) logits, got {tuple(output.shape)}; "
-                        "attribution needs a classifier")
-                width.append(int(output.shape[1]))
+                width.append(_output_width(output))
             if not seen and inputs and inputs[0] is xg:
                 seen.append(output.detach())
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interptool.common.jsonsafe import to_jsonable
+from interptool.common.numerics import seeded_rng
 from interptool.errors import AnalysisError
 
 # ----------------------------------------------------------------------------- helpers
@@ -845,8 +846,6 @@ def _default_layers(model: nn.Module) -> list[str]:
 
 
 def _reinit(module: nn.Module, seed: int) -> None:
-    from interptool.common.numerics import seeded_rng
-
     devices = sorted({p.device for p in module.parameters() if p.device.type == "cuda"},
                      key=str)
     with seeded_rng(seed, devices):
