@@ -415,11 +415,9 @@ def test_result_frame_dict_save(tmp_path, model, batch):
 
 
 def _real_loaders():
-    try:
-        from interptool.data import open_dataset
-        from interptool.loading import load_model
-    except ImportError as exc:  # parts built in parallel
-        pytest.skip(f"loading/data not available yet: {exc}")
+    from interptool.data import open_dataset
+    from interptool.loading import load_model
+
     return load_model, open_dataset
 
 
@@ -428,7 +426,7 @@ def test_loaded_model_with_concept_world(tmp_path):
     loaded = load_model("interptool:cw-student", num_classes=10)
     ds = open_dataset("builtin:concept-world?version=1&n=12&size=64&seed=0")
     res = Attribution("grad_cam", layer="layer4").run(loaded, ds, n=6, batch_size=4,
-                                                      out=tmp_path)
+                                                      out=tmp_path, sample="first")
     assert res.maps.shape == (6, 64, 64)
     assert res.ids == list(ds.ids[:6])
     np.testing.assert_array_equal(res.labels, ds.labels[:6])
@@ -614,7 +612,7 @@ def test_cli_torchvision_imagefolder_masks_targets(tmp_path, capsys):
 
 
 def test_timm_model_in_place_activations_grad_cam_and_guided_backprop():
-    timm = pytest.importorskip("timm")
+    import timm
     from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam
 
     torch.manual_seed(0)
@@ -644,8 +642,13 @@ def test_stratified_sample_covers_every_class_and_is_recorded(model):
     x = torch.randn(40, 3, 32, 32, generator=g)
     y = torch.arange(4).repeat_interleave(10)
     ids = [f"class{int(c)}/img{i}.png" for i, c in enumerate(y)]
-    first = Attribution("saliency").run(model, x, labels=y, ids=ids, n=8, batch_size=4)
+    first = Attribution("saliency").run(model, x, labels=y, ids=ids, n=8, batch_size=4,
+                                        sample="first")
     assert set(first.labels.tolist()) == {0}  # the fault: one class only
+    # the Python default is the CLI's and the compare config's: stratified, seed 0
+    default = Attribution("saliency").run(model, x, labels=y, ids=ids, n=8, batch_size=4)
+    assert default.params["sample"] == {"method": "stratified", "seed": 0, "n": 8, "of": 40}
+    np.testing.assert_array_equal(default.indices, stratified_sample(y.numpy(), 8, 0))
     res = Attribution("saliency").run(model, x, labels=y, ids=ids, n=8, batch_size=4,
                                       sample="stratified", sample_seed=3)
     assert sorted(np.bincount(res.labels, minlength=4).tolist()) == [2, 2, 2, 2]

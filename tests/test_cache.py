@@ -703,16 +703,6 @@ def test_cli_bad_layer_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
     assert rc == 0 and "cache hit" in capsys.readouterr().out
 
 
-def _real_parts_available() -> bool:
-    try:
-        from interptool.data import open_dataset  # noqa: F401
-        from interptool.loading import load_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _real_parts_available(), reason="loading/data not built yet")
 def test_real_model_and_concept_world(tmp_path, capsys):
     from interptool.data import open_dataset
     from interptool.loading import load_model
@@ -757,7 +747,6 @@ def test_real_model_and_concept_world(tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err and "'layer9'" in err and "layer4" in err
 
 
-@pytest.mark.skipif(not _real_parts_available(), reason="loading/data not built yet")
 def test_real_imagefolder_with_a_corrupt_file(tmp_path):
     from interptool.data import open_dataset
     from interptool.loading import load_model

@@ -15,12 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-HAVE_WEIGHTS = (WEIGHTS_DIR / "reproduction.json").is_file()
-needs_weights = pytest.mark.skipif(
-    not HAVE_WEIGHTS, reason="demo weights not built: python examples/kd_reproduction/ship.py")
 
-
-@needs_weights
 def test_manifest_documents_recipe_and_checksums():
     from interptool._provenance import sha256_file
 
@@ -45,7 +40,6 @@ def test_manifest_documents_recipe_and_checksums():
 # tests/test_reproduction.py (test of the study that produced them).
 
 
-@needs_weights
 def test_demo_config_and_its_toml_agree():
     from interptool.pipeline import parse_config
 
@@ -61,7 +55,6 @@ def test_demo_config_and_its_toml_agree():
     assert again.analysis.attribution == cfg.analysis.attribution
 
 
-@needs_weights
 @pytest.mark.slow
 def test_cli_demo_tiny(tmp_path, capsys):
     from interptool.cli import main

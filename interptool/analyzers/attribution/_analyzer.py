@@ -118,7 +118,7 @@ class _TensorSource:
     """Uniform row access over a tensor batch or an ImageDataset + transform."""
 
     def __init__(self, data: Any, *, labels: Any, ids: Sequence[str] | None, transform: Any,
-                 n: int | None, sample: str = "first", sample_seed: int = 0) -> None:
+                 n: int | None, sample: str, sample_seed: int = 0) -> None:
         self.dataset = None
         if isinstance(data, torch.Tensor):
             if data.dim() != 4:
@@ -443,7 +443,7 @@ class Attribution:
         overwrite: bool = False,
         keep_images: int = 16,
         internal_batch_size: int | None = None,
-        sample: str = "first",
+        sample: str = "stratified",
         sample_seed: int = 0,
         threads: int | None = None,
     ) -> AttributionResult:
@@ -468,9 +468,10 @@ class Attribution:
                 one ordinary batch whatever ``steps`` or ``nt_samples``. A method's own
                 explicit setting wins. Does not change the maps (SmoothGrad: the noise
                 draws, still seeded).
-            sample: with ``n`` below the data set's size, ``"first"`` (rows 0..n-1) or
-                ``"stratified"`` (:func:`stratified_sample`: equal shares per class, seeded
-                by ``sample_seed``). The rows are ``result.indices``, the setting
+            sample: with ``n`` below the data set's size, ``"stratified"`` (default, as the
+                CLI and the compare config: :func:`stratified_sample`, equal shares per class,
+                seeded by ``sample_seed``; the first rows of an image folder are often one
+                class) or ``"first"`` (rows 0..n-1). The rows are ``result.indices``, the setting
                 ``result.params["sample"]``.
             threads: torch intra-op threads (``--threads``): an explicit number wins (capped
                 by the cores this process may use); ``None`` keeps only the cores idle now
