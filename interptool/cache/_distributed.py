@@ -224,9 +224,9 @@ def _raise_first_failure(outcomes: list[dict[str, Any]], rank: int,
 
 # What every rank must agree on, in the order a difference is reported (the first that differs
 # is named): the data, then the model, then the options that decide the rows' content.
-_IDENTITY_KEYS = ("n_items", "data_fingerprint", "arch", "checkpoint_sha256", "weights_sha256",
-                  "layers", "dtype", "preprocessing", "transform", "batch_size", "compression",
-                  "skip_bad", "numerics")
+_IDENTITY_KEYS = ("n_items", "data_fingerprint", "arch", "model_kwargs", "checkpoint_sha256",
+                  "weights_sha256", "layers", "dtype", "preprocessing", "transform",
+                  "batch_size", "compression", "skip_bad", "numerics")
 _SAME_DATA = "every rank must see the same data (a stale copy on a node's local disk?)"
 
 

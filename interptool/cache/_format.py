@@ -33,6 +33,7 @@ JSON_ATTRS = (
     "distributed",
     "shard",
     "numerics",
+    "model_kwargs",
 )
 
 

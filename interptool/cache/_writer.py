@@ -92,6 +92,7 @@ COMPRESSIONS = ("gzip", "lzf")
 # Attributes that must agree between a request and an existing file for it to be reused.
 MATCH_KEYS = (
     "arch",
+    "model_kwargs",
     "checkpoint_sha256",
     "weights_sha256",
     "data_fingerprint",
@@ -252,6 +253,8 @@ def _jsonish(key: str, value: Any) -> str:
     """Canonical text of an attribute value for comparing a request with a file."""
     if key == "layers":
         value = sorted(value or [])
+    elif key == "model_kwargs":
+        value = value or {}  # files from before model_kwargs: the architecture's defaults
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -515,6 +518,7 @@ def _make_job(
 
     want: dict[str, Any] = {
         "arch": str(loaded.arch),
+        "model_kwargs": dict(getattr(loaded, "model_kwargs", None) or {}),
         "checkpoint_sha256": loaded.checkpoint_sha256 or "",
         "weights_sha256": weights_sha256(model),
         "data_fingerprint": str(dataset.fingerprint),

@@ -27,7 +27,7 @@ from interptool.cli._common import (
     add_common_args,
     add_model_args,
     add_params_arguments,
-    model_kwargs,
+    load_kwargs,
 )
 from interptool.errors import ConfigError
 
@@ -196,7 +196,7 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
     from interptool.loading import load_model
 
     out.mkdir(parents=True, exist_ok=True)
-    kw = model_kwargs(args)
+    kw = load_kwargs(args)
     loaded_models = []
     for name, arch, ckpt in models:
         loaded = load_model(arch, **{**kw, "checkpoint": ckpt})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from interptool.cli._common import add_common_args, add_model_args, model_kwargs
+from interptool.cli._common import add_common_args, add_model_args, load_kwargs
 
 _EPILOG = """\
 examples:
@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
 def _load_model(args: argparse.Namespace) -> Any:
     from interptool.loading import load_model
 
-    return load_model(args.arch, **model_kwargs(args))
+    return load_model(args.arch, **load_kwargs(args))
 
 
 def _open_dataset(spec: str) -> Any:

@@ -32,9 +32,40 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                    help="input size: one value (square) or H W")
     g.add_argument("--mean", type=float, nargs="+", help="normalisation mean (1 or 3 values)")
     g.add_argument("--std", type=float, nargs="+", help="normalisation std (1 or 3 values)")
+    g.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", action="extend",
+                   help="constructor arguments of a timm/torchvision architecture, as timm's "
+                   "--model-kwargs: e.g. img_size=384 for a ViT fine-tuned at 384 px, "
+                   "global_pool=avg; values are Python literals, else strings")
 
 
-def model_kwargs(args: argparse.Namespace) -> dict:
+def parse_model_kwargs(items: list[str] | None) -> dict[str, Any] | None:
+    """``["img_size=384", "global_pool=avg"]`` -> ``{"img_size": 384, "global_pool": "avg"}``.
+
+    Values are read as Python literals (numbers, ``True``, ``None``, ``(256, 320)``, quoted
+    strings), else kept as the string given, as timm's own ``--model-kwargs`` reads them.
+    """
+    import ast
+
+    from interptool.errors import ConfigError
+
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-kwargs {item!r}: expected KEY=VALUE (e.g. img_size=384); "
+                              "a positional argument after --model-kwargs is read as one of "
+                              "them: put it before the flag")
+        try:
+            value: Any = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = text
+        out[key.strip()] = value
+    return out
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for :func:`interptool.loading.load_model` from parsed flags."""
     size = args.image_size
     if size is not None:
@@ -55,6 +86,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None,
         device=args.device,
+        model_kwargs=parse_model_kwargs(getattr(args, "model_kwargs", None)),
     )
 
 

@@ -12,7 +12,7 @@ from interptool.cli._common import (
     add_common_args,
     add_model_args,
     add_params_arguments,
-    model_kwargs,
+    load_kwargs,
     params_from_args,
 )
 
@@ -120,7 +120,7 @@ def _run_locked(args: argparse.Namespace, layers: list[str], params: DissectionP
         from interptool.loading import load_model
 
         probe = open_dataset(probe)
-        loaded = load_model(args.arch, **model_kwargs(args))
+        loaded = load_model(args.arch, **load_kwargs(args))
         cache_path = cache_activations(
             loaded, probe, layers, out / "activations.h5", batch_size=params.batch_size,
             workers=params.workers, dtype=args.cache_dtype, overwrite=args.overwrite,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from interptool.cli._common import add_common_args, add_model_args, model_kwargs
+from interptool.cli._common import add_common_args, add_model_args, load_kwargs
 
 
 def register(subparsers) -> None:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be at least 1, got {args.depth}")
-    loaded = load_model(args.arch, **model_kwargs(args))
+    loaded = load_model(args.arch, **load_kwargs(args))
     rows = layer_table(loaded)
     if args.depth is not None:
         rows = [r for r in rows if r[0].count(".") < args.depth]

@@ -10,6 +10,7 @@ Public face of the loading stage (see docs/architecture.md "Loading" and docs/lo
 
 from __future__ import annotations
 
+from interptool.loading._builder import check_model_kwargs
 from interptool.loading._checkpoint import read_state_dict
 from interptool.loading._layers import layer_table, list_layers
 from interptool.loading._model import LoadedModel, LoadReport, load_model
@@ -19,6 +20,7 @@ __all__ = [
     "LoadReport",
     "LoadedModel",
     "Preprocessing",
+    "check_model_kwargs",
     "layer_table",
     "list_layers",
     "load_model",

@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interptool.errors import CheckpointError
+from interptool.errors import CheckpointError, ConfigError
 
 # Never reach the network: architecture configs of ``hf-hub:`` names would be fetched otherwise.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,12 +94,77 @@ def _suggest(name: str, choices: list[str], prefix: str) -> str:
     return "; close names: " + ", ".join(f"{prefix}:{c}" for c in close)
 
 
-def build(spec: ArchSpec, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+#: constructor arguments that ``model_kwargs`` may not set: interptool's own options
+#: (``num_classes``: --num-classes; ``in_chans``: read from the checkpoint), and those that make
+#: timm or torchvision download or read weight files outside the safe loader
+_RESERVED_KWARGS = {
+    "num_classes": "use --num-classes (config: num_classes), or let the checkpoint tell it",
+    "in_chans": "the input channels are read from the checkpoint's first convolution",
+    "pretrained": "weights come from --checkpoint (read safely), never from a download",
+    "pretrained_cfg": "weights come from --checkpoint (read safely), never from a download",
+    "pretrained_cfg_overlay": "weights come from --checkpoint (read safely), never from a "
+                              "download",
+    "checkpoint_path": "give the file as --checkpoint (read safely)",
+    "cache_dir": "weights come from --checkpoint (read safely), never from a download",
+    "weights": "give the weight file as --checkpoint (read safely)",
+    "weights_backbone": "give the weight file as --checkpoint (read safely)",
+    "progress": "nothing is downloaded",
+}
+
+
+def _plain_value(value: Any) -> bool:
+    """JSON-like values only: they are recorded in the provenance and compared on resume."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_value(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain_value(v) for k, v in value.items())
+    return False
+
+
+def check_model_kwargs(model_kwargs: Mapping[str, Any] | None,
+                       arch: ArchSpec | str | os.PathLike) -> dict[str, Any]:
+    """``model_kwargs`` for architecture ``arch`` as a plain dict, checked: keyword names,
+    JSON-like values, none of interptool's own or downloading arguments, and an architecture
+    built by name (a TorchScript file or a Hugging Face folder fixes its own).
+
+    Raises:
+        ConfigError: naming the argument and why it is refused.
+    """
+    if model_kwargs is None:
+        return {}
+    spec = arch if isinstance(arch, ArchSpec) else parse_arch(arch)
+    if not isinstance(model_kwargs, Mapping):
+        raise ConfigError(f"model_kwargs must be a mapping of constructor arguments, e.g. "
+                          f"{{'img_size': 384}}; got {type(model_kwargs).__name__}")
+    out = dict(model_kwargs)
+    if out and spec.family in ("torchscript", "hf"):
+        fix = ("edit the folder's config.json" if spec.family == "hf"
+               else "the file holds the built model")
+        raise ConfigError(f"model_kwargs {sorted(out)} apply to timm, torchvision and interptool "
+                          f"architectures; {spec.family} {spec.name!r} is built from its own "
+                          f"description ({fix}); drop model_kwargs")
+    for key, value in out.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"model_kwargs key {key!r} is not a keyword argument name")
+        if key in _RESERVED_KWARGS:
+            raise ConfigError(f"model_kwargs may not set {key!r}: {_RESERVED_KWARGS[key]}")
+        if not _plain_value(value):
+            raise ConfigError(f"model_kwargs {key}={value!r}: expected a number, string, "
+                              "boolean, None, or a list/table of those")
+    return out
+
+
+def build(spec: ArchSpec, num_classes: int | None = None, in_chans: int | None = None,
+          model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Instantiate ``spec`` with random weights (never downloads anything).
 
-    ``num_classes``/``in_chans`` of ``None`` keep the architecture's defaults.
+    ``num_classes``/``in_chans`` of ``None`` keep the architecture's defaults;
+    ``model_kwargs`` (checked by :func:`check_model_kwargs`) go to the constructor (timm's
+    ``create_model``, torchvision's ``get_model``, the built-in zoo's builders).
     """
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(check_model_kwargs(model_kwargs, spec))
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     if spec.family == "timm":
@@ -147,7 +213,11 @@ def build(spec: ArchSpec, num_classes: int | None = None, in_chans: int | None =
             )
         if in_chans is not None:
             kwargs["in_chans"] = int(in_chans)
-        return ZOO[spec.name](**kwargs)
+        try:
+            return ZOO[spec.name](**kwargs)
+        except TypeError as exc:  # an argument the builder does not take
+            raise CheckpointError(
+                f"interptool:{spec.name} could not be built with {kwargs}: {exc}") from exc
     if spec.family == "hf":
         from interptool.loading._hf import build_from_config, load_config
 

@@ -16,6 +16,7 @@ from interptool.errors import CheckpointError, ConfigError
 from interptool.loading._builder import (
     ArchSpec,
     build,
+    check_model_kwargs,
     classifier_key,
     first_conv_key,
     model_in_chans,
@@ -124,6 +125,8 @@ class LoadedModel:
     num_prefix_tokens: int = 0
     token_grid: tuple[int, int] | None = None
     class_names: list[str] | None = None
+    #: constructor arguments the architecture was built with (``load_model(model_kwargs=)``)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -149,10 +152,22 @@ class LoadedModel:
             num_prefix_tokens=int(self.num_prefix_tokens),
             token_grid=list(self.token_grid) if self.token_grid is not None else None,
             class_names=list(self.class_names) if self.class_names is not None else None,
+            model_kwargs=dict(self.model_kwargs),
         )
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _size_from_kwarg(value: Any, kwarg: str) -> tuple[int, int]:
+    """A constructor's input-size argument (one side, or ``(H, W)``) as ``(H, W)``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return (value, value)
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(f"model_kwargs {kwarg}={value!r}: expected a positive integer or "
+                      "[H, W]")
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -237,6 +252,7 @@ def _choose(sd, model_sd, flexible, report: LoadReport):
 def _mismatch_message(
     where: str, sd, model_sd, missing, unexpected, mismatched, spec: ArchSpec,
     clf_key: str | None, num_classes_given: bool, report: LoadReport,
+    size_hint: str | None = None,
 ) -> str:
     lines = [
         f"checkpoint {where} does not fit {spec.family}:{spec.name}: {len(missing)} missing, "
@@ -256,7 +272,7 @@ def _mismatch_message(
     if report.selected:
         lines.append(f"(keys were read under the prefix {report.selected!r}, the best fit "
                      f"among the networks in the file)")
-    causes = []
+    causes = [size_hint] if size_hint else []
     if missing and all(_same_module(k, clf_key) for k in missing) and not mismatched:
         causes.append(
             f"the checkpoint has no classifier ({', '.join(missing)}): a backbone-only or "
@@ -292,6 +308,8 @@ def _mismatch_message(
             f"keys occur in the checkpoint (its keys look like {sample}); check --arch, or "
             f"rename keys with --key-map FILE.toml (regex rules) or --key-map positional"
         )
+    elif size_hint and len(mismatched) == 1 and not missing and not unexpected:
+        pass  # only the position embedding differs: the input size, said above
     elif [m for m in mismatched if not _same_module(m[0], clf_key)] or (
         [k for k in missing if not _same_module(k, clf_key)] and not prefixes
     ):
@@ -304,6 +322,46 @@ def _mismatch_message(
     lines.append("Likely cause: " + "; ".join(causes) if causes else
                  "Check --arch and --num-classes.")
     return "\n".join(lines)
+
+
+#: the constructor argument that sets a ViT's input size (and so its position embedding)
+SIZE_KWARG = {"timm": "img_size", "torchvision": "image_size"}
+
+
+def _input_size_hint(model: nn.Module, spec: ArchSpec, mismatched: list) -> str | None:
+    """When a ViT's position embedding is the only thing telling the checkpoint's input size
+    apart (a DeiT fine-tuned at 384 px loaded into the 224 px architecture), the size it was
+    trained at and the ``model_kwargs`` that builds the model for it."""
+    import math
+
+    kwarg = SIZE_KWARG.get(spec.family)
+    for key, exp, got in mismatched:
+        if kwarg is None or len(exp) != 3 or len(got) != 3 or exp[2] != got[2]:
+            continue
+        if spec.family == "timm" and key.endswith("pos_embed"):
+            pe = getattr(model, "patch_embed", None)
+            grid, patch = getattr(pe, "grid_size", None), getattr(pe, "patch_size", None)
+            if not grid or not patch:
+                return None
+            patches, patch_side = int(grid[0]) * int(grid[1]), int(patch[0])
+        elif spec.family == "torchvision" and key == "encoder.pos_embedding":
+            side, patch_side = getattr(model, "image_size", None), getattr(model, "patch_size", None)
+            if not isinstance(side, int) or not isinstance(patch_side, int):
+                return None
+            patches = (side // patch_side) ** 2
+        else:
+            continue
+        prefix = exp[1] - patches  # class / distillation / register tokens
+        n = got[1] - prefix
+        root = math.isqrt(n) if n > 0 else 0
+        if prefix < 0 or root * root != n:
+            return None
+        size = root * patch_side
+        return (f"{key} holds {root}x{root} patch positions: the checkpoint was trained at "
+                f"{size} px; build the model for it with --model-kwargs {kwarg}={size} "
+                f"(config: model_kwargs = {{ {kwarg} = {size} }}; Python: "
+                f"model_kwargs={{'{kwarg}': {size}}})")
+    return None
 
 
 def _same_module(key: str, other: str | None) -> bool:
@@ -369,6 +427,7 @@ def load_model(
     device: str = "cpu",
     strict: bool = True,
     init_seed: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Build ``arch``, load ``checkpoint`` into it safely and resolve its preprocessing.
 
@@ -388,6 +447,13 @@ def load_model(
         device: torch device for the model.
         strict: key or shape mismatches raise (default); ``False`` loads what fits and lists
             the rest in the report.
+        model_kwargs: extra constructor arguments for timm / torchvision / interptool
+            architectures, as timm's ``create_model(name, **kwargs)`` takes them (e.g.
+            ``{"img_size": 384}`` for a ViT fine-tuned at 384 px, ``{"global_pool": "avg"}``);
+            JSON-like values; recorded in ``LoadedModel.model_kwargs`` and in every cache
+            made with the model. A timm ``img_size`` (torchvision ``image_size``) is also the
+            input size unless ``image_size`` is given. Arguments that download weights
+            (``pretrained``, ``weights``, ...) and ``num_classes`` / ``in_chans`` are refused.
 
     Raises:
         CheckpointError: unknown architecture, unreadable/unsafe file, keys or shapes that do
@@ -395,6 +461,12 @@ def load_model(
     """
     spec = parse_arch(arch)
     dev = _check_device(device)
+    model_kwargs = check_model_kwargs(model_kwargs, spec)
+    size_kwarg = model_kwargs.get(SIZE_KWARG.get(spec.family, ""))
+    if image_size is None and size_kwarg is not None:
+        # the model is built for this input size: feed it that size (timm's data config
+        # still describes the pretrained default)
+        image_size = _size_from_kwarg(size_kwarg, SIZE_KWARG[spec.family])
     rules = parse_key_map(key_map)
     report = LoadReport()
     sd: dict[str, torch.Tensor] | None = None
@@ -441,10 +513,10 @@ def load_model(
             # hits); the caller's global RNG state is left untouched.
             seed = INIT_SEED if init_seed is None else int(init_seed)
             with seeded_rng(seed):  # the CPU's generator only (GPUs' left alone)
-                model = build(spec, num_classes)
+                model = build(spec, num_classes, model_kwargs=model_kwargs)
             report.notes.append(f"no checkpoint: random initialisation with seed {seed}")
         else:
-            model = build(spec, num_classes)
+            model = build(spec, num_classes, model_kwargs=model_kwargs)
         in_chans = model_in_chans(model)
         if spec.family == "timm":
             base = timm_preprocessing(model)
@@ -486,7 +558,7 @@ def load_model(
                 report.inferred["in_chans_from"] = key
                 new_ic = c
         if new_nc != num_classes or new_ic is not None:
-            model = build(spec, new_nc, new_ic)
+            model = build(spec, new_nc, new_ic, model_kwargs=model_kwargs)
             in_chans = model_in_chans(model)
             if spec.family == "timm":
                 # the data config does not depend on the head, but on pretrained cfg only;
@@ -503,6 +575,8 @@ def load_model(
                 where, sd, model_sd, missing, unexpected, mismatched, spec,
                 classifier_key(model, spec) if spec.family != "torchscript" else None,
                 num_classes is not None, report,
+                size_hint=None if size_kwarg is not None else _input_size_hint(
+                    model, spec, mismatched),
             ))
         bad = {k for k, _, _ in mismatched}
         to_load = {k: v for k, v in sd.items() if k in model_sd and k not in bad}
@@ -550,6 +624,7 @@ def load_model(
         num_prefix_tokens=n_prefix,
         token_grid=grid,
         class_names=names,
+        model_kwargs=model_kwargs,
     )
 
 

@@ -58,6 +58,8 @@ class ModelConfig:
     group: str | None = None
     # Grad-CAM layer of this model (default: analysis.attribution.layer, else its last layer)
     attribution_layer: str | None = None
+    # constructor arguments of the architecture (load_model(model_kwargs=)), e.g. img_size
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def load_kwargs(self, device: str = "cpu") -> dict[str, Any]:
         """Keyword arguments for ``load_model(self.arch, **kwargs)``."""
@@ -70,6 +72,7 @@ class ModelConfig:
             mean=self.mean,
             std=self.std,
             device=device,
+            model_kwargs=dict(self.model_kwargs) or None,
         )
 
 
@@ -343,6 +346,7 @@ _MODEL_KEYS = (
     "std",
     "group",
     "attribution_layer",
+    "model_kwargs",
 )
 
 
@@ -396,6 +400,14 @@ def _model(ctx: _Ctx, name: str, table: Any) -> ModelConfig:
             m.key_map = km if km == "positional" else ctx.path(km, f"{fld}.key_map")
     if "trust_pickle" in table:
         m.trust_pickle = _bool(ctx, table["trust_pickle"], f"{fld}.trust_pickle")
+    if "model_kwargs" in table:
+        from interptool.loading import check_model_kwargs
+
+        kwargs = ctx.table(table["model_kwargs"], f"{fld}.model_kwargs")
+        try:
+            m.model_kwargs = check_model_kwargs(kwargs, m.arch)
+        except ConfigError as exc:
+            raise ctx.error(f"{fld}.model_kwargs", str(exc)) from None
     if "image_size" in table:
         v = table["image_size"]
         if isinstance(v, list):
@@ -559,6 +571,7 @@ role = "teacher"
 # key_map = "positional"         # or a TOML file of regex -> replacement rules for foreign names
 # trust_pickle = false           # true runs code inside the checkpoint: only for files you trust
 # image_size = 64                # or [H, W]; default from the architecture
+# model_kwargs = { img_size = 384 }  # constructor arguments (timm create_model / torchvision)
 # mean = [0.5, 0.5, 0.5]
 # std = [0.25, 0.25, 0.25]
 

@@ -152,6 +152,7 @@ def models_table(run: RunContext) -> list[dict[str, Any]]:
             "params": int(sum(p.numel() for p in lm.model.parameters())),
             "checkpoint": m.checkpoint,
             "checkpoint_sha256": lm.checkpoint_sha256,
+            "model_kwargs": dict(lm.model_kwargs),
             "num_classes": lm.num_classes,
             "layers": m.layers,
             "preprocessing": lm.preprocessing.to_dict(),
@@ -277,6 +278,14 @@ def attribution_settings(a: Any) -> dict[str, Any]:
     return settings
 
 
+def _model_identity(name: str, loaded: Any) -> Any:
+    """What an attribution stage's maps depend on of one model: its checkpoint's checksum
+    (the name for a random initialisation), with the constructor arguments when any were
+    given (the same key as before model_kwargs existed when none were)."""
+    ident = loaded.checkpoint_sha256 or name
+    return [ident, dict(loaded.model_kwargs)] if loaded.model_kwargs else ident
+
+
 def attribution(run: RunContext) -> dict[str, Any]:
     """Attribution maps per method and model, scored against the teacher's."""
     a = run.cfg.analysis.attribution
@@ -291,7 +300,7 @@ def attribution(run: RunContext) -> dict[str, Any]:
         for method in a.methods:
             inputs = {"settings": attribution_settings(a), "method": method, "n": n,
                       "seed": run.cfg.run.seed,
-                      "models": {k: v.checkpoint_sha256 or k for k, v in run.loaded.items()},
+                      "models": {k: _model_identity(k, v) for k, v in run.loaded.items()},
                       "data": run.eval_ds.fingerprint}
             part, reused = run.stages.run(f"attribution-{method}", inputs,
                                           lambda method=method: _attribute(run, method, n))
