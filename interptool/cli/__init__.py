@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from interptool.errors import ConfigError, InterptoolError
 
@@ -17,8 +18,17 @@ from interptool.errors import ConfigError, InterptoolError
 _COMMANDS = ["layers", "cache", "data", "dissect", "similarity", "attribute", "compare", "demo"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with interptool's error form: one line on stderr, exit 2 (argparse prints its
+    whole usage block first; the line says where the usage is). Sub-command parsers made by
+    ``add_subparsers`` are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="interptool",
         description="Measure and compare the interpretability of image classifiers "
         "(teacher vs. distilled students).",
@@ -74,7 +84,10 @@ def _thread_limit(args: argparse.Namespace) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a flag error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -87,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     except InterptoolError as exc:
         print(f"interptool {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # a path the run could not use (a file where a folder must go, a folder it may not
+        # write, a full disk) that no check before named: the path and the reason, one line
+        where = exc.filename if exc.filename is not None else ""
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason = ("a file stands where this run needs a folder (or a folder in its "
+                      "path); move it away or choose another --out")
+        else:
+            reason += "; check the paths given (--out, the data, the cache)"
+        print(f"interptool {args.command}: error: {where}{': ' if where else ''}{reason}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; completed batches are kept and a re-run resumes", file=sys.stderr)
         return 130

@@ -9,7 +9,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from interptool.cli._common import add_common_args, add_params_arguments, params_from_args
+from interptool.cli._common import (
+    add_common_args,
+    add_params_arguments,
+    out_folder,
+    params_from_args,
+)
 
 
 def register_generated(subparsers: Any, spec: Any) -> None:
@@ -22,7 +27,7 @@ def register_generated(subparsers: Any, spec: Any) -> None:
         "(one folder per result when there are several).")
     p.add_argument("caches", nargs="+", metavar="CACHE.h5",
                    help=f"activation caches made on the {data} set, teacher first")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=out_folder, help="output folder")
     p.add_argument("--names", metavar="A,B",
                    help="model names, comma-separated (default: the names the caches record)")
     if spec.needs_layers:

@@ -28,6 +28,8 @@ from interptool.cli._common import (
     add_model_args,
     add_params_arguments,
     load_kwargs,
+    out_folder,
+    seed_value,
 )
 from interptool.errors import ConfigError
 
@@ -52,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "integrated_gradients, smoothgrad, guided_backprop, grad_cam, occlusion "
                    "(default: integrated_gradients)")
     p.add_argument("--layer", help="layer for grad_cam, e.g. layer4")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=out_folder, help="output folder")
     p.add_argument("--n", type=int, default=64,
                    help="images attributed (default 64): a seeded class-stratified sample "
                    "of the data set when it has more (see --sample)")
@@ -73,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stdevs", type=float, help="smoothgrad noise std, input units (0.15)")
     p.add_argument("--window", type=int, help="occlusion window in pixels (default 8)")
     p.add_argument("--stride", type=int, help="occlusion stride in pixels (default 4)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_value, default=0,
                    help="seed for the image sample, smoothgrad and bootstraps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--keep-raw", action="store_true", help="also store (N, C, H, W) maps")

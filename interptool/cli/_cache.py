@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from interptool.cli._common import add_common_args, add_model_args, load_kwargs
+from interptool.cli._common import (
+    add_common_args,
+    add_model_args,
+    load_kwargs,
+    out_file,
+    seed_value,
+)
 
 _EPILOG = """\
 examples:
@@ -46,7 +52,7 @@ def register(subparsers: Any) -> None:
         help="comma-separated dotted module names (e.g. layer3,layer4); default: logits and "
         "labels only (all a TorchScript model can give). `interptool layers` lists the names",
     )
-    g.add_argument("--out", required=True, help="output .h5 file")
+    g.add_argument("--out", required=True, type=out_file, help="output .h5 file")
     g.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="feature precision (default float16; logits and maxima are float32)")
     g.add_argument("--batch-size", type=int, default=64)
@@ -65,7 +71,7 @@ def register(subparsers: Any) -> None:
                    help="skip images that fail to decode (listed in the file) instead of stopping")
     g.add_argument("--probe", choices=["auto", "yes", "no"], default="auto",
                    help="resize without crop (probe) or the eval crop; auto: probe for Broden data")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_value, default=0)
     add_common_args(p)
     p.set_defaults(func=run)
 

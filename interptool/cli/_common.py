@@ -5,6 +5,46 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+#: seeds go to numpy, torch and Python's random module: the range all three take
+MAX_SEED = 2**32 - 1
+
+
+def out_folder(value: str) -> str:
+    """argparse type of an output folder: a path that is not an existing file."""
+    from pathlib import Path
+
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give the output folder (created if missing)")
+    if Path(value).exists() and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value} is a file, not a folder; give a folder (created if missing), or move "
+            "the file away")
+    return value
+
+
+def out_file(value: str) -> str:
+    """argparse type of an output file: a path that is not an existing folder."""
+    from pathlib import Path
+
+    if not value.strip() or not Path(value).name:
+        raise argparse.ArgumentTypeError("empty; give the file to write, e.g. out/activations.h5")
+    if Path(value).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value} is a folder; give the file to write, e.g. "
+            f"{Path(value) / 'activations.h5'}")
+    return value
+
+
+def seed_value(value: str) -> int:
+    """argparse type of a seed: a whole number numpy, torch and ``random`` all accept."""
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0..{MAX_SEED}")
+    return seed
+
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from interptool.cli._common import add_common_args
+from interptool.cli._common import add_common_args, out_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stages are reused. `--init PATH` writes a commented config template.",
     )
     p.add_argument("config", nargs="?", help="TOML config (see docs/user-guide.md)")
-    p.add_argument("--out", "-o", help="output folder (created)")
+    p.add_argument("--out", "-o", type=out_folder, help="output folder (created)")
     p.add_argument(
         "--init",
         nargs="?",

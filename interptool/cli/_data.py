@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from interptool.cli._common import add_common_args
+from interptool.cli._common import add_common_args, out_folder, seed_value
 
 # Shown in --help only (importing interptool.data here would load torch on every CLI start);
 # tests/test_data.py checks it equals interptool.data's DEFAULT_VERSION.
@@ -23,11 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     mk = sub.add_parser("make", help="generate a built-in data set on disk")
     mk.add_argument("which", choices=["concept-world"], help="the built-in set to generate")
-    mk.add_argument("--out", required=True, help="output folder (Broden layout)")
+    mk.add_argument("--out", required=True, type=out_folder, help="output folder (Broden layout)")
     mk.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
     mk.add_argument("--size", type=int, default=64, help="image side in px (default 64); "
                     "masks are size//2")
-    mk.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    mk.add_argument("--seed", type=seed_value, default=0, help="base seed (default 0)")
     mk.add_argument("--split", default="probe", choices=["train", "eval", "probe"],
                     help="split: disjoint derived seeds (default probe)")
     mk.add_argument("--version", dest="cw_version", metavar="{1,2}", default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from interptool.cli._common import add_common_args
+from interptool.cli._common import add_common_args, out_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and three students (scratch, label smoothing, KD), run every analysis and print the "
         "path of the HTML report. No download; a few minutes on two CPU cores.",
     )
-    p.add_argument("--out", "-o", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--out", "-o", default="demo_out", type=out_folder,
+                   help="output folder (default demo_out)")
     p.add_argument("--n", type=int, default=None,
                    help="images per eval/probe split (default: the demo's size)")
     add_common_args(p)

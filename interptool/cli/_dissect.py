@@ -13,6 +13,7 @@ from interptool.cli._common import (
     add_model_args,
     add_params_arguments,
     load_kwargs,
+    out_folder,
     params_from_args,
 )
 
@@ -47,7 +48,8 @@ def register(subparsers: Any) -> None:
                    help="layer to dissect (repeat, or comma-separate, for several)")
     p.add_argument("--probe", metavar="SPEC", help="broden:PATH or builtin:concept-world?..; "
                    "default: the data spec recorded in the cache")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per layer)")
+    p.add_argument("--out", required=True, type=out_folder,
+                   help="output folder (one sub-folder per layer)")
     g = p.add_argument_group("dissection")
     # every analyzer setting, its default and its help come from DissectionParams
     add_params_arguments(g, DissectionParams)

@@ -9,7 +9,12 @@ from pathlib import Path
 
 from interptool.analyzers.cka import CKAParams
 from interptool.analyzers.similarity import SimilarityParams
-from interptool.cli._common import add_common_args, add_params_arguments, params_from_args
+from interptool.cli._common import (
+    add_common_args,
+    add_params_arguments,
+    out_folder,
+    params_from_args,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("teacher", metavar="TEACHER.h5", help="activation cache of the teacher")
     p.add_argument("students", metavar="STUDENT.h5", nargs="+",
                    help="activation caches of the students (same images, same classes)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=out_folder, help="output folder")
     # analyzer settings, defaults and help from SimilarityParams
     add_params_arguments(p.add_argument_group("class similarity"), SimilarityParams)
     p.add_argument("--class-names", metavar="FILE",

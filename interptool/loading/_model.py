@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,6 +462,15 @@ def load_model(
     """
     spec = parse_arch(arch)
     dev = _check_device(device)
+    if num_classes is not None:
+        try:  # numpy integers too
+            given = None if isinstance(num_classes, bool) else operator.index(num_classes)
+        except TypeError:
+            given = None
+        if given is None or given < 1:
+            raise ConfigError(f"num_classes (--num-classes) must be a whole number >= 1, got "
+                              f"{num_classes!r}; omit it to read it from the checkpoint")
+        num_classes = given
     model_kwargs = check_model_kwargs(model_kwargs, spec)
     size_kwarg = model_kwargs.get(SIZE_KWARG.get(spec.family, ""))
     if image_size is None and size_kwarg is not None:
@@ -547,6 +557,9 @@ def load_model(
         new_ic = None
         if num_classes is None and "num_classes" in sizes:
             key, n = sizes["num_classes"]
+            if n < 1:
+                raise CheckpointError(f"checkpoint {where}: the classifier {key} has {n} "
+                                      "outputs; a classifier's weight has one row per class")
             report.inferred["num_classes"] = n
             report.inferred["num_classes_from"] = key
             if n != int(model_sd[clf].shape[0]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,6 +16,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 # timm's evaluation crop modes (timm.data.transforms_factory.transforms_imagenet_eval).
 CROP_MODES = ("center", "squash", "border")
+#: largest input side ``image_size`` may ask for (the largest timm/torchvision defaults are
+#: ~800 px; a 20,000 px forward pass ran for minutes, 100,000 px failed allocating memory)
+MAX_IMAGE_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class Preprocessing:
                 f"one per input channel of input_size {self.input_size}; pass --mean/--std "
                 f"with {c} value(s)"
             )
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise CheckpointError(f"preprocessing mean {self.mean} and std {self.std} must be "
+                                  "finite numbers (--mean, --std)")
         if any(s <= 0 for s in self.std):
             raise CheckpointError(f"preprocessing std must be positive (--std), got {self.std}")
         if not 0 < self.crop_pct <= 1.0 + 1e-9 and self.crop_mode == "center":
@@ -259,6 +266,11 @@ def finalize_preprocessing(
             raise CheckpointError(
                 f"--image-size (image_size) must be positive pixel counts, got {image_size}"
             )
+        if max(image_size) > MAX_IMAGE_SIDE:
+            # a typo (2240 for 224) would otherwise allocate gigabytes in the first forward
+            raise CheckpointError(
+                f"--image-size (image_size) {image_size} is above {MAX_IMAGE_SIDE} px per side; "
+                "image classifiers take a few hundred pixels: check the value")
         c = fields.get("input_size", (3,))[0]
         fields["input_size"] = (c, *image_size)
         flagged = True

@@ -32,9 +32,13 @@ def cache_identity(path: Path) -> dict[str, Any]:
 
     with ActivationCache(path) as c:
         a = c.attrs
+        st = path.stat()
+        # size and modification time: a cache changed after a stage read it (re-created,
+        # resumed, edited by hand) is read again; a cache hit leaves both as they were
         return {"file": path.name, "created": a.get("created"), "n": c.n,
                 "checkpoint_sha256": a.get("checkpoint_sha256"),
-                "data_fingerprint": c.data_fingerprint, "layers": c.layers}
+                "data_fingerprint": c.data_fingerprint, "layers": c.layers,
+                "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class StageCache:
@@ -47,11 +51,13 @@ class StageCache:
     def get(self, name: str, key: str) -> Any | None:
         """The stored payload of stage ``name`` if its key is ``key``, else None."""
         p = self.dir / f"{name}.json"
-        if not p.exists():
-            return None
+        if not p.is_file():
+            return None  # absent (or a folder in its place: put() names that)
         try:
             d = json.loads(p.read_text())
-        except json.JSONDecodeError:  # a torn marker is simply redone
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a torn marker is simply redone
+            return None
+        if not isinstance(d, dict):  # not a marker this code wrote: redone
             return None
         return d.get("payload") if d.get("key") == key else None
 

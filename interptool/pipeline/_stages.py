@@ -69,6 +69,31 @@ def load_models(run: RunContext) -> None:
                 f"({ks}); class similarity and attribution need one label space "
                 "(set num_classes, or compare models trained on the same classes)"
             )
+        _check_eval_classes(run, next(iter(ks.values())))
+
+
+def _check_eval_classes(run: RunContext, k: int) -> None:
+    """The eval labels must be the models' output indices: a data set that names another
+    number of classes (an image folder with other class folders, another version of a
+    built-in set), or labels past the models' outputs, would give accuracy and class
+    similarity against the wrong classes, so it stops here, before any caching."""
+    import numpy as np
+
+    ds = run.eval_ds
+    names = getattr(ds, "class_names", None)
+    labels = np.asarray(getattr(ds, "labels", []))
+    spec = getattr(ds, "spec", run.cfg.data.eval)
+    if names is not None and len(names) != k:
+        shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"{run.cfg.source}: data.eval: {spec} has {len(names)} classes ({shown}) but the "
+            f"models output {k}; the eval labels must be the models' class indices (an image "
+            "folder's classes are its sub-folders in sorted order): give the data set the "
+            "models were trained on")
+    if labels.size and int(labels.max()) >= k:
+        raise ConfigError(
+            f"{run.cfg.source}: data.eval: {spec} has label {int(labels.max())} but the models "
+            f"output {k} classes (0..{k - 1}); give the data set the models were trained on")
 
 
 def _check_layers(source: str, m: Any, loaded: Any) -> None:

@@ -142,6 +142,14 @@ def _check_one(d: _Logits) -> int:
             "diverged (NaN weights) or float16 overflowed: re-create the cache from a working "
             "checkpoint (with --dtype float32)."
         )
+    if d.class_names and len(d.class_names) != k:
+        shown = ", ".join(map(str, d.class_names[:5])) + (", ..." if len(d.class_names) > 5
+                                                          else "")
+        raise AnalysisError(
+            f"{d.path}: the cached data set has {len(d.class_names)} classes ({shown}) but the "
+            f"model has K = {k} outputs; the labels must be the model's class indices: cache "
+            "the data set the model was trained on (an image folder's classes are its "
+            "sub-folders in sorted order)")
     if (d.labels >= k).any():
         raise AnalysisError(
             f"{d.path}: labels go up to {int(d.labels.max())} but the model has K = {k} "
