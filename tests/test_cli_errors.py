@@ -182,3 +182,18 @@ def test_stage_key_follows_a_cache_changed_on_disk(tmp_path):
         f["logits"][0, 0] = np.nan
     os.utime(path, ns=(0, path.stat().st_mtime_ns + 1_000_000))  # coarse clocks
     assert stage_key(cache_identity(path)) != before
+
+
+def test_same_cache_twice_names_the_repeat(capsys, tmp_path):
+    z = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    f = np.random.default_rng(1).normal(size=(8, 4, 2, 2)).astype(np.float32)
+    path = write_cache(tmp_path / "m.h5", logits=z, labels=np.arange(8) % 3,
+                       features={"layer4": f}, attrs={"model": {"name": "net"}})
+    _one_line_error(capsys, ["cka", str(path), str(path), "--layer", "layer4", "--out",
+                             str(tmp_path / "o")], "model names repeat (net, net)", "--names")
+
+
+def test_key_map_without_rules_is_one_line(capsys, tmp_path):
+    (tmp_path / "km.toml").write_text("[other]\nx = 1\n")
+    _one_line_error(capsys, ["layers", "--arch", "interptool:cw-student", "--key-map",
+                             str(tmp_path / "km.toml")], "has no [[rules]] array")

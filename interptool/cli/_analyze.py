@@ -72,6 +72,10 @@ def _run_locked(name: str, args: argparse.Namespace, spec: Any, params: Any,
         names = ([n.strip() for n in args.names.split(",")] if args.names
                  else [_model_name(c) for c in caches])
         if len(names) != len(caches) or len(set(names)) != len(names):
+            if not args.names:
+                raise ConfigError(
+                    f"the caches' model names repeat ({', '.join(names)}): the same model "
+                    "(or file) given twice? Name them with --names A,B")
             raise ConfigError(f"--names {args.names!r}: expected {len(caches)} distinct names, "
                               "one per cache")
         dataset = None

@@ -52,8 +52,9 @@ def parse_key_map(spec: KeyMapSpec) -> list[tuple[re.Pattern, str]] | str | None
         rules = data.get("rules")
         if not isinstance(rules, list) or not rules:
             raise ConfigError(
-                f"key map {path} has no [[rules]] array; expected entries like\n"
-                f'[[rules]]\npattern = "^backbone\\\\."\nreplacement = ""'
+                f"key map {path} has no [[rules]] array; expected entries like "
+                '[[rules]] pattern = "^backbone\\\\." replacement = "" (one table per rule, '
+                "see docs/loading.md)"
             )
         pairs = []
         for i, r in enumerate(rules, 1):
