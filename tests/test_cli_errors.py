@@ -197,3 +197,12 @@ def test_key_map_without_rules_is_one_line(capsys, tmp_path):
     (tmp_path / "km.toml").write_text("[other]\nx = 1\n")
     _one_line_error(capsys, ["layers", "--arch", "interptool:cw-student", "--key-map",
                              str(tmp_path / "km.toml")], "has no [[rules]] array")
+
+
+def test_similarity_on_a_cache_without_images(tmp_path):
+    from interptool.analyzers.similarity import ClassSimilarity
+
+    path = write_cache(tmp_path / "m.h5", logits=np.zeros((0, 4), np.float32),
+                       labels=np.zeros(0, np.int64))
+    with pytest.raises(AnalysisError, match="holds no images"):
+        ClassSimilarity().run(path)

@@ -130,6 +130,9 @@ def _check_one(d: _Logits) -> int:
             "rows; expected logits (N, K) with one label per row. Re-create the cache."
         )
     k = d.logits.shape[1]
+    if d.logits.shape[0] == 0:
+        raise AnalysisError(f"{d.path}: the cache holds no images; cache a labelled data set "
+                            "(imagefolder:, csv: with labels) and run again")
     if k < 2:
         raise AnalysisError(f"{d.path}: logits have {k} class(es); class similarity needs K >= 2")
     if not np.isfinite(d.logits).all():
