@@ -206,3 +206,19 @@ def test_similarity_on_a_cache_without_images(tmp_path):
                        labels=np.zeros(0, np.int64))
     with pytest.raises(AnalysisError, match="holds no images"):
         ClassSimilarity().run(path)
+
+
+def test_unlabelled_eval_set_with_similarity_stops_before_caching(capsys, tmp_path):
+    from PIL import Image
+
+    rows = ["path"]
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(_CONFIG.format(eval=f"csv:{tmp_path / 'list.csv'}"))
+    out = tmp_path / "out"
+    _one_line_error(capsys, ["compare", str(cfg), "--out", str(out), "-q"],
+                    "data.eval:", "has no labels", "similarity = false")
+    assert not list(out.glob("cache/*.h5"))

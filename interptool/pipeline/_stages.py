@@ -90,6 +90,12 @@ def _check_eval_classes(run: RunContext, k: int) -> None:
             f"models output {k}; the eval labels must be the models' class indices (an image "
             "folder's classes are its sub-folders in sorted order): give the data set the "
             "models were trained on")
+    if labels.size and (labels < 0).all() and run.cfg.analysis.similarity is not None:
+        raise ConfigError(
+            f"{run.cfg.source}: data.eval: {spec} has no labels; class similarity compares "
+            "the models' logits class by class and needs each image's true class: give a "
+            "labelled data set (imagefolder:, csv: with a label column), or set "
+            "[analysis] similarity = false")
     if labels.size and int(labels.max()) >= k:
         raise ConfigError(
             f"{run.cfg.source}: data.eval: {spec} has label {int(labels.max())} but the models "
