@@ -17,7 +17,6 @@ become constant planes of the pixel array.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import stat
@@ -28,12 +27,26 @@ from typing import Any
 import numpy as np
 
 from interptool.data._base import ImageDataset
+from interptool.data._table import (
+    INT64_MAX,
+    check_header,
+    check_row_width,
+    read_csv_rows,
+    read_names,
+    refuse_nul,
+    show_header,
+)
 from interptool.errors import DataError
 
 INDEX_META = ("image", "split", "ih", "iw", "sh", "sw")
 _MAX_UNSAFE_LISTED = 20  # escaping paths named one by one in UnsafePathError.problems
 _CAT_FIELD = re.compile(r"^([^()]+)\((\d+)\)$")
 _DIGITS = re.compile(r"^\d+$")
+# what reads as a number but is no label number (-3, +3, 1.5, 1e3): not taken for a file name
+_NUMBER_LIKE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# label numbers: a mask encodes R + 256 * G, so 65535 is the largest a mask can hold
+MAX_LABEL = 65535
+MAX_SIDE = 65535  # ih, iw, sh, sw (the largest side JPEG and WebP can store)
 _ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -153,38 +166,42 @@ def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> tuple[list[str
     """Header and rows of a CSV; DataError naming the file when missing or malformed."""
     if not path.is_file():
         raise DataError(f"{path} is missing; {fix}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = read_csv_rows(path)
     if not rows:
         raise DataError(f"{path} is empty; expected a header line {','.join(required)}")
     header = [h.strip() for h in rows[0]]
     absent = [c for c in required if c not in header]
     if absent:
         raise DataError(
-            f"{path}: header {','.join(header)} lacks column(s) {', '.join(absent)}; "
+            f"{path}: header {show_header(header)} lacks column(s) {', '.join(absent)}; "
             f"expected {','.join(required)}"
         )
+    # columns are mapped by name: one named twice would silently lose the other
+    width = check_header(path, header)
+    header = header[:width]
     body = []
     for line, row in enumerate(rows[1:], start=2):
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
-        if len(row) < len(header):
-            # a trailing comma-free short row still breaks the column mapping
-            raise DataError(
-                f"{path}, line {line}: {len(row)} fields, expected {len(header)} "
-                f"({','.join(header)})"
-            )
+        # a short row, or one with extra fields (an unquoted comma), shifts every column
+        check_row_width(path, line, row, header, width)
         body.append((line, row))
     return header, body  # type: ignore[return-value]
 
 
-def _int_cell(path: Path, line: int, column: str, value: str) -> int:
+def _int_cell(path: Path, line: int, column: str, value: str,
+              lo: int | None = -INT64_MAX - 1, hi: int | None = INT64_MAX) -> int:
+    """An integer cell within ``lo..hi`` (default: int64; ``None``: the caller checks)."""
     try:
-        return int(value)
+        num = int(value)
     except ValueError:
         raise DataError(
             f"{path}, line {line}, column '{column}': {value!r} is not an integer"
         ) from None
+    if (lo is not None and num < lo) or (hi is not None and num > hi):
+        raise DataError(f"{path}, line {line}, column '{column}': {value} is outside "
+                        f"{lo}..{hi}; fix the cell")
+    return num
 
 
 def _float_cell(value: str) -> float:
@@ -219,7 +236,8 @@ class BrodenDataset(ImageDataset):
         root = Path(root).expanduser()
         spec = spec or f"broden:{root}"
         if not root.is_dir():
-            raise DataError(f"{spec}: folder {root} does not exist; give the Broden root that "
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise DataError(f"{spec}: {root} {what}; give the Broden root folder that "
                             "holds index.csv, label.csv, category.csv and images/")
         if primary_category not in ("auto", "count", "coverage"):
             raise DataError(f"primary_category={primary_category!r}; expected 'auto', 'count' "
@@ -260,9 +278,14 @@ class BrodenDataset(ImageDataset):
         numbers, names, catcounts, freq, cov = [], [], [], [], []
         seen: dict[int, int] = {}
         for line, row in rows:
-            num = _int_cell(path, line, "number", row[col["number"]].strip())
+            num = _int_cell(path, line, "number", row[col["number"]].strip(), None, None)
             if num < 0:
                 raise DataError(f"{path}, line {line}, column 'number': negative label {num}")
+            if num > MAX_LABEL:
+                raise DataError(
+                    f"{path}, line {line}, column 'number': {num} is outside 0..{MAX_LABEL} "
+                    "(a mask PNG encodes label numbers as R + 256 * G); renumber the labels"
+                )
             if num == 0:
                 continue  # 0 is "unlabelled" by definition; some copies list it as '-'
             if num in seen:
@@ -384,14 +407,15 @@ class BrodenDataset(ImageDataset):
         header, rows = _read_csv(path, INDEX_META,
                                  "a Broden folder lists its images in index.csv")
         if tuple(header[:6]) != INDEX_META:
-            raise DataError(f"{path}: header starts {','.join(header[:6])}; expected "
+            raise DataError(f"{path}: header starts {show_header(header[:6])}; expected "
                             f"{','.join(INDEX_META)} then one column per category")
-        cats = [h for h in header[6:] if h]
-        for c in cats:
+        # (column index, category): every column after sw is named (_read_csv checks it)
+        cols = list(enumerate(header[6:], start=6))
+        for _, c in cols:
             if c not in self.categories:
                 raise DataError(f"{path}: column {c!r} is not a category listed in "
                                 f"category.csv ({', '.join(self.categories)})")
-        self._index_categories = cats
+        self._index_categories = [c for _, c in cols]
         ids: list[str] = []
         self._split: list[str] = []
         self._sizes: list[tuple[int, int, int, int]] = []
@@ -399,26 +423,49 @@ class BrodenDataset(ImageDataset):
         self._lines: list[int] = []
         pixel_cats: set[str] = set()
         image_cats: set[str] = set()
-        self._check_paths_lexically(path, rows, cats)
+        self._check_paths_lexically(path, rows, cols)
+        first_line: dict[str, int] = {}
         for line, row in rows:
             if split is not None and row[1].strip() != split:
                 continue
             image = row[0].strip()
             if not image:
                 raise DataError(f"{path}, line {line}, column 'image': empty image name")
+            refuse_nul(path, line, "image", image)
+            if image in first_line:
+                # labels.csv labels an image by name: one of the copies would stay unlabelled
+                raise DataError(
+                    f"{path}, line {line}, column 'image': {image!r} already listed on line "
+                    f"{first_line[image]}; list every image once (merge its category cells "
+                    "into one row)"
+                )
+            first_line[image] = line
             sizes = tuple(_int_cell(path, line, h, row[k].strip()) for k, h in
                           enumerate(INDEX_META[2:], start=2))
             if min(sizes) <= 0:
                 raise DataError(f"{path}, line {line}: sizes ih,iw,sh,sw = {sizes} must be "
                                 "positive")
+            if max(sizes) > MAX_SIDE:
+                raise DataError(f"{path}, line {line}: sizes ih,iw,sh,sw = {sizes}; each must "
+                                f"lie in 1..{MAX_SIDE} pixels: fix the row")
             cells: dict[str, tuple] = {}
-            for k, cat in enumerate(cats, start=6):
+            for k, cat in cols:
                 text = row[k].strip() if k < len(row) else ""
                 items = [s.strip() for s in text.split(";") if s.strip()]
                 if not items:
                     continue
                 parsed: list[Any] = []
                 for it in items:
+                    if _NUMBER_LIKE.match(it) and not _DIGITS.match(it):
+                        # not a file name either: read as one it would only fail (or be
+                        # skipped) later as a missing mask "images/-3"
+                        raise DataError(
+                            f"{path}, line {line}, column '{cat}': {it!r} is not a label "
+                            "number; image-level labels are label numbers 1.."
+                            f"{self.num_labels - 1} from label.csv written as plain digits "
+                            "(mask cells name PNG files)"
+                        )
+                    refuse_nul(path, line, cat, it)
                     if _DIGITS.match(it):
                         num = int(it)
                         if num >= self.num_labels or (num > 0 and not self.label_names[num]):
@@ -446,15 +493,16 @@ class BrodenDataset(ImageDataset):
         self.image_categories = [c for c in self.categories if c in image_cats]
         return ids
 
-    def _check_paths_lexically(self, path: Path, rows: list, cats: list[str]) -> None:
+    def _check_paths_lexically(self, path: Path, rows: list,
+                               cols: list[tuple[int, str]]) -> None:
         """Refuse absolute and ``..``-escaping paths in any row (every split: the file as a
         whole is untrusted). Raises :class:`UnsafePathError` naming line and column."""
         listed: list[str] = []
         total = 0
         for line, row in rows:
-            cols = [("image", row[0].strip())]
-            cols += [(cat, row[k]) for k, cat in enumerate(cats, start=6) if k < len(row)]
-            for col, text in cols:
+            cells = [("image", row[0].strip())]
+            cells += [(cat, row[k]) for k, cat in cols if k < len(row)]
+            for col, text in cells:
                 for it in (s.strip() for s in text.split(";")):
                     if not it or (col != "image" and _DIGITS.match(it)):
                         continue
@@ -536,17 +584,24 @@ class BrodenDataset(ImageDataset):
         class_names = None
         ctxt = root / "classes.txt"
         if ctxt.is_file():
-            class_names = [ln.strip() for ln in ctxt.read_text().splitlines() if ln.strip()]
+            class_names = read_names(ctxt)
         if not path.is_file():
             return labels, class_names
         header, rows = _read_csv(path, ("image", "label"), "")
         ii, il = header.index("image"), header.index("label")
         pos = {name: k for k, name in enumerate(ids)}
+        seen: dict[str, int] = {}
         for line, row in rows:
-            k = pos.get(row[ii].strip())
+            image = row[ii].strip()
+            if image in seen:
+                raise DataError(f"{path}, line {line}: image {image!r} already labelled on "
+                                f"line {seen[image]}; give every image one label")
+            seen[image] = line
+            k = pos.get(image)
             if k is None:
                 continue  # rows of another split
-            lab = _int_cell(path, line, "label", row[il].strip())
+            # -1 = unlabelled; without classes.txt any class index that fits int64
+            lab = _int_cell(path, line, "label", row[il].strip(), -1, INT64_MAX)
             if class_names is not None and not -1 <= lab < len(class_names):
                 raise DataError(f"{path}, line {line}, column 'label': {lab} is outside "
                                 f"0..{len(class_names) - 1} (classes.txt)")
@@ -591,26 +646,39 @@ class BrodenDataset(ImageDataset):
             if all(isinstance(it, int) for it in items):
                 seg.image[cat] = np.array(items, dtype=np.int64)
                 continue
+            # the files are read and checked before any (sh, sw) plane is allocated: a cell
+            # with files but no file of size sh x sw must not allocate what index.csv claims
+            masks: dict[int, np.ndarray] = {}
+            for k, it in enumerate(items):
+                if not isinstance(it, int):
+                    masks[k] = self._read_mask(it, line, cat, (sh, sw))
             planes = np.empty((len(items), sh, sw), dtype=np.int64)
             for k, it in enumerate(items):
-                if isinstance(it, int):
-                    planes[k] = it  # a number among files: constant plane (NetDissect-Lite)
-                    continue
-                path = self._safe_file(self.root / "images" / it, line, cat)
-                if not path.is_file():
-                    raise DataError(
-                        f"mask file {path} (index.csv line {line}, column '{cat}') does not "
-                        "exist; restore it or remove it from index.csv"
-                    )
-                arr = read_mask_png(path)
-                if arr.shape != (sh, sw):
-                    raise DataError(
-                        f"mask file {path} (index.csv line {line}, column '{cat}') is "
-                        f"{arr.shape[0]}x{arr.shape[1]} but sh,sw = {sh},{sw}"
-                    )
-                planes[k] = arr
+                # a number among files: constant plane (NetDissect-Lite)
+                planes[k] = it if isinstance(it, int) else masks[k]
             seg.pixel[cat] = planes
         return seg
+
+    def _read_mask(self, item: str, line: int, cat: str, size: tuple[int, int]) -> np.ndarray:
+        """Decode one mask file of an ``index.csv`` cell and check its size and labels."""
+        path = self._safe_file(self.root / "images" / item, line, cat)
+        where = f"mask file {path} (index.csv line {line}, column '{cat}')"
+        if not path.is_file():
+            raise DataError(f"{where} does not exist; restore it or remove it from index.csv")
+        arr = read_mask_png(path)
+        if arr.shape != size:
+            raise DataError(f"{where} is {arr.shape[0]}x{arr.shape[1]} but sh,sw = "
+                            f"{size[0]},{size[1]}")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= self.num_labels:
+                bad = lo if lo < 0 else hi
+                raise DataError(
+                    f"{where} holds label number {bad}, outside label.csv's numbers "
+                    f"0..{self.num_labels - 1}; fix the mask (label = R + 256 * G) or add the "
+                    "label to label.csv"
+                )
+        return arr
 
     def category_index(self, name: str) -> int:
         """Index of a category in :attr:`categories` (DataError listing them if unknown)."""

@@ -712,10 +712,13 @@ def validate_params(n: Any, size: Any, seed: Any, split: Any,
     def as_int(name: str, value: Any, lo: int, hi: int) -> int:
         try:
             iv = int(value)
-            if iv != float(value):
+            # exact comparison (int == float compares exactly): float(value) would round a
+            # large integer such as seed=99999999999999999999 and call it "not an integer"
+            if not isinstance(value, (int, str)) and iv != value:
                 raise ValueError
-        except (TypeError, ValueError):
-            raise DataError(f"concept-world: {name}={value!r} is not an integer") from None
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"concept-world: {name}={value!r} is not an integer; expected a "
+                            f"whole number in {lo}..{hi}") from None
         if not lo <= iv <= hi:
             raise DataError(f"concept-world: {name}={iv} is outside {lo}..{hi}")
         return iv

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-import csv
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from interptool.data._base import IMAGE_EXTENSIONS, ImageDataset
+from interptool.data._table import (
+    INT64_MAX,
+    check_header,
+    check_row_width,
+    read_csv_rows,
+    read_names,
+    refuse_nul,
+)
 from interptool.errors import DataError
+
+# a decimal number that is not an integer (1.0, 1.5, 1e3): never numbered as a class name
+# unless classes.txt lists it (pandas writes 1.0 for an integer column with empty cells)
+_DECIMAL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
 
 
 def _is_image(path: Path) -> bool:
@@ -44,6 +56,11 @@ class ImageFolderDataset(ImageDataset):
         root = Path(root).expanduser()
         spec = spec or f"imagefolder:{root}"
         if not root.is_dir():
+            if root.exists():
+                raise DataError(
+                    f"{spec}: {root} is a file, not a folder; give a folder with one "
+                    "sub-folder per class (imagefolder:PATH), or csv:FILE for a CSV list"
+                )
             raise DataError(
                 f"{spec}: folder {root} does not exist; give a folder with one sub-folder "
                 "per class (imagefolder:PATH)"
@@ -110,48 +127,49 @@ class CsvDataset(ImageDataset):
         file = Path(file).expanduser()
         spec = spec or f"csv:{file}"
         if not file.is_file():
+            if file.is_dir():
+                raise DataError(f"{spec}: {file} is a folder, not a CSV file; give csv:FILE "
+                                "with columns path,label (or imagefolder:FOLDER)")
             raise DataError(f"{spec}: CSV file {file} does not exist; give csv:FILE with "
                             "columns path,label")
         base = file.parent
-        with open(file, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{file}: the CSV is empty; expected a header line 'path,label'")
-            header = [h.strip() for h in header]
-            # `image` is accepted for `path`: Broden-style lists (and concept-world's
-            # labels.csv) name the column so.
-            path_col = "path" if "path" in header else "image" if "image" in header else None
-            if path_col is None:
-                raise DataError(
-                    f"{file}: header {header} has no 'path' column; expected columns "
-                    "'path' (or 'image') and optionally 'label'"
-                )
-            ip = header.index(path_col)
-            il = header.index("label") if "label" in header else None
-            paths: list[str] = []
-            raw: list[str] = []
-            for row_no, row in enumerate(reader, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) < len(header):
-                    raise DataError(
-                        f"{file}, line {row_no}: {len(row)} fields, expected {len(header)} "
-                        f"({','.join(header)})"
-                    )
-                p = row[ip].strip()
-                if not p:
-                    raise DataError(f"{file}, line {row_no}, column '{path_col}': empty path")
-                paths.append(p)
-                raw.append(row[il].strip() if il is not None else "")
+        records = read_csv_rows(file)
+        if not records:
+            raise DataError(f"{file}: the CSV is empty; expected a header line 'path,label'")
+        header = [h.strip() for h in records[0]]
+        # `image` is accepted for `path`: Broden-style lists (and concept-world's
+        # labels.csv) name the column so.
+        path_col = "path" if "path" in header else "image" if "image" in header else None
+        if path_col is None:
+            raise DataError(
+                f"{file}: header {header} has no 'path' column; expected columns "
+                "'path' (or 'image') and optionally 'label'"
+            )
+        # columns are found by name: one named twice (two `label` columns) would silently
+        # use one of them; unnamed columns (pandas' index) are ignored
+        width = check_header(file, header, named=False)
+        ip = header.index(path_col)
+        il = header.index("label") if "label" in header else None
+        paths: list[str] = []
+        raw: list[str] = []
+        lines: list[int] = []
+        for row_no, row in enumerate(records[1:], start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            check_row_width(file, row_no, row, header, width)
+            p = row[ip].strip()
+            if not p:
+                raise DataError(f"{file}, line {row_no}, column '{path_col}': empty path")
+            refuse_nul(file, row_no, path_col, p)
+            paths.append(p)
+            raw.append(row[il].strip() if il is not None else "")
+            lines.append(row_no)
         if not paths:
             raise DataError(f"{file}: no rows after the header; list one image per line")
 
         classes_txt = base / "classes.txt"
-        fixed = None
-        if classes_txt.is_file():
-            fixed = [ln.strip() for ln in classes_txt.read_text().splitlines() if ln.strip()]
-        labels, class_names = _parse_labels(raw, fixed, file)
+        fixed = read_names(classes_txt) if classes_txt.is_file() else None
+        labels, class_names = _parse_labels(raw, lines, fixed, file)
 
         # Broden-style lists (concept-world's labels.csv) give image names relative to the
         # images/ folder beside the CSV: resolve against it when the paths are found there only.
@@ -178,40 +196,87 @@ class CsvDataset(ImageDataset):
 
 
 def _parse_labels(
-    raw: list[str], fixed: list[str] | None, file: Path
+    raw: list[str], lines: list[int], fixed: list[str] | None, file: Path
 ) -> tuple[np.ndarray, list[str] | None]:
-    """Turn label cells into ints: integers stay, names are numbered; '' -> -1."""
-    present = [r for r in raw if r != ""]
-    all_int = all(_is_int(r) for r in present)
-    if all_int:
-        labels = np.array([int(r) if r != "" else -1 for r in raw], dtype=np.int64)
-        if (labels < -1).any():
-            row = int(np.argmax(labels < -1)) + 2
-            raise DataError(f"{file}, line {row}, column 'label': negative label "
-                            f"{labels[row - 2]}; labels are 0..K-1 (empty = unlabelled)")
-        if fixed is not None and len(labels) and labels.max() >= len(fixed):
-            raise DataError(f"{file}: label {labels.max()} but classes.txt lists only "
-                            f"{len(fixed)} classes")
-        return labels, fixed
-    names = fixed if fixed is not None else sorted(set(present))
-    index = {n: k for k, n in enumerate(names)}
-    out = np.full(len(raw), -1, dtype=np.int64)
-    for k, r in enumerate(raw):
-        if r == "":
-            continue
-        if r in index:
-            out[k] = index[r]
-        elif _is_int(r) and fixed is not None and 0 <= int(r) < len(fixed):
-            out[k] = int(r)
-        else:
+    """Turn label cells into ints: integers stay, names are numbered; '' -> -1.
+
+    ``lines[k]`` is the line of cell ``k`` in ``file``. A column holds integer class indices
+    or class names, never both (one name among integers would renumber every label); a
+    decimal number (``1.0``) is a class name only when ``classes.txt`` lists it.
+    """
+    ctxt = file.parent / "classes.txt"
+    present = [(k, r) for k, r in enumerate(raw) if r != ""]
+    if not present:
+        return np.full(len(raw), -1, dtype=np.int64), fixed
+    k0, r0 = present[0]
+    first_int = _is_int(r0)
+    for k, r in present:
+        if _is_int(r) != first_int:
+            kind, other = ("an integer", "the class name") if not first_int else \
+                ("a class name", "the integer label")
             raise DataError(
-                f"{file}, line {k + 2}, column 'label': {r!r} is not a class in "
-                f"{file.parent / 'classes.txt'}; add it there or fix the label"
+                f"{file}, line {lines[k]}, column 'label': {r!r} is {kind} but line "
+                f"{lines[k0]} has {other} {r0!r}; a label column holds integer class "
+                "indices or class names, not both: write every label the same way"
             )
+    index = {n: k for k, n in enumerate(fixed)} if fixed is not None else {}
+    if first_int:
+        values = [int(r) for _, r in present]
+        lo, hi = min(values), max(values)
+        limit = len(fixed) - 1 if fixed is not None else INT64_MAX
+        if lo < -1 or hi > limit:  # name the first offending cell
+            j = next(j for j, v in enumerate(values) if v < -1 or v > limit)
+            k, v = present[j][0], values[j]
+            if v < -1:
+                raise DataError(f"{file}, line {lines[k]}, column 'label': negative label "
+                                f"{v}; labels are 0..K-1 (empty = unlabelled)")
+            if fixed is not None:
+                raise DataError(f"{file}, line {lines[k]}, column 'label': label {v} but "
+                                f"classes.txt lists only {len(fixed)} classes")
+            raise DataError(f"{file}, line {lines[k]}, column 'label': {v} is outside "
+                            f"-1..{INT64_MAX}; labels are class indices 0..K-1 (empty or "
+                            "-1 = unlabelled)")
+        if fixed is not None and any(_is_int(n) for n in fixed):
+            # classes.txt names a class like an integer: each integer label must mean the
+            # same read as an index or as a name
+            for (k, r), v in zip(present, values):
+                if index.get(r, v) != v:
+                    raise DataError(
+                        f"{file}, line {lines[k]}, column 'label': {r!r} is class index {v} "
+                        f"but also the name of class {index[r]} in {ctxt}; the label is "
+                        "ambiguous: rename the classes in classes.txt"
+                    )
+        labels = np.full(len(raw), -1, dtype=np.int64)
+        labels[[k for k, _ in present]] = values
+        return labels, fixed
+    if fixed is None:
+        for k, r in present:
+            if _DECIMAL.match(r):
+                raise DataError(
+                    f"{file}, line {lines[k]}, column 'label': {r!r} is a number but not an "
+                    "integer; labels are integer class indices 0..K-1 or class names (a "
+                    f"class named so must be listed in {ctxt})"
+                )
+    names = fixed if fixed is not None else sorted({r for _, r in present})
+    index = {n: k for k, n in enumerate(names)}
+    for k, r in present:
+        if r not in index:
+            raise DataError(
+                f"{file}, line {lines[k]}, column 'label': {r!r} is not a class in "
+                f"{ctxt}; add it there or fix the label"
+            )
+    out = np.full(len(raw), -1, dtype=np.int64)
+    out[[k for k, _ in present]] = [index[r] for _, r in present]
     return out, list(names)
 
 
 def _is_int(s: str) -> bool:
+    """Whether ``int(s)`` parses (fast paths for plain digits and plain words)."""
+    t = s[1:] if s[:1] in ("+", "-") else s
+    if t.isascii() and t.isdigit():
+        return True
+    if t[:1].isalpha():  # int() accepts no letter first
+        return False
     try:
         int(s)
     except ValueError:
