@@ -181,9 +181,9 @@ def test_toy_runs_as_a_compare_stage_with_its_report_section(toy, tmp_path):
 
     raw = {"data": {"eval": EVAL},
            "models": {"t": {"arch": "interptool:cw-student", "layers": ["layer4"],
-                            "num_classes": 12, "image_size": 32, "role": "teacher"},
+                            "num_classes": 10, "image_size": 32, "role": "teacher"},
                       "s": {"arch": "interptool:cw-student", "layers": ["layer4"],
-                            "num_classes": 12, "image_size": 32}},
+                            "num_classes": 10, "image_size": 32}},
            "analysis": {"dissection": False, "similarity": False, "attribution": False,
                         "confidence": {"temperature": 3.0}},
            "run": {"batch_size": 12, "seed": 1}}

@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -46,13 +47,19 @@ _MISSING = dataclasses.MISSING
 
 def param(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
           ge: float | None = None, gt: float | None = None, le: float | None = None,
-          lt: float | None = None, cli: bool = True, config: bool = True,
-          flag: str | None = None, metavar: str | None = None,
+          lt: float | None = None, finite: bool = False, min_items: int | None = None,
+          check: Callable[[Any], str | None] | None = None, cli: bool = True,
+          config: bool = True, flag: str | None = None, metavar: str | None = None,
           default_factory: Any = _MISSING) -> Any:
     """A ``Params`` field: its default, a one-line ``help`` and its checks.
 
-    ``choices``: allowed values; ``ge``/``gt``/``le``/``lt``: numeric bounds (checked on every
-    number of a list field too). ``cli=False`` keeps the field out of command-line flags
+    ``choices``: allowed values; ``ge``/``gt``/``le``/``lt``: numeric bounds and ``finite``
+    (no NaN or infinity), checked on every number of a list field too; ``min_items``: the
+    fewest items a list value may have (e.g. 1: never empty); ``check``: a callable given the
+    whole (type-checked) value, returning None when it is fine, else what was expected
+    (``"expected ..."``). These checks live on the field, so the ``compare`` config table made
+    from it applies them too, naming the file and key (a ``validate()`` override does not reach
+    that table). ``cli=False`` keeps the field out of command-line flags
     (e.g. a setting only the ``compare`` pipeline uses); ``config=False`` keeps it out of the
     ``compare`` config (e.g. ``device``, set once under ``[run]``). ``flag``: the CLI flag when
     it is not ``--field-name``. Mutable defaults (lists) are given as ``default_factory``.
@@ -60,8 +67,8 @@ def param(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | N
     if not help:
         raise TypeError("param(): every field needs a one-line help")
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
-            "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "config": config,
-            "flag": flag, "metavar": metavar}
+            "ge": ge, "gt": gt, "le": le, "lt": lt, "finite": finite, "min_items": min_items,
+            "check": check, "cli": cli, "config": config, "flag": flag, "metavar": metavar}
     if default_factory is not _MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -156,6 +163,9 @@ def _check_item(where: str, v: Any, meta: Mapping[str, Any], word: str) -> None:
                           f"{v!r}{hint}", where.partition("[")[0])
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return
+    if meta.get("finite") and not math.isfinite(v):
+        raise ParamsError(f"{where}: expected a finite number, got {v!r}",
+                          where.partition("[")[0])
     for key, test, sign in _BOUNDS:
         bound = meta.get(key)
         if bound is not None and not test(v, bound):
@@ -184,9 +194,20 @@ class Params:
                                   f"{type(value).__name__} {value!r}", f.name)
             meta = f.metadata
             many = isinstance(value, list)
+            least = meta.get("min_items")
+            if many and least is not None and len(value) < least:
+                default = type(self).field_default(f.name)
+                hint = f"; e.g. {default!r} (the default)" if default else ""
+                raise ParamsError(f"{f.name}: expected at least {least} "
+                                  f"value{'s' if least != 1 else ''}, got {value!r}{hint}",
+                                  f.name)
             for i, v in enumerate(value if many else [value]):
                 where = f"{f.name}[{i}]" if many else f.name
                 _check_item(where, v, meta, _number_word(tp))
+            check = meta.get("check")
+            expected = check(value) if check is not None else None
+            if expected:
+                raise ParamsError(f"{f.name}: {expected}, got {value!r}", f.name)
             object.__setattr__(self, f.name, value)
         self.validate()
 

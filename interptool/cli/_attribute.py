@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from interptool.analyzers.attribution import AttributionParams
+from interptool.analyzers.attribution import AttributionParams, ScoringParams
 from interptool.cli._common import (
     add_common_args,
     add_model_args,
@@ -159,12 +159,11 @@ def run(args: argparse.Namespace) -> int:
     target = _target(args.target)
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--patch", args.patch, 1),
-                             ("--sanity-n", args.sanity_n, 0),
-                             ("--sanity-top-k", args.sanity_top_k, 1),
-                             ("--faithfulness-steps", args.faithfulness_steps, 0)):
-        if value < low:
-            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # the scoring flags, checked before any attribution runs (--sanity-threshold 2 was found
+    # only after every map had been computed)
+    ScoringParams(**{k: getattr(args, k) for k in ScoringParams.field_names()})
     # checked by its Params field (>= 1), as the compare config's key is
     internal_batch_size = AttributionParams(
         internal_batch_size=args.internal_batch_size).internal_batch_size
@@ -223,6 +222,15 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
     # masks must stay aligned with the pixels: no crop when masks are scored
     with_masks = bool(broden or args.masks)
     inputs_of = {}
+    # every model's and method's settings that depend on the model or its input size (a
+    # Grad-CAM layer without spatial maps, an occlusion window larger than the image), before
+    # the first method runs: a late failure would waste the maps made before it
+    for _, loaded in loaded_models:
+        pre = loaded.preprocessing
+        tds = dataset.torch_dataset(pre.probe_transform() if with_masks else pre.eval_transform())
+        shape = tuple(_inputs(tds, rows[:1]).shape[1:])
+        for m in methods:
+            Attribution(m, **_method_params(m, args)).check(loaded, shape, device=args.device)
     for name, loaded in loaded_models:
         folder = out if len(loaded_models) == 1 else out / name
         pre = loaded.preprocessing

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from interptool.analyzers.dissection import DissectionParams
+from interptool.analyzers.dissection import DissectionParams, MontageParams
 from interptool.cli._common import (
     add_common_args,
     add_model_args,
@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args, DissectionParams, device=args.device)  # checked first
     out = Path(args.out)
     montages = _montages(args.montages)
+    # before the lock and the analysis: a negative count cut units off the end silently
+    MontageParams(montages=montages, max_montages=args.max_montages)
     if args.cache and args.arch:
         raise ConfigError("give either a cache file or --arch (to cache first), not both")
     if not args.cache and not args.arch:

@@ -61,6 +61,11 @@ def load_models(run: RunContext) -> None:
         run.eval_ds = open_dataset(cfg.data.eval)
     if cfg.data.probe and cfg.analysis.dissection is not None:
         run.probe_ds = open_dataset(cfg.data.probe)
+        from interptool.analyzers import get_analyzer
+
+        # categories the probe lacks: named here, before caching (found after it before)
+        get_analyzer("dissection").params_from_config(cfg.analysis.dissection).check_probe(
+            run.probe_ds, where=f"{cfg.source}: analysis.dissection")
     if run.eval_ds is not None:
         ks = {n: lm.num_classes for n, lm in run.loaded.items()}
         if len(set(ks.values())) > 1:

@@ -7,8 +7,10 @@
 from interptool.analyzers._lazy import lazy_exports
 from interptool.analyzers.attribution._params import (
     ATTRIBUTION_METHODS,
+    METHOD_PARAMS,
     AttributionOptions,
     AttributionParams,
+    ScoringParams,
 )
 
 Params = AttributionParams
@@ -21,7 +23,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "run": "._entry", "attribution_for": "._entry", "get_method": "._methods",
     "ObjectMasks": "._scoring", "display_images": "._scoring", "score_maps": "._scoring"})
 
-__all__ = ["ATTRIBUTION_METHODS", "AgreementResult", "Attribution", "AttributionOptions",
+__all__ = ["ATTRIBUTION_METHODS", "METHOD_PARAMS", "ScoringParams", "AgreementResult", "Attribution", "AttributionOptions",
            "AttributionParams", "AttributionResult", "FaithfulnessResult", "H5Maps", "METHODS",
            "LocalisationResult", "Params", "RandomisationResult", "agreement",
            "class_object_masks", "faithfulness", "folder_masks", "hook_count", "localisation",

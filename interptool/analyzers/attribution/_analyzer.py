@@ -415,6 +415,22 @@ class Attribution:
         ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"Attribution({self.method!r}{', ' + ps if ps else ''})"
 
+    def check(self, model_or_loaded: Any, input_shape: Sequence[int],
+              device: str = "cpu") -> None:
+        """Raise what :meth:`run` would raise before attributing, for the settings that depend
+        on the model or the input size (C, H, W): a Grad-CAM layer that is missing or gives no
+        spatial map, an occlusion window or stride that does not fit the image. Costs one
+        forward pass of one zero image (Grad-CAM only), on a private copy of the model. Lets a
+        caller check every method before the first one runs."""
+        model = model_or_loaded.model if _is_loaded(model_or_loaded) else model_or_loaded
+        if not isinstance(model, nn.Module):
+            raise AnalysisError(f"model must be a LoadedModel or an nn.Module, got "
+                                f"{type(model_or_loaded).__name__}")
+        prepared = prepare_model(model, device)
+        self.adapter.check_model(prepared)
+        self.adapter.check_input(prepared, tuple(int(v) for v in input_shape), device,
+                                 arch=_arch(model_or_loaded))
+
     # -- one batch; used by run() and by randomisation_check / benchmarks
     def attribute_batch(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
                         start: int = 0, rows: int | None = None) -> torch.Tensor:
@@ -520,8 +536,11 @@ class Attribution:
             else None)
         prepared = prepare_model(model, device)
         self.adapter.check_model(prepared)
-        self.model_ = prepared
         shape = src.input_shape()
+        # settings that depend on the model or the input size (a Grad-CAM layer without
+        # spatial maps, an occlusion window larger than the image): before any file is made
+        self.adapter.check_input(prepared, shape, device, arch=_arch(model_or_loaded))
+        self.model_ = prepared
         info = _model_info(model_or_loaded, model, weights_hash=out is not None)
         # what was actually run: the resolved internal batching and the image sample
         # the device type too: a resumed file must not mix maps computed two ways (rounding,
@@ -734,6 +753,12 @@ class Attribution:
                 f"{num_classes} outputs (valid 0..{num_classes - 1}); check --num-classes "
                 "or the target")
         return t
+
+
+def _arch(model_or_loaded: Any) -> str | None:
+    """The architecture spec of a LoadedModel (for messages), None for a bare module."""
+    arch = getattr(model_or_loaded, "arch", None) if _is_loaded(model_or_loaded) else None
+    return str(arch) if arch else None
 
 
 def _output_width(logits: Any) -> int:

@@ -14,6 +14,7 @@ user's model: :func:`prepare_model` deep-copies it and turns ``inplace`` off eve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 from collections.abc import Callable
@@ -23,8 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from interptool.analyzers._base import Params
+from interptool.analyzers.attribution._params import (
+    GradCamParams,
+    InputXGradientParams,
+    IntegratedGradientsParams,
+    OcclusionParams,
+    SaliencyParams,
+    SmoothGradParams,
+)
 from interptool.common.numerics import seeded_rng
-from interptool.errors import AnalysisError
+from interptool.errors import AnalysisError, ParamsError
 
 # How a (N, C, H, W) attribution becomes a (N, H, W) map.
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -132,9 +142,13 @@ def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class AttributionMethod:
-    """Base adapter. Subclasses set ``name``, ``defaults`` and implement :meth:`attribute`."""
+    """Base adapter. Subclasses set ``name`` and ``params_class`` (a :class:`Params`
+    dataclass in ``_params.py``: the settings' defaults, checks and help, from which
+    ``defaults`` is derived) and implement :meth:`attribute`. A subclass without
+    ``params_class`` may set ``defaults`` (unchecked) instead."""
 
     name: ClassVar[str] = ""
+    params_class: ClassVar[type[Params] | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     # methods whose output is already one channel (no channel reduction)
     single_channel: ClassVar[bool] = False
@@ -143,6 +157,12 @@ class AttributionMethod:
     #: windows); ``attribute(..., rows=R)`` bounds the rows of one forward/backward pass
     expands: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pc = cls.__dict__.get("params_class")
+        if pc is not None:
+            cls.defaults = {f.name: pc.field_default(f.name) for f in dataclasses.fields(pc)}
+
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
@@ -150,14 +170,39 @@ class AttributionMethod:
                 f"unknown parameter(s) {', '.join(unknown)} for method {self.name!r}; "
                 f"valid: {', '.join(sorted(self.defaults)) or '(none)'}"
             )
-        self.params: dict[str, Any] = {**self.defaults, **params}
+        if self.params_class is None:
+            self.params: dict[str, Any] = {**self.defaults, **params}
+        else:
+            try:
+                checked = self.params_class(**params)
+            except ParamsError as exc:
+                raise ParamsError(f"{self.name}: {exc}{self._fix(exc.field)}",
+                                  exc.field) from None
+            self.params = {f.name: getattr(checked, f.name)
+                           for f in dataclasses.fields(checked)}
         self.validate()
 
+    def _fix(self, name: str) -> str:
+        """``"; --flag (name=): help (default ...)"``: how to set field ``name`` right."""
+        if self.params_class is None or name not in self.defaults:
+            return ""
+        meta = self.params_class.field_info(name).metadata
+        how = (f"--{name.replace('_', '-')} ({name}=)" if meta.get("cli", True)
+               else f"{name}=")
+        return f"; {how}: {meta['help']} (default {self.defaults[name]!r})"
+
     def validate(self) -> None:  # pragma: no cover - overridden where needed
-        pass
+        """Checks beyond the Params fields (raise :class:`ParamsError` naming the setting)."""
 
     def check_model(self, model: nn.Module) -> None:
         """Raise AnalysisError when the model cannot serve this method (e.g. missing layer)."""
+
+    def check_input(self, model: nn.Module, input_shape: tuple[int, ...], device: Any,
+                    arch: str | None = None) -> None:
+        """Raise :class:`ParamsError` when a setting cannot work on inputs of
+        ``input_shape`` (C, H, W) with the prepared ``model`` (e.g. a Grad-CAM layer without
+        spatial maps, an occlusion window larger than the image), before anything is
+        attributed or written. ``arch``: the model's architecture, for the message."""
 
     def attribute(
         self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, seed: int = 0,
@@ -181,7 +226,7 @@ class SaliencyMethod(AttributionMethod):
     """captum ``Saliency`` (absolute input gradient, captum's default ``abs=True``)."""
 
     name = "saliency"
-    defaults = {"abs": True}
+    params_class = SaliencyParams
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import Saliency
@@ -193,7 +238,7 @@ class InputXGradientMethod(AttributionMethod):
     """captum ``InputXGradient``."""
 
     name = "input_x_gradient"
-    defaults: ClassVar[dict[str, Any]] = {}
+    params_class = InputXGradientParams
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import InputXGradient
@@ -206,20 +251,8 @@ class IntegratedGradientsMethod(AttributionMethod):
     ``internal_batch_size`` (memory bound: inputs per forward pass) and ``ig_method``."""
 
     name = "integrated_gradients"
-    defaults = {"steps": 32, "baseline": "zeros", "internal_batch_size": None,
-                "ig_method": "gausslegendre"}
+    params_class = IntegratedGradientsParams
     expands = True
-
-    def validate(self) -> None:
-        if not isinstance(self.params["steps"], int) or self.params["steps"] < 1:
-            raise AnalysisError(f"steps must be a positive int, got {self.params['steps']!r}")
-        if self.params["baseline"] not in ("zeros", "mean", "blur"):
-            raise AnalysisError(
-                f"baseline must be zeros, mean or blur; got {self.params['baseline']!r}"
-            )
-        ibs = self.params["internal_batch_size"]
-        if ibs is not None and (not isinstance(ibs, int) or ibs < 1):
-            raise AnalysisError(f"internal_batch_size must be a positive int, got {ibs!r}")
 
     def effective_params(self, rows, n):
         # recorded as set (captum itself never runs fewer rows than inputs per pass)
@@ -255,22 +288,9 @@ class SmoothGradMethod(AttributionMethod):
     """
 
     name = "smoothgrad"
-    defaults = {"nt_samples": 10, "stdevs": 0.15, "nt_type": "smoothgrad", "base": "saliency",
-                "nt_samples_batch_size": None, "seed": 0, "steps": 16, "baseline": "zeros",
-                "internal_batch_size": None}
+    params_class = SmoothGradParams
     stochastic = True
     expands = True
-
-    def validate(self) -> None:
-        if self.params["base"] not in ("saliency", "integrated_gradients"):
-            raise AnalysisError(
-                f"smoothgrad base must be saliency or integrated_gradients, "
-                f"got {self.params['base']!r}"
-            )
-        if not isinstance(self.params["nt_samples"], int) or self.params["nt_samples"] < 1:
-            raise AnalysisError(f"nt_samples must be a positive int, got "
-                                f"{self.params['nt_samples']!r}")
-        self.params["stdevs"] = float(self.params["stdevs"])
 
     def _sample_batch(self, rows: int | None, n: int) -> int | None:
         """Noise samples per pass: the explicit setting, else as many as ``rows`` allows."""
@@ -311,7 +331,7 @@ class GuidedBackpropMethod(AttributionMethod):
     """captum ``GuidedBackprop`` (needs ReLUs as ``nn.ReLU`` modules, as captum documents)."""
 
     name = "guided_backprop"
-    defaults: ClassVar[dict[str, Any]] = {}
+    params_class = InputXGradientParams
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         import warnings
@@ -338,24 +358,48 @@ class GradCamMethod(AttributionMethod):
     """
 
     name = "grad_cam"
-    defaults = {"layer": None, "interpolate_mode": "bilinear", "prefix_tokens": None,
-                "grid": None}
+    params_class = GradCamParams
     single_channel = True
 
     def validate(self) -> None:
         if not self.params["layer"]:
-            raise AnalysisError(
+            raise ParamsError(
                 "grad_cam needs a layer: Attribution('grad_cam', layer='layer4') or "
-                "--layer layer4 (see `interptool layers` for the names)"
+                "--layer layer4 (see `interptool layers` for the names)", "layer"
             )
-        p = self.params["prefix_tokens"]
-        if p is not None and (not isinstance(p, int) or p < 0):
-            raise AnalysisError(f"prefix_tokens must be an int >= 0, got {p!r}")
-        if self.params["grid"] is not None:
-            self.params["grid"] = _pair(self.params["grid"], "grid")
 
     def check_model(self, model: nn.Module) -> None:
         find_layer(model, self.params["layer"])
+
+    def check_input(self, model, input_shape, device, arch=None):
+        """The layer's output on one zero image must be a map: (N, C, H, W), or (N, T, D)
+        tokens (reshaped to the patch grid); anything else (a classifier's (N, K), a pooled
+        vector) is refused naming the layer, its output shape and layers that fit."""
+        name = self.params["layer"]
+        layer = find_layer(model, name)
+        shapes = _output_shapes(model, {name: layer}, input_shape, device)
+        if _is_map(shapes.get(name)):
+            return
+        # which layers fit: every module's output on the same zero image
+        named = {n: m for n, m in model.named_modules() if n}
+        every = _output_shapes(model, named, input_shape, device)
+        # suggested: layers with more than one position (a pooled (N, C, 1, 1) map fits but
+        # gives a constant map)
+        fits = [n for n, shp in every.items() if _is_map(shp) and _positions(shp) > 1]
+        stages = [n for n in fits if any(True for _ in named[n].children())] or fits
+        depth = min((n.count(".") for n in stages), default=0)
+        hint = [n for n in stages if n.count(".") == depth][-3:]
+        got = (f"outputs {_shape_text(shapes[name])}, not a spatial map"
+               if shapes.get(name) is not None
+               else "gives no tensor output" if name in shapes
+               else "is never run by the model's forward pass")
+        arch_flag = f"--arch {arch}" if arch else "--arch ..."
+        raise ParamsError(
+            f"grad_cam layer {name!r} {got}; Grad-CAM needs a layer whose "
+            "output is (N, C, H, W) (a convolutional stage) or (N, T, D) tokens (a "
+            f"transformer block){', e.g. ' + ', '.join(hint) if hint else ''}; set --layer "
+            f"(layer=) to one (`interptool layers {arch_flag}` lists every layer's output "
+            "shape)", "layer")
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import LayerAttribution, LayerGradCam
@@ -475,16 +519,27 @@ class OcclusionMethod(AttributionMethod):
     allows) bounds memory."""
 
     name = "occlusion"
-    defaults = {"window": 8, "stride": 4, "baseline": "zeros", "perturbations_per_eval": None}
+    params_class = OcclusionParams
     expands = True
 
-    def validate(self) -> None:
-        _pair(self.params["window"], "window")
-        _pair(self.params["stride"], "stride")
-        if self.params["baseline"] not in ("zeros", "mean", "blur"):
-            raise AnalysisError(
-                f"baseline must be zeros, mean or blur; got {self.params['baseline']!r}"
-            )
+    def check_input(self, model, input_shape, device, arch=None):
+        """captum's rules, checked before anything runs: the window fits in the image, and
+        the stride is at most the window (else pixels between windows are never occluded)
+        along every side the window does not cover whole."""
+        h, w = int(input_shape[-2]), int(input_shape[-1])
+        window = _pair(self.params["window"], "window")
+        stride = _pair(self.params["stride"], "stride")
+        if window[0] > h or window[1] > w:
+            raise ParamsError(
+                f"occlusion: window: expected at most the input size {h}x{w} px, got "
+                f"{self.params['window']!r}; use a smaller --window (window=)", "window")
+        for win, step, size in zip(window, stride, (h, w)):
+            if step > win and win != size:
+                raise ParamsError(
+                    f"occlusion: stride: expected at most the window "
+                    f"({self.params['window']!r} px; else "
+                    f"pixels between windows are never occluded), got "
+                    f"{self.params['stride']!r}; use --stride <= --window (stride=)", "stride")
 
     def _per_eval(self, rows: int | None, n: int) -> int:
         if self.params["perturbations_per_eval"] is not None:
@@ -513,6 +568,44 @@ class OcclusionMethod(AttributionMethod):
             target=target,
             perturbations_per_eval=self._per_eval(rows, x.shape[0]),
         )
+
+
+def _output_shapes(model: nn.Module, modules: dict[str, nn.Module],
+                   input_shape: tuple[int, ...], device: Any) -> dict[str, tuple | None]:
+    """The output shape of each of ``modules`` (name -> module of ``model``) on one zero image
+    of ``input_shape``, in the order they finish (None: not a tensor); modules the forward pass
+    never runs are absent. Hooks are removed before returning."""
+    shapes: dict[str, tuple | None] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if name not in shapes:
+                shapes[name] = (tuple(output.shape) if isinstance(output, torch.Tensor)
+                                else None)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _is_map(shape: tuple | None) -> bool:
+    """A (N, C, H, W) map or (N, T, D) tokens: what Grad-CAM can attribute."""
+    return shape is not None and len(shape) in (3, 4)
+
+
+def _positions(shape: tuple) -> int:
+    """Spatial positions of a map: H * W of (N, C, H, W), T of (N, T, D) tokens."""
+    return math.prod(shape[2:]) if len(shape) == 4 else int(shape[1])
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join(["N", *map(str, shape[1:])]) + ")"
 
 
 METHODS: dict[str, type[AttributionMethod]] = {

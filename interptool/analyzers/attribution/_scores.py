@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import nn
 
 from interptool.common.jsonsafe import to_jsonable
 from interptool.common.numerics import seeded_rng
-from interptool.errors import AnalysisError
+from interptool.errors import AnalysisError, ParamsError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -623,6 +624,10 @@ def _reference_key(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     return h.hexdigest()
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def faithfulness(
     model: nn.Module,
     images: torch.Tensor,
@@ -690,8 +695,11 @@ def faithfulness(
     tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
     if tgt.numel() != n:
         raise AnalysisError(f"{tgt.numel()} targets for {n} images")
-    if patch < 1:
-        raise AnalysisError(f"patch must be >= 1 pixel, got {patch}")
+    if not _is_int(patch) or patch < 1:
+        raise ParamsError(f"patch: expected an integer >= 1 (pixels), got {patch!r}", "patch")
+    if steps is not None and (not _is_int(steps) or steps < 1):
+        raise ParamsError(f"steps: expected an integer >= 1, got {steps!r}; or None for one "
+                          "step per patch", "steps")
     gh, gw = math.ceil(h / patch), math.ceil(w / patch)
     p = gh * gw
     steps = p if steps is None else int(min(max(1, steps), p))
@@ -878,7 +886,8 @@ def randomisation_check(
     re-initialised with ``reset_parameters()`` on a copy (seeded from ``(seed, step)``; the
     user's model is untouched). After each step the maps of the same ``targets`` are compared
     to the trained model's by per-image Spearman correlation. A method is flagged when the
-    correlation is still above ``threshold`` after the last step. ``internal_batch_size``:
+    correlation is still above ``threshold`` (strictly between -1 and 1, as the correlation
+    is in [-1, 1]) after the last step. ``internal_batch_size``:
     most model rows per pass of the methods that expand inputs, as in :meth:`Attribution.run`
     (default ``batch_size``).
     """
@@ -889,7 +898,11 @@ def randomisation_check(
         prepare_model,
         reduce_channels,
     )
+    from interptool.analyzers.attribution._params import ScoringParams
 
+    # checked before any map is made; named as the attribute command's flags
+    ScoringParams(sanity_threshold=threshold,
+                  **({"sanity_top_k": top_k} if top_k is not None else {}))
     methods = list(method) if isinstance(method, (list, tuple)) else [method]
     attrs = [m if isinstance(m, Attribution) else Attribution(m, **method_params)
              for m in methods]

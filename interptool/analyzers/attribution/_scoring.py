@@ -156,6 +156,10 @@ def score_maps(
     the whole call, so the random-order reference memo stays valid across models).
     ``figures=False``: the saved score results get no ``.png`` (their CSV and JSON only).
     """
+    from interptool.analyzers.attribution._params import ScoringParams
+
+    # checked before anything is scored (steps < 0 used to skip faithfulness silently)
+    ScoringParams(patch=patch, faithfulness_steps=steps, faithfulness_baseline=baseline)
     # many small forward passes: threads on busy cores cost more than they bring
     with thread_scope(threads):
         return _score_maps(results, teacher=teacher, models=models, inputs=inputs,

@@ -5,12 +5,16 @@
 """
 
 from interptool.analyzers._lazy import lazy_exports
-from interptool.analyzers.dissection._params import DissectionOptions, DissectionParams
+from interptool.analyzers.dissection._params import (
+    DissectionOptions,
+    DissectionParams,
+    MontageParams,
+)
 
 Params = DissectionParams
 __getattr__, __dir__ = lazy_exports(__name__, {
     "Dissection": "._analyzer", "DissectionResult": "._analyzer", "run": "._entry",
     "analyze": "._entry"})
 
-__all__ = ["Dissection", "DissectionOptions", "DissectionParams", "DissectionResult", "Params",
-           "analyze", "run"]
+__all__ = ["Dissection", "DissectionOptions", "DissectionParams", "DissectionResult",
+           "MontageParams", "Params", "analyze", "run"]

@@ -555,6 +555,9 @@ class DissectionResult:
         return paths
 
     def _montage_units(self, montages: str | int, max_montages: int) -> list[int]:
+        from interptool.analyzers.dissection._params import MontageParams
+
+        MontageParams(montages=montages, max_montages=max_montages)  # ranked[:-3] cut units
         if self.probe is None or not hasattr(self.probe, "load_image") or montages == "none":
             return []
         ranked = np.lexsort((np.arange(self.units), -self.best_iou))

@@ -4,16 +4,28 @@ registration. Imported by the CLI at start-up: no torch here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from interptool.analyzers._base import Params, param
 from interptool.analyzers._registry import register_analyzer
 from interptool.analyzers.dissection._protocol import PROTOCOLS, parse_categories
-from interptool.errors import ConfigError
+from interptool.errors import ConfigError, ParamsError
 
-__all__ = ["DissectionOptions", "DissectionParams"]
+__all__ = ["DissectionOptions", "DissectionParams", "MontageParams"]
 
 #: IoU thresholds at which the compare report draws the detector-count curve.
 DEFAULT_CURVE = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)
+
+
+def _categories_problem(value: Any) -> str | None:
+    """What is wrong with a ``categories`` value (empty, a name twice), or None."""
+    try:
+        parse_categories(value)
+    except ConfigError as exc:
+        # "categories='a,a': a listed twice" -> "expected each category once (a listed twice)"
+        why = str(exc).partition(": ")[2]
+        return why if why.startswith("expected") else f"expected each category once ({why})"
+    return None
 
 
 @dataclass
@@ -25,8 +37,8 @@ class DissectionOptions(Params):
     top_units: int = param(4, "units shown with image montages per model and layer", ge=0,
                            cli=False)
     iou_thresholds: list[float] = param(
-        help="IoU thresholds of the detector-count curve in the report", ge=0, le=1, cli=False,
-        default_factory=lambda: list(DEFAULT_CURVE))
+        help="IoU thresholds of the detector-count curve in the report", ge=0, le=1,
+        min_items=1, cli=False, default_factory=lambda: list(DEFAULT_CURVE))
     bootstrap: int = param(1000, "bootstrap resamples of the probe images: 95% intervals of "
                            "every detector measure and paired differences (0: counts only)",
                            ge=0, cli=False)
@@ -57,7 +69,7 @@ class DissectionParams(Params):
                           choices=tuple(PROTOCOLS))
     categories: list[str] | str | None = param(
         None, "categories to dissect against (default: the protocol's); images with no label "
-        "of these take no part", metavar="CAT,CAT")
+        "of these take no part", metavar="CAT,CAT", check=_categories_problem)
     quantile: float | None = param(None, "top activation fraction defining a unit's threshold "
                                    "(default: the protocol's, 0.005)", gt=0, lt=1)
     iou_threshold: float | None = param(None, "a unit is a detector when its best IoU >= this "
@@ -79,8 +91,43 @@ class DissectionParams(Params):
     ci_level: float = param(0.95, "confidence level of the bootstrap intervals", gt=0, lt=1)
 
     def validate(self) -> None:
-        try:
-            cats = parse_categories(self.categories)
-        except ConfigError as exc:
-            raise self.error("categories", str(exc).partition(": ")[2]) from None
+        # checked by the field (empty, a name twice); here only normalised
+        cats = parse_categories(self.categories)
         self.categories = list(cats) if cats is not None else None  # "a,b" -> ["a", "b"]
+
+    def check_probe(self, probe: Any, *, where: str = "") -> None:
+        """Refuse categories the ``probe`` (anything with ``categories``) lacks, before any
+        caching: :class:`ParamsError` naming ``categories`` (prefixed with ``where``, e.g.
+        ``"run.toml: analysis.dissection"``), the probe's categories and the fix."""
+        cats = parse_categories(self.categories)
+        have = [str(c) for c in getattr(probe, "categories", [])]
+        unknown = [c for c in cats or () if c not in have]
+        if not unknown:
+            return
+        name = f"{where}.categories" if where else "categories"
+        spec = getattr(probe, "spec", "") or type(probe).__name__
+        raise ParamsError(
+            f"{name}: expected categories of the probe {spec!r} ({', '.join(have)}), got "
+            f"{', '.join(map(repr, unknown))}; drop them or use another probe", name)
+
+
+#: ``montages`` values besides a number of units
+MONTAGE_CHOICES = ("detectors", "all", "none")
+
+
+def _montages_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        return None if value in MONTAGE_CHOICES else \
+            f"expected {', '.join(MONTAGE_CHOICES)} or a number of units >= 0"
+    return None if value >= 0 else "expected a number of units >= 0 (or detectors, all, none)"
+
+
+@dataclass
+class MontageParams(Params):
+    """Which unit montages :meth:`DissectionResult.save` draws (``interptool dissect``'s
+    ``--montages`` and ``--max-montages``)."""
+
+    montages: str | int = param("detectors", "'detectors' (detector units, best first), "
+                                "'all', 'none' or a number of top units",
+                                check=_montages_problem, config=False)
+    max_montages: int = param(64, "most montages drawn per layer", ge=0, config=False)

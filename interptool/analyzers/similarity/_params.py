@@ -31,8 +31,8 @@ class SimilarityParams(Params):
     """Settings of :func:`~interptool.analyzers.similarity.compare_similarity`."""
 
     temperatures: list[float] = param(
-        help="softmax temperature(s) of the class-similarity matrices", gt=0,
-        flag="--temperature", metavar="T", default_factory=lambda: [1.0, 4.0])
+        help="softmax temperature(s) of the class-similarity matrices", gt=0, finite=True,
+        min_items=1, flag="--temperature", metavar="T", default_factory=lambda: [1.0, 4.0])
     k: int | None = param(None, "nearest classes compared per class (default 5, or K - 1 "
                           "with fewer classes)", ge=1)
     n_boot: int = param(1000, "bootstrap resamples of the images; 0 skips the intervals", ge=0)
