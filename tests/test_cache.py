@@ -607,20 +607,18 @@ def test_prefetch_keeps_order_raises_in_place_and_stops():
     assert len(produced) <= 5  # bounded: two queued, one waiting to be put
 
 
-def test_run_stopped_before_its_first_batch_opens_empty_and_resumes(tmp_path):
-    """The first image fails: the file has its attributes but no datasets yet (they are made
-    with the first batch). Opened with allow_incomplete it holds 0 images (no KeyError);
-    fixed, the same command resumes it to the full cache."""
+def test_run_stopped_before_its_first_batch_leaves_no_file(tmp_path):
+    """The first image fails: the file this run created holds no row, so it is removed (a
+    0-row file would block the next run with another model as "made with other settings");
+    fixed, the same command creates the full cache. (A hand-made file with attributes but no
+    datasets still opens as 0 images: tests/test_cache_validation.py.)"""
     model = make_student()
     path = tmp_path / "first.h5"
     with pytest.raises(DataError, match=r"img_000"):
         run_cache(FakeLoaded(model), FakeDataset(8, bad={0}), ["layer4"], path, batch_size=4)
-    with h5py.File(path, "r") as f:
-        assert "logits" not in f
-    with ActivationCache(path, allow_incomplete=True) as c:
-        assert c.n == 0 and c.ids == [] and c.logits.shape[0] == 0
+    assert not path.exists() and not list(tmp_path.iterdir())
     run = run_cache(FakeLoaded(model), FakeDataset(8), ["layer4"], path, batch_size=4)
-    assert run.status == "resumed" and run.images_computed == 8
+    assert run.status == "created" and run.images_computed == 8
 
 
 def test_skip_bad_lists_files_and_shrinks(tmp_path):

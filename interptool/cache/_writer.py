@@ -23,7 +23,10 @@ Faults (docs/cache-format.md, "Faults"):
   if the disk fills up anyway the reserve is given back so that HDF5 can flush and close the
   file with the last durable ``n_done``: the file stays openable and resumable
   (``CacheDiskFullError``);
-* every batch's maxima and logits are checked for NaN / Inf (``CacheNonFiniteError``).
+* every batch's maxima and logits are checked for NaN / Inf (``CacheNonFiniteError``);
+* a run that fails before any row is durable (a bad image in the first batch, a failed
+  forward pass, a model with 0 classes, ...) removes the file it created, so it cannot block
+  the next run; a file that existed before the run (a resumed one) is never removed.
 
 Throughput: images are decoded by DataLoader workers (sized by :mod:`interptool._resources`),
 or without workers by a thread of this process, while the model runs, and rows are written to HDF5 by a writer thread fed through a bounded
@@ -759,12 +762,15 @@ class _Job:
             except Exception:  # noqa: BLE001 - the close below is what matters now
                 pass
         _close(f)
-        # A new file with no durable row is worth nothing and would block the corrected
-        # command ("made with other settings"): remove it. A resumed file is always kept.
-        worthless = created and safe[0] == 0 and (
-            no_space or isinstance(exc, (CacheForwardError, CacheNonFiniteError)))
-        if worthless:
-            self.path.unlink(missing_ok=True)
+        # A file this run created that holds no durable row is worth nothing, whatever the
+        # failure (a bad image in the first batch, a failed forward pass, non-finite values,
+        # a full disk, Ctrl-C), and would block the corrected command, or one with another
+        # model ("made with other settings"): remove it. A resumed file is always kept.
+        if created and safe[0] == 0:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:  # pragma: no cover - the first error is what the user needs
+                log.debug("removing %s failed", self.path, exc_info=True)
         elif created:
             _remove_unusable(self.path)
 
@@ -937,6 +943,8 @@ class _Job:
                                 f"model output has shape {tuple(logits.shape)}; expected logits "
                                 "(N, K). Is the model a classifier?"
                             )
+                        if logits.shape[1] == 0:
+                            raise _no_classes(self.name, tuple(logits.shape))
                         logits = logits.float().to("cpu", non_blocking=True)
                         if cuda:
                             torch.cuda.synchronize(dev)
@@ -1385,6 +1393,12 @@ def _create_datasets(
     ids: list[str],
 ) -> None:
     """Create every dataset with its full length ``n``, chunked along N."""
+    if not all(logits_shape):
+        raise _no_classes("", (n, *logits_shape))
+    for layer, (row, _) in feats.items():
+        if not all(row):
+            raise CacheError(f"layer {layer!r} output has shape (N, {', '.join(map(str, row))}) "
+                             "with a dimension of 0: nothing to cache; choose another layer")
 
     def make(parent: h5py.Group, name: str, row: tuple[int, ...], dt: Any) -> None:
         itemsize = np.dtype(dt).itemsize if not isinstance(dt, h5py.Datatype) else 1
@@ -1449,6 +1463,15 @@ def _create_from_dummy(
         logits = model(x)
     feats = {k: (tuple(v.shape[1:]), tuple(_maxima(v).shape[1:])) for k, v in acts.items()}
     _create_datasets(f, n, tuple(logits.shape[1:]), feats, dtype, compression, ids)
+
+
+def _no_classes(model: str, shape: tuple[int, ...]) -> CacheError:
+    who = f"model {model}" if model else "the model"
+    return CacheError(
+        f"{who} returned logits of shape {shape}: 0 classes; expected logits (N, K) with "
+        "K >= 1. The classifier has no outputs: check --num-classes or the checkpoint's "
+        "classifier weights"
+    )
 
 
 def _first(out: Any) -> torch.Tensor:
