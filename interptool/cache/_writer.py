@@ -1273,8 +1273,13 @@ class _RowWriter:
                 ds[f"{FEATURES}/{layer}"][sl] = feat
                 ds[f"{FEATURES}/{layer}{MAX_SUFFIX}"][sl] = mx
             self.n_done += b
-        # Progress markers last, then flush: a crash before this point only loses the
-        # current batch, which the next run recomputes.
+        # The rows (chunks, chunk index, the file's end address) are flushed first, the
+        # progress markers after, in a second flush: one flush writes them in an order HDF5
+        # does not promise, and a SIGKILL inside it can keep a new n_done naming a chunk the
+        # file's end address does not cover yet (seen once under load: "addr overflow" on
+        # resume). A crash before the second flush only loses the current batch, which the
+        # next run recomputes.
+        f.flush()
         f.attrs["n_done"] = np.int64(self.n_done)
         f.attrs["next_item"] = np.int64(rows.stop)
         f.flush()
