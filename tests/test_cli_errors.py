@@ -165,6 +165,9 @@ def test_stage_markers_not_written_by_compare_are_redone(tmp_path):
     assert stages.get("a", "k") is None
     (stages.dir / "b.json").mkdir()  # a folder in its place
     assert stages.get("b", "k") is None
+    with pytest.raises(ConfigError, match=r"b.json is a folder where compare keeps the record "
+                                          r"of its 'b' stage; remove that folder"):
+        stages.put("b", "k", {"x": 1})
     (stages.dir / "c.json").write_bytes(b"\xff\xfe{")  # not UTF-8
     assert stages.get("c", "k") is None
 

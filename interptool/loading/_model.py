@@ -255,31 +255,34 @@ def _mismatch_message(
     clf_key: str | None, num_classes_given: bool, report: LoadReport,
     size_hint: str | None = None,
 ) -> str:
-    lines = [
-        f"checkpoint {where} does not fit {spec.family}:{spec.name}: {len(missing)} missing, "
-        f"{len(unexpected)} unexpected and {len(mismatched)} wrongly shaped key(s). First "
-        f"offending keys:"
-    ]
-    # up to _MAX_LISTED lines: wrong shapes first, then missing and unexpected keys shared
+    head = (f"checkpoint {where} does not fit {spec.family}:{spec.name}: {len(missing)} "
+            f"missing, {len(unexpected)} unexpected and {len(mismatched)} wrongly shaped "
+            f"key(s). First offending keys: ")
+    # up to _MAX_LISTED keys, on the one line of the error: wrong shapes first, then missing
+    # and unexpected keys shared
+    keys = []
     room = _MAX_LISTED - min(len(mismatched), _MAX_LISTED)
     n_unexp = min(len(unexpected), max(room // 2, room - len(missing)))
     n_miss = min(len(missing), room - n_unexp)
     for k, exp, got in mismatched[:_MAX_LISTED]:
-        lines.append(f"  shape  {k}: model expects {exp}, checkpoint has {got}")
+        keys.append(f"shape {k}: model expects {exp}, checkpoint has {got}")
     for k in missing[:n_miss]:
-        lines.append(f"  missing  {k}: model expects {_shape(model_sd[k])}, not in checkpoint")
+        keys.append(f"missing {k}: model expects {_shape(model_sd[k])}, not in checkpoint")
     for k in unexpected[:n_unexp]:
-        lines.append(f"  unexpected  {k}: checkpoint has {_shape(sd[k])}, model has no such key")
+        keys.append(f"unexpected {k}: checkpoint has {_shape(sd[k])}, model has no such key")
+    text = head + "; ".join(keys)
     if report.selected:
-        lines.append(f"(keys were read under the prefix {report.selected!r}, the best fit "
-                     f"among the networks in the file)")
+        text += (f" (keys were read under the prefix {report.selected!r}, the best fit "
+                 f"among the networks in the file)")
     causes = [size_hint] if size_hint else []
     if missing and all(_same_module(k, clf_key) for k in missing) and not mismatched:
         causes.append(
             f"the checkpoint has no classifier ({', '.join(missing)}): a backbone-only or "
             f"feature-extractor checkpoint; load it with strict=False in Python, or add the head"
         )
-    elif clf_key and any(k == clf_key for k, _, _ in mismatched):
+    elif clf_key and any(k == clf_key and e[0] != g[0] for k, e, g in mismatched):
+        # (the same number of outputs with another width is a feature-size mismatch: another
+        # architecture, said below)
         exp = dict((k, e) for k, e, _ in mismatched)[clf_key][0]
         got = dict((k, g) for k, _, g in mismatched)[clf_key][0]
         causes.append(
@@ -311,7 +314,7 @@ def _mismatch_message(
         )
     elif size_hint and len(mismatched) == 1 and not missing and not unexpected:
         pass  # only the position embedding differs: the input size, said above
-    elif [m for m in mismatched if not _same_module(m[0], clf_key)] or (
+    elif [m for m in mismatched if not _same_module(m[0], clf_key) or m[1][0] == m[2][0]] or (
         [k for k in missing if not _same_module(k, clf_key)] and not prefixes
     ):
         causes.append(
@@ -320,9 +323,8 @@ def _mismatch_message(
         )
     if report.alternatives:
         causes.append(f"other weight sets in the file: {', '.join(report.alternatives)}")
-    lines.append("Likely cause: " + "; ".join(causes) if causes else
-                 "Check --arch and --num-classes.")
-    return "\n".join(lines)
+    return text + (". Likely cause: " + "; ".join(causes) if causes else
+                   ". Check --arch and --num-classes.")
 
 
 #: the constructor argument that sets a ViT's input size (and so its position embedding)

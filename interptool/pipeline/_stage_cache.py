@@ -64,7 +64,13 @@ class StageCache:
     def put(self, name: str, key: str, payload: Any) -> Any:
         """Store ``payload`` (made JSON-safe, which is also what is returned)."""
         payload = to_jsonable(payload)
-        atomic_write_text(self.dir / f"{name}.json", json.dumps({"key": key, "payload": payload}))
+        target = self.dir / f"{name}.json"
+        if target.is_dir():  # the rename over it would fail naming a temporary file
+            from interptool.errors import ConfigError
+
+            raise ConfigError(f"{target} is a folder where compare keeps the record of its "
+                              f"{name!r} stage; remove that folder and run again")
+        atomic_write_text(target, json.dumps({"key": key, "payload": payload}))
         return payload
 
     def run(self, name: str, inputs: Any, fn: Callable[[], Any]) -> tuple[Any, bool]:
