@@ -225,3 +225,19 @@ def test_unlabelled_eval_set_with_similarity_stops_before_caching(capsys, tmp_pa
     _one_line_error(capsys, ["compare", str(cfg), "--out", str(out), "-q"],
                     "data.eval:", "has no labels", "similarity = false")
     assert not list(out.glob("cache/*.h5"))
+
+
+def test_damaged_compare_cache_points_to_compare_overwrite(capsys, tmp_path):
+    import h5py
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(_CONFIG.format(eval=EVAL))
+    out = tmp_path / "out"
+    assert main(["compare", str(cfg), "--out", str(out), "-q"]) == 0
+    cache = sorted((out / "cache").glob("*.h5"))[0]
+    with h5py.File(cache, "a") as f:
+        del f["labels"]
+    err = _one_line_error(capsys, ["compare", str(cfg), "--out", str(out), "-q"],
+                          str(cache), "interptool compare CONFIG --out DIR --overwrite")
+    assert "interptool cache ..." not in err
+    assert main(["compare", str(cfg), "--out", str(out), "-q", "--overwrite"]) == 0

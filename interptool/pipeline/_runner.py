@@ -23,6 +23,7 @@ from interptool._provenance import (
 )
 from interptool.cache import rank_info
 from interptool.common.jsonsafe import to_jsonable
+from interptool.errors import CacheError
 from interptool.pipeline import _stages
 from interptool.pipeline._config import CompareConfig
 from interptool.pipeline._context import RunContext
@@ -131,8 +132,23 @@ def run_compare(
         _cache_stages(RunContext(config, out, overwrite=overwrite))
         return out / "report.html"
     with output_lock(out.resolve(), fix="choose another --out"):
-        return _execute(RunContext(config, out, overwrite=overwrite), config_text, command,
-                        title)
+        try:
+            return _execute(RunContext(config, out, overwrite=overwrite), config_text, command,
+                            title)
+        except CacheError as exc:
+            _own_cache_fix(exc, out)
+            raise
+
+
+def _own_cache_fix(exc: CacheError, out: Path) -> None:
+    """A damaged cache under ``OUT/cache`` is compare's own: the fix is compare's
+    ``--overwrite`` (which rebuilds it), not the ``interptool cache`` command the reader's
+    message suggests for a cache made by hand; the message is mended in place."""
+    text = str(exc)
+    if str(out / "cache") in text and "`interptool cache ... --overwrite`" in text:
+        exc.args = (text.replace("`interptool cache ... --overwrite`",
+                                 "`interptool compare CONFIG --out DIR --overwrite` (it "
+                                 "rebuilds compare's caches)"), *exc.args[1:])
 
 
 def _cache_stages(run: RunContext) -> None:
