@@ -156,17 +156,28 @@ def test_csv_pure_columns_keep_working(tmp_path):
 
 
 def test_csv_decimal_labels_are_not_class_names(tmp_path):
-    # pandas writes 1.0, 2.0 for an integer column with gaps: numbering them as names would
-    # shift every label by one
-    _png(tmp_path / "a.png")
-    _png(tmp_path / "b.png")
+    # pandas writes 1.0, 0.0 for an integer column with empty cells: those are the integers
+    # (numbering them as names would shift every label); 1.5 is neither an index nor a name
+    for name in "abc":
+        _png(tmp_path / f"{name}.png")
     f = tmp_path / "list.csv"
-    f.write_text("path,label\na.png,1.0\nb.png,2.0\n")
-    with pytest.raises(DataError, match=rf"{f}, line 2, column 'label': '1\.0' is a number "
+    f.write_text(",path,label\n0,a.png,1.0\n1,b.png,\n2,c.png,0.0\n")
+    assert open_dataset(f"csv:{f}").labels.tolist() == [1, -1, 0]
+    f.write_text("path,label\na.png,1.5\nb.png,2.5\n")
+    with pytest.raises(DataError, match=rf"{f}, line 2, column 'label': '1\.5' is a number "
                                         "but not an integer"):
         open_dataset(f"csv:{f}")
-    (tmp_path / "classes.txt").write_text("1.0\n2.0\n")  # listed as names: read as names
+    (tmp_path / "classes.txt").write_text("1.5\n2.5\n")  # listed as names: read as names
     assert open_dataset(f"csv:{f}").labels.tolist() == [0, 1]
+
+
+def test_csv_names_that_look_like_numbers_listed_in_classes_txt(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "classes.txt").write_text("007\n010\ncat\n")
+    f = tmp_path / "list.csv"
+    f.write_text("path,label\na.png,007\na.png,cat\n")
+    ds = open_dataset(f"csv:{f}")
+    assert ds.labels.tolist() == [0, 2] and ds.class_names == ["007", "010", "cat"]
 
 
 def test_csv_integer_label_that_is_also_another_class_name(tmp_path):

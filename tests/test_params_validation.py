@@ -126,7 +126,10 @@ def test_attribution_check_without_attributing():
     from interptool.analyzers.attribution import Attribution
 
     Attribution("grad_cam", layer="features").check(_Tiny(), (3, 16, 16))
-    Attribution("occlusion", window=16, stride=32).check(_Tiny(), (3, 16, 16))  # whole image
+    Attribution("occlusion", window=16, stride=16).check(_Tiny(), (3, 16, 16))  # whole image
+    # captum asserts stride <= window on every side, even where the window covers it whole
+    with pytest.raises(ParamsError, match=r"occlusion: stride: expected at most the window"):
+        Attribution("occlusion", window=16, stride=32).check(_Tiny(), (3, 16, 16))
     with pytest.raises(ParamsError, match=r"grad_cam layer 'fc' outputs \(N, 3\)"):
         Attribution("grad_cam", layer="fc").check(_Tiny(), (3, 16, 16))
     with pytest.raises(ParamsError, match=r"occlusion: window: .* 8x8 px, got 12"):
@@ -397,3 +400,15 @@ def test_compare_refuses_probe_categories_before_caching(tmp_path):
                                           r"categories of the probe .*'flavour'"):
         run_compare(load_config(cfg_path), tmp_path / "out")
     assert not list((tmp_path / "out").rglob("*.h5"))
+
+
+def test_numpy_scalars_are_accepted_as_settings():
+    import numpy as np
+
+    from interptool.analyzers.attribution import Attribution
+
+    a = Attribution("smoothgrad", seed=np.int64(3), stdevs=np.float32(0.25), nt_samples=np.int32(4))
+    assert (a.params["seed"], a.params["nt_samples"]) == (3, 4)
+    assert type(a.params["seed"]) is int and type(a.params["stdevs"]) is float
+    with pytest.raises(ParamsError, match="seed"):
+        Attribution("smoothgrad", seed=True)  # a bool is not a number here

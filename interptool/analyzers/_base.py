@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import os
 import types
 import typing
@@ -114,10 +115,13 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return value is None, value
     if tp is bool:
         return isinstance(value, bool), value
+    # numpy scalars (a seed from np.arange, a value read from an array) pass as Python
+    # numbers and are stored as such (JSON records, comparisons)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value

@@ -19,8 +19,10 @@ from interptool.data._table import (
 )
 from interptool.errors import DataError
 
-# a decimal number that is not an integer (1.0, 1.5, 1e3): never numbered as a class name
-# unless classes.txt lists it (pandas writes 1.0 for an integer column with empty cells)
+# a whole number written as a decimal (1.0: pandas writes an integer column with empty cells
+# so) is that integer; any other decimal (1.5, 1e3) is never numbered as a class name unless
+# classes.txt lists it
+_INTEGRAL = re.compile(r"^([+-]?\d+)\.0*$")
 _DECIMAL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
 
 
@@ -208,6 +210,18 @@ def _parse_labels(
     present = [(k, r) for k, r in enumerate(raw) if r != ""]
     if not present:
         return np.full(len(raw), -1, dtype=np.int64), fixed
+    listed = set(fixed) if fixed is not None else set()
+    if fixed is not None and all(r in listed for _, r in present) and not all(
+            _is_int(r) for _, r in present):
+        # every cell names a class of classes.txt, some not as a number ('007', 'cat'):
+        # names, whatever they look like
+        index = {n: k for k, n in enumerate(fixed)}
+        out = np.full(len(raw), -1, dtype=np.int64)
+        out[[k for k, _ in present]] = [index[r] for _, r in present]
+        return out, list(fixed)
+    # pandas writes an integer column with empty cells as floats (1.0, 0.0): whole numbers
+    # written so are those integers (a class listed under that name keeps it)
+    present = [(k, _INTEGRAL.sub(r"\1", r) if r not in listed else r) for k, r in present]
     k0, r0 = present[0]
     first_int = _is_int(r0)
     for k, r in present:

@@ -524,8 +524,8 @@ class OcclusionMethod(AttributionMethod):
 
     def check_input(self, model, input_shape, device, arch=None):
         """captum's rules, checked before anything runs: the window fits in the image, and
-        the stride is at most the window (else pixels between windows are never occluded)
-        along every side the window does not cover whole."""
+        the stride is at most the window along each side (captum asserts it; pixels between
+        windows would never be occluded)."""
         h, w = int(input_shape[-2]), int(input_shape[-1])
         window = _pair(self.params["window"], "window")
         stride = _pair(self.params["stride"], "stride")
@@ -533,8 +533,8 @@ class OcclusionMethod(AttributionMethod):
             raise ParamsError(
                 f"occlusion: window: expected at most the input size {h}x{w} px, got "
                 f"{self.params['window']!r}; use a smaller --window (window=)", "window")
-        for win, step, size in zip(window, stride, (h, w)):
-            if step > win and win != size:
+        for win, step in zip(window, stride):
+            if step > win:
                 raise ParamsError(
                     f"occlusion: stride: expected at most the window "
                     f"({self.params['window']!r} px; else "
