@@ -420,13 +420,15 @@ class Attribution:
         """Raise what :meth:`run` would raise before attributing, for the settings that depend
         on the model or the input size (C, H, W): a Grad-CAM layer that is missing or gives no
         spatial map, an occlusion window or stride that does not fit the image. Costs one
-        forward pass of one zero image (Grad-CAM only), on a private copy of the model. Lets a
-        caller check every method before the first one runs."""
+        forward pass of one zero image on a private copy of the model for Grad-CAM; the other
+        methods' checks need the input size only. Lets a caller check every method before the
+        first one runs."""
         model = model_or_loaded.model if _is_loaded(model_or_loaded) else model_or_loaded
         if not isinstance(model, nn.Module):
             raise AnalysisError(f"model must be a LoadedModel or an nn.Module, got "
                                 f"{type(model_or_loaded).__name__}")
-        prepared = prepare_model(model, device)
+        # the private copy (a deep copy, moved to ``device``) only where a check runs the model
+        prepared = prepare_model(model, device) if self.adapter.check_runs_model else model
         self.adapter.check_model(prepared)
         self.adapter.check_input(prepared, tuple(int(v) for v in input_shape), device,
                                  arch=_arch(model_or_loaded))

@@ -194,6 +194,10 @@ class AttributionMethod:
     def validate(self) -> None:  # pragma: no cover - overridden where needed
         """Checks beyond the Params fields (raise :class:`ParamsError` naming the setting)."""
 
+    #: whether :meth:`check_model` / :meth:`check_input` use the model (Attribution.check
+    #: then prepares its private copy of it); False: the input shape alone
+    check_runs_model: ClassVar[bool] = False
+
     def check_model(self, model: nn.Module) -> None:
         """Raise AnalysisError when the model cannot serve this method (e.g. missing layer)."""
 
@@ -360,6 +364,7 @@ class GradCamMethod(AttributionMethod):
     name = "grad_cam"
     params_class = GradCamParams
     single_channel = True
+    check_runs_model = True
 
     def validate(self) -> None:
         if not self.params["layer"]:
