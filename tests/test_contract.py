@@ -382,6 +382,11 @@ def test_same_images_check_names_the_first_difference():
     # an unknown fingerprint passes only when allowed
     check_same_images(ImageSet("a", ["x"], ""), ImageSet("b", ["x"], "f2"), fix="",
                       unknown_fingerprint_ok=True)
+    # and otherwise says the fingerprint is missing (not "made from a different data set")
+    with pytest.raises(ConfigError, match=r"^a records no data fingerprint .* images of b\. "
+                                          r"re-cache$"):
+        check_same_images(ImageSet("a", ["x"], ""), ImageSet("b", ["x"], "f2"),
+                          fix="re-cache", error=ConfigError)
     with pytest.raises(Exception, match="labels differ"):
         check_same_images(ImageSet("a", ["x"], labels=[1]), ImageSet("b", ["x"], labels=[2]),
                           fix="")

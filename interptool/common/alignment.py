@@ -43,9 +43,15 @@ def check_same_images(first: ImageSet, other: ImageSet, *, fix: str,
     a, b = first, other
     fa, fb = a.fingerprint or "", b.fingerprint or ""
     if fa != fb and not (unknown_fingerprint_ok and not (fa and fb)):
+        if not (fa and fb):
+            blank = a if not fa else b
+            raise error(
+                f"{blank.where} records no data fingerprint (a file made by hand or damaged), "
+                f"so it cannot be shown to hold the images of "
+                f"{(b if blank is a else a).where}. {fix}")
         raise error(
-            f"data fingerprints differ: {a.where} has {fa[:12] or '(none)'}.., {b.where} has "
-            f"{fb[:12] or '(none)'}..; they were made from a different data set. {fix}")
+            f"data fingerprints differ: {a.where} has {fa[:12]}.., {b.where} has "
+            f"{fb[:12]}..; they were made from a different data set. {fix}")
     ids_a, ids_b = [str(i) for i in a.ids], [str(i) for i in b.ids]
     if ids_a != ids_b:
         row = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y),
