@@ -183,6 +183,12 @@ def _show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def error_text(exc: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line, at most ``limit`` characters (h5py's messages span
+    several lines)."""
+    return " ".join(str(exc).split())[:limit]
+
+
 def damaged(path: Any, field: str, problem: str, expected: str) -> CacheError:
     """The one-line error for a cache that disagrees with the layout: file, field, what was
     found, what was expected, and the fix."""
@@ -248,8 +254,7 @@ def _dataset(f: h5py.Group, name: str, path: Any, field: str, expected: str) -> 
     try:
         obj = f.get(name)
     except (KeyError, OSError, RuntimeError, ValueError) as exc:  # a dangling link, a bad header
-        msg = " ".join(str(exc).split())[:200]
-        raise damaged(path, field, f"cannot be opened ({msg})", expected) from None
+        raise damaged(path, field, f"cannot be opened ({error_text(exc)})", expected) from None
     if obj is None:
         raise damaged(path, field, "is missing", expected)
     if not isinstance(obj, h5py.Dataset):

@@ -21,6 +21,7 @@ from interptool.cache._format import (
     damaged,
     decode_attrs,
     decode_ids,
+    error_text,
 )
 from interptool.errors import CacheError
 
@@ -31,14 +32,14 @@ def _read_attrs(f: h5py.File, path: Path) -> dict[str, Any]:
     try:
         keys = list(f.attrs.keys())
     except (OSError, RuntimeError) as exc:
-        raise damaged(path, "root attributes", f"cannot be read ({' '.join(str(exc).split())[:200]})",
+        raise damaged(path, "root attributes", f"cannot be read ({error_text(exc)})",
                       "readable attributes") from None
     for key in keys:
         try:
             out.update(decode_attrs({key: f.attrs[key]}))
         except (OSError, RuntimeError, TypeError, ValueError) as exc:  # UnicodeDecodeError too
             raise damaged(path, f"attribute {key!r}",
-                          f"cannot be read ({' '.join(str(exc).split())[:120]})",
+                          f"cannot be read ({error_text(exc, 120)})",
                           "a number or UTF-8 text") from None
     return out
 
@@ -77,7 +78,7 @@ class ActivationCache:
                 raise CacheError(locked_message(
                     self.path, holder, fix="read the cache once that run has finished")) \
                     from None
-            reason = " ".join(str(exc).split())[:300]  # h5py's text spans lines: one line
+            reason = error_text(exc, 300)
             raise CacheError(
                 f"{self.path}: not a readable HDF5 file ({reason}); re-create it with "
                 "`interptool cache ... --overwrite`"
@@ -135,7 +136,7 @@ class ActivationCache:
             return self._file[name][: self.n]
         except (OSError, RuntimeError, ValueError, TypeError) as exc:
             raise damaged(self.path, f"dataset '/{name}'",
-                          f"cannot be read ({' '.join(str(exc).split())[:200]})",
+                          f"cannot be read ({error_text(exc)})",
                           "readable rows") from None
 
     # -- metadata ---------------------------------------------------------------------------
@@ -208,7 +209,7 @@ class ActivationCache:
             block = self._file[FEATURES][layer + MAX_SUFFIX][: self.n]
         except (OSError, RuntimeError) as exc:
             raise damaged(self.path, f"dataset '/{FEATURES}/{layer}{MAX_SUFFIX}'",
-                          f"cannot be read ({' '.join(str(exc).split())[:200]})",
+                          f"cannot be read ({error_text(exc)})",
                           "readable rows") from None
         return block.astype(np.float32)
 
@@ -224,7 +225,7 @@ class ActivationCache:
             except (OSError, RuntimeError) as exc:  # a damaged chunk
                 raise damaged(self.path, f"dataset '/{FEATURES}/{layer}'",
                               f"rows {start}:{stop} cannot be read "
-                              f"({' '.join(str(exc).split())[:200]})", "readable rows") from None
+                              f"({error_text(exc)})", "readable rows") from None
             yield start, block.astype(dtype, copy=False)
 
     # -- lifecycle --------------------------------------------------------------------------

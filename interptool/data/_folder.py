@@ -215,10 +215,7 @@ def _parse_labels(
             _is_int(r) for _, r in present):
         # every cell names a class of classes.txt, some not as a number ('007', 'cat'):
         # names, whatever they look like
-        index = {n: k for k, n in enumerate(fixed)}
-        out = np.full(len(raw), -1, dtype=np.int64)
-        out[[k for k, _ in present]] = [index[r] for _, r in present]
-        return out, list(fixed)
+        return _numbered(raw, present, fixed, lines, file)
     # pandas writes an integer column with empty cells as floats (1.0, 0.0): whole numbers
     # written so are those integers (a class listed under that name keeps it)
     present = [(k, _INTEGRAL.sub(r"\1", r) if r not in listed else r) for k, r in present]
@@ -272,12 +269,18 @@ def _parse_labels(
                     f"class named so must be listed in {ctxt})"
                 )
     names = fixed if fixed is not None else sorted({r for _, r in present})
+    return _numbered(raw, present, names, lines, file)
+
+
+def _numbered(raw: list[str], present: list[tuple[int, str]], names: list[str],
+              lines: list[int], file: Path) -> tuple[np.ndarray, list[str]]:
+    """Labels of class-name cells: each name's position in ``names``; '' -> -1."""
     index = {n: k for k, n in enumerate(names)}
     for k, r in present:
         if r not in index:
             raise DataError(
                 f"{file}, line {lines[k]}, column 'label': {r!r} is not a class in "
-                f"{ctxt}; add it there or fix the label"
+                f"{file.parent / 'classes.txt'}; add it there or fix the label"
             )
     out = np.full(len(raw), -1, dtype=np.int64)
     out[[k for k, _ in present]] = [index[r] for _, r in present]
