@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_config import BASE as BASE_CONFIG  # the same two-model config
 from torch import nn
 
 from interptool.errors import ConfigError, ParamsError
@@ -241,19 +242,6 @@ def test_params_refuse_empty_and_non_finite_lists(pkg, cls, name, value, shown):
     _one_line(msg)
     assert err.value.field == name and msg.startswith(name) and shown in msg, msg
 
-
-BASE_CONFIG = """
-[data]
-eval = "builtin:concept-world?version=1&n=40&size=32&seed=0&split=eval"
-probe = "builtin:concept-world?version=1&n=40&size=32&seed=0&split=probe"
-[models.teacher]
-arch = "interptool:cw-teacher"
-layers = ["layer3", "layer4"]
-role = "teacher"
-[models.kd]
-arch = "interptool:cw-student"
-layers = ["layer3", "layer4"]
-"""
 
 BAD_CONFIG = [
     ("[analysis.dissection]\niou_thresholds = []", "analysis.dissection.iou_thresholds", "[]"),
