@@ -165,6 +165,46 @@ def test_a_failed_rank_stops_all_and_the_shards_resume(tmp_path):
     assert not s0.exists() and not s1.exists()
 
 
+COUNT_DRIVER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_cache import FakeDataset, FakeLoaded, make_student
+from interptool.cache import _writer, run_cache
+calls = {{"weights_sha256": 0, "channels_last_probe": 0}}
+hash_weights, blank_input = _writer.weights_sha256, _writer._blank_input
+def counted_hash(model):
+    calls["weights_sha256"] += 1
+    return hash_weights(model)
+def counted_blank(*args):
+    calls["channels_last_probe"] += 1
+    return blank_input(*args)
+_writer.weights_sha256, _writer._blank_input = counted_hash, counted_blank
+run = run_cache(FakeLoaded(make_student()), FakeDataset(20), ["layer4"], sys.argv[1],
+                batch_size=4)
+sys.stdout.write(f"CALLS {{os.environ['RANK']}} {{calls['weights_sha256']}} "
+                 f"{{calls['channels_last_probe']}} {{run.status}}\\n")
+"""
+
+
+def test_each_rank_hashes_its_weights_and_probes_the_layout_once(tmp_path):
+    """A rank makes the whole-data-set job (to check it against the other ranks) and then
+    the job of its shard; the second took the first one's weights checksum and channels-last
+    decision (both used to be computed twice: seconds of hashing for a large model)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(COUNT_DRIVER.format(tests=TESTS))
+    proc = _torchrun([str(driver), str(tmp_path / "c.h5")], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"CALLS {rank} 1 1 created" in proc.stdout, proc.stdout
+    with ActivationCache(tmp_path / "c.h5") as cache:  # the shards' layout decision recorded
+        assert cache.attrs["numerics"]["memory_format"] == "channels_last"
+    ref = cache_activations(FakeLoaded(make_student()), FakeDataset(20), ["layer4"],
+                            tmp_path / "one.h5", batch_size=4)
+    _same_content(tmp_path / "c.h5", ref)
+
+
 MISMATCH_DRIVER = """
 import os, sys
 sys.path.insert(0, {tests!r})

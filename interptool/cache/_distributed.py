@@ -363,7 +363,7 @@ def run_sharded(
                     extra_attrs={"shard": {"rank": rank, "world_size": world,
                                            "start": start, "stop": stop,
                                            "of": str(path.name)}},
-                    **kw)
+                    same_model_as=final_job, **kw)
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it
             err = exc
         info = {"rank": rank, "start": start, "stop": stop,

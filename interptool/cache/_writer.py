@@ -453,12 +453,19 @@ def _run_local(
     channels_last: bool | None = None,
     local_ranks: int = 1,
     extra_attrs: dict[str, Any] | None = None,
+    same_model_as: _Job | None = None,
 ) -> CacheRun:
-    """One process writing one file (the whole data set, or one torchrun shard of it)."""
+    """One process writing one file (the whole data set, or one torchrun shard of it).
+
+    ``same_model_as``: a job already made for the same loaded model on this device (a
+    torchrun rank's whole-data-set job), whose weights checksum and channels-last decision
+    are taken instead of being computed a second time.
+    """
     job = _make_job(loaded, dataset, layers, path, batch_size=batch_size, workers=workers,
                     threads=threads, dtype=dtype, compression=compression, skip_bad=skip_bad,
                     probe=probe, seed=seed, device=device, channels_last=channels_last,
-                    local_ranks=local_ranks, extra_attrs=extra_attrs)
+                    local_ranks=local_ranks, extra_attrs=extra_attrs,
+                    same_model_as=same_model_as)
     try:
         with output_lock(job.path, fix="choose another --out", error=CacheLockedError) as lock:
             return job.run(lock, overwrite=overwrite)
@@ -490,6 +497,7 @@ def _make_job(
     channels_last: bool | None = None,
     local_ranks: int = 1,
     extra_attrs: dict[str, Any] | None = None,
+    same_model_as: _Job | None = None,
 ) -> _Job:
     path = Path(path)
     layers = list(layers or [])
@@ -523,7 +531,9 @@ def _make_job(
         "arch": str(loaded.arch),
         "model_kwargs": dict(getattr(loaded, "model_kwargs", None) or {}),
         "checkpoint_sha256": loaded.checkpoint_sha256 or "",
-        "weights_sha256": weights_sha256(model),
+        # hashing every weight takes seconds for a large model: once per process
+        "weights_sha256": (same_model_as.want["weights_sha256"] if same_model_as is not None
+                           else weights_sha256(model)),
         "data_fingerprint": str(dataset.fingerprint),
         "layers": layers,
         "dtype": dtype,
@@ -533,7 +543,9 @@ def _make_job(
     return _Job(path, loaded, dataset, layers, ids, transform, dev, plan, want,
                 batch_size=batch_size, dtype=dtype, compression=compression,
                 skip_bad=skip_bad, seed=seed, extra_attrs=dict(extra_attrs or {}),
-                channels_last_wanted=channels_last)
+                channels_last_wanted=channels_last,
+                channels_last_known=(None if same_model_as is None
+                                     else same_model_as.channels_last))
 
 
 def canonical_numerics(numerics: dict[str, Any]) -> dict[str, Any]:
@@ -567,6 +579,7 @@ class _Job:
     seed: int
     extra_attrs: dict[str, Any]
     channels_last_wanted: bool | None = None
+    channels_last_known: bool | None = None  # decided by another job for the same model
 
     @property
     def n_items(self) -> int:
@@ -597,6 +610,8 @@ class _Job:
         only the input is converted. A model whose forward pass cannot take it (a ``view``
         that assumes the default strides) is noticed on one blank image and left as it is.
         """
+        if self.channels_last_known is not None:
+            return self.channels_last_known
         wanted = self.channels_last_wanted
         model = self.loaded.model
         pre = self.loaded.preprocessing
