@@ -314,6 +314,15 @@ def test_cli_bootstrap_writes_intervals(tmp_path, probe, capsys):
     assert (tmp_path / "o" / "l4" / "intervals.csv").is_file()
     assert main(["dissect", str(path), "--layer", "l4", "--out", str(tmp_path / "o2"),
                  "--bootstrap", "-1"]) == 2
+    # the printed interval names the level it was computed at (was always "95%")
+    capsys.readouterr()
+    assert main(["dissect", str(path), "--layer", "l4", "--out", str(tmp_path / "o3"),
+                 "--quantile", "0.2", "--bootstrap", "100", "--ci-level", "0.8",
+                 "--montages", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "80% CI" in out and "95%" not in out, out
+    doc = json.loads((tmp_path / "o3" / "l4" / "summary.json").read_text())
+    assert doc["intervals"]["detectors"]["level"] == 0.8
 
 
 # ------------------------------------------------------------------ per-model tables

@@ -151,7 +151,9 @@ def _run_locked(args: argparse.Namespace, layers: list[str], params: DissectionP
                 cats = ", ".join(f"{k} {v}" for k, v in s["by_category"].items() if v)
                 print(f"{layer}: {s['detectors']}/{s['units']} detectors (IoU >= "
                       f"{s['iou_threshold']:g}, protocol {s['protocol']['name']})"
-                      + (" [95% CI {ci_low:g}, {ci_high:g}]".format(**s["intervals"]["detectors"])
+                      + (" [{level:g}% CI {ci_low:g}, {ci_high:g}]".format(
+                          **{**s["intervals"]["detectors"],
+                             "level": 100 * s["intervals"]["detectors"]["level"]})
                          if "intervals" in s else "")
                       + f", {s['unique_concepts']} unique concepts"
                       f"{' (' + cats + ')' if cats else ''} -> {out / layer}")

@@ -411,7 +411,8 @@ class DissectionResult:
         if self.bootstrap_samples is not None:
             out["intervals"] = {
                 r["measure"]: {k: (bool(r[k]) if k == "widened" else float(r[k]))
-                               for k in ("estimate", "ci_low", "ci_high", "bias", "widened")}
+                               for k in ("estimate", "ci_low", "ci_high", "level", "bias",
+                                         "widened")}
                 for r in self.intervals().to_dict(orient="records")}
         return out
 

@@ -83,8 +83,8 @@ class DissectionParams(Params):
                                "'overlap' or 'image'", choices=("overlap", "image"))
     checksum: bool = param(True, "record the cache file's sha256 in the provenance",
                            cli=False, config=False)
-    bootstrap: int = param(0, "bootstrap resamples of the probe images for 95% intervals of "
-                           "the detector counts (0: none)", ge=0, metavar="N")
+    bootstrap: int = param(0, "bootstrap resamples of the probe images for intervals of the "
+                           "detector counts at --ci-level (0: none)", ge=0, metavar="N")
     seed: int = param(0, "bootstrap seed (same seed and probe: the same resamples for every "
                       "model)", ge=0, config=False)
     bootstrap_block_size: int = param(1, "probe images per resampled block", ge=1)
