@@ -13,9 +13,14 @@ Part 2 (``--tally N``): the cost of keeping the statistics during a real dissect
 concept-world probe at Broden's geometry (224 px images, 112 px masks) and a cache of random
 512 x 7 x 7 maps, then times ``Dissection().run`` without and with ``bootstrap=1000``.
 
+Part 3 (``--device cuda``): the same resamples with the weighted sums computed by torch on
+that device (what ``Dissection(device="cuda", bootstrap=...)`` runs), timed against the CPU
+path in the same process; the rows must be equal.
+
 Usage::
 
     python benchmarks/bench_bootstrap.py --n 1000 3000 10000 [--resamples 1000] [--tally 300]
+    python benchmarks/bench_bootstrap.py --n 3000 10000 --device cuda
 """
 
 from __future__ import annotations
@@ -81,6 +86,28 @@ def generate(n: int, labels_per_image: int, firing: float, seed: int = 0) -> Blo
     return BlockStats.build(mats, U, label_category, [f"c{k}" for k in range(C)], 1, n, "fp", "ids")
 
 
+def part_device(ns: list[int], resamples: int, labels_per_image: int, firing: float,
+                device: str) -> None:
+    """The same resamples with the weighted sums on ``device`` (the torch path), against the
+    CPU path (numba kernel or numpy) in the same process; the rows must be equal."""
+    import torch
+
+    for n in ns:
+        st = generate(n, labels_per_image, firing)
+        resample_measures(st, 2, 0, 0.04, device=device)  # layout copied to the device once
+        resample_measures(st, 2, 0, 0.04)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        on_dev = resample_measures(st, resamples, 0, 0.04, device=device)
+        t1 = time.perf_counter()
+        on_cpu = resample_measures(st, resamples, 0, 0.04)
+        t2 = time.perf_counter()
+        same = on_dev.equals(on_cpu)
+        print(f"N={n} {resamples} resamples: {device} {t1 - t0:.2f} s, CPU path {t2 - t1:.2f} s "
+              f"({(t2 - t1) / max(t1 - t0, 1e-9):.1f}x), rows equal: {same}", flush=True)
+
+
 def part_resamples(ns: list[int], resamples: int, labels_per_image: int, firing: float) -> None:
     print(f"{'N':>6} {'nnz(I)':>10} {'pairs':>8} {'kept':>7} {'stats MiB':>9} {'prep s':>6} "
           f"{'resample s':>10} {'peak extra MiB':>14} {'detectors 95%':>16}")
@@ -134,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels-per-image", type=int, default=15)
     ap.add_argument("--firing", type=float, default=0.15)
     ap.add_argument("--tally", type=int, default=0, help="also time a dissection of N images")
+    ap.add_argument("--device", default=None,
+                    help="also time the weighted sums on this torch device (e.g. cuda) against "
+                         "the CPU path, same resamples")
     ap.add_argument("--no-prune", action="store_true",
                     help="evaluate every (unit, label) pair (worst case: no pair is pruned)")
     args = ap.parse_args(argv)
@@ -142,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     print(f"load average: {os.getloadavg()}", flush=True)
+    if args.device:
+        part_device(args.n, args.resamples, args.labels_per_image, args.firing, args.device)
+        return 0
     part_resamples(args.n, args.resamples, args.labels_per_image, args.firing)
     if args.tally:
         part_tally(args.tally)

@@ -411,6 +411,29 @@ def test_numba_and_numpy_paths_agree(tmp_path, probe, monkeypatch):
     pd.testing.assert_frame_equal(resample_measures(two, 500, 5, 0.3), slow2)
 
 
+def test_torch_path_equals_numpy_path(tmp_path, probe, monkeypatch):
+    """The torch evaluation (what runs on a GPU; here on the CPU) gives the numpy path's
+    numbers for every resample and threshold: detectors, distinct labels, per category."""
+    import interptool.analyzers.dissection._bootstrap as bmod
+
+    monkeypatch.setattr(bmod, "USE_NUMBA", False)
+    r = _dissect(tmp_path, probe, _feats(21), "t.h5", bootstrap=50)
+    rng = np.random.default_rng(0)
+    for st in (r.block_stats, _two_block_stats()):
+        W = multinomial_weights(rng, st.n_blocks, 200)
+        W[:3] = 0  # empty resamples, and one with every weight 1 (the plain tally)
+        W[3] = 1
+        for t in (0.0, 0.04, 0.2, 0.3, 1.0):
+            ref = st.evaluate(W, t)
+            got = st.evaluate(W, t, device="cpu")
+            for k in ("detectors", "unique_concepts", "by_category"):
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} at T={t}")
+                assert got[k].dtype == np.int64
+    # resample_measures with a device takes the torch path for every chunk of resamples
+    pd.testing.assert_frame_equal(resample_measures(r.block_stats, 120, 4, 0.04, device="cpu"),
+                                  resample_measures(r.block_stats, 120, 4, 0.04))
+
+
 def test_segmentations_decoded_once_per_probe_and_results_unchanged(tmp_path, probe,
                                                                      monkeypatch):
     import interptool.analyzers.dissection._analyzer as amod

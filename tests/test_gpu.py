@@ -7,7 +7,9 @@ summation orders than the CPU kernels), so it is compared against a tolerance sc
 size of the values; float64 work and integer counts are compared much more tightly or exactly.
 Tolerances, and why:
 
-* **dissection** (quantiles, masked pixels, tally, the whole analysis): **identical**. The
+* **dissection** (quantiles, masked pixels, tally, the whole analysis, the detector-count
+  bootstrap): **identical**. The bootstrap's weighted sums are float64 sums of integer counts
+  times integer weights (exact whatever the summation order). The
   quantile state keeps stored float32 activations (``topk`` selects, it does not compute) and
   the final blend runs in numpy on the host; the masks come from float64 sums of Pillow's taps
   in Pillow's order, one elementwise kernel per operation on both devices (no fused
@@ -62,6 +64,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -184,13 +187,23 @@ def test_dissection_on_cuda_equals_cpu(tmp_path):
     path = write_cache(tmp_path / "c.h5", logits=np.zeros((10, 2)), ids=probe.ids,
                        features={"l": feats},
                        attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
-    kw = dict(quantile=0.1, checksum=False, top_images=2, categories=["object", "scene"])
+    kw = dict(quantile=0.1, checksum=False, top_images=2, categories=["object", "scene"],
+              bootstrap=300, seed=3)
     gpu = Dissection(device=str(CUDA), **kw).run(path, "l", probe)
     cpu = Dissection(device="cpu", **kw).run(path, "l", probe)
     for name in ("thresholds", "iou", "intersect", "label_area", "unit_area", "unit_cat_area",
                  "best_label", "best_iou", "top_images", "top_maps"):
         np.testing.assert_array_equal(getattr(gpu, name), getattr(cpu, name), err_msg=name)
     assert gpu.config["device"] == str(CUDA)
+    # the detector-count bootstrap: weighted sums on the GPU, the same resamples exactly
+    pd.testing.assert_frame_equal(gpu.bootstrap_samples, cpu.bootstrap_samples)
+    st = cpu.block_stats
+    W = np.random.default_rng(0).multinomial(st.n_blocks, np.full(st.n_blocks, 1 / st.n_blocks),
+                                             size=64).astype(np.float64)
+    for t in (0.0, 0.04, 0.3):
+        on_gpu, on_cpu = st.evaluate(W, t, device=CUDA), st.evaluate(W, t)
+        for key in on_cpu:
+            np.testing.assert_array_equal(on_gpu[key], on_cpu[key], err_msg=f"{key} T={t}")
 
 
 # -- float32 on two devices: helpers ---------------------------------------------------------

@@ -844,8 +844,11 @@ class Dissection:
             if not np.array_equal(direct.to_numpy(), plain.to_numpy()):
                 raise AnalysisError(f"internal: bootstrap statistics of layer {layer!r} do not "
                                     f"reproduce the tally ({direct.to_dict()} vs {plain.to_dict()})")
-            result.bootstrap_samples = resample_measures(stats, self.bootstrap, self.seed,
-                                                         self.iou_threshold)
+            # on a GPU the resamples' weighted sums run there too (the same numbers); on the
+            # CPU the numba kernel (or numpy) is faster than torch's sparse products
+            result.bootstrap_samples = resample_measures(
+                stats, self.bootstrap, self.seed, self.iou_threshold,
+                device=device if device.type == "cuda" else None)
         return result
 
     @staticmethod

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,12 +370,19 @@ class BlockStats:
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self, weights: np.ndarray, iou_threshold: float, *,
-                 compiled: bool | None = None) -> dict[str, np.ndarray]:
+                 compiled: bool | None = None,
+                 device: str | torch.device | None = None) -> dict[str, np.ndarray]:
         """Measures for each row of block ``weights`` (R, n_blocks).
 
         Returns ``detectors`` (R,), ``unique_concepts`` (R,) and ``by_category`` (R, C), with
         NetDissect-Lite's rules: best label per category (first on ties), best category (later
         on ties), detector when the best IoU >= ``iou_threshold``.
+
+        ``device``: a torch device to compute on (the sparse weighted sums and segment maxima
+        as torch operations; a CUDA device for large probes). ``None``: numpy, or the numba
+        kernel (``compiled``). Every path gives the same numbers: the weights are counts, so
+        the float64 sums are exact integers whatever their order, and the IoUs are the same
+        float operations (tested).
         """
         W = np.asarray(weights, dtype=np.float64)
         if W.ndim != 2 or W.shape[1] != self.n_blocks:
@@ -382,7 +390,9 @@ class BlockStats:
         if iou_threshold > 0 and not self._layout.get("is_pruned"):
             sub = self.pruned(iou_threshold)
             sub._layout["is_pruned"] = True
-            return sub.evaluate(W, iou_threshold, compiled=compiled)
+            return sub.evaluate(W, iou_threshold, compiled=compiled, device=device)
+        if device is not None:
+            return self._evaluate_torch(W, iou_threshold, torch.device(device))
         R, C, U = W.shape[0], len(self.categories), self.units
         lay = self.layout()
         if compiled is None:
@@ -435,6 +445,89 @@ class BlockStats:
             seen[:, 0] = True
         return {"detectors": np.asarray(n_det, np.int64), "unique_concepts": seen.sum(axis=1),
                 "by_category": by_cat}
+
+    def _torch_layout(self, dev: torch.device) -> dict[str, Any]:
+        """The statistics and segment layout as torch tensors on ``dev`` (kept per device):
+        the three sums transposed to (columns, blocks) sparse CSR, so a resample chunk's
+        weighted sums are one sparse-dense product each."""
+        key = f"torch:{dev}"
+        if key not in self._layout:
+            lay = self.layout()
+
+            def csr(m: Any) -> torch.Tensor:
+                t = m.T.tocsr()
+                t.sort_indices()
+                with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"
+                    warnings.filterwarnings("ignore", "Sparse CSR tensor support")
+                    return torch.sparse_csr_tensor(
+                        torch.from_numpy(t.indptr.astype(np.int64)),
+                        torch.from_numpy(t.indices.astype(np.int64)),
+                        torch.from_numpy(t.data.astype(np.float64)), size=t.shape,
+                        dtype=torch.float64, check_invariants=True).to(dev)
+
+            def idx(a: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.asarray(a, dtype=np.int64)).to(dev)
+
+            self._layout[key] = {
+                "inter": csr(self.intersect), "ucat": csr(self.unit_cat_area),
+                "larea": csr(self.label_area), "pair_label": idx(self.pair_label),
+                "denom_col": idx(lay["denom_col"]), "pair_seg": idx(lay["pair_seg"]),
+                "seg_uloc": idx(lay["seg_uloc"]), "seg_cat": idx(lay["seg_cat"]),
+                "n_seg": len(lay["seg_start"]), "n_act": len(lay["useg_start"]),
+            }
+        return self._layout[key]
+
+    def _evaluate_torch(self, W: np.ndarray, iou_threshold: float,
+                        dev: torch.device) -> dict[str, np.ndarray]:
+        """:meth:`evaluate` with torch operations on ``dev``: the numpy path's steps, with
+        ``scatter_reduce`` over the sorted pairs' segment numbers in place of ``reduceat``."""
+        t = self._torch_layout(dev)
+        R, C, U, L = W.shape[0], len(self.categories), self.units, self.num_labels
+        det_zero = iou_threshold <= 0  # units with no positive IoU still count when T <= 0
+        n_inactive = U - t["n_act"]
+        by_cat = torch.zeros((R, C), dtype=torch.int64, device=dev)
+        seen = torch.zeros((R, L), dtype=torch.bool, device=dev)
+        n_det = torch.zeros(R, dtype=torch.int64, device=dev)
+        if t["n_act"]:
+            Wt = torch.from_numpy(np.ascontiguousarray(W.T)).to(dev)  # (blocks, R)
+            inter = torch.sparse.mm(t["inter"], Wt).T  # (R, P)
+            ucat = torch.sparse.mm(t["ucat"], Wt).T
+            larea = torch.sparse.mm(t["larea"], Wt).T
+            # same operation order as the plain tally's _score: I / (A_unit + A_label - I + 1e-10)
+            iou = inter / (ucat[:, t["denom_col"]] + larea[:, t["pair_label"]] - inter + 1e-10)
+            P, S = iou.shape[1], t["n_seg"]
+            pair_seg = t["pair_seg"].expand(R, -1)
+            segmax = torch.full((R, S), -torch.inf, dtype=torch.float64, device=dev)
+            segmax.scatter_reduce_(1, pair_seg, iou, "amax")
+            seg_uloc = t["seg_uloc"].expand(R, -1)
+            unitmax = torch.full((R, t["n_act"]), -torch.inf, dtype=torch.float64, device=dev)
+            unitmax.scatter_reduce_(1, seg_uloc, segmax, "amax")
+            det = unitmax >= iou_threshold
+            # best segment: the last (latest category) whose maximum equals the unit's
+            seg_no = torch.arange(S, device=dev).expand(R, -1)
+            cand = torch.where(segmax == unitmax.gather(1, seg_uloc), seg_no, -1)
+            bestseg = torch.full((R, t["n_act"]), -1, dtype=torch.int64, device=dev)
+            bestseg.scatter_reduce_(1, seg_uloc, cand, "amax")
+            # first pair (lowest label number) reaching its segment's maximum
+            pair_no = torch.arange(P, device=dev).expand(R, -1)
+            candp = torch.where(iou == segmax.gather(1, pair_seg), pair_no, P)
+            firstp = torch.full((R, S), P, dtype=torch.int64, device=dev)
+            firstp.scatter_reduce_(1, pair_seg, candp, "amin")
+            rr, uu = torch.nonzero(det, as_tuple=True)
+            bs = bestseg[rr, uu]
+            zero = unitmax[rr, uu] <= 0  # nothing scored: label 0 "-", last category
+            cat = torch.where(zero, C - 1, t["seg_cat"][bs])
+            lab = torch.where(zero, 0, t["pair_label"][firstp[rr, bs]])
+            by_cat += torch.bincount(rr * C + cat, minlength=R * C).reshape(R, C)
+            seen[rr, lab] = True
+            n_det = det.sum(dim=1)
+        if det_zero and n_inactive:
+            n_det = n_det + n_inactive
+            by_cat[:, C - 1] += n_inactive
+            seen[:, 0] = True
+        return {"detectors": n_det.cpu().numpy().astype(np.int64),
+                "unique_concepts": seen.sum(dim=1).cpu().numpy().astype(np.int64),
+                "by_category": by_cat.cpu().numpy()}
 
     # ---------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:
@@ -506,19 +599,22 @@ def point_measures(stats: BlockStats, iou_threshold: float) -> pd.Series:
 
 
 def resample_measures(stats: BlockStats, n_resamples: int, seed: int,
-                      iou_threshold: float) -> pd.DataFrame:
+                      iou_threshold: float, *,
+                      device: str | torch.device | None = None) -> pd.DataFrame:
     """Measures on ``n_resamples`` bootstrap resamples (one row each), seeded.
 
     Weights are drawn with :func:`interptool.common.stats.multinomial_weights` from
     ``numpy.random.default_rng(seed)`` in resample order, so the rows do not depend on how the
     work is chunked, and two results with the same probe and seed see the same resamples.
+    ``device``: a torch device (a GPU) computes the weighted sums with torch there
+    (:meth:`BlockStats.evaluate`; the same numbers); ``None``: numpy or the numba kernel.
     """
     if int(n_resamples) < 1:
         raise AnalysisError(f"bootstrap={n_resamples}: expected a positive number of resamples")
     rng = np.random.default_rng(int(seed))
-    # per chunk: the numba kernel holds only the (resamples x blocks) weights; the numpy path
-    # (resamples x pairs) work arrays
-    compiled = use_compiled(stats, int(n_resamples))
+    # per chunk: the numba kernel holds only the (resamples x blocks) weights; the numpy and
+    # torch paths (resamples x pairs) work arrays
+    compiled = False if device is not None else use_compiled(stats, int(n_resamples))
     width = stats.n_blocks if compiled else len(stats.pair_unit)
     per = max(1, min(int(n_resamples), _WORK_ENTRIES // max(width, 1)))
     parts = []
@@ -526,7 +622,8 @@ def resample_measures(stats: BlockStats, n_resamples: int, seed: int,
     while done < n_resamples:
         r = min(per, int(n_resamples) - done)
         W = multinomial_weights(rng, stats.n_blocks, r)
-        parts.append(_frame(stats, stats.evaluate(W, iou_threshold, compiled=compiled)))
+        parts.append(_frame(stats, stats.evaluate(W, iou_threshold, compiled=compiled,
+                                                  device=device)))
         done += r
     return pd.concat(parts, ignore_index=True)
 
