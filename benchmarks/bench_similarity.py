@@ -207,6 +207,9 @@ def main() -> int:
     print(f"numba kernels: compile {comp['kernels_s']:.1f} s (empty cache, once per install); "
           "load from the cache: see below")
     new = run(args, "new")
+    # the call as a user meets it (point estimate + bootstrap), beside the bootstrap's share
+    print(f"new: compare_similarity(n_boot={args.n_boot}) whole call {new['total_wall']:.1f} s "
+          f"wall, {new['total_cpu']:.1f} s CPU")
     print(f"new: {args.n_boot} resamples: bootstrap {new['boot_wall']:.1f} s wall, "
           f"{new['boot_cpu']:.1f} s CPU ({new['threads']} threads, numba {new['numba']}); "
           f"point estimate {new['point_wall']:.1f} s wall, {new['point_cpu']:.1f} s CPU; "
