@@ -247,7 +247,7 @@ def _probe_timing(args: argparse.Namespace) -> None:
     gen_s = time.perf_counter() - t0
     loaded = _loaded(args.arch, 224)
     loaded.model.to(device)
-    plan = plan_threads(args.threads, workers=args.workers)
+    plan = plan_threads(args.threads, workers=args.workers, device_type=device.type)
     layers = args.layers.split(",")
     load = os.getloadavg()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "

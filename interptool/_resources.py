@@ -145,9 +145,14 @@ class ThreadPlan:
     available: int  # cores this process may use (affinity, cgroup quota, shared by local ranks)
     requested: int | None  # --threads, or None for "all available"
     total: int  # the budget actually used: min(requested, available) or available
-    torch_threads: int  # torch intra-op threads of the forward pass
+    torch_threads: int  # torch intra-op threads of this process (its forward pass on the CPU)
     loader_workers: int  # DataLoader worker processes (image decoding)
     source: str  # where `available` came from: "affinity", "cgroup", "affinity/ranks", ...
+    device_type: str = "cpu"  # where the forward pass runs ("cpu", "cuda"): it decides the split
+    # threads of this process that decode images beside the forward pass, each with one torch
+    # thread (the cache's decode thread when there are no workers); they share the `total`
+    # cores with the forward pass, which leaves them most of the time waiting for room
+    decode_threads: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +172,7 @@ def plan_threads(
     cap: int | None = None,
     local_ranks: int = 1,
     cgroup_root: str | os.PathLike | None = None,
+    device_type: str = "cpu",
 ) -> ThreadPlan:
     """Split a core budget into torch intra-op threads and DataLoader workers.
 
@@ -181,13 +187,24 @@ def plan_threads(
         local_ranks: processes sharing this machine's cores (torchrun's
             ``LOCAL_WORLD_SIZE``): each gets an equal share.
         cgroup_root: the cgroup file system (tests point it at a fake one).
+        device_type: where the forward pass runs (``torch.device.type``: ``"cpu"``,
+            ``"cuda"``, ...); recorded. Only the chosen split depends on it.
 
-    ``torch_threads + loader_workers`` never exceeds the available cores. Chosen workers:
-    none below 3 cores, where a decoding process would take a whole core from the forward
-    pass (costlier than decoding in between batches); otherwise about one in six cores,
-    since decoding a probe image costs a small fraction of its forward pass. Explicit workers
-    are kept (up to the budget less one core) and the forward pass gets the rest: with
-    ``requested`` the two together stay within it.
+    ``torch_threads + loader_workers`` never exceeds the available cores. Chosen workers
+    (``workers=None``) depend on the device:
+
+    * on the CPU the forward pass needs the cores: no worker below 3 cores, where a decoding
+      process would take a whole core from the forward pass (costlier than decoding on a
+      thread beside it); otherwise about one in six cores, since decoding a probe image
+      costs a small fraction of its CPU forward pass;
+    * on any other device (CUDA) the forward pass needs almost no CPU and decoding sets the
+      pace (one core decodes 250-500 images/s; a GPU runs resnet18 at thousands): every core
+      but ``accelerator_main_threads(budget)`` (1, or 2 from 8 cores up) decodes, and those
+      few stay with this process for its launches, host-device copies, pinning and the HDF5
+      writer thread. One core alone has no worker.
+
+    Explicit workers are kept (up to the budget less one core) and the forward pass gets the
+    rest, on every device: with ``requested`` the two together stay within it.
 
     Raises:
         ConfigError: ``requested`` or ``workers`` is negative, or ``local_ranks`` < 1.
@@ -208,7 +225,10 @@ def plan_threads(
         budget = min(requested, cores)
     else:
         budget = min(cores, cap) if cap and cap > 0 else cores
-    if workers is None:
+    if workers is None and device_type != "cpu":
+        threads = accelerator_main_threads(budget)
+        workers = budget - threads
+    elif workers is None:
         workers = 0 if budget < 3 else max(1, round(budget / 6))
         threads = max(1, budget - workers)
     elif requested:  # --threads is the total: explicit workers come out of it
@@ -217,7 +237,20 @@ def plan_threads(
     else:
         workers = min(workers, cores - 1)
         threads = max(1, min(budget, cores - workers))
-    return ThreadPlan(cores, requested or None, threads + workers, threads, workers, source)
+    return ThreadPlan(cores, requested or None, threads + workers, threads, workers, source,
+                      device_type=str(device_type))
+
+
+def accelerator_main_threads(budget: int) -> int:
+    """Torch threads :func:`plan_threads` leaves to a process whose forward pass runs on an
+    accelerator (CUDA) when it chooses the workers: 1, or 2 from 8 cores up.
+
+    Why so few: with workers the main process only collects decoded batches, launches the
+    model and copies tensors between host and device; its intra-op threads would mostly spin
+    while the workers are short of cores. The second thread (8+ cores) gives the host side of
+    the copies, the pin-memory thread and the HDF5 writer thread a core of their own.
+    """
+    return 1 if budget < 8 else 2
 
 
 @contextmanager
@@ -381,5 +414,6 @@ def thread_scope(requested: int | None = None) -> Iterator[dict[str, Any]]:
         _ACTIVE_CHOICE.reset(token)
 
 
-__all__ = ["IDLE_SAMPLE_SECONDS", "ThreadPlan", "available_cpus", "cgroup_cpu_limit",
-           "free_core_threads", "idle_cores", "plan_threads", "thread_scope", "torch_threads"]
+__all__ = ["IDLE_SAMPLE_SECONDS", "ThreadPlan", "accelerator_main_threads", "available_cpus",
+           "cgroup_cpu_limit", "free_core_threads", "idle_cores", "plan_threads", "thread_scope",
+           "torch_threads"]

@@ -28,6 +28,8 @@ def test_every_command_takes_threads(command):
 
 
 def test_threads_cap_torch_while_the_command_runs_and_are_restored(monkeypatch):
+    """tests/conftest.py runs torch on 1 thread, which would make a cap of 1 pass unseen:
+    start from 2, so only the cap can bring the command to 1, and only a restore back to 2."""
     before = torch.get_num_threads()
     seen = {}
 
@@ -39,9 +41,14 @@ def test_threads_cap_torch_while_the_command_runs_and_are_restored(monkeypatch):
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices["similarity"].set_defaults(func=fake_run)
-    assert cli.main(["similarity", *ARGS, "--threads", "1"]) == 0
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["similarity", *ARGS, "--threads", "1"]) == 0
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     assert seen["threads"] == 1
-    assert torch.get_num_threads() == before
+    assert after == 2
 
 
 def test_threads_never_exceed_the_cores_available(monkeypatch):

@@ -117,6 +117,9 @@ def test_missing_checkpoint_names_field_file_and_abs_path(tmp_path):
         ('probe = "builtin', 'probe = "brodn:/x"\n#', "data.probe", "did you mean 'broden'?"),
         ("", "[run]\nbatch_size = 0", "run.batch_size", "expected an integer >= 1, got 0"),
         ("", "[run]\ndevice = \"gpu\"", "run.device", "expected 'cpu', 'cuda'"),
+        ("", "[run]\nworkers = -1", "run.workers", "expected an integer >= 0, got -1"),
+        ("", "[run]\nworkers = \"auto\"", "run.workers", "expected an integer, got str"),
+        ("", "[run]\nworkers = true", "run.workers", "expected an integer, got True"),
         ("", "[run]\ndevice = \"mps\"", "run.device", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("", "[analysis]\nsimilarity = { temperatures = [1, -4] }",
          "analysis.similarity.temperatures[1]", "expected a number > 0.0"),
@@ -147,6 +150,44 @@ def test_attribution_internal_batch_size_key(tmp_path):
     cfg = load_config(_write(tmp_path, BASE + "\n[analysis]\nattribution = "
                                               "{ internal_batch_size = 24 }\n"))
     assert cfg.analysis.attribution.internal_batch_size == 24
+
+
+def test_run_workers_default_to_the_plan(tmp_path):
+    """issue 13: `compare` decodes with DataLoader workers chosen like `interptool cache`'s
+    (None: interptool._resources.plan_threads decides per cache); an integer is kept."""
+    assert load_config(_write(tmp_path, BASE)).run.workers is None
+    for n in (0, 3):
+        cfg = load_config(_write(tmp_path, BASE + f"\n[run]\nworkers = {n}\n"))
+        assert cfg.run.workers == n
+    # the template leaves it to the plan too
+    assert load_config(write_template(tmp_path / "t.toml")).run.workers is None
+
+
+def test_compare_workers_flag_overrides_the_config(tmp_path, monkeypatch, capsys):
+    """`compare --workers N` as `cache --workers N`: overrides [run] workers; validated the
+    same way (a one-line error, exit 2, before anything runs)."""
+    import interptool.pipeline as pipeline
+    from interptool.cli import main
+
+    seen = []
+
+    def fake_run_compare(cfg, out, **kw):
+        seen.append(cfg.run.workers)
+        return Path(out) / "report.html"
+
+    monkeypatch.setattr(pipeline, "run_compare", fake_run_compare, raising=False)
+    cfg = _write(tmp_path, BASE + "\n[run]\nworkers = 2\n")
+    out = str(tmp_path / "out")
+    assert main(["compare", str(cfg), "--out", out, "--quiet"]) == 0
+    assert main(["compare", str(cfg), "--out", out, "--workers", "0", "--quiet"]) == 0
+    assert main(["compare", str(_write(tmp_path, BASE, "plain.toml")), "--out", out,
+                 "--quiet"]) == 0
+    assert seen == [2, 0, None]
+    capsys.readouterr()
+    assert main(["compare", str(cfg), "--out", out, "--workers", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interptool compare: error: --workers must be 0 or more, got -1"]
+    assert seen == [2, 0, None]
 
 
 def test_two_teachers_is_an_error(tmp_path):

@@ -164,6 +164,60 @@ def test_plan_never_exceeds_the_cores(machine):
         plan_threads(workers=-2)
 
 
+def test_plan_on_cuda_gives_the_cores_to_decoding(machine):
+    """issue 13: a GPU's forward pass needs little CPU, so the chosen split gives all but one
+    or two cores to DataLoader workers (the CPU split left a 16-core GPU node 3 decoders and
+    13 idle intra-op threads); explicit --workers / --threads mean what they mean on the
+    CPU, and the total never exceeds the cores."""
+    machine.cores(16)
+    p = plan_threads(device_type="cuda")
+    assert (p.total, p.torch_threads, p.loader_workers, p.device_type) == (16, 2, 14, "cuda")
+    assert plan_threads().to_dict()["device_type"] == "cpu"  # recorded with the plan
+    cpu = plan_threads(device_type="cpu")  # the CPU split is unchanged
+    assert (cpu.total, cpu.torch_threads, cpu.loader_workers) == (16, 13, 3)
+    p = plan_threads(6, device_type="cuda")  # --threads 6: the total, mostly decoding
+    assert (p.total, p.torch_threads, p.loader_workers) == (6, 1, 5)
+    p = plan_threads(100, device_type="cuda")  # more than there is: capped
+    assert (p.total, p.torch_threads, p.loader_workers) == (16, 2, 14)
+    p = plan_threads(workers=3, device_type="cuda")  # explicit workers: as on the CPU
+    assert (p.torch_threads, p.loader_workers) == (13, 3)
+    p = plan_threads(4, workers=2, device_type="cuda")  # --threads 4 --workers 2
+    assert (p.total, p.torch_threads, p.loader_workers) == (4, 2, 2)
+    p = plan_threads(cap=4, device_type="cuda")  # a caller's torch limit bounds the total
+    assert (p.total, p.torch_threads, p.loader_workers) == (4, 1, 3)
+    p = plan_threads(local_ranks=8, device_type="cuda")  # 8 GPUs on 16 cores: 2 each
+    assert (p.available, p.torch_threads, p.loader_workers) == (2, 1, 1)
+    for n in (1, 2, 3, 7, 8, 9, 64):
+        machine.cores(n)
+        p = plan_threads(device_type="cuda")
+        assert p.total == p.torch_threads + p.loader_workers == n and p.torch_threads >= 1
+    machine.cores(1)
+    assert plan_threads(device_type="cuda").loader_workers == 0  # one core: nothing to spare
+
+
+def test_cache_plans_for_its_device(tmp_path, machine, monkeypatch):
+    """The cache passes its device to the plan: a CUDA run on 16 cores gets 14 decoders.
+    (No GPU needed: the device is faked, nothing runs.)"""
+    import interptool.cache._writer as w
+
+    machine.cores(16)
+    with monkeypatch.context() as m:
+        m.setattr(w, "_resolve_device", lambda loaded, device: torch.device("cuda"))
+        m.setattr(w, "_model_device", lambda model: torch.device("cuda"))
+        job = w._make_job(FakeLoaded(make_student()), FakeDataset(4), ["layer4"],
+                          tmp_path / "t.h5", batch_size=4, workers=None, threads=16,
+                          dtype="float32", compression=None, skip_bad=False, probe=None,
+                          seed=0, device="cuda")
+    plan = job.plan
+    assert (plan.total, plan.torch_threads, plan.loader_workers) == (16, 2, 14)
+    assert (plan.device_type, plan.decode_threads) == ("cuda", 0)
+    job = w._make_job(FakeLoaded(make_student()), FakeDataset(4), ["layer4"], tmp_path / "t.h5",
+                      batch_size=4, workers=None, threads=16, dtype="float32",
+                      compression=None, skip_bad=False, probe=None, seed=0, device="cpu")
+    assert (job.plan.torch_threads, job.plan.loader_workers, job.plan.device_type) == (
+        13, 3, "cpu")
+
+
 def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
     machine.cores(2)
     model = make_student()
@@ -172,25 +226,64 @@ def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
     before = torch.get_num_threads()
     from interptool.cache import ActivationCache, run_cache
 
-    decoding: list[str] = []
+    decoding: list[tuple[str, int]] = []
 
     class Recording(FakeDataset):
         def on_item(self, i):
-            decoding.append(threading.current_thread().name)
+            decoding.append((threading.current_thread().name, torch.get_num_threads()))
 
-    run = run_cache(FakeLoaded(model), Recording(8), ["layer4"], tmp_path / "t.h5",
-                    batch_size=4, threads=2, workers=0)
+    # the caller runs torch on 2 threads (tests/conftest.py sets 1): the decode thread would
+    # otherwise take that count for its own torch work (ToTensor, Normalize)
+    torch.set_num_threads(2)
+    try:
+        run = run_cache(FakeLoaded(model), Recording(8), ["layer4"], tmp_path / "t.h5",
+                        batch_size=4, threads=2, workers=0)
+        after_run = torch.get_num_threads()
+        in_new_thread: list[int] = []
+        t = threading.Thread(target=lambda: in_new_thread.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
     # without workers, images are decoded by the cache's decode thread, not between batches
-    # on the thread that runs the model ...
-    assert decoding == ["interptool-cache-decode"] * 8
+    # on the thread that runs the model, and its torch work runs on one thread: the forward
+    # pass's 2 threads plus a 2-thread team of the decoder's would oversubscribe 2 cores ...
+    assert decoding == [("interptool-cache-decode", 1)] * 8
     # ... the forward pass ran with the planned threads (the input-layout check on one blank
     # image, then two batches) ...
     assert seen == [2, 2, 2]
-    assert torch.get_num_threads() == before  # ... and the caller's setting is back
+    # ... and the caller's setting is back, also as the default of threads started later
+    assert after_run == 2 and in_new_thread == [2]
     with ActivationCache(run.path) as c:
         assert c.attrs["threads"] == {"available": 2, "requested": 2, "total": 2,
                                       "torch_threads": 2, "loader_workers": 0,
-                                      "source": "affinity"}
+                                      "source": "affinity", "device_type": "cpu",
+                                      "decode_threads": 1}
+
+
+def test_decode_thread_leaves_the_model_threads_alone():
+    """torch's thread count is per thread once a thread runs torch: the decode thread's 1
+    does not reach the thread running the model, which keeps its count while it runs."""
+    from interptool.cache._writer import _Prefetch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside: list[int] = []
+
+        def source():
+            for i in range(3):
+                inside.append(torch.get_num_threads())
+                yield torch.ones(64, 64) * i
+
+        it = _Prefetch(source(), depth=1)
+        main: list[int] = []
+        for x in it:
+            main.append(torch.get_num_threads())
+            (x @ x).sum()
+        assert inside == [1, 1, 1] and main == [2, 2, 2]
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ threads from idle cores

@@ -28,9 +28,11 @@ Faults (docs/cache-format.md, "Faults"):
   forward pass, a model with 0 classes, ...) removes the file it created, so it cannot block
   the next run; a file that existed before the run (a resumed one) is never removed.
 
-Throughput: images are decoded by DataLoader workers (sized by :mod:`interptool._resources`),
-or without workers by a thread of this process, while the model runs, and rows are written to HDF5 by a writer thread fed through a bounded
-queue, so the forward pass rarely waits for either.
+Throughput: images are decoded by DataLoader workers (sized by :mod:`interptool._resources`
+for the device: most cores on CUDA, about one in six on the CPU), or without workers by a
+thread of this process on one torch thread, while the model runs, and rows are written to
+HDF5 by a writer thread fed through a bounded queue, so the forward pass rarely waits for
+either.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -525,7 +527,13 @@ def _make_job(
         # its share and no decoding workers. The ranks already divide the cores between them
         # (local_ranks); --threads is how to ask for fewer.
         cap = None
-    plan = plan_threads(threads, workers=workers, cap=cap, local_ranks=local_ranks)
+    # On CUDA the chosen split gives nearly every core to decoding workers (the GPU needs
+    # little CPU); on the CPU the forward pass keeps most of them.
+    plan = plan_threads(threads, workers=workers, cap=cap, local_ranks=local_ranks,
+                        device_type=dev.type)
+    # Without workers the images are decoded by a thread of this process (_Prefetch, one torch
+    # thread), beside the forward pass on the same cores: recorded so the plan says so.
+    plan = replace(plan, decode_threads=0 if plan.loader_workers else 1)
 
     want: dict[str, Any] = {
         "arch": str(loaded.arch),
@@ -1023,6 +1031,11 @@ class _Prefetch:
     about a bad image keep their meaning. :meth:`close` stops the thread (also when the
     consumer stops early: an error in the forward pass, an interrupt). ``init`` runs first in
     the thread.
+
+    Torch work in the thread (the transform's ``ToTensor`` / ``Normalize``, collation,
+    pinning) runs on one intra-op thread (:func:`_one_torch_thread`): with the process's
+    count it would start an OpenMP team of its own beside the forward pass's and
+    oversubscribe the cores the plan gave the forward pass.
     """
 
     _END = object()
@@ -1031,9 +1044,14 @@ class _Prefetch:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._init = init
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True,
                                         name="interptool-cache-decode")
         self._thread.start()
+        # Wait until the thread has read torch's process-wide default thread count and set
+        # its own to 1, so that it reads the default the process had before the caller sets
+        # the forward pass's threads, and restores that one when it ends.
+        self._ready.wait()
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -1046,14 +1064,18 @@ class _Prefetch:
 
     def _fill(self, source: Any) -> None:
         try:
-            if self._init is not None:  # e.g. the CUDA device, which is per thread
-                self._init()
-            for item in source:
-                if not self._put((item, None)):
-                    return
+            with _one_torch_thread():
+                self._ready.set()
+                if self._init is not None:  # e.g. the CUDA device, which is per thread
+                    self._init()
+                for item in source:
+                    if not self._put((item, None)):
+                        return
         except BaseException as exc:  # handed to the consumer, raised there
             self._put((None, exc))
             return
+        finally:
+            self._ready.set()  # also when _one_torch_thread itself failed
         self._put((self._END, None))
 
     def __iter__(self) -> _Prefetch:
@@ -1077,6 +1099,26 @@ class _Prefetch:
             except queue.Empty:
                 break
         self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the calling (non-main) thread's torch operations on one intra-op thread.
+
+    With torch's OpenMP backend ``torch.set_num_threads`` sets the calling thread's OpenMP
+    thread count (and MKL's, which is per thread too) and a process-wide default that a
+    thread takes when it first uses torch; it leaves the count of threads already running
+    torch (the one running the model) as it is. So this thread reads the default first
+    (its own count starts from it), sets 1, and restores the default at the end, so that
+    threads started later get the process's setting and not this thread's 1. (torch's own
+    pin-memory thread sets 1 the same way, without the restore.)
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _finite(feat: torch.Tensor, mx: torch.Tensor) -> bool:

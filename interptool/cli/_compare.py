@@ -39,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace caches under DIR/cache made with other settings (default: keep them and "
         "write a new file beside them); never needed to resume an interrupted run",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes decoding images in the cache stage, as `interptool "
+        "cache --workers` (default: the config's [run] workers, else chosen from the cores "
+        "available and the device)",
+    )
     add_common_args(p)
     # --device default is None here so that the config's [run] device applies unless given.
     p.set_defaults(func=_run, device=None)
@@ -56,7 +64,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("compare: give a CONFIG file (or --init PATH to write a template)")
     if not args.out:
         raise ConfigError("compare: --out DIR is required (where the report and caches go)")
+    if args.workers is not None and args.workers < 0:  # the same check as `cache --workers`
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     cfg = load_config(args.config)
+    if args.workers is not None:
+        cfg.run.workers = args.workers
     if args.only:
         cfg = cfg.only([a.strip() for a in args.only.split(",") if a.strip()])
     if args.device:

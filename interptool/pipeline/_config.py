@@ -154,7 +154,9 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 64
     seed: int = 0
-    workers: int = 0
+    # DataLoader workers of the cache stage; None chooses from the cores and the device
+    # (interptool._resources.plan_threads), as `interptool cache` does without --workers
+    workers: int | None = None
 
 
 @dataclass
@@ -465,7 +467,7 @@ def _run(ctx: _Ctx, table: Any) -> RunConfig:
         r.batch_size = _int(ctx, table["batch_size"], "run.batch_size", lo=1)
     if "seed" in table:
         r.seed = _int(ctx, table["seed"], "run.seed", lo=0)
-    if "workers" in table:
+    if "workers" in table:  # absent: None, chosen per cache (TOML has no null to write)
         r.workers = _int(ctx, table["workers"], "run.workers", lo=0)
     return r
 
@@ -586,7 +588,8 @@ _TEMPLATE_RUN = '''\
 device = "cpu"      # cpu, cuda, cuda:1
 batch_size = 64
 seed = 0
-workers = 0
+# workers = 4       # DataLoader processes decoding images (0: a thread of the main process);
+                    # unset: chosen from the cores and the device, as `interptool cache` does
 '''
 
 

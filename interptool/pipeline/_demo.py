@@ -115,6 +115,8 @@ def demo_config_text(cfg: CompareConfig) -> str:
     lines += ["", *analysis_toml(cfg.analysis),
               "", "[run]", f'device = "{cfg.run.device}"', f"batch_size = {cfg.run.batch_size}",
               f"seed = {cfg.run.seed}"]
+    if cfg.run.workers is not None:  # unset in the file means "chosen from the cores"
+        lines.append(f"workers = {cfg.run.workers}")
     return "\n".join(lines) + "\n"
 
 
