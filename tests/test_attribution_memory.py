@@ -240,3 +240,149 @@ def test_attribution_stage_key_leaves_out_the_internal_batch_at_its_default():
     assert attribution_settings(a) == before  # the settings runs made before it hashed
     assert attribution_settings(replace(a, internal_batch_size=8)) == {
         **before, "internal_batch_size": 8}
+
+
+# ------------------------------------------- internal batches below the batch's image count
+def _counting_prepare(monkeypatch, rows: list):
+    """Every forward pass of the run's private model copy (attribution and predictions)
+    records its rows."""
+    from interptool.analyzers.attribution import _analyzer
+
+    original = _analyzer.prepare_model
+
+    def prepare(*args, **kwargs):
+        net = original(*args, **kwargs)
+        _row_counter(net, rows)
+        return net
+
+    monkeypatch.setattr(_analyzer, "prepare_model", prepare)
+
+
+@pytest.mark.parametrize("internal", [1, 2, 4])
+def test_integrated_gradients_internal_batch_below_the_images_holds(monkeypatch, model, batch,
+                                                                     internal):
+    """internal_batch_size below a batch's image count used to be raised to it (captum
+    runs at least one step of every input per pass; `_ig_rows` returned max(ibs, n)) while
+    the requested value was recorded. The batch is now attributed in parts: no pass holds
+    more rows than asked (also below the steps), the value recorded is the one captum got,
+    and the maps equal captum's single pass."""
+    from captum.attr import IntegratedGradients
+
+    x, y = batch
+    calls: list = []
+    rows: list[int] = []
+    _spy(monkeypatch, IntegratedGradients, calls)
+    _counting_prepare(monkeypatch, rows)
+    res = Attribution("integrated_gradients", steps=8, keep_raw=True).run(
+        model, x, labels=y, batch_size=6, internal_batch_size=internal)
+    assert rows and max(rows) <= internal
+    assert {c["internal_batch_size"] for c in calls} == {internal}
+    assert res.params["internal_batch_size"] == internal
+    monkeypatch.undo()
+    ref = IntegratedGradients(model).attribute(x.clone().requires_grad_(True),
+                                               baselines=torch.zeros_like(x), target=y,
+                                               n_steps=8, method="gausslegendre")
+    np.testing.assert_allclose(res.raw, ref.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_smoothgrad_and_occlusion_internal_batch_below_the_images_holds(monkeypatch, model,
+                                                                        batch):
+    """SmoothGrad and occlusion ran at least one noisy / occluded copy of every input of a
+    batch per pass (6 rows here for a bound of 3 or 2). Occlusion's maps equal captum's
+    single call on the whole batch; SmoothGrad's equal captum called on the same parts with
+    the same seeded noise stream, and are reproducible."""
+    from captum.attr import NoiseTunnel, Occlusion, Saliency
+
+    from interptool.analyzers.attribution._methods import batch_seed
+
+    x, y = batch
+    rows: list[int] = []
+    _counting_prepare(monkeypatch, rows)
+    sg = Attribution("smoothgrad", nt_samples=4, stdevs=0.1, seed=1, keep_raw=True)
+    res = sg.run(model, x, labels=y, batch_size=6, internal_batch_size=3)
+    assert rows and max(rows) <= 3
+    assert res.params["nt_samples_batch_size"] == 1  # 3 rows / 3 images per part
+    rows.clear()
+    occ = Attribution("occlusion", window=8, stride=8, keep_raw=True).run(
+        model, x, labels=y, batch_size=6, internal_batch_size=2)
+    assert rows and max(rows) <= 2
+    assert occ.params["perturbations_per_eval"] == 1
+    monkeypatch.undo()
+    again = Attribution("smoothgrad", nt_samples=4, stdevs=0.1, seed=1).run(
+        model, x, labels=y, batch_size=6, internal_batch_size=3)
+    np.testing.assert_array_equal(again.maps, res.maps)
+    with torch.random.fork_rng():
+        torch.manual_seed(batch_seed(1, 0))
+        ref = torch.cat([NoiseTunnel(Saliency(model)).attribute(
+            x[s:s + 3].clone().requires_grad_(True), nt_type="smoothgrad", nt_samples=4,
+            stdevs=0.1, target=y[s:s + 3], nt_samples_batch_size=1) for s in (0, 3)])
+    np.testing.assert_allclose(res.raw, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
+    ref = Occlusion(model).attribute(x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8),
+                                     baselines=torch.zeros_like(x), target=y)
+    np.testing.assert_allclose(occ.raw, ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_smoothgrad_integrated_gradients_base_keeps_the_bound(monkeypatch, model, batch):
+    """The IG base of SmoothGrad: noisy copies x steps stay within internal_batch_size."""
+    x, y = batch
+    rows: list[int] = []
+    _counting_prepare(monkeypatch, rows)
+    res = Attribution("smoothgrad", base="integrated_gradients", nt_samples=3, steps=4,
+                      stdevs=0.1).run(model, x, labels=y, batch_size=6, internal_batch_size=4)
+    assert rows and max(rows) <= 4
+    assert res.params["internal_batch_size"] == 4 and res.params["nt_samples_batch_size"] == 1
+    # the IG base's own internal_batch_size, below the images (captum raised it to them);
+    # it bounds the method's passes (the prediction pass keeps the run's batch)
+    a = Attribution("smoothgrad", base="integrated_gradients", nt_samples=3, steps=4,
+                    stdevs=0.1, internal_batch_size=2)
+    original = a._attribute_capturing
+    attributing: list[int] = []
+
+    def capture(model_, *args, **kwargs):
+        handle = _row_counter(model_, attributing)
+        try:
+            return original(model_, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    a._attribute_capturing = capture
+    a.run(model, x, labels=y, batch_size=6)
+    assert attributing and max(attributing) <= 2
+    # above the images: the same noise per pass and captum setting as before parts existed
+    res = Attribution("smoothgrad", base="integrated_gradients", nt_samples=3, steps=4,
+                      stdevs=0.1, internal_batch_size=64).run(model, x, labels=y, batch_size=6)
+    assert res.params["nt_samples_batch_size"] == 1 and res.params["internal_batch_size"] == 64
+
+
+def test_compare_stage_derives_the_faithfulness_batch_from_the_runs_batch_size(tmp_path,
+                                                                               monkeypatch):
+    """With internal_batch_size unset, compare used a fixed 64 rows per faithfulness call,
+    whatever `[run] batch_size` said; it is now derived from it as `interptool attribute`
+    derives it from --batch-size: max(batch_size, 32)."""
+    from types import SimpleNamespace
+
+    import interptool.analyzers.attribution as attribution_pkg
+    from interptool.pipeline import _stages, parse_config
+
+    scored: list[dict] = []
+    monkeypatch.setattr(Attribution, "run", lambda self, loaded, data, **kw: SimpleNamespace(
+        maps=np.zeros((4, 8, 8), np.float32), images=None, predictions=np.zeros(4, np.int64)))
+    monkeypatch.setattr(attribution_pkg, "score_maps",
+                        lambda results, **kwargs: scored.append(kwargs) or {})
+    for batch_size in (8, 200):
+        cfg = parse_config({
+            "run": {"batch_size": batch_size},
+            "data": {"eval": "builtin:concept-world?version=1&n=40&size=32&seed=0&split=eval"},
+            "models": {"t": {"arch": "interptool:cw-teacher", "layers": ["layer4"]},
+                       "s": {"arch": "interptool:cw-student", "layers": ["layer4"]}},
+            "analysis": {"dissection": False, "similarity": False,
+                         "attribution": {"methods": ["saliency"], "n_images": 4}}})
+        (tmp_path / "attribution" / "saliency").mkdir(parents=True, exist_ok=True)
+        ctx = SimpleNamespace(cfg=cfg, loaded={k: SimpleNamespace(model=None) for k in "ts"},
+                              eval_ds=object(), device="cpu", out=tmp_path)
+        _stages._attribute(ctx, "saliency", 4)
+    assert [k["batch_size"] for k in scored] == [32, 200]
+    from interptool.analyzers.attribution._scoring import faithfulness_batch
+
+    # the attribute command's rule (--batch-size 16 -> 32 rows; an internal batch wins)
+    assert faithfulness_batch(None, 16) == 32 and faithfulness_batch(7, 200) == 7

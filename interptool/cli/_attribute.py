@@ -188,6 +188,7 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
     from interptool.analyzers.attribution import (
         Attribution,
         ObjectMasks,
+        faithfulness_batch,
         folder_masks,
         randomisation_check,
         score_maps,
@@ -266,7 +267,7 @@ def _run_locked(args: argparse.Namespace, dataset: Any, out: Path,
         masks=masks if with_masks else None, modes=("deletion", "insertion"),
         patch=args.patch, steps=args.faithfulness_steps,
         baseline=args.faithfulness_baseline,
-        batch_size=internal_batch_size or max(args.batch_size, 32),
+        batch_size=faithfulness_batch(internal_batch_size, args.batch_size),
         device=args.device, seed=args.seed, label=m) for m in methods}
     for name, loaded in loaded_models:
         model_scores: dict[str, Any] = {"model": loaded.to_dict(), "methods": {}}

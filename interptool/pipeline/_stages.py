@@ -385,7 +385,7 @@ def _attribute(run: RunContext, method: str, n: int) -> dict[str, Any]:
 def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n: int) -> dict:
     import pandas as pd
 
-    from interptool.analyzers.attribution import ObjectMasks, score_maps
+    from interptool.analyzers.attribution import ObjectMasks, faithfulness_batch, score_maps
 
     a = run.cfg.analysis.attribution
     seed = run.cfg.run.seed
@@ -412,8 +412,10 @@ def _score_attribution(run: RunContext, method: str, results: dict[str, Any], n:
                      inputs=lambda name, rows: _model_inputs(run, name, rows),
                      masks=masks, modes=("deletion", "insertion") if a.faithfulness else (),
                      # rows per model call of the curves: the config's internal batch, else
-                     # score_maps' default of 64
-                     batch_size=a.internal_batch_size or 64,
+                     # derived from [run] batch_size as `interptool attribute` derives it
+                     # from --batch-size (a fixed 64 ignored the run's batch size)
+                     batch_size=faithfulness_batch(a.internal_batch_size,
+                                                   run.cfg.run.batch_size),
                      device=run.device, seed=seed, out=d,
                      # the report draws these scores itself; a PNG per score result cost the
                      # demo ~20 s of matplotlib for files no page shows (CSV and JSON stay)

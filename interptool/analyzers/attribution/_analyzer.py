@@ -483,9 +483,11 @@ class Attribution:
             internal_batch_size: most model rows in one forward/backward pass of methods
                 that expand each input (integrated gradients' steps, SmoothGrad's noise
                 samples, occlusion's windows); default ``batch_size``, so memory is that of
-                one ordinary batch whatever ``steps`` or ``nt_samples``. A method's own
-                explicit setting wins. Does not change the maps (SmoothGrad: the noise
-                draws, still seeded).
+                one ordinary batch whatever ``steps`` or ``nt_samples``. Below a batch's
+                image count the batch is attributed in parts of at most that many images
+                (captum alone never runs fewer rows than inputs), and the prediction pass
+                is split alike. A method's own explicit setting wins. Does not change the
+                maps (SmoothGrad: the noise draws, still seeded).
             sample: with ``n`` below the data set's size, ``"stratified"`` (default, as the
                 CLI and the compare config: :func:`stratified_sample`, equal shares per class,
                 seeded by ``sample_seed``; the first rows of an image folder are often one
@@ -629,8 +631,7 @@ class Attribution:
                         num_classes = _output_width(model(x[:1]))
                 preds = None
                 if target == "predicted":
-                    with torch.no_grad():
-                        preds = model(x).argmax(dim=1)
+                    preds = _logits(model, x, rows).argmax(dim=1)
                 tgt = self._targets(target, src.labels[start:stop], preds, num_classes,
                                     src.ids[start:stop])
                 try:
@@ -646,8 +647,7 @@ class Attribution:
                                   src.ids[start:stop])
                 if preds is None:
                     if logits is None:  # the method never ran the model on x itself
-                        with torch.no_grad():
-                            logits = model(x)
+                        logits = _logits(model, x, rows)
                     preds = logits.argmax(dim=1)
                 if tuple(raw.shape[-2:]) != tuple(x.shape[-2:]):
                     raise AnalysisError(f"{self.method} produced maps of size "
@@ -761,6 +761,15 @@ def _arch(model_or_loaded: Any) -> str | None:
     """The architecture spec of a LoadedModel (for messages), None for a bare module."""
     arch = getattr(model_or_loaded, "arch", None) if _is_loaded(model_or_loaded) else None
     return str(arch) if arch else None
+
+
+def _logits(model: nn.Module, x: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """The model's output on ``x`` without gradients, at most ``rows`` inputs per forward
+    pass (the bound of the attribution passes holds for the prediction pass too)."""
+    with torch.no_grad():
+        if rows is None or rows >= x.shape[0]:
+            return model(x)
+        return torch.cat([model(x[s:s + rows]) for s in range(0, x.shape[0], rows)])
 
 
 def _output_width(logits: Any) -> int:

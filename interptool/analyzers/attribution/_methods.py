@@ -141,6 +141,27 @@ def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise AnalysisError(f"baseline must be one of zeros, mean, blur; got {kind!r}")
 
 
+def _in_parts(fn: Callable[[torch.Tensor, Any], torch.Tensor], x: torch.Tensor, target: Any,
+              size: int | None) -> torch.Tensor:
+    """``fn(x, target)`` on consecutive parts of at most ``size`` inputs, concatenated.
+
+    captum bounds the rows of a pass by splitting the steps / noise samples / windows of
+    the whole batch, never the images: a pass always holds at least one row per input
+    (IntegratedGradients warns and raises ``internal_batch_size`` to the number of inputs).
+    Splitting the inputs first lets a bound below the batch's image count hold. Each part is
+    a fresh leaf (captum differentiates with respect to it); every method split here
+    attributes each input on its own, so the maps are those of one call."""
+    n = x.shape[0]
+    if size is None or size >= n:
+        return fn(x, target)
+    per_row = isinstance(target, torch.Tensor) and target.dim() > 0 and len(target) == n
+    parts = []
+    for s in range(0, n, int(size)):
+        part = x[s:s + size].detach().requires_grad_(x.requires_grad)
+        parts.append(fn(part, target[s:s + size] if per_row else target).detach())
+    return torch.cat(parts)
+
+
 class AttributionMethod:
     """Base adapter. Subclasses set ``name`` and ``params_class`` (a :class:`Params`
     dataclass in ``_params.py``: the settings' defaults, checks and help, from which
@@ -215,8 +236,9 @@ class AttributionMethod:
         """Attribution of ``target`` (N,) for inputs ``x`` (N, C, H, W) -> (N, C', H, W).
 
         ``rows``: most model rows per forward/backward pass for methods that expand inputs
-        (:attr:`expands`); None runs captum's default (everything at once). A method's own
-        explicit setting (``internal_batch_size``, ``nt_samples_batch_size``,
+        (:attr:`expands`), below the number of inputs too (the batch is then attributed in
+        parts of at most ``rows`` inputs); None runs captum's default (everything at once).
+        A method's own explicit setting (``internal_batch_size``, ``nt_samples_batch_size``,
         ``perturbations_per_eval``) wins over ``rows``.
         """
         raise NotImplementedError
@@ -259,27 +281,35 @@ class IntegratedGradientsMethod(AttributionMethod):
     expands = True
 
     def effective_params(self, rows, n):
-        # recorded as set (captum itself never runs fewer rows than inputs per pass)
-        return {**self.params, "internal_batch_size": self.params["internal_batch_size"] or rows}
+        # the bound every pass keeps: batches of more inputs are attributed in parts
+        return {**self.params, "internal_batch_size": _ig_rows(self.params, rows)}
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import IntegratedGradients
 
-        return IntegratedGradients(model).attribute(
-            x,
-            baselines=make_baseline(x, self.params["baseline"]),
-            target=target,
-            n_steps=self.params["steps"],
-            method=self.params["ig_method"],
-            internal_batch_size=_ig_rows(self.params, rows, x.shape[0]),
-        )
+        ibs = _ig_rows(self.params, rows)
+
+        def run(xp: torch.Tensor, tp: Any) -> torch.Tensor:
+            # a part of <= ibs inputs: captum runs ibs // len(xp) (>= 1) steps of each per
+            # pass, so at most ibs rows; with ibs < steps the steps of one input are split
+            return IntegratedGradients(model).attribute(
+                xp,
+                baselines=make_baseline(xp, self.params["baseline"]),
+                target=tp,
+                n_steps=self.params["steps"],
+                method=self.params["ig_method"],
+                internal_batch_size=ibs,
+            )
+
+        return _in_parts(run, x, target, ibs)
 
 
-def _ig_rows(params: dict[str, Any], rows: int | None, n: int) -> int | None:
-    """captum's ``internal_batch_size`` for ``n`` inputs: the explicit setting, else ``rows``;
-    never below ``n`` (captum would warn and use ``n``: one step of every input per pass)."""
+def _ig_rows(params: dict[str, Any], rows: int | None) -> int | None:
+    """Most rows per pass of integrated gradients: the explicit ``internal_batch_size``, else
+    ``rows`` (None: captum's default, every step of every input in one pass). The value
+    captum gets, for parts of at most that many inputs (:func:`_in_parts`)."""
     ibs = params.get("internal_batch_size") or rows
-    return None if ibs is None else max(int(ibs), int(n))
+    return None if ibs is None else int(ibs)
 
 
 class SmoothGradMethod(AttributionMethod):
@@ -296,39 +326,62 @@ class SmoothGradMethod(AttributionMethod):
     stochastic = True
     expands = True
 
-    def _sample_batch(self, rows: int | None, n: int) -> int | None:
-        """Noise samples per pass: the explicit setting, else as many as ``rows`` allows."""
-        if self.params["nt_samples_batch_size"] is not None:
-            return int(self.params["nt_samples_batch_size"])
-        if rows is None:
-            return None
-        return int(min(self.params["nt_samples"], max(1, int(rows) // max(1, int(n)))))
+    def _plan(self, rows: int | None, n: int) -> tuple[int | None, int | None, int]:
+        """``(bound, noise samples per pass, inputs per part)`` for ``n`` inputs.
+
+        The bound is the IG base's explicit ``internal_batch_size``, else ``rows`` (None: no
+        bound, captum's defaults). Without an explicit ``nt_samples_batch_size`` a part holds
+        at most ``R`` inputs and each pass ``R // inputs`` noisy copies of each, ``R`` the
+        smaller of ``rows`` and the bound, so a pass has at most ``bound`` rows (a noisy copy
+        of one input is one row, or one input of the IG base, which runs its steps within
+        the bound). Where the bound held before (``R`` >= inputs) the noise per pass is the
+        same as then. An explicit ``nt_samples_batch_size`` wins: parts of ``bound // it``
+        inputs (at least one)."""
+        explicit_ibs = (self.params["internal_batch_size"]
+                        if self.params["base"] == "integrated_gradients" else None)
+        bound = explicit_ibs or rows
+        k = self.params["nt_samples_batch_size"]
+        if bound is None:
+            return None, (None if k is None else int(k)), int(n)
+        bound = int(bound)
+        if k is not None:
+            return bound, int(k), max(1, min(int(n), bound // int(k)))
+        per_pass = bound if rows is None else min(bound, int(rows))
+        part = max(1, min(int(n), per_pass))
+        return bound, int(min(self.params["nt_samples"], max(1, per_pass // part))), part
 
     def effective_params(self, rows, n):
-        out = {**self.params, "nt_samples_batch_size": self._sample_batch(rows, n)}
+        bound, k, part = self._plan(rows, n)
+        out = {**self.params, "nt_samples_batch_size": k}
         if self.params["base"] == "integrated_gradients":
-            expanded = n * (out["nt_samples_batch_size"] or self.params["nt_samples"])
-            out["internal_batch_size"] = (self.params["internal_batch_size"]
-                                          or (None if rows is None else max(rows, expanded)))
+            # what captum runs: never fewer rows than the noisy inputs of one pass
+            out["internal_batch_size"] = (None if bound is None
+                                          else max(bound, part * (k or 1)))
         return out
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
-        p = self.effective_params(rows, x.shape[0])
-        kwargs: dict[str, Any] = {}
-        if p["base"] == "saliency":
-            inner = Saliency(model)
-        else:
-            inner = IntegratedGradients(model)
-            kwargs = dict(baselines=make_baseline(x, p["baseline"]), n_steps=p["steps"],
-                          internal_batch_size=p["internal_batch_size"])
-        with seeded_rng(seed, [x.device]):
+        _, _, part = self._plan(rows, x.shape[0])
+
+        def run(xp: torch.Tensor, tp: Any) -> torch.Tensor:
+            p = self.effective_params(rows, xp.shape[0])
+            kwargs: dict[str, Any] = {}
+            if p["base"] == "saliency":
+                inner = Saliency(model)
+            else:
+                inner = IntegratedGradients(model)
+                kwargs = dict(baselines=make_baseline(xp, p["baseline"]), n_steps=p["steps"],
+                              internal_batch_size=p["internal_batch_size"])
             return NoiseTunnel(inner).attribute(
-                x, nt_type=p["nt_type"], nt_samples=p["nt_samples"],
+                xp, nt_type=p["nt_type"], nt_samples=p["nt_samples"],
                 nt_samples_batch_size=p["nt_samples_batch_size"], stdevs=p["stdevs"],
-                target=target, **kwargs,
+                target=tp, **kwargs,
             )
+
+        # one seeded stream for the whole batch: the parts draw their noise in turn
+        with seeded_rng(seed, [x.device]):
+            return _in_parts(run, x, target, part)
 
 
 class GuidedBackpropMethod(AttributionMethod):
@@ -546,10 +599,22 @@ class OcclusionMethod(AttributionMethod):
                     f"pixels between windows are never occluded), got "
                     f"{self.params['stride']!r}; use --stride <= --window (stride=)", "stride")
 
+    def _plan(self, rows: int | None, n: int) -> tuple[int, int]:
+        """``(windows per pass, inputs per part)`` for ``n`` inputs: parts of at most
+        ``rows`` inputs, each pass ``rows // inputs`` occluded copies of each (at most
+        ``rows`` rows). An explicit ``perturbations_per_eval`` wins: parts of
+        ``rows // it`` inputs (at least one). No ``rows``: captum's 16 windows per pass on
+        the whole batch, as before."""
+        ppe = self.params["perturbations_per_eval"]
+        if rows is None:
+            return (16 if ppe is None else int(ppe)), int(n)
+        if ppe is not None:
+            return int(ppe), max(1, min(int(n), int(rows) // int(ppe)))
+        part = max(1, min(int(n), int(rows)))
+        return max(1, int(rows) // part), part
+
     def _per_eval(self, rows: int | None, n: int) -> int:
-        if self.params["perturbations_per_eval"] is not None:
-            return int(self.params["perturbations_per_eval"])
-        return 16 if rows is None else max(1, int(rows) // max(1, int(n)))
+        return self._plan(rows, n)[0]
 
     def effective_params(self, rows, n):
         return {**self.params, "perturbations_per_eval": self._per_eval(rows, n)}
@@ -565,14 +630,19 @@ class OcclusionMethod(AttributionMethod):
                 f"occlusion window {(wh, ww)} is larger than the input {tuple(x.shape[2:])}; "
                 "use a smaller --window"
             )
-        return Occlusion(model).attribute(
-            x,
-            sliding_window_shapes=(c, wh, ww),
-            strides=(c, sh, sw),
-            baselines=make_baseline(x, self.params["baseline"]),
-            target=target,
-            perturbations_per_eval=self._per_eval(rows, x.shape[0]),
-        )
+        per_eval, part = self._plan(rows, x.shape[0])
+
+        def run(xp: torch.Tensor, tp: Any) -> torch.Tensor:
+            return Occlusion(model).attribute(
+                xp,
+                sliding_window_shapes=(c, wh, ww),
+                strides=(c, sh, sw),
+                baselines=make_baseline(xp, self.params["baseline"]),
+                target=tp,
+                perturbations_per_eval=per_eval,
+            )
+
+        return _in_parts(run, x, target, part)
 
 
 def _output_shapes(model: nn.Module, modules: dict[str, nn.Module],

@@ -44,13 +44,46 @@ def _map_source(x: Any, what: str = "maps") -> Any:
     return x
 
 
-def iter_blocks(x: Any, size: int = 256, what: str = "maps", ids: Any = None):
+#: bytes of work arrays one score may hold at once. Maps, masks and inputs are read in
+#: blocks of images sized from it (:func:`block_rows`: this over the bytes one image costs),
+#: so a score's peak memory is the same at any number of images (issue 13). Blocks of a
+#: fixed 256 images made it grow with N up to 256: agreement of 224 px maps peaked at
+#: 257 MiB for 64 images and 1.1 GiB for 512.
+WORK_BYTES = 32 * 2**20
+
+# Work bytes per map pixel of one image: the arrays alive together while a block is scored
+# (tracemalloc peaks over 224 px blocks, rounded up). agreement (66 measured): the float32
+# read and float64 copy of both maps, their float64 ranks, the centred ranks and one product
+# (Spearman), or a partition copy and masks (top-k IoU); localisation (25): the float64
+# map, its positive part and its product with the mask; the patch scores of faithfulness:
+# the float32 read, its float64 copy and two float32 tensors (pad, pool input).
+_AGREEMENT_BYTES = 72
+_LOCALISATION_BYTES = 32
+_PATCH_SCORE_BYTES = 24
+#: what a block costs a caller of :func:`iter_blocks` that does not say (a float64 copy and
+#: a few float64 temporaries of it, as AttributionResult.to_frame makes)
+_BLOCK_BYTES = 64
+
+
+def block_rows(pixels: int, bytes_per_pixel: int, budget: int | None = None) -> int:
+    """Images per block when each pixel of an image costs ``bytes_per_pixel`` bytes of work
+    arrays: ``budget`` (default :data:`WORK_BYTES`) over the cost of one image, at least 1.
+    Independent of the number of images, so memory is flat in N."""
+    budget = WORK_BYTES if budget is None else int(budget)
+    return max(1, budget // max(1, int(pixels) * int(bytes_per_pixel)))
+
+
+def iter_blocks(x: Any, size: int | None = None, what: str = "maps", ids: Any = None,
+                bytes_per_pixel: int = _BLOCK_BYTES):
     """Yield ``(start, block)`` float64 blocks of at most ``size`` maps, in order; lazy maps
     (:class:`H5Maps`) are read block by block, so memory is bounded by ``size`` maps.
-    A map holding NaN or inf raises AnalysisError naming it (scores computed from it would
-    be meaningless numbers)."""
+    ``size=None``: as many maps as :data:`WORK_BYTES` allows at ``bytes_per_pixel`` bytes of
+    work per pixel (:func:`block_rows`). A map holding NaN or inf raises AnalysisError
+    naming it (scores computed from it would be meaningless numbers)."""
     src = _map_source(x, what)
     ids = getattr(x, "ids", None) if ids is None else ids
+    if size is None:
+        size = block_rows(math.prod(int(v) for v in src.shape[1:]), bytes_per_pixel)
     if hasattr(src, "blocks"):
         blocks = src.blocks(size)
     else:
@@ -83,6 +116,32 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra = rankdata(a, axis=1)
     rb = rankdata(b, axis=1)
     return rowwise_pearson(ra, rb)
+
+
+def top_pixels(flat: np.ndarray, k: int) -> np.ndarray:
+    """(N, P) bool: the ``k`` largest values of each row of ``flat``, ties broken by pixel
+    order: exactly the first ``k`` entries of a stable descending sort
+    (``np.argsort(-flat, axis=1, kind="stable")[:, :k]``), found in O(P) per row.
+
+    The k-th largest value ``t`` comes from a partition; every pixel above ``t`` is in, and
+    the pixels equal to ``t`` fill the remaining places in pixel order (a stable sort puts
+    equal values in their original order). No (N, P) int64 sort order is made, which is
+    what bounded agreement's block size before."""
+    n, p = flat.shape
+    k = int(min(max(k, 0), p))
+    if k == 0:
+        return np.zeros((n, p), bool)
+    t = np.partition(flat, p - k, axis=1)[:, p - k][:, None]
+    top = flat > t
+    ties = flat == t
+    need = k - top.sum(axis=1)  # >= 1: t itself is among the k largest
+    # rows holding more pixels equal to t than places left: the first ones in pixel order
+    over = np.flatnonzero(ties.sum(axis=1) > need)
+    if over.size:
+        first = np.cumsum(ties[over], axis=1, dtype=np.int32) <= need[over, None]
+        ties[over] &= first
+    top |= ties
+    return top
 
 
 def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -233,14 +292,17 @@ def _name_of(res: Any, default: str) -> str:
 
 
 def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: int = 1000,
-              seed: int = 0, block: int = 256) -> AgreementResult:
+              seed: int = 0, block: int | None = None) -> AgreementResult:
     """Agreement of two sets of maps of the same images (e.g. teacher vs student).
 
     Per image: Spearman rank correlation of the pixel values, IoU of the top-k% pixels for
     each k in ``ks`` (ties broken by pixel order, so a map agrees with itself exactly) and
     cosine similarity. Means come with percentile bootstrap CIs resampling images.
     Both results must list the same ids in the same order (AnalysisError otherwise).
-    Maps are read ``block`` images at a time (bounded memory for file-backed results).
+    Maps are read ``block`` images at a time (bounded memory for file-backed results);
+    ``None``: as many as :data:`WORK_BYTES` of work arrays allow at the map size, so the
+    peak memory does not grow with the number of images. The block size never changes the
+    numbers (each image is scored on its own).
     """
     a, b = _map_source(res_a, "res_a"), _map_source(res_b, "res_b")
     ids_a = list(getattr(res_a, "ids", range(a.shape[0])))
@@ -257,7 +319,10 @@ def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: i
             raise AnalysisError(f"top-k percentages must be in (0, 100], got {k}")
     parts: dict[str, list[np.ndarray]] = {"spearman": [], "cosine": []}
     parts.update({f"iou{k}": [] for k in ks})
-    # blocks of images: lazy (file-backed) maps are never all in memory
+    # blocks of images sized from a byte budget: lazy (file-backed) maps are never all in
+    # memory, and the work arrays of a block do not grow with the number of images
+    if block is None:
+        block = block_rows(math.prod(int(v) for v in a.shape[1:]), _AGREEMENT_BYTES)
     for (_, ba), (_, bb) in zip(iter_blocks(a, block, "res_a", getattr(res_a, "ids", None)),
                                 iter_blocks(b, block, "res_b", getattr(res_b, "ids", None))):
         n = ba.shape[0]
@@ -268,18 +333,11 @@ def agreement(res_a: Any, res_b: Any, ks: Sequence[int] = (5, 10, 20), n_boot: i
             cos = np.where((na > 0) & (nb > 0), (fa * fb).sum(axis=1) /
                            np.where((na > 0) & (nb > 0), na * nb, 1), np.nan)
         parts["cosine"].append(np.clip(cos, -1.0, 1.0))
-        # stable order of descending value: the pixel ranks used for every k
-        order_a = np.argsort(-fa, axis=1, kind="stable")
-        order_b = np.argsort(-fb, axis=1, kind="stable")
+        # top k% by a stable descending order (ties broken by pixel order), without sorting
         p = fa.shape[1]
-        rows = np.arange(n)[:, None]
         for k in ks:
             kp = max(1, int(math.ceil(k / 100.0 * p)))
-            ma = np.zeros((n, p), bool)
-            mb = np.zeros((n, p), bool)
-            ma[rows, order_a[:, :kp]] = True
-            mb[rows, order_b[:, :kp]] = True
-            inter = (ma & mb).sum(axis=1)
+            inter = (top_pixels(fa, kp) & top_pixels(fb, kp)).sum(axis=1)
             parts[f"iou{k}"].append(inter / (2 * kp - inter))
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
     spear, cos = cat["spearman"], cat["cosine"]
@@ -353,7 +411,7 @@ class LocalisationResult(_ScoreResult):
 
 
 def localisation(res: Any, masks: Any, *, tolerance: int = 0, n_boot: int = 1000,
-                 seed: int = 0, block_size: int = 256) -> LocalisationResult:
+                 seed: int = 0, block_size: int | None = None) -> LocalisationResult:
     """Localisation of maps against ground-truth masks (N, H, W) bool of the map size.
 
     Energy pointing game (Wang et al. 2020, Score-CAM): sum of positive attribution inside the
@@ -361,7 +419,8 @@ def localisation(res: Any, masks: Any, *, tolerance: int = 0, n_boot: int = 1000
     empty). Pointing game (Zhang et al. 2016): hit when the arg-max pixel lies in the mask
     dilated by ``tolerance`` pixels. Use :func:`resize_masks` to bring masks to the map size.
     Maps (and masks, which may be any sliceable array-like) are read ``block_size`` images at
-    a time.
+    a time (``None``: as many as :data:`WORK_BYTES` allows at the map size, so memory is flat
+    in the number of images).
     """
     maps = _map_source(res)
     m = masks if hasattr(masks, "shape") and hasattr(masks, "__getitem__") else np.asarray(
@@ -377,7 +436,8 @@ def localisation(res: Any, masks: Any, *, tolerance: int = 0, n_boot: int = 1000
             f"{tuple(maps.shape[1:])}; resize the masks first: "
             f"resize_masks(masks, {tuple(maps.shape[1:])}) (nearest neighbour)")
     parts: dict[str, list[np.ndarray]] = {"energy": [], "hit": [], "area": [], "empty": []}
-    for start, block in iter_blocks(maps, block_size, ids=getattr(res, "ids", None)):
+    for start, block in iter_blocks(maps, block_size, ids=getattr(res, "ids", None),
+                                    bytes_per_pixel=_LOCALISATION_BYTES):
         n = block.shape[0]
         mb = np.asarray(m[start:start + n]).astype(bool)
         flat = block.reshape(n, -1)
@@ -602,30 +662,66 @@ class FaithfulnessResult(_ScoreResult):
 
 #: random-order reference curves already computed (content-addressed key -> curves), so
 #: that scoring several attribution methods of one model on the same images runs the
-#: random order once: it does not depend on the maps. Least recently used dropped first.
+#: random order once: it does not depend on the maps. Least recently used dropped first
+#: once the curves exceed ``_REFERENCE_CURVES_BYTES`` (8 bytes per image and step: ~60,000
+#: image curves of 17 points). A bound in bytes, not entries: score_maps memoises one entry
+#: per chunk of images, and chunks are small for large maps (a bound of 64 entries dropped
+#: the first method's references of 512 images at 224 px before the second method came).
 _REFERENCE_CURVES: OrderedDict[str, np.ndarray] = OrderedDict()
-_REFERENCE_CURVES_MAX = 64
+_REFERENCE_CURVES_BYTES = 8 * 2**20
 
 
 def _reference_key(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                    settings: tuple) -> str:
     """sha256 of everything the random-order curves depend on: the model's weights and
     buffers, the images, the targets and the settings (mode, patch, steps, baseline, seed,
-    batch size, device, torch threads)."""
+    batch size, device, the images' first row in the set, torch threads)."""
     h = hashlib.sha256(repr((type(model).__qualname__, settings,
                              torch.get_num_threads())).encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(name.encode())
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     for t in (images, targets):
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+#: where the seeded stream of random patch orders stands after a given image: ``(seed,
+#: patches, row) -> generator state``, so that scoring images in consecutive chunks
+#: (``faithfulness(..., start=row)``) continues the stream instead of drawing its first
+#: ``row`` rows again. Least recently used dropped first.
+_ORDER_STREAMS: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
+_ORDER_STREAMS_MAX = 16
+
+
+def _random_orders(n: int, p: int, seed: int, start: int) -> torch.Tensor:
+    """(n, p) seeded random patch orders of images ``start .. start + n - 1`` of a set: rows
+    ``start ..`` of one stream of ``torch.rand((rows, p))`` draws (torch's CPU generator
+    yields the same numbers in one draw or in consecutive ones; tested), so an image gets
+    the same order whatever chunk of the set it is scored in."""
+    g = torch.Generator()
+    state = _ORDER_STREAMS.get((seed, p, start))
+    if state is not None:
+        g.set_state(state)
+    else:
+        g.manual_seed(seed)
+        skip = start
+        while skip > 0:  # rows before ``start`` (a call out of sequence): drawn in blocks
+            k = min(skip, max(1, 2**20 // max(1, p)))
+            torch.rand(k, p, generator=g)
+            skip -= k
+    perm = torch.argsort(torch.rand(n, p, generator=g), dim=1)
+    _ORDER_STREAMS[(seed, p, start + n)] = g.get_state()
+    _ORDER_STREAMS.move_to_end((seed, p, start + n))
+    while len(_ORDER_STREAMS) > _ORDER_STREAMS_MAX:
+        _ORDER_STREAMS.popitem(last=False)
+    return perm
 
 
 def faithfulness(
@@ -646,6 +742,7 @@ def faithfulness(
     seed: int = 0,
     reference: str | None = "random",
     reuse_reference: bool = False,
+    start: int = 0,
 ) -> FaithfulnessResult:
     """Deletion / insertion test (Petsiuk et al. 2018, RISE) on ``patch`` x ``patch`` patches.
 
@@ -670,10 +767,17 @@ def faithfulness(
     (:func:`~interptool.analyzers.attribution.score_maps` does this). Reused curves are
     the same numbers as a fresh computation.
 
+    ``start``: the row of ``images[0]`` in the whole set when a set is scored in chunks of
+    images (:func:`~interptool.analyzers.attribution.score_maps` does this to bound memory):
+    image ``start + i`` gets row ``start + i`` of the seeded random orders, so the results
+    do not depend on how the set was chunked (the curves of the chunks, merged with
+    :meth:`FaithfulnessResult.concat`, equal one call on the whole set).
+
     Complexity: N * (steps + 1) perturbed forward passes, evaluated ``batch_size`` at a time
     in ceil(N * (steps + 1) / batch_size) model calls with no per-image Python loop (every
     (image, step) pair is one row of a flat batch); ranking is O(N P log P) for P patches.
-    Memory: one batch of perturbed inputs plus the (N, P) rank table.
+    Memory: one batch of perturbed inputs plus the (N, P) rank table; the maps are read in
+    blocks of :data:`WORK_BYTES`.
     """
     from interptool.analyzers.attribution._methods import make_baseline, prepare_model
 
@@ -695,6 +799,9 @@ def faithfulness(
     tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
     if tgt.numel() != n:
         raise AnalysisError(f"{tgt.numel()} targets for {n} images")
+    if not _is_int(start) or start < 0:
+        raise AnalysisError(f"start must be an integer >= 0 (the row of images[0]), got "
+                            f"{start!r}")
     if not _is_int(patch) or patch < 1:
         raise ParamsError(f"patch: expected an integer >= 1 (pixels), got {patch!r}", "patch")
     if steps is not None and (not _is_int(steps) or steps < 1):
@@ -706,14 +813,13 @@ def faithfulness(
     # patch scores: sum of the map over each patch (zero padding at the borders); read in
     # blocks so that file-backed maps are never all in memory (the table is only (N, P))
     score_parts = []
-    for _, block in iter_blocks(m):
+    for _, block in iter_blocks(m, bytes_per_pixel=_PATCH_SCORE_BYTES):
         mp = F.pad(torch.from_numpy(block).float()[:, None], (0, gw * patch - w,
                                                                0, gh * patch - h))
         score_parts.append(F.avg_pool2d(mp, patch, stride=patch)[:, 0].reshape(-1, p)
                            * (patch * patch))
     scores = torch.cat(score_parts) if score_parts else torch.zeros(0, p)
-    g = torch.Generator().manual_seed(int(seed))
-    random_perm = torch.argsort(torch.rand(n, p, generator=g), dim=1)
+    random_perm = _random_orders(n, p, int(seed), int(start))
     perm = torch.argsort(-scores, dim=1, stable=True) if order == "attribution" else random_perm
     counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) / steps * p).long()
     net = prepare_model(model, device)
@@ -767,7 +873,7 @@ def faithfulness(
             if reuse_reference:
                 key = _reference_key(
                     model, images, tgt, (mode, patch, steps, baseline, int(seed),
-                                         int(batch_size), str(device)))
+                                         int(batch_size), str(device), int(start)))
         except (RuntimeError, TypeError, ValueError):  # e.g. tensors without a byte view
             key = None
         if key is not None and key in _REFERENCE_CURVES:
@@ -777,7 +883,8 @@ def faithfulness(
             curves_random = curves_of(random_perm, f"{mode} (random order)")
             if key is not None:
                 _REFERENCE_CURVES[key] = curves_random.copy()
-                while len(_REFERENCE_CURVES) > _REFERENCE_CURVES_MAX:
+                while (len(_REFERENCE_CURVES) > 1 and sum(
+                        c.nbytes for c in _REFERENCE_CURVES.values()) > _REFERENCE_CURVES_BYTES):
                     _REFERENCE_CURVES.popitem(last=False)
         auc_random = area(curves_random)
         # the unperturbed image: nothing removed (deletion) / everything added (insertion)

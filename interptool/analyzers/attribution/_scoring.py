@@ -2,8 +2,10 @@
 and the ``compare`` pipeline: agreement with the teacher's maps, localisation in object
 masks, and faithfulness by deletion and insertion, on the same images for every model.
 
-Inputs and masks are read ``chunk`` images at a time, so memory stays bounded at any N; the
-summaries (bootstrap intervals over images) cover all images.
+Inputs and masks are read ``chunk`` images at a time, sized from a byte budget
+(:data:`~interptool.analyzers.attribution._scores.WORK_BYTES`) rather than a count, so the
+peak memory is the same at any N; the summaries (bootstrap intervals over images) cover all
+images.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from interptool._resources import thread_scope
 from interptool.analyzers.attribution._scores import (
     FaithfulnessResult,
     agreement,
+    block_rows,
     class_object_masks,
     faithfulness,
     folder_masks,
@@ -25,7 +28,8 @@ from interptool.analyzers.attribution._scores import (
 )
 from interptool.errors import AnalysisError
 
-__all__ = ["ObjectMasks", "display_images", "sample_record", "sample_rows", "score_maps"]
+__all__ = ["ObjectMasks", "display_images", "faithfulness_batch", "sample_record",
+           "sample_rows", "score_maps"]
 
 
 def display_images(images: Any) -> np.ndarray:
@@ -34,15 +38,38 @@ def display_images(images: Any) -> np.ndarray:
 
     return _display(images)
 
-#: images per chunk of inputs / masks held at once
-CHUNK = 256
+# Bytes per input pixel of one image held while its chunk is scored: the model inputs
+# (3 float32 channels, twice: the tensor and the images it was stacked from) and the chunk's
+# float32 maps. A chunk of 256 images (the count used before) of 224 px inputs was 150 MiB
+# at any N >= 256, and less below: memory grew with N.
+_CHUNK_BYTES = 2 * 3 * 4 + 4
+
+#: the object masks of a set are kept (bit-packed: 1/8 byte per pixel) up to this many
+#: bytes, so that scoring several models reads each mask once; larger sets are read anew
+#: chunk by chunk. Was 64 MiB of unpacked booleans, read all at once.
+MASK_CACHE_BYTES = 8 * 2**20
+
+
+def faithfulness_batch(internal_batch_size: int | None, batch_size: int) -> int:
+    """Rows per model call of the faithfulness curves: the internal batch when set, else
+    derived from the run's batch size as ``max(batch_size, 32)`` (a deletion/insertion row
+    is a no-grad forward pass, far cheaper than an attribution row). The one rule of
+    ``interptool attribute`` (``--batch-size``) and ``compare`` (``[run] batch_size``)."""
+    return int(internal_batch_size or max(int(batch_size), 32))
+
+
+def chunk_rows(size: tuple[int, int]) -> int:
+    """Images per chunk of faithfulness inputs and maps at map ``size`` (H, W): as many as
+    :data:`~interptool.analyzers.attribution._scores.WORK_BYTES` allows, whatever N."""
+    return block_rows(int(size[0]) * int(size[1]), _CHUNK_BYTES)
 
 
 class ObjectMasks:
     """Object masks of the images at data-set ``rows`` at one map size, as a lazy sliceable
     (len(rows), H, W) bool array (position ``i`` is row ``rows[i]``; an int ``rows`` means
     rows 0..rows-1): the data set's own (Broden / concept-world class objects) or a folder
-    of masks given by the user. Small sets (<= 64 MB of booleans) are read once."""
+    of masks given by the user. Sets up to :data:`MASK_CACHE_BYTES` of bit-packed masks are
+    read once (chunk by chunk) and kept packed; larger ones are read on each access."""
 
     def __init__(self, dataset: Any, size: tuple[int, int], rows: int | Sequence[int],
                  folder: str | Path | None = None) -> None:
@@ -50,7 +77,7 @@ class ObjectMasks:
         self.rows = (np.arange(int(rows), dtype=np.int64) if isinstance(rows, (int, np.integer))
                      else np.asarray(rows, dtype=np.int64).reshape(-1))
         self.shape = (int(self.rows.size), *self.size)
-        self._all: np.ndarray | None = None
+        self._packed: np.ndarray | None = None
 
     def _read(self, rows: Sequence[int]) -> np.ndarray:
         rows = [int(r) for r in rows]
@@ -62,12 +89,23 @@ class ObjectMasks:
         return self.shape[0]
 
     def __getitem__(self, key: slice) -> np.ndarray:
-        n = self.shape[0]
-        if n * self.size[0] * self.size[1] <= 64 * 2**20:
-            if self._all is None:
-                self._all = self._read(self.rows)
-            return self._all[key]
-        return self._read(self.rows[key])
+        n, pixels = self.shape[0], self.size[0] * self.size[1]
+        if n * -(-pixels // 8) > MASK_CACHE_BYTES:
+            return self._read(self.rows[key])
+        if self._packed is None:
+            # read in chunks and packed at once: the unpacked masks of the whole set are
+            # never in memory together
+            step = block_rows(pixels, 2)
+            self._packed = np.concatenate(
+                [np.packbits(self._read(self.rows[s:s + step]).reshape(-1, pixels), axis=1)
+                 for s in range(0, n, step)]) if n else np.zeros((0, -(-pixels // 8)),
+                                                                np.uint8)
+        part = self._packed[key]
+        one = part.ndim == 1  # an int key: one mask
+        part = part.reshape(-1, part.shape[-1])
+        out = np.unpackbits(part, axis=1, count=pixels).view(bool).reshape(
+            len(part), *self.size)
+        return out[0] if one else out
 
 
 def sample_rows(results: Mapping[str, Any], teacher: str) -> np.ndarray:
@@ -102,14 +140,19 @@ def sample_record(res: Any, rows: np.ndarray) -> dict[str, Any]:
 
 def _faithfulness(model: Any, inputs: Callable[[np.ndarray], Any], rows: np.ndarray,
                   res: Any, mode: str, *, patch: int, steps: int, baseline: str,
-                  batch_size: int, device: str, seed: int, chunk: int) -> FaithfulnessResult:
+                  batch_size: int, device: str, seed: int,
+                  chunk: int | None) -> FaithfulnessResult:
+    if chunk is None:
+        chunk = chunk_rows(tuple(res.maps.shape[1:]))
     parts = []
     for s in range(0, res.n, chunk):
         e = min(res.n, s + chunk)
+        # start=s: each image keeps its row of the seeded random orders, so the numbers do
+        # not depend on the chunk size (which depends on the image size)
         parts.append(faithfulness(
             model, inputs(rows[s:e]), res.maps[s:e], res.targets[s:e], mode=mode, patch=patch,
             steps=steps, baseline=baseline, batch_size=batch_size, device=device,
-            ids=res.ids[s:e], seed=seed, n_boot=0, reuse_reference=True))
+            ids=res.ids[s:e], seed=seed, n_boot=0, reuse_reference=True, start=s))
     return FaithfulnessResult.concat(parts, seed=seed)
 
 
@@ -129,7 +172,7 @@ def score_maps(
     seed: int = 0,
     label: str | None = None,
     out: str | Path | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     threads: int | None = None,
     figures: bool = True,
 ) -> dict[str, Any]:
@@ -155,6 +198,9 @@ def score_maps(
     (``None``: the enclosing scope's choice, else only the cores idle now; one choice for
     the whole call, so the random-order reference memo stays valid across models).
     ``figures=False``: the saved score results get no ``.png`` (their CSV and JSON only).
+    ``chunk``: images whose inputs are held at once for the faithfulness curves (``None``:
+    :func:`chunk_rows` of the map size, so that memory does not grow with N; the numbers
+    do not depend on it).
     """
     from interptool.analyzers.attribution._params import ScoringParams
 
@@ -174,7 +220,7 @@ def _score_maps(results: Mapping[str, Any], *, teacher: str, models: Mapping[str
                 modes: Sequence[str], patch: int, steps: int, baseline: str, batch_size: int,
                 device: str, seed: int, label: str | None, out: str | Path | None,
                 figures: bool = True,
-                chunk: int) -> dict[str, Any]:
+                chunk: int | None) -> dict[str, Any]:
     """:func:`score_maps` inside its thread scope."""
     base = Path(out) if out is not None else None
     rows = sample_rows(results, teacher)
