@@ -354,6 +354,53 @@ def test_smoothgrad_integrated_gradients_base_keeps_the_bound(monkeypatch, model
     assert res.params["nt_samples_batch_size"] == 1 and res.params["internal_batch_size"] == 64
 
 
+@pytest.mark.parametrize("as_type", [list, torch.as_tensor])
+def test_per_input_targets_are_cut_with_the_parts(model, batch, as_type):
+    """Targets given one per input as a list (captum takes lists and tensors) were handed
+    whole to every part (captum: "Target list length does not match output")."""
+    from captum.attr import IntegratedGradients, Occlusion
+
+    from interptool.analyzers.attribution import get_method
+
+    x, y = batch
+    target = as_type([int(v) for v in y])
+    ig = get_method("integrated_gradients", {"steps": 4}).attribute(
+        model, x.clone(), target, rows=4)
+    ref = IntegratedGradients(model).attribute(x.clone().requires_grad_(True),
+                                               baselines=torch.zeros_like(x), target=y,
+                                               n_steps=4, method="gausslegendre")
+    np.testing.assert_allclose(ig.detach().numpy(), ref.detach().numpy(), rtol=1e-4,
+                               atol=1e-6)
+    occ = get_method("occlusion", {"window": 8, "stride": 8}).attribute(
+        model, x.clone(), target, rows=2)
+    ref = Occlusion(model).attribute(x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8),
+                                     baselines=torch.zeros_like(x), target=y)
+    np.testing.assert_allclose(occ.detach().numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_smoothgrad_split_is_recorded_and_every_part_gets_the_batchs_settings(monkeypatch,
+                                                                             model, batch):
+    """A split batch draws each part's noise in turn, so its maps differ from a whole-batch
+    run with the same recorded settings: the split is recorded (images_per_part) so that
+    such results are not taken for each other; whole batches record no such key (their
+    settings and maps are those of earlier versions). Every part, a shorter last one
+    included, gets the noise samples per pass that are recorded."""
+    from captum.attr import NoiseTunnel
+
+    x, y = batch
+    calls: list = []
+    _spy(monkeypatch, NoiseTunnel, calls)
+    whole = Attribution("smoothgrad", nt_samples=4, stdevs=0.1).run(
+        model, x, labels=y, batch_size=6, internal_batch_size=6)
+    assert "images_per_part" not in whole.params
+    calls.clear()
+    split = Attribution("smoothgrad", nt_samples=4, stdevs=0.1).run(
+        model, x[:5], labels=y[:5], batch_size=5, internal_batch_size=3)
+    assert split.params["images_per_part"] == 3
+    assert [int(c["nt_samples_batch_size"]) for c in calls] == \
+        [split.params["nt_samples_batch_size"]] * 2  # parts of 3 and 2 images
+
+
 def test_compare_stage_derives_the_faithfulness_batch_from_the_runs_batch_size(tmp_path,
                                                                                monkeypatch):
     """With internal_batch_size unset, compare used a fixed 64 rows per faithfulness call,

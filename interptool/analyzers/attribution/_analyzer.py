@@ -487,7 +487,9 @@ class Attribution:
                 image count the batch is attributed in parts of at most that many images
                 (captum alone never runs fewer rows than inputs), and the prediction pass
                 is split alike. A method's own explicit setting wins. Does not change the
-                maps (SmoothGrad: the noise draws, still seeded).
+                maps of deterministic methods; SmoothGrad's parts draw their noise in turn
+                from the batch's seeded stream, so its maps depend on the split, which is
+                recorded (``params["images_per_part"]``, only when a batch is split).
             sample: with ``n`` below the data set's size, ``"stratified"`` (default, as the
                 CLI and the compare config: :func:`stratified_sample`, equal shares per class,
                 seeded by ``sample_seed``; the first rows of an image folder are often one

@@ -154,7 +154,10 @@ def _in_parts(fn: Callable[[torch.Tensor, Any], torch.Tensor], x: torch.Tensor, 
     n = x.shape[0]
     if size is None or size >= n:
         return fn(x, target)
-    per_row = isinstance(target, torch.Tensor) and target.dim() > 0 and len(target) == n
+    # one target per input (a tensor or list of length n, as captum takes them) is cut with
+    # the inputs; one target for all (an int, a 0-d tensor) goes to every part
+    per_row = (isinstance(target, torch.Tensor) and target.ndim > 0
+               or isinstance(target, list)) and len(target) == n
     parts = []
     for s in range(0, n, int(size)):
         part = x[s:s + size].detach().requires_grad_(x.requires_grad)
@@ -357,15 +360,23 @@ class SmoothGradMethod(AttributionMethod):
             # what captum runs: never fewer rows than the noisy inputs of one pass
             out["internal_batch_size"] = (None if bound is None
                                           else max(bound, part * (k or 1)))
+        if part < n:
+            # The parts draw their noise in turn from the batch's seeded stream, so the maps
+            # depend on the split: recorded (only when there is one, so that runs with whole
+            # batches keep their earlier settings and stored maps) so that a stored result
+            # made with another split is not resumed or reused as if it were the same.
+            out["images_per_part"] = int(part)
         return out
 
     def attribute(self, model, x, target, *, seed=0, rows=None):
         from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
         _, _, part = self._plan(rows, x.shape[0])
+        # the whole batch's settings for every part (a smaller last part included), so that
+        # what captum receives is what effective_params records
+        p = self.effective_params(rows, x.shape[0])
 
         def run(xp: torch.Tensor, tp: Any) -> torch.Tensor:
-            p = self.effective_params(rows, xp.shape[0])
             kwargs: dict[str, Any] = {}
             if p["base"] == "saliency":
                 inner = Saliency(model)
