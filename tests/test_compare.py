@@ -273,6 +273,9 @@ def test_summary_numbers_equal_direct_analyzer_results(compared):
             assert c["difference"] <= 0
     html = (out / "report.html").read_text()
     assert f"{100 * acc:.1f}%" in html
+    # [run] workers unset: chosen per cache, said so (not "None")
+    assert s["provenance"]["run"]["workers"] is None
+    assert "auto (per cache: its threads attribute)" in html and ">None<" not in html
 
 
 def test_findings_honour_each_measures_direction():

@@ -1098,7 +1098,10 @@ class _Prefetch:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._thread.join(timeout=5)
+        # Long enough for the image being decoded: the thread restores torch's process-wide
+        # thread default when it ends, and one ending after the caller has moved on would
+        # overwrite a setting made since. A thread stuck longer (a hung file system) is left.
+        self._thread.join(timeout=60)
 
 
 @contextlib.contextmanager
