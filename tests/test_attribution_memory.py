@@ -45,6 +45,21 @@ def _row_counter(model: nn.Module, rows: list):
     return model.register_forward_pre_hook(lambda _m, inp: rows.append(int(inp[0].shape[0])))
 
 
+def _count_attributing_rows(a: Attribution, rows: list) -> None:
+    """Record the rows of every forward pass of the model ``a`` attributes (its private
+    copy, during the attribution only: the prediction pass is not counted)."""
+    original = a._attribute_capturing
+
+    def capture(model_, *args, **kwargs):
+        handle = _row_counter(model_, rows)
+        try:
+            return original(model_, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    a._attribute_capturing = capture
+
+
 def test_integrated_gradients_internal_batch_defaults_to_batch_size(monkeypatch, model, batch):
     from captum.attr import IntegratedGradients
 
@@ -69,16 +84,7 @@ def test_forward_passes_never_exceed_the_internal_batch(model, batch):
     x, y = batch
     a = Attribution("integrated_gradients", steps=16)
     rows: list[int] = []
-    orig_run = a._attribute_capturing
-
-    def capture(model_, *args, **kwargs):
-        handle = _row_counter(model_, rows)
-        try:
-            return orig_run(model_, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    a._attribute_capturing = capture
+    _count_attributing_rows(a, rows)
     a.run(model, x, labels=y, batch_size=6, internal_batch_size=12)
     assert rows and max(rows) <= 12
     rows.clear()
@@ -335,17 +341,8 @@ def test_smoothgrad_integrated_gradients_base_keeps_the_bound(monkeypatch, model
     # it bounds the method's passes (the prediction pass keeps the run's batch)
     a = Attribution("smoothgrad", base="integrated_gradients", nt_samples=3, steps=4,
                     stdevs=0.1, internal_batch_size=2)
-    original = a._attribute_capturing
     attributing: list[int] = []
-
-    def capture(model_, *args, **kwargs):
-        handle = _row_counter(model_, attributing)
-        try:
-            return original(model_, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    a._attribute_capturing = capture
+    _count_attributing_rows(a, attributing)
     a.run(model, x, labels=y, batch_size=6)
     assert attributing and max(attributing) <= 2
     # above the images: the same noise per pass and captum setting as before parts existed

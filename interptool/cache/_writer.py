@@ -1116,12 +1116,8 @@ def _one_torch_thread() -> Iterator[None]:
     threads started later get the process's setting and not this thread's 1. (torch's own
     pin-memory thread sets 1 the same way, without the restore.)
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _finite(feat: torch.Tensor, mx: torch.Tensor) -> bool:
