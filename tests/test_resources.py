@@ -218,6 +218,29 @@ def test_cache_plans_for_its_device(tmp_path, machine, monkeypatch):
         13, 3, "cpu")
 
 
+def test_cache_starts_no_more_workers_than_batches_left(tmp_path, machine, monkeypatch):
+    """A 6-image set in batches of 4 is two batches: two of the plan's four workers would
+    start a process each to decode nothing; a resume with one batch left starts one."""
+    import interptool.cache._writer as w
+
+    machine.cores(8)
+    started: list[int] = []
+    real = w.DataLoader
+
+    def counting(*args, **kwargs):
+        started.append(kwargs["num_workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(w, "DataLoader", counting)
+    job = w._make_job(FakeLoaded(make_student()), FakeDataset(6), ["layer4"], tmp_path / "t.h5",
+                      batch_size=4, workers=4, threads=8, dtype="float32", compression=None,
+                      skip_bad=False, probe=None, seed=0, device="cpu")
+    assert job.plan.loader_workers == 4
+    job._loader(0)
+    job._loader(4)
+    assert started == [2, 1]
+
+
 def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
     machine.cores(2)
     model = make_student()

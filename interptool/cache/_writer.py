@@ -862,7 +862,9 @@ class _Job:
         tds = self.dataset.torch_dataset(self.transform, skip_bad=self.skip_bad)
         if start:
             tds = Subset(tds, range(start, self.n_items))
-        w = self.plan.loader_workers
+        # no more workers than batches left: each would start a process (and, on CUDA, the
+        # plan's many) only to decode nothing (a small data set or the end of a resume)
+        w = min(self.plan.loader_workers, -(-(self.n_items - start) // self.batch_size))
         return DataLoader(
             tds,
             batch_size=self.batch_size,
