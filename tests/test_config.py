@@ -118,7 +118,7 @@ def test_missing_checkpoint_names_field_file_and_abs_path(tmp_path):
         ("", "[run]\nbatch_size = 0", "run.batch_size", "expected an integer >= 1, got 0"),
         ("", "[run]\ndevice = \"gpu\"", "run.device", "expected 'cpu', 'cuda'"),
         ("", "[run]\nworkers = -1", "run.workers", "expected an integer >= 0, got -1"),
-        ("", "[run]\nworkers = \"auto\"", "run.workers", "expected an integer, got str"),
+        ("", "[run]\nworkers = \"all\"", "run.workers", "expected an integer >= 0 or \"auto\", got 'all'"),
         ("", "[run]\nworkers = true", "run.workers", "expected an integer, got True"),
         ("", "[run]\ndevice = \"mps\"", "run.device", "expected 'cpu', 'cuda' or 'cuda:N'"),
         ("", "[analysis]\nsimilarity = { temperatures = [1, -4] }",
@@ -159,8 +159,12 @@ def test_run_workers_default_to_the_plan(tmp_path):
     for n in (0, 3):
         cfg = load_config(_write(tmp_path, BASE + f"\n[run]\nworkers = {n}\n"))
         assert cfg.run.workers == n
-    # the template leaves it to the plan too
+    # the template leaves it to the plan too, and "auto" says so explicitly
     assert load_config(write_template(tmp_path / "t.toml")).run.workers is None
+    assert load_config(_write(tmp_path, BASE + '\n[run]\nworkers = "auto"\n')).run.workers is None
+    with pytest.raises(ConfigError, match=r'run.workers: expected an integer >= 0 or "auto", '
+                                          r"got 'many'"):
+        load_config(_write(tmp_path, BASE + '\n[run]\nworkers = "many"\n'))
 
 
 def test_compare_workers_flag_overrides_the_config(tmp_path, monkeypatch, capsys):

@@ -467,8 +467,11 @@ def _run(ctx: _Ctx, table: Any) -> RunConfig:
         r.batch_size = _int(ctx, table["batch_size"], "run.batch_size", lo=1)
     if "seed" in table:
         r.seed = _int(ctx, table["seed"], "run.seed", lo=0)
-    if "workers" in table:  # absent: None, chosen per cache (TOML has no null to write)
-        r.workers = _int(ctx, table["workers"], "run.workers", lo=0)
+    if "workers" in table:  # absent or "auto": None, chosen per cache (TOML has no null)
+        w = table["workers"]
+        if isinstance(w, str) and w != "auto":
+            raise ctx.error("run.workers", f'expected an integer >= 0 or "auto", got {w!r}')
+        r.workers = None if w == "auto" else _int(ctx, w, "run.workers", lo=0)
     return r
 
 
@@ -589,7 +592,8 @@ device = "cpu"      # cpu, cuda, cuda:1
 batch_size = 64
 seed = 0
 # workers = 4       # DataLoader processes decoding images (0: a thread of the main process);
-                    # unset: chosen from the cores and the device, as `interptool cache` does
+                    # unset or "auto": chosen from the cores and the device, as
+                    # `interptool cache` does
 '''
 
 
