@@ -26,6 +26,7 @@ from torchvision import transforms as T
 from interptool.cache import ActivationCache, cache_activations, capture_layers, run_cache
 from interptool.cache._format import chunk_rows
 from interptool.errors import CacheError, ConfigError, DataError
+from interptool.loading import ToNormalizedChannelsLast, split_normalization
 from interptool.loading._zoo import ZOO
 
 # -- stand-ins with the attributes of LoadedModel / ImageDataset (docs/architecture.md) ------
@@ -39,13 +40,18 @@ class FakePre:
         self.mean = (0.5, 0.5, 0.5)
         self.std = (0.25, 0.25, 0.25)
 
-    def eval_transform(self):
-        s = self.input_size[1]
-        return T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor(), T.Normalize(self.mean, self.std)])
+    def _last(self, channels_last: bool) -> list:
+        if channels_last:  # the same values, laid out as the cache feeds conv models on the CPU
+            return [ToNormalizedChannelsLast(self.mean, self.std)]
+        return [T.ToTensor(), T.Normalize(self.mean, self.std)]
 
-    def probe_transform(self):
+    def eval_transform(self, *, channels_last: bool = False):
         s = self.input_size[1]
-        return T.Compose([T.Resize((s, s)), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([T.Resize(s), T.CenterCrop(s), *self._last(channels_last)])
+
+    def probe_transform(self, *, channels_last: bool = False):
+        s = self.input_size[1]
+        return T.Compose([T.Resize((s, s)), *self._last(channels_last)])
 
     def to_dict(self):
         return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
@@ -529,6 +535,33 @@ class _FlattensWithView(torch.nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return self.fc(y.view(y.shape[0], -1))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_channels_last_run_decodes_straight_into_channels_last_batches(workers):
+    """A channels-last run's items carry 8-bit pixels and its collation normalises them into a
+    channels-last batch (also in a worker process), so the forward pass gets its layout
+    without a per-batch copy; bad images (None) are dropped as before; the values are the
+    default transform's."""
+    from interptool.cache._writer import _CollateNormalizing
+
+    ds = FakeDataset(7)
+    pre = FakePre()
+    part, step = split_normalization(pre.eval_transform(channels_last=True))
+    items = _TorchDS(ds, part, skip_bad=False)
+    collate = _CollateNormalizing(step)
+    loader = torch.utils.data.DataLoader(items, batch_size=4, num_workers=workers,
+                                         collate_fn=collate)
+    plain = _TorchDS(ds, pre.eval_transform(), skip_bad=False)
+    for b, (x, y, idx) in enumerate(loader):
+        assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        want = torch.stack([plain[i][0] for i in idx.tolist()])
+        assert torch.equal(x, want)
+        assert idx.tolist() == list(range(4 * b, min(4 * b + 4, 7)))
+        assert y.dtype == torch.int64 and y.tolist() == [plain[i][1] for i in idx.tolist()]
+    x, y, idx = collate([items[0], None, items[2]])
+    assert idx.tolist() == [0, 2] and torch.equal(x, torch.stack([plain[0][0], plain[2][0]]))
+    assert collate([None, None]) is None
 
 
 def test_channels_last_input_by_default_on_cpu_else_the_default_layout(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -22,9 +23,11 @@ from interptool.errors import CheckpointError, ConfigError  # noqa: E402
 from interptool.loading import (  # noqa: E402
     LoadedModel,
     Preprocessing,
+    ToNormalizedChannelsLast,
     list_layers,
     load_model,
     read_state_dict,
+    split_normalization,
 )
 from interptool.loading._zoo import ZOO  # noqa: E402
 
@@ -510,6 +513,63 @@ def test_transforms_known_values():
     import pickle
 
     pickle.loads(pickle.dumps(pre.eval_transform()))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_channels_last_transforms_give_the_same_values_in_channels_last_order(channels,
+                                                                              crop_mode):
+    """The channels-last transforms (the cache's, for conv models on the CPU) must give the
+    very values of timm's/torchvision's ToTensor + Normalize, for every crop mode and for
+    inputs that need a conversion first (palette, 16-bit, RGBA, odd sizes)."""
+    mean, std = (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels]
+    pre = Preprocessing((channels, 20, 18), mean, std, "bicubic", 0.8, crop_mode)
+    rng = np.random.default_rng(channels)
+    rgb = Image.fromarray(rng.integers(0, 256, (31, 27, 3), dtype=np.uint8))
+    images = [rgb, rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P"),
+              Image.fromarray(rng.integers(0, 65535, (9, 40), dtype=np.uint16))]
+    for build in (pre.eval_transform, pre.probe_transform):
+        plain, cl = build(), build(channels_last=True)
+        assert any(isinstance(step, ToNormalizedChannelsLast) for step in cl.transforms)
+        for img in images:
+            want, got = plain(img), cl(img)
+            assert want.is_contiguous() and torch.equal(got, want), (build.__name__, img.mode)
+            # (C, H, W) viewed from an (H, W, C) buffer: strides (1, W*C, C)
+            c, h, w = got.shape
+            assert got.stride() == (1, w * c, c)
+    pickle.loads(pickle.dumps(pre.probe_transform(channels_last=True)))
+
+
+def test_channels_last_step_split_into_pixels_and_a_normalising_stack():
+    """The cache's split of the step (8-bit pixels per image, normalised into a channels-last
+    batch) gives the values of torch.stack over the plain transform, for RGB and grayscale;
+    inputs other than 8-bit PIL images keep torchvision's conversion (no second /255)."""
+    rng = np.random.default_rng(3)
+    for channels in (3, 1):
+        pre = Preprocessing((channels, 12, 10), (0.3, 0.5, 0.7)[:channels],
+                            (0.2, 0.4, 0.6)[:channels], "bilinear", 0.9, "center")
+        plain = pre.eval_transform()
+        part, step = split_normalization(pre.eval_transform(channels_last=True))
+        images = [Image.fromarray(rng.integers(0, 256, (15, 13, 3), dtype=np.uint8))
+                  for _ in range(5)]
+        pixels = [part(im) for im in images]
+        assert all(px.dtype == torch.uint8 and px.shape == (12, 10, channels) for px in pixels)
+        batch = step.stack(pixels)
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(batch, torch.stack([plain(im) for im in images]))
+        pickle.loads(pickle.dumps(part))
+    assert split_normalization(pre.eval_transform()) is None  # the default layout: no split
+    with pytest.raises(RuntimeError, match="equal size"):
+        step.stack([pixels[0], pixels[0][:5]])
+
+    step = ToNormalizedChannelsLast((0.5, 0.25), (2.0, 0.5))
+    hwc = rng.random((3, 4, 2), dtype=np.float32)
+    got = step(hwc)  # not a PIL image: torchvision's conversion (no scaling), then the layout
+    x = torch.from_numpy(hwc).permute(2, 0, 1)
+    assert torch.equal(got, torch.stack([(x[0] - 0.5) / 2.0, (x[1] - 0.25) / 0.5]))
+    assert got.stride() == (1, 8, 2)
+    with pytest.raises(ValueError, match="std evaluated to zero"):
+        ToNormalizedChannelsLast((0.5,), (0.0,))
 
 
 # ----------------------------------------------------------------------------- layers & dict

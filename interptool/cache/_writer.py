@@ -48,7 +48,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ from interptool.cache._format import (
 from interptool.cache._hooks import capture_layers, resolve_layers
 from interptool.common.numerics import fp32_precision
 from interptool.errors import CacheError, ConfigError, DataError, InterptoolError
+from interptool.loading import split_normalization
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,23 @@ def _collate_skip_none(items: list[Any]) -> Any:
     if not kept:
         return None
     return default_collate(kept)
+
+
+class _CollateNormalizing:
+    """Collation of a channels-last run: items carry their 8-bit pixels
+    (``split_normalization``), normalised here straight into a channels-last batch, which the
+    forward pass takes as it is. Drops ``None`` items like :func:`_collate_skip_none`.
+    Picklable (DataLoader workers)."""
+
+    def __init__(self, step: Any) -> None:
+        self.step = step
+
+    def __call__(self, items: list[Any]) -> Any:
+        kept = [it for it in items if it is not None]
+        if not kept:
+            return None
+        pixels, labels, index = zip(*kept)
+        return [self.step.stack(pixels), default_collate(labels), default_collate(index)]
 
 
 # kept for code that imported the private name
@@ -517,7 +535,8 @@ def _make_job(
     ids = [str(i) for i in dataset.ids]
     use_probe = _choose_probe(dataset, probe)
     pre = loaded.preprocessing
-    transform = pre.probe_transform() if use_probe else pre.eval_transform()
+    # built per run (_loader): a channels-last run takes its images in that layout already
+    make_transform = pre.probe_transform if use_probe else pre.eval_transform
     # Without --threads, a caller that limited torch's threads keeps its limit (and its
     # numbers: float reductions may round differently with another thread count).
     cap: int | None = torch.get_num_threads()
@@ -548,7 +567,7 @@ def _make_job(
         "preprocessing": pre.to_dict(),
         "transform": "probe" if use_probe else "eval",
     }
-    return _Job(path, loaded, dataset, layers, ids, transform, dev, plan, want,
+    return _Job(path, loaded, dataset, layers, ids, make_transform, dev, plan, want,
                 batch_size=batch_size, dtype=dtype, compression=compression,
                 skip_bad=skip_bad, seed=seed, extra_attrs=dict(extra_attrs or {}),
                 channels_last_wanted=channels_last,
@@ -576,7 +595,7 @@ class _Job:
     dataset: Any
     layers: list[str]
     ids: list[str]
-    transform: Any
+    make_transform: Callable[..., Any]  # (channels_last=...) -> PIL image -> tensor
     dev: torch.device
     plan: ThreadPlan
     want: dict[str, Any]
@@ -859,7 +878,14 @@ class _Job:
 
     # -- the batches ----------------------------------------------------------------------------
     def _loader(self, start: int) -> DataLoader:
-        tds = self.dataset.torch_dataset(self.transform, skip_bad=self.skip_bad)
+        transform, collate = self.make_transform(), _collate_skip_none
+        if self.channels_last:
+            # decoded straight into channels-last batches (no re-layout per batch, and less
+            # decoding work: see ToNormalizedChannelsLast); the same values
+            split = split_normalization(self.make_transform(channels_last=True))
+            if split is not None:
+                transform, collate = split[0], _CollateNormalizing(split[1])
+        tds = self.dataset.torch_dataset(transform, skip_bad=self.skip_bad)
         if start:
             tds = Subset(tds, range(start, self.n_items))
         # no more workers than batches left: each would start a process (and, on CUDA, the
@@ -870,7 +896,7 @@ class _Job:
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=w,
-            collate_fn=_collate_skip_none,
+            collate_fn=collate,
             pin_memory=self.dev.type == "cuda",
             # decoding runs ahead of the forward pass by two batches per worker (bounded memory)
             prefetch_factor=2 if w else None,
@@ -1034,7 +1060,7 @@ class _Prefetch:
     consumer stops early: an error in the forward pass, an interrupt). ``init`` runs first in
     the thread.
 
-    Torch work in the thread (the transform's ``ToTensor`` / ``Normalize``, collation,
+    Torch work in the thread (the transform's conversion and normalisation, collation,
     pinning) runs on one intra-op thread (:func:`_one_torch_thread`): with the process's
     count it would start an OpenMP team of its own beside the forward pass's and
     oversubscribe the cores the plan gave the forward pass.

@@ -14,15 +14,21 @@ from interptool.loading._builder import check_model_kwargs
 from interptool.loading._checkpoint import read_state_dict
 from interptool.loading._layers import layer_table, list_layers
 from interptool.loading._model import LoadedModel, LoadReport, load_model
-from interptool.loading._preprocess import Preprocessing
+from interptool.loading._preprocess import (
+    Preprocessing,
+    ToNormalizedChannelsLast,
+    split_normalization,
+)
 
 __all__ = [
     "LoadReport",
     "LoadedModel",
     "Preprocessing",
+    "ToNormalizedChannelsLast",
     "check_model_kwargs",
     "layer_table",
     "list_layers",
     "load_model",
     "read_state_dict",
+    "split_normalization",
 ]
