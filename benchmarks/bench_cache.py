@@ -15,10 +15,11 @@ so the numbers isolate model + hooks + HDF5 writing, and nothing is held for the
 probe images (``builtin:concept-world?version=1&n=N&size=224``, PNG files decoded and resized by the
 probe transform) cached with resnet18 layer4, against a bare ``model(x)`` loop over the same
 images decoded beforehand, with the same batches and the same torch threads as the cache's
-forward pass (``--threads``/``--workers`` as in ``interptool cache``). The bare loop runs in
-both memory layouts: ``model(x)`` as a user writes it, and fed channels-last input as the cache
-feeds convolutional models on the CPU (the floor for the cache's own work); rounds alternate
-and the median ratio against each is printed:
+forward pass (``--threads``/``--workers`` as in ``interptool cache``). The bare loop runs three
+ways: ``model(x)`` as a user writes it; converting each batch to channels-last, the layout the
+cache feeds convolutional models on the CPU; and over batches laid out channels-last
+beforehand (the forward pass and nothing else, the absolute floor). Rounds alternate and the
+median ratio against each is printed:
 
     python benchmarks/bench_cache.py --probe 480 --layers layer4 --threads 2
     python benchmarks/bench_cache.py --probe 480 --layers layer4 --threads 2 --workers 1
