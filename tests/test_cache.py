@@ -564,6 +564,71 @@ def test_channels_last_run_decodes_straight_into_channels_last_batches(workers):
     assert collate([None, None]) is None
 
 
+class _OldStylePre(FakePre):
+    """A preprocessing object written against the older interface: no ``channels_last``."""
+
+    def eval_transform(self):
+        return super().eval_transform()
+
+    def probe_transform(self):
+        return super().probe_transform()
+
+
+class _TransformIgnoringDataset(FakeDataset):
+    """A data set that hands out final tensors whatever transform it is given."""
+
+    def torch_dataset(self, transform, skip_bad: bool = False):
+        return _TorchDS(self, FakePre().eval_transform(), skip_bad)
+
+
+def test_cache_runs_decode_into_channels_last_batches_and_old_interfaces_still_work(
+        tmp_path, monkeypatch):
+    """The cache's channels-last runs go through the normalising collation, and the model gets
+    the loader's channels-last batch; runs in the default layout do not. A preprocessing
+    object without the ``channels_last`` keyword and a data set that ignores the transform
+    still cache, with the same values to the bit."""
+    from interptool.cache import _writer
+
+    calls = {"n": 0}
+    real = _writer._CollateNormalizing.__call__
+
+    def counting(self, items):
+        calls["n"] += 1
+        return real(self, items)
+
+    monkeypatch.setattr(_writer._CollateNormalizing, "__call__", counting)
+    model = make_student()
+    seen: list[tuple[bool, bool]] = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), args[0].is_contiguous())))
+    ds = FakeDataset(10)
+    layers = ["layer4"]
+    want_logits, want_feats = direct_outputs(model, ds, layers, 4)
+    seen.clear()
+    path = cache_activations(FakeLoaded(model), ds, layers, tmp_path / "a.h5", batch_size=4,
+                             dtype="float32")
+    assert calls["n"] == 3  # 10 images in batches of 4
+    assert seen[-3:] == [(True, False)] * 3  # the loader's channels-last batch as it is
+    runs = [path]
+    calls["n"] = 0
+    old_pre = FakeLoaded(model, preprocessing=_OldStylePre())
+    runs.append(cache_activations(old_pre, ds, layers, tmp_path / "b.h5", batch_size=4,
+                                  dtype="float32"))
+    runs.append(cache_activations(FakeLoaded(model), _TransformIgnoringDataset(10), layers,
+                                  tmp_path / "c.h5", batch_size=4, dtype="float32"))
+    assert calls["n"] == 3  # only the last run's collation (its items are tensors already)
+    hook.remove()
+    for p in runs:
+        with ActivationCache(p) as c:
+            assert c.attrs["numerics"]["memory_format"] == "channels_last"
+            np.testing.assert_array_equal(c.logits, want_logits)
+            np.testing.assert_array_equal(c.features("layer4")[:], want_feats["layer4"])
+    calls["n"] = 0
+    cache_activations(FakeLoaded(model), ds, layers, tmp_path / "d.h5", batch_size=4,
+                      dtype="float32", channels_last=False)
+    assert calls["n"] == 0
+
+
 def test_channels_last_input_by_default_on_cpu_else_the_default_layout(tmp_path):
     """Conv models get channels-last input on the CPU (faster oneDNN convolutions), recorded
     in numerics; their values equal a direct channels-last forward to the bit and a

@@ -21,6 +21,7 @@ import torchvision  # noqa: E402
 
 from interptool.errors import CheckpointError, ConfigError  # noqa: E402
 from interptool.loading import (  # noqa: E402
+    ImagePixels,
     LoadedModel,
     Preprocessing,
     ToNormalizedChannelsLast,
@@ -553,14 +554,20 @@ def test_channels_last_step_split_into_pixels_and_a_normalising_stack():
         images = [Image.fromarray(rng.integers(0, 256, (15, 13, 3), dtype=np.uint8))
                   for _ in range(5)]
         pixels = [part(im) for im in images]
-        assert all(px.dtype == torch.uint8 and px.shape == (12, 10, channels) for px in pixels)
+        assert all(isinstance(px, ImagePixels) and px.hwc.dtype == torch.uint8
+                   and px.hwc.shape == (12, 10, channels) for px in pixels)
         batch = step.stack(pixels)
         assert batch.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(batch, torch.stack([plain(im) for im in images]))
+        want = torch.stack([plain(im) for im in images])
+        assert torch.equal(batch, want)
+        # final (C, H, W) values among them (a data set that ignores the transform): copied
+        mixed = step.stack([pixels[0], want[1], pixels[2]])
+        assert mixed.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(mixed, want[:3])
         pickle.loads(pickle.dumps(part))
     assert split_normalization(pre.eval_transform()) is None  # the default layout: no split
     with pytest.raises(RuntimeError, match="equal size"):
-        step.stack([pixels[0], pixels[0][:5]])
+        step.stack([pixels[0], ImagePixels(pixels[0].hwc[:5])])
 
     step = ToNormalizedChannelsLast((0.5, 0.25), (2.0, 0.5))
     hwc = rng.random((3, 4, 2), dtype=np.float32)
@@ -569,7 +576,25 @@ def test_channels_last_step_split_into_pixels_and_a_normalising_stack():
     assert torch.equal(got, torch.stack([(x[0] - 0.5) / 2.0, (x[1] - 0.25) / 0.5]))
     assert got.stride() == (1, 8, 2)
     with pytest.raises(ValueError, match="std evaluated to zero"):
-        ToNormalizedChannelsLast((0.5,), (0.0,))
+        ToNormalizedChannelsLast((0.5,), (0.0,))(Image.new("L", (2, 2)))
+
+
+def test_channels_last_step_follows_the_default_dtype_at_call_time():
+    """Like ToTensor/Normalize, the step converts to torch's default dtype when called, not
+    when built: a transform built under float32 and called under float64 gives the same
+    values as the plain transform (mean/std converted from the floats, not from float32)."""
+    pre = Preprocessing((3, 9, 7), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (11, 8, 3), dtype=np.uint8))
+    transforms = [(pre.probe_transform(), pre.probe_transform(channels_last=True)),
+                  (pre.eval_transform(), pre.eval_transform(channels_last=True))]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for plain, cl in transforms:
+            want, got = plain(img), cl(img)
+            assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)
+    finally:
+        torch.set_default_dtype(old)
 
 
 # ----------------------------------------------------------------------------- layers & dict

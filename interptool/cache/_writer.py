@@ -41,6 +41,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -88,7 +89,7 @@ from interptool.cache._format import (
 from interptool.cache._hooks import capture_layers, resolve_layers
 from interptool.common.numerics import fp32_precision
 from interptool.errors import CacheError, ConfigError, DataError, InterptoolError
-from interptool.loading import split_normalization
+from interptool.loading import ImagePixels, split_normalization
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,11 @@ def _collate_skip_none(items: list[Any]) -> Any:
 
 
 class _CollateNormalizing:
-    """Collation of a channels-last run: items carry their 8-bit pixels
-    (``split_normalization``), normalised here straight into a channels-last batch, which the
-    forward pass takes as it is. Drops ``None`` items like :func:`_collate_skip_none`.
-    Picklable (DataLoader workers)."""
+    """Collation of a channels-last run: items carry their pixels (``ImagePixels``, from
+    ``split_normalization``), normalised here straight into a channels-last batch, which the
+    forward pass takes as it is. Drops ``None`` items like :func:`_collate_skip_none`; a data
+    set that does not apply the transform (its items are tensors already) is collated as
+    before. Picklable (DataLoader workers)."""
 
     def __init__(self, step: Any) -> None:
         self.step = step
@@ -193,8 +195,20 @@ class _CollateNormalizing:
         kept = [it for it in items if it is not None]
         if not kept:
             return None
-        pixels, labels, index = zip(*kept)
-        return [self.step.stack(pixels), default_collate(labels), default_collate(index)]
+        images, labels, index = zip(*kept)
+        if not any(isinstance(image, ImagePixels) for image in images):
+            return default_collate(kept)
+        return [self.step.stack(images), default_collate(labels), default_collate(index)]
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (a preprocessing object written
+    against the older interface has ``eval_transform()`` without ``channels_last``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: call it the plain way
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 # kept for code that imported the private name
@@ -879,7 +893,7 @@ class _Job:
     # -- the batches ----------------------------------------------------------------------------
     def _loader(self, start: int) -> DataLoader:
         transform, collate = self.make_transform(), _collate_skip_none
-        if self.channels_last:
+        if self.channels_last and _takes_keyword(self.make_transform, "channels_last"):
             # decoded straight into channels-last batches (no re-layout per batch, and less
             # decoding work: see ToNormalizedChannelsLast); the same values
             split = split_normalization(self.make_transform(channels_last=True))

@@ -15,12 +15,14 @@ from interptool.loading._checkpoint import read_state_dict
 from interptool.loading._layers import layer_table, list_layers
 from interptool.loading._model import LoadedModel, LoadReport, load_model
 from interptool.loading._preprocess import (
+    ImagePixels,
     Preprocessing,
     ToNormalizedChannelsLast,
     split_normalization,
 )
 
 __all__ = [
+    "ImagePixels",
     "LoadReport",
     "LoadedModel",
     "Preprocessing",

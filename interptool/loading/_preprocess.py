@@ -169,20 +169,15 @@ class ToNormalizedChannelsLast:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        import torch
-
-        # float32 as Normalize makes them (from floats or from timm's float32 tensors)
-        self.mean = torch.as_tensor(mean, dtype=torch.get_default_dtype()).flatten().clone()
-        self.std = torch.as_tensor(std, dtype=torch.get_default_dtype()).flatten().clone()
-        if bool((self.std == 0).any()):
-            raise ValueError(f"std evaluated to zero after conversion to float32: {std}")
+        # kept as given (floats, or timm's float32 tensors) and converted to the output's
+        # dtype on each call, as Normalize does
+        self.mean, self.std = mean, std
 
     def __call__(self, pic: Any) -> Any:
         return self.normalize(self.pixels(pic))
 
-    def pixels(self, pic: Any) -> Any:
-        """``(H, W, C)`` pixels of ``pic``: uint8 for an 8-bit PIL image (``L``/``RGB``), else
-        torchvision's ``to_tensor`` values (already scaled), as a float ``(H, W, C)`` view."""
+    def pixels(self, pic: Any) -> ImagePixels:
+        """``pic``'s pixels, waiting for :meth:`normalize` (or :meth:`stack`)."""
         import numpy as np
         import torch
         from PIL import Image
@@ -190,44 +185,87 @@ class ToNormalizedChannelsLast:
 
         if isinstance(pic, Image.Image) and pic.mode in ("RGB", "L"):
             hwc = torch.from_numpy(np.array(pic, dtype=np.uint8, copy=True))
-            return hwc.unsqueeze(2) if hwc.ndim == 2 else hwc
-        return F.to_tensor(pic).permute(1, 2, 0)
+            return ImagePixels(hwc.unsqueeze(2) if hwc.ndim == 2 else hwc)
+        return ImagePixels(F.to_tensor(pic).permute(1, 2, 0))
 
-    def normalize(self, hwc: Any, out: Any = None) -> Any:
-        """Normalised ``(C, H, W)`` values of :meth:`pixels`' output, written into ``out``
-        (an ``(H, W, C)`` float tensor, e.g. a slot of a batch) or a new buffer."""
+    def normalize(self, pixels: ImagePixels, out: Any = None) -> Any:
+        """Normalised ``(C, H, W)`` values of ``pixels``, written into ``out`` (an
+        ``(H, W, C)`` tensor of torch's default float dtype, e.g. a slot of a batch) or into
+        a new buffer; channels-last strides either way."""
         import torch
 
         if out is None:
-            out = torch.empty(hwc.shape, dtype=torch.get_default_dtype())
-        out.copy_(hwc)  # uint8 -> float32 is exact
+            out = torch.empty(pixels.hwc.shape, dtype=torch.get_default_dtype())
+        return self._normalize_into(pixels.hwc, out, *self._stats(out.dtype))
+
+    def stack(self, images: Sequence[Any]) -> Any:
+        """A channels-last ``(N, C, H, W)`` batch: each :class:`ImagePixels` normalised into
+        its slot, the same values as ``torch.stack([self(pic) for pic in images])``. A
+        ``(C, H, W)`` tensor among them (final values from a data set that does not apply the
+        transform) is copied into its slot as it is."""
+        import torch
+
+        def hwc_shape(item: Any) -> tuple[int, ...]:
+            if isinstance(item, ImagePixels):
+                return tuple(item.hwc.shape)
+            return (*item.shape[1:], item.shape[0]) if item.ndim == 3 else tuple(item.shape)
+
+        shapes = {hwc_shape(item) for item in images}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise RuntimeError(f"stack expects each image to be equal size, but got {shapes}")
+        out = torch.empty((len(images), *shapes.pop()), dtype=torch.get_default_dtype())
+        stats = self._stats(out.dtype)
+        for slot, item in zip(out, images):
+            if isinstance(item, ImagePixels):
+                self._normalize_into(item.hwc, slot, *stats)
+            else:
+                slot.copy_(item.permute(1, 2, 0))
+        return out.permute(0, 3, 1, 2)
+
+    def _stats(self, dtype: Any) -> tuple[Any, Any]:
+        import torch
+
+        mean = torch.as_tensor(self.mean, dtype=dtype).flatten()
+        std = torch.as_tensor(self.std, dtype=dtype).flatten()
+        if bool((std == 0).any()):
+            raise ValueError(f"std evaluated to zero after conversion to {dtype}, leading to "
+                             "division by zero.")
+        return mean, std
+
+    @staticmethod
+    def _normalize_into(hwc: Any, out: Any, mean: Any, std: Any) -> Any:
+        import torch
+
+        out.copy_(hwc)  # uint8 -> float is exact
         if hwc.dtype == torch.uint8:
             out.div_(255)
         # the channel is the last dimension here: mean/std broadcast along it
-        return out.sub_(self.mean).div_(self.std).permute(2, 0, 1)
-
-    def stack(self, pixels: Sequence[Any]) -> Any:
-        """A channels-last ``(N, C, H, W)`` batch of the images whose :meth:`pixels` are given:
-        the same values as ``torch.stack([self(pic) for pic in images])``."""
-        import torch
-
-        shapes = {tuple(px.shape) for px in pixels}
-        if len(shapes) != 1:
-            raise RuntimeError(f"stack expects each image to be equal size, but got {shapes}")
-        out = torch.empty((len(pixels), *shapes.pop()), dtype=torch.get_default_dtype())
-        for slot, px in zip(out, pixels):
-            self.normalize(px, out=slot)
-        return out.permute(0, 3, 1, 2)
+        return out.sub_(mean).div_(std).permute(2, 0, 1)
 
     def __repr__(self) -> str:
-        return (f"ToNormalizedChannelsLast(mean={tuple(self.mean.tolist())}, "
-                f"std={tuple(self.std.tolist())})")
+        return f"ToNormalizedChannelsLast(mean={_plain(self.mean)}, std={_plain(self.std)})"
+
+
+@dataclass(frozen=True)
+class ImagePixels:
+    """One image's pixels before normalisation (:meth:`ToNormalizedChannelsLast.pixels`).
+
+    ``hwc``: an ``(H, W, C)`` tensor, uint8 for 8-bit PIL images (``L``/``RGB``), else
+    torchvision's ``to_tensor`` values (already scaled to [0, 1]). A type of its own, so that a
+    batch knows which of its items still need normalising.
+    """
+
+    hwc: Any
+
+
+def _plain(values: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in (values.tolist() if hasattr(values, "tolist") else values))
 
 
 def split_normalization(transform: Any) -> tuple[Callable, ToNormalizedChannelsLast] | None:
     """``(per-image part, step)`` of a transform that ends in :class:`ToNormalizedChannelsLast`
-    (``eval_transform(channels_last=True)``): the part gives :meth:`~ToNormalizedChannelsLast.
-    pixels`, ``step.stack`` makes the batch. ``None`` for any other transform."""
+    (``eval_transform(channels_last=True)``): the part gives each image's
+    :class:`ImagePixels`, ``step.stack`` makes the batch. ``None`` for any other transform."""
     from torchvision import transforms as T
 
     steps = getattr(transform, "transforms", None)
@@ -243,7 +281,7 @@ class _Pixels:
     def __init__(self, step: ToNormalizedChannelsLast) -> None:
         self.step = step
 
-    def __call__(self, pic: Any) -> Any:
+    def __call__(self, pic: Any) -> ImagePixels:
         return self.step.pixels(pic)
 
     def __repr__(self) -> str:
