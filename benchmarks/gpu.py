@@ -11,6 +11,10 @@ steps on the CPU (a smoke check of the script, which the test suite runs on a fe
 Usage::
 
     python benchmarks/gpu.py [--n 3000] [--arch torchvision:resnet18] [--layer layer4]
+                             [--channels-last]
+
+``--channels-last`` measures both loops with channels-last input (the cache's default on the
+CPU; on CUDA it is off unless asked for, and whether it pays there is what this measures).
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward(loaded, probe, batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Seconds for the model alone over the probe's images, decoded and on the GPU first."""
+def bare_forward(loaded, probe, batch_size: int, device: torch.device,
+                 layout: torch.memory_format = torch.contiguous_format) -> tuple[float, int]:
+    """Seconds for the model alone over the probe's images, decoded, laid out and on the GPU
+    first."""
     tds = probe.torch_dataset(loaded.preprocessing.probe_transform(), skip_bad=False)
     batches = []
     for s in range(0, len(tds), batch_size):
         xs = [tds[i][0] for i in range(s, min(s + batch_size, len(tds)))]
-        batches.append(torch.stack(xs).to(device, non_blocking=True))
+        batches.append(torch.stack(xs).to(device, non_blocking=True, memory_format=layout))
     model = loaded.model
     with torch.inference_mode():
         model(batches[0])  # warm-up (cuDNN autotune, allocations)
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_gpu"))
     ap.add_argument("--device", default="cuda", help="cpu: smoke check of the script")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="feed the model channels-last input, in the bare loop and the cache "
+                    "(the cache's default is channels-last on the CPU only)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -74,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.arch, num_classes=10, image_size=(args.size, args.size),
                         device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"device: {name}; torch {torch.__version__}; "
-          f"{os.cpu_count()} CPUs; probe {probe.spec}; {args.arch} {args.layer}")
+          f"{os.cpu_count()} CPUs; probe {probe.spec}; {args.arch} {args.layer}; input "
+          f"{'channels-last' if args.channels_last else 'default layout'}")
 
-    t_bare, n_bare = bare_forward(loaded, probe, args.batch_size, device)
+    t_bare, n_bare = bare_forward(loaded, probe, args.batch_size, device, layout)
     print(f"bare forward (decoded tensors already on the GPU): {n_bare / t_bare:.0f} images/s "
           f"({t_bare:.2f} s)")
 
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     cache_activations(loaded, probe, [args.layer], path, batch_size=args.batch_size,
-                      dtype="float16", probe=True, device=device)
+                      dtype="float16", probe=True, device=device,
+                      channels_last=True if args.channels_last else None)
     _sync(device)
     t_cache = time.perf_counter() - t0
     print(f"cache (decode + forward + write): {args.n / t_cache:.0f} images/s ({t_cache:.2f} s; "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 13 item 7 in one call, for a lent GPU machine (about 5-9 minutes on
-# an H200 with a cold start): the CUDA tests, benchmarks/gpu.py, and the detector-count
+# Every GPU check of issue 13 item 7 in one call, for a lent GPU machine (about 6-10 minutes on
+# an H200 with a cold start): the CUDA tests, benchmarks/gpu.py (both input layouts), the detector-count
 # bootstrap on the GPU (benchmarks/bench_bootstrap.py --device cuda). Logs go to $OUT (the
 # device tool's return folder) or to the folder given as $1.
 #
@@ -30,6 +30,9 @@ rc=0
 timeout 240 "$py" -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider -o addopts= \
     2>&1 | tee "$out/gpu_tests.log" || rc=1
 timeout 200 "$py" benchmarks/gpu.py --n 3000 2>&1 | tee "$out/gpu_bench.log" || rc=1
+# the same with channels-last input: does the CPU's default layout pay on the GPU too?
+timeout 120 "$py" benchmarks/gpu.py --n 3000 --channels-last 2>&1 \
+    | tee "$out/gpu_bench_channels_last.log" || rc=1
 # the detector-count bootstrap's weighted sums on the GPU against the CPU path (same rows)
 timeout 100 "$py" benchmarks/bench_bootstrap.py --n 3000 10000 --device cuda 2>&1 \
     | tee "$out/gpu_bootstrap.log" || rc=1

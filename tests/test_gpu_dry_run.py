@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -31,16 +33,18 @@ def test_the_gpu_tests_pass_with_the_cpu_standing_in_for_cuda(tmp_path):
     assert "skipped" not in run.stdout, tail
 
 
-def test_the_gpu_benchmark_runs_its_steps_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--channels-last"]])
+def test_the_gpu_benchmark_runs_its_steps_on_the_cpu(tmp_path, layout):
     """benchmarks/gpu.py --device cpu: the same steps as on a GPU, on a few images."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(
         [sys.executable, str(TESTS.parent / "benchmarks" / "gpu.py"), "--device", "cpu",
-         "--n", "24", "--batch-size", "8", "--workdir", str(tmp_path)],
+         "--n", "24", "--batch-size", "8", "--workdir", str(tmp_path), *layout],
         capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     for step in ("bare forward", "cache (decode + forward + write)",
-                 "dissection analysis, run 2 (thresholds + tally on cpu)"):
+                 "dissection analysis, run 2 (thresholds + tally on cpu)",
+                 "input channels-last" if layout else "input default layout"):
         assert step in out, out[-3000:]
     assert (tmp_path / "gpu_n24.h5").is_file()
