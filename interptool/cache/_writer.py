@@ -892,13 +892,15 @@ class _Job:
 
     # -- the batches ----------------------------------------------------------------------------
     def _loader(self, start: int) -> DataLoader:
-        transform, collate = self.make_transform(), _collate_skip_none
+        split = None
         if self.channels_last and _takes_keyword(self.make_transform, "channels_last"):
             # decoded straight into channels-last batches (no re-layout per batch, and less
             # decoding work: see ToNormalizedChannelsLast); the same values
             split = split_normalization(self.make_transform(channels_last=True))
-            if split is not None:
-                transform, collate = split[0], _CollateNormalizing(split[1])
+        if split is None:
+            transform, collate = self.make_transform(), _collate_skip_none
+        else:
+            transform, collate = split[0], _CollateNormalizing(split[1])
         tds = self.dataset.torch_dataset(transform, skip_bad=self.skip_bad)
         if start:
             tds = Subset(tds, range(start, self.n_items))
