@@ -6,6 +6,7 @@ package's), on the same batches, so equality is exact.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -543,13 +544,13 @@ def test_channels_last_run_decodes_straight_into_channels_last_batches(workers):
     channels-last batch (also in a worker process), so the forward pass gets its layout
     without a per-batch copy; bad images (None) are dropped as before; the values are the
     default transform's."""
-    from interptool.cache._writer import _CollateNormalizing
+    from interptool.cache._writer import _collate
 
     ds = FakeDataset(7)
     pre = FakePre()
     part, step = split_normalization(pre.eval_transform(channels_last=True))
     items = _TorchDS(ds, part, skip_bad=False)
-    collate = _CollateNormalizing(step)
+    collate = functools.partial(_collate, step=step)
     loader = torch.utils.data.DataLoader(items, batch_size=4, num_workers=workers,
                                          collate_fn=collate)
     plain = _TorchDS(ds, pre.eval_transform(), skip_bad=False)
@@ -590,13 +591,13 @@ def test_cache_runs_decode_into_channels_last_batches_and_old_interfaces_still_w
     from interptool.cache import _writer
 
     calls = {"n": 0}
-    real = _writer._CollateNormalizing.__call__
+    real = _writer._collate
 
-    def counting(self, items):
-        calls["n"] += 1
-        return real(self, items)
+    def counting(items, step=None):
+        calls["n"] += step is not None  # the collations of channels-last runs
+        return real(items, step=step)
 
-    monkeypatch.setattr(_writer._CollateNormalizing, "__call__", counting)
+    monkeypatch.setattr(_writer, "_collate", counting)
     model = make_student()
     seen: list[tuple[bool, bool]] = []
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(

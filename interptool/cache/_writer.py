@@ -88,6 +88,7 @@ from interptool.cache._format import (
 )
 from interptool.cache._hooks import capture_layers, resolve_layers
 from interptool.common.numerics import fp32_precision
+from interptool.data import collate_skip_bad
 from interptool.errors import CacheError, ConfigError, DataError, InterptoolError
 from interptool.loading import ImagePixels, split_normalization
 
@@ -173,32 +174,20 @@ def _maxima(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _collate_skip_none(items: list[Any]) -> Any:
-    """Collate ``(tensor, label, index)`` items, dropping ``None`` (bad images with skip_bad)."""
-    kept = [it for it in items if it is not None]
-    if not kept:
-        return None
-    return default_collate(kept)
-
-
-class _CollateNormalizing:
-    """Collation of a channels-last run: items carry their pixels (``ImagePixels``, from
-    ``split_normalization``), normalised here straight into a channels-last batch, which the
-    forward pass takes as it is. Drops ``None`` items like :func:`_collate_skip_none`; a data
-    set that does not apply the transform (its items are tensors already) is collated as
-    before. Picklable (DataLoader workers)."""
-
-    def __init__(self, step: Any) -> None:
-        self.step = step
-
-    def __call__(self, items: list[Any]) -> Any:
+def _collate(items: list[Any], step: Any = None) -> Any:
+    """Collate ``(image, label, index)`` items as ``collate_skip_bad`` does (``None`` items,
+    bad images with skip_bad, are dropped; ``None`` when all are). With ``step`` (a
+    channels-last run, ``split_normalization``) the items carry their pixels
+    (``ImagePixels``), normalised here straight into a channels-last batch, which the forward
+    pass takes as it is; a data set that does not apply the transform (its items are tensors
+    already) is collated as before. ``functools.partial`` of it pickles (DataLoader workers).
+    """
+    if step is not None:
         kept = [it for it in items if it is not None]
-        if not kept:
-            return None
-        images, labels, index = zip(*kept)
-        if not any(isinstance(image, ImagePixels) for image in images):
-            return default_collate(kept)
-        return [self.step.stack(images), default_collate(labels), default_collate(index)]
+        if any(isinstance(it[0], ImagePixels) for it in kept):
+            images, labels, index = zip(*kept)
+            return [step.stack(images), default_collate(labels), default_collate(index)]
+    return collate_skip_bad(items)
 
 
 def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
@@ -898,9 +887,9 @@ class _Job:
             # decoding work: see ToNormalizedChannelsLast); the same values
             split = split_normalization(self.make_transform(channels_last=True))
         if split is None:
-            transform, collate = self.make_transform(), _collate_skip_none
+            transform, collate = self.make_transform(), _collate
         else:
-            transform, collate = split[0], _CollateNormalizing(split[1])
+            transform, collate = split[0], functools.partial(_collate, step=split[1])
         tds = self.dataset.torch_dataset(transform, skip_bad=self.skip_bad)
         if start:
             tds = Subset(tds, range(start, self.n_items))
