@@ -48,6 +48,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # one torch thread, as the issue-13 "1 thread" baseline
     "threads1": ("import torch; torch.set_num_threads(1)", []),
     "no-figures": ("", ["--no-figures"]),
+    # masks decoded in the analysis process (the default before mask workers were chosen)
+    "workers0": ("", ["--workers", "0"]),
+    "workers0-no-figures": ("", ["--workers", "0", "--no-figures"]),
 }
 
 
@@ -136,16 +139,19 @@ def check_reference(cache_path: Path, layer: str, spec: str, m: int) -> bool:
 
 
 ANALYSIS_CODE = """
-import sys, time
+import resource, sys, time
 {setup}
 import torch
 from interptool.analyzers.dissection import Dissection
 from interptool.cache import ActivationCache
 with ActivationCache({cache!r}) as cache:
     d = Dissection(checksum=False)
-    w0, c0 = time.perf_counter(), time.process_time()
+    def cpu():  # this process and its reaped children (mask workers)
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + ch.ru_utime + ch.ru_stime
+    w0, c0 = time.perf_counter(), cpu()
     res = d.run(cache, {layer!r})
-    w, c = time.perf_counter() - w0, time.process_time() - c0
+    w, c = time.perf_counter() - w0, cpu() - c0
 threads = (res.config.get("threads") or {{}}).get("torch_threads")
 print(f"RESULT {{w:.3f}} {{c:.3f}} {{threads}}")
 """
@@ -158,6 +164,9 @@ ANALYSIS_SETTINGS = {
     "threads2": "import torch; torch.set_num_threads(2)\n"
                 "import interptool.analyzers.dissection._analyzer as a\n"
                 "a.analysis_threads = lambda workers=0: {'torch_threads': 2}",
+    # masks decoded in this process (the default before mask workers were chosen)
+    "workers0": "import interptool.analyzers.dissection._analyzer as a\n"
+                "a.mask_workers = lambda *args, **kwargs: 0",
 }
 
 

@@ -7,6 +7,8 @@ and how to fix it. The CLI prints the message and exits with status 2, without a
 
 from __future__ import annotations
 
+import re
+
 
 class InterptoolError(Exception):
     """Base class for errors the user can fix; the CLI prints them and exits with code 2."""
@@ -46,3 +48,17 @@ class ParamsError(ConfigError, AnalysisError):
     def __init__(self, message: str, field: str = "") -> None:
         super().__init__(message)
         self.field = field
+
+
+# torch re-raises an error from a DataLoader worker as the same type, with a message of
+# "Caught X in DataLoader worker process N." and the worker's traceback ending in the original
+_WORKER_TRACEBACK = re.compile(r"Original Traceback.*?\n(?:\w+\.)*\w+Error: (.*)\Z", re.S)
+
+
+def unwrap_worker_error(exc: InterptoolError) -> InterptoolError:
+    """``exc`` as the DataLoader worker raised it: the traceback torch puts into the message
+    when it re-raises the error in the main process is removed (the CLI prints one line)."""
+    m = _WORKER_TRACEBACK.search(str(exc))
+    if m:
+        return type(exc)(m.group(1).strip())
+    return exc

@@ -259,13 +259,13 @@ def test_dissection_records_threads_and_restores_torch(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(an, "analysis_threads", lambda workers=0: {"torch_threads": 1})
-    real = an.Dissection._run
+    real = an.Dissection._measure
 
     def spy(self, *a, **k):
         seen.append(torch.get_num_threads())
         return real(self, *a, **k)
 
-    monkeypatch.setattr(an.Dissection, "_run", spy)
+    monkeypatch.setattr(an.Dissection, "_measure", spy)
     probe = _OneLabelProbe()
     feats = np.random.default_rng(0).random((2, 3, 2, 2), dtype=np.float32)
     path = write_cache(tmp_path / "c.h5", logits=np.zeros((2, 2)), ids=probe.ids,

@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -89,7 +88,13 @@ from interptool.cache._format import (
 from interptool.cache._hooks import capture_layers, resolve_layers
 from interptool.common.numerics import fp32_precision
 from interptool.data import collate_skip_bad
-from interptool.errors import CacheError, ConfigError, DataError, InterptoolError
+from interptool.errors import (
+    CacheError,
+    ConfigError,
+    DataError,
+    InterptoolError,
+    unwrap_worker_error,
+)
 from interptool.loading import ImagePixels, split_normalization
 
 log = logging.getLogger(__name__)
@@ -216,17 +221,6 @@ def _forward_failed(model_name: str, shape: tuple[int, ...], exc: Exception) -> 
         f"model {model_name} failed on a batch of shape {shape} ({type(exc).__name__}: "
         f"{first}); {fix}"
     )
-
-
-_WRAPPED = re.compile(r"Original Traceback.*?\n(?:\w+\.)*\w+Error: (.*)\Z", re.S)
-
-
-def _unwrap_worker_error(exc: InterptoolError) -> InterptoolError:
-    """A DataLoader worker re-raises our error with a traceback in the message; strip it."""
-    m = _WRAPPED.search(str(exc))
-    if m:
-        return type(exc)(m.group(1).strip())
-    return exc
 
 
 def _check_args(batch_size: int, workers: int | None, dtype: str,
@@ -972,7 +966,7 @@ class _Job:
                     except StopIteration:  # pragma: no cover - loader shorter than expected
                         break
                     except InterptoolError as exc:
-                        raise _unwrap_worker_error(exc) from None
+                        raise unwrap_worker_error(exc) from None
                     stop = min(item + batch_size, n_items)
                     if batch is None:  # every image of this batch was bad
                         skipped.extend(ids[item:stop])

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,11 @@ from interptool.analyzers.dissection._bootstrap import (
     resample_measures,
 )
 from interptool.analyzers.dissection._params import DissectionParams
-from interptool.analyzers.dissection._protocol import get_protocol, resolve_protocol
+from interptool.analyzers.dissection._protocol import (
+    ResolvedProtocol,
+    get_protocol,
+    resolve_protocol,
+)
 from interptool.analyzers.dissection._quantile import ExactQuantile
 from interptool.analyzers.dissection._resize import is_square
 from interptool.analyzers.dissection._tally import (
@@ -61,8 +66,14 @@ from interptool.analyzers.dissection._tally import (
     TallyAccumulator,
     collate_list,
 )
-from interptool.analyzers.dissection._threads import analysis_threads
-from interptool.errors import AnalysisError, CacheError, ConfigError
+from interptool.analyzers.dissection._threads import analysis_threads, mask_workers
+from interptool.errors import (
+    AnalysisError,
+    CacheError,
+    ConfigError,
+    InterptoolError,
+    unwrap_worker_error,
+)
 
 __all__ = ["Dissection", "DissectionResult"]
 
@@ -582,7 +593,11 @@ class Dissection:
             protocol's, NetDissect-Lite 0.04; ``han2023`` 0.05).
         batch_size: images per streamed block (memory does not grow with the set size).
         device: torch device for the quantile merge, upsampling and counting.
-        workers: DataLoader workers decoding segmentation masks.
+        workers: DataLoader worker processes decoding the segmentation masks; ``None``
+            (default) chooses from the cores and the device (:func:`mask_workers`: on the CPU
+            half the cores, on CUDA all but one or two; none for a probe of a few batches or
+            segmentations decoded already in this process). Recorded with the threads in
+            ``result.config["threads"]["mask_workers"]``. The results do not depend on it.
         top_images: probe images kept per unit for the montages.
         category_area: ``"overlap"`` (NetDissect-Lite's code, default): a unit's mask in an
             image counts toward category c's denominator when it touches a pixel labelled
@@ -609,7 +624,7 @@ class Dissection:
         iou_threshold: float | None = None,
         batch_size: int = 64,
         device: str = "cpu",
-        workers: int = 0,
+        workers: int | None = None,
         top_images: int = 8,
         *,
         category_area: str = "overlap",
@@ -644,7 +659,7 @@ class Dissection:
                                    else iou_threshold)
         self.batch_size = int(batch_size)
         self.device = str(device)
-        self.workers = int(workers)
+        self.workers = None if workers is None else int(workers)
         self.top_images = int(top_images)
         self.category_area = category_area
         self.checksum = bool(checksum)
@@ -682,11 +697,7 @@ class Dissection:
                 probe = cache.data_spec
             probe = _open_probe(probe)
             self._check_alignment(cache, probe)
-            # torch threads from the cores that are free now (docs/benchmarks_dissect.md)
-            threads = analysis_threads(self.workers)
-            with torch_threads(threads["torch_threads"]):
-                result = self._run(cache, layer, probe)
-            result.config["threads"] = threads
+            result = self._run(cache, layer, probe)
             result.names = (name or _model_name(cache),)
             return result
         finally:
@@ -719,14 +730,33 @@ class Dissection:
     def _run(self, cache: Any, layer: str, probe: Any) -> DissectionResult:
         device = torch.device(self.device)
         view = _LayerView(cache, layer)
-        U, H, W, N = view.units, view.h, view.w, cache.n
-        if N == 0:
+        if cache.n == 0:
             raise AnalysisError(f"{cache.path}: the cache holds no images")
         # the protocol decides the categories and which images take part (NetDissect-Lite
         # drops images without a label of a selected category before anything is counted)
         proto = resolve_protocol(probe, self.protocol, categories=self.categories,
                                  iou_threshold=self._given["iou_threshold"],
                                  quantile=self._given["quantile"])
+        # masks are decoded by worker processes when that pays (none when this process holds
+        # them decoded already), and the tally's torch threads take the cores left over and
+        # free now (docs/benchmarks_dissect.md)
+        categories = list(proto.categories)
+        slot = _memo_slot(probe, categories)
+        memoised = slot is not None and slot[0].get(slot[1]) is not None
+        workers = mask_workers(self.workers, 0 if memoised else len(probe), self.batch_size,
+                               device.type)
+        threads = analysis_threads(workers)
+        with torch_threads(threads["torch_threads"]):
+            result = self._measure(cache, layer, probe, view, proto, slot, workers)
+        result.config["threads"] = threads
+        return result
+
+    def _measure(self, cache: Any, layer: str, probe: Any, view: _LayerView,
+                 proto: ResolvedProtocol, slot: tuple[dict, tuple] | None,
+                 workers: int) -> DissectionResult:
+        """Both passes over the layer (thresholds, then the tally) and the result."""
+        device = torch.device(self.device)
+        U, H, W, N = view.units, view.h, view.w, cache.n
         keep = proto.keep
         all_kept = bool(keep.all())
         n_kept = proto.n_kept
@@ -738,6 +768,9 @@ class Dissection:
 
         p = 1.0 - self.quantile
         n_values = n_kept * H * W
+
+        # started before pass 1: mask workers decode while the thresholds are computed
+        segmentations = self._segmentations(probe, list(proto.categories), slot, workers)
 
         # ---- pass 1: thresholds (exact), finiteness, per-unit top images
         quant = ExactQuantile(U, n_values, p, device)
@@ -778,8 +811,7 @@ class Dissection:
             recorder = BlockRecorder(tally, self.bootstrap_block_size) if self.bootstrap else None
             top_np = top_i.cpu().numpy()
             top_maps = np.zeros((U, k_top, H, W), dtype=np.float32)
-            for (start, x), items in zip(view.blocks(self.batch_size), self._segmentations(
-                    probe, categories)):
+            for (start, x), items in zip(view.blocks(self.batch_size), segmentations):
                 if len(items) != x.shape[0] or items[0].index != start:
                     raise AnalysisError("internal: feature and segmentation batches misaligned")
                 rows = kept_rows(start, x.shape[0])
@@ -863,53 +895,80 @@ class Dissection:
             "re-create the cache with --dtype float32 if float16 overflowed"
         )
 
-    def _segmentations(self, probe: Any, categories: list[str]):
+    def _segmentations(self, probe: Any, categories: list[str],
+                       slot: tuple[dict, tuple] | None, workers: int) -> Iterator[list[SegItem]]:
         """Batches of decoded segmentations (:class:`SegItem`) in probe order.
 
         A probe small enough (:data:`SEGMENTATION_MEMO_BYTES`) is decoded once per process
         and categories: dissecting several layers and models (``compare``: every model, both
         layers and the random-init controls) on it reuses the items, which the tally only
-        reads."""
-        state = _mask_files_state(probe)
-        key = (getattr(probe, "fingerprint", None), len(probe), tuple(categories), state)
-        if state is None:  # unknown or unreadable mask files: decode (errors name the file)
-            yield from self._decode_segmentations(probe, categories)
-            return
-        try:
-            memo = _SEGMENTATION_MEMO.setdefault(probe, {})
-        except TypeError:  # not weak-referenceable: decode every time
-            memo = {}
-        cached = memo.get(key)
+        reads. ``slot``: the probe's memo and this run's key (:func:`_memo_slot`; None: not
+        memoisable, decoded every time). With ``workers`` the decoding starts when this is
+        called, so the workers decode while the threshold pass runs."""
+        cached = slot[0].get(slot[1]) if slot is not None else None
         if cached is not None:
-            for s in range(0, len(cached), self.batch_size):
-                yield cached[s : s + self.batch_size]
-            return
-        kept: list[SegItem] | None = []
-        size = 0
-        for batch in self._decode_segmentations(probe, categories):
-            if kept is not None:
-                size += sum(it.pixel.nbytes + it.label_counts.nbytes + it.scalars.nbytes
-                            for it in batch)
-                if size <= SEGMENTATION_MEMO_BYTES:
-                    kept.extend(batch)
-                else:
-                    kept = None
-            # stored before the last batch is handed over: the caller's zip() never resumes
-            # this generator after its last item
-            if kept is not None and len(kept) == len(probe):
-                memo.clear()  # one entry per probe: the latest categories
-                memo[key] = kept
-            yield batch
+            return (cached[s : s + self.batch_size] for s in range(0, len(cached),
+                                                                  self.batch_size))
+        decoded = self._decode_segmentations(probe, categories, workers)
+        return decoded if slot is None else _memoising(decoded, slot, len(probe))
 
-    def _decode_segmentations(self, probe: Any, categories: list[str]):
+    def _decode_segmentations(self, probe: Any, categories: list[str],
+                              workers: int) -> Iterator[list[SegItem]]:
         ds = SegmentationSet(probe, categories)
-        if self.workers == 0:
-            for s in range(0, len(ds), self.batch_size):
-                yield [ds[i] for i in range(s, min(s + self.batch_size, len(ds)))]
-            return
+        if workers == 0:  # decoded on demand, between the tally's batches
+            return ([ds[i] for i in range(s, min(s + self.batch_size, len(ds)))]
+                    for s in range(0, len(ds), self.batch_size))
+        # the workers start now; two batches each are decoded ahead (bounded memory)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
-                                             num_workers=self.workers, collate_fn=collate_list)
-        yield from loader
+                                             num_workers=workers, collate_fn=collate_list,
+                                             prefetch_factor=2)
+        return _worker_errors_unwrapped(iter(loader))
+
+
+def _memoising(batches: Iterator[list[SegItem]], slot: tuple[dict, tuple],
+               n_items: int) -> Iterator[list[SegItem]]:
+    """Pass ``batches`` through and keep their items in the memo ``slot`` when all of them
+    fit in :data:`SEGMENTATION_MEMO_BYTES`."""
+    memo, key = slot
+    kept: list[SegItem] | None = []
+    size = 0
+    for batch in batches:
+        if kept is not None:
+            size += sum(it.pixel.nbytes + it.label_counts.nbytes + it.scalars.nbytes
+                        for it in batch)
+            if size <= SEGMENTATION_MEMO_BYTES:
+                kept.extend(batch)
+            else:
+                kept = None
+        # stored before the last batch is handed over: the caller's zip() never resumes
+        # this generator after its last item
+        if kept is not None and len(kept) == n_items:
+            memo.clear()  # one entry per probe: the latest categories
+            memo[key] = kept
+        yield batch
+
+
+def _worker_errors_unwrapped(batches: Iterator[list[SegItem]]) -> Iterator[list[SegItem]]:
+    """A bad mask file found by a DataLoader worker raises the worker's one-line error."""
+    try:
+        yield from batches
+    except InterptoolError as exc:
+        raise unwrap_worker_error(exc) from None
+
+
+def _memo_slot(probe: Any, categories: list[str]) -> tuple[dict, tuple] | None:
+    """The probe's memo of decoded segmentations and this run's key in it; None when the
+    probe cannot be memoised (it does not list its mask files, one is unreadable, or the
+    probe is not weak-referenceable)."""
+    state = _mask_files_state(probe)
+    if state is None:
+        return None
+    key = (getattr(probe, "fingerprint", None), len(probe), tuple(categories), state)
+    try:
+        memo = _SEGMENTATION_MEMO.setdefault(probe, {})
+    except TypeError:
+        return None
+    return memo, key
 
 
 def _mask_files_state(probe: Any) -> str | None:

@@ -77,7 +77,9 @@ class DissectionParams(Params):
     batch_size: int = param(64, "images per streamed block (memory does not grow with N)", ge=1)
     device: str = param("cpu", "torch device for thresholds and counting", config=False,
                         cli=False)
-    workers: int = param(0, "DataLoader workers decoding the masks", ge=0)
+    workers: int | None = param(None, "DataLoader worker processes decoding the masks "
+                                "(default: chosen from the cores and the device; 0: decoded "
+                                "in this process)", ge=0)
     top_images: int = param(8, "probe images kept per unit for its montage", ge=0)
     category_area: str = param("overlap", "unit area per category: NetDissect-Lite's "
                                "'overlap' or 'image'", choices=("overlap", "image"))

@@ -1,0 +1,112 @@
+"""Mask-decoding workers of the dissection analysis: how many are chosen, that the results do
+not depend on them, and that a bad mask file found by a worker is still a one-line error."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from interptool import _resources as res
+from interptool.analyzers.dissection import Dissection
+from interptool.analyzers.dissection._threads import MIN_BATCHES_FOR_WORKERS, mask_workers
+from interptool.cache import write_cache
+from interptool.cli import main
+from interptool.data import open_dataset
+from interptool.errors import DataError
+
+WORLD = "builtin:concept-world?version=1&n=48&size=32"
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """``machine(n)``: this process may use ``n`` cores (affinity; no cgroup quota) and torch
+    does not cap the choice (its default thread count follows the real machine)."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text("0::/\n")
+    monkeypatch.setattr(res, "CGROUP_ROOT", root)
+    monkeypatch.setattr(res, "PROC_CGROUP", proc)
+
+    def cores(n: int) -> None:
+        monkeypatch.setattr(res.os, "sched_getaffinity", lambda pid: set(range(n)))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+
+    return cores
+
+
+@pytest.mark.parametrize("cores,device,n_images,want", [
+    (2, "cpu", 480, 1),  # half the cores decode, half count
+    (8, "cpu", 3000, 4),
+    (1, "cpu", 3000, 0),  # one core: decoded between the tally's batches
+    (16, "cuda", 3000, 14),  # the GPU counts: all cores but two decode
+    (4, "cuda", 3000, 3),  # below 8 cores one stays with the process
+    (16, "cuda", 5 * 64, 5),  # never more workers than batches
+    (16, "cpu", (MIN_BATCHES_FOR_WORKERS - 1) * 64, 0),  # too few batches to repay a start
+    (16, "cuda", 0, 0),  # segmentations held decoded already: nothing to decode
+])
+def test_chosen_mask_workers(machine, cores, device, n_images, want):
+    machine(cores)
+    assert mask_workers(None, n_images, 64, device) == want
+
+
+def test_explicit_mask_workers_kept_and_torch_limit_respected(machine, monkeypatch):
+    machine(8)
+    assert mask_workers(0, 3000, 64) == 0
+    assert mask_workers(3, 10, 64) == 3  # asked for: kept even for one batch
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a program limited torch
+    assert mask_workers(None, 3000, 64) == 0
+
+
+def _world_cache(tmp_path, probe, units=6, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = np.maximum(rng.standard_normal((len(probe), units, 4, 4)), 0).astype(np.float32)
+    return write_cache(tmp_path / "c.h5", logits=np.zeros((len(probe), 2)), ids=probe.ids,
+                       features={"l4": feats},
+                       attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
+
+
+def test_results_equal_with_and_without_workers(tmp_path, machine):
+    machine(2)
+    path = _world_cache(tmp_path, open_dataset(WORLD))
+    kw = dict(quantile=0.02, batch_size=8, checksum=False, bootstrap=30, seed=3)  # 6 batches
+    # fresh probe objects: no run finds the other's segmentations memoised
+    plain = Dissection(workers=0, **kw).run(path, "l4", open_dataset(WORLD))
+    probe = open_dataset(WORLD)
+    chosen = Dissection(**kw).run(path, "l4", probe)
+    assert plain.config["threads"]["mask_workers"] == 0
+    assert chosen.config["threads"]["mask_workers"] == 1  # 2 cores: one decodes
+    assert chosen.config["threads"]["planned_threads"] == 1  # ... and one counts
+    assert chosen.config["workers"] is None  # what was asked: chosen
+    for name in ("intersect", "label_area", "unit_cat_area", "iou", "thresholds",
+                 "top_images", "top_maps"):
+        np.testing.assert_array_equal(getattr(chosen, name), getattr(plain, name), name)
+    assert chosen.bootstrap_samples.equals(plain.bootstrap_samples)
+    # the same probe object again: its segmentations are held decoded, so no worker starts
+    # and the counting keeps both cores
+    again = Dissection(**kw).run(path, "l4", probe)
+    assert again.config["threads"]["mask_workers"] == 0
+    assert again.config["threads"]["planned_threads"] == 2
+    np.testing.assert_array_equal(again.iou, plain.iou)
+
+
+def test_bad_mask_found_by_a_worker_is_one_line(tmp_path, capsys):
+    root = tmp_path / "probe"
+    shutil.copytree(open_dataset(WORLD).root, root)
+    probe = open_dataset(f"broden:{root}")
+    bad = probe.mask_files(41)["object"][0]  # decoded by a worker, in the sixth batch
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    path = _world_cache(tmp_path, probe)
+    with pytest.raises(DataError) as info:
+        Dissection(quantile=0.02, batch_size=8, workers=2, checksum=False).run(path, "l4",
+                                                                             probe)
+    msg = str(info.value)
+    assert str(bad) in msg and "\n" not in msg and "Traceback" not in msg, msg
+    rc = main(["dissect", str(path), "--layer", "l4", "--probe", f"broden:{root}",
+               "--out", str(tmp_path / "out"), "--workers", "2", "--batch-size", "8",
+               "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(bad) in err and len(err.splitlines()) == 1, err
