@@ -16,6 +16,7 @@ import hashlib
 import os
 import platform
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,16 +31,104 @@ class NoSpaceError(InterptoolError):
     """The device holding an output is full (``ENOSPC``) or the user's quota is spent."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (bounded memory)."""
+#: digests of files hashed in this process, by the file's identity and version (device,
+#: inode, size, modification time): a file read by several analyses (``compare`` records the
+#: cache's checksum for every model, layer and analysis; a Broden-scale cache is ~10 GB, ~7 s
+#: to hash) is hashed once. interptool replaces its outputs by renaming a new file over them
+#: (a new inode), and a file changed in place gets a new modification time.
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_DIGESTS_KEPT = 64
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _hash_file(path: str | os.PathLike, chunk: int = 1 << 20,
+               stop: threading.Event | None = None) -> str | None:
+    """Hex sha256 of a file read in chunks (bounded memory); None if ``stop`` was set."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
+            if stop is not None and stop.is_set():
+                return None
             block = f.read(chunk)
             if not block:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def _remember(before: tuple[int, int, int, int], path: str | os.PathLike, digest: str) -> None:
+    if _identity(path) != before:  # changed while it was read: the digest is of neither
+        return
+    _DIGESTS[before] = digest
+    while len(_DIGESTS) > _DIGESTS_KEPT:
+        del _DIGESTS[next(iter(_DIGESTS))]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (bounded memory); a file this process hashed
+    before and that has not changed since is not read again."""
+    before = _identity(path)
+    known = _DIGESTS.get(before)
+    if known is not None:
+        return known
+    digest = _hash_file(path, chunk)
+    assert digest is not None
+    _remember(before, path, digest)
+    return digest
+
+
+class BackgroundDigest:
+    """The sha256 of a file, computed by a thread while the caller works.
+
+    Reading a file and hashing it release the GIL, so on a machine with a core to spare the
+    checksum an output records costs no wall time (a 10 GB cache takes ~7 s to hash on one
+    core). :meth:`result` waits for it (and raises what the thread met, e.g. a missing file);
+    :meth:`cancel` stops the thread between chunks (a run that failed does not wait for it).
+    A file hashed before in this process is not read again (:func:`sha256_file`).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        try:
+            before = _identity(path)
+        except OSError as exc:
+            self._error = exc
+            return
+        self._digest = _DIGESTS.get(before)
+        if self._digest is None:
+            self._thread = threading.Thread(target=self._work, args=(before,),
+                                            name="interptool-sha256", daemon=True)
+            self._thread.start()
+
+    def _work(self, before: tuple[int, int, int, int]) -> None:
+        try:
+            self._digest = _hash_file(self.path, stop=self._stop)
+            if self._digest is not None:
+                _remember(before, self.path, self._digest)
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self) -> str:
+        """The hex digest, once the thread is done."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._digest is None:
+            raise RuntimeError(f"the sha256 of {self.path} was cancelled")
+        return self._digest
+
+    def cancel(self) -> None:
+        """Stop hashing (between chunks); :meth:`result` then raises."""
+        self._stop.set()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -110,3 +110,39 @@ def test_bad_mask_found_by_a_worker_is_one_line(tmp_path, capsys):
                "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and str(bad) in err and len(err.splitlines()) == 1, err
+
+
+def test_checksum_read_beside_the_passes_and_dropped_on_failure(tmp_path, monkeypatch):
+    import hashlib
+
+    from interptool.analyzers.dissection import _analyzer as an
+    from interptool.errors import AnalysisError
+
+    probe = open_dataset(WORLD)
+    path = _world_cache(tmp_path, probe)
+    r = Dissection(quantile=0.02, batch_size=8).run(path, "l4", probe)
+    assert r.provenance["cache_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert Dissection(quantile=0.02, checksum=False).run(
+        path, "l4", probe).provenance["cache_sha256"] is None
+
+    made = []
+
+    class Spy(an.BackgroundDigest):
+        def __init__(self, p):
+            super().__init__(p)
+            self.cancelled = False
+            made.append(self)
+
+        def cancel(self):
+            self.cancelled = True
+            super().cancel()
+
+    monkeypatch.setattr(an, "BackgroundDigest", Spy)
+    feats = np.ones((len(probe), 2, 4, 4), np.float32)
+    feats[5, 1, 2, 2] = np.nan
+    bad = write_cache(tmp_path / "nan.h5", logits=np.zeros((len(probe), 2)), ids=probe.ids,
+                      features={"l4": feats},
+                      attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
+    with pytest.raises(AnalysisError, match="NaN"):
+        Dissection(quantile=0.02).run(bad, "l4", probe)
+    assert len(made) == 1 and made[0].cancelled  # the failed run did not wait for the hash

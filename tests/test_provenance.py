@@ -75,3 +75,82 @@ def test_temporary_names_of_text_and_figures_do_not_pass_for_outputs(tmp_path, m
     assert seen == [(f"a.json.tmp{pid}", "a.json"), (f"b.png.tmp{pid}", "b.png"),
                     (f"c.tmp{pid}.npz", "c.npz")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png", "c.npz"]
+
+
+# ---------------------------------------------------------------------------- checksums
+def _count_reads(monkeypatch):
+    from interptool import _provenance
+
+    reads = []
+    real = _provenance._hash_file
+
+    def spy(path, *a, **k):
+        reads.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(_provenance, "_hash_file", spy)
+    return reads
+
+
+def test_sha256_file_reads_a_file_again_only_when_it_changed(tmp_path, monkeypatch):
+    import hashlib
+    import os as _os
+
+    reads = _count_reads(monkeypatch)
+    p = tmp_path / "cache.h5"
+    data = np.random.default_rng(0).bytes(3 * 2**20 + 5)  # several chunks
+    p.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(p) == want and sha256_file(p) == want
+    assert reads == ["cache.h5"]  # the second call did not read it
+    # changed in place, same size: a new modification time, so read again
+    st = _os.stat(p)
+    changed = b"X" + data[1:]
+    p.write_bytes(changed)
+    _os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(p) == hashlib.sha256(changed).hexdigest()
+    # replaced by renaming a new file over it (how interptool writes): a new inode
+    atomic_write_text(p, "x\n")
+    assert sha256_file(p) == sha256_bytes(b"x\n")
+    assert reads == ["cache.h5"] * 3
+
+
+def test_background_digest_result_errors_and_cancel(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+
+    from interptool import _provenance
+    from interptool._provenance import BackgroundDigest
+
+    reads = _count_reads(monkeypatch)
+    p = tmp_path / "a.bin"
+    data = np.random.default_rng(1).bytes(2**21 + 3)
+    p.write_bytes(data)
+    assert BackgroundDigest(p).result() == hashlib.sha256(data).hexdigest()
+    assert BackgroundDigest(p).result() == sha256_file(p)  # remembered: no thread, no read
+    assert reads == ["a.bin"]
+    with pytest.raises(FileNotFoundError):
+        BackgroundDigest(tmp_path / "missing.h5").result()
+    # the real reader stops between chunks once asked to
+    stop = threading.Event()
+    stop.set()
+    assert _provenance._hash_file(p, stop=stop) is None
+
+    # cancel() reaches the thread's reader, and result() then says it was cancelled
+    started = threading.Event()
+
+    def slow(path, chunk=1 << 20, stop=None):
+        started.set()
+        assert stop is not None and stop.wait(30)
+        return None
+
+    monkeypatch.setattr(_provenance, "_hash_file", slow)
+    q = tmp_path / "b.bin"
+    q.write_bytes(b"other")
+    digest = BackgroundDigest(q)
+    assert started.wait(30)
+    digest.cancel()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        digest.result()
+    monkeypatch.undo()  # the real reader again
+    assert sha256_file(q) == sha256_bytes(b"other")  # nothing remembered from the cancel

@@ -35,11 +35,11 @@ import torch
 
 from interptool._progress import progress
 from interptool._provenance import (
+    BackgroundDigest,
     atomic_path,
     atomic_savefig,
     atomic_write_text,
     provenance,
-    sha256_file,
 )
 from interptool._resources import torch_threads
 from interptool.analyzers.dissection._bootstrap import (
@@ -746,14 +746,21 @@ class Dissection:
         workers = mask_workers(self.workers, 0 if memoised else len(probe), self.batch_size,
                                device.type)
         threads = analysis_threads(workers)
-        with torch_threads(threads["torch_threads"]):
-            result = self._measure(cache, layer, probe, view, proto, slot, workers)
+        # the cache's checksum (provenance) is read on a thread while the passes run
+        digest = BackgroundDigest(cache.path) if self.checksum else None
+        try:
+            with torch_threads(threads["torch_threads"]):
+                result = self._measure(cache, layer, probe, view, proto, slot, workers,
+                                       digest)
+        finally:
+            if digest is not None:
+                digest.cancel()  # a failed run does not wait for it (done: no effect)
         result.config["threads"] = threads
         return result
 
     def _measure(self, cache: Any, layer: str, probe: Any, view: _LayerView,
                  proto: ResolvedProtocol, slot: tuple[dict, tuple] | None,
-                 workers: int) -> DissectionResult:
+                 workers: int, digest: BackgroundDigest | None) -> DissectionResult:
         """Both passes over the layer (thresholds, then the tally) and the result."""
         device = torch.device(self.device)
         U, H, W, N = view.units, view.h, view.w, cache.n
@@ -835,7 +842,7 @@ class Dissection:
                   "prefix_tokens": int(view.token_start)}
         prov = provenance(
             cache=str(cache.path),
-            cache_sha256=sha256_file(cache.path) if self.checksum else None,
+            cache_sha256=digest.result() if digest is not None else None,
             data_fingerprint=cache.data_fingerprint,
             probe_spec=getattr(probe, "spec", None),
             probe_fingerprint=getattr(probe, "fingerprint", None),
