@@ -61,6 +61,19 @@ def test_explicit_mask_workers_kept_and_torch_limit_respected(machine, monkeypat
     assert mask_workers(None, 3000, 64) == 0
 
 
+def test_no_chosen_workers_where_processes_are_not_forked(machine, monkeypatch):
+    import multiprocessing
+
+    from interptool.analyzers.dissection import _threads
+
+    machine(8)
+    assert _threads.start_method() == "fork"  # Linux, Python 3.11: the suite's platform
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert _threads.start_method() == "spawn"
+    assert mask_workers(None, 3000, 64) == 0  # spawn: re-imports torch, pickles the probe
+    assert mask_workers(2, 3000, 64) == 2  # asked for: kept
+
+
 def _world_cache(tmp_path, probe, units=6, seed=0):
     rng = np.random.default_rng(seed)
     feats = np.maximum(rng.standard_normal((len(probe), units, 4, 4)), 0).astype(np.float32)

@@ -746,11 +746,14 @@ class Dissection:
         workers = mask_workers(self.workers, 0 if memoised else len(probe), self.batch_size,
                                device.type)
         threads = analysis_threads(workers)
-        # the cache's checksum (provenance) is read on a thread while the passes run
+        # mask workers start now and decode while the thresholds are computed (forked before
+        # this run starts a thread of its own); the cache's checksum for the provenance is
+        # read on a thread while both passes run
+        segmentations = self._segmentations(probe, categories, slot, workers)
         digest = BackgroundDigest(cache.path) if self.checksum else None
         try:
             with torch_threads(threads["torch_threads"]):
-                result = self._measure(cache, layer, probe, view, proto, slot, workers,
+                result = self._measure(cache, layer, probe, view, proto, segmentations,
                                        digest)
         finally:
             if digest is not None:
@@ -759,8 +762,8 @@ class Dissection:
         return result
 
     def _measure(self, cache: Any, layer: str, probe: Any, view: _LayerView,
-                 proto: ResolvedProtocol, slot: tuple[dict, tuple] | None,
-                 workers: int, digest: BackgroundDigest | None) -> DissectionResult:
+                 proto: ResolvedProtocol, segmentations: Iterator[list[SegItem]],
+                 digest: BackgroundDigest | None) -> DissectionResult:
         """Both passes over the layer (thresholds, then the tally) and the result."""
         device = torch.device(self.device)
         U, H, W, N = view.units, view.h, view.w, cache.n
@@ -775,9 +778,6 @@ class Dissection:
 
         p = 1.0 - self.quantile
         n_values = n_kept * H * W
-
-        # started before pass 1: mask workers decode while the thresholds are computed
-        segmentations = self._segmentations(probe, list(proto.categories), slot, workers)
 
         # ---- pass 1: thresholds (exact), finiteness, per-unit top images
         quant = ExactQuantile(U, n_values, p, device)

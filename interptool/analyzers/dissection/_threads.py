@@ -32,6 +32,15 @@ __all__ = ["MIN_BATCHES_FOR_WORKERS", "SAMPLE_SECONDS", "analysis_threads", "idl
            "mask_workers"]
 
 
+def start_method() -> str:
+    """How this process starts new ones (DataLoader workers): the method set, else the
+    platform's default (the first of ``get_all_start_methods()``), read without fixing it."""
+    import multiprocessing
+
+    return (multiprocessing.get_start_method(allow_none=True)
+            or multiprocessing.get_all_start_methods()[0])
+
+
 def mask_workers(requested: int | None, n_images: int, batch_size: int,
                  device_type: str = "cpu") -> int:
     """DataLoader worker processes decoding the probe's masks: ``requested`` when given,
@@ -45,12 +54,15 @@ def mask_workers(requested: int | None, n_images: int, batch_size: int,
     7.3-7.4 s without); on any other device (CUDA) the counting needs almost no CPU and every
     core but :func:`~interptool._resources.accelerator_main_threads` decodes. No worker for
     fewer than :data:`MIN_BATCHES_FOR_WORKERS` batches, and never more workers than batches.
+    None either where new processes are not forked (macOS and Windows, or a program that set
+    another start method): there each worker imports torch again (seconds) and the probe
+    object must pickle, which a duck-typed probe written for an audit may not.
     ``n_images``: images to decode (0 when the segmentations are memoised already).
     """
     if requested is not None:
         return int(requested)
     batches = -(-int(n_images) // max(1, int(batch_size)))
-    if batches < MIN_BATCHES_FOR_WORKERS:
+    if batches < MIN_BATCHES_FOR_WORKERS or start_method() != "fork":
         return 0
     import torch
 
