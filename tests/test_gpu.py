@@ -206,6 +206,25 @@ def test_dissection_on_cuda_equals_cpu(tmp_path):
             np.testing.assert_array_equal(on_gpu[key], on_cpu[key], err_msg=f"{key} T={t}")
 
 
+def test_dissection_on_cuda_with_mask_workers_equals_cpu(tmp_path):
+    """Mask-decoding workers forked by a process that has initialised CUDA (they never touch
+    it; the default on CUDA gives them most cores): the same counts as the CPU without."""
+    probe = _Probe()
+    feats = np.random.default_rng(11).gamma(1.0, size=(10, 5, 4, 4)).astype(np.float32)
+    path = write_cache(tmp_path / "c.h5", logits=np.zeros((10, 2)), ids=probe.ids,
+                       features={"l": feats},
+                       attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
+    kw = dict(quantile=0.1, checksum=False, top_images=2, categories=["object", "scene"],
+              batch_size=2)
+    torch.zeros(1, device=CUDA)  # the context exists before the workers fork
+    gpu = Dissection(device=str(CUDA), workers=2, **kw).run(path, "l", probe)
+    cpu = Dissection(device="cpu", workers=0, **kw).run(path, "l", probe)
+    assert gpu.config["threads"]["mask_workers"] == 2
+    for name in ("thresholds", "iou", "intersect", "label_area", "unit_cat_area",
+                 "top_images"):
+        np.testing.assert_array_equal(getattr(gpu, name), getattr(cpu, name), err_msg=name)
+
+
 # -- float32 on two devices: helpers ---------------------------------------------------------
 
 
