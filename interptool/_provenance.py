@@ -32,17 +32,19 @@ class NoSpaceError(InterptoolError):
 
 
 #: digests of files hashed in this process, by the file's identity and version (device,
-#: inode, size, modification time): a file read by several analyses (``compare`` records the
-#: cache's checksum for every model, layer and analysis; a Broden-scale cache is ~10 GB, ~7 s
-#: to hash) is hashed once. interptool replaces its outputs by renaming a new file over them
-#: (a new inode), and a file changed in place gets a new modification time.
-_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+#: inode, size, modification and status-change times): a file read by several analyses
+#: (``compare`` records the cache's checksum for every model and layer it dissects; a
+#: Broden-scale cache is ~10 GB, ~7 s to hash) is hashed once. A cache is written in place,
+#: and ``--overwrite`` deletes it and makes a new one under the same name, which may get the
+#: same inode number back: every write and every new file moves the change time (ctime),
+#: which no program can set back (``touch -r`` and ``cp -p`` restore only the mtime).
+_DIGESTS: dict[tuple[int, ...], str] = {}
 _DIGESTS_KEPT = 64
 
 
-def _identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+def _identity(path: str | os.PathLike) -> tuple[int, ...]:
     st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _hash_file(path: str | os.PathLike, chunk: int = 1 << 20,
@@ -60,8 +62,11 @@ def _hash_file(path: str | os.PathLike, chunk: int = 1 << 20,
     return h.hexdigest()
 
 
-def _remember(before: tuple[int, int, int, int], path: str | os.PathLike, digest: str) -> None:
-    if _identity(path) != before:  # changed while it was read: the digest is of neither
+def _remember(before: tuple[int, ...], path: str | os.PathLike, digest: str) -> None:
+    try:
+        if _identity(path) != before:  # changed while it was read: the digest is of neither
+            return
+    except OSError:  # gone since it was read: the digest stands, but is not kept
         return
     _DIGESTS[before] = digest
     while len(_DIGESTS) > _DIGESTS_KEPT:
@@ -108,7 +113,7 @@ class BackgroundDigest:
                                             name="interptool-sha256", daemon=True)
             self._thread.start()
 
-    def _work(self, before: tuple[int, int, int, int]) -> None:
+    def _work(self, before: tuple[int, ...]) -> None:
         try:
             self._digest = _hash_file(self.path, stop=self._stop)
             if self._digest is not None:

@@ -104,6 +104,43 @@ def test_results_equal_with_and_without_workers(tmp_path, machine):
     assert again.config["threads"]["mask_workers"] == 0
     assert again.config["threads"]["planned_threads"] == 2
     np.testing.assert_array_equal(again.iou, plain.iou)
+    # ... also when workers were asked for: none would have anything to decode
+    asked = Dissection(workers=2, **kw).run(path, "l4", probe)
+    assert asked.config["threads"]["mask_workers"] == 0
+    assert asked.config["threads"]["planned_threads"] == 2
+    assert asked.config["workers"] == 2  # what was asked stays recorded
+
+
+def test_mask_workers_stop_when_the_tally_ends_or_the_run_fails(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from interptool.analyzers.dissection import _analyzer as an
+    from interptool.errors import AnalysisError
+
+    probe = open_dataset(WORLD)
+    path = _world_cache(tmp_path, probe)
+    children_while_resampling = []
+    real = an.resample_measures
+
+    def spy(*a, **k):
+        children_while_resampling.append(len(multiprocessing.active_children()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(an, "resample_measures", spy)
+    r = Dissection(quantile=0.02, batch_size=4, workers=2, checksum=False, bootstrap=10).run(
+        path, "l4", open_dataset(WORLD))
+    assert r.config["threads"]["mask_workers"] == 2
+    assert children_while_resampling == [0]  # not idle beside the bootstrap
+    # a run that fails in the threshold pass, its error kept (as a notebook keeps the last)
+    feats = np.ones((len(probe), 2, 4, 4), np.float32)
+    feats[30, 1, 2, 2] = np.inf
+    bad = write_cache(tmp_path / "inf.h5", logits=np.zeros((len(probe), 2)), ids=probe.ids,
+                      features={"l4": feats},
+                      attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
+    with pytest.raises(AnalysisError, match="NaN/Inf") as kept:
+        Dissection(quantile=0.02, batch_size=4, workers=2, checksum=False).run(
+            bad, "l4", open_dataset(WORLD))
+    assert kept.value is not None and multiprocessing.active_children() == []
 
 
 def test_bad_mask_found_by_a_worker_is_one_line(tmp_path, capsys):

@@ -103,11 +103,13 @@ def test_sha256_file_reads_a_file_again_only_when_it_changed(tmp_path, monkeypat
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(p) == want and sha256_file(p) == want
     assert reads == ["cache.h5"]  # the second call did not read it
-    # changed in place, same size: a new modification time, so read again
+    # changed in place, same size, and its modification time set back (`touch -r`, `cp -p`):
+    # the change time moved, so it is read again
     st = _os.stat(p)
     changed = b"X" + data[1:]
     p.write_bytes(changed)
-    _os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    _os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _os.stat(p).st_mtime_ns == st.st_mtime_ns
     assert sha256_file(p) == hashlib.sha256(changed).hexdigest()
     # replaced by renaming a new file over it (how interptool writes): a new inode
     atomic_write_text(p, "x\n")
@@ -131,6 +133,19 @@ def test_background_digest_result_errors_and_cancel(tmp_path, monkeypatch):
     assert reads == ["a.bin"]
     with pytest.raises(FileNotFoundError):
         BackgroundDigest(tmp_path / "missing.h5").result()
+    # a file deleted once it was read: the digest stands (it is only not remembered)
+    gone = tmp_path / "gone.bin"
+    gone.write_bytes(b"bytes")
+    real = _provenance._hash_file
+
+    def read_then_delete(path, *a, **k):
+        out = real(path, *a, **k)
+        Path(path).unlink()
+        return out
+
+    monkeypatch.setattr(_provenance, "_hash_file", read_then_delete)
+    assert BackgroundDigest(gone).result() == sha256_bytes(b"bytes")
+    monkeypatch.setattr(_provenance, "_hash_file", real)
     # the real reader stops between chunks once asked to
     stop = threading.Event()
     stop.set()

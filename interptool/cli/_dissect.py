@@ -29,7 +29,9 @@ Each layer is written to OUT/<layer>/: tally.csv (NetDissect-Lite columns, unit 
 summary.json (with the protocol record), iou.npz, concepts.csv, detectors_by_category.png,
 thresholds_curve.png and units/unit_XXXX.png montages; with --bootstrap also intervals.csv
 and block_stats.npz. With --arch the activations are cached first in OUT/activations.h5 (an
-existing matching cache there is reused). See docs/dissection.md.
+existing matching cache there is reused); --workers then also sets the cache step's
+image-decoding workers (default: chosen from the cores, as `interptool cache` does).
+See docs/dissection.md.
 """
 
 

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,10 @@ from interptool.errors import (
 )
 
 __all__ = ["Dissection", "DissectionResult"]
+
+#: batches of segmentations in probe order; a generator, so that a run can close() it (and
+#: with it the DataLoader's worker processes) as soon as it is done with them
+_Batches = Generator[list[SegItem], None, None]
 
 #: IoU thresholds of the detector-count curve (0.01 .. 0.20).
 CURVE_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(1, 21))
@@ -743,12 +747,13 @@ class Dissection:
         categories = list(proto.categories)
         slot = _memo_slot(probe, categories)
         memoised = slot is not None and slot[0].get(slot[1]) is not None
-        workers = mask_workers(self.workers, 0 if memoised else len(probe), self.batch_size,
-                               device.type)
+        # held decoded: nothing to decode, so no worker whatever was asked (the cores count)
+        workers = 0 if memoised else mask_workers(self.workers, len(probe), self.batch_size,
+                                                  device.type)
         threads = analysis_threads(workers)
-        # mask workers start now and decode while the thresholds are computed (forked before
-        # this run starts a thread of its own); the cache's checksum for the provenance is
-        # read on a thread while both passes run
+        # mask workers start now, so their first batches (two per worker) are decoded while
+        # the thresholds are computed (forked before this run starts a thread of its own);
+        # the cache's checksum for the provenance is read on a thread while both passes run
         segmentations = self._segmentations(probe, categories, slot, workers)
         digest = BackgroundDigest(cache.path) if self.checksum else None
         try:
@@ -756,13 +761,16 @@ class Dissection:
                 result = self._measure(cache, layer, probe, view, proto, segmentations,
                                        digest)
         finally:
+            # workers stop now, not when the garbage collector finds them (a failed run's
+            # error may be kept, with the frames that hold them, by the caller)
+            segmentations.close()
             if digest is not None:
                 digest.cancel()  # a failed run does not wait for it (done: no effect)
         result.config["threads"] = threads
         return result
 
     def _measure(self, cache: Any, layer: str, probe: Any, view: _LayerView,
-                 proto: ResolvedProtocol, segmentations: Iterator[list[SegItem]],
+                 proto: ResolvedProtocol, segmentations: _Batches,
                  digest: BackgroundDigest | None) -> DissectionResult:
         """Both passes over the layer (thresholds, then the tally) and the result."""
         device = torch.device(self.device)
@@ -834,6 +842,7 @@ class Dissection:
                 if len(uu):
                     top_maps[uu, jj] = x[top_np[uu, jj] - start, uu].numpy()
                 bar.update(x.shape[0])
+        segmentations.close()  # the mask workers are done: not idle through the bootstrap
 
         counts = tally.counts()
         scores = _score(counts, label_category, len(categories))
@@ -903,7 +912,7 @@ class Dissection:
         )
 
     def _segmentations(self, probe: Any, categories: list[str],
-                       slot: tuple[dict, tuple] | None, workers: int) -> Iterator[list[SegItem]]:
+                       slot: tuple[dict, tuple] | None, workers: int) -> _Batches:
         """Batches of decoded segmentations (:class:`SegItem`) in probe order.
 
         A probe small enough (:data:`SEGMENTATION_MEMO_BYTES`) is decoded once per process
@@ -920,7 +929,7 @@ class Dissection:
         return decoded if slot is None else _memoising(decoded, slot, len(probe))
 
     def _decode_segmentations(self, probe: Any, categories: list[str],
-                              workers: int) -> Iterator[list[SegItem]]:
+                              workers: int) -> _Batches:
         ds = SegmentationSet(probe, categories)
         if workers == 0:  # decoded on demand, between the tally's batches
             return ([ds[i] for i in range(s, min(s + self.batch_size, len(ds)))]
@@ -932,8 +941,7 @@ class Dissection:
         return _worker_errors_unwrapped(iter(loader))
 
 
-def _memoising(batches: Iterator[list[SegItem]], slot: tuple[dict, tuple],
-               n_items: int) -> Iterator[list[SegItem]]:
+def _memoising(batches: _Batches, slot: tuple[dict, tuple], n_items: int) -> _Batches:
     """Pass ``batches`` through and keep their items in the memo ``slot`` when all of them
     fit in :data:`SEGMENTATION_MEMO_BYTES`."""
     memo, key = slot
@@ -955,7 +963,7 @@ def _memoising(batches: Iterator[list[SegItem]], slot: tuple[dict, tuple],
         yield batch
 
 
-def _worker_errors_unwrapped(batches: Iterator[list[SegItem]]) -> Iterator[list[SegItem]]:
+def _worker_errors_unwrapped(batches: Iterator[list[SegItem]]) -> _Batches:
     """A bad mask file found by a DataLoader worker raises the worker's one-line error."""
     try:
         yield from batches

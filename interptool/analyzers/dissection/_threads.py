@@ -50,8 +50,8 @@ def mask_workers(requested: int | None, n_images: int, batch_size: int,
     Why these numbers: reading the mask PNGs and flattening them costs about as much CPU as
     the thresholds and the tally together (480 probe images on the CPU: 0.54 s of a 1.1-1.2 s
     analysis), and it runs in Python, so threads cannot share it. On the CPU half the cores
-    decode and the other half count (2 cores: one worker; 3,000 images: 6.3-6.6 s against
-    7.3-7.4 s without); on any other device (CUDA) the counting needs almost no CPU and every
+    decode and the other half count (2 cores: one worker; 3,000 images: a median 6.1 s against
+    7.0 s without); on any other device (CUDA) the counting needs almost no CPU and every
     core but :func:`~interptool._resources.accelerator_main_threads` decodes. No worker for
     fewer than :data:`MIN_BATCHES_FOR_WORKERS` batches, and never more workers than batches.
     None either where new processes are not forked (macOS and Windows, or a program that set
