@@ -8,6 +8,7 @@ and how to fix it. The CLI prints the message and exits with status 2, without a
 from __future__ import annotations
 
 import re
+import traceback
 
 
 class InterptoolError(Exception):
@@ -52,12 +53,26 @@ class ParamsError(ConfigError, AnalysisError):
 
 # torch re-raises an error from a DataLoader worker as the same type, with a message of
 # "Caught X in DataLoader worker process N." and the worker's traceback ending in the original
+def release_loader(exc: BaseException) -> None:
+    """Clear the local variables of the frames in ``exc``'s traceback.
+
+    An error torch re-raises from a DataLoader worker sits in a reference cycle with those
+    frames, which hold the loader's iterator: its worker processes then lived on as long as
+    the error was kept (a notebook keeps the last one), and when the garbage collector finally
+    freed it, after the loader's queues, the shutdown waited 5 s per worker. Cleared, the
+    iterator goes when its owner drops it, and its workers with it."""
+    traceback.clear_frames(exc.__traceback__)
+
+
 _WORKER_TRACEBACK = re.compile(r"Original Traceback.*?\n(?:\w+\.)*\w+Error: (.*)\Z", re.S)
 
 
 def unwrap_worker_error(exc: InterptoolError) -> InterptoolError:
     """``exc`` as the DataLoader worker raised it: the traceback torch puts into the message
-    when it re-raises the error in the main process is removed (the CLI prints one line)."""
+    when it re-raises the error in the main process is removed (the CLI prints one line).
+
+    The local variables of ``exc``'s frames are cleared too (:func:`release_loader`)."""
+    release_loader(exc)
     m = _WORKER_TRACEBACK.search(str(exc))
     if m:
         return type(exc)(m.group(1).strip())

@@ -744,11 +744,16 @@ def test_skip_bad_lists_files_and_shrinks(tmp_path):
 
 
 def test_bad_image_in_worker_names_the_file(tmp_path):
+    import multiprocessing
+
     with pytest.raises(DataError) as info:
-        cache_activations(FakeLoaded(make_student()), FakeDataset(8, bad={5}), None,
-                          tmp_path / "w.h5", batch_size=4, workers=1)
+        cache_activations(FakeLoaded(make_student()), FakeDataset(16, bad={5}), None,
+                          tmp_path / "w.h5", batch_size=4, workers=2)
     msg = str(info.value)
     assert "cls2/img_005.png" in msg and "Traceback" not in msg
+    # the workers are gone while the error is held (torch's re-raised error kept the loader
+    # alive in a reference cycle until the garbage collector ran, then waited 5 s a worker)
+    assert multiprocessing.active_children() == []
 
 
 # -- helpers shared with test_cache_resume.py ---------------------------------------------

@@ -144,6 +144,8 @@ def test_mask_workers_stop_when_the_tally_ends_or_the_run_fails(tmp_path, monkey
 
 
 def test_bad_mask_found_by_a_worker_is_one_line(tmp_path, capsys):
+    import multiprocessing
+
     root = tmp_path / "probe"
     shutil.copytree(open_dataset(WORLD).root, root)
     probe = open_dataset(f"broden:{root}")
@@ -155,6 +157,9 @@ def test_bad_mask_found_by_a_worker_is_one_line(tmp_path, capsys):
                                                                              probe)
     msg = str(info.value)
     assert str(bad) in msg and "\n" not in msg and "Traceback" not in msg, msg
+    # the workers are gone while the error is still held (not left to the garbage collector,
+    # which shut them down only after a 5 s wait each)
+    assert multiprocessing.active_children() == []
     rc = main(["dissect", str(path), "--layer", "l4", "--probe", f"broden:{root}",
                "--out", str(tmp_path / "out"), "--workers", "2", "--batch-size", "8",
                "--quiet"])
@@ -196,3 +201,37 @@ def test_checksum_read_beside_the_passes_and_dropped_on_failure(tmp_path, monkey
     with pytest.raises(AnalysisError, match="NaN"):
         Dissection(quantile=0.02).run(bad, "l4", probe)
     assert len(made) == 1 and made[0].cancelled  # the failed run did not wait for the hash
+
+
+def test_packed_batches_round_trip_through_shared_memory():
+    from interptool.analyzers.dissection._tally import PackedSegItems, SegItem
+
+    rng = np.random.default_rng(5)
+    items = [SegItem(i, (h, w), rng.integers(0, 500, size=(h * w, d), dtype=np.int32),
+                     np.array([3, 3], np.int64), np.arange(4, dtype=np.int64), 0, 499)
+             for i, (h, w, d) in enumerate([(4, 4, 2), (3, 5, 0), (2, 2, 3)])]
+    packed = PackedSegItems.pack(items)
+    assert packed.pixels.is_shared() and packed.pixels.numel() == 32 + 0 + 12
+    assert all(it.pixel.size == 0 for it in packed.items)  # only the tensor carries pixels
+    back = packed.unpack()
+    for a, b in zip(items, back):
+        assert (a.index, a.size, a.lo, a.hi) == (b.index, b.size, b.lo, b.hi)
+        np.testing.assert_array_equal(a.pixel, b.pixel)
+        assert b.pixel.dtype == np.int32 and b.pixel.shape == a.pixel.shape
+        np.testing.assert_array_equal(a.scalars, b.scalars)
+        np.testing.assert_array_equal(a.label_counts, b.label_counts)
+    # views of the one shared tensor, not copies
+    assert np.shares_memory(back[0].pixel, packed.pixels.numpy())
+
+
+def test_memoised_worker_batches_hold_a_descriptor_per_batch_not_per_image(tmp_path):
+    import os
+
+    probe = open_dataset(WORLD)
+    path = _world_cache(tmp_path, probe)
+    before = len(os.listdir("/proc/self/fd"))
+    r = Dissection(quantile=0.02, batch_size=4, workers=2, checksum=False).run(path, "l4",
+                                                                             probe)
+    assert r.config["threads"]["mask_workers"] == 2
+    held = len(os.listdir("/proc/self/fd")) - before
+    assert held <= 48 // 4 + 2, held  # 12 batches memoised (48 images)

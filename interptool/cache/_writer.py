@@ -93,6 +93,7 @@ from interptool.errors import (
     ConfigError,
     DataError,
     InterptoolError,
+    release_loader,
     unwrap_worker_error,
 )
 from interptool.loading import ImagePixels, split_normalization
@@ -967,6 +968,9 @@ class _Job:
                         break
                     except InterptoolError as exc:
                         raise unwrap_worker_error(exc) from None
+                    except Exception as exc:  # e.g. a worker killed: see release_loader
+                        release_loader(exc)
+                        raise
                     stop = min(item + batch_size, n_items)
                     if batch is None:  # every image of this batch was bad
                         skipped.extend(ids[item:stop])

@@ -61,10 +61,10 @@ from interptool.analyzers.dissection._protocol import (
 from interptool.analyzers.dissection._quantile import ExactQuantile
 from interptool.analyzers.dissection._resize import is_square
 from interptool.analyzers.dissection._tally import (
+    PackedSegItems,
     SegItem,
     SegmentationSet,
     TallyAccumulator,
-    collate_list,
 )
 from interptool.analyzers.dissection._threads import analysis_threads, mask_workers
 from interptool.errors import (
@@ -72,6 +72,7 @@ from interptool.errors import (
     CacheError,
     ConfigError,
     InterptoolError,
+    release_loader,
     unwrap_worker_error,
 )
 
@@ -936,9 +937,10 @@ class Dissection:
                     for s in range(0, len(ds), self.batch_size))
         # the workers start now; two batches each are decoded ahead (bounded memory)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False,
-                                             num_workers=workers, collate_fn=collate_list,
+                                             num_workers=workers,
+                                             collate_fn=PackedSegItems.pack,
                                              prefetch_factor=2)
-        return _worker_errors_unwrapped(iter(loader))
+        return _from_workers(iter(loader))
 
 
 def _memoising(batches: _Batches, slot: tuple[dict, tuple], n_items: int) -> _Batches:
@@ -963,12 +965,25 @@ def _memoising(batches: _Batches, slot: tuple[dict, tuple], n_items: int) -> _Ba
         yield batch
 
 
-def _worker_errors_unwrapped(batches: Iterator[list[SegItem]]) -> _Batches:
-    """A bad mask file found by a DataLoader worker raises the worker's one-line error."""
+def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
+    """The workers' batches unpacked; a bad mask file found by a worker raises the worker's
+    one-line error.
+
+    The workers stop as soon as this ends (finished, closed, or failed), not whenever the
+    garbage collector reaches the loader (:func:`~interptool.errors.release_loader`)."""
+    error: BaseException | None = None
     try:
-        yield from batches
+        for packed in batches:
+            yield packed.unpack()
     except InterptoolError as exc:
-        raise unwrap_worker_error(exc) from None
+        error = unwrap_worker_error(exc)  # raised below, without this one as its context
+    except Exception as exc:  # e.g. a worker killed: the same cycle
+        release_loader(exc)
+        raise
+    finally:
+        del batches  # the last reference: the DataLoader shuts its workers down here
+    if error is not None:
+        raise error
 
 
 def _memo_slot(probe: Any, categories: list[str]) -> tuple[dict, tuple] | None:

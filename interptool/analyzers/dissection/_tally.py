@@ -12,7 +12,7 @@ on CPU and CUDA (the alternatives measured and removed: docs/benchmarks_dissect.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -93,8 +93,52 @@ class SegmentationSet(torch.utils.data.Dataset):
         return seg_item(i, self.probe.load_segmentation(i), self.categories)
 
 
-def collate_list(batch: list[SegItem]) -> list[SegItem]:
-    return batch
+@dataclass
+class PackedSegItems:
+    """A batch of :class:`SegItem` as a DataLoader worker hands it over: every item's pixel
+    table in one int32 tensor in shared memory, the small arrays as they are.
+
+    Why: a worker's batch is pickled through a pipe, and the pixel tables are nearly all of
+    it (64 probe images at 112 px with 5 mask planes: 16 MB). Tensors cross through shared
+    memory instead; one tensor per batch (not one per item) keeps one file descriptor per
+    batch alive, not one per image (a memoised probe holds its batches). Measured on 2 cores,
+    3,000 concept-world probe images, one worker: 4.2-4.8 s to receive every batch against
+    5.6-5.7 s pickled.
+    """
+
+    items: list[SegItem]  # pixel tables emptied (the shapes below say how to cut `pixels`)
+    shapes: list[tuple[int, ...]]
+    pixels: torch.Tensor  # 1-D int32, the tables one after the other
+
+    @classmethod
+    def pack(cls, batch: list[SegItem]) -> PackedSegItems:
+        """DataLoader ``collate_fn`` in the worker."""
+        total = sum(it.pixel.size for it in batch)
+        # allocated in shared memory at once: handing it over then copies nothing more
+        pixels = torch.empty(total, dtype=torch.int32).share_memory_()
+        flat = pixels.numpy()
+        shapes, items, at = [], [], 0
+        for it in batch:
+            n = it.pixel.size
+            flat[at : at + n] = it.pixel.reshape(-1)
+            at += n
+            shapes.append(it.pixel.shape)
+            items.append(replace(it, pixel=_NO_PIXELS))
+        return cls(items, shapes, pixels)
+
+    def unpack(self) -> list[SegItem]:
+        """The items again, their pixel tables views of the shared tensor (no copy)."""
+        flat = self.pixels.numpy()
+        out, at = [], 0
+        for it, shape in zip(self.items, self.shapes):
+            n = int(np.prod(shape))
+            out.append(replace(it, pixel=flat[at : at + n].reshape(shape)))
+            at += n
+        return out
+
+
+_NO_PIXELS = np.zeros((0, 0), dtype=np.int32)
+
 
 
 class TallyAccumulator:
