@@ -64,6 +64,22 @@ def release_loader(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
 
 
+def worker_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is how a DataLoader reports a worker process that died (killed by a
+    signal, e.g. the out-of-memory killer, or exited): torch's RuntimeError, or, when the dead
+    worker still had a batch in shared memory to hand over, the broken connection to the
+    process that held its file descriptor (``ConnectionError``, ``EOFError``)."""
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (for an error that names another one)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 _WORKER_TRACEBACK = re.compile(r"Original Traceback.*?\n(?:\w+\.)*\w+Error: (.*)\Z", re.S)
 
 

@@ -756,6 +756,18 @@ def test_bad_image_in_worker_names_the_file(tmp_path):
     assert multiprocessing.active_children() == []
 
 
+def test_a_worker_killed_is_a_clear_error(tmp_path):
+    """A decoding worker killed (the out-of-memory killer's way) ends the run with a one-line
+    CacheError saying so and what to change, not torch's traceback; no worker is left."""
+    import multiprocessing
+
+    # kill_at SIGKILLs the process that decodes item 9: a worker (never this one: workers=2)
+    with pytest.raises(CacheError, match=r"worker process decoding images died .*--workers"):
+        cache_activations(FakeLoaded(make_student()), FakeDataset(16, kill_at=9), None,
+                          tmp_path / "k.h5", batch_size=4, workers=2)
+    assert multiprocessing.active_children() == []
+
+
 # -- helpers shared with test_cache_resume.py ---------------------------------------------
 
 VOLATILE_ATTRS = {"created", "versions"}

@@ -220,11 +220,67 @@ def test_packed_batches_round_trip_through_shared_memory():
         assert b.pixel.dtype == np.int32 and b.pixel.shape == a.pixel.shape
         np.testing.assert_array_equal(a.scalars, b.scalars)
         np.testing.assert_array_equal(a.label_counts, b.label_counts)
-    # views of the one shared tensor, not copies
-    assert np.shares_memory(back[0].pixel, packed.pixels.numpy())
+    # copied out of shared memory at once: nothing received keeps /dev/shm or a descriptor
+    assert not any(np.shares_memory(b.pixel, packed.pixels.numpy()) for b in back)
 
 
-def test_memoised_worker_batches_hold_a_descriptor_per_batch_not_per_image(tmp_path):
+def test_batches_go_pickled_when_shared_memory_is_full(tmp_path, monkeypatch):
+    from interptool.analyzers.dissection._tally import PackedSegItems, SegItem
+
+    def full(self):
+        raise RuntimeError("unable to allocate shared memory(shm): No space left on device")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)  # forked workers inherit it
+    item = SegItem(0, (2, 2), np.arange(8, dtype=np.int32).reshape(4, 2),
+                   np.zeros(0, np.int64), np.ones(8, np.int64), 0, 7)
+    packed = PackedSegItems.pack([item])
+    assert packed.pixels is None and packed.unpack()[0] is item
+    probe = open_dataset(WORLD)
+    path = _world_cache(tmp_path, probe)
+    kw = dict(quantile=0.02, batch_size=8, checksum=False)
+    a = Dissection(workers=2, **kw).run(path, "l4", open_dataset(WORLD))
+    b = Dissection(workers=0, **kw).run(path, "l4", open_dataset(WORLD))
+    assert a.config["threads"]["mask_workers"] == 2
+    np.testing.assert_array_equal(a.intersect, b.intersect)
+    np.testing.assert_array_equal(a.iou, b.iou)
+
+
+class _DyingProbe:
+    """A duck-typed probe whose segmentation 20 kills the process decoding it."""
+
+    def __init__(self, probe):
+        self.probe = probe
+        for name in ("ids", "spec", "fingerprint", "categories", "label_names",
+                     "label_category", "num_labels"):
+            setattr(self, name, getattr(probe, name))
+
+    def __len__(self):
+        return len(self.probe)
+
+    def load_segmentation(self, i):
+        if i == 20 and torch.utils.data.get_worker_info() is not None:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.probe.load_segmentation(i)
+
+
+def test_a_mask_worker_killed_is_a_clear_error(tmp_path, capsys):
+    import multiprocessing
+
+    from interptool.errors import AnalysisError
+
+    world = open_dataset(WORLD)
+    path = _world_cache(tmp_path, world)
+    with pytest.raises(AnalysisError, match=r"worker process decoding the probe's masks died "
+                                            r".*out-of-memory killer.*--workers"):
+        Dissection(quantile=0.02, batch_size=4, workers=2, checksum=False).run(
+            path, "l4", _DyingProbe(world))
+    assert multiprocessing.active_children() == []
+
+
+def test_memoised_worker_batches_hold_no_descriptors(tmp_path):
     import os
 
     probe = open_dataset(WORLD)
@@ -234,4 +290,4 @@ def test_memoised_worker_batches_hold_a_descriptor_per_batch_not_per_image(tmp_p
                                                                              probe)
     assert r.config["threads"]["mask_workers"] == 2
     held = len(os.listdir("/proc/self/fd")) - before
-    assert held <= 48 // 4 + 2, held  # 12 batches memoised (48 images)
+    assert held <= 1, held  # the memoised items hold private copies, not shared memory

@@ -93,8 +93,10 @@ from interptool.errors import (
     ConfigError,
     DataError,
     InterptoolError,
+    describe,
     release_loader,
     unwrap_worker_error,
+    worker_died,
 )
 from interptool.loading import ImagePixels, split_normalization
 
@@ -968,9 +970,6 @@ class _Job:
                         break
                     except InterptoolError as exc:
                         raise unwrap_worker_error(exc) from None
-                    except Exception as exc:  # e.g. a worker killed: see release_loader
-                        release_loader(exc)
-                        raise
                     stop = min(item + batch_size, n_items)
                     if batch is None:  # every image of this batch was bad
                         skipped.extend(ids[item:stop])
@@ -990,6 +989,8 @@ class _Job:
                             raise
                         except (RuntimeError, ValueError, AssertionError, TypeError,
                                 IndexError) as exc:
+                            if worker_died(exc):  # raised by torch's SIGCHLD handler here
+                                raise
                             raise _forward_failed(self.name, tuple(x.shape), exc) from exc
                         logits = out if isinstance(out, torch.Tensor) else _first(out)
                         if logits.ndim != 2:
@@ -1011,6 +1012,14 @@ class _Job:
                         computed += len(idx_np)
                     bar.update(stop - item)
                     item = stop
+        except BaseException as exc:  # a worker killed, Ctrl-C: see release_loader
+            release_loader(exc)
+            if worker_died(exc):  # from the loader, or from torch's SIGCHLD handler anywhere
+                raise CacheError(
+                    f"a worker process decoding images died ({describe(exc)}); the usual "
+                    "cause is the out-of-memory killer: give the run fewer --workers (0 "
+                    "decodes in this process) or a smaller --batch-size") from None
+            raise
         finally:
             bar.close()
             if isinstance(it, _Prefetch):

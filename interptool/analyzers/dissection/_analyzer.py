@@ -72,8 +72,10 @@ from interptool.errors import (
     CacheError,
     ConfigError,
     InterptoolError,
+    describe,
     release_loader,
     unwrap_worker_error,
+    worker_died,
 )
 
 __all__ = ["Dissection", "DissectionResult"]
@@ -761,6 +763,15 @@ class Dissection:
             with torch_threads(threads["torch_threads"]):
                 result = self._measure(cache, layer, probe, view, proto, segmentations,
                                        digest)
+        except BaseException as exc:
+            if not worker_died(exc):  # from the loader, or torch's SIGCHLD handler anywhere
+                raise
+            release_loader(exc)
+            raise AnalysisError(
+                f"a worker process decoding the probe's masks died ({describe(exc)}); the "
+                "usual cause is the out-of-memory killer: give the dissection fewer workers "
+                "(--workers 1, or 0 to decode in this process) or a smaller --batch-size"
+            ) from None
         finally:
             # workers stop now, not when the garbage collector finds them (a failed run's
             # error may be kept, with the frames that hold them, by the caller)
@@ -977,7 +988,7 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
             yield packed.unpack()
     except InterptoolError as exc:
         error = unwrap_worker_error(exc)  # raised below, without this one as its context
-    except Exception as exc:  # e.g. a worker killed: the same cycle
+    except BaseException as exc:  # a worker killed (Dissection._run says so), Ctrl-C
         release_loader(exc)
         raise
     finally:

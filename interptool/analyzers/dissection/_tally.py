@@ -99,23 +99,29 @@ class PackedSegItems:
     table in one int32 tensor in shared memory, the small arrays as they are.
 
     Why: a worker's batch is pickled through a pipe, and the pixel tables are nearly all of
-    it (64 probe images at 112 px with 5 mask planes: 16 MB). Tensors cross through shared
-    memory instead; one tensor per batch (not one per item) keeps one file descriptor per
-    batch alive, not one per image (a memoised probe holds its batches). Measured on 2 cores,
-    3,000 concept-world probe images, one worker: 4.2-4.8 s to receive every batch against
-    5.6-5.7 s pickled.
+    it (64 probe images at 112 px with 5 mask planes: 16 MB). A tensor crosses through shared
+    memory instead. Measured on 2 cores, 3,000 concept-world probe images, one worker:
+    4.2-4.8 s to receive every batch against 5.6-5.7 s pickled. The receiver copies the
+    tables out at once (:meth:`unpack`, 1-2 ms per batch), so shared memory and its file
+    descriptors are held only by the batches in flight (two per worker): a memoised probe
+    (up to 256 MiB of tables) would otherwise fill a container's 64 MiB ``/dev/shm`` and hold
+    a descriptor per batch. Where ``/dev/shm`` has no room even for one batch, the batch is
+    pickled as before.
     """
 
     items: list[SegItem]  # pixel tables emptied (the shapes below say how to cut `pixels`)
     shapes: list[tuple[int, ...]]
-    pixels: torch.Tensor  # 1-D int32, the tables one after the other
+    pixels: torch.Tensor | None  # 1-D int32, the tables one after the other (None: pickled)
 
     @classmethod
     def pack(cls, batch: list[SegItem]) -> PackedSegItems:
         """DataLoader ``collate_fn`` in the worker."""
         total = sum(it.pixel.size for it in batch)
-        # allocated in shared memory at once: handing it over then copies nothing more
-        pixels = torch.empty(total, dtype=torch.int32).share_memory_()
+        try:
+            # allocated in shared memory at once: handing it over then copies nothing more
+            pixels = torch.empty(total, dtype=torch.int32).share_memory_()
+        except RuntimeError:  # no room in /dev/shm: the items go pickled, whole
+            return cls(list(batch), [], None)
         flat = pixels.numpy()
         shapes, items, at = [], [], 0
         for it in batch:
@@ -127,8 +133,11 @@ class PackedSegItems:
         return cls(items, shapes, pixels)
 
     def unpack(self) -> list[SegItem]:
-        """The items again, their pixel tables views of the shared tensor (no copy)."""
-        flat = self.pixels.numpy()
+        """The items again, their pixel tables views of one private copy of the batch's
+        tables (the shared memory goes with this object)."""
+        if self.pixels is None:
+            return self.items
+        flat = self.pixels.numpy().copy()
         out, at = [], 0
         for it, shape in zip(self.items, self.shapes):
             n = int(np.prod(shape))
