@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from interptool import _resources as res
 from interptool.analyzers.dissection import Dissection
 from interptool.analyzers.dissection._threads import MIN_BATCHES_FOR_WORKERS, mask_workers
 from interptool.cache import write_cache
@@ -21,24 +20,18 @@ WORLD = "builtin:concept-world?version=1&n=48&size=32"
 
 
 @pytest.fixture
-def machine(tmp_path, monkeypatch):
-    """``machine(n)``: this process may use ``n`` cores (affinity; no cgroup quota) and torch
-    does not cap the choice (its default thread count follows the real machine)."""
-    root = tmp_path / "cgroup"
-    root.mkdir()
-    proc = tmp_path / "proc_self_cgroup"
-    proc.write_text("0::/\n")
-    monkeypatch.setattr(res, "CGROUP_ROOT", root)
-    monkeypatch.setattr(res, "PROC_CGROUP", proc)
+def cores(machine, monkeypatch):
+    """``cores(n)``: this process may use ``n`` cores (affinity; no cgroup quota), and torch's
+    thread count (which caps the choice; the suite sets it to 1) follows."""
 
-    def cores(n: int) -> None:
-        monkeypatch.setattr(res.os, "sched_getaffinity", lambda pid: set(range(n)))
+    def set_cores(n: int) -> None:
+        machine.cores(n)
         monkeypatch.setattr(torch, "get_num_threads", lambda: n)
 
-    return cores
+    return set_cores
 
 
-@pytest.mark.parametrize("cores,device,n_images,want", [
+@pytest.mark.parametrize("n,device,n_images,want", [
     (2, "cpu", 480, 1),  # half the cores decode, half count
     (8, "cpu", 3000, 4),
     (1, "cpu", 3000, 0),  # one core: decoded between the tally's batches
@@ -48,25 +41,25 @@ def machine(tmp_path, monkeypatch):
     (16, "cpu", (MIN_BATCHES_FOR_WORKERS - 1) * 64, 0),  # too few batches to repay a start
     (16, "cuda", 0, 0),  # segmentations held decoded already: nothing to decode
 ])
-def test_chosen_mask_workers(machine, cores, device, n_images, want):
-    machine(cores)
+def test_chosen_mask_workers(cores, n, device, n_images, want):
+    cores(n)
     assert mask_workers(None, n_images, 64, device) == want
 
 
-def test_explicit_mask_workers_kept_and_torch_limit_respected(machine, monkeypatch):
-    machine(8)
+def test_explicit_mask_workers_kept_and_torch_limit_respected(cores, monkeypatch):
+    cores(8)
     assert mask_workers(0, 3000, 64) == 0
     assert mask_workers(3, 10, 64) == 3  # asked for: kept even for one batch
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a program limited torch
     assert mask_workers(None, 3000, 64) == 0
 
 
-def test_no_chosen_workers_where_processes_are_not_forked(machine, monkeypatch):
+def test_no_chosen_workers_where_processes_are_not_forked(cores, monkeypatch):
     import multiprocessing
 
     from interptool.analyzers.dissection import _threads
 
-    machine(8)
+    cores(8)
     assert _threads.start_method() == "fork"  # Linux, Python 3.11: the suite's platform
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert _threads.start_method() == "spawn"
@@ -82,8 +75,8 @@ def _world_cache(tmp_path, probe, units=6, seed=0):
                        attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
 
 
-def test_results_equal_with_and_without_workers(tmp_path, machine):
-    machine(2)
+def test_results_equal_with_and_without_workers(tmp_path, cores):
+    cores(2)
     path = _world_cache(tmp_path, open_dataset(WORLD))
     kw = dict(quantile=0.02, batch_size=8, checksum=False, bootstrap=30, seed=3)  # 6 batches
     # fresh probe objects: no run finds the other's segmentations memoised

@@ -18,30 +18,7 @@ from interptool.errors import ConfigError
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache import FakeDataset, FakeLoaded, make_student  # noqa: E402
 
-
-@pytest.fixture
-def machine(tmp_path, monkeypatch):
-    """A fake machine: ``cores(n)`` sets the affinity, ``write(rel, text)`` a cgroup file."""
-    root = tmp_path / "cgroup"
-    root.mkdir()
-    proc = tmp_path / "proc_self_cgroup"
-    proc.write_text("0::/\n")
-    monkeypatch.setattr(res, "CGROUP_ROOT", root)
-    monkeypatch.setattr(res, "PROC_CGROUP", proc)
-
-    class M:
-        def cores(self, n: int) -> None:
-            monkeypatch.setattr(res.os, "sched_getaffinity", lambda pid: set(range(n)))
-
-        def write(self, rel: str, text: str) -> None:
-            p = root / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text)
-
-        def own_group(self, rel: str) -> None:
-            proc.write_text(f"0::/{rel}\n")
-
-    return M()
+# `machine` (a fake machine: cores, cgroup files) comes from conftest.py
 
 
 def test_affinity_alone(machine):
