@@ -7,8 +7,12 @@ and how to fix it. The CLI prints the message and exits with status 2, without a
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
 import traceback
+from typing import Any
 
 
 class InterptoolError(Exception):
@@ -64,14 +68,44 @@ def release_loader(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
 
 
+# where a batch's shared-memory file descriptor is fetched from the worker that made it
+_HAND_OVER = ("multiprocessing/resource_sharer.py", "torch/multiprocessing/reductions.py")
+
+
 def worker_died(exc: BaseException) -> bool:
     """Whether ``exc`` is how a DataLoader reports a worker process that died (killed by a
     signal, e.g. the out-of-memory killer, or exited): torch's RuntimeError, or, when the dead
-    worker still had a batch in shared memory to hand over, the broken connection to the
-    process that held its file descriptor (``ConnectionError``, ``EOFError``)."""
+    worker still had a batch in shared memory to hand over, the broken connection to it
+    (``ConnectionError``, ``EOFError`` raised while fetching that batch's file descriptor;
+    the same errors raised by a model or a data set's own code are not a worker's death)."""
+    if isinstance(exc, RuntimeError):
+        return str(exc).startswith("DataLoader worker (pid")
     if isinstance(exc, (ConnectionError, EOFError)):
-        return True
-    return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
+        tb = exc.__traceback__
+        while tb is not None:
+            name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+            if name.endswith(_HAND_OVER):
+                return True
+            tb = tb.tb_next
+    return False
+
+
+def set_aside_worker_signal() -> Any:
+    """Put torch's SIGCHLD handler aside (main thread only) and return what to restore.
+
+    While a loader whose worker died shuts down, the handler raises that death again from
+    inside the loader's ``__del__``, where Python can only print it: a traceback ahead of
+    the one-line error. ``SIG_DFL`` (not ``SIG_IGN``, which would reap the workers before
+    the loader joins them) while the loader goes; :func:`restore_worker_signal` after."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def restore_worker_signal(previous: Any) -> None:
+    """Undo :func:`set_aside_worker_signal`."""
+    if previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def describe(exc: BaseException) -> str:

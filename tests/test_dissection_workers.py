@@ -259,6 +259,7 @@ class _DyingProbe:
         return self.probe.load_segmentation(i)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # see test_cache
 def test_a_mask_worker_killed_is_a_clear_error(tmp_path, capsys):
     import multiprocessing
 
@@ -284,3 +285,33 @@ def test_memoised_worker_batches_hold_no_descriptors(tmp_path):
     assert r.config["threads"]["mask_workers"] == 2
     held = len(os.listdir("/proc/self/fd")) - before
     assert held <= 1, held  # the memoised items hold private copies, not shared memory
+
+
+def _raised_in(filename: str, exc: BaseException) -> BaseException:
+    """``exc`` raised by code that claims to live in ``filename`` (its traceback says so)."""
+    code = compile("raise exc", filename, "exec")
+    try:
+        exec(code, {"exc": exc})
+    except BaseException as caught:  # noqa: BLE001 - handed back
+        return caught
+    raise AssertionError("not raised")
+
+
+def test_worker_died_only_for_the_loaders_own_reports():
+    from interptool.errors import worker_died
+
+    died = RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+    assert worker_died(died)
+    assert worker_died(RuntimeError("DataLoader worker (pid(s) 7, 8) exited unexpectedly"))
+    assert not worker_died(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    # a broken connection while fetching a batch's shared memory from a dead worker ...
+    for where in ("/usr/lib/python3.11/multiprocessing/resource_sharer.py",
+                  "/venv/site-packages/torch/multiprocessing/reductions.py"):
+        assert worker_died(_raised_in(where, ConnectionResetError(104, "reset by peer")))
+        assert worker_died(_raised_in(where, EOFError()))
+    # ... but the same errors from a model, a data set's own reader, or a worker's error
+    # re-raised by torch are what they are
+    for where in ("/home/me/model.py", "/venv/site-packages/torch/_utils.py"):
+        assert not worker_died(_raised_in(where, EOFError("Ran out of input")))
+        assert not worker_died(_raised_in(where, ConnectionResetError(104, "reset")))
+    assert not worker_died(EOFError("no traceback at all"))

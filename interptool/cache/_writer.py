@@ -95,6 +95,8 @@ from interptool.errors import (
     InterptoolError,
     describe,
     release_loader,
+    restore_worker_signal,
+    set_aside_worker_signal,
     unwrap_worker_error,
     worker_died,
 )
@@ -960,6 +962,7 @@ class _Job:
                 gpu = dev.index if dev.index is not None else torch.cuda.current_device()
             it = _Prefetch(loader, init=None if gpu is None else
                            (lambda: torch.cuda.set_device(gpu)))
+        aside = None
         try:
             with torch_threads(self.plan.torch_threads), torch.inference_mode(), \
                     capture_layers(model, layers, grab) as acts:
@@ -1015,6 +1018,7 @@ class _Job:
         except BaseException as exc:  # a worker killed, Ctrl-C: see release_loader
             release_loader(exc)
             if worker_died(exc):  # from the loader, or from torch's SIGCHLD handler anywhere
+                aside = set_aside_worker_signal()  # while the loader goes (finally below)
                 raise CacheError(
                     f"a worker process decoding images died ({describe(exc)}); the usual "
                     "cause is the out-of-memory killer: give the run fewer --workers (0 "
@@ -1025,6 +1029,7 @@ class _Job:
             if isinstance(it, _Prefetch):
                 it.close()
             del it, loader
+            restore_worker_signal(aside)
         return computed
 
     # -- non-finite values ----------------------------------------------------------------------

@@ -74,6 +74,8 @@ from interptool.errors import (
     InterptoolError,
     describe,
     release_loader,
+    restore_worker_signal,
+    set_aside_worker_signal,
     unwrap_worker_error,
     worker_died,
 )
@@ -759,6 +761,7 @@ class Dissection:
         # the cache's checksum for the provenance is read on a thread while both passes run
         segmentations = self._segmentations(probe, categories, slot, workers)
         digest = BackgroundDigest(cache.path) if self.checksum else None
+        aside = None
         try:
             with torch_threads(threads["torch_threads"]):
                 result = self._measure(cache, layer, probe, view, proto, segmentations,
@@ -767,6 +770,7 @@ class Dissection:
             if not worker_died(exc):  # from the loader, or torch's SIGCHLD handler anywhere
                 raise
             release_loader(exc)
+            aside = set_aside_worker_signal()  # while the loader goes (finally below)
             raise AnalysisError(
                 f"a worker process decoding the probe's masks died ({describe(exc)}); the "
                 "usual cause is the out-of-memory killer: give the dissection fewer workers "
@@ -776,6 +780,7 @@ class Dissection:
             # workers stop now, not when the garbage collector finds them (a failed run's
             # error may be kept, with the frames that hold them, by the caller)
             segmentations.close()
+            restore_worker_signal(aside)
             if digest is not None:
                 digest.cancel()  # a failed run does not wait for it (done: no effect)
         result.config["threads"] = threads
@@ -983,6 +988,7 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
     The workers stop as soon as this ends (finished, closed, or failed), not whenever the
     garbage collector reaches the loader (:func:`~interptool.errors.release_loader`)."""
     error: BaseException | None = None
+    aside = None
     try:
         for packed in batches:
             yield packed.unpack()
@@ -990,9 +996,12 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
         error = unwrap_worker_error(exc)  # raised below, without this one as its context
     except BaseException as exc:  # a worker killed (Dissection._run says so), Ctrl-C
         release_loader(exc)
+        if worker_died(exc):
+            aside = set_aside_worker_signal()
         raise
     finally:
         del batches  # the last reference: the DataLoader shuts its workers down here
+        restore_worker_signal(aside)
     if error is not None:
         raise error
 
