@@ -253,6 +253,16 @@ def accelerator_main_threads(budget: int) -> int:
     return 1 if budget < 8 else 2
 
 
+def shm_free_bytes(path: str | os.PathLike = "/dev/shm") -> int | None:
+    """Bytes free in the shared-memory file system DataLoader workers hand batches over in
+    (None where there is none to ask, e.g. macOS)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Set torch's intra-op threads to ``n`` for the block, then restore the previous value."""
@@ -415,5 +425,6 @@ def thread_scope(requested: int | None = None) -> Iterator[dict[str, Any]]:
 
 
 __all__ = ["IDLE_SAMPLE_SECONDS", "ThreadPlan", "accelerator_main_threads", "available_cpus",
-           "cgroup_cpu_limit", "free_core_threads", "idle_cores", "plan_threads", "thread_scope",
+           "cgroup_cpu_limit", "free_core_threads", "idle_cores", "plan_threads", "shm_free_bytes",
+           "thread_scope",
            "torch_threads"]

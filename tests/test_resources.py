@@ -434,3 +434,33 @@ def test_attribution_runs_on_the_choice_and_records_it(machine, load, busy, thre
         np.testing.assert_allclose(r.maps, w[[0, 1, 2, 0]].numpy(), rtol=1e-6)
     finally:
         torch.set_num_threads(before)
+
+
+def test_workers_fit_the_shared_memory_their_batches_cross(tmp_path, machine, monkeypatch):
+    """Workers keep two batches each in /dev/shm; where it cannot hold them, torch's queue
+    dropped a batch it could not share and the run waited forever (a review reproduced it
+    with a 64 KiB /dev/shm). Chosen workers are lowered to what fits, asked-for ones refused
+    naming the fix."""
+    import interptool.cache._writer as w
+    from interptool.errors import CacheError
+
+    machine.cores(16)
+
+    def job(workers, free):
+        monkeypatch.setattr(w, "shm_free_bytes", lambda: free)
+        return w._make_job(FakeLoaded(make_student()), FakeDataset(4), ["layer4"],
+                           tmp_path / "t.h5", batch_size=4, workers=workers, threads=16,
+                           dtype="float32", compression=None, skip_bad=False, probe=None,
+                           seed=0, device="cpu")
+
+    per_batch = 4 * 4 * int(np.prod(FakeLoaded(make_student()).preprocessing.input_size))
+    assert job(None, None).plan.loader_workers == 3  # nothing to ask (macOS): the plan
+    assert job(None, 100 * 2**20).plan.loader_workers == 3  # room for all three
+    roomy_for_one = int(2 * per_batch * 1.25) + 1
+    plan = job(None, roomy_for_one).plan
+    assert (plan.loader_workers, plan.torch_threads, plan.total) == (1, 13, 14)
+    plan = job(None, 1024).plan  # 1 KiB: none; a thread of the process decodes
+    assert (plan.loader_workers, plan.decode_threads) == (0, 1)
+    with pytest.raises(CacheError, match=r"/dev/shm has 1 KiB free.*--shm-size.*--workers 0 \(decoded"):
+        job(2, 1024)
+    assert job(2, 100 * 2**20).plan.loader_workers == 2

@@ -44,6 +44,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -68,7 +69,7 @@ from interptool._provenance import (
     seed_everything,
     versions,
 )
-from interptool._resources import ThreadPlan, plan_threads, torch_threads
+from interptool._resources import ThreadPlan, plan_threads, shm_free_bytes, torch_threads
 from interptool.cache._errors import (
     CacheDiskFullError,
     CacheForeignError,
@@ -226,6 +227,34 @@ def _forward_failed(model_name: str, shape: tuple[int, ...], exc: Exception) -> 
         f"model {model_name} failed on a batch of shape {shape} ({type(exc).__name__}: "
         f"{first}); {fix}"
     )
+
+
+def _fit_shared_memory(plan: ThreadPlan, asked: int | None, batch_size: int,
+                       input_size: Sequence[int] | None) -> ThreadPlan:
+    """Workers hand their batches over in ``/dev/shm``, two in flight each. Where it cannot
+    hold them (a container's default 64 MiB against 38 MB per batch of 64 images at 224 px),
+    torch's queue drops a batch it cannot share and the run waits forever: chosen workers are
+    lowered to what fits (none: a thread of this process decodes), asked-for workers refused
+    with the fix."""
+    free = shm_free_bytes()
+    if not plan.loader_workers or free is None or not input_size:
+        return plan
+    per_batch = batch_size * 4 * math.prod(int(v) for v in input_size)  # float32 at most
+    fits = int(free // (2 * per_batch * 1.25))  # a quarter spare for the rest of the queue
+    if plan.loader_workers <= fits:
+        return plan
+    if asked is not None:
+        def size(n: float) -> str:
+            return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+        fewer = (f"--workers {fits} (or 0 to decode in this process)" if fits
+                 else "--workers 0 (decoded in this process)")
+        raise CacheError(
+            f"/dev/shm has {size(free)} free, but {plan.loader_workers} DataLoader "
+            f"worker(s) keep two batches of up to {size(per_batch)} each there; run the "
+            f"container with --shm-size=2g (or --ipc=host), lower --batch-size, or give "
+            f"{fewer}")
+    return replace(plan, loader_workers=fits, total=plan.torch_threads + fits)
 
 
 def _check_args(batch_size: int, workers: int | None, dtype: str,
@@ -552,6 +581,7 @@ def _make_job(
     # little CPU); on the CPU the forward pass keeps most of them.
     plan = plan_threads(threads, workers=workers, cap=cap, local_ranks=local_ranks,
                         device_type=dev.type)
+    plan = _fit_shared_memory(plan, workers, batch_size, getattr(pre, "input_size", None))
     # Without workers the images are decoded by a thread of this process (_Prefetch, one torch
     # thread), beside the forward pass on the same cores: recorded so the plan says so.
     plan = replace(plan, decode_threads=0 if plan.loader_workers else 1)
