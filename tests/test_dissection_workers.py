@@ -298,7 +298,7 @@ def _raised_in(filename: str, exc: BaseException) -> BaseException:
 
 
 def test_worker_died_only_for_the_loaders_own_reports():
-    from interptool.errors import worker_died
+    from interptool._workers import worker_died
 
     died = RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
     assert worker_died(died)

@@ -42,10 +42,10 @@ from pathlib import Path  # noqa: E402
 
 PKG = Path(interptool.__file__).parent
 #: position of each stage in the pipeline; a module may import its own stage and any stage
-#: before it, never one after it. The shared layer (common, errors, progress, provenance,
+#: before it, never one after it. The shared layer (common, errors, progress, provenance, workers,
 #: locks, resources) comes first and imports no stage.
 STAGE_ORDER = {"common": 0, "errors": 0, "_progress": 0, "_provenance": 0, "_locks": 0,
-               "_resources": 0, "loading": 1, "data": 2, "cache": 3, "analyzers": 4,
+               "_resources": 0, "_workers": 0, "loading": 1, "data": 2, "cache": 3, "analyzers": 4,
                "report": 5, "pipeline": 6, "cli": 7, "__main__": 8}
 #: private imports across stages still to be removed by the owner of the importing module
 PRIVATE_IMPORT_EXCEPTIONS = {

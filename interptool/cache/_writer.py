@@ -70,6 +70,14 @@ from interptool._provenance import (
     versions,
 )
 from interptool._resources import ThreadPlan, plan_threads, shm_free_bytes, torch_threads
+from interptool._workers import (
+    describe,
+    release_loader,
+    restore_worker_signal,
+    set_aside_worker_signal,
+    unwrap_worker_error,
+    worker_died,
+)
 from interptool.cache._errors import (
     CacheDiskFullError,
     CacheForeignError,
@@ -94,12 +102,6 @@ from interptool.errors import (
     ConfigError,
     DataError,
     InterptoolError,
-    describe,
-    release_loader,
-    restore_worker_signal,
-    set_aside_worker_signal,
-    unwrap_worker_error,
-    worker_died,
 )
 from interptool.loading import ImagePixels, split_normalization
 

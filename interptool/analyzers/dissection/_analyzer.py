@@ -42,6 +42,14 @@ from interptool._provenance import (
     provenance,
 )
 from interptool._resources import torch_threads
+from interptool._workers import (
+    describe,
+    release_loader,
+    restore_worker_signal,
+    set_aside_worker_signal,
+    unwrap_worker_error,
+    worker_died,
+)
 from interptool.analyzers.dissection._bootstrap import (
     BlockRecorder,
     BlockStats,
@@ -72,12 +80,6 @@ from interptool.errors import (
     CacheError,
     ConfigError,
     InterptoolError,
-    describe,
-    release_loader,
-    restore_worker_signal,
-    set_aside_worker_signal,
-    unwrap_worker_error,
-    worker_died,
 )
 
 __all__ = ["Dissection", "DissectionResult"]
@@ -986,7 +988,7 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
     one-line error.
 
     The workers stop as soon as this ends (finished, closed, or failed), not whenever the
-    garbage collector reaches the loader (:func:`~interptool.errors.release_loader`)."""
+    garbage collector reaches the loader (:func:`~interptool._workers.release_loader`)."""
     error: BaseException | None = None
     aside = None
     try:
