@@ -939,7 +939,8 @@ class Dissection:
         layers and the random-init controls) on it reuses the items, which the tally only
         reads. ``slot``: the probe's memo and this run's key (:func:`_memo_slot`; None: not
         memoisable, decoded every time). With ``workers`` the decoding starts when this is
-        called, so the workers decode while the threshold pass runs."""
+        called: their first batches (two per worker) are decoded while the threshold pass
+        runs, the rest while the tally does."""
         cached = slot[0].get(slot[1]) if slot is not None else None
         if cached is not None:
             return (cached[s : s + self.batch_size] for s in range(0, len(cached),
