@@ -200,11 +200,50 @@ def test_mask_decoding_uses_wide_integers(tmp_path):
     assert got.dtype == np.int64 and np.array_equal(got, labels)
 
 
-def test_segmentation_loading_is_fast(broden):
-    import time
+def test_mask_labels_keep_the_narrowest_exact_type(tmp_path):
+    """What the dissection decodes: RGB as int32 R + 256 * G (blue ignored), one-channel
+    PNGs in their own type; read_mask_png gives the same numbers as int64."""
+    from interptool.data import read_mask_labels, read_mask_png
+
+    labels = np.array([[0, 255, 256, 257], [1000, 65535, 4096, 513]])
+    _mask(tmp_path / "rgb.png", labels)
+    got = read_mask_labels(tmp_path / "rgb.png")
+    assert got.dtype == np.int32 and np.array_equal(got, labels)
+    Image.fromarray(np.array([[0, 7], [255, 3]], np.uint8), "L").save(tmp_path / "l.png")
+    got = read_mask_labels(tmp_path / "l.png")
+    assert got.dtype == np.uint8 and got.tolist() == [[0, 7], [255, 3]]
+    Image.fromarray(np.array([[0, 700], [65535, 3]], np.uint16)).save(tmp_path / "i16.png")
+    got = read_mask_labels(tmp_path / "i16.png")
+    assert got.dtype.kind == "u" and got.tolist() == [[0, 700], [65535, 3]]
+    assert read_mask_png(tmp_path / "i16.png").dtype == np.int64
+
+
+def test_each_mask_file_costs_one_lstat_and_no_stat(broden, monkeypatch):
+    """The checks before decoding a mask (inside the root, exists, a regular file) come from
+    one lstat of the file: a Broden probe has ~300,000 of them, decoded at every dissection.
+    A link is followed (one stat more) and still checked."""
+    import os
 
     ds = BrodenDataset(broden)
-    t = time.perf_counter()
-    for _ in range(200):
-        ds.load_segmentation(0)
-    assert (time.perf_counter() - t) / 200 < 0.01  # three small PNGs: far below 10 ms
+    ds.load_segmentation(0)  # folders resolved once, before counting
+    calls: list[str] = []
+    for name in ("lstat", "stat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, _r=real, _n=name, **k:
+                            calls.append(_n) or _r(p, *a, **k))
+    s = ds.load_segmentation(0)
+    assert calls == ["lstat"] * 3 and s.pixel["part"].shape == (2, SH, SW)
+    monkeypatch.undo()
+    (broden / "images/src/0_part_2.png").rename(broden / "images/src/elsewhere.png")
+    (broden / "images/src/0_part_2.png").symlink_to(broden / "images/src/elsewhere.png")
+    assert np.array_equal(BrodenDataset(broden).load_segmentation(0).pixel["part"][1], PART2)
+    # a mask name that is a folder, or a link to nothing, does not exist as a mask
+    (broden / "images/src/0_part_2.png").unlink()
+    (broden / "images/src/0_part_2.png").symlink_to(broden / "images/src/none.png")
+    with pytest.raises(DataError, match=r"0_part_2\.png \(index.csv line 2, column 'part'\) "
+                                        "does not exist; restore it"):
+        BrodenDataset(broden).load_segmentation(0)
+    (broden / "images/src/0_part_2.png").unlink()
+    (broden / "images/src/0_part_2.png").mkdir()
+    with pytest.raises(DataError, match=r"0_part_2\.png .*does not exist"):
+        BrodenDataset(broden).load_segmentation(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -303,16 +302,14 @@ def test_hierarchy_semantic_similarity_and_spearman(tmp_path):
 # ------------------------------------------------------------------------------------------
 # scale
 # ------------------------------------------------------------------------------------------
-def test_thousand_classes_fast_and_readable(tmp_path):
+def test_thousand_classes_readable(tmp_path):
+    # speed at this scale is measured in benchmarks/bench_similarity.py, not asserted here
     rng = np.random.default_rng(0)
     n, k = 5000, 1000
     y = np.arange(n) % k
     z = rng.normal(size=(n, k)).astype(np.float32)
     z[np.arange(n), y] += 5
-    t0 = time.perf_counter()
     res = ClassSimilarity().run(mem(z, y))
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 20  # ~1 s on an idle core; generous for a shared machine
     np.testing.assert_allclose(res.matrices[1.0].sum(1), 1.0, atol=1e-9)
     order = cluster_order(res.matrices[1.0])
     assert sorted(order.tolist()) == list(range(k))

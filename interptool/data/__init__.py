@@ -17,6 +17,7 @@ from interptool.data._broden import (
     Segmentation,
     decode_mask,
     encode_mask,
+    read_mask_labels,
     read_mask_png,
     write_mask_png,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "collate_skip_bad",
     "decode_mask",
     "encode_mask",
+    "read_mask_labels",
     "read_mask_png",
     "write_mask_png",
 ]

@@ -95,21 +95,33 @@ def encode_mask(labels: np.ndarray) -> np.ndarray:
 
 def read_mask_png(path: str | os.PathLike) -> np.ndarray:
     """Read a mask PNG as int64 label numbers (``DataError`` naming the file on failure)."""
+    return read_mask_labels(path).astype(np.int64)
+
+
+def read_mask_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask PNG as label numbers in the narrowest exact integer array: int32 for RGB
+    (``R + 256 * G``), the PNG's own type for one channel (uint8, uint16 or int32).
+
+    Why not :func:`decode_mask`: a probe's masks are decoded on every dissection (Broden:
+    ~300,000 files), and three int64 temporaries per file were a fifth of the decoding.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             if im.mode in ("RGB", "RGBA"):
-                arr = np.asarray(im)
-            elif im.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
-                arr = np.asarray(im)  # single channel: the value is the label number
-            else:
-                arr = np.asarray(im.convert("RGB"))
+                rgb = np.asarray(im)
+                labels = rgb[..., 1].astype(np.int32)
+                labels <<= 8
+                labels |= rgb[..., 0]
+                return labels
+            if im.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
+                return np.asarray(im)  # single channel: the value is the label number
+            return decode_mask(np.asarray(im.convert("RGB")))
     except FileNotFoundError:
         raise DataError(f"mask file {path} does not exist") from None
     except OSError as exc:
         raise DataError(f"mask file {path} cannot be decoded: {exc}") from None
-    return decode_mask(arr)
 
 
 def write_mask_png(path: str | os.PathLike, labels: np.ndarray) -> None:
@@ -160,6 +172,14 @@ def lexical_escape(item: str) -> str | None:
 
 def _within(path: str, bases: tuple[str, ...]) -> bool:
     return any(path == b or path.startswith(b + os.sep) for b in bases)
+
+
+def _mode(path: str) -> int | None:
+    """``st_mode`` of what ``path`` leads to, None if nothing."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
 
 
 def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> tuple[list[str], list[list[str]]]:
@@ -545,31 +565,40 @@ class BrodenDataset(ImageDataset):
         part is resolved once per folder (:meth:`_real_dir`), the file itself is resolved only
         when it is a symbolic link. A missing file is not an escape (the caller reports it).
         """
-        folder, name = os.path.split(os.fspath(path))
+        return self._look_up(os.fspath(path))[0]
+
+    def _look_up(self, path: str) -> tuple[str | None, int | None]:
+        """``(escape, mode)``: :meth:`resolve_escape`'s answer and the ``st_mode`` of the file
+        ``path`` names after links (None: missing, or not looked at because it escapes), from
+        the same ``lstat``: a mask file costs one system call for both checks."""
+        folder, name = os.path.split(path)
         bases = self._real_bases()
         if name in ("", ".", ".."):  # not a file name: resolve the whole path
             real = os.path.realpath(path)
-            return None if _within(real, bases) else real
+            return (None, _mode(path)) if _within(real, bases) else (real, None)
         real_folder = self._real_dir(folder)
         if not _within(real_folder, bases):
-            return os.path.realpath(path)
+            return os.path.realpath(path), None
         try:
-            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+            mode = os.lstat(path).st_mode
         except OSError:
-            return None
-        if not is_link:
-            return None
+            return None, None
+        if not stat.S_ISLNK(mode):
+            return None, mode
         real = os.path.realpath(path)
-        return None if _within(real, bases) else real
+        return (None, _mode(path)) if _within(real, bases) else (real, None)
+
+    def _escape_error(self, path: Path | str, real: str, line: int, column: str) -> DataError:
+        return DataError(
+            f"{self.root / 'index.csv'}, line {line}, column '{column}': {path} resolves to "
+            f"{real}, outside the data set root {self.root} (a symbolic link); copy the "
+            "file into the data set or remove the row"
+        )
 
     def _safe_file(self, path: Path, line: int, column: str) -> Path:
         real = self.resolve_escape(path)
         if real is not None:
-            raise DataError(
-                f"{self.root / 'index.csv'}, line {line}, column '{column}': {path} resolves to "
-                f"{real}, outside the data set root {self.root} (a symbolic link); copy the "
-                "file into the data set or remove the row"
-            )
+            raise self._escape_error(path, real, line, column)
         return path
 
     def load_image(self, i: int) -> Any:
@@ -660,25 +689,39 @@ class BrodenDataset(ImageDataset):
         return seg
 
     def _read_mask(self, item: str, line: int, cat: str, size: tuple[int, int]) -> np.ndarray:
-        """Decode one mask file of an ``index.csv`` cell and check its size and labels."""
-        path = self._safe_file(self.root / "images" / item, line, cat)
-        where = f"mask file {path} (index.csv line {line}, column '{cat}')"
-        if not path.is_file():
-            raise DataError(f"{where} does not exist; restore it or remove it from index.csv")
-        arr = read_mask_png(path)
+        """Decode one mask file of an ``index.csv`` cell and check where it leads, its size
+        and its labels (int32, uint16 or uint8 label numbers: :func:`read_mask_labels`)."""
+        path = os.path.join(self._images_dir, item)
+        real, mode = self._look_up(path)
+        if real is not None:
+            raise self._escape_error(Path(path), real, line, cat)
+        if mode is None or not stat.S_ISREG(mode):
+            raise DataError(f"{self._mask_where(path, line, cat)} does not exist; restore it "
+                            "or remove it from index.csv")
+        arr = read_mask_labels(path)
         if arr.shape != size:
-            raise DataError(f"{where} is {arr.shape[0]}x{arr.shape[1]} but sh,sw = "
-                            f"{size[0]},{size[1]}")
+            raise DataError(f"{self._mask_where(path, line, cat)} is {arr.shape[0]}x"
+                            f"{arr.shape[1]} but sh,sw = {size[0]},{size[1]}")
         if arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
+            # labels decoded from unsigned channels cannot be negative: one pass, not two
+            lo = int(arr.min()) if arr.dtype.kind == "i" else 0
+            hi = int(arr.max())
             if lo < 0 or hi >= self.num_labels:
                 bad = lo if lo < 0 else hi
                 raise DataError(
-                    f"{where} holds label number {bad}, outside label.csv's numbers "
-                    f"0..{self.num_labels - 1}; fix the mask (label = R + 256 * G) or add the "
-                    "label to label.csv"
+                    f"{self._mask_where(path, line, cat)} holds label number {bad}, outside "
+                    f"label.csv's numbers 0..{self.num_labels - 1}; fix the mask (label = R + "
+                    "256 * G) or add the label to label.csv"
                 )
         return arr
+
+    @staticmethod
+    def _mask_where(path: str, line: int, cat: str) -> str:
+        return f"mask file {Path(path)} (index.csv line {line}, column '{cat}')"
+
+    @property
+    def _images_dir(self) -> str:
+        return os.path.join(self.root, "images")
 
     def category_index(self, name: str) -> int:
         """Index of a category in :attr:`categories` (DataError listing them if unknown)."""
