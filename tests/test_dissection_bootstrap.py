@@ -461,9 +461,16 @@ def test_segmentations_decoded_once_per_probe_and_results_unchanged(tmp_path, pr
         np.testing.assert_array_equal(getattr(b, name), getattr(b2, name), name)
     pd.testing.assert_frame_equal(b.bootstrap_samples, b2.bootstrap_samples)
     assert a.block_stats.n_blocks == b.block_stats.n_blocks
-    # a probe over the memory bound is decoded on every run
-    monkeypatch.setattr(amod, "SEGMENTATION_MEMO_BYTES", 0)
+    # a probe over the memory bound is decoded on every run, and the files of the images
+    # after the bound is passed are not even looked at (one image's masks here)
+    monkeypatch.setattr(amod, "SEGMENTATION_MEMO_BYTES", 1)
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(amod.os, "stat", lambda f, *a, **k: stats.append(f) or
+                        real_stat(f, *a, **k))
     calls.clear()
     _dissect(tmp_path, probe, feats_a, "e.h5", categories="color,object")
+    mask_stats = [f for f in stats if str(f).endswith(".png")]
+    assert 0 < len(mask_stats) <= sum(map(len, probe.mask_files(0).values()))
     _dissect(tmp_path, probe, feats_a, "f.h5", categories="color,object")
     assert len(calls) == 2 * N

@@ -1011,9 +1011,9 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
 
 def _memo_slot(probe: Any, categories: list[str]) -> tuple[dict, tuple] | None:
     """The probe's memo of decoded segmentations and this run's key in it; None when the
-    probe cannot be memoised (it does not list its mask files, one is unreadable, or the
-    probe is not weak-referenceable)."""
-    state = _mask_files_state(probe)
+    probe cannot be memoised (it does not list its mask files, one is unreadable, its masks
+    surely exceed :data:`SEGMENTATION_MEMO_BYTES`, or it is not weak-referenceable)."""
+    state = _mask_files_state(probe, categories)
     if state is None:
         return None
     key = (getattr(probe, "fingerprint", None), len(probe), tuple(categories), state)
@@ -1024,20 +1024,33 @@ def _memo_slot(probe: Any, categories: list[str]) -> tuple[dict, tuple] | None:
     return memo, key
 
 
-def _mask_files_state(probe: Any) -> str | None:
+def _mask_files_state(probe: Any, categories: list[str]) -> str | None:
     """sha256 of every mask file's path, size and modification time (a probe changed on
-    disk is decoded again); None when the probe does not list its files or one is missing."""
+    disk is decoded again); None when the probe does not list its files, one is missing, or
+    the mask files of ``categories`` alone would decode to more than the memo holds.
+
+    Why the last: a Broden-scale probe (~300,000 mask files, ~20 GB decoded) is never
+    memoised, and statting all its files cost ~3 s a run; the count stops at the first
+    images whose tables (at least ``sh * sw`` int32 per file, :class:`SegItem`) overflow."""
     import hashlib
 
     if not hasattr(probe, "mask_files"):
         return None
+    seg_size = getattr(probe, "seg_size", None)
+    wanted = set(categories)
     h = hashlib.sha256()
+    at_least = 0
     try:
         for i in range(len(probe)):
-            for files in probe.mask_files(i).values():
+            for cat, files in probe.mask_files(i).items():
                 for f in files:
                     st = os.stat(f)
                     h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+                if seg_size is not None and cat in wanted:
+                    sh, sw = seg_size(i)
+                    at_least += 4 * int(sh) * int(sw) * len(files)
+            if at_least > SEGMENTATION_MEMO_BYTES:
+                return None
     except (OSError, TypeError, ValueError, KeyError, IndexError):
         return None
     return h.hexdigest()
