@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interptool._progress import progress
+from interptool._progress import progress, warn
 from interptool._provenance import (
     BackgroundDigest,
     atomic_path,
@@ -60,6 +60,7 @@ from interptool.analyzers.dissection._bootstrap import (
     point_measures,
     resample_measures,
 )
+from interptool.analyzers.dissection._mask_store import StorePlan, plan_store, store_key
 from interptool.analyzers.dissection._params import DissectionParams
 from interptool.analyzers.dissection._protocol import (
     ResolvedProtocol,
@@ -609,6 +610,14 @@ class Dissection:
             half the cores, on CUDA all but one or two; none for a probe of a few batches or
             segmentations decoded already in this process). Recorded with the threads in
             ``result.config["threads"]["mask_workers"]``. The results do not depend on it.
+        mask_store: a folder keeping the probe's decoded masks between runs and processes
+            (:mod:`~interptool.analyzers.dissection._mask_store`): the first run decodes
+            and writes them (about 2 bytes per mask pixel: ~12 GB for Broden), later runs
+            on the same probe, categories and mask files read them back. Where a run's
+            masks came from is recorded in ``result.config["segmentations"]``. Default:
+            decoded every run (a
+            probe that fits :data:`SEGMENTATION_MEMO_BYTES` is still decoded once per
+            process).
         top_images: probe images kept per unit for the montages.
         category_area: ``"overlap"`` (NetDissect-Lite's code, default): a unit's mask in an
             image counts toward category c's denominator when it touches a pixel labelled
@@ -638,6 +647,7 @@ class Dissection:
         workers: int | None = None,
         top_images: int = 8,
         *,
+        mask_store: str | os.PathLike | None = None,
         category_area: str = "overlap",
         checksum: bool = True,
         protocol: str = "netdissect-lite",
@@ -652,6 +662,7 @@ class Dissection:
             protocol=protocol, categories=categories, quantile=quantile,
             iou_threshold=iou_threshold, batch_size=batch_size, device=str(device),
             workers=workers, top_images=top_images,
+            mask_store=None if mask_store is None else os.fspath(mask_store),
             category_area=category_area, checksum=checksum,
             bootstrap=bootstrap, seed=seed, bootstrap_block_size=bootstrap_block_size,
             ci_level=ci_level)
@@ -671,6 +682,7 @@ class Dissection:
         self.batch_size = int(batch_size)
         self.device = str(device)
         self.workers = None if workers is None else int(workers)
+        self.mask_store = self.params.mask_store
         self.top_images = int(top_images)
         self.category_area = category_area
         self.checksum = bool(checksum)
@@ -682,8 +694,8 @@ class Dissection:
 
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
-            "quantile", "iou_threshold", "batch_size", "device", "workers", "top_images",
-            "category_area", "protocol", "categories",
+            "quantile", "iou_threshold", "batch_size", "device", "workers", "mask_store",
+            "top_images", "category_area", "protocol", "categories",
             "bootstrap", "seed", "bootstrap_block_size", "ci_level")}
 
     # ------------------------------------------------------------------ run
@@ -752,16 +764,21 @@ class Dissection:
         # them decoded already), and the tally's torch threads take the cores left over and
         # free now (docs/benchmarks_dissect.md)
         categories = list(proto.categories)
-        slot = _memo_slot(probe, categories)
+        # with a store every mask file is looked at (its key); else only up to the memo's bound
+        state = _mask_files_state(probe, categories, None) if self.mask_store else None
+        slot = _memo_slot(probe, categories, state)
         memoised = slot is not None and slot[0].get(slot[1]) is not None
-        # held decoded: nothing to decode, so no worker whatever was asked (the cores count)
-        workers = 0 if memoised else mask_workers(self.workers, len(probe), self.batch_size,
-                                                  device.type)
+        plan = None if memoised or not self.mask_store else self._plan_store(probe,
+                                                                             categories, state)
+        # held decoded or read from the store: nothing to decode, so no worker whatever was
+        # asked (the cores go to the tally)
+        workers = 0 if memoised or (plan is not None and plan.reader is not None) else \
+            mask_workers(self.workers, len(probe), self.batch_size, device.type)
         threads = analysis_threads(workers)
         # mask workers start now, so their first batches (two per worker) are decoded while
         # the thresholds are computed (forked before this run starts a thread of its own);
         # the cache's checksum for the provenance is read on a thread while both passes run
-        segmentations = self._segmentations(probe, categories, slot, workers)
+        segmentations = self._segmentations(probe, categories, slot, workers, plan)
         digest = BackgroundDigest(cache.path) if self.checksum else None
         aside = None
         try:
@@ -786,7 +803,24 @@ class Dissection:
             if digest is not None:
                 digest.cancel()  # a failed run does not wait for it (done: no effect)
         result.config["threads"] = threads
+        result.config["segmentations"] = plan.record() if plan is not None else {
+            "source": "held decoded in this process" if memoised else "decoded",
+            "store_file": None}
         return result
+
+    def _plan_store(self, probe: Any, categories: list[str],
+                    state: _FilesState | None) -> StorePlan:
+        """Read the probe's store file, or write it while decoding; told to the user (even
+        with --quiet) when the store cannot be used."""
+        key = store_key(state.digest, probe, categories) if state is not None else None
+        # the writer needs at least 2 bytes per mask pixel (uint16 tables)
+        plan = plan_store(self.mask_store, key, probe, categories,
+                          state.table_bytes // 2 if state is not None else 0)
+        for note in plan.notes:
+            warn(f"mask store: {note}")
+        if plan.action == "none":
+            warn(f"mask store {self.mask_store}: not used ({plan.why}); the masks are decoded")
+        return plan
 
     def _measure(self, cache: Any, layer: str, probe: Any, view: _LayerView,
                  proto: ResolvedProtocol, segmentations: _Batches,
@@ -931,7 +965,8 @@ class Dissection:
         )
 
     def _segmentations(self, probe: Any, categories: list[str],
-                       slot: tuple[dict, tuple] | None, workers: int) -> _Batches:
+                       slot: tuple[dict, tuple] | None, workers: int,
+                       plan: StorePlan | None = None) -> _Batches:
         """Batches of decoded segmentations (:class:`SegItem`) in probe order.
 
         A probe small enough (:data:`SEGMENTATION_MEMO_BYTES`) is decoded once per process
@@ -940,13 +975,19 @@ class Dissection:
         reads. ``slot``: the probe's memo and this run's key (:func:`_memo_slot`; None: not
         memoisable, decoded every time). With ``workers`` the decoding starts when this is
         called: their first batches (two per worker) are decoded while the threshold pass
-        runs, the rest while the tally does."""
+        runs, the rest while the tally does. ``plan``: the mask store's file to read them
+        from, or to write them to as they are decoded."""
         cached = slot[0].get(slot[1]) if slot is not None else None
         if cached is not None:
             return (cached[s : s + self.batch_size] for s in range(0, len(cached),
                                                                   self.batch_size))
-        decoded = self._decode_segmentations(probe, categories, workers)
-        return decoded if slot is None else _memoising(decoded, slot, len(probe))
+        if plan is not None and plan.reader is not None:
+            batches = _from_store(plan, self.batch_size)
+        else:
+            batches = self._decode_segmentations(probe, categories, workers)
+            if plan is not None and plan.writer is not None:
+                batches = _storing(batches, plan)
+        return batches if slot is None else _memoising(batches, slot, len(probe))
 
     def _decode_segmentations(self, probe: Any, categories: list[str],
                               workers: int) -> _Batches:
@@ -984,6 +1025,47 @@ def _memoising(batches: _Batches, slot: tuple[dict, tuple], n_items: int) -> _Ba
         yield batch
 
 
+def _from_store(plan: StorePlan, batch_size: int) -> _Batches:
+    """The items read back from the store file (closed when this ends)."""
+    assert plan.reader is not None
+    try:
+        yield from plan.reader.batches(batch_size)
+    finally:
+        plan.reader.close()
+
+
+def _storing(batches: _Batches, plan: StorePlan) -> _Batches:
+    """Pass ``batches`` through and append them to the store's partial file, made whole
+    before the last batch is handed over (the caller's zip() never resumes this generator
+    after it). A write that fails (a full disk) only ends the storing: the run goes on with
+    the decoded masks, and says so."""
+    from interptool._provenance import is_no_space, no_space_message
+
+    writer = plan.writer
+    try:
+        for batch in batches:
+            if writer is not None:
+                try:
+                    if not writer.add(batch):
+                        plan.why = "an image has a label number the store cannot hold"
+                        writer.abort()
+                        writer = None
+                    elif writer.complete:
+                        writer.commit()
+                        plan.written, writer = True, None
+                except Exception as exc:  # noqa: BLE001 - h5py raises OSError/RuntimeError
+                    writer.abort()
+                    writer = None
+                    where = plan.file or plan.folder
+                    plan.why = (no_space_message(where) if is_no_space(exc)
+                                else f"writing {where} failed ({exc})")
+                    warn(f"mask store: not stored: {plan.why}; the run goes on")
+            yield batch
+    finally:
+        if writer is not None:  # the run failed or stopped before the last batch
+            writer.abort()
+
+
 def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
     """The workers' batches unpacked; a bad mask file found by a worker raises the worker's
     one-line error.
@@ -1009,14 +1091,17 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
         raise error
 
 
-def _memo_slot(probe: Any, categories: list[str]) -> tuple[dict, tuple] | None:
+def _memo_slot(probe: Any, categories: list[str],
+               state: _FilesState | None = None) -> tuple[dict, tuple] | None:
     """The probe's memo of decoded segmentations and this run's key in it; None when the
     probe cannot be memoised (it does not list its mask files, one is unreadable, its masks
-    surely exceed :data:`SEGMENTATION_MEMO_BYTES`, or it is not weak-referenceable)."""
-    state = _mask_files_state(probe, categories)
+    surely exceed :data:`SEGMENTATION_MEMO_BYTES`, or it is not weak-referenceable).
+    ``state``: the probe's :func:`_mask_files_state` when the caller has it already."""
     if state is None:
+        state = _mask_files_state(probe, categories, SEGMENTATION_MEMO_BYTES)
+    if state is None or state.table_bytes > SEGMENTATION_MEMO_BYTES:
         return None
-    key = (getattr(probe, "fingerprint", None), len(probe), tuple(categories), state)
+    key = (getattr(probe, "fingerprint", None), len(probe), tuple(categories), state.digest)
     try:
         memo = _SEGMENTATION_MEMO.setdefault(probe, {})
     except TypeError:
@@ -1024,12 +1109,19 @@ def _memo_slot(probe: Any, categories: list[str]) -> tuple[dict, tuple] | None:
     return memo, key
 
 
-def _mask_files_state(probe: Any, categories: list[str]) -> str | None:
-    """sha256 of every mask file's path, size and modification time (a probe changed on
-    disk is decoded again); None when the probe does not list its files, one is missing, or
-    the mask files of ``categories`` alone would decode to more than the memo holds.
+@dataclass(frozen=True)
+class _FilesState:
+    digest: str  # sha256 of every mask file's path, size and modification time
+    table_bytes: int  # at least this many bytes of int32 tables decoded for the categories
 
-    Why the last: a Broden-scale probe (~300,000 mask files, ~20 GB decoded) is never
+
+def _mask_files_state(probe: Any, categories: list[str],
+                      bound: int | None) -> _FilesState | None:
+    """sha256 of every mask file's path, size and modification time (a probe changed on
+    disk is decoded again) and a lower bound of its decoded tables; None when the probe
+    does not list its files, one is missing, or the tables exceed ``bound`` (None: none).
+
+    Why the bound: a Broden-scale probe (~300,000 mask files, ~20 GB decoded) is never
     memoised, and statting all its files cost ~3 s a run; the count stops at the first
     images whose tables (at least ``sh * sw`` int32 per file, :class:`SegItem`) overflow."""
     import hashlib
@@ -1049,11 +1141,11 @@ def _mask_files_state(probe: Any, categories: list[str]) -> str | None:
                 if seg_size is not None and cat in wanted:
                     sh, sw = seg_size(i)
                     at_least += 4 * int(sh) * int(sw) * len(files)
-            if at_least > SEGMENTATION_MEMO_BYTES:
+            if bound is not None and at_least > bound:
                 return None
     except (OSError, TypeError, ValueError, KeyError, IndexError):
         return None
-    return h.hexdigest()
+    return _FilesState(h.hexdigest(), at_least)
 
 
 #: decoded segmentations kept per probe object (weakly: dropped with the probe), when all of

@@ -28,6 +28,15 @@ def _categories_problem(value: Any) -> str | None:
     return None
 
 
+def _mask_store_problem(value: Any) -> str | None:
+    """A ``mask_store`` that names something other than a folder (it is created if missing)."""
+    import os
+
+    if value is not None and os.path.exists(value) and not os.path.isdir(value):
+        return "expected a folder (created if missing), got a file; name a folder"
+    return None
+
+
 @dataclass
 class DissectionOptions(Params):
     """How ``interptool compare`` uses dissection (config only, not analyzer settings)."""
@@ -80,6 +89,11 @@ class DissectionParams(Params):
     workers: int | None = param(None, "DataLoader worker processes decoding the masks "
                                 "(default: chosen from the cores and the device; 0: decoded "
                                 "in this process)", ge=0)
+    mask_store: str | None = param(
+        None, "folder keeping the probe's decoded masks between runs: decoded once per probe, "
+        "categories and mask files, read back by later runs (about 2 bytes per mask pixel, "
+        "~12 GB for Broden; default: decoded every run)", metavar="DIR",
+        check=_mask_store_problem)
     top_images: int = param(8, "probe images kept per unit for its montage", ge=0)
     category_area: str = param("overlap", "unit area per category: NetDissect-Lite's "
                                "'overlap' or 'image'", choices=("overlap", "image"))

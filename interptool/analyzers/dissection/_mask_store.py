@@ -1,0 +1,355 @@
+"""Decoded probe masks kept on disk between runs (``Dissection(mask_store=FOLDER)``).
+
+Why: decoding a probe's mask PNGs is about half of the dissection's CPU time on a CPU and
+sets the pace on a GPU (one core decodes ~1,000 probe images/s of Broden's geometry, five
+PNGs each), and a study dissects the same probe for every model, layer and random-init
+control. With a store the masks are decoded once per probe, categories and mask files; later
+runs, in any process, read the label tables back (2 bytes per mask pixel) instead.
+
+One file per key, ``FOLDER/<key>.masks``. The key is the sha256 of the format version, the
+probe's fingerprint and size, the categories and every mask file's path, size and
+modification time, so a probe changed on disk gets a new file and an old one is never read
+for it. A file is written under a hidden partial name and renamed when whole (fsynced
+first), so an interrupted run, a full disk or a second writer never leaves a file that
+looks whole; a partial left by a killed process of this host is removed by the next writer.
+Every block carries a CRC-32 and each image read back is checked against its own label
+counts, so a damaged file is an error naming it, never silently different numbers. A file
+that does not match (another format, key or size) is ignored and written again.
+
+Layout (little-endian), written front to back::
+
+    b"ITMASKS1"
+    blocks, one per decoded batch: its images' label tables (uint16 or int32, pixel-major),
+        then their image-level labels (int64), then their label counts (int64)
+    index: int64 (n, 5): sh, sw, planes, image-level labels, label counts per image
+    JSON: format, version, key, n_items, dtype, blocks [[first image, images, offset,
+        bytes, crc32], ...], categories, probe spec
+    trailer: index offset (uint64), JSON bytes (uint64), CRC-32 of index + JSON (uint32),
+        b"ITMASKS1"
+
+Why not HDF5 (the cache's format): a write-once file needs no random access, and HDF5
+crashed the process (a segmentation fault in ``File.close``) closing a file whose writes had
+failed on a full disk (reproduced on a 1 MiB tmpfs); plain writes fail cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interptool.analyzers.dissection._tally import SegItem
+from interptool.errors import AnalysisError
+
+FORMAT = "interptool-mask-store"
+VERSION = 1
+MAGIC = b"ITMASKS1"
+SUFFIX = ".masks"
+_TRAILER = struct.Struct("<QQI8s")
+
+
+def store_key(files_state: str, probe: Any, categories: list[str]) -> str:
+    """The store file's name (without its suffix) for a probe, its categories and the state of
+    its mask files (:func:`~interptool.analyzers.dissection._analyzer._mask_files_state`)."""
+    ident = {"format": FORMAT, "version": VERSION, "files": files_state,
+             "fingerprint": getattr(probe, "fingerprint", None), "n": len(probe),
+             "num_labels": int(getattr(probe, "num_labels", 0)),
+             "categories": list(categories)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class StorePlan:
+    """What a run does with the store: read a whole file, write one, or neither (``why``)."""
+
+    folder: str
+    file: str | None = None
+    action: str = "none"  # "read", "write" or "none"
+    why: str = ""
+    reader: StoreReader | None = None
+    writer: StoreWriter | None = None
+    written: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """``result.config["segmentations"]``: where this run's masks came from."""
+        if self.action == "read":
+            source = "read from the store"
+        elif self.action == "write":
+            source = "decoded and stored" if self.written else f"decoded; not stored: {self.why}"
+        else:
+            source = f"decoded; store not used: {self.why}"
+        return {"source": source, "store_file": self.file}
+
+
+def plan_store(folder: str | os.PathLike, key: str | None, probe: Any, categories: list[str],
+               min_bytes: int) -> StorePlan:
+    """Open ``FOLDER/<key>.masks`` for reading when it is whole and matches, else prepare a
+    writer (when the folder can be written and has room for ``min_bytes``, the label
+    tables' size at 2 bytes per mask pixel).
+
+    ``key`` None: the probe does not list its mask files, so a stored copy could not be told
+    from a stale one; nothing is read or written."""
+    from interptool._provenance import device_of, free_bytes
+
+    folder = Path(folder)
+    plan = StorePlan(str(folder))
+    if key is None:
+        plan.why = "the probe does not list its mask files (a stored copy could go stale)"
+        return plan
+    path = folder / f"{key}{SUFFIX}"
+    plan.file = str(path)
+    n = len(probe)
+    if path.is_file():
+        reader, why = StoreReader.open(path, key, n)
+        if reader is not None:
+            plan.action, plan.reader = "read", reader
+            return plan
+        plan.notes.append(f"{path} ignored ({why}); decoding and storing it again")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(folder, path.name)
+        free = free_bytes(folder)
+    except OSError as exc:
+        plan.why = f"cannot write to {folder} ({exc.strerror or exc})"
+        return plan
+    if free < min_bytes:
+        plan.why = (f"needs at least {min_bytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
+                    f"on {device_of(folder)}")
+        return plan
+    dtype = np.uint16 if int(getattr(probe, "num_labels", 1 << 30)) <= 1 << 16 else np.int32
+    try:
+        plan.writer = StoreWriter(path, key, n, dtype, {
+            "probe_spec": str(getattr(probe, "spec", "") or ""), "categories": categories})
+    except OSError as exc:
+        plan.why = f"cannot write to {folder} ({exc})"
+        return plan
+    plan.action = "write"
+    return plan
+
+
+def _partial_name(name: str, pid: int | None = None) -> str:
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def _remove_stale_partials(folder: Path, name: str) -> None:
+    """Remove the partial files of ``name`` whose writer (a process of this host) is gone."""
+    prefix = _partial_name(name, 0)[:-1]
+    for p in folder.glob(f".{name}.partial-*"):
+        tail = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        if not tail.isdigit():
+            continue  # another host's writer: it may still run
+        try:
+            os.kill(int(tail), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive (another user's process, PermissionError): leave it
+
+
+class StoreWriter:
+    """Appends decoded batches to a hidden partial file; :meth:`commit` makes it whole."""
+
+    def __init__(self, path: Path, key: str, n_items: int, dtype: Any,
+                 meta: dict[str, Any]) -> None:
+        self.path = path
+        self.tmp = path.with_name(_partial_name(path.name))
+        self.n_items = n_items
+        self.dtype = np.dtype(dtype)
+        # no negative label is stored: the tally refuses such an item, and its label counts
+        # leave out the plane that holds it (they would not describe the table)
+        self._top = int(np.iinfo(self.dtype).max)
+        self.meta = {"format": FORMAT, "version": VERSION, "key": key, "n_items": n_items,
+                     "dtype": self.dtype.str, **meta}
+        self._index: list[tuple[int, int, int, int, int]] = []
+        self._blocks: list[list[int]] = []
+        self._fh = open(self.tmp, "xb")  # noqa: SIM115 - held open across batches
+        self._at = 0
+        try:
+            self._write(MAGIC)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._fh.write(data)
+        self._at += len(data)
+
+    def add(self, items: list[SegItem]) -> bool:
+        """Append a batch (in probe order) as one block. False when an item cannot be stored
+        exactly (a label outside the store's type: the tally refuses it anyway)."""
+        for k, it in enumerate(items):
+            if it.index != len(self._index) + k or it.lo < 0 or it.hi > self._top:
+                return False
+        block = b"".join(
+            [np.ascontiguousarray(it.pixel, dtype=self.dtype).tobytes() for it in items]
+            + [np.ascontiguousarray(it.scalars, dtype="<i8").tobytes() for it in items]
+            + [np.ascontiguousarray(it.label_counts, dtype="<i8").tobytes() for it in items])
+        self._blocks.append([len(self._index), len(items), self._at, len(block),
+                             zlib.crc32(block)])
+        self._write(block)
+        for it in items:
+            depth = it.pixel.shape[1] if it.pixel.ndim == 2 else 0
+            self._index.append((it.size[0], it.size[1], depth, len(it.scalars),
+                                len(it.label_counts)))
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return len(self._index) == self.n_items
+
+    def commit(self) -> None:
+        """Write the index and trailer, fsync, and rename the file to its name (whole, or
+        not at all)."""
+        from interptool._provenance import fsync_dir
+
+        try:
+            index = np.asarray(self._index, dtype="<i8").reshape(-1, 5).tobytes()
+            text = json.dumps({**self.meta, "blocks": self._blocks}).encode()
+            at = self._at
+            self._write(index)
+            self._write(text)
+            self._write(_TRAILER.pack(at, len(text), zlib.crc32(index + text), MAGIC))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Close and remove the partial file (errors ignored: this runs on failure paths)."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # the buffered tail failed to write (a full disk): the file goes anyway
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
+
+
+class StoreReader:
+    """A whole store file, its index in memory, read back block by block."""
+
+    def __init__(self, path: Path, fh: Any, index: np.ndarray, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.fh = fh
+        self.index = index
+        self.meta = meta
+        self.dtype = np.dtype(meta["dtype"])
+
+    @classmethod
+    def open(cls, path: Path, key: str, n_items: int) -> tuple[StoreReader | None, str]:
+        """``(reader, "")``, or ``(None, why)`` when the file is not a whole store of this
+        key and size or its index is inconsistent."""
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - held open while the batches are read
+        except OSError as exc:
+            return None, f"not readable ({exc.strerror or exc})"
+        try:
+            index, meta, why = cls._read_index(fh, key, n_items)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            index, meta, why = None, None, f"unreadable index ({exc})"
+        if why:
+            fh.close()
+            return None, why
+        return cls(path, fh, index, meta), ""
+
+    @staticmethod
+    def _read_index(fh: Any, key: str, n: int) -> tuple[Any, Any, str]:
+        size = os.fstat(fh.fileno()).st_size
+        if size < len(MAGIC) + _TRAILER.size:
+            return None, None, "too short to be a store"
+        fh.seek(size - _TRAILER.size)
+        at, n_text, crc, magic = _TRAILER.unpack(fh.read(_TRAILER.size))
+        fh.seek(0)
+        if fh.read(len(MAGIC)) != MAGIC or magic != MAGIC:
+            return None, None, f"not a {FORMAT} file (or not complete)"
+        if not len(MAGIC) <= at <= size - _TRAILER.size - n_text:
+            return None, None, "index outside the file"
+        fh.seek(at)
+        raw = fh.read(size - _TRAILER.size - at)
+        if zlib.crc32(raw) != crc or len(raw) != n * 40 + n_text:
+            return None, None, "index damaged (CRC-32)"
+        meta = json.loads(raw[n * 40 :])
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            return None, None, f"not a {FORMAT} file of version {VERSION}"
+        if meta.get("key") != key or meta.get("n_items") != n:
+            return None, None, "made for other masks"
+        if meta.get("dtype") not in ("<u2", "<i4"):
+            return None, None, f"label tables of type {meta.get('dtype')!r}"
+        index = np.frombuffer(raw[: n * 40], dtype="<i8").reshape(n, 5).astype(np.int64)
+        if (index < 0).any():
+            return None, None, "negative sizes in the index"
+        item_bytes = (index[:, 0] * index[:, 1] * index[:, 2] * np.dtype(meta["dtype"]).itemsize
+                      + 8 * (index[:, 3] + index[:, 4]))
+        expect_item, expect_at = 0, len(MAGIC)
+        for block in meta["blocks"]:
+            first, count, offset, nbytes, _ = (int(v) for v in block)
+            if first != expect_item or count < 1 or offset != expect_at \
+                    or nbytes != int(item_bytes[first : first + count].sum()):
+                return None, None, "blocks do not tile the file"
+            expect_item, expect_at = first + count, offset + nbytes
+        if expect_item != n or expect_at != at:
+            return None, None, "blocks do not tile the file"
+        return index, meta, ""
+
+    def batches(self, batch_size: int) -> Iterator[list[SegItem]]:
+        """The items in probe order, ``batch_size`` at a time (one read per block)."""
+        pending: list[SegItem] = []
+        for block in self.meta["blocks"]:
+            pending += self._read_block(*(int(v) for v in block))
+            while len(pending) >= batch_size:
+                yield pending[:batch_size]
+                pending = pending[batch_size:]
+        if pending:
+            yield pending
+
+    def _damaged(self, what: str) -> AnalysisError:
+        return AnalysisError(f"{self.path}: the mask store file is damaged ({what}); delete it "
+                             "and run again")
+
+    def _read_block(self, first: int, count: int, offset: int, nbytes: int,
+                    crc: int) -> list[SegItem]:
+        self.fh.seek(offset)
+        raw = self.fh.read(nbytes)
+        if len(raw) != nbytes or zlib.crc32(raw) != crc:
+            raise self._damaged(f"block of images {first}-{first + count - 1} fails its "
+                                "CRC-32")
+        ix = self.index[first : first + count]
+        n_pix = ix[:, 0] * ix[:, 1] * ix[:, 2]
+        pixel = np.frombuffer(raw, self.dtype, int(n_pix.sum())).astype(np.int32)
+        ints = np.frombuffer(raw, "<i8", offset=int(n_pix.sum()) * self.dtype.itemsize)
+        p_at = np.concatenate([[0], np.cumsum(n_pix)])
+        s_at = np.concatenate([[0], np.cumsum(ix[:, 3])])
+        c_at = int(s_at[-1]) + np.concatenate([[0], np.cumsum(ix[:, 4])])
+        items = []
+        for k in range(count):
+            sh, sw, depth = (int(v) for v in ix[k, :3])
+            px = pixel[p_at[k] : p_at[k + 1]].reshape(sh * sw, depth)
+            sc = ints[s_at[k] : s_at[k + 1]].astype(np.int64)
+            cn = ints[c_at[k] : c_at[k + 1]].astype(np.int64)
+            # the counts must describe the table exactly (label areas are IoU denominators)
+            if (cn < 0).any() or int(cn.sum()) != px.size or (
+                    px.size and (int(px.max()) >= len(cn) or int(px.min()) < 0)):
+                raise self._damaged(f"image {first + k}'s label counts do not match its "
+                                    "label table")
+            lo = min(0, int(sc.min(initial=0)))
+            hi = max(len(cn) - 1, int(sc.max(initial=0)))
+            items.append(SegItem(first + k, (sh, sw), px, sc, cn, lo, hi))
+        return items
+
+    def close(self) -> None:
+        self.fh.close()
