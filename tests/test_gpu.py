@@ -225,6 +225,29 @@ def test_dissection_on_cuda_with_mask_workers_equals_cpu(tmp_path):
         np.testing.assert_array_equal(getattr(gpu, name), getattr(cpu, name), err_msg=name)
 
 
+def test_dissection_on_cuda_reading_a_mask_store_equals_cpu_decoding(tmp_path):
+    """Masks written to a mask store by a CPU run and read back by a CUDA run (the tally then
+    waits for no decoding): the same counts as the CPU decoding them."""
+    from interptool.data import open_dataset
+
+    spec = "builtin:concept-world?version=1&n=24&size=32"
+    probe = open_dataset(spec)
+    feats = np.random.default_rng(12).gamma(1.0, size=(24, 5, 4, 4)).astype(np.float32)
+    path = write_cache(tmp_path / "c.h5", logits=np.zeros((24, 2)), ids=probe.ids,
+                       features={"l": feats},
+                       attrs={"data_fingerprint": probe.fingerprint, "data_spec": probe.spec})
+    kw = dict(quantile=0.1, checksum=False, top_images=2, batch_size=4)
+    store = tmp_path / "store"
+    cpu = Dissection(device="cpu", mask_store=store, **kw).run(path, "l", open_dataset(spec))
+    gpu = Dissection(device=str(CUDA), mask_store=store, **kw).run(path, "l",
+                                                                   open_dataset(spec))
+    assert cpu.config["segmentations"]["source"] == "decoded and stored"
+    assert gpu.config["segmentations"]["source"] == "read from the store"
+    for name in ("thresholds", "iou", "intersect", "label_area", "unit_cat_area",
+                 "top_images"):
+        np.testing.assert_array_equal(getattr(gpu, name), getattr(cpu, name), err_msg=name)
+
+
 # -- float32 on two devices: helpers ---------------------------------------------------------
 
 

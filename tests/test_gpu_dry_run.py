@@ -44,7 +44,9 @@ def test_the_gpu_benchmark_runs_its_steps_on_the_cpu(tmp_path, layout):
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     for step in ("bare forward", "cache (decode + forward + write)",
-                 "dissection analysis, run 2 (thresholds + tally on cpu)",
+                 "dissection analysis, run 2 (thresholds + tally on cpu; masks decoded)",
+                 "run 3 (thresholds + tally on cpu; masks decoded and stored)",
+                 "run 4 (thresholds + tally on cpu; masks read from the store)",
                  "input channels-last" if layout else "input default layout"):
         assert step in out, out[-3000:]
     assert (tmp_path / "gpu_n24.h5").is_file()

@@ -330,7 +330,9 @@ class StoreReader:
                                 "CRC-32")
         ix = self.index[first : first + count]
         n_pix = ix[:, 0] * ix[:, 1] * ix[:, 2]
-        pixel = np.frombuffer(raw, self.dtype, int(n_pix.sum())).astype(np.int32)
+        stored = np.frombuffer(raw, self.dtype, int(n_pix.sum()))
+        pixel = stored.astype(np.int32)
+        signed = self.dtype.kind == "i"
         ints = np.frombuffer(raw, "<i8", offset=int(n_pix.sum()) * self.dtype.itemsize)
         p_at = np.concatenate([[0], np.cumsum(n_pix)])
         s_at = np.concatenate([[0], np.cumsum(ix[:, 3])])
@@ -341,9 +343,11 @@ class StoreReader:
             px = pixel[p_at[k] : p_at[k + 1]].reshape(sh * sw, depth)
             sc = ints[s_at[k] : s_at[k + 1]].astype(np.int64)
             cn = ints[c_at[k] : c_at[k + 1]].astype(np.int64)
-            # the counts must describe the table exactly (label areas are IoU denominators)
-            if (cn < 0).any() or int(cn.sum()) != px.size or (
-                    px.size and (int(px.max()) >= len(cn) or int(px.min()) < 0)):
+            # the counts must describe the table exactly (label areas are IoU denominators);
+            # the extremes are taken on the stored (2-byte) labels: half the memory to scan
+            raw_px = stored[p_at[k] : p_at[k + 1]]
+            if (cn < 0).any() or int(cn.sum()) != px.size or (raw_px.size and (
+                    int(raw_px.max()) >= len(cn) or (signed and int(raw_px.min()) < 0))):
                 raise self._damaged(f"image {first + k}'s label counts do not match its "
                                     "label table")
             lo = min(0, int(sc.min(initial=0)))
