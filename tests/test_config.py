@@ -70,13 +70,14 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
         '[models.kd]\narch = "interptool:cw-student"',
         '[models.kd]\narch = "interptool:cw-student"\ncheckpoint = "ckpt/kd.pth"\n'
         'key_map = "rules.toml"',
-    )
+    ) + '[analysis.dissection]\nmask_store = "masks"\n'  # an analyzer's path field too
     path = _write(sub, text)
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     cfg = load_config(Path("proj") / "config.toml")
     assert cfg.models["kd"].checkpoint == str((sub / "ckpt" / "kd.pth").resolve())
     assert cfg.models["kd"].key_map == str((sub / "rules.toml").resolve())
     assert cfg.data.eval == f"imagefolder:{(sub / 'val').resolve()}"
+    assert cfg.analysis.dissection.mask_store == str((sub / "masks").resolve())
     assert path.exists()
 
 

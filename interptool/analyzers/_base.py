@@ -51,7 +51,7 @@ def param(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | N
           lt: float | None = None, finite: bool = False, min_items: int | None = None,
           check: Callable[[Any], str | None] | None = None, cli: bool = True,
           config: bool = True, flag: str | None = None, metavar: str | None = None,
-          default_factory: Any = _MISSING) -> Any:
+          path: bool = False, default_factory: Any = _MISSING) -> Any:
     """A ``Params`` field: its default, a one-line ``help`` and its checks.
 
     ``choices``: allowed values; ``ge``/``gt``/``le``/``lt``: numeric bounds and ``finite``
@@ -63,13 +63,16 @@ def param(default: Any = _MISSING, help: str = "", *, choices: Sequence[Any] | N
     that table). ``cli=False`` keeps the field out of command-line flags
     (e.g. a setting only the ``compare`` pipeline uses); ``config=False`` keeps it out of the
     ``compare`` config (e.g. ``device``, set once under ``[run]``). ``flag``: the CLI flag when
-    it is not ``--field-name``. Mutable defaults (lists) are given as ``default_factory``.
+    it is not ``--field-name``. ``path``: a file or folder, which the ``compare`` config
+    resolves against the config file's folder (as it does checkpoints). Mutable defaults
+    (lists) are given as ``default_factory``.
     """
     if not help:
         raise TypeError("param(): every field needs a one-line help")
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
             "ge": ge, "gt": gt, "le": le, "lt": lt, "finite": finite, "min_items": min_items,
-            "check": check, "cli": cli, "config": config, "flag": flag, "metavar": metavar}
+            "check": check, "cli": cli, "config": config, "flag": flag, "metavar": metavar,
+            "path": path}
     if default_factory is not _MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)

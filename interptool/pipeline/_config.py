@@ -449,7 +449,11 @@ def _analysis(ctx: _Ctx, table: Any) -> AnalysisConfig:
         fld = f"analysis.{name}"
         sub = ctx.table(v, fld)
         enabled = _bool(ctx, sub.pop("enabled", True), f"{fld}.enabled")
-        cfg = analysis_config_class(name).from_mapping(sub, where=f"{ctx.source}: {fld}")
+        cls = analysis_config_class(name)
+        for f in cls.config_fields():  # paths are relative to the config's folder
+            if f.metadata.get("path") and isinstance(sub.get(f.name), str):
+                sub[f.name] = ctx.path(sub[f.name], f"{fld}.{f.name}", must_exist=False)
+        cfg = cls.from_mapping(sub, where=f"{ctx.source}: {fld}")
         setattr(out, name, cfg if enabled else None)
     return out
 

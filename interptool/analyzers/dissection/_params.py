@@ -92,7 +92,7 @@ class DissectionParams(Params):
     mask_store: str | None = param(
         None, "folder keeping the probe's decoded masks between runs: decoded once per probe, "
         "categories and mask files, read back by later runs (about 2 bytes per mask pixel, "
-        "~12 GB for Broden; default: decoded every run)", metavar="DIR",
+        "~12 GB for Broden; default: decoded every run)", metavar="DIR", path=True,
         check=_mask_store_problem)
     top_images: int = param(8, "probe images kept per unit for its montage", ge=0)
     category_area: str = param("overlap", "unit area per category: NetDissect-Lite's "
