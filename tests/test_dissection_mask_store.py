@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -14,6 +15,7 @@ import time
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -25,7 +27,7 @@ from interptool.analyzers.dissection import Dissection  # noqa: E402
 from interptool.cache import write_cache  # noqa: E402
 from interptool.cli import main  # noqa: E402
 from interptool.data import open_dataset  # noqa: E402
-from interptool.errors import AnalysisError  # noqa: E402
+from interptool.errors import AnalysisError, DataError  # noqa: E402
 
 RESULTS = ("intersect", "label_area", "unit_cat_area", "iou", "thresholds", "top_images",
            "top_maps")
@@ -104,6 +106,26 @@ def test_other_categories_or_a_changed_mask_file_get_their_own_file(world, tmp_p
     r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
     assert r.config["segmentations"]["source"] == "decoded and stored"
     assert len(_files(store)) == 3
+    # index.csv edited, no mask file touched: a scene label, a mask moved to another
+    # category's column, a constant plane, a row's segmentation size
+    index = root / "index.csv"
+    text = index.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("im0.jpg"))
+    image, split, ih, iw, sh, sw, color, obj, scene = row.split(",")
+    edits = [f"{image},{split},{ih},{iw},{sh},{sw},{color},{obj},{5 if scene != '5' else 6}",
+             f"{image},{split},{ih},{iw},{sh},{sw},,{color};{obj},{scene}",
+             f"{image},{split},{ih},{iw},{sh},{sw},{color};4,{obj},{scene}"]
+    for k, edited in enumerate(edits):
+        index.write_text(text.replace(row, edited))
+        plain = Dissection(**KW).run(cache, "l4", _probe(root))
+        r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+        assert r.config["segmentations"]["source"] == "decoded and stored", edited
+        _same(r, plain)
+        assert len(_files(store)) == 4 + k
+    # a size that no longer matches the masks: the same error as without a store
+    index.write_text(text.replace(row, f"{image},{split},{ih},{iw},8,8,{color},{obj},{scene}"))
+    with pytest.raises(DataError, match=r"im0_c\.png .* is 4x4 but sh,sw = 8,8"):
+        Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
 
 
 def test_a_probe_that_does_not_list_its_mask_files_is_decoded_and_said(world, tmp_path,
@@ -187,6 +209,39 @@ def test_a_foreign_or_inconsistent_file_is_ignored_and_written_again(world, tmp_
         assert again.config["segmentations"]["source"] == "read from the store", spoil
 
 
+@pytest.mark.parametrize("craft", ["json list", "deep json", "infinite offset",
+                                   "huge side", "wrapping sizes", "empty huge image"])
+def test_a_crafted_index_is_ignored_without_allocating(world, tmp_path, capsys, craft):
+    """Index contents with valid CRC-32s that would crash the reader or make it (or the
+    tally) allocate without bound: the file is ignored and written again."""
+    root, cache = world
+    store, path, ref = _stored(world, tmp_path)
+    raw = path.read_bytes()
+    at, n_text, _, _ = struct.unpack("<QQI8s", raw[-28:])
+    if craft in ("json list", "deep json", "infinite offset"):
+        meta = json.loads(raw[len(raw) - 28 - n_text : len(raw) - 28])
+        text = {"json list": b"[1, 2]", "deep json": b"[" * 100_000 + b"]" * 100_000,
+                "infinite offset": json.dumps(meta).replace(
+                    f"[0, 4, 8, {meta['blocks'][0][3]}",
+                    f"[0, 4, Infinity, {meta['blocks'][0][3]}").encode()}[craft]
+        ix = raw[at : len(raw) - 28 - n_text]
+        path.write_bytes(raw[:at] + ix + text + struct.pack(
+            "<QQI8s", at, len(text), zlib.crc32(ix + text), b"ITMASKS1"))
+    else:
+        def edit(body, index, meta):
+            if craft == "huge side":
+                index[0, :2] = 1 << 20
+            elif craft == "wrapping sizes":  # products that wrap around int64 to the truth
+                index[0, :3] = (1 << 31, 1 << 31, 1 << 2)
+            else:  # no planes: an empty table of 2^40 pixels would pass every count check
+                index[0, :3] = (1 << 20, 1 << 20, 0)
+        _rewrite(path, edit)
+    r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    assert r.config["segmentations"]["source"] == "decoded and stored"
+    assert f"{path} ignored" in capsys.readouterr().err
+    _same(r, ref)
+
+
 def test_damaged_data_is_an_error_naming_the_file(world, tmp_path):
     root, cache = world
     store, path, ref = _stored(world, tmp_path)
@@ -209,6 +264,31 @@ def test_damaged_data_is_an_error_naming_the_file(world, tmp_path):
 
     _rewrite(path, more_of_label_0)
     with pytest.raises(AnalysisError, match=r"image 0's label counts do not match"):
+        Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    # 3. a label beyond the probe's, its counts made to match: the store is blamed (decoding
+    # would have refused the mask), not a mask file
+    path.unlink()
+    Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+
+    def label_9(body, index, meta):
+        n_pix = int((index[:4, 0] * index[:4, 1] * index[:4, 2]).sum())
+        at = 2 * n_pix + 8 * int(index[:4, 3].sum())
+        counts = np.frombuffer(bytes(body[at : at + 8 * int(index[0, 4])]), "<i8").copy()
+        first = np.frombuffer(bytes(body[0:2]), "<u2")[0]
+        counts[first] -= 1  # pixel 0 of plane 0 becomes label 9 ...
+        body[0:2] = np.array([9], "<u2").tobytes()
+        grown = np.zeros(10, "<i8")
+        grown[: len(counts)] = counts
+        grown[9] += 1  # ... and the counts say so
+        body[at : at + 8 * int(index[0, 4])] = grown.tobytes()
+        index[0, 4] = 10
+        for b in meta["blocks"][1:]:
+            b[2] += 8 * (10 - len(counts))
+        meta["blocks"][0][3] += 8 * (10 - len(counts))
+
+    _rewrite(path, label_9)
+    with pytest.raises(AnalysisError, match=rf"{path}: the mask store file is damaged \(image "
+                                            r"0 holds label number 9, outside the probe's"):
         Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
 
 
@@ -266,6 +346,43 @@ def test_a_killed_writer_leaves_no_whole_file_and_its_partial_is_removed(world, 
     assert r.config["segmentations"]["source"] == "decoded and stored"
     assert _files(store) == [Path(r.config["segmentations"]["store_file"]).name]  # the stale one went
     _same(r, Dissection(**KW).run(cache, "l4", _probe(root)))
+
+
+def test_a_run_failing_before_its_first_masks_leaves_nothing_behind(world, tmp_path):
+    """NaN activations stop the run in the threshold pass, before the store's writer has
+    seen a batch: its partial file is removed and its handle closed, so the next run in the
+    same process (a notebook) stores the masks."""
+    root, cache = world
+    store = tmp_path / "store"
+    bad = tmp_path / "bad.h5"
+    shutil.copy(cache, bad)
+    with h5py.File(bad, "r+") as f:
+        name = next(k for k in f["features"] if k.startswith("l4") and "max" not in k)
+        f["features"][name][0, 0, 0, 0] = np.nan
+    with pytest.raises(AnalysisError, match="NaN"):
+        Dissection(mask_store=store, **KW).run(bad, "l4", _probe(root))
+    assert _files(store) == []
+    r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    assert r.config["segmentations"]["source"] == "decoded and stored"
+
+
+def test_a_partial_with_this_process_id_is_not_an_obstacle(world, tmp_path):
+    """A partial left by a killed process that had this process's id (a container restarted
+    with the same hostname) is stale: removed, and the store written."""
+    import socket
+
+    root, cache = world
+    store = tmp_path / "store"
+    store.mkdir()
+    plain = Dissection(**KW).run(cache, "l4", _probe(root))
+    key = Path(Dissection(mask_store=tmp_path / "other", **KW).run(
+        cache, "l4", _probe(root)).config["segmentations"]["store_file"]).name
+    left = store / f".{key}.partial-{socket.gethostname()}-{os.getpid()}-0badf00d"
+    left.write_bytes(b"ITMASKS1 half")
+    r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    assert r.config["segmentations"]["source"] == "decoded and stored"
+    assert _files(store) == [key]
+    _same(r, plain)
 
 
 def test_two_writers_at_once_leave_one_whole_file(world, tmp_path):
@@ -364,6 +481,9 @@ def test_cli_mask_store_reused_across_processes_and_recorded(world, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "mask_store" in err \
         and "expected a folder" in err
+    rc = main([*args[:-4], "--mask-store", "", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "expected the name of a folder" in err
     assert not (tmp_path / "c" / "l4").exists()
     # a folder that cannot be made (below a file): the run goes on decoding, and says so
     rc = main([*args[:-4], "--mask-store", str(tmp_path / "file" / "store"), "--out",

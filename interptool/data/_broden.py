@@ -663,6 +663,23 @@ class BrodenDataset(ImageDataset):
                 out[cat] = files
         return out
 
+    def segmentation_digest(self) -> str:
+        """sha256 of what decides every image's decoded segmentation besides the bytes of its
+        mask files: its segmentation size and each category cell of ``index.csv`` (mask file
+        names, label numbers), in image order. Stores of decoded masks key on it (with the
+        files' sizes and times); it is computed once per data set object."""
+        digest = self.__dict__.get("_segmentation_digest")
+        if digest is None:
+            import hashlib
+
+            h = hashlib.sha256(b"interptool-segmentations/1\n")
+            for (_, _, sh, sw), cells in zip(self._sizes, self._cells):
+                h.update(repr((sh, sw, sorted((cat, items) for cat, (_, items)
+                                               in cells.items()))).encode())
+                h.update(b"\n")
+            digest = self.__dict__["_segmentation_digest"] = h.hexdigest()
+        return digest
+
     def load_segmentation(self, i: int) -> Segmentation:
         """Decode the masks and image-level labels of image ``i`` (PIL + numpy, no pixel loop)."""
         sh, sw = self.seg_size(i)

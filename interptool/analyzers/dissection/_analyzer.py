@@ -799,6 +799,8 @@ class Dissection:
             # workers stop now, not when the garbage collector finds them (a failed run's
             # error may be kept, with the frames that hold them, by the caller)
             segmentations.close()
+            if plan is not None:  # also when the run ended before its first batch of masks
+                plan.release()
             restore_worker_signal(aside)
             if digest is not None:
                 digest.cancel()  # a failed run does not wait for it (done: no effect)
@@ -813,9 +815,8 @@ class Dissection:
         """Read the probe's store file, or write it while decoding; told to the user (even
         with --quiet) when the store cannot be used."""
         key = store_key(state.digest, probe, categories) if state is not None else None
-        # the writer needs at least 2 bytes per mask pixel (uint16 tables)
         plan = plan_store(self.mask_store, key, probe, categories,
-                          state.table_bytes // 2 if state is not None else 0)
+                          state.table_bytes if state is not None else 0)
         for note in plan.notes:
             warn(f"mask store: {note}")
         if plan.action == "none":
@@ -1137,7 +1138,7 @@ def _mask_files_state(probe: Any, categories: list[str],
             for cat, files in probe.mask_files(i).items():
                 for f in files:
                     st = os.stat(f)
-                    h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+                    h.update(f"{cat}\0{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
                 if seg_size is not None and cat in wanted:
                     sh, sw = seg_size(i)
                     at_least += 4 * int(sh) * int(sw) * len(files)

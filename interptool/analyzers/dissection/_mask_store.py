@@ -57,10 +57,28 @@ SUFFIX = ".masks"
 _TRAILER = struct.Struct("<QQI8s")
 
 
-def store_key(files_state: str, probe: Any, categories: list[str]) -> str:
+# what a store file may claim, whatever its CRCs say: a side as Broden's index.csv allows, a
+# pixel's planes and an image's labels far beyond any probe's, so a crafted index cannot make
+# the reader (or the tally after it) allocate without bound
+_MAX_SIDE = 65535
+_MAX_PLANES = 1 << 12
+_MAX_LABELS = 1 << 24
+
+# partial files this process is writing now (any other partial of this host whose process is
+# gone, or that carries this process's id without being one of these, is stale)
+_WRITING: set[str] = set()
+
+
+def store_key(files_state: str, probe: Any, categories: list[str]) -> str | None:
     """The store file's name (without its suffix) for a probe, its categories and the state of
-    its mask files (:func:`~interptool.analyzers.dissection._analyzer._mask_files_state`)."""
+    its mask files (:func:`~interptool.analyzers.dissection._analyzer._mask_files_state`);
+    None when the probe does not describe its segmentations (``segmentation_digest()``:
+    sizes and ``index.csv`` cells), so a stored copy could not be told from a stale one."""
+    describe = getattr(probe, "segmentation_digest", None)
+    if describe is None:
+        return None
     ident = {"format": FORMAT, "version": VERSION, "files": files_state,
+             "segmentations": describe(),
              "fingerprint": getattr(probe, "fingerprint", None), "n": len(probe),
              "num_labels": int(getattr(probe, "num_labels", 0)),
              "categories": list(categories)}
@@ -80,6 +98,15 @@ class StorePlan:
     written: bool = False
     notes: list[str] = field(default_factory=list)
 
+    def release(self) -> None:
+        """Remove a partial file this run did not finish and close a file it read from: the
+        run ended, possibly before its first batch of masks (then the generators that would
+        have done it never started)."""
+        if self.writer is not None and not self.written:
+            self.writer.abort()
+        if self.reader is not None:
+            self.reader.close()
+
     def record(self) -> dict[str, Any]:
         """``result.config["segmentations"]``: where this run's masks came from."""
         if self.action == "read":
@@ -92,32 +119,36 @@ class StorePlan:
 
 
 def plan_store(folder: str | os.PathLike, key: str | None, probe: Any, categories: list[str],
-               min_bytes: int) -> StorePlan:
+               table_bytes: int) -> StorePlan:
     """Open ``FOLDER/<key>.masks`` for reading when it is whole and matches, else prepare a
-    writer (when the folder can be written and has room for ``min_bytes``, the label
-    tables' size at 2 bytes per mask pixel).
+    writer (when the folder can be written and has room for the label tables: at least
+    ``table_bytes`` as int32, half of it as uint16).
 
-    ``key`` None: the probe does not list its mask files, so a stored copy could not be told
-    from a stale one; nothing is read or written."""
+    ``key`` None: the probe does not list its mask files or describe its segmentations, so
+    a stored copy could not be told from a stale one; nothing is read or written."""
     from interptool._provenance import device_of, free_bytes
 
     folder = Path(folder)
     plan = StorePlan(str(folder))
     if key is None:
-        plan.why = "the probe does not list its mask files (a stored copy could go stale)"
+        plan.why = ("the probe does not list its mask files and segmentations (a stored copy "
+                    "could go stale)")
         return plan
     path = folder / f"{key}{SUFFIX}"
     plan.file = str(path)
     n = len(probe)
+    num_labels = int(getattr(probe, "num_labels", 1 << 30))
     if path.is_file():
-        reader, why = StoreReader.open(path, key, n)
+        reader, why = StoreReader.open(path, key, n, _expected_sizes(probe), num_labels)
         if reader is not None:
             plan.action, plan.reader = "read", reader
             return plan
         plan.notes.append(f"{path} ignored ({why}); decoding and storing it again")
+    dtype = np.dtype(np.uint16 if num_labels <= 1 << 16 else np.int32)
+    min_bytes = table_bytes * dtype.itemsize // 4
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(folder, path.name)
+        _remove_stale_partials(folder)
         free = free_bytes(folder)
     except OSError as exc:
         plan.why = f"cannot write to {folder} ({exc.strerror or exc})"
@@ -126,9 +157,8 @@ def plan_store(folder: str | os.PathLike, key: str | None, probe: Any, categorie
         plan.why = (f"needs at least {min_bytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
                     f"on {device_of(folder)}")
         return plan
-    dtype = np.uint16 if int(getattr(probe, "num_labels", 1 << 30)) <= 1 << 16 else np.int32
     try:
-        plan.writer = StoreWriter(path, key, n, dtype, {
+        plan.writer = StoreWriter(path, key, n, dtype, num_labels, {
             "probe_spec": str(getattr(probe, "spec", "") or ""), "categories": categories})
     except OSError as exc:
         plan.why = f"cannot write to {folder} ({exc})"
@@ -137,42 +167,64 @@ def plan_store(folder: str | os.PathLike, key: str | None, probe: Any, categorie
     return plan
 
 
-def _partial_name(name: str, pid: int | None = None) -> str:
-    return f".{name}.partial-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+def _expected_sizes(probe: Any) -> np.ndarray | None:
+    """(n, 2) segmentation sizes the probe states, to check a store's index against."""
+    seg_size = getattr(probe, "seg_size", None)
+    if seg_size is None:
+        return None
+    return np.asarray([seg_size(i) for i in range(len(probe))], dtype=np.int64).reshape(-1, 2)
 
 
-def _remove_stale_partials(folder: Path, name: str) -> None:
-    """Remove the partial files of ``name`` whose writer (a process of this host) is gone."""
-    prefix = _partial_name(name, 0)[:-1]
-    for p in folder.glob(f".{name}.partial-*"):
-        tail = p.name[len(prefix):] if p.name.startswith(prefix) else ""
-        if not tail.isdigit():
+def _partial_name(name: str) -> str:
+    # the host and process say whose it is; the random part keeps a file left by a killed
+    # process that had this process's id (a container restarted with the same hostname) from
+    # ever blocking this one
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Remove the partial files in ``folder`` (of any key) left by processes of this host that
+    are gone, and by this process when it is not writing them now."""
+    host = socket.gethostname()
+    for p in folder.glob(f".*{SUFFIX}.partial-*"):
+        owner = p.name.rpartition(".partial-")[2]
+        who, _, token = owner.rpartition("-")
+        h, _, pid = who.rpartition("-")
+        if h != host or not pid.isdigit() or not token:
             continue  # another host's writer: it may still run
-        try:
-            os.kill(int(tail), 0)
-        except ProcessLookupError:
+        if int(pid) == os.getpid():
+            stale = str(p) not in _WRITING
+        else:
+            try:
+                os.kill(int(pid), 0)
+                stale = False
+            except ProcessLookupError:
+                stale = True
+            except OSError:
+                stale = False  # alive (another user's process: PermissionError)
+        if stale:
             p.unlink(missing_ok=True)
-        except OSError:
-            pass  # alive (another user's process, PermissionError): leave it
 
 
 class StoreWriter:
     """Appends decoded batches to a hidden partial file; :meth:`commit` makes it whole."""
 
-    def __init__(self, path: Path, key: str, n_items: int, dtype: Any,
+    def __init__(self, path: Path, key: str, n_items: int, dtype: Any, num_labels: int,
                  meta: dict[str, Any]) -> None:
         self.path = path
         self.tmp = path.with_name(_partial_name(path.name))
         self.n_items = n_items
         self.dtype = np.dtype(dtype)
-        # no negative label is stored: the tally refuses such an item, and its label counts
-        # leave out the plane that holds it (they would not describe the table)
-        self._top = int(np.iinfo(self.dtype).max)
+        # no label outside the probe's is stored (the tally refuses such an item, and the
+        # counts of a negative one leave out the plane that holds it): the store holds only
+        # what a run can count, so reading one back is a damaged file, not a bad mask
+        self._top = min(int(np.iinfo(self.dtype).max), num_labels - 1)
         self.meta = {"format": FORMAT, "version": VERSION, "key": key, "n_items": n_items,
                      "dtype": self.dtype.str, **meta}
         self._index: list[tuple[int, int, int, int, int]] = []
         self._blocks: list[list[int]] = []
         self._fh = open(self.tmp, "xb")  # noqa: SIM115 - held open across batches
+        _WRITING.add(str(self.tmp))
         self._at = 0
         try:
             self._write(MAGIC)
@@ -226,6 +278,7 @@ class StoreWriter:
         except BaseException:
             self.abort()
             raise
+        _WRITING.discard(str(self.tmp))
         fsync_dir(self.path.parent)
 
     def abort(self) -> None:
@@ -238,37 +291,42 @@ class StoreWriter:
             self.tmp.unlink()
         except OSError:
             pass
+        _WRITING.discard(str(self.tmp))
 
 
 class StoreReader:
     """A whole store file, its index in memory, read back block by block."""
 
-    def __init__(self, path: Path, fh: Any, index: np.ndarray, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, fh: Any, index: np.ndarray, meta: dict[str, Any],
+                 num_labels: int) -> None:
         self.path = path
         self.fh = fh
         self.index = index
         self.meta = meta
         self.dtype = np.dtype(meta["dtype"])
+        self.num_labels = num_labels
 
     @classmethod
-    def open(cls, path: Path, key: str, n_items: int) -> tuple[StoreReader | None, str]:
+    def open(cls, path: Path, key: str, n_items: int, sizes: np.ndarray | None = None,
+             num_labels: int = _MAX_LABELS) -> tuple[StoreReader | None, str]:
         """``(reader, "")``, or ``(None, why)`` when the file is not a whole store of this
-        key and size or its index is inconsistent."""
+        key, size and segmentation ``sizes`` (the probe's, when it states them) or its index
+        is inconsistent: whatever the file holds, nothing but that answer comes out."""
         try:
             fh = open(path, "rb")  # noqa: SIM115 - held open while the batches are read
         except OSError as exc:
             return None, f"not readable ({exc.strerror or exc})"
         try:
-            index, meta, why = cls._read_index(fh, key, n_items)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            index, meta, why = None, None, f"unreadable index ({exc})"
+            index, meta, why = cls._read_index(fh, key, n_items, sizes)
+        except (Exception, RecursionError) as exc:  # noqa: BLE001 - any malformed content
+            index, meta, why = None, None, f"unreadable index ({type(exc).__name__})"
         if why:
             fh.close()
             return None, why
-        return cls(path, fh, index, meta), ""
+        return cls(path, fh, index, meta, num_labels), ""
 
     @staticmethod
-    def _read_index(fh: Any, key: str, n: int) -> tuple[Any, Any, str]:
+    def _read_index(fh: Any, key: str, n: int, sizes: np.ndarray | None) -> tuple[Any, Any, str]:
         size = os.fstat(fh.fileno()).st_size
         if size < len(MAGIC) + _TRAILER.size:
             return None, None, "too short to be a store"
@@ -277,13 +335,16 @@ class StoreReader:
         fh.seek(0)
         if fh.read(len(MAGIC)) != MAGIC or magic != MAGIC:
             return None, None, f"not a {FORMAT} file (or not complete)"
-        if not len(MAGIC) <= at <= size - _TRAILER.size - n_text:
+        if not len(MAGIC) <= at <= size - _TRAILER.size - n_text or n * 40 + n_text != \
+                size - _TRAILER.size - at:
             return None, None, "index outside the file"
         fh.seek(at)
         raw = fh.read(size - _TRAILER.size - at)
-        if zlib.crc32(raw) != crc or len(raw) != n * 40 + n_text:
+        if zlib.crc32(raw) != crc:
             return None, None, "index damaged (CRC-32)"
         meta = json.loads(raw[n * 40 :])
+        if not isinstance(meta, dict):
+            return None, None, "index malformed"
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             return None, None, f"not a {FORMAT} file of version {VERSION}"
         if meta.get("key") != key or meta.get("n_items") != n:
@@ -291,14 +352,24 @@ class StoreReader:
         if meta.get("dtype") not in ("<u2", "<i4"):
             return None, None, f"label tables of type {meta.get('dtype')!r}"
         index = np.frombuffer(raw[: n * 40], dtype="<i8").reshape(n, 5).astype(np.int64)
-        if (index < 0).any():
-            return None, None, "negative sizes in the index"
+        if (index < 0).any() or (index[:, :2] > _MAX_SIDE).any() \
+                or (index[:, 2] > _MAX_PLANES).any() or (index[:, 3:] > _MAX_LABELS).any():
+            return None, None, "sizes in the index out of range"
+        if sizes is not None and not np.array_equal(index[:, :2], sizes):
+            return None, None, "segmentation sizes differ from the probe's"
+        # bounded above, so these products cannot overflow int64
         item_bytes = (index[:, 0] * index[:, 1] * index[:, 2] * np.dtype(meta["dtype"]).itemsize
                       + 8 * (index[:, 3] + index[:, 4]))
+        blocks = meta.get("blocks")
+        if not isinstance(blocks, list):
+            return None, None, "index malformed"
         expect_item, expect_at = 0, len(MAGIC)
-        for block in meta["blocks"]:
-            first, count, offset, nbytes, _ = (int(v) for v in block)
-            if first != expect_item or count < 1 or offset != expect_at \
+        for block in blocks:
+            if not (isinstance(block, list) and len(block) == 5
+                    and all(type(v) is int for v in block)):
+                return None, None, "index malformed"
+            first, count, offset, nbytes, _ = block
+            if first != expect_item or count < 1 or first + count > n or offset != expect_at \
                     or nbytes != int(item_bytes[first : first + count].sum()):
                 return None, None, "blocks do not tile the file"
             expect_item, expect_at = first + count, offset + nbytes
@@ -323,6 +394,15 @@ class StoreReader:
 
     def _read_block(self, first: int, count: int, offset: int, nbytes: int,
                     crc: int) -> list[SegItem]:
+        try:
+            return self._items(first, count, offset, nbytes, crc)
+        except AnalysisError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed content the index let through
+            raise self._damaged(f"images {first}-{first + count - 1}: {exc}") from None
+
+    def _items(self, first: int, count: int, offset: int, nbytes: int,
+               crc: int) -> list[SegItem]:
         self.fh.seek(offset)
         raw = self.fh.read(nbytes)
         if len(raw) != nbytes or zlib.crc32(raw) != crc:
@@ -352,6 +432,10 @@ class StoreReader:
                                     "label table")
             lo = min(0, int(sc.min(initial=0)))
             hi = max(len(cn) - 1, int(sc.max(initial=0)))
+            if lo < 0 or hi >= self.num_labels:  # decoding would have refused such a mask
+                raise self._damaged(f"image {first + k} holds label number "
+                                    f"{lo if lo < 0 else hi}, outside the probe's "
+                                    f"0..{self.num_labels - 1}")
             items.append(SegItem(first + k, (sh, sw), px, sc, cn, lo, hi))
         return items
 

@@ -32,8 +32,10 @@ def _mask_store_problem(value: Any) -> str | None:
     """A ``mask_store`` that names something other than a folder (it is created if missing)."""
     import os
 
+    if value is not None and not str(value).strip():
+        return "expected the name of a folder (created if missing)"
     if value is not None and os.path.exists(value) and not os.path.isdir(value):
-        return "expected a folder (created if missing), got a file; name a folder"
+        return "expected a folder (created if missing), not a file"
     return None
 
 
