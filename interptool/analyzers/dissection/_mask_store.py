@@ -7,9 +7,9 @@ control. With a store the masks are decoded once per probe, categories and mask 
 runs, in any process, read the label tables back (2 bytes per mask pixel) instead.
 
 One file per key, ``FOLDER/<key>.masks``. The key is the sha256 of the format version, the
-probe's fingerprint and size, the categories and every mask file's path, size and
-modification time, so a probe changed on disk gets a new file and an old one is never read
-for it. A file is written under a hidden partial name and renamed when whole (fsynced
+probe's fingerprint and size, the categories, its ``segmentation_digest()`` (sizes and
+``index.csv`` cells) and every mask file's category, path, size and modification time, so a
+probe changed on disk gets a new file and an old one is never read for it. A file is written under a hidden partial name and renamed when whole (fsynced
 first), so an interrupted run, a full disk or a second writer never leaves a file that
 looks whole; a partial left by a killed process of this host is removed by the next writer.
 Every block carries a CRC-32 and each image read back is checked against its own label
