@@ -187,23 +187,22 @@ def analysis_times(cache_path: Path, layer: str, settings: list[str], repeat: in
         return ANALYSIS_CODE.format(setup=ANALYSIS_SETTINGS[name], cache=str(cache_path),
                                     layer=layer, kwargs=kwargs)
 
+    def result(name: str) -> list[str]:
+        """Run the setting in a fresh process: its wall time, CPU time and torch threads."""
+        run = run_child(code(name))
+        line = [ln for ln in run.output.splitlines() if ln.startswith("RESULT")]
+        if run.returncode or not line:
+            print(run.output)
+            raise SystemExit(1)
+        return line[0].split()[1:]
+
     for name in settings:
         if name in ANALYSIS_KWARGS:
-            run = run_child(code(name))
-            line = [ln for ln in run.output.splitlines() if ln.startswith("RESULT")]
-            if run.returncode or not line:
-                print(run.output)
-                raise SystemExit(1)
             print(f"  analysis [{name}], first run (decodes and writes the store): "
-                  f"{float(line[0].split()[1]):.2f} s wall")
+                  f"{float(result(name)[0]):.2f} s wall")
     for _ in range(repeat):
         for name in settings:
-            run = run_child(code(name))
-            line = [ln for ln in run.output.splitlines() if ln.startswith("RESULT")]
-            if run.returncode or not line:
-                print(run.output)
-                raise SystemExit(1)
-            w, c, threads = line[0].split()[1:]
+            w, c, threads = result(name)
             times[name].append((float(w), float(c)))
             print(f"  analysis [{name}] (threads used: {threads}): {float(w):.2f} s wall, "
                   f"{float(c):.2f} s CPU (load {load_average()})")

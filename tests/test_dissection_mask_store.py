@@ -22,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache_faults import SmallFS  # noqa: E402
 from test_dissection_bootstrap import write_random_broden  # noqa: E402
+from test_dissection_workers import DuckProbe  # noqa: E402
 
 from interptool.analyzers.dissection import Dissection  # noqa: E402
 from interptool.cache import write_cache  # noqa: E402
@@ -131,22 +132,9 @@ def test_other_categories_or_a_changed_mask_file_get_their_own_file(world, tmp_p
 def test_a_probe_that_does_not_list_its_mask_files_is_decoded_and_said(world, tmp_path,
                                                                       capsys):
     root, cache = world
-
-    class Unlisted:  # a duck-typed probe without mask_files(): a stored copy could go stale
-        def __init__(self, probe):
-            self.probe = probe
-            for name in ("ids", "spec", "fingerprint", "categories", "label_names",
-                         "label_category", "num_labels"):
-                setattr(self, name, getattr(probe, name))
-
-        def __len__(self):
-            return len(self.probe)
-
-        def load_segmentation(self, i):
-            return self.probe.load_segmentation(i)
-
+    # without mask_files() and segmentation_digest() a stored copy could go stale
     r = Dissection(mask_store=tmp_path / "store", **KW).run(cache, "l4",
-                                                            Unlisted(_probe(root)))
+                                                            DuckProbe(_probe(root)))
     assert "does not list its mask files" in r.config["segmentations"]["source"]
     assert "not used" in capsys.readouterr().err
     assert _files(tmp_path / "store") == []

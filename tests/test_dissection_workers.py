@@ -238,8 +238,9 @@ def test_batches_go_pickled_when_shared_memory_is_full(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a.iou, b.iou)
 
 
-class _DyingProbe:
-    """A duck-typed probe whose segmentation 20 kills the process decoding it."""
+class DuckProbe:
+    """A duck-typed probe: what the dissection needs of a probe, taken from a real one, and
+    nothing more (no ``mask_files``, no ``segmentation_digest``)."""
 
     def __init__(self, probe):
         self.probe = probe
@@ -249,6 +250,13 @@ class _DyingProbe:
 
     def __len__(self):
         return len(self.probe)
+
+    def load_segmentation(self, i):
+        return self.probe.load_segmentation(i)
+
+
+class _DyingProbe(DuckProbe):
+    """A duck-typed probe whose segmentation 20 kills the process decoding it."""
 
     def load_segmentation(self, i):
         if i == 20 and torch.utils.data.get_worker_info() is not None:
