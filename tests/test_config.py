@@ -81,6 +81,14 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
     assert path.exists()
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_path_field_is_refused_not_resolved_to_the_config_folder(tmp_path, value):
+    text = BASE + f'[analysis.dissection]\nmask_store = "{value}"\n'
+    with pytest.raises(ConfigError, match=r"config\.toml: analysis\.dissection\.mask_store: "
+                                          r"expected the name of a folder"):
+        load_config(_write(tmp_path, text))
+
+
 def test_missing_checkpoint_names_field_file_and_abs_path(tmp_path):
     text = BASE.replace(
         '[models.kd]\narch = "interptool:cw-student"',

@@ -198,7 +198,8 @@ def test_a_foreign_or_inconsistent_file_is_ignored_and_written_again(world, tmp_
 
 
 @pytest.mark.parametrize("craft", ["json list", "deep json", "infinite offset",
-                                   "huge side", "wrapping sizes", "empty huge image"])
+                                   "huge side", "wrapping sizes", "empty huge image",
+                                   "many image-level labels"])
 def test_a_crafted_index_is_ignored_without_allocating(world, tmp_path, capsys, craft):
     """Index contents with valid CRC-32s that would crash the reader or make it (or the
     tally) allocate without bound: the file is ignored and written again."""
@@ -221,6 +222,8 @@ def test_a_crafted_index_is_ignored_without_allocating(world, tmp_path, capsys, 
                 index[0, :2] = 1 << 20
             elif craft == "wrapping sizes":  # products that wrap around int64 to the truth
                 index[0, :3] = (1 << 31, 1 << 31, 1 << 2)
+            elif craft == "many image-level labels":
+                index[0, 3] = 1 << 23
             else:  # no planes: an empty table of 2^40 pixels would pass every count check
                 index[0, :3] = (1 << 20, 1 << 20, 0)
         _rewrite(path, edit)
@@ -253,31 +256,34 @@ def test_damaged_data_is_an_error_naming_the_file(world, tmp_path):
     _rewrite(path, more_of_label_0)
     with pytest.raises(AnalysisError, match=r"image 0's label counts do not match"):
         Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
-    # 3. a label beyond the probe's, its counts made to match: the store is blamed (decoding
-    # would have refused the mask), not a mask file
+    # 3. an image-level label beyond the probe's: the store is blamed (decoding would have
+    # refused it), not a mask file
+    path.unlink()
+    Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    at_image = {}
+
+    def scene_9(body, index, meta):
+        k = next(k for k in range(4) if index[k, 3])  # an image of block 0 with a scene
+        at = 2 * int((index[:4, 0] * index[:4, 1] * index[:4, 2]).sum()) \
+            + 8 * int(index[:k, 3].sum())
+        body[at : at + 8] = np.array([9], "<i8").tobytes()
+        at_image["k"] = k
+
+    _rewrite(path, scene_9)
+    with pytest.raises(AnalysisError, match=rf"{path}: the mask store file is damaged \(image "
+                                            rf"{at_image['k']} holds label number 9, outside "
+                                            "the probe's 0..6"):
+        Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    # 4. label counts longer than the probe's labels: not a store of this probe
     path.unlink()
     Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
 
-    def label_9(body, index, meta):
-        n_pix = int((index[:4, 0] * index[:4, 1] * index[:4, 2]).sum())
-        at = 2 * n_pix + 8 * int(index[:4, 3].sum())
-        counts = np.frombuffer(bytes(body[at : at + 8 * int(index[0, 4])]), "<i8").copy()
-        first = np.frombuffer(bytes(body[0:2]), "<u2")[0]
-        counts[first] -= 1  # pixel 0 of plane 0 becomes label 9 ...
-        body[0:2] = np.array([9], "<u2").tobytes()
-        grown = np.zeros(10, "<i8")
-        grown[: len(counts)] = counts
-        grown[9] += 1  # ... and the counts say so
-        body[at : at + 8 * int(index[0, 4])] = grown.tobytes()
-        index[0, 4] = 10
-        for b in meta["blocks"][1:]:
-            b[2] += 8 * (10 - len(counts))
-        meta["blocks"][0][3] += 8 * (10 - len(counts))
+    def long_counts(body, index, meta):
+        index[0, 4] = 8
 
-    _rewrite(path, label_9)
-    with pytest.raises(AnalysisError, match=rf"{path}: the mask store file is damaged \(image "
-                                            r"0 holds label number 9, outside the probe's"):
-        Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    _rewrite(path, long_counts)
+    r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    assert r.config["segmentations"]["source"] == "decoded and stored"
 
 
 CHILD = """
@@ -365,12 +371,59 @@ def test_a_partial_with_this_process_id_is_not_an_obstacle(world, tmp_path):
     plain = Dissection(**KW).run(cache, "l4", _probe(root))
     key = Path(Dissection(mask_store=tmp_path / "other", **KW).run(
         cache, "l4", _probe(root)).config["segmentations"]["store_file"]).name
-    left = store / f".{key}.partial-{socket.gethostname()}-{os.getpid()}-0badf00d"
+    host = socket.gethostname()
+    left = store / f".{key}.partial-{host}-{os.getpid()}-0badf00d"
     left.write_bytes(b"ITMASKS1 half")
+    # names that are not a live writer's, and one that cannot be removed: skipped, no error
+    odd = [f".{key}.partial-{host}-{'9' * 20}-cc", f".{key}.partial-{host}-\u00b2-cc",
+           f".other{key[5:]}.masks.partial-{host}-{os.getpid()}-feed"]
+    for name in odd:
+        (store / name).write_bytes(b"x")
+    (store / odd[-1]).unlink()
+    (store / odd[-1]).mkdir()  # unlink() fails on it
     r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
     assert r.config["segmentations"]["source"] == "decoded and stored"
-    assert _files(store) == [key]
+    assert _files(store) == sorted([key, *odd])
     _same(r, plain)
+
+
+def test_a_run_whose_mask_workers_fail_to_start_leaves_nothing_behind(world, tmp_path,
+                                                                      monkeypatch):
+    root, cache = world
+    store = tmp_path / "store"
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(Dissection, "_decode_segmentations", no_memory)
+        with pytest.raises(OSError, match="Cannot allocate memory"):
+            Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    assert _files(store) == []
+    r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    assert r.config["segmentations"]["source"] == "decoded and stored"
+
+
+def test_large_batches_are_stored_in_bounded_blocks(world, tmp_path, monkeypatch):
+    """A block (what a reader allocates at once) holds at most _MAX_BLOCK bytes: a batch
+    larger than that is split, and read back the same."""
+    import interptool.analyzers.dissection._mask_store as ms
+
+    root, cache = world
+    store = tmp_path / "store"
+    monkeypatch.setattr(ms, "_MAX_BLOCK", 200)  # a 4x4 image with 2 planes: ~100 bytes
+    plain = Dissection(**KW).run(cache, "l4", _probe(root))
+    first = Dissection(mask_store=store, **{**KW, "batch_size": 14}).run(cache, "l4",
+                                                                        _probe(root))
+    [name] = _files(store)
+    raw = (store / name).read_bytes()
+    _, n_text, _, _ = struct.unpack("<QQI8s", raw[-28:])
+    blocks = json.loads(raw[len(raw) - 28 - n_text : len(raw) - 28])["blocks"]
+    assert len(blocks) > 4 and max(b[3] for b in blocks) <= 200
+    again = Dissection(mask_store=store, **KW).run(cache, "l4", _no_decoding(_probe(root)))
+    assert again.config["segmentations"]["source"] == "read from the store"
+    for r in (first, again):
+        _same(r, plain)
 
 
 def test_two_writers_at_once_leave_one_whole_file(world, tmp_path):

@@ -451,7 +451,9 @@ def _analysis(ctx: _Ctx, table: Any) -> AnalysisConfig:
         enabled = _bool(ctx, sub.pop("enabled", True), f"{fld}.enabled")
         cls = analysis_config_class(name)
         for f in cls.config_fields():  # paths are relative to the config's folder
-            if f.metadata.get("path") and isinstance(sub.get(f.name), str):
+            # (an empty name stays empty: the field's own check refuses it)
+            if f.metadata.get("path") and isinstance(sub.get(f.name), str) \
+                    and sub[f.name].strip():
                 sub[f.name] = ctx.path(sub[f.name], f"{fld}.{f.name}", must_exist=False)
         cfg = cls.from_mapping(sub, where=f"{ctx.source}: {fld}")
         setattr(out, name, cfg if enabled else None)

@@ -772,14 +772,20 @@ class Dissection:
                                                                              categories, state)
         # held decoded or read from the store: nothing to decode, so no worker whatever was
         # asked (the cores go to the tally)
-        workers = 0 if memoised or (plan is not None and plan.reader is not None) else \
-            mask_workers(self.workers, len(probe), self.batch_size, device.type)
-        threads = analysis_threads(workers)
-        # mask workers start now, so their first batches (two per worker) are decoded while
-        # the thresholds are computed (forked before this run starts a thread of its own);
-        # the cache's checksum for the provenance is read on a thread while both passes run
-        segmentations = self._segmentations(probe, categories, slot, workers, plan)
-        digest = BackgroundDigest(cache.path) if self.checksum else None
+        try:
+            workers = 0 if memoised or (plan is not None and plan.reader is not None) else \
+                mask_workers(self.workers, len(probe), self.batch_size, device.type)
+            threads = analysis_threads(workers)
+            # mask workers start now, so their first batches (two per worker) are decoded
+            # while the thresholds are computed (forked before this run starts a thread of
+            # its own); the cache's checksum for the provenance is read on a thread while
+            # both passes run
+            segmentations = self._segmentations(probe, categories, slot, workers, plan)
+            digest = BackgroundDigest(cache.path) if self.checksum else None
+        except BaseException:  # the workers failed to start (fork: ENOMEM), Ctrl-C
+            if plan is not None:
+                plan.release()
+            raise
         aside = None
         try:
             with torch_threads(threads["torch_threads"]):

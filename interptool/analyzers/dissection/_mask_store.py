@@ -12,9 +12,12 @@ probe's fingerprint and size, the categories, its ``segmentation_digest()`` (siz
 probe changed on disk gets a new file and an old one is never read for it. A file is written under a hidden partial name and renamed when whole (fsynced
 first), so an interrupted run, a full disk or a second writer never leaves a file that
 looks whole; a partial left by a killed process of this host is removed by the next writer.
-Every block carries a CRC-32 and each image read back is checked against its own label
-counts, so a damaged file is an error naming it, never silently different numbers. A file
-that does not match (another format, key or size) is ignored and written again.
+Every block carries a CRC-32 and the index one of its own, so a damaged file is an error
+naming it, never silently different numbers; each image's label counts are also checked for
+their total and range against its table. A file that does not match (another format, key or
+sizes) is ignored and written again, and no file can make the reader allocate without bound
+(see the limits below). What it does not guard against is someone who can write the folder
+rewriting a file with valid checksums: such a person could as well change the probe.
 
 Layout (little-endian), written front to back::
 
@@ -57,12 +60,18 @@ SUFFIX = ".masks"
 _TRAILER = struct.Struct("<QQI8s")
 
 
-# what a store file may claim, whatever its CRCs say: a side as Broden's index.csv allows, a
-# pixel's planes and an image's labels far beyond any probe's, so a crafted index cannot make
-# the reader (or the tally after it) allocate without bound
+# what a store file may claim, whatever its CRCs say (sizes must also be the probe's, label
+# counts at most the probe's labels): a pixel's planes and an image's image-level labels far
+# beyond any probe's, a block (one decoded batch, split when larger) and the index of bounded
+# size, so that a crafted file cannot make the reader allocate without bound: at most about
+# three times _MAX_BLOCK (the block, its int32 tables) plus the index. The writer keeps to
+# the same bounds (a probe beyond them is decoded every run, and told so).
 _MAX_SIDE = 65535
-_MAX_PLANES = 1 << 12
+_MAX_PLANES = 256
+_MAX_SCALARS = 1 << 12
 _MAX_LABELS = 1 << 24
+_MAX_BLOCK = 256 << 20
+_MAX_TEXT = 64 << 20
 
 # partial files this process is writing now (any other partial of this host whose process is
 # gone, or that carries this process's id without being one of these, is stale)
@@ -190,8 +199,8 @@ def _remove_stale_partials(folder: Path) -> None:
         owner = p.name.rpartition(".partial-")[2]
         who, _, token = owner.rpartition("-")
         h, _, pid = who.rpartition("-")
-        if h != host or not pid.isdigit() or not token:
-            continue  # another host's writer: it may still run
+        if h != host or not (pid.isascii() and pid.isdigit()) or len(pid) > 9 or not token:
+            continue  # another host's writer (it may still run), or not a name of ours
         if int(pid) == os.getpid():
             stale = str(p) not in _WRITING
         else:
@@ -203,7 +212,10 @@ def _remove_stale_partials(folder: Path) -> None:
             except OSError:
                 stale = False  # alive (another user's process: PermissionError)
         if stale:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink()
+            except OSError:
+                pass  # not ours to remove (a shared folder), or gone: it blocks no key
 
 
 class StoreWriter:
@@ -237,11 +249,30 @@ class StoreWriter:
         self._at += len(data)
 
     def add(self, items: list[SegItem]) -> bool:
-        """Append a batch (in probe order) as one block. False when an item cannot be stored
-        exactly (a label outside the store's type: the tally refuses it anyway)."""
+        """Append a batch (in probe order), in blocks of at most ``_MAX_BLOCK`` bytes. False
+        when an item cannot be stored (a label outside the probe's, which the tally refuses
+        anyway; more planes or labels than a store file may claim)."""
+        sizes = []
         for k, it in enumerate(items):
-            if it.index != len(self._index) + k or it.lo < 0 or it.hi > self._top:
+            depth = it.pixel.shape[1] if it.pixel.ndim == 2 else 0
+            nbytes = it.pixel.size * self.dtype.itemsize + 8 * (it.scalars.size
+                                                                  + it.label_counts.size)
+            if it.index != len(self._index) + k or it.lo < 0 or it.hi > self._top \
+                    or depth > _MAX_PLANES or max(it.size) > _MAX_SIDE \
+                    or it.scalars.size > _MAX_SCALARS or nbytes > _MAX_BLOCK:
                 return False
+            sizes.append(nbytes)
+        start = 0
+        while start < len(items):  # the most items from `start` that fit in one block
+            end, total = start, 0
+            while end < len(items) and total + sizes[end] <= _MAX_BLOCK:
+                total += sizes[end]
+                end += 1
+            self._add_block(items[start:end])
+            start = end
+        return True
+
+    def _add_block(self, items: list[SegItem]) -> None:
         block = b"".join(
             [np.ascontiguousarray(it.pixel, dtype=self.dtype).tobytes() for it in items]
             + [np.ascontiguousarray(it.scalars, dtype="<i8").tobytes() for it in items]
@@ -253,7 +284,6 @@ class StoreWriter:
             depth = it.pixel.shape[1] if it.pixel.ndim == 2 else 0
             self._index.append((it.size[0], it.size[1], depth, len(it.scalars),
                                 len(it.label_counts)))
-        return True
 
     @property
     def complete(self) -> bool:
@@ -317,7 +347,7 @@ class StoreReader:
         except OSError as exc:
             return None, f"not readable ({exc.strerror or exc})"
         try:
-            index, meta, why = cls._read_index(fh, key, n_items, sizes)
+            index, meta, why = cls._read_index(fh, key, n_items, sizes, num_labels)
         except (Exception, RecursionError) as exc:  # noqa: BLE001 - any malformed content
             index, meta, why = None, None, f"unreadable index ({type(exc).__name__})"
         if why:
@@ -326,7 +356,8 @@ class StoreReader:
         return cls(path, fh, index, meta, num_labels), ""
 
     @staticmethod
-    def _read_index(fh: Any, key: str, n: int, sizes: np.ndarray | None) -> tuple[Any, Any, str]:
+    def _read_index(fh: Any, key: str, n: int, sizes: np.ndarray | None,
+                    num_labels: int) -> tuple[Any, Any, str]:
         size = os.fstat(fh.fileno()).st_size
         if size < len(MAGIC) + _TRAILER.size:
             return None, None, "too short to be a store"
@@ -336,7 +367,7 @@ class StoreReader:
         if fh.read(len(MAGIC)) != MAGIC or magic != MAGIC:
             return None, None, f"not a {FORMAT} file (or not complete)"
         if not len(MAGIC) <= at <= size - _TRAILER.size - n_text or n * 40 + n_text != \
-                size - _TRAILER.size - at:
+                size - _TRAILER.size - at or n_text > _MAX_TEXT:
             return None, None, "index outside the file"
         fh.seek(at)
         raw = fh.read(size - _TRAILER.size - at)
@@ -353,7 +384,8 @@ class StoreReader:
             return None, None, f"label tables of type {meta.get('dtype')!r}"
         index = np.frombuffer(raw[: n * 40], dtype="<i8").reshape(n, 5).astype(np.int64)
         if (index < 0).any() or (index[:, :2] > _MAX_SIDE).any() \
-                or (index[:, 2] > _MAX_PLANES).any() or (index[:, 3:] > _MAX_LABELS).any():
+                or (index[:, 2] > _MAX_PLANES).any() or (index[:, 3] > _MAX_SCALARS).any() \
+                or (index[:, 4] > min(num_labels, _MAX_LABELS)).any():
             return None, None, "sizes in the index out of range"
         if sizes is not None and not np.array_equal(index[:, :2], sizes):
             return None, None, "segmentation sizes differ from the probe's"
@@ -370,6 +402,7 @@ class StoreReader:
                 return None, None, "index malformed"
             first, count, offset, nbytes, _ = block
             if first != expect_item or count < 1 or first + count > n or offset != expect_at \
+                    or nbytes > _MAX_BLOCK \
                     or nbytes != int(item_bytes[first : first + count].sum()):
                 return None, None, "blocks do not tile the file"
             expect_item, expect_at = first + count, offset + nbytes
