@@ -22,8 +22,9 @@ rewriting a file with valid checksums: such a person could as well change the pr
 Layout (little-endian), written front to back::
 
     b"ITMASKS1"
-    blocks, one per decoded batch: its images' label tables (uint16 or int32, pixel-major),
-        then their image-level labels (int64), then their label counts (int64)
+    blocks, one per decoded batch (split at _MAX_BLOCK bytes): its images' label tables
+        (uint16 or int32, pixel-major), then their image-level labels (int64), then their
+        label counts (int64)
     index: int64 (n, 5): sh, sw, planes, image-level labels, label counts per image
     JSON: format, version, key, n_items, dtype, blocks [[first image, images, offset,
         bytes, crc32], ...], categories, probe spec
