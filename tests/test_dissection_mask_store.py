@@ -334,7 +334,7 @@ def test_a_killed_writer_leaves_no_whole_file_and_its_partial_is_removed(world, 
     partial = _files(store)
     assert len(partial) == 1 and partial[0].startswith(".") and ".partial-" in partial[0]
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaped, its pipes closed
     assert _files(store) == partial  # nothing looks whole
     r = Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
     assert r.config["segmentations"]["source"] == "decoded and stored"
