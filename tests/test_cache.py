@@ -679,14 +679,14 @@ def test_prefetch_keeps_order_raises_in_place_and_stops():
     items before it (not earlier), and close() ends a thread blocked on a full queue."""
     import threading
 
-    from interptool.cache._writer import _Prefetch
+    from interptool._workers import Prefetch
 
     def failing():
         yield from range(3)
         raise DataError("img_003.png: cannot decode")
 
     got = []
-    it = _Prefetch(failing(), depth=1)
+    it = Prefetch(failing(), depth=1)
     with pytest.raises(DataError, match="img_003"):
         for item in it:
             got.append(item)
@@ -698,7 +698,7 @@ def test_prefetch_keeps_order_raises_in_place_and_stops():
             produced.append(1)
             yield len(produced)
 
-    it = _Prefetch(endless(), depth=2)
+    it = Prefetch(endless(), depth=2)
     assert [next(it), next(it)] == [1, 2]
     it.close()
     assert not any(t.name == "interptool-cache-decode" and t.is_alive()

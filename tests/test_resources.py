@@ -264,7 +264,7 @@ def test_cache_uses_records_and_restores_the_plan(tmp_path, machine):
 def test_decode_thread_leaves_the_model_threads_alone():
     """torch's thread count is per thread once a thread runs torch: the decode thread's 1
     does not reach the thread running the model, which keeps its count while it runs."""
-    from interptool.cache._writer import _Prefetch
+    from interptool._workers import Prefetch
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -276,7 +276,7 @@ def test_decode_thread_leaves_the_model_threads_alone():
                 inside.append(torch.get_num_threads())
                 yield torch.ones(64, 64) * i
 
-        it = _Prefetch(source(), depth=1)
+        it = Prefetch(source(), depth=1)
         main: list[int] = []
         for x in it:
             main.append(torch.get_num_threads())

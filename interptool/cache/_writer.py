@@ -49,7 +49,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from interptool._provenance import (
 )
 from interptool._resources import ThreadPlan, plan_threads, shm_free_bytes, torch_threads
 from interptool._workers import (
+    Prefetch,
     describe,
     release_loader,
     restore_worker_signal,
@@ -584,7 +585,7 @@ def _make_job(
     plan = plan_threads(threads, workers=workers, cap=cap, local_ranks=local_ranks,
                         device_type=dev.type)
     plan = _fit_shared_memory(plan, workers, batch_size, getattr(pre, "input_size", None))
-    # Without workers the images are decoded by a thread of this process (_Prefetch, one torch
+    # Without workers the images are decoded by a thread of this process (Prefetch, one torch
     # thread), beside the forward pass on the same cores: recorded so the plan says so.
     plan = replace(plan, decode_threads=0 if plan.loader_workers else 1)
 
@@ -992,7 +993,7 @@ class _Job:
             gpu = None
             if cuda:
                 gpu = dev.index if dev.index is not None else torch.cuda.current_device()
-            it = _Prefetch(loader, init=None if gpu is None else
+            it = Prefetch(loader, init=None if gpu is None else
                            (lambda: torch.cuda.set_device(gpu)))
         aside = None
         try:
@@ -1058,7 +1059,7 @@ class _Job:
             raise
         finally:
             bar.close()
-            if isinstance(it, _Prefetch):
+            if isinstance(it, Prefetch):
                 it.close()
             del it, loader
             restore_worker_signal(aside)
@@ -1098,103 +1099,6 @@ class _Job:
         raise CacheNonFiniteError(
             f"{where} of model {self.name} holds {kind} values, first for image {image}; "
             f"likely cause: {cause}{kept}", layer=layer, image=image)
-
-
-class _Prefetch:
-    """Iterate ``source`` in a background thread, ``depth`` items ahead (bounded memory).
-
-    Items come out in order; an exception raised by ``source`` is raised again by
-    :meth:`__next__` at its place in the sequence (after the items before it), so errors
-    about a bad image keep their meaning. :meth:`close` stops the thread (also when the
-    consumer stops early: an error in the forward pass, an interrupt). ``init`` runs first in
-    the thread.
-
-    Torch work in the thread (the transform's conversion and normalisation, collation,
-    pinning) runs on one intra-op thread (:func:`_one_torch_thread`): with the process's
-    count it would start an OpenMP team of its own beside the forward pass's and
-    oversubscribe the cores the plan gave the forward pass.
-    """
-
-    _END = object()
-
-    def __init__(self, source: Any, depth: int = 2, init: Any = None) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._init = init
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True,
-                                        name="interptool-cache-decode")
-        self._thread.start()
-        # Wait until the thread has read torch's process-wide default thread count and set
-        # its own to 1, so that it reads the default the process had before the caller sets
-        # the forward pass's threads, and restores that one when it ends.
-        self._ready.wait()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fill(self, source: Any) -> None:
-        try:
-            with _one_torch_thread():
-                self._ready.set()
-                if self._init is not None:  # e.g. the CUDA device, which is per thread
-                    self._init()
-                for item in source:
-                    if not self._put((item, None)):
-                        return
-        except BaseException as exc:  # handed to the consumer, raised there
-            self._put((None, exc))
-            return
-        finally:
-            self._ready.set()  # also when _one_torch_thread itself failed
-        self._put((self._END, None))
-
-    def __iter__(self) -> _Prefetch:
-        return self
-
-    def __next__(self) -> Any:
-        item, exc = self._queue.get()
-        if exc is not None:
-            self.close()
-            raise exc
-        if item is self._END:
-            self.close()
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        while True:  # unblock a put waiting for room
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        # Long enough for the image being decoded: the thread restores torch's process-wide
-        # thread default when it ends, and one ending after the caller has moved on would
-        # overwrite a setting made since. A thread stuck longer (a hung file system) is left.
-        self._thread.join(timeout=60)
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run the calling (non-main) thread's torch operations on one intra-op thread.
-
-    With torch's OpenMP backend ``torch.set_num_threads`` sets the calling thread's OpenMP
-    thread count (and MKL's, which is per thread too) and a process-wide default that a
-    thread takes when it first uses torch; it leaves the count of threads already running
-    torch (the one running the model) as it is. So this thread reads the default first
-    (its own count starts from it), sets 1, and restores the default at the end, so that
-    threads started later get the process's setting and not this thread's 1. (torch's own
-    pin-memory thread sets 1 the same way, without the restore.)
-    """
-    with torch_threads(1):
-        yield
 
 
 def _finite(feat: torch.Tensor, mx: torch.Tensor) -> bool:
