@@ -43,6 +43,7 @@ from interptool._provenance import (
 )
 from interptool._resources import torch_threads
 from interptool._workers import (
+    Prefetch,
     describe,
     release_loader,
     restore_worker_signal,
@@ -1033,11 +1034,15 @@ def _memoising(batches: _Batches, slot: tuple[dict, tuple], n_items: int) -> _Ba
 
 
 def _from_store(plan: StorePlan, batch_size: int) -> _Batches:
-    """The items read back from the store file (closed when this ends)."""
+    """The items read back from the store file (closed when this ends), two batches ahead
+    on a thread: reading, checking and widening the tables (file reads, CRC-32 and numpy
+    casts release the GIL) overlap the counting, which on a GPU would otherwise wait."""
     assert plan.reader is not None
+    ahead = Prefetch(plan.reader.batches(batch_size), depth=2, name="interptool-mask-store")
     try:
-        yield from plan.reader.batches(batch_size)
+        yield from ahead
     finally:
+        ahead.close()
         plan.reader.close()
 
 
