@@ -426,6 +426,62 @@ def test_large_batches_are_stored_in_bounded_blocks(world, tmp_path, monkeypatch
         _same(r, plain)
 
 
+def test_a_store_read_failing_in_the_tally_leaves_torch_threads_as_they_were(world, tmp_path,
+                                                                            monkeypatch):
+    """The thread reading the store ahead starts before the run sets its torch threads, so
+    whenever it ends it restores the process's default, not the run's: threads started
+    after a failed run get the count the program set."""
+    import threading
+
+    import torch
+
+    import interptool.analyzers.dissection._analyzer as an
+    from interptool.analyzers.dissection._tally import TallyAccumulator
+
+    root, cache = world
+    store = tmp_path / "store"
+    Dissection(mask_store=store, **KW).run(cache, "l4", _probe(root))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        # the run's own count (2 cores idle: 2), not the program's 3
+        monkeypatch.setattr(an, "analysis_threads", lambda workers=0: {"torch_threads": 2})
+        real, calls = TallyAccumulator.add, []
+
+        def add(self, *args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(self, *args)
+
+        monkeypatch.setattr(TallyAccumulator, "add", add)
+        with pytest.raises(KeyboardInterrupt):  # batches of 1: the reader is still reading
+            Dissection(mask_store=store, **{**KW, "batch_size": 1}).run(cache, "l4",
+                                                                        _probe(root))
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [3] and torch.get_num_threads() == 3
+        assert [th.name for th in threading.enumerate() if "mask-store" in th.name] == []
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_probe_beyond_the_store_limits_is_decoded_and_said(world, tmp_path, capsys,
+                                                             monkeypatch):
+    import interptool.analyzers.dissection._mask_store as ms
+
+    root, cache = world
+    monkeypatch.setattr(ms, "_MAX_PLANES", 1)  # the world's images have two (color, object)
+    r = Dissection(mask_store=tmp_path / "store", **KW).run(cache, "l4", _probe(root))
+    assert r.config["segmentations"]["source"] == \
+        "decoded; not stored: probe image 0 has more than 1 mask planes"
+    assert "mask store: not stored: probe image 0 has more than 1 mask planes; the masks " \
+        "are decoded on every run" in capsys.readouterr().err
+    assert _files(tmp_path / "store") == []
+
+
 def test_two_writers_at_once_leave_one_whole_file(world, tmp_path):
     root, cache = world
     store = tmp_path / "store"

@@ -773,6 +773,7 @@ class Dissection:
                                                                              categories, state)
         # held decoded or read from the store: nothing to decode, so no worker whatever was
         # asked (the cores go to the tally)
+        segmentations = None
         try:
             workers = 0 if memoised or (plan is not None and plan.reader is not None) else \
                 mask_workers(self.workers, len(probe), self.batch_size, device.type)
@@ -784,6 +785,8 @@ class Dissection:
             segmentations = self._segmentations(probe, categories, slot, workers, plan)
             digest = BackgroundDigest(cache.path) if self.checksum else None
         except BaseException:  # the workers failed to start (fork: ENOMEM), Ctrl-C
+            if segmentations is not None:
+                segmentations.close()
             if plan is not None:
                 plan.release()
             raise
@@ -990,7 +993,12 @@ class Dissection:
             return (cached[s : s + self.batch_size] for s in range(0, len(cached),
                                                                   self.batch_size))
         if plan is not None and plan.reader is not None:
-            batches = _from_store(plan, self.batch_size)
+            # read ahead from now on, also while the thresholds are computed; started here,
+            # before the run sets its torch threads, so the thread restores the process's
+            # default, not the run's, whenever it ends
+            plan.ahead = Prefetch(plan.reader.batches(self.batch_size), depth=2,
+                                  name="interptool-mask-store")
+            batches = _from_store(plan)
         else:
             batches = self._decode_segmentations(probe, categories, workers)
             if plan is not None and plan.writer is not None:
@@ -1033,17 +1041,15 @@ def _memoising(batches: _Batches, slot: tuple[dict, tuple], n_items: int) -> _Ba
         yield batch
 
 
-def _from_store(plan: StorePlan, batch_size: int) -> _Batches:
-    """The items read back from the store file (closed when this ends), two batches ahead
-    on a thread: reading, checking and widening the tables (file reads, CRC-32 and numpy
-    casts release the GIL) overlap the counting, which on a GPU would otherwise wait."""
-    assert plan.reader is not None
-    ahead = Prefetch(plan.reader.batches(batch_size), depth=2, name="interptool-mask-store")
+def _from_store(plan: StorePlan) -> _Batches:
+    """The items read back from the store file by ``plan.ahead``, two batches ahead on a
+    thread: reading, checking and widening the tables (file reads, CRC-32 and numpy casts
+    release the GIL) overlap the counting, which on a GPU would otherwise wait. The thread
+    and the file end with this (or with ``plan.release()`` if this never started)."""
     try:
-        yield from ahead
+        yield from plan.ahead
     finally:
-        ahead.close()
-        plan.reader.close()
+        plan.release()
 
 
 def _storing(batches: _Batches, plan: StorePlan) -> _Batches:
@@ -1058,10 +1064,13 @@ def _storing(batches: _Batches, plan: StorePlan) -> _Batches:
         for batch in batches:
             if writer is not None:
                 try:
-                    if not writer.add(batch):
-                        plan.why = "an image has a label number the store cannot hold"
+                    refused = writer.add(batch)
+                    if refused:
+                        plan.why = refused
                         writer.abort()
                         writer = None
+                        warn(f"mask store: not stored: {refused}; the masks are decoded on "
+                             "every run")
                     elif writer.complete:
                         writer.commit()
                         plan.written, writer = True, None

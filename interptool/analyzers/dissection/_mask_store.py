@@ -104,6 +104,7 @@ class StorePlan:
     action: str = "none"  # "read", "write" or "none"
     why: str = ""
     reader: StoreReader | None = None
+    ahead: Any = None  # the thread reading ahead from ``reader`` (interptool._workers.Prefetch)
     writer: StoreWriter | None = None
     written: bool = False
     notes: list[str] = field(default_factory=list)
@@ -114,6 +115,8 @@ class StorePlan:
         have done it never started)."""
         if self.writer is not None and not self.written:
             self.writer.abort()
+        if self.ahead is not None:
+            self.ahead.close()  # the thread first: it reads from the file
         if self.reader is not None:
             self.reader.close()
 
@@ -249,19 +252,26 @@ class StoreWriter:
         self._fh.write(data)
         self._at += len(data)
 
-    def add(self, items: list[SegItem]) -> bool:
-        """Append a batch (in probe order), in blocks of at most ``_MAX_BLOCK`` bytes. False
-        when an item cannot be stored (a label outside the probe's, which the tally refuses
-        anyway; more planes or labels than a store file may claim)."""
+    def add(self, items: list[SegItem]) -> str | None:
+        """Append a batch (in probe order), in blocks of at most ``_MAX_BLOCK`` bytes; or say
+        why an image cannot be stored (a label outside the probe's, which the tally refuses
+        anyway; more planes, image-level labels or bytes than a store file may claim)."""
         sizes = []
         for k, it in enumerate(items):
             depth = it.pixel.shape[1] if it.pixel.ndim == 2 else 0
             nbytes = it.pixel.size * self.dtype.itemsize + 8 * (it.scalars.size
                                                                   + it.label_counts.size)
-            if it.index != len(self._index) + k or it.lo < 0 or it.hi > self._top \
-                    or depth > _MAX_PLANES or max(it.size) > _MAX_SIDE \
-                    or it.scalars.size > _MAX_SCALARS or nbytes > _MAX_BLOCK:
-                return False
+            why = ("images out of order" if it.index != len(self._index) + k else
+                   f"a label number outside 0..{self._top}" if it.lo < 0 or it.hi > self._top
+                   else f"more than {_MAX_PLANES} mask planes" if depth > _MAX_PLANES
+                   else f"a side over {_MAX_SIDE} pixels" if max(it.size) > _MAX_SIDE
+                   else f"more than {_MAX_SCALARS} image-level labels"
+                   if it.scalars.size > _MAX_SCALARS
+                   else f"over {_MAX_BLOCK >> 20} MiB of tables" if nbytes > _MAX_BLOCK
+                   else None)
+            if why:
+                return f"probe image {it.index} has {why}" if why != "images out of order" \
+                    else why
             sizes.append(nbytes)
         start = 0
         while start < len(items):  # the most items from `start` that fit in one block
@@ -271,7 +281,7 @@ class StoreWriter:
                 end += 1
             self._add_block(items[start:end])
             start = end
-        return True
+        return None
 
     def _add_block(self, items: list[SegItem]) -> None:
         block = b"".join(
