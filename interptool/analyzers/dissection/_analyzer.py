@@ -616,9 +616,8 @@ class Dissection:
             and writes them (about 2 bytes per mask pixel: ~12 GB for Broden), later runs
             on the same probe, categories and mask files read them back. Where a run's
             masks came from is recorded in ``result.config["segmentations"]``. Default:
-            decoded every run (a
-            probe that fits :data:`SEGMENTATION_MEMO_BYTES` is still decoded once per
-            process).
+            decoded every run (a probe that fits :data:`SEGMENTATION_MEMO_BYTES` is still
+            decoded once per process).
         top_images: probe images kept per unit for the montages.
         category_area: ``"overlap"`` (NetDissect-Lite's code, default): a unit's mask in an
             image counts toward category c's denominator when it touches a pixel labelled
@@ -1074,7 +1073,7 @@ def _storing(batches: _Batches, plan: StorePlan) -> _Batches:
                     elif writer.complete:
                         writer.commit()
                         plan.written, writer = True, None
-                except Exception as exc:  # noqa: BLE001 - h5py raises OSError/RuntimeError
+                except Exception as exc:  # noqa: BLE001 - a full disk, or whatever the file system says
                     writer.abort()
                     writer = None
                     where = plan.file or plan.folder
