@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from interptool._workers import Prefetch
 from interptool.analyzers.dissection._tally import SegItem
 from interptool.errors import AnalysisError
 
@@ -104,7 +105,7 @@ class StorePlan:
     action: str = "none"  # "read", "write" or "none"
     why: str = ""
     reader: StoreReader | None = None
-    ahead: Any = None  # the thread reading ahead from ``reader`` (interptool._workers.Prefetch)
+    ahead: Prefetch | None = None  # the thread reading ahead from ``reader``
     writer: StoreWriter | None = None
     written: bool = False
     notes: list[str] = field(default_factory=list)
