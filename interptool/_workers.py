@@ -18,7 +18,7 @@ from typing import Any
 from interptool._resources import torch_threads
 from interptool.errors import InterptoolError
 
-__all__ = ["Prefetch", "describe", "one_torch_thread", "release_loader",
+__all__ = ["Prefetch", "describe", "loader_failed", "one_torch_thread", "release_loader",
            "restore_worker_signal", "set_aside_worker_signal", "unwrap_worker_error",
            "worker_died"]
 
@@ -73,6 +73,17 @@ def restore_worker_signal(previous: Any) -> None:
     """Undo :func:`set_aside_worker_signal`."""
     if previous is not None:
         signal.signal(signal.SIGCHLD, previous)
+
+
+def loader_failed(exc: BaseException) -> tuple[bool, Any]:
+    """What a stage does when iterating its DataLoader raised ``exc``: release the loader
+    (:func:`release_loader`) and, when a worker died (:func:`worker_died`), set torch's
+    SIGCHLD handler aside until the loader is gone. Returns ``(died, previous)``; pass
+    ``previous`` to :func:`restore_worker_signal` once the loader has shut down."""
+    release_loader(exc)
+    if worker_died(exc):
+        return True, set_aside_worker_signal()
+    return False, None
 
 
 def describe(exc: BaseException) -> str:

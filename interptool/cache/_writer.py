@@ -73,9 +73,8 @@ from interptool._resources import ThreadPlan, plan_threads, shm_free_bytes, torc
 from interptool._workers import (
     Prefetch,
     describe,
-    release_loader,
+    loader_failed,
     restore_worker_signal,
-    set_aside_worker_signal,
     unwrap_worker_error,
     worker_died,
 )
@@ -1049,9 +1048,10 @@ class _Job:
                     bar.update(stop - item)
                     item = stop
         except BaseException as exc:  # a worker killed, Ctrl-C: see release_loader
-            release_loader(exc)
-            if worker_died(exc):  # from the loader, or from torch's SIGCHLD handler anywhere
-                aside = set_aside_worker_signal()  # while the loader goes (finally below)
+            # a death seen by the loader or by torch's SIGCHLD handler anywhere; the handler
+            # stays aside while the loader goes (finally below)
+            died, aside = loader_failed(exc)
+            if died:
                 raise CacheError(
                     f"a worker process decoding images died ({describe(exc)}); the usual "
                     "cause is the out-of-memory killer: give the run fewer --workers (0 "

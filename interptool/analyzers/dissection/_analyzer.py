@@ -45,6 +45,7 @@ from interptool._resources import torch_threads
 from interptool._workers import (
     Prefetch,
     describe,
+    loader_failed,
     release_loader,
     restore_worker_signal,
     set_aside_worker_signal,
@@ -1100,9 +1101,7 @@ def _from_workers(batches: Iterator[PackedSegItems]) -> _Batches:
     except InterptoolError as exc:
         error = unwrap_worker_error(exc)  # raised below, without this one as its context
     except BaseException as exc:  # a worker killed (Dissection._run says so), Ctrl-C
-        release_loader(exc)
-        if worker_died(exc):
-            aside = set_aside_worker_signal()
+        _, aside = loader_failed(exc)
         raise
     finally:
         del batches  # the last reference: the DataLoader shuts its workers down here
